@@ -1,0 +1,311 @@
+//! CPU tables and instructions: port I/O, the GDT with one TSS per CPU, the IDT with every
+//! gate on IST 1, interrupt dispatch.
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{Line, MAX_CPUS, apic, boot};
+
+/// Kernel code selector (same as the boot GDT and splitvisor's long-mode GDT).
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Kernel data selector.
+pub const DATA_SELECTOR: u16 = 0x10;
+/// Selector of CPU 0's TSS; CPU n's is 16 bytes further per n.
+const FIRST_TSS_SELECTOR: u16 = 0x18;
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// Writes a byte to an I/O port.
+///
+/// # Safety
+/// The write must be meaningful to the device at `port`.
+#[inline(always)]
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// The read must be meaningful to the device at `port`.
+#[inline(always)]
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// Writes a double word to an I/O port.
+///
+/// # Safety
+/// The write must be meaningful to the device at `port`.
+#[inline(always)]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: forwarded to the caller.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Disables interrupts and halts, for good.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: stops this CPU; nothing is left to run on it.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Enables interrupts and halts until one arrives (`sti` delays interrupts by one
+/// instruction, so none can slip in between), then disables them again.
+pub fn wait_for_interrupt() {
+    // SAFETY: the IDT is loaded before any program code runs.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// Ends the VM the hard way: with an empty IDT, the next exception cannot be delivered.
+pub fn triple_fault() -> ! {
+    let null_idt = DescriptorPointer { limit: 0, base: 0 };
+    // SAFETY: deliberately unrecoverable.
+    unsafe { asm!("lidt [{}]", "ud2", in(reg) &null_idt, options(noreturn)) }
+}
+
+#[repr(C, packed)]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+/// The 64-bit task-state segment: only the IST pointers matter here.
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+#[repr(C, align(16))]
+struct Stack([u8; IST_STACK_SIZE]);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct IdtEntry {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+const GDT_ENTRIES: usize = 3 + 2 * MAX_CPUS;
+static mut GDT: [u64; GDT_ENTRIES] = [0; GDT_ENTRIES];
+static mut TSS: [Tss; MAX_CPUS] = [const {
+    Tss { reserved0: 0, rsp: [0; 3], reserved1: 0, ist: [0; 7], reserved2: 0, reserved3: 0, iomap_base: 104 }
+}; MAX_CPUS];
+static mut IST_STACKS: [Stack; MAX_CPUS] = [const { Stack([0; IST_STACK_SIZE]) }; MAX_CPUS];
+static mut IDT: [IdtEntry; 256] = [IdtEntry {
+    offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0,
+}; 256];
+
+/// Registered handlers for vectors 32 and up (0: none).
+static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+
+/// What the interrupt stubs saved, lowest address first.
+#[repr(C)]
+pub struct InterruptFrame {
+    /// Saved caller-saved registers.
+    pub regs: [u64; 9],
+    /// The vector.
+    pub vector: u64,
+    /// The error code (0 for vectors without one).
+    pub error_code: u64,
+    /// Interrupted instruction pointer.
+    pub rip: u64,
+    /// Interrupted code segment.
+    pub cs: u64,
+    /// Interrupted flags.
+    pub rflags: u64,
+    /// Interrupted stack pointer.
+    pub rsp: u64,
+    /// Interrupted stack segment.
+    pub ss: u64,
+}
+
+/// An interrupt handler.
+pub type Handler = fn(&InterruptFrame);
+
+/// Installs `handler` for `vector` (32..=254); the runtime sends the EOI after it returns.
+pub fn set_handler(vector: u8, handler: Handler) {
+    HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
+}
+
+/// Builds the GDT, the TSSs and the IDT. Runs once, on the bootstrap processor.
+pub fn init_tables() {
+    // SAFETY: single-threaded: the application processors wait for `TABLES_READY`.
+    unsafe {
+        let gdt = &mut *(&raw mut GDT);
+        gdt[0] = 0;
+        gdt[1] = 0x00af_9a00_0000_ffff; // 64-bit code, DPL 0
+        gdt[2] = 0x00cf_9200_0000_ffff; // data, DPL 0
+        let tss = &mut *(&raw mut TSS);
+        let stacks = &raw mut IST_STACKS;
+        for cpu in 0..MAX_CPUS {
+            let stack_top = (&raw mut (*stacks)[cpu]) as u64 + IST_STACK_SIZE as u64;
+            tss[cpu].ist[0] = stack_top;
+            let base = (&raw const tss[cpu]) as u64;
+            let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+            gdt[3 + 2 * cpu] = (limit & 0xffff)
+                | ((base & 0xff_ffff) << 16)
+                | (0x89 << 40) // present, 64-bit available TSS
+                | ((limit >> 16) & 0xf) << 48
+                | ((base >> 24) & 0xff) << 56;
+            gdt[4 + 2 * cpu] = base >> 32;
+        }
+        let idt = &mut *(&raw mut IDT);
+        let table = &raw const isr_table;
+        for (vector, entry) in idt.iter_mut().enumerate() {
+            let stub = if vector < 48 { (*table)[vector] } else { isr_spurious as *const () as u64 };
+            *entry = IdtEntry {
+                offset_low: stub as u16,
+                selector: CODE_SELECTOR,
+                ist: 1,
+                type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
+                offset_mid: (stub >> 16) as u16,
+                offset_high: (stub >> 32) as u32,
+                reserved: 0,
+            };
+        }
+    }
+}
+
+/// Loads the shared tables and this CPU's TSS; switches to the kit's page tables.
+pub fn init_this_cpu(cpu: usize) {
+    let gdt = DescriptorPointer {
+        limit: (GDT_ENTRIES * 8 - 1) as u16,
+        base: (&raw const GDT) as u64,
+    };
+    let idt = DescriptorPointer {
+        limit: (256 * 16 - 1) as u16,
+        base: (&raw const IDT) as u64,
+    };
+    let tss_selector = FIRST_TSS_SELECTOR + 16 * cpu as u16;
+    // SAFETY: the tables were built by `init_tables`; the selectors match them, and the kit's
+    // page tables identity-map everything this code touches.
+    unsafe {
+        asm!(
+            "mov cr3, {pml4}",
+            "lgdt [{gdt}]",
+            "push {code}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {data:x}",
+            "mov es, {data:x}",
+            "mov ss, {data:x}",
+            "mov fs, {data:x}",
+            "mov gs, {data:x}",
+            "ltr {tss:x}",
+            "lidt [{idt}]",
+            pml4 = in(reg) boot::boot_page_table(),
+            gdt = in(reg) &gdt,
+            idt = in(reg) &idt,
+            code = in(reg) u64::from(CODE_SELECTOR),
+            data = in(reg) u64::from(DATA_SELECTOR),
+            tss = in(reg) u64::from(tss_selector),
+            tmp = out(reg) _,
+        );
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn guest_interrupt(frame: &InterruptFrame) {
+    let vector = frame.vector as usize;
+    if vector < 32 {
+        Line::new()
+            .str("guest: exception ")
+            .dec(frame.vector)
+            .str(" at rip ")
+            .hex(frame.rip)
+            .str(" error ")
+            .hex(frame.error_code)
+            .print();
+        crate::report(Err("cpu exception"));
+    }
+    let handler = HANDLERS[vector].load(Ordering::Acquire);
+    if handler != 0 {
+        // SAFETY: only `set_handler` stores here, and it stores a `Handler`.
+        let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
+        handler(frame);
+    }
+    apic::eoi();
+}
+
+unsafe extern "C" {
+    static isr_table: [u64; 48];
+    fn isr_spurious();
+}
+
+global_asm!(
+    r#"
+    .text
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+isr_stub_\n:
+    .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .else
+    push 0
+    .endif
+    push \n
+    jmp isr_common
+    .endr
+
+isr_common:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    mov rdi, rsp
+    cld
+    call guest_interrupt
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    add rsp, 16
+    iretq
+
+    .global isr_spurious
+isr_spurious:
+    iretq
+
+    .section .rodata
+    .balign 8
+    .global isr_table
+isr_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+    .quad isr_stub_\n
+    .endr
+    .text
+"#
+);
+
+/// Opens a one-instruction window for a pending interrupt, then disables interrupts again.
+/// Unlike [`wait_for_interrupt`] it never blocks, so callers can keep a deadline.
+pub fn wait_for_interrupt_or_timeout() {
+    // SAFETY: the IDT is loaded before any program code runs.
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}

@@ -1,0 +1,81 @@
+//! The memory functions the compiler expects from a C library.
+//!
+//! `rep movsb`/`rep stosb` make each call one instruction for the software emulator of the
+//! build machines, and keep the compiler from turning a loop back into a call to itself.
+
+use core::arch::asm;
+
+/// C `memcpy`.
+///
+/// # Safety
+/// `dst` and `src` are valid for `n` bytes and do not overlap.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid.
+    unsafe {
+        asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n => _,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// C `memmove`.
+///
+/// # Safety
+/// `dst` and `src` are valid for `n` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
+        // SAFETY: a forward copy is correct when dst is below src or the ranges are apart.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: copy backwards (direction flag set for the one instruction, then cleared).
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+             inout("rcx") n => _, options(nostack));
+    }
+    dst
+}
+
+/// C `memset`.
+///
+/// # Safety
+/// `dst` is valid for `n` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid.
+    unsafe {
+        asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _, in("al") value as u8,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// C `memcmp`.
+///
+/// # Safety
+/// `a` and `b` are valid for `n` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n and both are valid for n bytes.
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// C `bcmp`.
+///
+/// # Safety
+/// `a` and `b` are valid for `n` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
