@@ -1,0 +1,263 @@
+//! One KVM vCPU: its configuration and its run loop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use kvm_bindings::{
+    CpuId, KVM_EXIT_IO_IN, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_run,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use splitvisor_bus::{Bus, BusError};
+
+use crate::boot::{self, BootState};
+use crate::vm::Control;
+use crate::{SystemEventKind, VcpuError};
+
+/// Model-specific registers set at boot (the values Linux's own boot code expects).
+mod msr {
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    pub const STAR: u32 = 0xc000_0081;
+    pub const LSTAR: u32 = 0xc000_0082;
+    pub const CSTAR: u32 = 0xc000_0083;
+    pub const SYSCALL_MASK: u32 = 0xc000_0084;
+    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    pub const IA32_TSC: u32 = 0x10;
+    pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    /// IA32_MISC_ENABLE: fast string operations.
+    pub const MISC_ENABLE_FAST_STRING: u64 = 1;
+    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
+    /// MTRRs enabled, default type write-back.
+    pub const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+}
+
+/// Local APIC register offsets and LVT delivery modes used at boot.
+mod lapic {
+    pub const LVT0: usize = 0x350;
+    pub const LVT1: usize = 0x360;
+    pub const DELIVERY_MODE_MASK: u32 = 0x700;
+    pub const EXTINT: u32 = 0x700;
+    pub const NMI: u32 = 0x400;
+}
+
+/// The PIO and MMIO buses a vCPU dispatches its exits to.
+#[derive(Clone, Debug)]
+pub struct Buses {
+    /// I/O ports.
+    pub pio: Arc<Bus>,
+    /// Memory-mapped I/O.
+    pub mmio: Arc<Bus>,
+}
+
+/// A vCPU, created by [`crate::KvmVm::create_vcpu`].
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+/// What the run loop does after an exit, once the borrow of the exit data has ended.
+enum Step {
+    Continue,
+    Pio,
+    Stop(fn(u32, u64) -> VcpuError),
+    SystemEvent(u32),
+    FailEntry(u64),
+    InternalError,
+    Unexpected(String),
+}
+
+impl Vcpu {
+    pub(crate) fn new(index: u32, fd: VcpuFd) -> Self {
+        Self { index, fd }
+    }
+
+    /// The vCPU's index (and APIC ID).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The TSC frequency of this vCPU in kHz, as KVM reports it.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd.get_tsc_khz().map_err(|source| self.setup_error("read the TSC frequency", source))
+    }
+
+    fn setup_error(&self, what: &'static str, source: kvm_ioctls::Error) -> VcpuError {
+        VcpuError::Setup { vcpu: self.index, what, source }
+    }
+
+    /// Sets CPUID (with this vCPU's APIC ID), boot MSRs, the FPU, the local APIC's LINT
+    /// pins, and the registers of `boot`.
+    pub fn configure(&self, supported_cpuid: &CpuId, boot: &BootState) -> Result<(), VcpuError> {
+        let mut cpuid = supported_cpuid.clone();
+        for entry in cpuid.as_mut_slice() {
+            match entry.function {
+                // Initial APIC ID in EBX[31:24].
+                1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (self.index << 24),
+                // x2APIC ID of the extended topology leaves.
+                0xb | 0x1f => entry.edx = self.index,
+                _ => {}
+            }
+        }
+        self.fd.set_cpuid2(&cpuid).map_err(|e| self.setup_error("set CPUID", e))?;
+
+        let entries = [
+            (msr::IA32_SYSENTER_CS, 0),
+            (msr::IA32_SYSENTER_ESP, 0),
+            (msr::IA32_SYSENTER_EIP, 0),
+            (msr::STAR, 0),
+            (msr::CSTAR, 0),
+            (msr::KERNEL_GS_BASE, 0),
+            (msr::SYSCALL_MASK, 0),
+            (msr::LSTAR, 0),
+            (msr::IA32_TSC, 0),
+            (msr::IA32_MISC_ENABLE, msr::MISC_ENABLE_FAST_STRING),
+            (msr::MTRR_DEF_TYPE, msr::MTRR_ENABLE_WRITEBACK),
+        ]
+        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Setup {
+            vcpu: self.index,
+            what: "build the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let written = self.fd.set_msrs(&msrs).map_err(|e| self.setup_error("set boot MSRs", e))?;
+        if written != entries.len() {
+            log::warn!("vCPU {}: KVM took {written} of {} boot MSRs", self.index, entries.len());
+        }
+
+        self.fd.set_fpu(&boot::fpu()).map_err(|e| self.setup_error("set the FPU", e))?;
+
+        // LINT0 takes the 8259's ExtINT, LINT1 the NMI, as on a PC.
+        let mut lapic = self.fd.get_lapic().map_err(|e| self.setup_error("get the local APIC", e))?;
+        for (reg, mode) in [(lapic::LVT0, lapic::EXTINT), (lapic::LVT1, lapic::NMI)] {
+            let bytes: &mut [u8] = bytemuck_regs(&mut lapic.regs[reg..reg + 4]);
+            let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let value = (value & !lapic::DELIVERY_MODE_MASK) | mode;
+            bytes.copy_from_slice(&value.to_le_bytes());
+        }
+        self.fd.set_lapic(&lapic).map_err(|e| self.setup_error("set the local APIC", e))?;
+
+        let mut sregs = self.fd.get_sregs().map_err(|e| self.setup_error("get segment registers", e))?;
+        boot.apply_sregs(&mut sregs);
+        self.fd.set_sregs(&sregs).map_err(|e| self.setup_error("set segment registers", e))?;
+        self.fd.set_regs(&boot.regs()).map_err(|e| self.setup_error("set registers", e))?;
+        if self.index != 0 {
+            // With an in-kernel local APIC, application processors wait for INIT/SIPI;
+            // this one was given its own entry, so it runs at once.
+            self.fd
+                .set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                .map_err(|e| self.setup_error("make the vCPU runnable", e))?;
+        }
+        Ok(())
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|regs| regs.rip).unwrap_or(u64::MAX)
+    }
+
+    /// Runs the vCPU until the VM stops or this vCPU fails.
+    pub(crate) fn run(&mut self, buses: &Buses, control: &Control) -> Result<(), VcpuError> {
+        let index = self.index;
+        while !control.stopping() {
+            let step = match self.fd.run() {
+                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => Step::Pio,
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    control.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = buses.mmio.read(addr, data) {
+                        unassigned(index, &e);
+                        data.fill(0xff);
+                    }
+                    Step::Continue
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    control.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = buses.mmio.write(addr, data) {
+                        unassigned(index, &e);
+                    }
+                    Step::Continue
+                }
+                Ok(VcpuExit::Hlt) => Step::Stop(|vcpu, rip| VcpuError::Hlt { vcpu, rip }),
+                Ok(VcpuExit::Shutdown) => Step::Stop(|vcpu, rip| VcpuError::Shutdown { vcpu, rip }),
+                Ok(VcpuExit::InternalError) => Step::InternalError,
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => Step::FailEntry(reason),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Step::SystemEvent(kind),
+                Ok(exit) => Step::Unexpected(format!("{exit:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked by `RunningVm` (or a stray signal): look at the stop flag.
+                    Step::Continue
+                }
+                Err(source) => return Err(VcpuError::Run { vcpu: index, source }),
+            };
+            match step {
+                Step::Continue => {}
+                Step::Pio => {
+                    control.stats.pio_exits.fetch_add(1, Ordering::Relaxed);
+                    self.dispatch_pio(&buses.pio);
+                }
+                Step::Stop(error) => return Err(error(index, self.rip())),
+                Step::SystemEvent(kind) => {
+                    return Err(VcpuError::SystemEvent { vcpu: index, kind: SystemEventKind::from(kind), rip: self.rip() });
+                }
+                Step::FailEntry(reason) => {
+                    return Err(VcpuError::FailEntry { vcpu: index, reason, rip: self.rip() });
+                }
+                Step::InternalError => {
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
+                    // the active member of the exit union.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let rip = self.rip();
+                    return Err(if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        VcpuError::EmulationFailure { vcpu: index, rip }
+                    } else {
+                        VcpuError::InternalError { vcpu: index, suberror, rip }
+                    });
+                }
+                Step::Unexpected(exit) => {
+                    return Err(VcpuError::UnexpectedExit { vcpu: index, exit, rip: self.rip() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatches a port I/O exit, string I/O (`rep outsb`, `rep insw`, ...) included: KVM
+    /// hands over `count` accesses of `size` bytes at once, each one a device access.
+    fn dispatch_pio(&mut self, pio: &Bus) {
+        let index = self.index;
+        let run: &mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the active member of the union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size).max(1);
+        let len = size * io.count as usize;
+        let data_offset = io.data_offset as usize;
+        // SAFETY: KVM places the `count * size` data bytes at `data_offset` inside the
+        // kvm_run mapping, which `run` borrows mutably for the duration of this function.
+        let data = unsafe {
+            std::slice::from_raw_parts_mut((run as *mut kvm_run).cast::<u8>().add(data_offset), len)
+        };
+        let port = u64::from(io.port);
+        for access in data.chunks_mut(size) {
+            let result = if u32::from(io.direction) == KVM_EXIT_IO_IN {
+                pio.read(port, access).inspect_err(|_| access.fill(0xff))
+            } else {
+                pio.write(port, access)
+            };
+            if let Err(e) = result {
+                unassigned(index, &e);
+            }
+        }
+    }
+}
+
+/// Accesses no device takes are normal (guests probe for hardware): log them quietly.
+fn unassigned(vcpu: u32, error: &BusError) {
+    log::debug!("vCPU {vcpu}: {error}");
+}
+
+/// Views the `i8`/`c_char` LAPIC register bytes as `u8`.
+fn bytemuck_regs(regs: &mut [libc::c_char]) -> &mut [u8] {
+    // SAFETY: c_char and u8 have the same size and alignment, and every bit pattern is
+    // valid for both.
+    unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr().cast::<u8>(), regs.len()) }
+}
