@@ -1,1 +1,153 @@
-//! x
+//! The splitvisor guest kit: the project's own small guest programs.
+//!
+//! Each is a standard PVH guest (`XEN_ELFNOTE_PHYS32_ENTRY`, a 32-bit entry that enters
+//! long mode, `hvm_start_info` read at start), written in `#![no_std]` Rust in `kit/` and
+//! built by this crate's build script for the host target as a freestanding static ELF.
+//! Any PVH-capable VMM runs them unchanged (splitvisor, QEMU `-M microvm -kernel`,
+//! Firecracker). Every program ends by printing a result line (see [`GuestResult`]) and
+//! resetting the machine through the i8042.
+//!
+//! ```
+//! let hello = splitvisor_guests::find("hello").unwrap();
+//! assert_eq!(&hello.elf[..4], b"\x7fELF");
+//! assert_eq!(
+//!     splitvisor_guests::GuestResult::parse_line("SPLITVISOR-RESULT: PASS"),
+//!     Some(splitvisor_guests::GuestResult::Pass)
+//! );
+//! ```
+
+/// One guest program.
+#[derive(Debug)]
+pub struct Guest {
+    /// Its name (`--guest NAME`).
+    pub name: &'static str,
+    /// What it does, in one line.
+    pub summary: &'static str,
+    /// The ELF image.
+    pub elf: &'static [u8],
+}
+
+/// Every program of the kit.
+pub const GUESTS: &[Guest] = &[
+    Guest {
+        name: "hello",
+        summary: "greets over the 8250, reports its vCPU count, powers off",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_HELLO")),
+    },
+    Guest {
+        name: "irq",
+        summary: "takes 16 COM1 interrupts raised by the host through an irqfd",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_IRQ")),
+    },
+    Guest {
+        name: "triple-fault",
+        summary: "triple-faults on purpose",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_TRIPLE_FAULT")),
+    },
+    Guest {
+        name: "exit-bench",
+        summary: "times PIO and MMIO exit round trips with the TSC",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),
+    },
+];
+
+/// The program called `name`.
+pub fn find(name: &str) -> Option<&'static Guest> {
+    GUESTS.iter().find(|guest| guest.name == name)
+}
+
+/// The names of every program, for error messages and `--help`.
+pub fn names() -> Vec<&'static str> {
+    GUESTS.iter().map(|guest| guest.name).collect()
+}
+
+/// What starts the line a guest program ends with.
+pub const RESULT_MARKER: &str = "SPLITVISOR-RESULT: ";
+
+/// How a guest program says it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestResult {
+    /// `SPLITVISOR-RESULT: PASS`.
+    Pass,
+    /// `SPLITVISOR-RESULT: FAIL <why>`.
+    Fail(String),
+}
+
+impl GuestResult {
+    /// Parses one console line; `None` if it is not a result line.
+    pub fn parse_line(line: &str) -> Option<Self> {
+        let rest = line.trim_end_matches(['\r', '\n']).split_once(RESULT_MARKER)?.1;
+        if rest == "PASS" {
+            Some(Self::Pass)
+        } else {
+            let why = rest.strip_prefix("FAIL").map(str::trim).unwrap_or(rest);
+            Some(Self::Fail(why.to_string()))
+        }
+    }
+
+    /// Whether the program passed.
+    pub fn passed(&self) -> bool {
+        matches!(self, Self::Pass)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_parse() {
+        assert_eq!(GuestResult::parse_line("SPLITVISOR-RESULT: PASS\n"), Some(GuestResult::Pass));
+        assert_eq!(
+            GuestResult::parse_line("SPLITVISOR-RESULT: FAIL not every vCPU came online"),
+            Some(GuestResult::Fail("not every vCPU came online".into()))
+        );
+        assert_eq!(GuestResult::parse_line("hello"), None);
+        assert_eq!(GuestResult::parse_line("SPLITVISOR-RESULT: PASSED?"), Some(GuestResult::Fail("PASSED?".into())));
+    }
+
+    fn pt_note_and_entry(elf: &[u8]) -> (bool, u64) {
+        let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+        let phnum = u16::from_le_bytes(elf[0x38..0x3a].try_into().unwrap()) as usize;
+        let has_note = (0..phnum).any(|i| {
+            let at = phoff + i * 56;
+            u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 4
+        });
+        (has_note, u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap()))
+    }
+
+    #[test]
+    fn every_program_is_a_static_elf_with_a_note_segment() {
+        for guest in GUESTS {
+            assert_eq!(&guest.elf[..4], b"\x7fELF", "{}", guest.name);
+            assert_eq!(guest.elf[4], 2, "{} is ELF64", guest.name);
+            assert_eq!(u16::from_le_bytes([guest.elf[16], guest.elf[17]]), 2, "{} is ET_EXEC", guest.name);
+            let (has_note, entry) = pt_note_and_entry(guest.elf);
+            assert!(has_note, "{} has a PT_NOTE segment for the PVH note", guest.name);
+            assert_eq!(entry, 0x10_0000, "{} starts at its PVH entry", guest.name);
+        }
+    }
+
+    /// Ring-0 guest code must not use SSE: the build machines' software KVM cannot emulate
+    /// it. Checked on the disassembly when objdump is there (CI installs binutils).
+    #[test]
+    fn no_program_uses_sse_registers() {
+        for guest in GUESTS {
+            let path = std::env::temp_dir().join(format!("splitvisor-sse-check-{}-{}", std::process::id(), guest.name));
+            std::fs::write(&path, guest.elf).unwrap();
+            let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
+            let _ = std::fs::remove_file(&path);
+            let output = match output {
+                Ok(output) => output,
+                Err(e) if std::env::var_os("CI").is_some() => panic!("objdump is needed in CI: {e}"),
+                Err(e) => {
+                    eprintln!("skipping the SSE check: objdump: {e}");
+                    return;
+                }
+            };
+            let text = String::from_utf8_lossy(&output.stdout);
+            let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm") || l.contains("%ymm")).collect();
+            assert!(sse.is_empty(), "{} uses SSE registers:\n{}", guest.name, sse.join("\n"));
+        }
+    }
+}
