@@ -46,6 +46,14 @@ impl ResourceAllocator {
             .map_err(|source| AllocatorError::Mmio { size, source })
     }
 
+    /// Reserves exactly `size` bytes at `base` (for devices at fixed addresses).
+    pub fn reserve_mmio(&mut self, base: u64, size: u64) -> Result<(), AllocatorError> {
+        self.mmio
+            .allocate(size, 1, AllocPolicy::ExactMatch(base))
+            .map(|_| ())
+            .map_err(|source| AllocatorError::Mmio { size, source })
+    }
+
     /// The next free interrupt line.
     pub fn allocate_irq(&mut self) -> Result<u32, AllocatorError> {
         self.irqs.allocate_id().map_err(AllocatorError::Irq)

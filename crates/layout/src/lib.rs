@@ -1,1 +1,84 @@
-//! x
+//! Assembles a splitvisor VM.
+//!
+//! [`VmBuilder`] takes a description of the machine (guest program, memory, vCPUs, console,
+//! extra devices) and resolves it into a running KVM VM: guest RAM, the in-kernel interrupt
+//! controllers, the PVH boot state, the PIO and MMIO buses with the COM1 8250 and the
+//! i8042, and one thread per vCPU. [`Vm::run`] runs it to the end and says how it ended.
+//!
+//! Today every device is placed in the hypervisor process (the monolithic layout).
+//!
+//! ```no_run
+//! use splitvisor_layout::{ConsoleOutput, VmBuilder};
+//!
+//! let guest = splitvisor_guests::find("hello").unwrap();
+//! let vm = VmBuilder::new(guest.elf)
+//!     .memory(128 << 20)
+//!     .vcpus(2)
+//!     .console(ConsoleOutput::Stdout)
+//!     .build()?;
+//! let report = vm.run()?;
+//! assert!(report.guest_result.unwrap().passed());
+//! # Ok::<(), splitvisor_layout::Error>(())
+//! ```
+
+pub mod console;
+mod vm;
+
+pub use console::{ConsoleState, ConsoleTap};
+pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
+
+use splitvisor_bus::{AllocatorError, BusError};
+use splitvisor_vcpu::loader::LoaderError;
+use splitvisor_vcpu::{VcpuError, VmError};
+
+/// Errors assembling or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest memory size does not fit.
+    #[error(transparent)]
+    Memory(#[from] splitvisor_memory::Error),
+    /// Creating or setting up the KVM VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the guest program failed.
+    #[error(transparent)]
+    Load(#[from] LoaderError),
+    /// Writing the boot page tables failed.
+    #[error(transparent)]
+    BootTables(#[from] splitvisor_vcpu::boot::BootTablesError),
+    /// A vCPU failed: the VM ended because of it.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be placed on its bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Address or interrupt allocation failed.
+    #[error(transparent)]
+    Allocator(#[from] AllocatorError),
+    /// More vCPUs than the guest program's long-mode start supports.
+    #[error("{requested} vCPUs asked for, but at most {max} can be started in long mode")]
+    TooManyApStacks {
+        /// Asked for.
+        requested: u32,
+        /// Supported.
+        max: u64,
+    },
+    /// Zero vCPUs were asked for.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// An extra device's MMIO range is outside the MMIO window.
+    #[error("MMIO range {0} is outside the 32-bit MMIO window")]
+    OutsideMmioWindow(splitvisor_bus::BusRange),
+    /// The console output file cannot be opened.
+    #[error("cannot open the console output {path}: {source}")]
+    ConsoleFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating an eventfd failed.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}

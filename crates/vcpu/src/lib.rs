@@ -18,7 +18,7 @@
 //! vm.register_memory(&ram)?;
 //! // ... load a guest, then:
 //! let vcpus = vm.create_vcpus(1)?;
-//! vcpus[0].configure(vm.supported_cpuid(), &BootState::Pvh { entry: 0x10_0000, start_info: 0x6000 })?;
+//! vcpus[0].configure(vm.supported_cpuid(), Some(&BootState::Pvh { entry: 0x10_0000, start_info: 0x6000 }))?;
 //! let buses = Buses { pio: Arc::new(Bus::new(BusKind::Pio)), mmio: Arc::new(Bus::new(BusKind::Mmio)) };
 //! let running = VmControl::new().start(vcpus, buses)?;
 //! let end = running.wait(None)?;
@@ -33,7 +33,7 @@ mod vm;
 use std::fmt;
 
 pub use vcpu::{Buses, Vcpu};
-pub use vm::{ExitStats, KvmVm, RunningVm, StopHandle, VmControl, VmEnd};
+pub use vm::{ExitCounts, KvmVm, RunningVm, StopHandle, VmControl, VmEnd};
 
 /// Errors creating and setting up the VM.
 #[derive(Debug, thiserror::Error)]

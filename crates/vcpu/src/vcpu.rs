@@ -87,9 +87,10 @@ impl Vcpu {
         VcpuError::Setup { vcpu: self.index, what, source }
     }
 
-    /// Sets CPUID (with this vCPU's APIC ID), boot MSRs, the FPU, the local APIC's LINT
-    /// pins, and the registers of `boot`.
-    pub fn configure(&self, supported_cpuid: &CpuId, boot: &BootState) -> Result<(), VcpuError> {
+    /// Sets CPUID (with this vCPU's APIC ID), boot MSRs, the FPU and the local APIC's LINT
+    /// pins; then, if given a `boot` state, the registers and a runnable state. Without one,
+    /// an application processor waits for the guest's INIT/SIPI, as on real hardware.
+    pub fn configure(&self, supported_cpuid: &CpuId, boot: Option<&BootState>) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         for entry in cpuid.as_mut_slice() {
             match entry.function {
@@ -138,6 +139,9 @@ impl Vcpu {
         }
         self.fd.set_lapic(&lapic).map_err(|e| self.setup_error("set the local APIC", e))?;
 
+        let Some(boot) = boot else {
+            return Ok(());
+        };
         let mut sregs = self.fd.get_sregs().map_err(|e| self.setup_error("get segment registers", e))?;
         boot.apply_sregs(&mut sregs);
         self.fd.set_sregs(&sregs).map_err(|e| self.setup_error("set segment registers", e))?;

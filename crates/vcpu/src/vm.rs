@@ -99,11 +99,9 @@ pub enum VmEnd {
 
 /// Exit counters shared by every vCPU.
 #[derive(Debug, Default)]
-pub struct ExitStats {
-    /// Port I/O exits.
-    pub pio_exits: AtomicU64,
-    /// MMIO exits.
-    pub mmio_exits: AtomicU64,
+pub(crate) struct ExitStats {
+    pub(crate) pio_exits: AtomicU64,
+    pub(crate) mmio_exits: AtomicU64,
 }
 
 /// State shared by the vCPU threads, the stop handles and the waiter.
@@ -147,6 +145,23 @@ impl StopHandle {
     pub fn guest_reset(&self) {
         self.control.finish(Ok(VmEnd::GuestReset));
     }
+
+    /// Exits counted so far, over every vCPU.
+    pub fn exit_counts(&self) -> ExitCounts {
+        ExitCounts {
+            pio: self.control.stats.pio_exits.load(Ordering::Relaxed),
+            mmio: self.control.stats.mmio_exits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Exits counted over every vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port I/O exits.
+    pub pio: u64,
+    /// MMIO exits.
+    pub mmio: u64,
 }
 
 /// A VM whose vCPUs are running, one thread each.
@@ -218,11 +233,6 @@ impl RunningVm {
     /// A handle that ends the VM.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle { control: self.control.clone() }
-    }
-
-    /// Exit counters so far.
-    pub fn stats(&self) -> &ExitStats {
-        &self.control.stats
     }
 
     /// Waits until the VM ends (or `timeout` passes), stops every vCPU and joins its

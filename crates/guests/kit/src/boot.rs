@@ -53,6 +53,8 @@ pvh_start32:
     xor eax, eax
     rep stosd
     mov dword ptr [PVH_START_INFO], ebx
+    /* PVH gives no stack: use ours (the far return below needs one). */
+    mov esp, offset BOOT_STACK + {boot_stack_size}
 
     /* Identity map the first GiB (RAM) and the last GiB below 4 GiB (the 32-bit MMIO */
     /* window, IOAPIC, local APIC; uncached) with 2 MiB pages. The user bit is set on */

@@ -1,0 +1,105 @@
+//! The guest console as the host sees it: the output stream, when it started, and the
+//! result line a guest program ends with.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use splitvisor_guests::GuestResult;
+
+/// Longest console line kept while looking for the result line; longer lines are cut.
+const MAX_LINE: usize = 4096;
+
+/// What the console has shown so far. Shared between the UART's writer and the VM owner.
+#[derive(Debug, Default)]
+pub struct ConsoleState {
+    first_output: OnceLock<Instant>,
+    result: Mutex<Option<GuestResult>>,
+    line: Mutex<Vec<u8>>,
+}
+
+impl ConsoleState {
+    /// When the guest wrote its first byte.
+    pub fn first_output(&self) -> Option<Instant> {
+        self.first_output.get().copied()
+    }
+
+    /// The first result line the guest printed.
+    pub fn result(&self) -> Option<GuestResult> {
+        self.result.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn observe(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let _ = self.first_output.set(Instant::now());
+        let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
+        for &byte in bytes {
+            if byte == b'\n' {
+                let text = String::from_utf8_lossy(&line);
+                if let Some(result) = GuestResult::parse_line(&text) {
+                    self.result.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(result);
+                }
+                line.clear();
+            } else if line.len() < MAX_LINE {
+                line.push(byte);
+            }
+        }
+    }
+}
+
+/// A writer that passes the guest's output on to `inner` and watches it.
+pub struct ConsoleTap {
+    inner: Box<dyn Write + Send>,
+    state: Arc<ConsoleState>,
+}
+
+impl ConsoleTap {
+    /// Watches what goes to `inner`.
+    pub fn new(inner: Box<dyn Write + Send>, state: Arc<ConsoleState>) -> Self {
+        Self { inner, state }
+    }
+}
+
+impl Write for ConsoleTap {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.state.observe(buf);
+        // A console the host cannot write to (a closed pipe) must not stop the guest.
+        if let Err(e) = self.inner.write_all(buf).and_then(|()| self.inner.flush()) {
+            log::debug!("console output dropped: {e}");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_result_across_writes_and_keeps_the_first() {
+        let state = Arc::new(ConsoleState::default());
+        let mut tap = ConsoleTap::new(Box::new(io::sink()), state.clone());
+        assert!(state.first_output().is_none());
+        tap.write_all(b"hello\nSPLITVISOR-RES").unwrap();
+        assert!(state.first_output().is_some());
+        assert_eq!(state.result(), None);
+        tap.write_all(b"ULT: PASS\nSPLITVISOR-RESULT: FAIL late\n").unwrap();
+        assert_eq!(state.result(), Some(GuestResult::Pass));
+    }
+
+    #[test]
+    fn endless_lines_are_bounded() {
+        let state = Arc::new(ConsoleState::default());
+        let mut tap = ConsoleTap::new(Box::new(io::sink()), state.clone());
+        for _ in 0..100 {
+            tap.write_all(&[b'x'; 1000]).unwrap();
+        }
+        assert!(state.line.lock().unwrap().len() <= MAX_LINE);
+    }
+}

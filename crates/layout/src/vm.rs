@@ -1,0 +1,398 @@
+//! The VM builder and the assembled VM.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use splitvisor_bus::{
+    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice,
+};
+use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
+use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
+use splitvisor_guests::GuestResult;
+use splitvisor_memory::{GuestRam, layout};
+use splitvisor_vcpu::boot::{self, BootState};
+use splitvisor_vcpu::loader::{self, LoadedGuest};
+use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd};
+
+use crate::console::{ConsoleState, ConsoleTap};
+use crate::Error;
+
+/// First and last interrupt line handed to devices that have no fixed ISA line.
+const FIRST_DEVICE_IRQ: u32 = 5;
+const LAST_DEVICE_IRQ: u32 = 23;
+
+/// Where the guest console goes.
+pub enum ConsoleOutput {
+    /// This process's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Any writer.
+    Writer(Box<dyn Write + Send>),
+    /// Nowhere (the result line is still watched).
+    Discard,
+}
+
+impl std::fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("Stdout"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::Writer(_) => f.write_str("Writer(..)"),
+            Self::Discard => f.write_str("Discard"),
+        }
+    }
+}
+
+struct ExtraDevice {
+    kind: BusKind,
+    range: BusRange,
+    name: String,
+    device: SharedDevice,
+}
+
+/// Describes a VM; [`VmBuilder::build`] makes it.
+pub struct VmBuilder {
+    elf: Vec<u8>,
+    memory: u64,
+    vcpus: u32,
+    cmdline: String,
+    console: ConsoleOutput,
+    console_input: bool,
+    timeout: Option<Duration>,
+    extra: Vec<ExtraDevice>,
+}
+
+impl VmBuilder {
+    /// A VM that boots the PVH ELF `elf`: 128 MiB, one vCPU, console to stdout.
+    pub fn new(elf: &[u8]) -> Self {
+        Self {
+            elf: elf.to_vec(),
+            memory: 128 << 20,
+            vcpus: 1,
+            cmdline: "console=ttyS0".to_string(),
+            console: ConsoleOutput::Stdout,
+            console_input: false,
+            timeout: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Bytes of guest RAM.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(mut self, count: u32) -> Self {
+        self.vcpus = count;
+        self
+    }
+
+    /// The guest command line (splitvisor appends `splitvisor.vcpus=N`).
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.to_string();
+        self
+    }
+
+    /// Where the guest console goes.
+    pub fn console(mut self, output: ConsoleOutput) -> Self {
+        self.console = output;
+        self
+    }
+
+    /// Feeds this process's standard input to the guest console.
+    pub fn console_input(mut self, enabled: bool) -> Self {
+        self.console_input = enabled;
+        self
+    }
+
+    /// Ends the VM with [`VmEnd::TimedOut`] if it runs longer than `timeout`.
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Places an extra device on the PIO bus.
+    pub fn pio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
+        self.extra.push(ExtraDevice { kind: BusKind::Pio, range, name: name.into(), device });
+        self
+    }
+
+    /// Places an extra device in the 32-bit MMIO window.
+    pub fn mmio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
+        self.extra.push(ExtraDevice { kind: BusKind::Mmio, range, name: name.into(), device });
+        self
+    }
+
+    /// Creates the VM: memory, KVM, the guest loaded and every vCPU configured. Nothing
+    /// runs until [`Vm::run`].
+    pub fn build(self) -> Result<Vm, Error> {
+        if self.vcpus == 0 {
+            return Err(Error::NoVcpus);
+        }
+        let ram = GuestRam::new(self.memory)?;
+        let kvm = KvmVm::new()?;
+        kvm.register_memory(&ram)?;
+        let mem = ram.memory();
+        let low_ram_end = ram.regions()[0].size;
+
+        let guest = loader::load_pvh_elf(mem, &self.elf, low_ram_end)?;
+        boot::write_long_mode_tables(mem)?;
+        let cmdline = format!("{} splitvisor.vcpus={}", self.cmdline, self.vcpus).trim().to_string();
+        let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
+
+        let vcpus = kvm.create_vcpus(self.vcpus)?;
+        configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
+
+        let control = VmControl::new();
+        let console = Arc::new(ConsoleState::default());
+        let output: Box<dyn Write + Send> = match self.console {
+            ConsoleOutput::Stdout => Box::new(io::stdout()),
+            ConsoleOutput::File(path) => Box::new(
+                File::create(&path).map_err(|source| Error::ConsoleFile { path, source })?,
+            ),
+            ConsoleOutput::Writer(writer) => writer,
+            ConsoleOutput::Discard => Box::new(io::sink()),
+        };
+        let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+        kvm.register_irqfd(com1_irq.eventfd(), COM1_IRQ)?;
+        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, ConsoleTap::new(output, console.clone()))));
+        let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset_line)));
+
+        let pio = Bus::new(BusKind::Pio);
+        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", serial.clone())?;
+        pio.insert(BusRange::new(I8042_PORT, I8042_PORT_COUNT)?, "i8042", i8042)?;
+        let mmio = Bus::new(BusKind::Mmio);
+        let mut allocator =
+            ResourceAllocator::new(layout::MMIO32_START, layout::MMIO32_SIZE, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ)?;
+        for extra in self.extra {
+            match extra.kind {
+                BusKind::Pio => pio.insert(extra.range, &extra.name, extra.device)?,
+                BusKind::Mmio => {
+                    let window = layout::MMIO32_START..layout::MMIO32_START + layout::MMIO32_SIZE;
+                    if !window.contains(&extra.range.base()) || !window.contains(&extra.range.last()) {
+                        return Err(Error::OutsideMmioWindow(extra.range));
+                    }
+                    allocator.reserve_mmio(extra.range.base(), extra.range.len())?;
+                    mmio.insert(extra.range, &extra.name, extra.device)?;
+                }
+            }
+        }
+
+        let tsc_khz = vcpus[0].tsc_khz().ok();
+        Ok(Vm {
+            kvm,
+            ram,
+            vcpus,
+            buses: Buses { pio: Arc::new(pio), mmio: Arc::new(mmio) },
+            control,
+            console,
+            serial,
+            console_input: self.console_input,
+            timeout: self.timeout,
+            created: Instant::now(),
+            tsc_khz,
+        })
+    }
+}
+
+/// The bootstrap processor starts at the PVH entry; application processors start in long
+/// mode at the guest's AP entry if it has one, or wait for the guest's INIT/SIPI.
+fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info: u64) -> Result<(), Error> {
+    let aps = vcpus.len() as u64 - 1;
+    if guest.ap_entry.is_some() && aps > layout::MAX_AP_STACKS {
+        return Err(Error::TooManyApStacks { requested: vcpus.len() as u32, max: layout::MAX_AP_STACKS + 1 });
+    }
+    for vcpu in vcpus {
+        let index = u64::from(vcpu.index());
+        let state = if index == 0 {
+            Some(BootState::Pvh { entry: guest.pvh_entry, start_info })
+        } else {
+            guest.ap_entry.map(|entry| BootState::LongMode {
+                entry,
+                stack_top: layout::AP_STACKS_TOP - (index - 1) * layout::AP_STACK_SIZE,
+                arg: index,
+            })
+        };
+        vcpu.configure(kvm.supported_cpuid(), state.as_ref())?;
+    }
+    Ok(())
+}
+
+/// The i8042's CPU reset line: the guest asks to end the VM.
+struct ResetLine(StopHandle);
+
+impl Interrupt for ResetLine {
+    fn trigger(&self) -> io::Result<()> {
+        log::debug!("guest reset through the i8042");
+        self.0.guest_reset();
+        Ok(())
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: vCPUs go before the VM fd, the VM before its memory.
+    vcpus: Vec<Vcpu>,
+    kvm: KvmVm,
+    ram: GuestRam,
+    buses: Buses,
+    control: VmControl,
+    console: Arc<ConsoleState>,
+    serial: Arc<Mutex<Serial<ConsoleTap>>>,
+    console_input: bool,
+    timeout: Option<Duration>,
+    created: Instant,
+    tsc_khz: Option<u32>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.ram.size())
+            .field("buses", &self.buses)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Access counts of one bus.
+#[derive(Clone, Debug)]
+pub struct BusReport {
+    /// Which bus.
+    pub kind: BusKind,
+    /// Per device.
+    pub devices: Vec<DeviceStats>,
+    /// Accesses no device took.
+    pub unassigned: u64,
+}
+
+/// How a VM ran, when no vCPU failed.
+#[derive(Clone, Debug)]
+pub struct VmReport {
+    /// Why it ended.
+    pub end: VmEnd,
+    /// The result line the guest printed, if any.
+    pub guest_result: Option<GuestResult>,
+    /// When the VM was created (KVM VM, memory, vCPUs, devices all set up).
+    pub created: Instant,
+    /// When the guest wrote its first console byte.
+    pub first_output: Option<Instant>,
+    /// When the last vCPU thread was joined.
+    pub ended: Instant,
+    /// Device accesses per bus.
+    pub buses: Vec<BusReport>,
+    /// Port I/O exits.
+    pub pio_exits: u64,
+    /// MMIO exits.
+    pub mmio_exits: u64,
+    /// The vCPUs' TSC frequency, to convert guest TSC readings.
+    pub tsc_khz: Option<u32>,
+}
+
+impl Vm {
+    /// A handle that stops the VM from another thread (Ctrl-C handlers, tests).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.control.stop_handle()
+    }
+
+    /// The KVM VM, for devices that need irqfds or ioeventfds.
+    pub fn kvm(&self) -> &KvmVm {
+        &self.kvm
+    }
+
+    /// Guest RAM, for inspection.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// When the VM was created.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// Runs the VM until the guest resets it, the host stops it, the timeout passes or a
+    /// vCPU fails (the error).
+    pub fn run(mut self) -> Result<VmReport, Error> {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let stop_handle = self.control.stop_handle();
+        let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
+        let input = self.console_input.then(|| ConsoleInput::start(self.serial.clone()));
+        let end = running.wait(self.timeout);
+        let ended = Instant::now();
+        if let Some(input) = input {
+            input.stop();
+        }
+        let end = end?;
+        let exits = stop_handle.exit_counts();
+        Ok(VmReport {
+            end,
+            guest_result: self.console.result(),
+            created: self.created,
+            first_output: self.console.first_output(),
+            ended,
+            buses: [&self.buses.pio, &self.buses.mmio]
+                .into_iter()
+                .map(|bus| BusReport { kind: bus.kind(), devices: bus.stats(), unassigned: bus.unassigned_accesses() })
+                .collect(),
+            pio_exits: exits.pio,
+            mmio_exits: exits.mmio,
+            tsc_khz: self.tsc_khz,
+        })
+    }
+}
+
+/// Feeds standard input to the UART, polling so it can be stopped.
+struct ConsoleInput {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl ConsoleInput {
+    fn start(serial: Arc<Mutex<Serial<ConsoleTap>>>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let stdin = io::stdin();
+            let fd = stdin.as_raw_fd();
+            let mut buf = [0u8; 256];
+            while !stopped.load(Ordering::Acquire) {
+                let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd, for 100 ms.
+                let ready = unsafe { libc::poll(&mut pollfd, 1, 100) };
+                if ready <= 0 {
+                    continue;
+                }
+                // SAFETY: reading into a buffer of `buf.len()` bytes.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    return; // end of input or an error: the guest just gets no more
+                }
+                let mut pending = &buf[..n as usize];
+                while !pending.is_empty() && !stopped.load(Ordering::Acquire) {
+                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
+                    match taken {
+                        Ok(n) if n > 0 => pending = &pending[n..],
+                        // The guest has not drained its FIFO yet.
+                        _ => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.thread.join();
+    }
+}

@@ -1,0 +1,251 @@
+//! The command line of the examples: parsing, validation and the exit status.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Run one of splitvisor's guest programs on KVM.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct VmArgs {
+    /// The embedded guest program to run (see --list-guests).
+    #[arg(long, default_value = "hello")]
+    pub guest: String,
+    /// Guest RAM: bytes, or a number with a K, M, G or T suffix (binary units).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Write the guest console to this file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub serial_out: Option<PathBuf>,
+    /// Extra guest command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Stop the VM after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Option<Duration>,
+    /// Print the time from process start to VM created, first guest output and VM end.
+    #[arg(long)]
+    pub boot_timeline: bool,
+    /// Print exits and accesses per device when the VM ends.
+    #[arg(long)]
+    pub stats: bool,
+    /// List the embedded guest programs and exit.
+    #[arg(long)]
+    pub list_guests: bool,
+}
+
+/// Parses `4096`, `64K`, `128M`, `1G`, `2T` (binary units; `MiB`, `GB`... also accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("'{text}' is not a size (try 128M or 2G)"));
+    }
+    let number: u64 = digits.parse().map_err(|_| format!("'{text}' is too large"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("unknown size unit '{other}' in '{text}' (use K, M, G or T)")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is not a valid timeout"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("128M"), Ok(128 << 20));
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn bad_sizes_say_why() {
+        assert!(parse_size("").unwrap_err().contains("not a size"));
+        assert!(parse_size("M").unwrap_err().contains("not a size"));
+        assert!(parse_size("12Q").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("99999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_size("17179869184T").unwrap_err().contains("too large"));
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn arguments_parse_with_defaults() {
+        let args = VmArgs::try_parse_from(["monolithic"]).unwrap();
+        assert_eq!((args.guest.as_str(), args.mem, args.vcpus), ("hello", 128 << 20, 1));
+        let args = VmArgs::try_parse_from(["m", "--guest", "irq", "--mem", "1G", "--vcpus", "2", "--timeout", "2.5"]).unwrap();
+        assert_eq!((args.guest.as_str(), args.mem, args.vcpus), ("irq", 1 << 30, 2));
+        assert_eq!(args.timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn malformed_arguments_are_refused() {
+        assert!(VmArgs::try_parse_from(["m", "--vcpus", "-1"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--vcpus", "many"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--mem", "lots"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--timeout", "-3"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--bogus"]).is_err());
+    }
+}
+
+/// How the examples end: 0 only if the guest reported success.
+pub mod exit_status {
+    /// The guest printed `SPLITVISOR-RESULT: PASS` and powered off.
+    pub const PASS: u8 = 0;
+    /// The guest reported a failure, ended without a result, or a vCPU failed.
+    pub const GUEST_FAILED: u8 = 1;
+    /// Bad arguments or the VM could not be set up (no /dev/kvm, bad sizes, ...).
+    pub const SETUP_ERROR: u8 = 2;
+    /// Stopped by the host (Ctrl-C or --timeout) before the guest reported.
+    pub const STOPPED: u8 = 3;
+}
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use splitvisor_layout::{ConsoleOutput, VmBuilder, VmReport};
+use splitvisor_vcpu::VmEnd;
+
+/// Parses the command line, runs the VM and turns the outcome into an exit status,
+/// printing one line to stderr for any error. `program` names the tool in messages.
+pub fn main(program: &str, process_start: Instant) -> ExitCode {
+    let args = match VmArgs::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if usage { exit_status::SETUP_ERROR } else { exit_status::PASS });
+        }
+    };
+    if args.list_guests {
+        for guest in splitvisor_guests::GUESTS {
+            println!("{:<14} {}", guest.name, guest.summary);
+        }
+        return ExitCode::from(exit_status::PASS);
+    }
+    match run(&args, process_start) {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            ExitCode::from(match e {
+                RunError::Vm(splitvisor_layout::Error::Vcpu(_)) => exit_status::GUEST_FAILED,
+                _ => exit_status::SETUP_ERROR,
+            })
+        }
+    }
+}
+
+/// Errors of an example run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// `--guest` names no embedded program.
+    #[error("unknown guest '{name}' (available: {available})")]
+    UnknownGuest {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: String,
+    },
+    /// Building or running the VM failed.
+    #[error(transparent)]
+    Vm(#[from] splitvisor_layout::Error),
+    /// The Ctrl-C handler could not be installed.
+    #[error("cannot install the Ctrl-C handler: {0}")]
+    CtrlC(#[from] ctrlc::Error),
+}
+
+/// Builds and runs the VM `args` describe; returns the exit status.
+pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
+    let guest = splitvisor_guests::find(&args.guest).ok_or_else(|| RunError::UnknownGuest {
+        name: args.guest.clone(),
+        available: splitvisor_guests::names().join(", "),
+    })?;
+    let console = match &args.serial_out {
+        Some(path) => ConsoleOutput::File(path.clone()),
+        None => ConsoleOutput::Stdout,
+    };
+    let vm = VmBuilder::new(guest.elf)
+        .memory(args.mem)
+        .vcpus(args.vcpus)
+        .cmdline(&args.cmdline)
+        .console(console)
+        .console_input(true)
+        .timeout(args.timeout)
+        .build()?;
+    let stop = vm.stop_handle();
+    ctrlc::set_handler(move || stop.stop())?;
+    let report = vm.run()?;
+    if args.boot_timeline {
+        print_timeline(&report, process_start);
+    }
+    if args.stats {
+        print_stats(&report);
+    }
+    Ok(match (&report.guest_result, report.end) {
+        (Some(result), _) if result.passed() => exit_status::PASS,
+        (Some(result), _) => {
+            eprintln!("guest '{}' failed: {result:?}", args.guest);
+            exit_status::GUEST_FAILED
+        }
+        (None, VmEnd::Stopped | VmEnd::TimedOut) => {
+            eprintln!("VM stopped by the host ({:?}) before the guest reported a result", report.end);
+            exit_status::STOPPED
+        }
+        (None, VmEnd::GuestReset) => {
+            eprintln!("guest '{}' reset the VM without reporting a result", args.guest);
+            exit_status::GUEST_FAILED
+        }
+    })
+}
+
+fn millis(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+fn print_timeline(report: &VmReport, start: Instant) {
+    eprintln!("boot timeline (ms from process start):");
+    eprintln!("  VM created     {:>9.2}", millis(start, report.created));
+    match report.first_output {
+        Some(first) => eprintln!("  first output   {:>9.2}", millis(start, first)),
+        None => eprintln!("  first output         n/a"),
+    }
+    eprintln!("  VM end         {:>9.2}", millis(start, report.ended));
+}
+
+fn print_stats(report: &VmReport) {
+    eprintln!("exits: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
+    eprintln!("{:<5} {:<24} {:<20} {:>10} {:>10}", "bus", "range", "device", "reads", "writes");
+    for bus in &report.buses {
+        for device in &bus.devices {
+            eprintln!(
+                "{:<5} {:<24} {:<20} {:>10} {:>10}",
+                bus.kind.to_string(),
+                device.range.to_string(),
+                device.name,
+                device.reads,
+                device.writes
+            );
+        }
+        eprintln!("{:<5} {:<24} {:<20} {:>10}", bus.kind.to_string(), "-", "(no device)", bus.unassigned);
+    }
+}
