@@ -131,10 +131,17 @@ use splitvisor_vcpu::VmEnd;
 pub fn main(program: &str, process_start: Instant) -> ExitCode {
     let args = match VmArgs::try_parse() {
         Ok(args) => args,
-        Err(e) => {
-            let usage = e.use_stderr();
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
             let _ = e.print();
-            return ExitCode::from(if usage { exit_status::SETUP_ERROR } else { exit_status::PASS });
+            return ExitCode::from(exit_status::PASS);
+        }
+        Err(e) => {
+            // One line, as for every other error.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            eprintln!("{program}: {first} (see --help)");
+            return ExitCode::from(exit_status::SETUP_ERROR);
         }
     };
     if args.list_guests {

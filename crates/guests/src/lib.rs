@@ -45,6 +45,11 @@ pub const GUESTS: &[Guest] = &[
         elf: include_bytes!(env!("SPLITVISOR_GUEST_TRIPLE_FAULT")),
     },
     Guest {
+        name: "idle",
+        summary: "halts with interrupts off until the host stops the VM",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_IDLE")),
+    },
+    Guest {
         name: "exit-bench",
         summary: "times PIO and MMIO exit round trips with the TSC",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),

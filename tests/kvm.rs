@@ -1,0 +1,135 @@
+//! Guest programs on KVM, through the monolithic layout.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use splitvisor::guests::{self, GuestResult};
+use splitvisor::layout::{ConsoleOutput, Error, VmBuilder, VmReport};
+use splitvisor::vcpu::{VcpuError, VmEnd};
+use support::Capture;
+
+/// Generous: these guests take well under a second even on the emulating KVM.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn run(guest: &str, vcpus: u32) -> (Result<VmReport, Error>, String) {
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find(guest).unwrap().elf)
+        .memory(128 << 20)
+        .vcpus(vcpus)
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(TIMEOUT))
+        .build()
+        .expect("the VM builds");
+    (vm.run(), console.text())
+}
+
+#[test]
+fn hello_on_one_vcpu() {
+    if !support::kvm() {
+        return;
+    }
+    let (report, console) = run("hello", 1);
+    let report = report.unwrap();
+    assert!(console.contains("Hello from the splitvisor guest kit!"), "{console}");
+    assert!(console.contains("vcpus=1 "), "{console}");
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    assert_eq!(report.end, VmEnd::GuestReset);
+    assert!(report.first_output.is_some());
+    assert!(report.pio_exits > 0);
+    let com1 = report.buses[0].devices.iter().find(|d| d.name.starts_with("com1")).unwrap();
+    assert!(com1.writes >= console.len() as u64, "every console byte went through the bus");
+}
+
+#[test]
+fn hello_on_two_vcpus() {
+    if !support::kvm() {
+        return;
+    }
+    let (report, console) = run("hello", 2);
+    assert!(console.contains("vcpus=2 "), "{console}");
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+}
+
+#[test]
+fn irq_guest_takes_interrupts_raised_through_irqfd() {
+    if !support::kvm() {
+        return;
+    }
+    let (report, console) = run("irq", 1);
+    assert!(console.contains("interrupts=16 "), "{console}");
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+}
+
+#[test]
+fn triple_fault_ends_the_vm_with_a_typed_error() {
+    if !support::kvm() {
+        return;
+    }
+    let (report, console) = run("triple-fault", 1);
+    assert!(console.contains("faulting on purpose"), "{console}");
+    match report {
+        Err(Error::Vcpu(VcpuError::Shutdown { vcpu: 0, rip })) => assert!(rip >= 0x10_0000, "rip {rip:#x}"),
+        other => panic!("expected a shutdown error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_host_stops_a_halted_guest_and_joins_every_vcpu() {
+    if !support::kvm() {
+        return;
+    }
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
+        .vcpus(2)
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .build()
+        .unwrap();
+    let stop = vm.stop_handle();
+    let stopper = std::thread::spawn(move || {
+        // Wait for the guest to get to its halt, then stop it.
+        let start = Instant::now();
+        while !console.text().contains("halting") && start.elapsed() < TIMEOUT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.stop();
+    });
+    let report = vm.run().unwrap();
+    stopper.join().unwrap();
+    assert_eq!(report.end, VmEnd::Stopped);
+    assert_eq!(report.guest_result, None);
+}
+
+#[test]
+fn a_timeout_ends_a_guest_that_never_reports() {
+    if !support::kvm() {
+        return;
+    }
+    let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
+        .console(ConsoleOutput::Discard)
+        .timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let report = vm.run().unwrap();
+    assert_eq!(report.end, VmEnd::TimedOut);
+    assert!(start.elapsed() < TIMEOUT);
+}
+
+#[test]
+fn too_many_vcpus_is_a_typed_error() {
+    if !support::kvm() {
+        return;
+    }
+    let err = VmBuilder::new(guests::find("hello").unwrap().elf).vcpus(100_000).build().unwrap_err();
+    assert!(matches!(err, Error::Vm(splitvisor::vcpu::VmError::TooManyVcpus { .. })), "{err}");
+}
+
+#[test]
+fn a_non_pvh_image_is_refused() {
+    if !support::kvm() {
+        return;
+    }
+    let err = VmBuilder::new(b"\x7fELF not really").build().unwrap_err();
+    assert!(matches!(err, Error::Load(_)), "{err}");
+}
