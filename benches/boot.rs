@@ -1,1 +1,223 @@
-fn main(){}
+//! splitvisor against QEMU on the same guest ELF, measured side by side in one run.
+//!
+//! `cargo bench --bench boot` prints three tables:
+//! 1. process start to first guest output and to VM exit for `hello` (median of N runs),
+//!    splitvisor's monolithic hypervisor vs `qemu-system-x86_64 -M microvm -enable-kvm`;
+//! 2. the round trip of one PIO exit and one MMIO exit as the guest sees it (`exit-bench`,
+//!    TSC-timed, median of 101), under both, plus the bus dispatch alone on the host;
+//! 3. peak RSS of each hypervisor process with a 128 MiB guest.
+//!
+//! The splitvisor process is this very binary, re-run with `--hypervisor`: it then behaves
+//! exactly as `examples/monolithic`. Set BOOT_BENCH_RUNS to change N (default 20).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
+
+use std::io::Read;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use splitvisor::bus::{BusDevice, BusRange};
+use splitvisor::layout::{ConsoleOutput, VmBuilder};
+use splitvisor::memory::layout::MMIO32_START;
+
+/// One hypervisor run as seen from outside.
+struct Run {
+    first_output: Option<Duration>,
+    exit: Duration,
+    max_rss_kib: i64,
+    stdout: String,
+    success: bool,
+}
+
+/// Spawns `cmd`, timing its first stdout byte and its exit, and reading its peak RSS
+/// (reaped with wait4 for its rusage, not with `Child::wait`).
+#[allow(clippy::zombie_processes)]
+fn measure(mut cmd: Command) -> Run {
+    let start = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut first = None;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(|| start.elapsed());
+                    all.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        (first, String::from_utf8_lossy(&all).into_owned())
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled in by wait4.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into the two locals.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut rusage) };
+    let exit = start.elapsed();
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    let (first_output, stdout) = reader.join().unwrap();
+    Run {
+        first_output,
+        exit,
+        max_rss_kib: rusage.ru_maxrss,
+        stdout,
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    }
+}
+
+fn splitvisor(guest: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--hypervisor", "--guest", guest, "--mem", "128M"]).args(extra);
+    cmd
+}
+
+fn qemu(elf: &std::path::Path, append: Option<&str>) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", "128M", "-smp", "1", "-nographic", "-no-user-config", "-nodefaults"])
+        .args(["-serial", "stdio", "-no-reboot", "-kernel"])
+        .arg(elf);
+    if let Some(append) = append {
+        cmd.args(["-append", append]);
+    }
+    cmd
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn field(text: &str, key: &str) -> Option<f64> {
+    let at = text.find(key)? + key.len();
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A register that reads as zero: the MMIO target of `exit-bench`.
+struct Register;
+
+impl BusDevice for Register {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--hypervisor") {
+        let start = Instant::now();
+        let args = args.iter().filter(|a| *a != "--hypervisor" && *a != "--bench");
+        return splitvisor::cli::main_from("boot-bench", args, start);
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        eprintln!("boot bench: /dev/kvm is not available; nothing to measure");
+        return ExitCode::FAILURE;
+    }
+    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    if !have_qemu {
+        eprintln!("boot bench: qemu-system-x86_64 not found: the QEMU columns are empty");
+    }
+    let runs: usize = std::env::var("BOOT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let dir = std::env::temp_dir().join(format!("splitvisor-boot-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf_path = |name: &str| {
+        let path = dir.join(format!("{name}.elf"));
+        std::fs::write(&path, splitvisor::guests::find(name).unwrap().elf).unwrap();
+        path
+    };
+    let hello = elf_path("hello");
+    let exit_bench = elf_path("exit-bench");
+
+    // 1. Boot, alternating the two hypervisors so drift on a shared machine hits both.
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let run = measure(splitvisor("hello", &[]));
+        assert!(run.success && run.stdout.contains("PASS"), "splitvisor run failed:\n{}", run.stdout);
+        ours.push(run);
+        if have_qemu {
+            let run = measure(qemu(&hello, None));
+            assert!(run.stdout.contains("PASS"), "QEMU run failed:\n{}", run.stdout);
+            theirs.push(run);
+        }
+    }
+    let first = |runs: &[Run]| median(runs.iter().map(|r| ms(r.first_output.unwrap())).collect());
+    let exit = |runs: &[Run]| median(runs.iter().map(|r| ms(r.exit)).collect());
+    let rss = |runs: &[Run]| median(runs.iter().map(|r| r.max_rss_kib as f64 / 1024.0).collect());
+    println!("\n## hello: process start to first guest output and to exit (median of {runs} runs, ms)\n");
+    println!("| hypervisor | first output | exit | peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|");
+    println!("| splitvisor monolithic | {:.2} | {:.2} | {:.1} |", first(&ours), exit(&ours), rss(&ours));
+    if have_qemu {
+        println!("| QEMU microvm (KVM) | {:.2} | {:.2} | {:.1} |", first(&theirs), exit(&theirs), rss(&theirs));
+        println!(
+            "| ratio splitvisor / QEMU | {:.3} | {:.3} | {:.3} |",
+            first(&ours) / first(&theirs),
+            exit(&ours) / exit(&theirs),
+            rss(&ours) / rss(&theirs)
+        );
+    }
+
+    // 2. Exit round trips as the guest sees them.
+    let console = Arc::new(Mutex::new(Vec::new()));
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let append = format!("exit_bench.mmio={MMIO32_START:#x}");
+    let report = VmBuilder::new(splitvisor::guests::find("exit-bench").unwrap().elf)
+        .cmdline(&append)
+        .console(ConsoleOutput::Writer(Box::new(Sink(console.clone()))))
+        .mmio_device(BusRange::new(MMIO32_START, 0x1000).unwrap(), "bench register", Arc::new(Mutex::new(Register)))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    let text = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    let tsc_khz = f64::from(report.tsc_khz.expect("KVM reports the TSC frequency"));
+    let to_ns = |ticks: f64| ticks * 1e6 / tsc_khz;
+    let ours_pio = to_ns(field(&text, "pio_ticks=").expect("pio result"));
+    let ours_mmio = to_ns(field(&text, "mmio_ticks=").expect("mmio result"));
+    let (mut qemu_pio, mut qemu_mmio) = (f64::NAN, f64::NAN);
+    if have_qemu {
+        let run = measure(qemu(&exit_bench, Some(&append)));
+        qemu_pio = field(&run.stdout, "pio_ticks=").map_or(f64::NAN, to_ns);
+        qemu_mmio = field(&run.stdout, "mmio_ticks=").map_or(f64::NAN, to_ns);
+    }
+
+    // The bus alone, without KVM: what splitvisor adds to each exit.
+    let bus = splitvisor::bus::Bus::new(splitvisor::bus::BusKind::Mmio);
+    bus.insert(BusRange::new(MMIO32_START, 0x1000).unwrap(), "register", Arc::new(Mutex::new(Register))).unwrap();
+    let iterations = 1_000_000u32;
+    let mut data = [0u8; 4];
+    let start = Instant::now();
+    for i in 0..iterations {
+        bus.read(MMIO32_START + u64::from(i & 0xffc), std::hint::black_box(&mut data)).unwrap();
+    }
+    let bus_ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(iterations);
+
+    println!("\n## one exit round trip, as the guest times it (median of 101, ns; TSC {tsc_khz} kHz)\n");
+    println!("| exit | splitvisor | QEMU microvm | ratio splitvisor / QEMU |");
+    println!("|---|---:|---:|---:|");
+    println!("| PIO read (COM1 LSR) | {ours_pio:.0} | {qemu_pio:.0} | {:.3} |", ours_pio / qemu_pio);
+    println!("| MMIO read (a device register; unassigned in QEMU) | {ours_mmio:.0} | {qemu_mmio:.0} | {:.3} |", ours_mmio / qemu_mmio);
+    println!("| bus dispatch alone (host, no exit) | {bus_ns:.1} | | |");
+    println!("\nsplitvisor exits during exit-bench: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
+    let _ = std::fs::remove_dir_all(&dir);
+    ExitCode::SUCCESS
+}

@@ -1,12 +1,14 @@
 //! The `monolithic` example as a user runs it: exit statuses and one-line errors.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// The example binary. `cargo test` builds examples next to the tests; a lone
-/// `cargo test --test cli` does not, so build it then.
+/// The example binary, rebuilt if stale: `cargo test` builds examples next to the tests,
+/// but a lone `cargo test --test cli` does not.
 fn example() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/monolithic
@@ -14,21 +16,32 @@ fn example() -> PathBuf {
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let path = profile_dir.join("examples").join("monolithic");
     BUILD.call_once(|| {
-        if !path.exists() {
-            let release = profile_dir.file_name().is_some_and(|name| name == "release");
+        {
+            let release = profile_dir
+                .file_name()
+                .is_some_and(|name| name == "release");
             let mut cargo = Command::new(env!("CARGO"));
-            cargo.args(["build", "--example", "monolithic"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+            cargo
+                .args(["build", "--example", "monolithic"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
             if release {
                 cargo.arg("--release");
             }
-            assert!(cargo.status().unwrap().success(), "cannot build the monolithic example");
+            assert!(
+                cargo.status().unwrap().success(),
+                "cannot build the monolithic example"
+            );
         }
     });
     path
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(example()).args(args).env("RUST_BACKTRACE", "1").output().expect("run the example")
+    Command::new(example())
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run the example")
 }
 
 /// Exactly one line on stderr naming the problem, no panic, no backtrace, status 2.
@@ -38,7 +51,10 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -67,11 +83,14 @@ fn without_kvm_permission_the_error_names_dev_kvm() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let setpriv = Command::new("setpriv").arg("--version").output().is_ok();
-    if !support::require("root and setpriv, to run as an unprivileged user", if root && setpriv {
-        Ok(())
-    } else {
-        Err(format!("root: {root}, setpriv: {setpriv}"))
-    }) {
+    if !support::require(
+        "root and setpriv, to run as an unprivileged user",
+        if root && setpriv {
+            Ok(())
+        } else {
+            Err(format!("root: {root}, setpriv: {setpriv}"))
+        },
+    ) {
         return;
     }
     let out = Command::new("setpriv")
@@ -94,7 +113,10 @@ fn no_arguments_runs_hello_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
-    assert!(stdout.contains("Hello from the splitvisor guest kit!"), "{stdout}");
+    assert!(
+        stdout.contains("Hello from the splitvisor guest kit!"),
+        "{stdout}"
+    );
     assert!(stderr.contains("first output"), "{stderr}");
     assert!(stderr.contains("com1 (8250)"), "{stderr}");
 }
@@ -108,7 +130,12 @@ fn exit_status_reports_how_the_guest_ended() {
     assert_eq!(fault.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&fault.stderr).contains("triple fault"));
     let idle = run(&["--guest", "idle", "--timeout", "0.3"]);
-    assert_eq!(idle.status.code(), Some(3), "{}", String::from_utf8_lossy(&idle.stderr));
+    assert_eq!(
+        idle.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&idle.stderr)
+    );
 }
 
 #[test]
@@ -123,4 +150,23 @@ fn serial_out_writes_the_console_to_a_file() {
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
     assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
+}
+
+#[test]
+fn host_input_reaches_the_guest_console() {
+    if !support::kvm() {
+        return;
+    }
+    let mut child = Command::new(example())
+        .args(["--guest", "echo"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"ping from the host\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("echo: ping from the host"), "{stdout}");
 }

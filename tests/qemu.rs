@@ -1,5 +1,7 @@
 //! The same guest ELF under another VMM: QEMU's microvm machine, booting it through PVH.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::io::Read;
@@ -9,11 +11,28 @@ use std::time::{Duration, Instant};
 /// Runs `qemu-system-x86_64 -M microvm` on a guest program; returns its console.
 fn run_under_qemu(guest: &str) -> String {
     let elf = splitvisor::guests::find(guest).unwrap().elf;
-    let path = std::env::temp_dir().join(format!("splitvisor-qemu-{}-{guest}.elf", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "splitvisor-qemu-{}-{guest}.elf",
+        std::process::id()
+    ));
     std::fs::write(&path, elf).unwrap();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-        .args(["-m", "128M", "-smp", "1", "-nographic", "-no-user-config", "-nodefaults"])
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args([
+            "-m",
+            "128M",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-user-config",
+            "-nodefaults",
+        ])
         .args(["-serial", "stdio", "-no-reboot", "-kernel"])
         .arg(&path)
         .stdin(Stdio::null())
@@ -33,8 +52,18 @@ fn run_under_qemu(guest: &str) -> String {
     let _ = std::fs::remove_file(&path);
     let mut stdout = String::new();
     let mut stderr = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     format!("{stdout}{stderr}")
 }
 
@@ -44,11 +73,17 @@ fn hello_runs_unchanged_under_qemu_microvm() {
         return;
     }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-    if !support::require("qemu-system-x86_64", qemu.map(drop).map_err(|e| e.to_string())) {
+    if !support::require(
+        "qemu-system-x86_64",
+        qemu.map(drop).map_err(|e| e.to_string()),
+    ) {
         return;
     }
     let console = run_under_qemu("hello");
-    assert!(console.contains("Hello from the splitvisor guest kit!"), "{console}");
+    assert!(
+        console.contains("Hello from the splitvisor guest kit!"),
+        "{console}"
+    );
     assert!(console.contains("vcpus=1 "), "{console}");
     assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
 }

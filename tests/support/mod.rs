@@ -27,7 +27,12 @@ pub fn require(what: &str, available: Result<(), String>) -> bool {
 pub fn kvm() -> bool {
     require(
         "/dev/kvm",
-        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string()),
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| e.to_string()),
     )
 }
 

@@ -31,7 +31,12 @@ pub struct ResourceAllocator {
 
 impl ResourceAllocator {
     /// MMIO from `mmio_base` for `mmio_size` bytes; IRQs `first_irq..=last_irq`.
-    pub fn new(mmio_base: u64, mmio_size: u64, first_irq: u32, last_irq: u32) -> Result<Self, AllocatorError> {
+    pub fn new(
+        mmio_base: u64,
+        mmio_size: u64,
+        first_irq: u32,
+        last_irq: u32,
+    ) -> Result<Self, AllocatorError> {
         Ok(Self {
             mmio: AddressAllocator::new(mmio_base, mmio_size).map_err(AllocatorError::Range)?,
             irqs: IdAllocator::new(first_irq, last_irq).map_err(AllocatorError::Range)?,

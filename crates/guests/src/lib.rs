@@ -50,6 +50,11 @@ pub const GUESTS: &[Guest] = &[
         elf: include_bytes!(env!("SPLITVISOR_GUEST_IDLE")),
     },
     Guest {
+        name: "echo",
+        summary: "reads a line of host input from the console and prints it back",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_ECHO")),
+    },
+    Guest {
         name: "exit-bench",
         summary: "times PIO and MMIO exit round trips with the TSC",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),
@@ -81,7 +86,10 @@ pub enum GuestResult {
 impl GuestResult {
     /// Parses one console line; `None` if it is not a result line.
     pub fn parse_line(line: &str) -> Option<Self> {
-        let rest = line.trim_end_matches(['\r', '\n']).split_once(RESULT_MARKER)?.1;
+        let rest = line
+            .trim_end_matches(['\r', '\n'])
+            .split_once(RESULT_MARKER)?
+            .1;
         if rest == "PASS" {
             Some(Self::Pass)
         } else {
@@ -102,13 +110,19 @@ mod tests {
 
     #[test]
     fn result_lines_parse() {
-        assert_eq!(GuestResult::parse_line("SPLITVISOR-RESULT: PASS\n"), Some(GuestResult::Pass));
+        assert_eq!(
+            GuestResult::parse_line("SPLITVISOR-RESULT: PASS\n"),
+            Some(GuestResult::Pass)
+        );
         assert_eq!(
             GuestResult::parse_line("SPLITVISOR-RESULT: FAIL not every vCPU came online"),
             Some(GuestResult::Fail("not every vCPU came online".into()))
         );
         assert_eq!(GuestResult::parse_line("hello"), None);
-        assert_eq!(GuestResult::parse_line("SPLITVISOR-RESULT: PASSED?"), Some(GuestResult::Fail("PASSED?".into())));
+        assert_eq!(
+            GuestResult::parse_line("SPLITVISOR-RESULT: PASSED?"),
+            Some(GuestResult::Fail("PASSED?".into()))
+        );
     }
 
     fn pt_note_and_entry(elf: &[u8]) -> (bool, u64) {
@@ -118,7 +132,10 @@ mod tests {
             let at = phoff + i * 56;
             u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 4
         });
-        (has_note, u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap()))
+        (
+            has_note,
+            u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap()),
+        )
     }
 
     #[test]
@@ -126,9 +143,18 @@ mod tests {
         for guest in GUESTS {
             assert_eq!(&guest.elf[..4], b"\x7fELF", "{}", guest.name);
             assert_eq!(guest.elf[4], 2, "{} is ELF64", guest.name);
-            assert_eq!(u16::from_le_bytes([guest.elf[16], guest.elf[17]]), 2, "{} is ET_EXEC", guest.name);
+            assert_eq!(
+                u16::from_le_bytes([guest.elf[16], guest.elf[17]]),
+                2,
+                "{} is ET_EXEC",
+                guest.name
+            );
             let (has_note, entry) = pt_note_and_entry(guest.elf);
-            assert!(has_note, "{} has a PT_NOTE segment for the PVH note", guest.name);
+            assert!(
+                has_note,
+                "{} has a PT_NOTE segment for the PVH note",
+                guest.name
+            );
             assert_eq!(entry, 0x10_0000, "{} starts at its PVH entry", guest.name);
         }
     }
@@ -138,21 +164,38 @@ mod tests {
     #[test]
     fn no_program_uses_sse_registers() {
         for guest in GUESTS {
-            let path = std::env::temp_dir().join(format!("splitvisor-sse-check-{}-{}", std::process::id(), guest.name));
+            let path = std::env::temp_dir().join(format!(
+                "splitvisor-sse-check-{}-{}",
+                std::process::id(),
+                guest.name
+            ));
             std::fs::write(&path, guest.elf).unwrap();
-            let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
+            let output = std::process::Command::new("objdump")
+                .arg("-d")
+                .arg(&path)
+                .output();
             let _ = std::fs::remove_file(&path);
             let output = match output {
                 Ok(output) => output,
-                Err(e) if std::env::var_os("CI").is_some() => panic!("objdump is needed in CI: {e}"),
+                Err(e) if std::env::var_os("CI").is_some() => {
+                    panic!("objdump is needed in CI: {e}")
+                }
                 Err(e) => {
                     eprintln!("skipping the SSE check: objdump: {e}");
                     return;
                 }
             };
             let text = String::from_utf8_lossy(&output.stdout);
-            let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm") || l.contains("%ymm")).collect();
-            assert!(sse.is_empty(), "{} uses SSE registers:\n{}", guest.name, sse.join("\n"));
+            let sse: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("%xmm") || l.contains("%ymm"))
+                .collect();
+            assert!(
+                sse.is_empty(),
+                "{} uses SSE registers:\n{}",
+                guest.name,
+                sse.join("\n")
+            );
         }
     }
 }

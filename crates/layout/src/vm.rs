@@ -4,13 +4,13 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use splitvisor_bus::{
-    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice,
+    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator,
+    SharedDevice,
 };
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
@@ -19,9 +19,10 @@ use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
 use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::console::{ConsoleState, ConsoleTap};
 use crate::Error;
+use crate::console::{ConsoleState, ConsoleTap};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
 const FIRST_DEVICE_IRQ: u32 = 5;
@@ -122,13 +123,23 @@ impl VmBuilder {
 
     /// Places an extra device on the PIO bus.
     pub fn pio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
-        self.extra.push(ExtraDevice { kind: BusKind::Pio, range, name: name.into(), device });
+        self.extra.push(ExtraDevice {
+            kind: BusKind::Pio,
+            range,
+            name: name.into(),
+            device,
+        });
         self
     }
 
     /// Places an extra device in the 32-bit MMIO window.
     pub fn mmio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
-        self.extra.push(ExtraDevice { kind: BusKind::Mmio, range, name: name.into(), device });
+        self.extra.push(ExtraDevice {
+            kind: BusKind::Mmio,
+            range,
+            name: name.into(),
+            device,
+        });
         self
     }
 
@@ -146,7 +157,9 @@ impl VmBuilder {
 
         let guest = loader::load_pvh_elf(mem, &self.elf, low_ram_end)?;
         boot::write_long_mode_tables(mem)?;
-        let cmdline = format!("{} splitvisor.vcpus={}", self.cmdline, self.vcpus).trim().to_string();
+        let cmdline = format!("{} splitvisor.vcpus={}", self.cmdline, self.vcpus)
+            .trim()
+            .to_string();
         let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
 
         let vcpus = kvm.create_vcpus(self.vcpus)?;
@@ -156,30 +169,43 @@ impl VmBuilder {
         let console = Arc::new(ConsoleState::default());
         let output: Box<dyn Write + Send> = match self.console {
             ConsoleOutput::Stdout => Box::new(io::stdout()),
-            ConsoleOutput::File(path) => Box::new(
-                File::create(&path).map_err(|source| Error::ConsoleFile { path, source })?,
-            ),
+            ConsoleOutput::File(path) => {
+                Box::new(File::create(&path).map_err(|source| Error::ConsoleFile { path, source })?)
+            }
             ConsoleOutput::Writer(writer) => writer,
             ConsoleOutput::Discard => Box::new(io::sink()),
         };
         let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
         kvm.register_irqfd(com1_irq.eventfd(), COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, ConsoleTap::new(output, console.clone()))));
+        let serial = Arc::new(Mutex::new(Serial::new(
+            com1_irq,
+            ConsoleTap::new(output, console.clone()),
+        )));
         let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_line)));
 
         let pio = Bus::new(BusKind::Pio);
-        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", serial.clone())?;
+        pio.insert(
+            BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?,
+            "com1 (8250)",
+            serial.clone(),
+        )?;
         pio.insert(BusRange::new(I8042_PORT, I8042_PORT_COUNT)?, "i8042", i8042)?;
         let mmio = Bus::new(BusKind::Mmio);
-        let mut allocator =
-            ResourceAllocator::new(layout::MMIO32_START, layout::MMIO32_SIZE, FIRST_DEVICE_IRQ, LAST_DEVICE_IRQ)?;
+        let mut allocator = ResourceAllocator::new(
+            layout::MMIO32_START,
+            layout::MMIO32_SIZE,
+            FIRST_DEVICE_IRQ,
+            LAST_DEVICE_IRQ,
+        )?;
         for extra in self.extra {
             match extra.kind {
                 BusKind::Pio => pio.insert(extra.range, &extra.name, extra.device)?,
                 BusKind::Mmio => {
                     let window = layout::MMIO32_START..layout::MMIO32_START + layout::MMIO32_SIZE;
-                    if !window.contains(&extra.range.base()) || !window.contains(&extra.range.last()) {
+                    if !window.contains(&extra.range.base())
+                        || !window.contains(&extra.range.last())
+                    {
                         return Err(Error::OutsideMmioWindow(extra.range));
                     }
                     allocator.reserve_mmio(extra.range.base(), extra.range.len())?;
@@ -193,7 +219,10 @@ impl VmBuilder {
             kvm,
             ram,
             vcpus,
-            buses: Buses { pio: Arc::new(pio), mmio: Arc::new(mmio) },
+            buses: Buses {
+                pio: Arc::new(pio),
+                mmio: Arc::new(mmio),
+            },
             control,
             console,
             serial,
@@ -207,15 +236,26 @@ impl VmBuilder {
 
 /// The bootstrap processor starts at the PVH entry; application processors start in long
 /// mode at the guest's AP entry if it has one, or wait for the guest's INIT/SIPI.
-fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info: u64) -> Result<(), Error> {
+fn configure_vcpus(
+    kvm: &KvmVm,
+    vcpus: &[Vcpu],
+    guest: &LoadedGuest,
+    start_info: u64,
+) -> Result<(), Error> {
     let aps = vcpus.len() as u64 - 1;
     if guest.ap_entry.is_some() && aps > layout::MAX_AP_STACKS {
-        return Err(Error::TooManyApStacks { requested: vcpus.len() as u32, max: layout::MAX_AP_STACKS + 1 });
+        return Err(Error::TooManyApStacks {
+            requested: vcpus.len() as u32,
+            max: layout::MAX_AP_STACKS + 1,
+        });
     }
     for vcpu in vcpus {
         let index = u64::from(vcpu.index());
         let state = if index == 0 {
-            Some(BootState::Pvh { entry: guest.pvh_entry, start_info })
+            Some(BootState::Pvh {
+                entry: guest.pvh_entry,
+                start_info,
+            })
         } else {
             guest.ap_entry.map(|entry| BootState::LongMode {
                 entry,
@@ -326,7 +366,10 @@ impl Vm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
-        let input = self.console_input.then(|| ConsoleInput::start(self.serial.clone()));
+        let input = match self.console_input {
+            true => Some(ConsoleInput::start(self.serial.clone())?),
+            false => None,
+        };
         let end = running.wait(self.timeout);
         let ended = Instant::now();
         if let Some(input) = input {
@@ -342,7 +385,11 @@ impl Vm {
             ended,
             buses: [&self.buses.pio, &self.buses.mmio]
                 .into_iter()
-                .map(|bus| BusReport { kind: bus.kind(), devices: bus.stats(), unassigned: bus.unassigned_accesses() })
+                .map(|bus| BusReport {
+                    kind: bus.kind(),
+                    devices: bus.stats(),
+                    unassigned: bus.unassigned_accesses(),
+                })
                 .collect(),
             pio_exits: exits.pio,
             mmio_exits: exits.mmio,
@@ -351,48 +398,55 @@ impl Vm {
     }
 }
 
-/// Feeds standard input to the UART, polling so it can be stopped.
+/// Feeds standard input to the UART. It polls stdin together with an eventfd, so that
+/// stopping it is immediate even while no input comes.
 struct ConsoleInput {
-    stop: Arc<AtomicBool>,
+    stop: Arc<EventFd>,
     thread: JoinHandle<()>,
 }
 
 impl ConsoleInput {
-    fn start(serial: Arc<Mutex<Serial<ConsoleTap>>>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+    fn start(serial: Arc<Mutex<Serial<ConsoleTap>>>) -> Result<Self, Error> {
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
-            let stdin = io::stdin();
-            let fd = stdin.as_raw_fd();
+            let stdin = io::stdin().as_raw_fd();
             let mut buf = [0u8; 256];
-            while !stopped.load(Ordering::Acquire) {
-                let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd, for 100 ms.
-                let ready = unsafe { libc::poll(&mut pollfd, 1, 100) };
-                if ready <= 0 {
+            loop {
+                let mut fds = [
+                    libc::pollfd { fd: stdin, events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: stopped.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: two valid pollfds; no timeout.
+                let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
+                if ready < 0 || fds[1].revents != 0 {
+                    return;
+                }
                 // SAFETY: reading into a buffer of `buf.len()` bytes.
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), buf.len()) };
                 if n <= 0 {
                     return; // end of input or an error: the guest just gets no more
                 }
                 let mut pending = &buf[..n as usize];
-                while !pending.is_empty() && !stopped.load(Ordering::Acquire) {
+                while !pending.is_empty() {
                     let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
                     match taken {
                         Ok(n) if n > 0 => pending = &pending[n..],
-                        // The guest has not drained its FIFO yet.
+                        // The guest has not drained its FIFO yet; stop waiting if asked to.
+                        _ if stopped.read().is_ok() => return,
                         _ => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
             }
         });
-        Self { stop, thread }
+        Ok(Self { stop, thread })
     }
 
     fn stop(self) {
-        self.stop.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
         let _ = self.thread.join();
     }
 }
