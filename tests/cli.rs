@@ -16,22 +16,20 @@ fn example() -> PathBuf {
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let path = profile_dir.join("examples").join("monolithic");
     BUILD.call_once(|| {
-        {
-            let release = profile_dir
-                .file_name()
-                .is_some_and(|name| name == "release");
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo
-                .args(["build", "--example", "monolithic"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if release {
-                cargo.arg("--release");
-            }
-            assert!(
-                cargo.status().unwrap().success(),
-                "cannot build the monolithic example"
-            );
+        let release = profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--example", "monolithic"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cargo.arg("--release");
         }
+        assert!(
+            cargo.status().unwrap().success(),
+            "cannot build the monolithic example"
+        );
     });
     path
 }
@@ -164,7 +162,12 @@ fn host_input_reaches_the_guest_console() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"ping from the host\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ping from the host\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");

@@ -414,8 +414,16 @@ impl ConsoleInput {
             let mut buf = [0u8; 256];
             loop {
                 let mut fds = [
-                    libc::pollfd { fd: stdin, events: libc::POLLIN, revents: 0 },
-                    libc::pollfd { fd: stopped.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                    libc::pollfd {
+                        fd: stdin,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: stopped.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
                 ];
                 // SAFETY: two valid pollfds; no timeout.
                 let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -432,7 +440,10 @@ impl ConsoleInput {
                 }
                 let mut pending = &buf[..n as usize];
                 while !pending.is_empty() {
-                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(pending);
                     match taken {
                         Ok(n) if n > 0 => pending = &pending[n..],
                         // The guest has not drained its FIFO yet; stop waiting if asked to.
