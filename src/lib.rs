@@ -12,6 +12,21 @@
 //! | [`layout`] | splitvisor-layout | assembling a VM from a description |
 //!
 //! [`cli`] holds the command line shared by the `monolithic` and `microkernel` examples.
+//!
+//! ```no_run
+//! use splitvisor::layout::{ConsoleOutput, VmBuilder};
+//!
+//! let hello = splitvisor::guests::find("hello").expect("embedded");
+//! let report = VmBuilder::new(hello.elf).vcpus(2).console(ConsoleOutput::Stdout).build()?.run()?;
+//! println!("guest said {:?} after {} port I/O exits", report.guest_result, report.pio_exits);
+//! # Ok::<(), splitvisor::layout::Error>(())
+//! ```
+//!
+//! ```
+//! // Every guest program of the kit is embedded, ready to boot.
+//! assert!(splitvisor::guests::names().contains(&"hello"));
+//! assert_eq!(splitvisor::cli::parse_size("128M"), Ok(128 << 20));
+//! ```
 
 pub mod cli;
 

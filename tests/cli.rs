@@ -173,3 +173,39 @@ fn host_input_reaches_the_guest_console() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("echo: ping from the host"), "{stdout}");
 }
+
+#[test]
+fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
+    if !support::kvm() {
+        return;
+    }
+    let mut child = Command::new(example())
+        .args(["--guest", "idle", "--vcpus", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the guest to reach its halt, then press Ctrl-C.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("halting") {
+        use std::io::Read;
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the guest ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: signals our own child.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("Stopped"), "{stderr}");
+}
