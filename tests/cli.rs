@@ -199,8 +199,8 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    // SAFETY: signals our own child.
     assert_eq!(
+        // SAFETY: signals our own child, which is still running.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
         0
     );
