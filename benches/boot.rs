@@ -82,29 +82,7 @@ fn splitvisor(guest: &str, extra: &[&str]) -> Command {
 }
 
 fn qemu(elf: &std::path::Path, append: Option<&str>) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args([
-        "-m",
-        "128M",
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-user-config",
-        "-nodefaults",
-    ])
-    .args(["-serial", "stdio", "-no-reboot", "-kernel"])
-    .arg(elf);
-    if let Some(append) = append {
-        cmd.args(["-append", append]);
-    }
-    cmd
+    splitvisor::guests::qemu_microvm_command(elf, 128, append)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -16,25 +16,7 @@ fn run_under_qemu(guest: &str) -> String {
         std::process::id()
     ));
     std::fs::write(&path, elf).unwrap();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args([
-            "-m",
-            "128M",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-user-config",
-            "-nodefaults",
-        ])
-        .args(["-serial", "stdio", "-no-reboot", "-kernel"])
-        .arg(&path)
+    let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, None)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

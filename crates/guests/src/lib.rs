@@ -71,6 +71,42 @@ pub fn names() -> Vec<&'static str> {
     GUESTS.iter().map(|guest| guest.name).collect()
 }
 
+/// The command that runs a kit program under QEMU's `microvm` machine with KVM: the
+/// program booted through PVH (`-kernel`), COM1 on standard output, the i8042 reset ending
+/// QEMU (`-no-reboot`), `append` as the command line.
+///
+/// `-cpu host,-arch-capabilities` because plain `-cpu host` fails to start on hosts whose KVM
+/// refuses the ARCH_CAPABILITIES MSR.
+pub fn qemu_microvm_command(
+    elf: &std::path::Path,
+    memory_mib: u32,
+    append: Option<&str>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
+    .args([
+        "-nographic",
+        "-no-user-config",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(elf);
+    if let Some(append) = append {
+        cmd.args(["-append", append]);
+    }
+    cmd
+}
+
 /// What starts the line a guest program ends with.
 pub const RESULT_MARKER: &str = "SPLITVISOR-RESULT: ";
 

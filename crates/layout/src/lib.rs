@@ -63,9 +63,6 @@ pub enum Error {
         /// Supported.
         max: u64,
     },
-    /// Zero vCPUs were asked for.
-    #[error("a VM needs at least one vCPU")]
-    NoVcpus,
     /// An extra device's MMIO range is outside the MMIO window.
     #[error("MMIO range {0} is outside the 32-bit MMIO window")]
     OutsideMmioWindow(splitvisor_bus::BusRange),

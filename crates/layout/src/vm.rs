@@ -18,7 +18,7 @@ use splitvisor_guests::GuestResult;
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
-use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd};
+use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd, VmError};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
@@ -146,8 +146,9 @@ impl VmBuilder {
     /// Creates the VM: memory, KVM, the guest loaded and every vCPU configured. Nothing
     /// runs until [`Vm::run`].
     pub fn build(self) -> Result<Vm, Error> {
+        // Refused before KVM is even opened, like a bad memory size.
         if self.vcpus == 0 {
-            return Err(Error::NoVcpus);
+            return Err(VmError::NoVcpus.into());
         }
         let ram = GuestRam::new(self.memory)?;
         let kvm = KvmVm::new()?;

@@ -160,7 +160,7 @@ impl Vcpu {
             .get_lapic()
             .map_err(|e| self.setup_error("get the local APIC", e))?;
         for (reg, mode) in [(lapic::LVT0, lapic::EXTINT), (lapic::LVT1, lapic::NMI)] {
-            let bytes: &mut [u8] = bytemuck_regs(&mut lapic.regs[reg..reg + 4]);
+            let bytes: &mut [u8] = lapic_bytes(&mut lapic.regs[reg..reg + 4]);
             let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             let value = (value & !lapic::DELIVERY_MODE_MASK) | mode;
             bytes.copy_from_slice(&value.to_le_bytes());
@@ -322,7 +322,7 @@ fn unassigned(vcpu: u32, error: &BusError) {
 }
 
 /// Views the `i8`/`c_char` LAPIC register bytes as `u8`.
-fn bytemuck_regs(regs: &mut [libc::c_char]) -> &mut [u8] {
+fn lapic_bytes(regs: &mut [libc::c_char]) -> &mut [u8] {
     // SAFETY: c_char and u8 have the same size and alignment, and every bit pattern is
     // valid for both.
     unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr().cast::<u8>(), regs.len()) }
