@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use splitvisor_layout::DiskConfig;
 
 /// Run one of splitvisor's guest programs on KVM.
 #[derive(Debug, Parser)]
@@ -18,6 +19,9 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// A raw disk image for a virtio-blk device; `,ro` makes it read-only. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<DiskConfig>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
@@ -134,6 +138,18 @@ mod tests {
     }
 
     #[test]
+    fn disks_parse_with_an_optional_read_only_flag() {
+        let args =
+            VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "b,c.img,ro"]).unwrap();
+        assert_eq!(args.disks.len(), 2);
+        assert!(!args.disks[0].read_only);
+        assert_eq!(args.disks[1].path, PathBuf::from("b,c.img"));
+        assert!(args.disks[1].read_only);
+        assert!(VmArgs::try_parse_from(["m", "--disk", "a.img,rx"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--disk", ",ro"]).is_err());
+    }
+
+    #[test]
     fn malformed_arguments_are_refused() {
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "-1"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "many"]).is_err());
@@ -235,7 +251,11 @@ pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
         Some(path) => ConsoleOutput::File(path.clone()),
         None => ConsoleOutput::Stdout,
     };
-    let vm = VmBuilder::new(guest.elf)
+    let mut builder = VmBuilder::new(guest.elf);
+    for disk in &args.disks {
+        builder = builder.disk(disk.clone());
+    }
+    let vm = builder
         .memory(args.mem)
         .vcpus(args.vcpus)
         .cmdline(&args.cmdline)

@@ -25,7 +25,7 @@ pub mod console;
 mod vm;
 
 pub use console::{ConsoleState, ConsoleTap};
-pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
+pub use vm::{BusReport, ConsoleOutput, DiskConfig, Vm, VmBuilder, VmReport};
 
 use splitvisor_bus::{AllocatorError, BusError};
 use splitvisor_vcpu::loader::LoaderError;
@@ -75,6 +75,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] splitvisor_devices::virtio::block::BlockError),
     /// Creating an eventfd failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),

@@ -14,6 +14,8 @@ use splitvisor_bus::{
 };
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
+use splitvisor_devices::virtio::block::{Block, DiskImage};
+use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use splitvisor_guests::GuestResult;
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
@@ -51,6 +53,40 @@ impl std::fmt::Debug for ConsoleOutput {
     }
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Refuse the guest's writes.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// `PATH` or `PATH,ro`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (path, read_only) = match text.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            Some((_, option)) => {
+                return Err(format!(
+                    "unknown disk option '{option}' (use PATH or PATH,ro)"
+                ));
+            }
+            None => (text, false),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".to_string());
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
 struct ExtraDevice {
     kind: BusKind,
     range: BusRange,
@@ -68,6 +104,7 @@ pub struct VmBuilder {
     console_input: bool,
     timeout: Option<Duration>,
     extra: Vec<ExtraDevice>,
+    disks: Vec<DiskConfig>,
 }
 
 impl VmBuilder {
@@ -82,7 +119,14 @@ impl VmBuilder {
             console_input: false,
             timeout: None,
             extra: Vec::new(),
+            disks: Vec::new(),
         }
+    }
+
+    /// Adds a virtio-blk disk (virtio-mmio; announced on the command line).
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.disks.push(disk);
+        self
     }
 
     /// Bytes of guest RAM.
@@ -158,13 +202,7 @@ impl VmBuilder {
 
         let guest = loader::load_pvh_elf(mem, &self.elf, low_ram_end)?;
         boot::write_long_mode_tables(mem)?;
-        let cmdline = format!("{} splitvisor.vcpus={}", self.cmdline, self.vcpus)
-            .trim()
-            .to_string();
-        let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
-
         let vcpus = kvm.create_vcpus(self.vcpus)?;
-        configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
 
         let control = VmControl::new();
         let console = Arc::new(ConsoleState::default());
@@ -214,6 +252,20 @@ impl VmBuilder {
                 }
             }
         }
+        let mut cmdline = self.cmdline.clone();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let placed = add_disk(&kvm, &ram, &mmio, &mut allocator, index, disk)?;
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}@{:#x}:{}",
+                MMIO_REGION_SIZE, placed.base, placed.irq
+            ));
+        }
+
+        let cmdline = format!("{cmdline} splitvisor.vcpus={}", self.vcpus)
+            .trim()
+            .to_string();
+        let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
+        configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
 
         let tsc_khz = vcpus[0].tsc_khz().ok();
         Ok(Vm {
@@ -267,6 +319,50 @@ fn configure_vcpus(
         vcpu.configure(kvm.supported_cpuid(), state.as_ref())?;
     }
     Ok(())
+}
+
+/// Where a virtio-mmio device landed.
+struct PlacedDevice {
+    base: u64,
+    irq: u32,
+}
+
+/// Places disk `index` as a virtio-mmio virtio-blk device: MMIO space and an IRQ from the
+/// allocator, an irqfd for its interrupt, an ioeventfd for its doorbell.
+fn add_disk(
+    kvm: &KvmVm,
+    ram: &GuestRam,
+    mmio: &Bus,
+    allocator: &mut ResourceAllocator,
+    index: usize,
+    disk: &DiskConfig,
+) -> Result<PlacedDevice, Error> {
+    let image = DiskImage::open(&disk.path, disk.read_only)?;
+    let base = allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
+    let irq = allocator.allocate_irq()?;
+    let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+    kvm.register_irqfd(line.eventfd(), irq)?;
+    let transport = MmioTransport::new(
+        Block::new(image, &format!("splitvisor-vd{index}")),
+        ram.memory().clone(),
+        line,
+    )
+    .map_err(Error::EventFd)?;
+    for (queue, eventfd) in transport.queue_notify_eventfds() {
+        kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
+    }
+    let name = format!(
+        "virtio-blk{index} ({}{})",
+        disk.path.display(),
+        if disk.read_only { ", ro" } else { "" }
+    );
+    mmio.insert(
+        BusRange::new(base, MMIO_REGION_SIZE)?,
+        &name,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    log::debug!("{name} at {base:#x}, IRQ {irq}");
+    Ok(PlacedDevice { base, irq })
 }
 
 /// The i8042's CPU reset line: the guest asks to end the VM.

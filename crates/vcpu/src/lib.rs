@@ -79,6 +79,15 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM_IOEVENTFD failed.
+    #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
+    Ioeventfd {
+        /// The doorbell address.
+        addr: u64,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),

@@ -78,6 +78,19 @@ impl KvmVm {
             .map_err(|e| VmError::Irqfd { gsi, source: e })
     }
 
+    /// Turns guest writes of the 32-bit value `datamatch` to `addr` into writes of
+    /// `eventfd`, handled in the kernel without a VM exit to this process.
+    pub fn register_mmio_ioeventfd(
+        &self,
+        eventfd: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(eventfd, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|source| VmError::Ioeventfd { addr, source })
+    }
+
     /// Creates vCPUs `0..count` (not yet configured).
     pub fn create_vcpus(&self, count: u32) -> Result<Vec<Vcpu>, VmError> {
         let max = self.max_vcpus();
