@@ -82,7 +82,7 @@ fn splitvisor(guest: &str, extra: &[&str]) -> Command {
 }
 
 fn qemu(elf: &std::path::Path, append: Option<&str>) -> Command {
-    splitvisor::guests::qemu_microvm_command(elf, 128, append)
+    splitvisor::guests::qemu_microvm_command(elf, 128, append, &[])
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -16,7 +16,7 @@ fn run_under_qemu(guest: &str) -> String {
         std::process::id()
     ));
     std::fs::write(&path, elf).unwrap();
-    let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, None)
+    let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, None, &[])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

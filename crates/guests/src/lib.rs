@@ -55,6 +55,16 @@ pub const GUESTS: &[Guest] = &[
         elf: include_bytes!(env!("SPLITVISOR_GUEST_ECHO")),
     },
     Guest {
+        name: "blk-verify",
+        summary: "writes a numbered pattern to every virtio-blk disk, reads it back, checks it",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_VERIFY")),
+    },
+    Guest {
+        name: "blk-bench",
+        summary: "sequential 1 MiB and random 4 KiB reads and writes at queue depth 1 and 16",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_BENCH")),
+    },
+    Guest {
         name: "exit-bench",
         summary: "times PIO and MMIO exit round trips with the TSC",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),
@@ -73,36 +83,36 @@ pub fn names() -> Vec<&'static str> {
 
 /// The command that runs a kit program under QEMU's `microvm` machine with KVM: the
 /// program booted through PVH (`-kernel`), COM1 on standard output, the i8042 reset ending
-/// QEMU (`-no-reboot`), `append` as the command line.
+/// QEMU (`-no-reboot`), `append` as the command line, each of `disks` (image, read-only) as
+/// a virtio-blk device on virtio-mmio, which QEMU announces on the command line.
 ///
 /// `-cpu host,-arch-capabilities` because plain `-cpu host` fails to start on hosts whose KVM
-/// refuses the ARCH_CAPABILITIES MSR.
+/// refuses the ARCH_CAPABILITIES MSR; `force-legacy=false` because QEMU's virtio-mmio is
+/// legacy (version 1) by default and the kit speaks virtio 1.x.
 pub fn qemu_microvm_command(
     elf: &std::path::Path,
     memory_mib: u32,
     append: Option<&str>,
+    disks: &[(&std::path::Path, bool)],
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
-    .args([
-        "-nographic",
-        "-no-user-config",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(elf);
+    cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
+        .args(["-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .arg("-kernel")
+        .arg(elf);
     if let Some(append) = append {
         cmd.args(["-append", append]);
+    }
+    for (index, (path, read_only)) in disks.iter().enumerate() {
+        let mut drive = std::ffi::OsString::from(format!("id=disk{index},format=raw,if=none,aio=threads,file="));
+        drive.push(path.as_os_str());
+        if *read_only {
+            drive.push(",readonly=on");
+        }
+        cmd.arg("-drive").arg(drive);
+        cmd.args(["-device", &format!("virtio-blk-device,drive=disk{index}")]);
     }
     cmd
 }

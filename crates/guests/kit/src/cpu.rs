@@ -309,3 +309,48 @@ pub fn wait_for_interrupt_or_timeout() {
     // SAFETY: the IDT is loaded before any program code runs.
     unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
+
+/// Writes a model-specific register.
+///
+/// # Safety
+/// The write must be valid for `msr`.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags));
+    }
+}
+
+/// Compares `len` bytes with `repe cmpsb` (one instruction for the emulator); true if equal.
+///
+/// # Safety
+/// Both pointers are valid for `len` bytes.
+pub unsafe fn bytes_equal(a: *const u8, b: *const u8, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let equal: u8;
+    // Eight bytes per iteration when possible: the emulator pays per iteration.
+    // SAFETY: forwarded to the caller; the direction flag is clear (cld at entry).
+    unsafe {
+        if len % 8 == 0 {
+            asm!("repe cmpsq", "sete {eq}",
+                 eq = out(reg_byte) equal,
+                 inout("rsi") a => _, inout("rdi") b => _, inout("rcx") len / 8 => _,
+                 options(nostack, readonly));
+        } else {
+            asm!("repe cmpsb", "sete {eq}",
+                 eq = out(reg_byte) equal,
+                 inout("rsi") a => _, inout("rdi") b => _, inout("rcx") len => _,
+                 options(nostack, readonly));
+        }
+    }
+    equal != 0
+}
+
+/// A full memory fence, for device-visible ring updates.
+#[inline(always)]
+pub fn mfence() {
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}

@@ -20,12 +20,15 @@
 
 #![no_std]
 
+pub mod alloc;
 pub mod apic;
 pub mod boot;
+pub mod clock;
 pub mod console;
 pub mod cpu;
 pub mod mem;
 pub mod start_info;
+pub mod virtio;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -60,6 +63,12 @@ extern "C" fn guest_bsp_main() -> ! {
     let start_info_addr = unsafe { boot::PVH_START_INFO };
     // SAFETY: the PVH ABI passes the address of a `hvm_start_info` in identity-mapped RAM.
     let start_info = unsafe { StartInfo::from_addr(u64::from(start_info_addr)) };
+    // Buffers come from the RAM range the program was loaded into (from 1 MiB).
+    let ram_end = start_info
+        .as_ref()
+        .and_then(|info| info.memmap().iter().find(|e| e.kind == 1 && e.addr <= 0x10_0000 && e.addr + e.size > 0x10_0000).map(|e| e.addr + e.size))
+        .unwrap_or(0);
+    alloc::init(ram_end);
     cpu::init_tables();
     cpu::init_this_cpu(0);
     TABLES_READY.store(1, Ordering::Release);

@@ -1,0 +1,433 @@
+//! A virtio-mmio (version 2) driver with a split virtqueue, and a virtio-blk driver on it.
+//!
+//! Devices are found on the command line, `virtio_mmio.device=<size>@<addr>:<irq>`, the
+//! convention of Linux, QEMU microvm and Firecracker. Completions are interrupt driven:
+//! the device's IRQ is routed through the IOAPIC; the handler acknowledges it and the
+//! waiter, halted in `sti; hlt`, wakes and reads the used ring. EVENT_IDX is used when
+//! offered, so neither side is notified more than needed.
+
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use crate::cpu::{self, InterruptFrame};
+use crate::{alloc, apic, start_info};
+
+/// Register offsets (virtio 1.x, 4.2.2).
+mod reg {
+    pub const MAGIC: usize = 0x000;
+    pub const VERSION: usize = 0x004;
+    pub const DEVICE_ID: usize = 0x008;
+    pub const DEVICE_FEATURES: usize = 0x010;
+    pub const DEVICE_FEATURES_SEL: usize = 0x014;
+    pub const DRIVER_FEATURES: usize = 0x020;
+    pub const DRIVER_FEATURES_SEL: usize = 0x024;
+    pub const QUEUE_SEL: usize = 0x030;
+    pub const QUEUE_NUM_MAX: usize = 0x034;
+    pub const QUEUE_NUM: usize = 0x038;
+    pub const QUEUE_READY: usize = 0x044;
+    pub const QUEUE_NOTIFY: usize = 0x050;
+    pub const INTERRUPT_STATUS: usize = 0x060;
+    pub const INTERRUPT_ACK: usize = 0x064;
+    pub const STATUS: usize = 0x070;
+    pub const QUEUE_DESC_LOW: usize = 0x080;
+    pub const QUEUE_DESC_HIGH: usize = 0x084;
+    pub const QUEUE_DRIVER_LOW: usize = 0x090;
+    pub const QUEUE_DRIVER_HIGH: usize = 0x094;
+    pub const QUEUE_DEVICE_LOW: usize = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: usize = 0x0a4;
+    pub const CONFIG: usize = 0x100;
+}
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+const F_BLK_SIZE_MAX: u64 = 1 << 1;
+const F_BLK_SEG_MAX: u64 = 1 << 2;
+const F_BLK_RO: u64 = 1 << 5;
+const F_BLK_BLK_SIZE: u64 = 1 << 6;
+const F_BLK_FLUSH: u64 = 1 << 9;
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+/// First interrupt vector for virtio devices (one per device).
+const FIRST_VECTOR: u8 = 0x30;
+
+/// A virtio-mmio device named on the command line.
+#[derive(Clone, Copy)]
+pub struct MmioDevice {
+    /// Base address of its registers.
+    pub base: u64,
+    /// Its interrupt line (a GSI / IOAPIC pin).
+    pub irq: u8,
+}
+
+impl MmioDevice {
+    fn read(&self, offset: usize) -> u32 {
+        // SAFETY: the register window is identity-mapped (the kit maps the 32-bit MMIO window).
+        unsafe { read_volatile((self.base as usize + offset) as *const u32) }
+    }
+
+    fn write(&self, offset: usize, value: u32) {
+        // SAFETY: as in `read`.
+        unsafe { write_volatile((self.base as usize + offset) as *mut u32, value) }
+    }
+
+    /// The device ID (0 if there is no virtio device there).
+    pub fn device_id(&self) -> u32 {
+        if self.read(reg::MAGIC) != 0x7472_6976 || self.read(reg::VERSION) != 2 {
+            return 0;
+        }
+        self.read(reg::DEVICE_ID)
+    }
+}
+
+/// Parses a number: decimal, `0x` hex, with an optional K/M/G suffix.
+fn parse_number(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value = match digits.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => start_info::parse_u64(digits)?,
+    };
+    value.checked_mul(1 << shift)
+}
+
+/// The virtio-blk devices on the command line, in order (other devices, and the empty
+/// transports QEMU's microvm lists, are skipped).
+pub fn block_devices(cmdline: &'static str) -> impl Iterator<Item = MmioDevice> {
+    devices(cmdline).filter(|device| device.device_id() == 2)
+}
+
+/// The virtio-mmio devices on the command line, in order.
+pub fn devices(cmdline: &'static str) -> impl Iterator<Item = MmioDevice> {
+    cmdline.split(' ').filter_map(|word| {
+        let spec = word.strip_prefix("virtio_mmio.device=")?;
+        let (_size, rest) = spec.split_once('@')?;
+        let (addr, irq) = rest.split_once(':')?;
+        let base = parse_number(addr)?;
+        let irq = u8::try_from(parse_number(irq)?).ok()?;
+        Some(MmioDevice { base, irq })
+    })
+}
+
+#[repr(C)]
+struct Descriptor {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// A split virtqueue in memory from the bump allocator.
+struct VirtQueue {
+    size: u16,
+    desc: *mut Descriptor,
+    avail: *mut u16,
+    used: *mut u16,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl VirtQueue {
+    fn new(size: u16) -> Option<Self> {
+        let n = u64::from(size);
+        let desc = alloc::alloc(16 * n, 4096)? as *mut Descriptor;
+        let avail = alloc::alloc(6 + 2 * n, 4096)? as *mut u16;
+        let used = alloc::alloc(6 + 8 * n, 4096)? as *mut u16;
+        // SAFETY: fresh allocations of the sizes above.
+        unsafe {
+            core::ptr::write_bytes(desc as *mut u8, 0, (16 * n) as usize);
+            core::ptr::write_bytes(avail as *mut u8, 0, (6 + 2 * n) as usize);
+            core::ptr::write_bytes(used as *mut u8, 0, (6 + 8 * n) as usize);
+        }
+        Some(Self { size, desc, avail, used, avail_idx: 0, last_used: 0 })
+    }
+
+    fn set_descriptor(&mut self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        // SAFETY: index < size, inside the table.
+        unsafe { write_volatile(self.desc.add(usize::from(index)), Descriptor { addr, len, flags, next }) }
+    }
+
+    /// Offers the chain at `head`; returns whether the device wants a notification.
+    fn publish(&mut self, head: u16, event_idx: bool) -> bool {
+        let old = self.avail_idx;
+        let new = old.wrapping_add(1);
+        // SAFETY: ring slot and index inside the available ring.
+        unsafe {
+            write_volatile(self.avail.add(2 + usize::from(old % self.size)), head);
+            cpu::mfence();
+            write_volatile(self.avail.add(1), new);
+            cpu::mfence();
+        }
+        self.avail_idx = new;
+        if !event_idx {
+            // SAFETY: used->flags; bit 0 is VIRTQ_USED_F_NO_NOTIFY.
+            return unsafe { read_volatile(self.used) } & 1 == 0;
+        }
+        // SAFETY: avail_event sits after the used ring's entries.
+        let avail_event = unsafe { read_volatile(self.used.add(2 + 4 * usize::from(self.size))) };
+        new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// The next used entry, if the device has returned one: (head, bytes written).
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        // SAFETY: used->idx.
+        let used_idx = unsafe { read_volatile(self.used.add(1)) };
+        if used_idx == self.last_used {
+            return None;
+        }
+        cpu::mfence();
+        let slot = usize::from(self.last_used % self.size);
+        // SAFETY: used->ring[slot] is 8 bytes (id: u32, len: u32) at u16 offset 2 + 4 * slot.
+        let (id, len) = unsafe {
+            let entry = self.used.add(2 + 4 * slot) as *const u32;
+            (read_volatile(entry), read_volatile(entry.add(1)))
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id as u16, len))
+    }
+
+    /// Asks for an interrupt when the device uses the next buffer (EVENT_IDX).
+    fn arm_used_event(&mut self) {
+        // SAFETY: used_event sits after the available ring's entries.
+        unsafe { write_volatile(self.avail.add(2 + usize::from(self.size)), self.last_used) };
+        cpu::mfence();
+    }
+}
+
+/// Interrupt counts per device slot (vector - FIRST_VECTOR).
+static INTERRUPTS: [AtomicU32; 8] = [const { AtomicU32::new(0) }; 8];
+/// Register bases per device slot, for the handlers.
+static BASES: [core::sync::atomic::AtomicU64; 8] = [const { core::sync::atomic::AtomicU64::new(0) }; 8];
+
+fn on_interrupt(frame: &InterruptFrame) {
+    let slot = (frame.vector as usize).wrapping_sub(usize::from(FIRST_VECTOR));
+    let Some(base) = BASES.get(slot).map(|b| b.load(Ordering::Acquire)) else {
+        return;
+    };
+    if base == 0 {
+        return;
+    }
+    let device = MmioDevice { base, irq: 0 };
+    let status = device.read(reg::INTERRUPT_STATUS);
+    device.write(reg::INTERRUPT_ACK, status);
+    INTERRUPTS[slot].fetch_add(1, Ordering::AcqRel);
+}
+
+/// Request types and status values of virtio-blk.
+pub mod blk {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush.
+    pub const FLUSH: u32 = 4;
+    /// Get the device ID.
+    pub const GET_ID: u32 = 8;
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error.
+    pub const IOERR: u8 = 1;
+    /// Not supported.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// Requests a [`BlockDevice`] keeps in flight at most.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+#[repr(C)]
+struct RequestHeader {
+    kind: u32,
+    reserved: u32,
+    sector: u64,
+}
+
+/// A virtio-blk device, ready for requests.
+pub struct BlockDevice {
+    device: MmioDevice,
+    queue: VirtQueue,
+    event_idx: bool,
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// The device refuses writes.
+    pub read_only: bool,
+    /// Per request slot: its header and status byte (device-visible memory).
+    headers: *mut RequestHeader,
+    statuses: *mut u8,
+    in_flight: [bool; MAX_IN_FLIGHT],
+    /// Notifications (QueueNotify writes) sent.
+    pub notifications: u64,
+    slot_index: usize,
+}
+
+impl BlockDevice {
+    /// Brings up the virtio-blk device `device` as interrupt slot `slot` (0..8).
+    pub fn init(device: MmioDevice, slot: usize) -> Result<Self, &'static str> {
+        if slot >= BASES.len() {
+            return Err("too many virtio devices");
+        }
+        if device.device_id() != 2 {
+            return Err("not a virtio-blk device");
+        }
+        device.write(reg::STATUS, 0);
+        device.write(reg::STATUS, STATUS_ACKNOWLEDGE);
+        device.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        device.write(reg::DEVICE_FEATURES_SEL, 0);
+        let low = u64::from(device.read(reg::DEVICE_FEATURES));
+        device.write(reg::DEVICE_FEATURES_SEL, 1);
+        let offered = low | (u64::from(device.read(reg::DEVICE_FEATURES)) << 32);
+        if offered & F_VERSION_1 == 0 {
+            return Err("device is not virtio 1.x");
+        }
+        let wanted = offered & (F_VERSION_1 | F_EVENT_IDX | F_BLK_RO | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_BLK_SEG_MAX | F_BLK_SIZE_MAX);
+        device.write(reg::DRIVER_FEATURES_SEL, 0);
+        device.write(reg::DRIVER_FEATURES, wanted as u32);
+        device.write(reg::DRIVER_FEATURES_SEL, 1);
+        device.write(reg::DRIVER_FEATURES, (wanted >> 32) as u32);
+        device.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        if device.read(reg::STATUS) & STATUS_FEATURES_OK == 0 {
+            return Err("device refused the features");
+        }
+
+        device.write(reg::QUEUE_SEL, 0);
+        let max = device.read(reg::QUEUE_NUM_MAX);
+        if max == 0 {
+            return Err("queue 0 is not available");
+        }
+        // Three descriptors per request.
+        let size = (max as u16).min(64);
+        if (size as usize) < 3 * MAX_IN_FLIGHT {
+            return Err("queue too small");
+        }
+        let queue = VirtQueue::new(size).ok_or("out of memory for the queue")?;
+        device.write(reg::QUEUE_NUM, u32::from(size));
+        for (low, high, addr) in [
+            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, queue.desc as u64),
+            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, queue.avail as u64),
+            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, queue.used as u64),
+        ] {
+            device.write(low, addr as u32);
+            device.write(high, (addr >> 32) as u32);
+        }
+        device.write(reg::QUEUE_READY, 1);
+
+        let headers = alloc::alloc((16 * MAX_IN_FLIGHT) as u64, 64).ok_or("out of memory")? as *mut RequestHeader;
+        let statuses = alloc::alloc(MAX_IN_FLIGHT as u64, 64).ok_or("out of memory")?;
+
+        BASES[slot].store(device.base, Ordering::Release);
+        let vector = FIRST_VECTOR + slot as u8;
+        cpu::set_handler(vector, on_interrupt);
+        apic::route_irq(device.irq, vector, apic::local_id());
+
+        let capacity = u64::from(device.read(reg::CONFIG)) | (u64::from(device.read(reg::CONFIG + 4)) << 32);
+        device.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let mut blk = Self {
+            device,
+            queue,
+            event_idx: wanted & F_EVENT_IDX != 0,
+            capacity,
+            read_only: wanted & F_BLK_RO != 0,
+            headers,
+            statuses,
+            in_flight: [false; MAX_IN_FLIGHT],
+            notifications: 0,
+            slot_index: slot,
+        };
+        if blk.event_idx {
+            blk.queue.arm_used_event();
+        }
+        Ok(blk)
+    }
+
+    /// Interrupts this device has raised.
+    pub fn interrupts(&self) -> u32 {
+        INTERRUPTS[self.slot_index].load(Ordering::Acquire)
+    }
+
+    /// A free request slot.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.in_flight.iter().position(|busy| !busy)
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|busy| **busy).count()
+    }
+
+    /// Submits request `kind` on `sector` with the buffer `buf` of `len` bytes (none for
+    /// FLUSH) in slot `slot`.
+    pub fn submit(&mut self, slot: usize, kind: u32, sector: u64, buf: *mut u8, len: u32) {
+        let head = (3 * slot) as u16;
+        // SAFETY: slot < MAX_IN_FLIGHT; header and status memory belong to this slot.
+        unsafe {
+            write_volatile(self.headers.add(slot), RequestHeader { kind, reserved: 0, sector });
+            write_volatile(self.statuses.add(slot), 0xff);
+        }
+        let header = self.headers as u64 + 16 * slot as u64;
+        let status = self.statuses as u64 + slot as u64;
+        let device_writes = if kind == blk::IN || kind == blk::GET_ID { DESC_F_WRITE } else { 0 };
+        if len > 0 {
+            self.queue.set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
+            self.queue.set_descriptor(head + 1, buf as u64, len, DESC_F_NEXT | device_writes, head + 2);
+        } else {
+            self.queue.set_descriptor(head, header, 16, DESC_F_NEXT, head + 2);
+        }
+        self.queue.set_descriptor(head + 2, status, 1, DESC_F_WRITE, 0);
+        self.in_flight[slot] = true;
+        if self.queue.publish(head, self.event_idx) {
+            self.notifications += 1;
+            self.device.write(reg::QUEUE_NOTIFY, 0);
+        }
+    }
+
+    /// Takes one completed request: (slot, status byte).
+    pub fn poll(&mut self) -> Option<(usize, u8)> {
+        let (head, _len) = self.queue.pop_used()?;
+        let slot = usize::from(head) / 3;
+        if slot >= MAX_IN_FLIGHT {
+            return None;
+        }
+        self.in_flight[slot] = false;
+        // SAFETY: the device wrote the status byte of this slot before returning it.
+        let status = unsafe { read_volatile(self.statuses.add(slot)) };
+        Some((slot, status))
+    }
+
+    /// Waits for one completion (halting until the device interrupts).
+    pub fn wait(&mut self) -> (usize, u8) {
+        loop {
+            if let Some(done) = self.poll() {
+                return done;
+            }
+            if self.event_idx {
+                self.queue.arm_used_event();
+                // The device may have used a buffer before it saw the new used_event.
+                if let Some(done) = self.poll() {
+                    return done;
+                }
+            }
+            cpu::wait_for_interrupt();
+        }
+    }
+
+    /// One request, synchronously: returns its status byte.
+    pub fn request(&mut self, kind: u32, sector: u64, buf: *mut u8, len: u32) -> u8 {
+        let slot = self.free_slot().unwrap_or(0);
+        self.submit(slot, kind, sector, buf, len);
+        loop {
+            let (done, status) = self.wait();
+            if done == slot {
+                return status;
+            }
+        }
+    }
+}
