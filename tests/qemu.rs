@@ -10,13 +10,21 @@ use std::time::{Duration, Instant};
 
 /// Runs `qemu-system-x86_64 -M microvm` on a guest program; returns its console.
 fn run_under_qemu(guest: &str) -> String {
+    run_under_qemu_with(guest, None, &[])
+}
+
+fn run_under_qemu_with(
+    guest: &str,
+    append: Option<&str>,
+    disks: &[(&std::path::Path, bool)],
+) -> String {
     let elf = splitvisor::guests::find(guest).unwrap().elf;
     let path = std::env::temp_dir().join(format!(
         "splitvisor-qemu-{}-{guest}.elf",
         std::process::id()
     ));
     std::fs::write(&path, elf).unwrap();
-    let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, None, &[])
+    let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, append, disks)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -49,16 +57,20 @@ fn run_under_qemu(guest: &str) -> String {
     format!("{stdout}{stderr}")
 }
 
-#[test]
-fn hello_runs_unchanged_under_qemu_microvm() {
+fn qemu_available() -> bool {
     if !support::kvm() {
-        return;
+        return false;
     }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-    if !support::require(
+    support::require(
         "qemu-system-x86_64",
         qemu.map(drop).map_err(|e| e.to_string()),
-    ) {
+    )
+}
+
+#[test]
+fn hello_runs_unchanged_under_qemu_microvm() {
+    if !qemu_available() {
         return;
     }
     let console = run_under_qemu("hello");
@@ -68,4 +80,20 @@ fn hello_runs_unchanged_under_qemu_microvm() {
     );
     assert!(console.contains("vcpus=1 "), "{console}");
     assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
+}
+
+#[test]
+fn blk_verify_runs_unchanged_against_qemus_virtio_blk() {
+    if !qemu_available() {
+        return;
+    }
+    let image = support::images::Image::new("qemu-verify", 2 << 20);
+    let console = run_under_qemu_with(
+        "blk-verify",
+        Some("blk_verify.generation=11"),
+        &[(&image.0, false)],
+    );
+    assert!(console.contains("wrote+read 4096 sectors"), "{console}");
+    assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
+    assert!(support::images::pattern_mismatches(&image.bytes(), 4096, 11).is_empty());
 }

@@ -96,17 +96,32 @@ pub fn qemu_microvm_command(
     disks: &[(&std::path::Path, bool)],
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-        .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
-        .args(["-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot"])
-        .args(["-global", "virtio-mmio.force-legacy=false"])
-        .arg("-kernel")
-        .arg(elf);
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
+    .args([
+        "-nographic",
+        "-no-user-config",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .args(["-global", "virtio-mmio.force-legacy=false"])
+    .arg("-kernel")
+    .arg(elf);
     if let Some(append) = append {
         cmd.args(["-append", append]);
     }
     for (index, (path, read_only)) in disks.iter().enumerate() {
-        let mut drive = std::ffi::OsString::from(format!("id=disk{index},format=raw,if=none,aio=threads,file="));
+        let mut drive = std::ffi::OsString::from(format!(
+            "id=disk{index},format=raw,if=none,aio=threads,file="
+        ));
         drive.push(path.as_os_str());
         if *read_only {
             drive.push(",readonly=on");
