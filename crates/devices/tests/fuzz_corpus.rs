@@ -1,0 +1,47 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the very harnesses
+//! the fuzz targets call, on stable, as ordinary tests.
+
+use std::path::PathBuf;
+
+use splitvisor_devices::fuzzing;
+
+fn replay(target: &str, harness: fn(&[u8])) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut inputs = 0;
+    for entry in entries {
+        let path = entry.expect("read the corpus directory").path();
+        if path.is_file() {
+            let data = std::fs::read(&path).expect("read a corpus file");
+            harness(&data);
+            inputs += 1;
+        }
+    }
+    assert!(
+        inputs >= 8,
+        "{target}: only {inputs} corpus inputs in {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn virtio_blk_corpus() {
+    replay("virtio_blk", fuzzing::virtio_blk);
+}
+
+#[test]
+fn virtio_mmio_corpus() {
+    replay("virtio_mmio", fuzzing::virtio_mmio);
+}
+
+#[test]
+fn serial_corpus() {
+    replay("serial", fuzzing::serial);
+}
+
+#[test]
+fn i8042_corpus() {
+    replay("i8042", fuzzing::i8042);
+}
