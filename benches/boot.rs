@@ -35,12 +35,8 @@ struct Run {
 #[allow(clippy::zombie_processes)]
 fn measure(mut cmd: Command) -> Run {
     let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut first = None;
@@ -76,8 +72,7 @@ fn measure(mut cmd: Command) -> Run {
 
 fn splitvisor(guest: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--hypervisor", "--guest", guest, "--mem", "128M"])
-        .args(extra);
+    cmd.args(["--hypervisor", "--guest", guest, "--mem", "128M"]).args(extra);
     cmd
 }
 
@@ -96,11 +91,7 @@ fn ms(d: Duration) -> f64 {
 
 fn field(text: &str, key: &str) -> Option<f64> {
     let at = text.find(key)? + key.len();
-    text[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 /// A register that reads as zero: the MMIO target of `exit-bench`.
@@ -117,31 +108,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--hypervisor") {
         let start = Instant::now();
-        let args = args
-            .iter()
-            .filter(|a| *a != "--hypervisor" && *a != "--bench");
+        let args = args.iter().filter(|a| *a != "--hypervisor" && *a != "--bench");
         return splitvisor::cli::main_from("boot-bench", args, start);
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("boot bench: /dev/kvm is not available; nothing to measure");
         return ExitCode::FAILURE;
     }
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
     if !have_qemu {
         eprintln!("boot bench: qemu-system-x86_64 not found: the QEMU columns are empty");
     }
-    let runs: usize = std::env::var("BOOT_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs: usize = std::env::var("BOOT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let dir = std::env::temp_dir().join(format!("splitvisor-boot-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let elf_path = |name: &str| {
@@ -156,36 +134,21 @@ fn main() -> ExitCode {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let run = measure(splitvisor("hello", &[]));
-        assert!(
-            run.success && run.stdout.contains("PASS"),
-            "splitvisor run failed:\n{}",
-            run.stdout
-        );
+        assert!(run.success && run.stdout.contains("PASS"), "splitvisor run failed:\n{}", run.stdout);
         ours.push(run);
         if have_qemu {
             let run = measure(qemu(&hello, None));
-            assert!(
-                run.stdout.contains("PASS"),
-                "QEMU run failed:\n{}",
-                run.stdout
-            );
+            assert!(run.stdout.contains("PASS"), "QEMU run failed:\n{}", run.stdout);
             theirs.push(run);
         }
     }
     let first = |runs: &[Run]| median(runs.iter().map(|r| ms(r.first_output.unwrap())).collect());
     let exit = |runs: &[Run]| median(runs.iter().map(|r| ms(r.exit)).collect());
     let rss = |runs: &[Run]| median(runs.iter().map(|r| r.max_rss_kib as f64 / 1024.0).collect());
-    println!(
-        "\n## hello: process start to first guest output and to exit (median of {runs} runs, ms)\n"
-    );
+    println!("\n## hello: process start to first guest output and to exit (median of {runs} runs, ms)\n");
     println!("| hypervisor | first output | exit | peak RSS (MiB) |");
     println!("|---|---:|---:|---:|");
-    println!(
-        "| splitvisor monolithic | {:.2} | {:.2} | {:.1} |",
-        first(&ours),
-        exit(&ours),
-        rss(&ours)
-    );
+    println!("| splitvisor monolithic | {:.2} | {:.2} | {:.1} |", first(&ours), exit(&ours), rss(&ours));
     if have_qemu {
         println!(
             "| QEMU microvm (KVM) | {:.2} | {:.2} | {:.1} |",
@@ -241,42 +204,26 @@ fn main() -> ExitCode {
 
     // The bus alone, without KVM: what splitvisor adds to each exit.
     let bus = splitvisor::bus::Bus::new(splitvisor::bus::BusKind::Mmio);
-    bus.insert(
-        BusRange::new(MMIO32_START, 0x1000).unwrap(),
-        "register",
-        Arc::new(Mutex::new(Register)),
-    )
-    .unwrap();
+    bus.insert(BusRange::new(MMIO32_START, 0x1000).unwrap(), "register", Arc::new(Mutex::new(Register)))
+        .unwrap();
     let iterations = 1_000_000u32;
     let mut data = [0u8; 4];
     let start = Instant::now();
     for i in 0..iterations {
-        bus.read(
-            MMIO32_START + u64::from(i & 0xffc),
-            std::hint::black_box(&mut data),
-        )
-        .unwrap();
+        bus.read(MMIO32_START + u64::from(i & 0xffc), std::hint::black_box(&mut data)).unwrap();
     }
     let bus_ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(iterations);
 
-    println!(
-        "\n## one exit round trip, as the guest times it (median of 101, ns; TSC {tsc_khz} kHz)\n"
-    );
+    println!("\n## one exit round trip, as the guest times it (median of 101, ns; TSC {tsc_khz} kHz)\n");
     println!("| exit | splitvisor | QEMU microvm | ratio splitvisor / QEMU |");
     println!("|---|---:|---:|---:|");
-    println!(
-        "| PIO read (COM1 LSR) | {ours_pio:.0} | {qemu_pio:.0} | {:.3} |",
-        ours_pio / qemu_pio
-    );
+    println!("| PIO read (COM1 LSR) | {ours_pio:.0} | {qemu_pio:.0} | {:.3} |", ours_pio / qemu_pio);
     println!(
         "| MMIO read (a device register; unassigned in QEMU) | {ours_mmio:.0} | {qemu_mmio:.0} | {:.3} |",
         ours_mmio / qemu_mmio
     );
     println!("| bus dispatch alone (host, no exit) | {bus_ns:.1} | | |");
-    println!(
-        "\nsplitvisor exits during exit-bench: {} PIO, {} MMIO",
-        report.pio_exits, report.mmio_exits
-    );
+    println!("\nsplitvisor exits during exit-bench: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
     let _ = std::fs::remove_dir_all(&dir);
     ExitCode::SUCCESS
 }

@@ -45,16 +45,12 @@ pub struct VmArgs {
 /// Parses `4096`, `64K`, `128M`, `1G`, `2T` (binary units; `MiB`, `GB`... also accepted).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
         return Err(format!("'{text}' is not a size (try 128M or 2G)"));
     }
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is too large"))?;
+    let number: u64 = digits.parse().map_err(|_| format!("'{text}' is too large"))?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -62,20 +58,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{text}' (use K, M, G or T)"
-            ));
+            return Err(format!("unknown size unit '{other}' in '{text}' (use K, M, G or T)"));
         }
     };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{text}' is too large"))
+    number.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    let seconds: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is not a valid timeout"))
 }
 
@@ -98,26 +88,15 @@ mod tests {
         assert!(parse_size("").unwrap_err().contains("not a size"));
         assert!(parse_size("M").unwrap_err().contains("not a size"));
         assert!(parse_size("12Q").unwrap_err().contains("unknown size unit"));
-        assert!(
-            parse_size("99999999999999999999")
-                .unwrap_err()
-                .contains("too large")
-        );
-        assert!(
-            parse_size("17179869184T")
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(parse_size("99999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_size("17179869184T").unwrap_err().contains("too large"));
         assert!(parse_size("-1").is_err());
     }
 
     #[test]
     fn arguments_parse_with_defaults() {
         let args = VmArgs::try_parse_from(["monolithic"]).unwrap();
-        assert_eq!(
-            (args.guest.as_str(), args.mem, args.vcpus),
-            ("hello", 128 << 20, 1)
-        );
+        assert_eq!((args.guest.as_str(), args.mem, args.vcpus), ("hello", 128 << 20, 1));
         let args = VmArgs::try_parse_from([
             "m",
             "--guest",
@@ -130,17 +109,13 @@ mod tests {
             "2.5",
         ])
         .unwrap();
-        assert_eq!(
-            (args.guest.as_str(), args.mem, args.vcpus),
-            ("irq", 1 << 30, 2)
-        );
+        assert_eq!((args.guest.as_str(), args.mem, args.vcpus), ("irq", 1 << 30, 2));
         assert_eq!(args.timeout, Some(Duration::from_millis(2500)));
     }
 
     #[test]
     fn disks_parse_with_an_optional_read_only_flag() {
-        let args =
-            VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "b,c.img,ro"]).unwrap();
+        let args = VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "b,c.img,ro"]).unwrap();
         assert_eq!(args.disks.len(), 2);
         assert!(!args.disks[0].read_only);
         assert_eq!(args.disks[1].path, PathBuf::from("b,c.img"));
@@ -279,17 +254,11 @@ pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
             exit_status::GUEST_FAILED
         }
         (None, VmEnd::Stopped | VmEnd::TimedOut) => {
-            eprintln!(
-                "VM stopped by the host ({:?}) before the guest reported a result",
-                report.end
-            );
+            eprintln!("VM stopped by the host ({:?}) before the guest reported a result", report.end);
             exit_status::STOPPED
         }
         (None, VmEnd::GuestReset) => {
-            eprintln!(
-                "guest '{}' reset the VM without reporting a result",
-                args.guest
-            );
+            eprintln!("guest '{}' reset the VM without reporting a result", args.guest);
             exit_status::GUEST_FAILED
         }
     })
@@ -310,14 +279,13 @@ fn print_timeline(report: &VmReport, start: Instant) {
 }
 
 fn print_stats(report: &VmReport) {
-    eprintln!(
-        "exits: {} PIO, {} MMIO",
-        report.pio_exits, report.mmio_exits
-    );
-    eprintln!(
-        "{:<5} {:<24} {:<20} {:>10} {:>10}",
-        "bus", "range", "device", "reads", "writes"
-    );
+    eprintln!("exits to the VMM: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
+    if !report.kvm_exits.is_empty() {
+        let counts: Vec<String> =
+            report.kvm_exits.iter().map(|(name, value)| format!("{name} {value}")).collect();
+        eprintln!("KVM's counts (all vCPUs): {}", counts.join(", "));
+    }
+    eprintln!("{:<5} {:<24} {:<20} {:>10} {:>10}", "bus", "range", "device", "reads", "writes");
     for bus in &report.buses {
         for device in &bus.devices {
             eprintln!(
@@ -329,12 +297,6 @@ fn print_stats(report: &VmReport) {
                 device.writes
             );
         }
-        eprintln!(
-            "{:<5} {:<24} {:<20} {:>10}",
-            bus.kind.to_string(),
-            "-",
-            "(no device)",
-            bus.unassigned
-        );
+        eprintln!("{:<5} {:<24} {:<20} {:>10}", bus.kind.to_string(), "-", "(no device)", bus.unassigned);
     }
 }

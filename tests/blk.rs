@@ -23,10 +23,7 @@ fn run_blk_verify(
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(120)));
     for (image, read_only) in disks {
-        builder = builder.disk(DiskConfig {
-            path: image.0.clone(),
-            read_only: *read_only,
-        });
+        builder = builder.disk(DiskConfig { path: image.0.clone(), read_only: *read_only });
     }
     (builder.build().unwrap().run(), console.text())
 }
@@ -39,24 +36,13 @@ fn blk_verify_writes_a_pattern_the_host_finds_in_the_image() {
     let image = Image::new("verify", 4 * MIB);
     // A generation that differs run to run, so a stale image cannot pass.
     let generation = u64::from(std::process::id()) * 7 + 3;
-    let (report, console) = run_blk_verify(
-        &[(&image, false)],
-        &format!("blk_verify.generation={generation}"),
-    );
-    assert_eq!(
-        report.unwrap().guest_result,
-        Some(GuestResult::Pass),
-        "{console}"
-    );
+    let (report, console) =
+        run_blk_verify(&[(&image, false)], &format!("blk_verify.generation={generation}"));
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
     assert!(console.contains("wrote+read 8192 sectors"), "{console}");
     assert!(console.contains("id \"splitvisor-vd0\""), "{console}");
     let bad = pattern_mismatches(&image.bytes(), 8192, generation);
-    assert!(
-        bad.is_empty(),
-        "{} sectors wrong, first {:?}",
-        bad.len(),
-        &bad[..bad.len().min(8)]
-    );
+    assert!(bad.is_empty(), "{} sectors wrong, first {:?}", bad.len(), &bad[..bad.len().min(8)]);
 }
 
 #[test]
@@ -68,15 +54,8 @@ fn a_read_only_disk_refuses_writes_and_stays_unchanged() {
     let content: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
     std::fs::write(&image.0, &content).unwrap();
     let (report, console) = run_blk_verify(&[(&image, true)], "");
-    assert_eq!(
-        report.unwrap().guest_result,
-        Some(GuestResult::Pass),
-        "{console}"
-    );
-    assert!(
-        console.contains("read-only: reads work, writes refused"),
-        "{console}"
-    );
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(console.contains("read-only: reads work, writes refused"), "{console}");
     assert_eq!(image.bytes(), content, "the read-only image is unchanged");
 }
 
@@ -88,11 +67,7 @@ fn several_disks_each_get_their_own_device() {
     let a = Image::new("multi-a", MIB);
     let b = Image::new("multi-b", 2 * MIB);
     let (report, console) = run_blk_verify(&[(&a, false), (&b, false)], "blk_verify.generation=5");
-    assert_eq!(
-        report.unwrap().guest_result,
-        Some(GuestResult::Pass),
-        "{console}"
-    );
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
     assert!(pattern_mismatches(&a.bytes(), 2048, 5).is_empty());
     assert!(pattern_mismatches(&b.bytes(), 4096, 5).is_empty());
 }
@@ -103,10 +78,7 @@ fn a_missing_image_is_a_typed_error() {
         return;
     }
     let err = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
-        .disk(DiskConfig {
-            path: "/nonexistent/disk.img".into(),
-            read_only: false,
-        })
+        .disk(DiskConfig { path: "/nonexistent/disk.img".into(), read_only: false })
         .build()
         .unwrap_err();
     assert!(matches!(err, Error::Disk(_)), "{err}");

@@ -16,30 +16,19 @@ fn example() -> PathBuf {
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let path = profile_dir.join("examples").join("monolithic");
     BUILD.call_once(|| {
-        let release = profile_dir
-            .file_name()
-            .is_some_and(|name| name == "release");
+        let release = profile_dir.file_name().is_some_and(|name| name == "release");
         let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "--example", "monolithic"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cargo.args(["build", "--example", "monolithic"]).current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
             cargo.arg("--release");
         }
-        assert!(
-            cargo.status().unwrap().success(),
-            "cannot build the monolithic example"
-        );
+        assert!(cargo.status().unwrap().success(), "cannot build the monolithic example");
     });
     path
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(example())
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run the example")
+    Command::new(example()).args(args).env("RUST_BACKTRACE", "1").output().expect("run the example")
 }
 
 /// Exactly one line on stderr naming the problem, no panic, no backtrace, status 2.
@@ -49,10 +38,7 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
 }
 
 #[test]
@@ -83,11 +69,7 @@ fn without_kvm_permission_the_error_names_dev_kvm() {
     let setpriv = Command::new("setpriv").arg("--version").output().is_ok();
     if !support::require(
         "root and setpriv, to run as an unprivileged user",
-        if root && setpriv {
-            Ok(())
-        } else {
-            Err(format!("root: {root}, setpriv: {setpriv}"))
-        },
+        if root && setpriv { Ok(()) } else { Err(format!("root: {root}, setpriv: {setpriv}")) },
     ) {
         return;
     }
@@ -111,10 +93,7 @@ fn no_arguments_runs_hello_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("Hello from the splitvisor guest kit!"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("Hello from the splitvisor guest kit!"), "{stdout}");
     assert!(stderr.contains("first output"), "{stderr}");
     assert!(stderr.contains("com1 (8250)"), "{stderr}");
 }
@@ -128,12 +107,7 @@ fn exit_status_reports_how_the_guest_ended() {
     assert_eq!(fault.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&fault.stderr).contains("triple fault"));
     let idle = run(&["--guest", "idle", "--timeout", "0.3"]);
-    assert_eq!(
-        idle.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&idle.stderr)
-    );
+    assert_eq!(idle.status.code(), Some(3), "{}", String::from_utf8_lossy(&idle.stderr));
 }
 
 #[test]
@@ -162,12 +136,7 @@ fn host_input_reaches_the_guest_console() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"ping from the host\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"ping from the host\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -192,11 +161,7 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
     while !String::from_utf8_lossy(&seen).contains("halting") {
         use std::io::Read;
         let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "the guest ended early: {}",
-            String::from_utf8_lossy(&seen)
-        );
+        assert!(n > 0, "the guest ended early: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
     assert_eq!(

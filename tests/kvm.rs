@@ -33,24 +33,14 @@ fn hello_on_one_vcpu() {
     }
     let (report, console) = run("hello", 1);
     let report = report.unwrap();
-    assert!(
-        console.contains("Hello from the splitvisor guest kit!"),
-        "{console}"
-    );
+    assert!(console.contains("Hello from the splitvisor guest kit!"), "{console}");
     assert!(console.contains("vcpus=1 "), "{console}");
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
     assert_eq!(report.end, VmEnd::GuestReset);
     assert!(report.first_output.is_some());
     assert!(report.pio_exits > 0);
-    let com1 = report.buses[0]
-        .devices
-        .iter()
-        .find(|d| d.name.starts_with("com1"))
-        .unwrap();
-    assert!(
-        com1.writes >= console.len() as u64,
-        "every console byte went through the bus"
-    );
+    let com1 = report.buses[0].devices.iter().find(|d| d.name.starts_with("com1")).unwrap();
+    assert!(com1.writes >= console.len() as u64, "every console byte went through the bus");
 }
 
 #[test]
@@ -60,11 +50,7 @@ fn hello_on_two_vcpus() {
     }
     let (report, console) = run("hello", 2);
     assert!(console.contains("vcpus=2 "), "{console}");
-    assert_eq!(
-        report.unwrap().guest_result,
-        Some(GuestResult::Pass),
-        "{console}"
-    );
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
 }
 
 #[test]
@@ -74,11 +60,7 @@ fn irq_guest_takes_interrupts_raised_through_irqfd() {
     }
     let (report, console) = run("irq", 1);
     assert!(console.contains("interrupts=16 "), "{console}");
-    assert_eq!(
-        report.unwrap().guest_result,
-        Some(GuestResult::Pass),
-        "{console}"
-    );
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
 }
 
 #[test]
@@ -143,17 +125,8 @@ fn too_many_vcpus_is_a_typed_error() {
     if !support::kvm() {
         return;
     }
-    let err = VmBuilder::new(guests::find("hello").unwrap().elf)
-        .vcpus(100_000)
-        .build()
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Vm(splitvisor::vcpu::VmError::TooManyVcpus { .. })
-        ),
-        "{err}"
-    );
+    let err = VmBuilder::new(guests::find("hello").unwrap().elf).vcpus(100_000).build().unwrap_err();
+    assert!(matches!(err, Error::Vm(splitvisor::vcpu::VmError::TooManyVcpus { .. })), "{err}");
 }
 
 #[test]

@@ -13,16 +13,9 @@ fn run_under_qemu(guest: &str) -> String {
     run_under_qemu_with(guest, None, &[])
 }
 
-fn run_under_qemu_with(
-    guest: &str,
-    append: Option<&str>,
-    disks: &[(&std::path::Path, bool)],
-) -> String {
+fn run_under_qemu_with(guest: &str, append: Option<&str>, disks: &[(&std::path::Path, bool)]) -> String {
     let elf = splitvisor::guests::find(guest).unwrap().elf;
-    let path = std::env::temp_dir().join(format!(
-        "splitvisor-qemu-{}-{guest}.elf",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("splitvisor-qemu-{}-{guest}.elf", std::process::id()));
     std::fs::write(&path, elf).unwrap();
     let mut child = splitvisor::guests::qemu_microvm_command(&path, 128, append, disks)
         .stdin(Stdio::null())
@@ -42,18 +35,8 @@ fn run_under_qemu_with(
     let _ = std::fs::remove_file(&path);
     let mut stdout = String::new();
     let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     format!("{stdout}{stderr}")
 }
 
@@ -62,10 +45,7 @@ fn qemu_available() -> bool {
         return false;
     }
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-    support::require(
-        "qemu-system-x86_64",
-        qemu.map(drop).map_err(|e| e.to_string()),
-    )
+    support::require("qemu-system-x86_64", qemu.map(drop).map_err(|e| e.to_string()))
 }
 
 #[test]
@@ -74,10 +54,7 @@ fn hello_runs_unchanged_under_qemu_microvm() {
         return;
     }
     let console = run_under_qemu("hello");
-    assert!(
-        console.contains("Hello from the splitvisor guest kit!"),
-        "{console}"
-    );
+    assert!(console.contains("Hello from the splitvisor guest kit!"), "{console}");
     assert!(console.contains("vcpus=1 "), "{console}");
     assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
 }
@@ -88,11 +65,7 @@ fn blk_verify_runs_unchanged_against_qemus_virtio_blk() {
         return;
     }
     let image = support::images::Image::new("qemu-verify", 2 << 20);
-    let console = run_under_qemu_with(
-        "blk-verify",
-        Some("blk_verify.generation=11"),
-        &[(&image.0, false)],
-    );
+    let console = run_under_qemu_with("blk-verify", Some("blk_verify.generation=11"), &[(&image.0, false)]);
     assert!(console.contains("wrote+read 4096 sectors"), "{console}");
     assert!(console.contains("SPLITVISOR-RESULT: PASS"), "{console}");
     assert!(support::images::pattern_mismatches(&image.bytes(), 4096, 11).is_empty());

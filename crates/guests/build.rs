@@ -10,16 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The programs of the kit, in the order `lib.rs` lists them.
-const PROGRAMS: &[&str] = &[
-    "hello",
-    "irq",
-    "triple-fault",
-    "idle",
-    "echo",
-    "blk-verify",
-    "blk-bench",
-    "exit-bench",
-];
+const PROGRAMS: &[&str] =
+    &["hello", "irq", "triple-fault", "idle", "echo", "blk-verify", "blk-bench", "exit-bench"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -64,33 +56,17 @@ fn main() {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_LLVM_COV")
         .env_remove("CARGO_MAKEFLAGS")
-        .env(
-            format!(
-                "CARGO_TARGET_{}_RUSTFLAGS",
-                host.to_uppercase().replace('-', "_")
-            ),
-            "",
-        )
+        .env(format!("CARGO_TARGET_{}_RUSTFLAGS", host.to_uppercase().replace('-', "_")), "")
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .status()
         .expect("cannot run cargo to build the guest kit");
-    assert!(
-        status.success(),
-        "building the guest kit failed (see the output above)"
-    );
+    assert!(status.success(), "building the guest kit failed (see the output above)");
 
     let bin_dir = target_dir.join(&host).join("release");
     for program in PROGRAMS {
         let elf = bin_dir.join(program);
-        assert!(
-            elf.exists(),
-            "the guest kit did not produce {}",
-            elf.display()
-        );
-        let var = format!(
-            "SPLITVISOR_GUEST_{}",
-            program.to_uppercase().replace('-', "_")
-        );
+        assert!(elf.exists(), "the guest kit did not produce {}", elf.display());
+        let var = format!("SPLITVISOR_GUEST_{}", program.to_uppercase().replace('-', "_"));
         println!("cargo:rustc-env={var}={}", elf.display());
     }
 }

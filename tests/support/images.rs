@@ -7,8 +7,7 @@ pub struct Image(pub PathBuf);
 
 impl Image {
     pub fn new(name: &str, bytes: u64) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("splitvisor-{}-{name}.img", std::process::id()));
+        let path = std::env::temp_dir().join(format!("splitvisor-{}-{name}.img", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(bytes).unwrap();
         Self(path)

@@ -50,8 +50,7 @@ impl BusRange {
         if len == 0 {
             return Err(BusError::EmptyRange { base });
         }
-        base.checked_add(len - 1)
-            .ok_or(BusError::RangeOverflow { base, len })?;
+        base.checked_add(len - 1).ok_or(BusError::RangeOverflow { base, len })?;
         Ok(Self { base, len })
     }
 
@@ -173,21 +172,14 @@ pub struct Bus {
 
 impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Bus")
-            .field("kind", &self.kind)
-            .field("devices", &self.stats())
-            .finish()
+        f.debug_struct("Bus").field("kind", &self.kind).field("devices", &self.stats()).finish()
     }
 }
 
 impl Bus {
     /// An empty bus.
     pub fn new(kind: BusKind) -> Self {
-        Self {
-            kind,
-            entries: RwLock::new(BTreeMap::new()),
-            unassigned: AtomicU64::new(0),
-        }
+        Self { kind, entries: RwLock::new(BTreeMap::new()), unassigned: AtomicU64::new(0) }
     }
 
     /// The address space this bus covers.
@@ -196,12 +188,7 @@ impl Bus {
     }
 
     /// Places `device`, called `name` in logs and statistics, at `range`.
-    pub fn insert(
-        &self,
-        range: BusRange,
-        name: &str,
-        device: SharedDevice,
-    ) -> Result<(), BusError> {
+    pub fn insert(&self, range: BusRange, name: &str, device: SharedDevice) -> Result<(), BusError> {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         // Ranges never overlap, so only the neighbours on either side can collide.
         let before = entries.range(..=range.base).next_back();
@@ -234,9 +221,7 @@ impl Bus {
     pub fn remove(&self, range: BusRange) -> Option<SharedDevice> {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         match entries.get(&range.base) {
-            Some(entry) if entry.range == range => {
-                entries.remove(&range.base).map(|e| e.device.clone())
-            }
+            Some(entry) if entry.range == range => entries.remove(&range.base).map(|e| e.device.clone()),
             _ => None,
         }
     }
@@ -250,17 +235,10 @@ impl Bus {
             .filter(|entry| addr <= entry.range.last());
         let Some(entry) = entry else {
             self.unassigned.fetch_add(1, Ordering::Relaxed);
-            return Err(BusError::NoDevice {
-                kind: self.kind,
-                addr,
-                len,
-            });
+            return Err(BusError::NoDevice { kind: self.kind, addr, len });
         };
         let offset = addr - entry.range.base;
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > entry.range.len)
-        {
+        if offset.checked_add(len as u64).is_none_or(|end| end > entry.range.len) {
             self.unassigned.fetch_add(1, Ordering::Relaxed);
             return Err(BusError::Straddle {
                 kind: self.kind,
@@ -277,11 +255,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
         let (entry, offset) = self.lookup(addr, data.len())?;
         entry.reads.fetch_add(1, Ordering::Relaxed);
-        entry
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset, data);
+        entry.device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
         Ok(())
     }
 
@@ -289,11 +263,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
         let (entry, offset) = self.lookup(addr, data.len())?;
         entry.writes.fetch_add(1, Ordering::Relaxed);
-        entry
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(offset, data);
+        entry.device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
         Ok(())
     }
 
@@ -346,14 +316,8 @@ mod tests {
 
     #[test]
     fn empty_and_wrapping_ranges_are_refused() {
-        assert_eq!(
-            BusRange::new(0x10, 0),
-            Err(BusError::EmptyRange { base: 0x10 })
-        );
-        assert!(matches!(
-            BusRange::new(u64::MAX, 2),
-            Err(BusError::RangeOverflow { .. })
-        ));
+        assert_eq!(BusRange::new(0x10, 0), Err(BusError::EmptyRange { base: 0x10 }));
+        assert!(matches!(BusRange::new(u64::MAX, 2), Err(BusError::RangeOverflow { .. })));
         assert_eq!(range(u64::MAX, 1).last(), u64::MAX);
     }
 
@@ -361,13 +325,7 @@ mod tests {
     fn overlaps_are_refused_in_every_position() {
         let bus = Bus::new(BusKind::Mmio);
         bus.insert(range(0x1000, 0x100), "a", recorder()).unwrap();
-        for (base, len) in [
-            (0x1000, 0x100),
-            (0xf00, 0x101),
-            (0x10ff, 1),
-            (0x1080, 0x10),
-            (0, 0x2000),
-        ] {
+        for (base, len) in [(0x1000, 0x100), (0xf00, 0x101), (0x10ff, 1), (0x1080, 0x10), (0, 0x2000)] {
             let err = bus.insert(range(base, len), "b", recorder()).unwrap_err();
             assert!(
                 matches!(err, BusError::Overlap { ref existing_device, .. } if existing_device == "a"),
@@ -375,10 +333,8 @@ mod tests {
             );
         }
         // Adjacent ranges are fine.
-        bus.insert(range(0xf00, 0x100), "below", recorder())
-            .unwrap();
-        bus.insert(range(0x1100, 0x100), "above", recorder())
-            .unwrap();
+        bus.insert(range(0xf00, 0x100), "below", recorder()).unwrap();
+        bus.insert(range(0x1100, 0x100), "above", recorder()).unwrap();
         assert_eq!(bus.stats().len(), 3);
     }
 
@@ -405,22 +361,10 @@ mod tests {
         let bus = Bus::new(BusKind::Mmio);
         bus.insert(range(0x1000, 0x10), "dev", recorder()).unwrap();
         let mut data = [0u8; 4];
-        assert!(matches!(
-            bus.read(0xfff, &mut data),
-            Err(BusError::NoDevice { .. })
-        ));
-        assert!(matches!(
-            bus.read(0x1010, &mut data),
-            Err(BusError::NoDevice { .. })
-        ));
-        assert!(matches!(
-            bus.read(0x100e, &mut data),
-            Err(BusError::Straddle { .. })
-        ));
-        assert!(matches!(
-            bus.write(u64::MAX, &data),
-            Err(BusError::NoDevice { .. })
-        ));
+        assert!(matches!(bus.read(0xfff, &mut data), Err(BusError::NoDevice { .. })));
+        assert!(matches!(bus.read(0x1010, &mut data), Err(BusError::NoDevice { .. })));
+        assert!(matches!(bus.read(0x100e, &mut data), Err(BusError::Straddle { .. })));
+        assert!(matches!(bus.write(u64::MAX, &data), Err(BusError::NoDevice { .. })));
         assert_eq!(bus.unassigned_accesses(), 4);
         bus.read(0x100c, &mut data).unwrap();
     }

@@ -22,9 +22,7 @@ pub struct EventFdInterrupt {
 impl EventFdInterrupt {
     /// A new, non-blocking eventfd.
     pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            eventfd: EventFd::new(EFD_NONBLOCK)?,
-        })
+        Ok(Self { eventfd: EventFd::new(EFD_NONBLOCK)? })
     }
 
     /// Wraps an existing eventfd.

@@ -13,9 +13,7 @@ use virtio_queue::QueueT;
 use crate::i8042::I8042;
 use crate::serial::Serial;
 use crate::virtio::block::{Block, BlockWorker, id_bytes};
-use crate::virtio::testing::{
-    DriverQueue, counting_interrupt, guest_memory, memory_disk, write_blk_header,
-};
+use crate::virtio::testing::{DriverQueue, counting_interrupt, guest_memory, memory_disk, write_blk_header};
 use crate::virtio::{MmioTransport, features};
 
 /// Guest memory of the virtio harnesses.
@@ -64,9 +62,7 @@ struct BlkInput {
 impl FuzzDescriptor {
     fn address(&self) -> u64 {
         match self.target {
-            Target::Buffer(slot, offset) => {
-                BUFFERS + u64::from(slot % 64) * 0x1000 + u64::from(offset)
-            }
+            Target::Buffer(slot, offset) => BUFFERS + u64::from(slot % 64) * 0x1000 + u64::from(offset),
             Target::Raw(addr) => addr,
         }
     }
@@ -87,12 +83,7 @@ pub fn virtio_blk(data: &[u8]) {
     for header in input.headers.iter().take(16) {
         let kinds = [0, 1, 4, 8, u32::from(header.kind)];
         let at = BUFFERS + u64::from(header.slot % 64) * 0x1000;
-        write_blk_header(
-            &mem,
-            at,
-            kinds[usize::from(header.kind % 5)],
-            header.sector % 256,
-        );
+        write_blk_header(&mem, at, kinds[usize::from(header.kind % 5)], header.sector % 256);
     }
     for head in input.heads.iter().take(usize::from(size)) {
         driver.publish(*head);
@@ -106,13 +97,7 @@ pub fn virtio_blk(data: &[u8]) {
     let (interrupt, _) = counting_interrupt();
     let mut queue = driver.device_queue();
     queue.set_event_idx(input.event_idx);
-    let mut worker = BlockWorker::new(
-        mem.clone(),
-        queue,
-        interrupt,
-        Arc::new(disk),
-        id_bytes("fuzz"),
-    );
+    let mut worker = BlockWorker::new(mem.clone(), queue, interrupt, Arc::new(disk), id_bytes("fuzz"));
     // The fuzzer's descriptors may overwrite the rings and the device may write data into
     // them (a buffer can point anywhere), so the rings in guest memory are no oracle. What
     // must hold: every completion advances the device's used index once, and no pass takes
@@ -120,14 +105,8 @@ pub fn virtio_blk(data: &[u8]) {
     for _ in 0..2 {
         let before = worker.queue().next_used();
         if let Ok(completed) = worker.process_queue() {
-            assert!(
-                completed <= usize::from(size),
-                "{completed} completions from a queue of {size}"
-            );
-            assert_eq!(
-                worker.queue().next_used().wrapping_sub(before),
-                completed as u16
-            );
+            assert!(completed <= usize::from(size), "{completed} completions from a queue of {size}");
+            assert_eq!(worker.queue().next_used().wrapping_sub(before), completed as u16);
         }
     }
 }
@@ -170,11 +149,7 @@ pub fn virtio_mmio(data: &[u8]) {
                 let width = [1, 2, 4, 8][usize::from(width % 4)];
                 transport.read(u64::from(offset % 0x200), &mut buf[..width]);
             }
-            MmioOp::Write {
-                offset,
-                width,
-                value,
-            } => {
+            MmioOp::Write { offset, width, value } => {
                 let width = [1, 2, 4, 8][usize::from(width % 4)];
                 transport.write(u64::from(offset % 0x200), &value.to_le_bytes()[..width]);
             }

@@ -20,9 +20,7 @@ pub struct I8042 {
 impl I8042 {
     /// A controller that signals a guest-requested reset through `reset`.
     pub fn new(reset: Arc<dyn Interrupt>) -> Self {
-        Self {
-            inner: vm_superio::I8042Device::new(InterruptTrigger(reset)),
-        }
+        Self { inner: vm_superio::I8042Device::new(InterruptTrigger(reset)) }
     }
 }
 

@@ -34,9 +34,7 @@ pub struct Serial<W: Write + Send> {
 impl<W: Write + Send> Serial<W> {
     /// A UART in its power-on state, interrupting through `interrupt`, writing to `out`.
     pub fn new(interrupt: Arc<dyn Interrupt>, out: W) -> Self {
-        Self {
-            inner: vm_superio::Serial::new(InterruptTrigger(interrupt), out),
-        }
+        Self { inner: vm_superio::Serial::new(InterruptTrigger(interrupt), out) }
     }
 
     /// Rebuilds a UART from saved state.
@@ -59,19 +57,13 @@ impl<W: Write + Send> Serial<W> {
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> Result<usize, SerialError> {
         let room = self.inner.fifo_capacity();
         if room == 0 {
-            return if bytes.is_empty() {
-                Ok(0)
-            } else {
-                Err(SerialError::FifoFull)
-            };
+            return if bytes.is_empty() { Ok(0) } else { Err(SerialError::FifoFull) };
         }
         let take = bytes.len().min(room);
-        self.inner
-            .enqueue_raw_bytes(&bytes[..take])
-            .map_err(|e| match e {
-                vm_superio::serial::Error::Trigger(e) => SerialError::Interrupt(e),
-                _ => SerialError::FifoFull,
-            })
+        self.inner.enqueue_raw_bytes(&bytes[..take]).map_err(|e| match e {
+            vm_superio::serial::Error::Trigger(e) => SerialError::Interrupt(e),
+            _ => SerialError::FifoFull,
+        })
     }
 
     /// Room left in the receive FIFO.

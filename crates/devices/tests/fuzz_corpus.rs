@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use splitvisor_devices::fuzzing;
 
 fn replay(target: &str, harness: fn(&[u8])) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
     let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let mut inputs = 0;
     for entry in entries {
@@ -19,11 +17,7 @@ fn replay(target: &str, harness: fn(&[u8])) {
             inputs += 1;
         }
     }
-    assert!(
-        inputs >= 8,
-        "{target}: only {inputs} corpus inputs in {}",
-        dir.display()
-    );
+    assert!(inputs >= 8, "{target}: only {inputs} corpus inputs in {}", dir.display());
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use splitvisor_bus::{BusDevice, CountingInterrupt};
 use splitvisor_devices::virtio::block::{Block, request_status, request_type};
 use splitvisor_devices::virtio::testing::{
-    DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue, guest_memory, memory_disk,
-    write_blk_header, write_descriptor_at,
+    DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue, guest_memory, memory_disk, write_blk_header,
+    write_descriptor_at,
 };
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, features, status};
 use vm_memory::{Bytes, GuestAddress};
@@ -55,14 +55,7 @@ impl Device {
         let interrupts = Arc::new(CountingInterrupt::new());
         let transport =
             MmioTransport::new(Block::new(disk, "evil"), mem.clone(), interrupts.clone()).unwrap();
-        Self {
-            mem: mem.clone(),
-            transport,
-            image,
-            interrupts,
-            queue_base,
-            avail_idx: 0,
-        }
+        Self { mem: mem.clone(), transport, image, interrupts, queue_base, avail_idx: 0 }
     }
 
     fn write(&mut self, offset: u64, value: u32) {
@@ -94,10 +87,7 @@ impl Device {
         self.write(reg::DRIVER_FEATURES, wanted as u32);
         self.write(reg::DRIVER_FEATURES_SEL, 1);
         self.write(reg::DRIVER_FEATURES, (wanted >> 32) as u32);
-        self.write(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         assert_ne!(self.read(reg::STATUS) & status::FEATURES_OK, 0);
         let (desc, avail, used) = self.driver().addresses();
         self.write(reg::QUEUE_SEL, 0);
@@ -151,15 +141,7 @@ impl Device {
 
     /// A well-formed read of sector `sector` into DATA; returns the status byte.
     fn good_read(&mut self, sector: u64) -> u8 {
-        self.three_part(
-            request_type::IN,
-            sector,
-            DATA,
-            512,
-            DESC_F_WRITE,
-            STATUS,
-            DESC_F_WRITE,
-        )
+        self.three_part(request_type::IN, sector, DATA, 512, DESC_F_WRITE, STATUS, DESC_F_WRITE)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -218,11 +200,7 @@ fn descriptor_loop_fails_the_request_not_the_device() {
     driver.write_descriptor(1, DATA, 512, DESC_F_WRITE | DESC_F_NEXT, 0);
     assert!(dev.submit(0));
     assert_eq!(dev.last_used_len(), 0);
-    assert_eq!(
-        dev.good_read(1),
-        request_status::OK,
-        "the device still works"
-    );
+    assert_eq!(dev.good_read(1), request_status::OK, "the device still works");
 }
 
 #[test]
@@ -244,40 +222,20 @@ fn indirect_table_longer_than_the_queue_and_nested_indirect_tables() {
             i + 1,
         );
     }
-    write_descriptor_at(
-        &mem,
-        INDIRECT + 16 * u64::from(entries - 1),
-        STATUS,
-        1,
-        DESC_F_WRITE,
-        0,
-    );
-    dev.driver()
-        .write_descriptor(0, INDIRECT, 16 * u32::from(entries), DESC_F_INDIRECT, 0);
+    write_descriptor_at(&mem, INDIRECT + 16 * u64::from(entries - 1), STATUS, 1, DESC_F_WRITE, 0);
+    dev.driver().write_descriptor(0, INDIRECT, 16 * u32::from(entries), DESC_F_INDIRECT, 0);
     assert!(dev.submit(0));
     // Served or refused, but answered, and the device lives on.
     assert_eq!(dev.status() & status::DEVICE_NEEDS_RESET, 0);
 
     // An indirect descriptor inside an indirect table is not allowed.
     write_descriptor_at(&mem, INDIRECT, HDR, 16, DESC_F_NEXT, 1);
-    write_descriptor_at(
-        &mem,
-        INDIRECT + 16,
-        INDIRECT,
-        48,
-        DESC_F_INDIRECT | DESC_F_NEXT,
-        2,
-    );
+    write_descriptor_at(&mem, INDIRECT + 16, INDIRECT, 48, DESC_F_INDIRECT | DESC_F_NEXT, 2);
     write_descriptor_at(&mem, INDIRECT + 32, STATUS, 1, DESC_F_WRITE, 0);
     mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
-    dev.driver()
-        .write_descriptor(0, INDIRECT, 48, DESC_F_INDIRECT, 0);
+    dev.driver().write_descriptor(0, INDIRECT, 48, DESC_F_INDIRECT, 0);
     assert!(dev.submit(0));
-    assert_eq!(
-        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-        0xee,
-        "no status for a broken chain"
-    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee, "no status for a broken chain");
     assert_eq!(dev.good_read(2), request_status::OK);
 }
 
@@ -288,15 +246,7 @@ fn addresses_beyond_ram_or_straddling_its_end_fail() {
     dev.bring_up();
     for (data, len) in [(RAM + 0x1000, 512), (RAM - 256, 512), (u64::MAX - 100, 512)] {
         assert_eq!(
-            dev.three_part(
-                request_type::IN,
-                0,
-                data,
-                len,
-                DESC_F_WRITE,
-                STATUS,
-                DESC_F_WRITE
-            ),
+            dev.three_part(request_type::IN, 0, data, len, DESC_F_WRITE, STATUS, DESC_F_WRITE),
             request_status::IOERR
         );
         assert_eq!(
@@ -305,15 +255,7 @@ fn addresses_beyond_ram_or_straddling_its_end_fail() {
         );
     }
     // A status byte outside RAM: nothing to write, the buffer comes back with length 0.
-    dev.three_part(
-        request_type::IN,
-        0,
-        DATA,
-        512,
-        DESC_F_WRITE,
-        RAM + 10,
-        DESC_F_WRITE,
-    );
+    dev.three_part(request_type::IN, 0, DATA, 512, DESC_F_WRITE, RAM + 10, DESC_F_WRITE);
     assert_eq!(dev.last_used_len(), 0);
     assert_eq!(dev.good_read(0), request_status::OK);
 }
@@ -325,41 +267,17 @@ fn zero_and_huge_lengths() {
     dev.bring_up();
     // A zero-length segment is a zero-length transfer.
     assert_eq!(
-        dev.three_part(
-            request_type::IN,
-            0,
-            DATA,
-            0,
-            DESC_F_WRITE,
-            STATUS,
-            DESC_F_WRITE
-        ),
+        dev.three_part(request_type::IN, 0, DATA, 0, DESC_F_WRITE, STATUS, DESC_F_WRITE),
         request_status::OK
     );
     // Chains of 4 GiB and more end early (virtio-queue stops there): refused, no status.
     assert_ne!(
-        dev.three_part(
-            request_type::IN,
-            0,
-            DATA,
-            u32::MAX,
-            DESC_F_WRITE,
-            STATUS,
-            DESC_F_WRITE
-        ),
+        dev.three_part(request_type::IN, 0, DATA, u32::MAX, DESC_F_WRITE, STATUS, DESC_F_WRITE),
         request_status::OK
     );
     // Segments past SIZE_MAX are refused before any buffer is sized for them.
     assert_eq!(
-        dev.three_part(
-            request_type::OUT,
-            0,
-            0,
-            0x4000_0000,
-            0,
-            STATUS,
-            DESC_F_WRITE
-        ),
+        dev.three_part(request_type::OUT, 0, 0, 0x4000_0000, 0, STATUS, DESC_F_WRITE),
         request_status::IOERR
     );
     // A zero-length header.
@@ -368,10 +286,7 @@ fn zero_and_huge_lengths() {
     driver.write_descriptor(1, STATUS, 1, DESC_F_WRITE, 0);
     mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
     assert!(dev.submit(0));
-    assert_ne!(
-        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-        request_status::OK
-    );
+    assert_ne!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), request_status::OK);
     assert_eq!(dev.good_read(0), request_status::OK);
 }
 
@@ -385,10 +300,7 @@ fn header_in_a_writable_buffer_and_status_in_a_read_only_one() {
     driver.write_descriptor(0, HDR, 16, DESC_F_WRITE | DESC_F_NEXT, 1);
     driver.write_descriptor(1, STATUS, 1, DESC_F_WRITE, 0);
     assert!(dev.submit(0));
-    assert_eq!(
-        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-        request_status::IOERR
-    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), request_status::IOERR);
 
     assert_eq!(
         dev.three_part(request_type::IN, 0, DATA, 512, DESC_F_WRITE, STATUS, 0),
@@ -406,11 +318,7 @@ fn a_queue_size_that_is_not_a_power_of_two_needs_a_reset_then_recovers() {
     dev.negotiate(15);
     dev.driver_ok();
     assert_ne!(dev.status() & status::DEVICE_NEEDS_RESET, 0);
-    assert_eq!(
-        dev.read(reg::INTERRUPT_STATUS) & 2,
-        2,
-        "config-change interrupt"
-    );
+    assert_eq!(dev.read(reg::INTERRUPT_STATUS) & 2, 2, "config-change interrupt");
     dev.bring_up();
     assert_eq!(dev.good_read(0), request_status::OK);
 }
@@ -429,11 +337,7 @@ fn an_avail_index_jump_needs_a_reset_and_spares_other_devices() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_ne!(evil.status() & status::DEVICE_NEEDS_RESET, 0);
-    assert_eq!(
-        good.good_read(3),
-        request_status::OK,
-        "the other device is unaffected"
-    );
+    assert_eq!(good.good_read(3), request_status::OK, "the other device is unaffected");
     // The guest resets the broken device and it serves again.
     evil.write(reg::STATUS, 0);
     assert_eq!(evil.status(), 0);
@@ -454,11 +358,7 @@ fn notifications_before_driver_ok_are_ignored() {
     driver.publish(0);
     dev.write(reg::QUEUE_NOTIFY, 0);
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        dev.driver().used_idx(),
-        0,
-        "nothing served before DRIVER_OK"
-    );
+    assert_eq!(dev.driver().used_idx(), 0, "nothing served before DRIVER_OK");
     // Queue registers are locked once the driver is ready; a late QUEUE_NUM is ignored.
     dev.driver_ok();
     dev.write(reg::QUEUE_NUM, 3);

@@ -96,32 +96,18 @@ pub fn qemu_microvm_command(
     disks: &[(&std::path::Path, bool)],
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
-    .args([
-        "-nographic",
-        "-no-user-config",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
-    .args(["-global", "virtio-mmio.force-legacy=false"])
-    .arg("-kernel")
-    .arg(elf);
+    cmd.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", &format!("{memory_mib}M"), "-smp", "1"])
+        .args(["-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .arg("-kernel")
+        .arg(elf);
     if let Some(append) = append {
         cmd.args(["-append", append]);
     }
     for (index, (path, read_only)) in disks.iter().enumerate() {
-        let mut drive = std::ffi::OsString::from(format!(
-            "id=disk{index},format=raw,if=none,aio=threads,file="
-        ));
+        let mut drive =
+            std::ffi::OsString::from(format!("id=disk{index},format=raw,if=none,aio=threads,file="));
         drive.push(path.as_os_str());
         if *read_only {
             drive.push(",readonly=on");
@@ -147,10 +133,7 @@ pub enum GuestResult {
 impl GuestResult {
     /// Parses one console line; `None` if it is not a result line.
     pub fn parse_line(line: &str) -> Option<Self> {
-        let rest = line
-            .trim_end_matches(['\r', '\n'])
-            .split_once(RESULT_MARKER)?
-            .1;
+        let rest = line.trim_end_matches(['\r', '\n']).split_once(RESULT_MARKER)?.1;
         if rest == "PASS" {
             Some(Self::Pass)
         } else {
@@ -171,10 +154,7 @@ mod tests {
 
     #[test]
     fn result_lines_parse() {
-        assert_eq!(
-            GuestResult::parse_line("SPLITVISOR-RESULT: PASS\n"),
-            Some(GuestResult::Pass)
-        );
+        assert_eq!(GuestResult::parse_line("SPLITVISOR-RESULT: PASS\n"), Some(GuestResult::Pass));
         assert_eq!(
             GuestResult::parse_line("SPLITVISOR-RESULT: FAIL not every vCPU came online"),
             Some(GuestResult::Fail("not every vCPU came online".into()))
@@ -193,10 +173,7 @@ mod tests {
             let at = phoff + i * 56;
             u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 4
         });
-        (
-            has_note,
-            u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap()),
-        )
+        (has_note, u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap()))
     }
 
     #[test]
@@ -204,18 +181,9 @@ mod tests {
         for guest in GUESTS {
             assert_eq!(&guest.elf[..4], b"\x7fELF", "{}", guest.name);
             assert_eq!(guest.elf[4], 2, "{} is ELF64", guest.name);
-            assert_eq!(
-                u16::from_le_bytes([guest.elf[16], guest.elf[17]]),
-                2,
-                "{} is ET_EXEC",
-                guest.name
-            );
+            assert_eq!(u16::from_le_bytes([guest.elf[16], guest.elf[17]]), 2, "{} is ET_EXEC", guest.name);
             let (has_note, entry) = pt_note_and_entry(guest.elf);
-            assert!(
-                has_note,
-                "{} has a PT_NOTE segment for the PVH note",
-                guest.name
-            );
+            assert!(has_note, "{} has a PT_NOTE segment for the PVH note", guest.name);
             assert_eq!(entry, 0x10_0000, "{} starts at its PVH entry", guest.name);
         }
     }
@@ -231,10 +199,7 @@ mod tests {
                 guest.name
             ));
             std::fs::write(&path, guest.elf).unwrap();
-            let output = std::process::Command::new("objdump")
-                .arg("-d")
-                .arg(&path)
-                .output();
+            let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
             let _ = std::fs::remove_file(&path);
             let output = match output {
                 Ok(output) => output,
@@ -247,16 +212,8 @@ mod tests {
                 }
             };
             let text = String::from_utf8_lossy(&output.stdout);
-            let sse: Vec<&str> = text
-                .lines()
-                .filter(|l| l.contains("%xmm") || l.contains("%ymm"))
-                .collect();
-            assert!(
-                sse.is_empty(),
-                "{} uses SSE registers:\n{}",
-                guest.name,
-                sse.join("\n")
-            );
+            let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm") || l.contains("%ymm")).collect();
+            assert!(sse.is_empty(), "{} uses SSE registers:\n{}", guest.name, sse.join("\n"));
         }
     }
 }

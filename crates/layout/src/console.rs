@@ -26,10 +26,7 @@ impl ConsoleState {
 
     /// The first result line the guest printed.
     pub fn result(&self) -> Option<GuestResult> {
-        self.result
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.result.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn observe(&self, bytes: &[u8]) {
@@ -42,10 +39,7 @@ impl ConsoleState {
             if byte == b'\n' {
                 let text = String::from_utf8_lossy(&line);
                 if let Some(result) = GuestResult::parse_line(&text) {
-                    self.result
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(result);
+                    self.result.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(result);
                 }
                 line.clear();
             } else if line.len() < MAX_LINE {
@@ -95,8 +89,7 @@ mod tests {
         tap.write_all(b"hello\nSPLITVISOR-RES").unwrap();
         assert!(state.first_output().is_some());
         assert_eq!(state.result(), None);
-        tap.write_all(b"ULT: PASS\nSPLITVISOR-RESULT: FAIL late\n")
-            .unwrap();
+        tap.write_all(b"ULT: PASS\nSPLITVISOR-RESULT: FAIL late\n").unwrap();
         assert_eq!(state.result(), Some(GuestResult::Pass));
     }
 

@@ -9,8 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use splitvisor_bus::{
-    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator,
-    SharedDevice,
+    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice,
 };
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
@@ -20,6 +19,7 @@ use splitvisor_guests::GuestResult;
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
+use splitvisor_vcpu::stats::VcpuStats;
 use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd, VmError};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -71,19 +71,14 @@ impl std::str::FromStr for DiskConfig {
             Some((path, "ro")) => (path, true),
             Some((path, "rw")) => (path, false),
             Some((_, option)) => {
-                return Err(format!(
-                    "unknown disk option '{option}' (use PATH or PATH,ro)"
-                ));
+                return Err(format!("unknown disk option '{option}' (use PATH or PATH,ro)"));
             }
             None => (text, false),
         };
         if path.is_empty() {
             return Err("empty disk path".to_string());
         }
-        Ok(Self {
-            path: PathBuf::from(path),
-            read_only,
-        })
+        Ok(Self { path: PathBuf::from(path), read_only })
     }
 }
 
@@ -167,23 +162,13 @@ impl VmBuilder {
 
     /// Places an extra device on the PIO bus.
     pub fn pio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
-        self.extra.push(ExtraDevice {
-            kind: BusKind::Pio,
-            range,
-            name: name.into(),
-            device,
-        });
+        self.extra.push(ExtraDevice { kind: BusKind::Pio, range, name: name.into(), device });
         self
     }
 
     /// Places an extra device in the 32-bit MMIO window.
     pub fn mmio_device(mut self, range: BusRange, name: &str, device: SharedDevice) -> Self {
-        self.extra.push(ExtraDevice {
-            kind: BusKind::Mmio,
-            range,
-            name: name.into(),
-            device,
-        });
+        self.extra.push(ExtraDevice { kind: BusKind::Mmio, range, name: name.into(), device });
         self
     }
 
@@ -216,19 +201,12 @@ impl VmBuilder {
         };
         let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
         kvm.register_irqfd(com1_irq.eventfd(), COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            com1_irq,
-            ConsoleTap::new(output, console.clone()),
-        )));
+        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, ConsoleTap::new(output, console.clone()))));
         let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_line)));
 
         let pio = Bus::new(BusKind::Pio);
-        pio.insert(
-            BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?,
-            "com1 (8250)",
-            serial.clone(),
-        )?;
+        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", serial.clone())?;
         pio.insert(BusRange::new(I8042_PORT, I8042_PORT_COUNT)?, "i8042", i8042)?;
         let mmio = Bus::new(BusKind::Mmio);
         let mut allocator = ResourceAllocator::new(
@@ -242,9 +220,7 @@ impl VmBuilder {
                 BusKind::Pio => pio.insert(extra.range, &extra.name, extra.device)?,
                 BusKind::Mmio => {
                     let window = layout::MMIO32_START..layout::MMIO32_START + layout::MMIO32_SIZE;
-                    if !window.contains(&extra.range.base())
-                        || !window.contains(&extra.range.last())
-                    {
+                    if !window.contains(&extra.range.base()) || !window.contains(&extra.range.last()) {
                         return Err(Error::OutsideMmioWindow(extra.range));
                     }
                     allocator.reserve_mmio(extra.range.base(), extra.range.len())?;
@@ -261,21 +237,17 @@ impl VmBuilder {
             ));
         }
 
-        let cmdline = format!("{cmdline} splitvisor.vcpus={}", self.vcpus)
-            .trim()
-            .to_string();
+        let cmdline = format!("{cmdline} splitvisor.vcpus={}", self.vcpus).trim().to_string();
         let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
         configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
 
         let tsc_khz = vcpus[0].tsc_khz().ok();
+        let vcpu_stats = vcpus.iter().filter_map(Vcpu::stats).collect();
         Ok(Vm {
             kvm,
             ram,
             vcpus,
-            buses: Buses {
-                pio: Arc::new(pio),
-                mmio: Arc::new(mmio),
-            },
+            buses: Buses { pio: Arc::new(pio), mmio: Arc::new(mmio) },
             control,
             console,
             serial,
@@ -283,32 +255,22 @@ impl VmBuilder {
             timeout: self.timeout,
             created: Instant::now(),
             tsc_khz,
+            vcpu_stats,
         })
     }
 }
 
 /// The bootstrap processor starts at the PVH entry; application processors start in long
 /// mode at the guest's AP entry if it has one, or wait for the guest's INIT/SIPI.
-fn configure_vcpus(
-    kvm: &KvmVm,
-    vcpus: &[Vcpu],
-    guest: &LoadedGuest,
-    start_info: u64,
-) -> Result<(), Error> {
+fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info: u64) -> Result<(), Error> {
     let aps = vcpus.len() as u64 - 1;
     if guest.ap_entry.is_some() && aps > layout::MAX_AP_STACKS {
-        return Err(Error::TooManyApStacks {
-            requested: vcpus.len() as u32,
-            max: layout::MAX_AP_STACKS + 1,
-        });
+        return Err(Error::TooManyApStacks { requested: vcpus.len() as u32, max: layout::MAX_AP_STACKS + 1 });
     }
     for vcpu in vcpus {
         let index = u64::from(vcpu.index());
         let state = if index == 0 {
-            Some(BootState::Pvh {
-                entry: guest.pvh_entry,
-                start_info,
-            })
+            Some(BootState::Pvh { entry: guest.pvh_entry, start_info })
         } else {
             guest.ap_entry.map(|entry| BootState::LongMode {
                 entry,
@@ -342,25 +304,15 @@ fn add_disk(
     let irq = allocator.allocate_irq()?;
     let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
     kvm.register_irqfd(line.eventfd(), irq)?;
-    let transport = MmioTransport::new(
-        Block::new(image, &format!("splitvisor-vd{index}")),
-        ram.memory().clone(),
-        line,
-    )
-    .map_err(Error::EventFd)?;
+    let transport =
+        MmioTransport::new(Block::new(image, &format!("splitvisor-vd{index}")), ram.memory().clone(), line)
+            .map_err(Error::EventFd)?;
     for (queue, eventfd) in transport.queue_notify_eventfds() {
         kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
     }
-    let name = format!(
-        "virtio-blk{index} ({}{})",
-        disk.path.display(),
-        if disk.read_only { ", ro" } else { "" }
-    );
-    mmio.insert(
-        BusRange::new(base, MMIO_REGION_SIZE)?,
-        &name,
-        Arc::new(Mutex::new(transport)),
-    )?;
+    let name =
+        format!("virtio-blk{index} ({}{})", disk.path.display(), if disk.read_only { ", ro" } else { "" });
+    mmio.insert(BusRange::new(base, MMIO_REGION_SIZE)?, &name, Arc::new(Mutex::new(transport)))?;
     log::debug!("{name} at {base:#x}, IRQ {irq}");
     Ok(PlacedDevice { base, irq })
 }
@@ -390,6 +342,7 @@ pub struct Vm {
     timeout: Option<Duration>,
     created: Instant,
     tsc_khz: Option<u32>,
+    vcpu_stats: Vec<VcpuStats>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -434,7 +387,15 @@ pub struct VmReport {
     pub mmio_exits: u64,
     /// The vCPUs' TSC frequency, to convert guest TSC readings.
     pub tsc_khz: Option<u32>,
+    /// KVM's own exit counts over every vCPU (exits the kernel handled included), by
+    /// statistic name: `exits`, `io_exits`, `mmio_exits`, `halt_exits`, `irq_exits`, ...
+    /// Empty if the kernel has no binary statistics.
+    pub kvm_exits: Vec<(String, u64)>,
 }
+
+/// The KVM statistics a report sums over the vCPUs.
+const KVM_EXIT_STATS: &[&str] =
+    &["exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "signal_exits", "insn_emulation"];
 
 impl Vm {
     /// A handle that stops the VM from another thread (Ctrl-C handlers, tests).
@@ -491,6 +452,13 @@ impl Vm {
             pio_exits: exits.pio,
             mmio_exits: exits.mmio,
             tsc_khz: self.tsc_khz,
+            kvm_exits: KVM_EXIT_STATS
+                .iter()
+                .filter(|name| {
+                    !self.vcpu_stats.is_empty() && self.vcpu_stats.iter().all(|s| s.get(name).is_some())
+                })
+                .map(|name| (name.to_string(), self.vcpu_stats.iter().filter_map(|s| s.get(name)).sum()))
+                .collect(),
         })
     }
 }
@@ -511,16 +479,8 @@ impl ConsoleInput {
             let mut buf = [0u8; 256];
             loop {
                 let mut fds = [
-                    libc::pollfd {
-                        fd: stdin,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: stopped.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
+                    libc::pollfd { fd: stdin, events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: stopped.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 ];
                 // SAFETY: two valid pollfds; no timeout.
                 let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -537,10 +497,7 @@ impl ConsoleInput {
                 }
                 let mut pending = &buf[..n as usize];
                 while !pending.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(pending);
+                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
                     match taken {
                         Ok(n) if n > 0 => pending = &pending[n..],
                         // The guest has not drained its FIFO yet; stop waiting if asked to.

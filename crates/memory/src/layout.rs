@@ -43,8 +43,7 @@ pub const AP_STACKS_TOP: u64 = EBDA_START & !0xf;
 /// Bytes of stack per application processor.
 pub const AP_STACK_SIZE: u64 = 0x2000;
 /// Most application processors the low stack area holds.
-pub const MAX_AP_STACKS: u64 =
-    (AP_STACKS_TOP - (CMDLINE_START + CMDLINE_MAX_SIZE as u64)) / AP_STACK_SIZE;
+pub const MAX_AP_STACKS: u64 = (AP_STACKS_TOP - (CMDLINE_START + CMDLINE_MAX_SIZE as u64)) / AP_STACK_SIZE;
 
 /// Start of the 32-bit MMIO window, and so the end of low RAM.
 pub const MMIO32_START: u64 = 0xc000_0000;

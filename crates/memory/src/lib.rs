@@ -136,32 +136,18 @@ pub struct RamRegion {
 /// Splits `size` bytes of RAM around the 32-bit MMIO window.
 pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>> {
     if size < layout::MIN_RAM_SIZE {
-        return Err(Error::TooSmall {
-            size,
-            min: layout::MIN_RAM_SIZE,
-        });
+        return Err(Error::TooSmall { size, min: layout::MIN_RAM_SIZE });
     }
     if size > layout::MAX_RAM_SIZE {
-        return Err(Error::TooLarge {
-            size,
-            max: layout::MAX_RAM_SIZE,
-        });
+        return Err(Error::TooLarge { size, max: layout::MAX_RAM_SIZE });
     }
     if size % 4096 != 0 {
         return Err(Error::NotPageAligned(size));
     }
     let low = size.min(layout::MMIO32_START);
-    let mut regions = vec![RamRegion {
-        guest_addr: 0,
-        size: low,
-        file_offset: 0,
-    }];
+    let mut regions = vec![RamRegion { guest_addr: 0, size: low, file_offset: 0 }];
     if size > low {
-        regions.push(RamRegion {
-            guest_addr: layout::HIGH_RAM_START,
-            size: size - low,
-            file_offset: low,
-        });
+        regions.push(RamRegion { guest_addr: layout::HIGH_RAM_START, size: size - low, file_offset: low });
     }
     Ok(regions)
 }
@@ -183,30 +169,19 @@ impl GuestRam {
         let mut mapped = Vec::with_capacity(regions.len());
         for region in &regions {
             let file = memfd.try_clone().map_err(Error::CreateMemfd)?;
-            let mapping = MmapRegion::from_file(
-                FileOffset::new(file, region.file_offset),
-                region.size as usize,
-            )
-            .map_err(|source| Error::Map {
-                size: region.size,
-                source,
-            })?;
-            let region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or(
-                Error::Map {
+            let mapping =
+                MmapRegion::from_file(FileOffset::new(file, region.file_offset), region.size as usize)
+                    .map_err(|source| Error::Map { size: region.size, source })?;
+            let region =
+                GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or(Error::Map {
                     size: region.size,
                     source: vm_memory::mmap::MmapRegionError::InvalidPointer,
-                },
-            )?;
+                })?;
             mapped.push(region);
         }
         let memory = GuestMemoryMmap::from_regions(mapped).map_err(Error::Regions)?;
         log::debug!("guest RAM: {size} bytes in {} region(s)", regions.len());
-        Ok(Self {
-            memory,
-            regions,
-            memfd,
-            size,
-        })
+        Ok(Self { memory, regions, memfd, size })
     }
 
     /// The guest memory, for vm-memory's `Bytes` and `GuestMemoryBackend` traits.
@@ -232,20 +207,12 @@ impl GuestRam {
     /// The e820 map: usable RAM below the EBDA, from 1 MiB to the MMIO window, and above
     /// 4 GiB.
     pub fn e820(&self) -> Vec<E820Entry> {
-        let mut map = vec![E820Entry {
-            addr: 0,
-            size: layout::EBDA_START,
-            kind: E820Kind::Ram,
-        }];
+        let mut map = vec![E820Entry { addr: 0, size: layout::EBDA_START, kind: E820Kind::Ram }];
         for region in &self.regions {
             let start = region.guest_addr.max(layout::HIMEM_START);
             let end = region.guest_addr + region.size;
             if end > start {
-                map.push(E820Entry {
-                    addr: start,
-                    size: end - start,
-                    kind: E820Kind::Ram,
-                });
+                map.push(E820Entry { addr: start, size: end - start, kind: E820Kind::Ram });
             }
         }
         map
@@ -255,13 +222,10 @@ impl GuestRam {
     pub fn register(&self, vm: &VmFd) -> Result<()> {
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
-            let host = self
-                .memory
-                .get_host_address(region.start_addr())
-                .map_err(|_| Error::Map {
-                    size: region.len(),
-                    source: vm_memory::mmap::MmapRegionError::InvalidPointer,
-                })?;
+            let host = self.memory.get_host_address(region.start_addr()).map_err(|_| Error::Map {
+                size: region.len(),
+                source: vm_memory::mmap::MmapRegionError::InvalidPointer,
+            })?;
             let kvm_region = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -289,8 +253,7 @@ fn create_memfd(size: u64) -> Result<File> {
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| Error::SizeMemfd { size, source })?;
+    file.set_len(size).map_err(|source| Error::SizeMemfd { size, source })?;
     Ok(file)
 }
 
@@ -305,14 +268,7 @@ mod tests {
     #[test]
     fn small_guest_is_one_low_region() {
         let regions = ram_regions(128 * MIB).unwrap();
-        assert_eq!(
-            regions,
-            vec![RamRegion {
-                guest_addr: 0,
-                size: 128 * MIB,
-                file_offset: 0
-            }]
-        );
+        assert_eq!(regions, vec![RamRegion { guest_addr: 0, size: 128 * MIB, file_offset: 0 }]);
     }
 
     #[test]
@@ -331,34 +287,17 @@ mod tests {
         assert!(matches!(ram_regions(MIB), Err(Error::TooSmall { .. })));
         assert!(matches!(ram_regions(2 << 40), Err(Error::TooLarge { .. })));
         assert!(matches!(ram_regions(u64::MAX), Err(Error::TooLarge { .. })));
-        assert!(matches!(
-            ram_regions(16 * MIB + 1),
-            Err(Error::NotPageAligned(_))
-        ));
+        assert!(matches!(ram_regions(16 * MIB + 1), Err(Error::NotPageAligned(_))));
     }
 
     #[test]
     fn e820_skips_the_bios_area_and_the_mmio_window() {
         let ram = GuestRam::new(4 * GIB).unwrap();
         let map = ram.e820();
-        assert_eq!(
-            map[0],
-            E820Entry {
-                addr: 0,
-                size: layout::EBDA_START,
-                kind: E820Kind::Ram
-            }
-        );
+        assert_eq!(map[0], E820Entry { addr: 0, size: layout::EBDA_START, kind: E820Kind::Ram });
         assert_eq!(map[1].addr, layout::HIMEM_START);
         assert_eq!(map[1].end(), layout::MMIO32_START);
-        assert_eq!(
-            map[2],
-            E820Entry {
-                addr: layout::HIGH_RAM_START,
-                size: GIB,
-                kind: E820Kind::Ram
-            }
-        );
+        assert_eq!(map[2], E820Entry { addr: layout::HIGH_RAM_START, size: GIB, kind: E820Kind::Ram });
         for entry in &map {
             assert!(entry.end() <= layout::MMIO32_START || entry.addr >= layout::HIGH_RAM_START);
         }
@@ -384,9 +323,7 @@ mod tests {
     #[test]
     fn memfd_shares_the_pages() {
         let ram = GuestRam::new(16 * MIB).unwrap();
-        ram.memory()
-            .write_obj(0xabcd_u16, GuestAddress(0x2000))
-            .unwrap();
+        ram.memory().write_obj(0xabcd_u16, GuestAddress(0x2000)).unwrap();
         let mut buf = [0u8; 2];
         // SAFETY: plain pread on a valid fd into a valid buffer.
         let n = unsafe { libc::pread(ram.memfd().as_raw_fd(), buf.as_mut_ptr().cast(), 2, 0x2000) };

@@ -115,17 +115,10 @@ impl BootState {
     /// General-purpose registers at start.
     pub fn regs(&self) -> kvm_regs {
         match *self {
-            BootState::Pvh { entry, start_info } => kvm_regs {
-                rip: entry,
-                rbx: start_info,
-                rflags: 0x2,
-                ..Default::default()
-            },
-            BootState::LongMode {
-                entry,
-                stack_top,
-                arg,
-            } => kvm_regs {
+            BootState::Pvh { entry, start_info } => {
+                kvm_regs { rip: entry, rbx: start_info, rflags: 0x2, ..Default::default() }
+            }
+            BootState::LongMode { entry, stack_top, arg } => kvm_regs {
                 rip: entry,
                 rsp: stack_top,
                 rbp: stack_top,
@@ -171,21 +164,13 @@ impl BootState {
 
 /// The FPU at start: x87 default control word, SSE exceptions masked.
 pub fn fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 /// The boot GDT: null, code (64-bit), data, TSS. Its hidden parts are what
 /// [`BootState::apply_sregs`] loads; the table is there for a guest that reloads a selector.
-pub const BOOT_GDT: [u64; layout::BOOT_GDT_ENTRIES] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0080_8b00_0000_0067,
-];
+pub const BOOT_GDT: [u64; layout::BOOT_GDT_ENTRIES] =
+    [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_0067];
 
 /// Errors writing boot tables.
 #[derive(Debug, thiserror::Error)]
@@ -203,8 +188,7 @@ fn write<M: GuestMemoryBackend, T: vm_memory::ByteValued>(
     addr: u64,
     value: T,
 ) -> Result<(), BootTablesError> {
-    mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| BootTablesError { what, addr, source })
+    mem.write_obj(value, GuestAddress(addr)).map_err(|source| BootTablesError { what, addr, source })
 }
 
 /// Writes the GDT, the empty IDT and identity-mapped page tables for the first 4 GiB
@@ -214,12 +198,7 @@ pub fn write_long_mode_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), Boot
         write(mem, "GDT", layout::BOOT_GDT_START + 8 * i as u64, *entry)?;
     }
     write(mem, "IDT", layout::BOOT_IDT_START, 0u64)?;
-    write(
-        mem,
-        "PML4",
-        layout::BOOT_PML4_START,
-        layout::BOOT_PDPT_START | 0x3,
-    )?;
+    write(mem, "PML4", layout::BOOT_PML4_START, layout::BOOT_PDPT_START | 0x3)?;
     for gib in 0..4u64 {
         let pd = layout::BOOT_PD_START + gib * 0x1000;
         write(mem, "PDPT", layout::BOOT_PDPT_START + gib * 8, pd | 0x3)?;
@@ -239,10 +218,7 @@ mod tests {
 
     #[test]
     fn pvh_state_is_flat_32_bit_protected_mode() {
-        let state = BootState::Pvh {
-            entry: 0x10_0000,
-            start_info: layout::PVH_INFO_START,
-        };
+        let state = BootState::Pvh { entry: 0x10_0000, start_info: layout::PVH_INFO_START };
         let regs = state.regs();
         assert_eq!(regs.rip, 0x10_0000);
         assert_eq!(regs.rbx, layout::PVH_INFO_START);
@@ -253,20 +229,13 @@ mod tests {
         assert_eq!(sregs.cr0 & cr0::PE, cr0::PE);
         assert_eq!(sregs.efer, 0);
         assert_eq!((sregs.cs.db, sregs.cs.l, sregs.cs.type_), (1, 0, 0xb));
-        assert_eq!(
-            (sregs.ds.base, sregs.ds.limit, sregs.ds.g),
-            (0, 0xffff_ffff, 1)
-        );
+        assert_eq!((sregs.ds.base, sregs.ds.limit, sregs.ds.g), (0, 0xffff_ffff, 1));
         assert_eq!(sregs.tr.type_, 0xb);
     }
 
     #[test]
     fn long_mode_state_has_paging_pae_and_lma() {
-        let state = BootState::LongMode {
-            entry: 0x10_00dc,
-            stack_top: 0x9_0000,
-            arg: 3,
-        };
+        let state = BootState::LongMode { entry: 0x10_00dc, stack_top: 0x9_0000, arg: 3 };
         let regs = state.regs();
         assert_eq!((regs.rip, regs.rsp, regs.rdi), (0x10_00dc, 0x9_0000, 3));
         let mut sregs = kvm_sregs::default();
@@ -275,10 +244,7 @@ mod tests {
         assert_eq!(sregs.cr3, layout::BOOT_PML4_START);
         assert_eq!(sregs.cr4 & cr4::PAE, cr4::PAE);
         assert_eq!(sregs.efer, efer::LME | efer::LMA);
-        assert_eq!(
-            (sregs.cs.l, sregs.cs.db, sregs.cs.selector),
-            (1, 0, CODE_SELECTOR)
-        );
+        assert_eq!((sregs.cs.l, sregs.cs.db, sregs.cs.selector), (1, 0, CODE_SELECTOR));
         assert_eq!(sregs.ss.selector, DATA_SELECTOR);
         assert_eq!(sregs.gdt.base, layout::BOOT_GDT_START);
     }
@@ -300,11 +266,7 @@ mod tests {
         for addr in [0u64, 0x20_0000, 0xfee0_0000, 0xffff_ffff] {
             let pdpte = read(layout::BOOT_PDPT_START + ((addr >> 30) & 511) * 8);
             let pde = read((pdpte & !0xfff) + ((addr >> 21) & 511) * 8);
-            assert_eq!(
-                pde & 0x83,
-                0x83,
-                "{addr:#x} is mapped by a present 2 MiB page"
-            );
+            assert_eq!(pde & 0x83, 0x83, "{addr:#x} is mapped by a present 2 MiB page");
             assert_eq!(pde & !0x1f_ffff, addr & !0x1f_ffff);
         }
         assert_eq!(read(layout::BOOT_GDT_START + 8), BOOT_GDT[1]);

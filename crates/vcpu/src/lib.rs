@@ -27,6 +27,7 @@
 
 pub mod boot;
 pub mod loader;
+pub mod stats;
 mod vcpu;
 mod vm;
 

@@ -67,21 +67,13 @@ pub fn load_pvh_elf<M: GuestMemoryBackend>(
     elf: &[u8],
     low_ram_end: u64,
 ) -> Result<LoadedGuest, LoaderError> {
-    let result = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(elf),
-        Some(GuestAddress(layout::HIMEM_START)),
-    )
-    .map_err(LoaderError::Elf)?;
+    let result = Elf::load(mem, None, &mut Cursor::new(elf), Some(GuestAddress(layout::HIMEM_START)))
+        .map_err(LoaderError::Elf)?;
     let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
         return Err(LoaderError::NotPvh(result.pvh_boot_cap));
     };
     if result.kernel_end > low_ram_end {
-        return Err(LoaderError::TooLarge {
-            end: result.kernel_end,
-            ram_end: low_ram_end,
-        });
+        return Err(LoaderError::TooLarge { end: result.kernel_end, ram_end: low_ram_end });
     }
     Ok(LoadedGuest {
         pvh_entry: entry.0,
@@ -91,15 +83,11 @@ pub fn load_pvh_elf<M: GuestMemoryBackend>(
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
+    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
 }
 
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
+    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
 }
 
 /// Finds an ELF note with `name` (NUL included) and `kind` whose descriptor is an u64.
@@ -125,9 +113,7 @@ pub fn find_note_u64(elf: &[u8], name: &[u8], kind: u32) -> Option<u64> {
             let n_type = read_u32(notes, at + 8)?;
             let name_at = at + 12;
             let desc_at = name_at.checked_add(align4(namesz)?)?;
-            if n_type == kind
-                && notes.get(name_at..name_at.checked_add(namesz)?) == Some(name)
-                && descsz == 8
+            if n_type == kind && notes.get(name_at..name_at.checked_add(namesz)?) == Some(name) && descsz == 8
             {
                 return read_u64(notes, desc_at);
             }
@@ -146,20 +132,14 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
 ) -> Result<u64, LoaderError> {
     let mut line = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(LoaderError::Cmdline)?;
     line.insert_str(cmdline).map_err(LoaderError::Cmdline)?;
-    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &line)
-        .map_err(LoaderError::WriteCmdline)?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &line).map_err(LoaderError::WriteCmdline)?;
 
     if e820.len() > layout::PVH_MEMMAP_MAX_ENTRIES {
         return Err(LoaderError::MemmapTooLarge(e820.len()));
     }
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
-        .map(|e| hvm_memmap_table_entry {
-            addr: e.addr,
-            size: e.size,
-            type_: e.kind as u32,
-            reserved: 0,
-        })
+        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 })
         .collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -209,39 +189,21 @@ mod tests {
     #[test]
     fn finds_the_ap_entry_note_after_others() {
         let mut notes = note(b"Xen\0", 18, &0x10_0000u32.to_le_bytes());
-        notes.extend(note(
-            SPLITVISOR_NOTE_NAME,
-            SPLITVISOR_ELFNOTE_AP_ENTRY64,
-            &0x10_00dcu64.to_le_bytes(),
-        ));
+        notes.extend(note(SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64, &0x10_00dcu64.to_le_bytes()));
         let elf = elf_with_notes(&notes);
-        assert_eq!(
-            find_note_u64(&elf, SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64),
-            Some(0x10_00dc)
-        );
+        assert_eq!(find_note_u64(&elf, SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64), Some(0x10_00dc));
         assert_eq!(find_note_u64(&elf, SPLITVISOR_NOTE_NAME, 7), None);
     }
 
     #[test]
     fn malformed_notes_are_not_found_and_do_not_panic() {
-        let good = elf_with_notes(&note(
-            SPLITVISOR_NOTE_NAME,
-            SPLITVISOR_ELFNOTE_AP_ENTRY64,
-            &[1; 8],
-        ));
+        let good = elf_with_notes(&note(SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64, &[1; 8]));
         for cut in 0..good.len() {
-            let _ = find_note_u64(
-                &good[..cut],
-                SPLITVISOR_NOTE_NAME,
-                SPLITVISOR_ELFNOTE_AP_ENTRY64,
-            );
+            let _ = find_note_u64(&good[..cut], SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64);
         }
         let mut huge = good.clone();
         huge[120..124].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(
-            find_note_u64(&huge, SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64),
-            None
-        );
+        assert_eq!(find_note_u64(&huge, SPLITVISOR_NOTE_NAME, SPLITVISOR_ELFNOTE_AP_ENTRY64), None);
         assert_eq!(find_note_u64(b"not an elf", b"x", 1), None);
     }
 
@@ -260,8 +222,7 @@ mod tests {
     fn start_info_carries_the_memory_map_and_command_line() {
         let ram = GuestRam::new(32 << 20).unwrap();
         let e820 = ram.e820();
-        let addr =
-            write_pvh_start_info(ram.memory(), "console=ttyS0 splitvisor.vcpus=2", &e820).unwrap();
+        let addr = write_pvh_start_info(ram.memory(), "console=ttyS0 splitvisor.vcpus=2", &e820).unwrap();
         let mem = ram.memory();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
@@ -269,8 +230,7 @@ mod tests {
         let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr)).unwrap();
         assert_eq!((first.addr, first.type_), (0, E820Kind::Ram as u32));
         let mut cmdline = [0u8; 33];
-        mem.read_slice(&mut cmdline, GuestAddress(info.cmdline_paddr))
-            .unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(info.cmdline_paddr)).unwrap();
         assert_eq!(&cmdline[..32], b"console=ttyS0 splitvisor.vcpus=2");
         assert_eq!(cmdline[32], 0);
     }

@@ -78,29 +78,24 @@ impl Vcpu {
         self.index
     }
 
+    /// KVM's statistics of this vCPU, if the kernel offers them.
+    pub fn stats(&self) -> Option<crate::stats::VcpuStats> {
+        crate::stats::VcpuStats::open(&self.fd)
+    }
+
     /// The TSC frequency of this vCPU in kHz, as KVM reports it.
     pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
-        self.fd
-            .get_tsc_khz()
-            .map_err(|source| self.setup_error("read the TSC frequency", source))
+        self.fd.get_tsc_khz().map_err(|source| self.setup_error("read the TSC frequency", source))
     }
 
     fn setup_error(&self, what: &'static str, source: kvm_ioctls::Error) -> VcpuError {
-        VcpuError::Setup {
-            vcpu: self.index,
-            what,
-            source,
-        }
+        VcpuError::Setup { vcpu: self.index, what, source }
     }
 
     /// Sets CPUID (with this vCPU's APIC ID), boot MSRs, the FPU and the local APIC's LINT
     /// pins; then, if given a `boot` state, the registers and a runnable state. Without one,
     /// an application processor waits for the guest's INIT/SIPI, as on real hardware.
-    pub fn configure(
-        &self,
-        supported_cpuid: &CpuId,
-        boot: Option<&BootState>,
-    ) -> Result<(), VcpuError> {
+    pub fn configure(&self, supported_cpuid: &CpuId, boot: Option<&BootState>) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         for entry in cpuid.as_mut_slice() {
             match entry.function {
@@ -111,9 +106,7 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(|e| self.setup_error("set CPUID", e))?;
+        self.fd.set_cpuid2(&cpuid).map_err(|e| self.setup_error("set CPUID", e))?;
 
         let entries = [
             (msr::IA32_SYSENTER_CS, 0),
@@ -128,68 +121,41 @@ impl Vcpu {
             (msr::IA32_MISC_ENABLE, msr::MISC_ENABLE_FAST_STRING),
             (msr::MTRR_DEF_TYPE, msr::MTRR_ENABLE_WRITEBACK),
         ]
-        .map(|(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        });
+        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
         let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Setup {
             vcpu: self.index,
             what: "build the MSR list",
             source: kvm_ioctls::Error::new(libc::EINVAL),
         })?;
-        let written = self
-            .fd
-            .set_msrs(&msrs)
-            .map_err(|e| self.setup_error("set boot MSRs", e))?;
+        let written = self.fd.set_msrs(&msrs).map_err(|e| self.setup_error("set boot MSRs", e))?;
         if written != entries.len() {
-            log::warn!(
-                "vCPU {}: KVM took {written} of {} boot MSRs",
-                self.index,
-                entries.len()
-            );
+            log::warn!("vCPU {}: KVM took {written} of {} boot MSRs", self.index, entries.len());
         }
 
-        self.fd
-            .set_fpu(&boot::fpu())
-            .map_err(|e| self.setup_error("set the FPU", e))?;
+        self.fd.set_fpu(&boot::fpu()).map_err(|e| self.setup_error("set the FPU", e))?;
 
         // LINT0 takes the 8259's ExtINT, LINT1 the NMI, as on a PC.
-        let mut lapic = self
-            .fd
-            .get_lapic()
-            .map_err(|e| self.setup_error("get the local APIC", e))?;
+        let mut lapic = self.fd.get_lapic().map_err(|e| self.setup_error("get the local APIC", e))?;
         for (reg, mode) in [(lapic::LVT0, lapic::EXTINT), (lapic::LVT1, lapic::NMI)] {
             let bytes: &mut [u8] = lapic_bytes(&mut lapic.regs[reg..reg + 4]);
             let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             let value = (value & !lapic::DELIVERY_MODE_MASK) | mode;
             bytes.copy_from_slice(&value.to_le_bytes());
         }
-        self.fd
-            .set_lapic(&lapic)
-            .map_err(|e| self.setup_error("set the local APIC", e))?;
+        self.fd.set_lapic(&lapic).map_err(|e| self.setup_error("set the local APIC", e))?;
 
         let Some(boot) = boot else {
             return Ok(());
         };
-        let mut sregs = self
-            .fd
-            .get_sregs()
-            .map_err(|e| self.setup_error("get segment registers", e))?;
+        let mut sregs = self.fd.get_sregs().map_err(|e| self.setup_error("get segment registers", e))?;
         boot.apply_sregs(&mut sregs);
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(|e| self.setup_error("set segment registers", e))?;
-        self.fd
-            .set_regs(&boot.regs())
-            .map_err(|e| self.setup_error("set registers", e))?;
+        self.fd.set_sregs(&sregs).map_err(|e| self.setup_error("set segment registers", e))?;
+        self.fd.set_regs(&boot.regs()).map_err(|e| self.setup_error("set registers", e))?;
         if self.index != 0 {
             // With an in-kernel local APIC, application processors wait for INIT/SIPI;
             // this one was given its own entry, so it runs at once.
             self.fd
-                .set_mp_state(kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                })
+                .set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
                 .map_err(|e| self.setup_error("make the vCPU runnable", e))?;
         }
         Ok(())
@@ -231,10 +197,7 @@ impl Vcpu {
                     Step::Continue
                 }
                 Err(source) => {
-                    return Err(VcpuError::Run {
-                        vcpu: index,
-                        source,
-                    });
+                    return Err(VcpuError::Run { vcpu: index, source });
                 }
             };
             match step {
@@ -252,34 +215,21 @@ impl Vcpu {
                     });
                 }
                 Step::FailEntry(reason) => {
-                    return Err(VcpuError::FailEntry {
-                        vcpu: index,
-                        reason,
-                        rip: self.rip(),
-                    });
+                    return Err(VcpuError::FailEntry { vcpu: index, reason, rip: self.rip() });
                 }
                 Step::InternalError => {
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
                     // the active member of the exit union.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     let rip = self.rip();
                     return Err(if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
                         VcpuError::EmulationFailure { vcpu: index, rip }
                     } else {
-                        VcpuError::InternalError {
-                            vcpu: index,
-                            suberror,
-                            rip,
-                        }
+                        VcpuError::InternalError { vcpu: index, suberror, rip }
                     });
                 }
                 Step::Unexpected(exit) => {
-                    return Err(VcpuError::UnexpectedExit {
-                        vcpu: index,
-                        exit,
-                        rip: self.rip(),
-                    });
+                    return Err(VcpuError::UnexpectedExit { vcpu: index, exit, rip: self.rip() });
                 }
             }
         }

@@ -31,24 +31,14 @@ impl KvmVm {
     pub fn new() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(|e| VmError::Setup("set the TSS address", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| VmError::Setup("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| VmError::Setup("create the in-kernel PIT", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Setup("set the TSS address", e))?;
+        fd.create_irq_chip().map_err(|e| VmError::Setup("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|e| VmError::Setup("create the in-kernel PIT", e))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Setup("read the supported CPUID", e))?;
-        Ok(Self {
-            kvm,
-            fd,
-            supported_cpuid,
-        })
+        Ok(Self { kvm, fd, supported_cpuid })
     }
 
     /// Most vCPUs KVM allows in one VM.
@@ -73,9 +63,7 @@ impl KvmVm {
 
     /// Delivers writes to `eventfd` as edge interrupts on `gsi`.
     pub fn register_irqfd(&self, eventfd: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(eventfd, gsi)
-            .map_err(|e| VmError::Irqfd { gsi, source: e })
+        self.fd.register_irqfd(eventfd, gsi).map_err(|e| VmError::Irqfd { gsi, source: e })
     }
 
     /// Turns guest writes of the 32-bit value `datamatch` to `addr` into writes of
@@ -98,20 +86,14 @@ impl KvmVm {
             return Err(VmError::NoVcpus);
         }
         if count as usize > max {
-            return Err(VmError::TooManyVcpus {
-                requested: count,
-                max,
-            });
+            return Err(VmError::TooManyVcpus { requested: count, max });
         }
         (0..count)
             .map(|index| {
                 self.fd
                     .create_vcpu(u64::from(index))
                     .map(|fd| Vcpu::new(index, fd))
-                    .map_err(|source| VmError::CreateVcpu {
-                        vcpu: index,
-                        source,
-                    })
+                    .map_err(|source| VmError::CreateVcpu { vcpu: index, source })
             })
             .collect()
     }
@@ -224,9 +206,7 @@ impl VmControl {
 
     /// A handle that ends the VM.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            control: self.control.clone(),
-        }
+        StopHandle { control: self.control.clone() }
     }
 
     /// Starts one thread per vCPU, each dispatching its exits to `buses`.
@@ -236,10 +216,7 @@ impl VmControl {
         REGISTER.call_once(|| registered = register_signal_handler(kick_signal(), kick_handler));
         registered.map_err(VmError::SignalHandler)?;
 
-        let mut running = RunningVm {
-            control: self.control,
-            threads: Vec::new(),
-        };
+        let mut running = RunningVm { control: self.control, threads: Vec::new() };
         for mut vcpu in vcpus {
             let index = vcpu.index();
             let control = running.control.clone();
@@ -251,10 +228,7 @@ impl VmControl {
                         control.finish(Err(e));
                     }
                 })
-                .map_err(|source| VmError::SpawnVcpuThread {
-                    vcpu: index,
-                    source,
-                });
+                .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source });
             match thread {
                 Ok(thread) => running.threads.push((index, thread)),
                 Err(e) => {
@@ -271,9 +245,7 @@ impl VmControl {
 impl RunningVm {
     /// A handle that ends the VM.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            control: self.control.clone(),
-        }
+        StopHandle { control: self.control.clone() }
     }
 
     /// Waits until the VM ends (or `timeout` passes), stops every vCPU and joins its
@@ -284,37 +256,21 @@ impl RunningVm {
             let mut end = self.control.end.lock().unwrap_or_else(|e| e.into_inner());
             while end.is_none() {
                 match deadline {
-                    None => {
-                        end = self
-                            .control
-                            .ended
-                            .wait(end)
-                            .unwrap_or_else(|e| e.into_inner())
-                    }
+                    None => end = self.control.ended.wait(end).unwrap_or_else(|e| e.into_inner()),
                     Some(deadline) => {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
                             *end = Some(Ok(VmEnd::TimedOut));
                             break;
                         }
-                        end = self
-                            .control
-                            .ended
-                            .wait_timeout(end, left)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                        end = self.control.ended.wait_timeout(end, left).unwrap_or_else(|e| e.into_inner()).0;
                     }
                 }
             }
         }
         self.control.stopping.store(true, Ordering::Release);
         self.join_all();
-        let end = self
-            .control
-            .end
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let end = self.control.end.lock().unwrap_or_else(|e| e.into_inner()).take();
         end.unwrap_or(Ok(VmEnd::Stopped))
     }
 
@@ -330,8 +286,7 @@ impl RunningVm {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if thread.join().is_err() {
-                self.control
-                    .finish(Err(VcpuError::Panicked { vcpu: index }));
+                self.control.finish(Err(VcpuError::Panicked { vcpu: index }));
             }
         }
     }

@@ -21,8 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type,
-    features,
+    ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type, features,
 };
 
 /// Bytes per sector: the unit of `sector` and `capacity`, whatever the block size.
@@ -116,32 +115,18 @@ pub struct DiskImage {
 impl DiskImage {
     /// Opens `path`, read-only if `read_only`.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_error)?;
+        let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
+        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_error)?;
         let size = file.metadata().map_err(open_error)?.len();
         if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Unaligned {
-                path: path.to_path_buf(),
-                size,
-            });
+            return Err(BlockError::Unaligned { path: path.to_path_buf(), size });
         }
         Ok(Self::from_file(file, read_only, size / SECTOR_SIZE))
     }
 
     /// Wraps an open file of `sectors` sectors.
     pub fn from_file(file: File, read_only: bool, sectors: u64) -> Self {
-        Self {
-            file,
-            read_only,
-            sectors,
-        }
+        Self { file, read_only, sectors }
     }
 
     /// Capacity in 512-byte sectors.
@@ -170,11 +155,7 @@ struct WorkerHandle {
 impl Block {
     /// A block device on `disk`, answering GET_ID with `id` (truncated to 20 bytes).
     pub fn new(disk: DiskImage, id: &str) -> Self {
-        Self {
-            disk: Arc::new(disk),
-            id: id_bytes(id),
-            worker: None,
-        }
+        Self { disk: Arc::new(disk), id: id_bytes(id), worker: None }
     }
 
     /// The configuration space (virtio_blk_config, up to blk_size).
@@ -221,9 +202,7 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
         let end = start.saturating_add(data.len()).min(config.len());
         data[..end - start].copy_from_slice(&config[start..end]);
     }
@@ -236,10 +215,7 @@ impl VirtioDevice for Block {
         _features: u64,
     ) -> Result<(), ActivateError> {
         self.stop_worker();
-        let active = queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::MissingQueue(0))?;
+        let active = queues.into_iter().next().ok_or(ActivateError::MissingQueue(0))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker = BlockWorker::new(mem, active.queue, interrupt, self.disk.clone(), self.id);
         let kick = active.kick;
@@ -308,15 +284,7 @@ impl BlockWorker {
         disk: Arc<DiskImage>,
         id: [u8; ID_BYTES],
     ) -> Self {
-        Self {
-            mem,
-            queue,
-            interrupt,
-            disk,
-            id,
-            bounce: Vec::new(),
-            broken: false,
-        }
+        Self { mem, queue, interrupt, disk, id, bounce: Vec::new(), broken: false }
     }
 
     /// The queue state (indices included), e.g. to hand over to another worker.
@@ -337,11 +305,9 @@ impl BlockWorker {
         };
         for (fd, token) in [(kick, KICK), (stop, STOP)] {
             use std::os::fd::AsRawFd;
-            if let Err(e) = epoll.ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            ) {
+            if let Err(e) =
+                epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+            {
                 log::error!("virtio-blk: cannot watch an eventfd: {e}");
                 return;
             }
@@ -391,9 +357,7 @@ impl BlockWorker {
         let mut completed = 0;
         loop {
             if self.queue.event_idx_enabled() {
-                self.queue
-                    .disable_notification(&self.mem)
-                    .map_err(QueueError::Broken)?;
+                self.queue.disable_notification(&self.mem).map_err(QueueError::Broken)?;
             }
             // Take every available chain first (several requests per kick). A chain ends at
             // the queue size (loops) or at its first bad descriptor; either way the last
@@ -407,26 +371,16 @@ impl BlockWorker {
                 .collect();
             for (head, descriptors) in requests {
                 let used = self.handle(&descriptors);
-                self.queue
-                    .add_used(&self.mem, head, used)
-                    .map_err(QueueError::Broken)?;
+                self.queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
                 completed += 1;
             }
             if !self.queue.event_idx_enabled()
-                || !self
-                    .queue
-                    .enable_notification(&self.mem)
-                    .map_err(QueueError::Broken)?
+                || !self.queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
             {
                 break;
             }
         }
-        if completed > 0
-            && self
-                .queue
-                .needs_notification(&self.mem)
-                .map_err(QueueError::Broken)?
-        {
+        if completed > 0 && self.queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
             if let Err(e) = self.interrupt.signal_used_buffer() {
                 log::warn!("virtio-blk: cannot interrupt the driver: {e}");
             }
@@ -446,10 +400,7 @@ impl BlockWorker {
         }
         let outcome = self.execute(rest);
         if self.mem.write_obj(outcome.status, status.addr()).is_err() {
-            log::debug!(
-                "virtio-blk: status byte at {:#x} is outside guest memory",
-                status.addr().0
-            );
+            log::debug!("virtio-blk: status byte at {:#x} is outside guest memory", status.addr().0);
             return 0;
         }
         outcome.written.saturating_add(1)
@@ -465,11 +416,8 @@ impl BlockWorker {
         let Ok(kind) = self.mem.read_obj::<u32>(header.addr()) else {
             return Outcome::status(request_status::IOERR);
         };
-        let Some(sector) = header
-            .addr()
-            .0
-            .checked_add(8)
-            .and_then(|addr| self.mem.read_obj::<u64>(GuestAddress(addr)).ok())
+        let Some(sector) =
+            header.addr().0.checked_add(8).and_then(|addr| self.mem.read_obj::<u64>(GuestAddress(addr)).ok())
         else {
             return Outcome::status(request_status::IOERR);
         };
@@ -515,34 +463,17 @@ impl BlockWorker {
         for descriptor in data {
             let len = descriptor.len() as usize;
             self.bounce.resize(len, 0);
-            if let Err(e) = self
-                .disk
-                .file
-                .read_exact_at(&mut self.bounce[..len], offset)
-            {
+            if let Err(e) = self.disk.file.read_exact_at(&mut self.bounce[..len], offset) {
                 log::warn!("virtio-blk: read at {offset} failed: {e}");
-                return Outcome {
-                    status: request_status::IOERR,
-                    written,
-                };
+                return Outcome { status: request_status::IOERR, written };
             }
-            if self
-                .mem
-                .write_slice(&self.bounce[..len], descriptor.addr())
-                .is_err()
-            {
-                return Outcome {
-                    status: request_status::IOERR,
-                    written,
-                };
+            if self.mem.write_slice(&self.bounce[..len], descriptor.addr()).is_err() {
+                return Outcome { status: request_status::IOERR, written };
             }
             offset += len as u64;
             written += descriptor.len();
         }
-        Outcome {
-            status: request_status::OK,
-            written,
-        }
+        Outcome { status: request_status::OK, written }
     }
 
     fn write(&mut self, sector: u64, data: &[Descriptor]) -> Outcome {
@@ -555,11 +486,7 @@ impl BlockWorker {
         for descriptor in data {
             let len = descriptor.len() as usize;
             self.bounce.resize(len, 0);
-            if self
-                .mem
-                .read_slice(&mut self.bounce[..len], descriptor.addr())
-                .is_err()
-            {
+            if self.mem.read_slice(&mut self.bounce[..len], descriptor.addr()).is_err() {
                 return Outcome::status(request_status::IOERR);
             }
             if let Err(e) = self.disk.file.write_all_at(&self.bounce[..len], offset) {
@@ -572,17 +499,11 @@ impl BlockWorker {
     }
 
     fn get_id(&mut self, data: &[Descriptor]) -> Outcome {
-        let Some(buffer) = data
-            .first()
-            .filter(|d| d.is_write_only() && d.len() as usize >= ID_BYTES)
-        else {
+        let Some(buffer) = data.first().filter(|d| d.is_write_only() && d.len() as usize >= ID_BYTES) else {
             return Outcome::status(request_status::IOERR);
         };
         match self.mem.write_slice(&self.id, buffer.addr()) {
-            Ok(()) => Outcome {
-                status: request_status::OK,
-                written: ID_BYTES as u32,
-            },
+            Ok(()) => Outcome { status: request_status::OK, written: ID_BYTES as u32 },
             Err(_) => Outcome::status(request_status::IOERR),
         }
     }
@@ -612,19 +533,8 @@ mod tests {
         let (disk, inspect) = memory_disk(64, read_only);
         let (interrupt, interrupts) = counting_interrupt();
         let queue = DriverQueue::new(&mem, 0x1000, 16).device_queue();
-        let worker = BlockWorker::new(
-            mem.clone(),
-            queue,
-            interrupt,
-            Arc::new(disk),
-            id_bytes("test-disk"),
-        );
-        Rig {
-            mem,
-            inspect,
-            interrupts,
-            worker,
-        }
+        let worker = BlockWorker::new(mem.clone(), queue, interrupt, Arc::new(disk), id_bytes("test-disk"));
+        Rig { mem, inspect, interrupts, worker }
     }
 
     /// Offers header + one data segment + status as request `slot` and runs the worker.
@@ -654,19 +564,13 @@ mod tests {
         let mut driver = DriverQueue::new(&mem, 0x1000, 16);
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
         mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::OUT, 3, 1024, false),
-            request_status::OK
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::OUT, 3, 1024, false), request_status::OK);
         let mut on_disk = vec![0u8; 1024];
         rig.inspect.read_exact_at(&mut on_disk, 3 * 512).unwrap();
         assert_eq!(on_disk, pattern, "acknowledged data is in the image");
 
         mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::IN, 3, 1024, true),
-            request_status::OK
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::IN, 3, 1024, true), request_status::OK);
         let mut read = vec![0u8; 1024];
         mem.read_slice(&mut read, GuestAddress(DATA)).unwrap();
         assert_eq!(read, pattern);
@@ -680,21 +584,12 @@ mod tests {
         let mut rig = rig(false);
         let mem = rig.mem.clone();
         let mut driver = DriverQueue::new(&mem, 0x1000, 16);
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::FLUSH, 0, 0, false),
-            request_status::OK
-        );
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::GET_ID, 0, 20, true),
-            request_status::OK
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::FLUSH, 0, 0, false), request_status::OK);
+        assert_eq!(request(&mut rig, &mut driver, request_type::GET_ID, 0, 20, true), request_status::OK);
         let mut id = [0u8; 20];
         mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id[..9], b"test-disk");
-        assert_eq!(
-            request(&mut rig, &mut driver, 99, 0, 512, true),
-            request_status::UNSUPP
-        );
+        assert_eq!(request(&mut rig, &mut driver, 99, 0, 512, true), request_status::UNSUPP);
     }
 
     #[test]
@@ -703,17 +598,11 @@ mod tests {
         let mem = rig.mem.clone();
         let mut driver = DriverQueue::new(&mem, 0x1000, 16);
         mem.write_slice(&[0xaa; 512], GuestAddress(DATA)).unwrap();
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::OUT, 0, 512, false),
-            request_status::IOERR
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::OUT, 0, 512, false), request_status::IOERR);
         let mut sector = [0u8; 512];
         rig.inspect.read_exact_at(&mut sector, 0).unwrap();
         assert_eq!(sector, [0u8; 512]);
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::IN, 0, 512, true),
-            request_status::OK
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::IN, 0, 512, true), request_status::OK);
     }
 
     #[test]
@@ -721,22 +610,13 @@ mod tests {
         let mut rig = rig(false);
         let mem = rig.mem.clone();
         let mut driver = DriverQueue::new(&mem, 0x1000, 16);
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::IN, 63, 1024, true),
-            request_status::IOERR
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::IN, 63, 1024, true), request_status::IOERR);
         assert_eq!(
             request(&mut rig, &mut driver, request_type::IN, u64::MAX, 512, true),
             request_status::IOERR
         );
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::IN, 0, 100, true),
-            request_status::IOERR
-        );
-        assert_eq!(
-            request(&mut rig, &mut driver, request_type::IN, 63, 512, true),
-            request_status::OK
-        );
+        assert_eq!(request(&mut rig, &mut driver, request_type::IN, 0, 100, true), request_status::IOERR);
+        assert_eq!(request(&mut rig, &mut driver, request_type::IN, 63, 512, true), request_status::OK);
     }
 
     #[test]
@@ -751,10 +631,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(blk_size), 512);
         let mut beyond = [0xffu8; 4];
         block.read_config(1000, &mut beyond);
-        assert_eq!(
-            beyond, [0xff; 4],
-            "reads past the config leave the (zeroed by the transport) buffer"
-        );
+        assert_eq!(beyond, [0xff; 4], "reads past the config leave the (zeroed by the transport) buffer");
         assert_ne!(block.device_features() & features::RING_EVENT_IDX, 0);
         assert_ne!(block.device_features() & features::RING_INDIRECT_DESC, 0);
         assert_eq!(block.device_features() & feature::RO, 0);

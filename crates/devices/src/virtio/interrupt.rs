@@ -28,20 +28,14 @@ pub struct VirtioInterrupt {
 
 impl std::fmt::Debug for VirtioInterrupt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioInterrupt")
-            .field("status", &self.status())
-            .finish_non_exhaustive()
+        f.debug_struct("VirtioInterrupt").field("status", &self.status()).finish_non_exhaustive()
     }
 }
 
 impl VirtioInterrupt {
     /// A device interrupt raised on `line`.
     pub fn new(line: Arc<dyn Interrupt>) -> Self {
-        Self {
-            status: Arc::new(AtomicU32::new(0)),
-            needs_reset: Arc::new(AtomicBool::new(false)),
-            line,
-        }
+        Self { status: Arc::new(AtomicU32::new(0)), needs_reset: Arc::new(AtomicBool::new(false)), line }
     }
 
     /// Signals that a queue has used buffers.

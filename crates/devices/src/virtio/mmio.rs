@@ -115,22 +115,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The Status register, with DEVICE_NEEDS_RESET if a worker found the queue broken.
     pub fn device_status(&self) -> u32 {
-        let worker_failed = if self.interrupt.reset_requested() {
-            status::DEVICE_NEEDS_RESET
-        } else {
-            0
-        };
+        let worker_failed = if self.interrupt.reset_requested() { status::DEVICE_NEEDS_RESET } else { 0 };
         self.device_status | worker_failed
     }
 
     /// The eventfd of each queue's doorbell, with the QueueNotify value (the queue index)
     /// that should ring it: register each as an ioeventfd at `base + QUEUE_NOTIFY_OFFSET`.
     pub fn queue_notify_eventfds(&self) -> Vec<(u32, &EventFd)> {
-        self.queues
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| (i as u32, &slot.kick))
-            .collect()
+        self.queues.iter().enumerate().map(|(i, slot)| (i as u32, &slot.kick)).collect()
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueSlot> {
@@ -140,16 +132,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Queue registers may be written only before the queue is enabled and the driver is ready.
     fn queue_writable(&mut self) -> Option<&mut QueueSlot> {
         let driver_ok = self.device_status & status::DRIVER_OK != 0;
-        self.selected_queue()
-            .filter(|slot| !driver_ok && !slot.queue.ready())
+        self.selected_queue().filter(|slot| !driver_ok && !slot.queue.ready())
     }
 
     /// Marks the device as needing a reset and tells the driver.
     fn needs_reset(&mut self, why: &str) {
-        log::warn!(
-            "virtio device type {}: {why}; device needs reset",
-            self.device.device_type()
-        );
+        log::warn!("virtio device type {}: {why}; device needs reset", self.device.device_type());
         self.device_status |= status::DEVICE_NEEDS_RESET;
         if let Err(e) = self.interrupt.signal_config_change() {
             log::warn!("virtio: cannot signal the configuration change: {e}");
@@ -193,9 +181,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let offered = self.device.device_features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & features::VERSION_1 == 0
-            {
+            if self.driver_features & !offered != 0 || self.driver_features & features::VERSION_1 == 0 {
                 // Not accepted: the driver reads FEATURES_OK back and sees it unset.
                 log::warn!(
                     "virtio: driver features {:#x} not acceptable (offered {offered:#x})",
@@ -242,18 +228,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             };
             queue.set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
             queue.set_ready(true);
-            active.push(ActiveQueue {
-                index: index as u16,
-                queue,
-                kick,
-            });
+            active.push(ActiveQueue { index: index as u16, queue, kick });
         }
-        match self.device.activate(
-            self.mem.clone(),
-            self.interrupt.clone(),
-            active,
-            self.driver_features,
-        ) {
+        match self.device.activate(self.mem.clone(), self.interrupt.clone(), active, self.driver_features) {
             Ok(()) => self.active = true,
             Err(e) => self.needs_reset(&format!("activation failed: {e}")),
         }
@@ -270,12 +247,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 1 => (self.device.device_features() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => self
-                .selected_queue()
-                .map_or(0, |slot| u32::from(slot.queue.max_size())),
-            reg::QUEUE_READY => self
-                .selected_queue()
-                .map_or(0, |slot| u32::from(slot.queue.ready())),
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |slot| u32::from(slot.queue.max_size())),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |slot| u32::from(slot.queue.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.device_status(),
             reg::CONFIG_GENERATION => self.config_generation,
@@ -293,17 +266,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES if features_writable => match self.driver_features_sel {
-                0 => {
-                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
-                }
-                1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                }
-                _ => log::debug!(
-                    "virtio-mmio: driver features page {} ignored",
-                    self.driver_features_sel
-                ),
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                _ => log::debug!("virtio-mmio: driver features page {} ignored", self.driver_features_sel),
             },
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM => {
@@ -363,9 +328,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn notify(&mut self, queue: u32) {
         let status = self.device_status();
         if status & status::DRIVER_OK == 0 || status & status::DEVICE_NEEDS_RESET != 0 {
-            log::debug!(
-                "virtio-mmio: notify of queue {queue} before DRIVER_OK (or after an error) ignored"
-            );
+            log::debug!("virtio-mmio: notify of queue {queue} before DRIVER_OK (or after an error) ignored");
             return;
         }
         match self.queues.get(queue as usize) {
@@ -389,10 +352,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         match <&mut [u8; 4]>::try_from(&mut *data) {
             Ok(word) if offset % 4 == 0 => *word = self.read_register(offset).to_le_bytes(),
             _ => {
-                log::debug!(
-                    "virtio-mmio: {}-byte read at {offset:#x} is not a register access",
-                    data.len()
-                );
+                log::debug!("virtio-mmio: {}-byte read at {offset:#x} is not a register access", data.len());
                 data.fill(0);
             }
         }
@@ -405,10 +365,9 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(word)),
-            _ => log::debug!(
-                "virtio-mmio: {}-byte write at {offset:#x} is not a register access",
-                data.len()
-            ),
+            _ => {
+                log::debug!("virtio-mmio: {}-byte write at {offset:#x} is not a register access", data.len())
+            }
         }
     }
 }

@@ -56,14 +56,7 @@ impl<'a> DriverQueue<'a> {
         let avail_ring = desc_table + 16 * u64::from(size);
         // used_event after the ring, then round up to the used ring's 4-byte alignment.
         let used_ring = (avail_ring + 6 + 2 * u64::from(size) + 3) & !3;
-        Self {
-            mem,
-            size,
-            desc_table,
-            avail_ring,
-            used_ring,
-            avail_idx: 0,
-        }
+        Self { mem, size, desc_table, avail_ring, used_ring, avail_idx: 0 }
     }
 
     /// The queue size.
@@ -93,9 +86,7 @@ impl<'a> DriverQueue<'a> {
 
     /// Sets the available index to anything, as a misbehaving driver might.
     pub fn set_avail_idx(&self, idx: u16) {
-        let _ = self
-            .mem
-            .write_obj(idx.to_le(), GuestAddress(self.avail_ring + 2));
+        let _ = self.mem.write_obj(idx.to_le(), GuestAddress(self.avail_ring + 2));
     }
 
     /// Sets `used_event` (EVENT_IDX): interrupt me when the used index passes it.
@@ -106,23 +97,14 @@ impl<'a> DriverQueue<'a> {
 
     /// The used index the device published.
     pub fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj::<u16>(GuestAddress(self.used_ring + 2))
-            .map(u16::from_le)
-            .unwrap_or(0)
+        self.mem.read_obj::<u16>(GuestAddress(self.used_ring + 2)).map(u16::from_le).unwrap_or(0)
     }
 
     /// Used ring entry `i`: (descriptor head, bytes written).
     pub fn used_elem(&self, i: u16) -> (u32, u32) {
         let at = self.used_ring + 4 + 8 * u64::from(i % self.size);
-        let id = self
-            .mem
-            .read_obj::<u32>(GuestAddress(at))
-            .unwrap_or(u32::MAX);
-        let len = self
-            .mem
-            .read_obj::<u32>(GuestAddress(at + 4))
-            .unwrap_or(u32::MAX);
+        let id = self.mem.read_obj::<u32>(GuestAddress(at)).unwrap_or(u32::MAX);
+        let len = self.mem.read_obj::<u32>(GuestAddress(at + 4)).unwrap_or(u32::MAX);
         (id, len)
     }
 
@@ -130,18 +112,9 @@ impl<'a> DriverQueue<'a> {
     pub fn device_queue(&self) -> Queue {
         let mut queue = Queue::new(self.size.next_power_of_two().max(1)).expect("a power of two");
         queue.set_size(self.size);
-        queue.set_desc_table_address(
-            Some(self.desc_table as u32),
-            Some((self.desc_table >> 32) as u32),
-        );
-        queue.set_avail_ring_address(
-            Some(self.avail_ring as u32),
-            Some((self.avail_ring >> 32) as u32),
-        );
-        queue.set_used_ring_address(
-            Some(self.used_ring as u32),
-            Some((self.used_ring >> 32) as u32),
-        );
+        queue.set_desc_table_address(Some(self.desc_table as u32), Some((self.desc_table >> 32) as u32));
+        queue.set_avail_ring_address(Some(self.avail_ring as u32), Some((self.avail_ring >> 32) as u32));
+        queue.set_used_ring_address(Some(self.used_ring as u32), Some((self.used_ring >> 32) as u32));
         queue.set_ready(true);
         queue
     }
@@ -153,14 +126,7 @@ impl<'a> DriverQueue<'a> {
 }
 
 /// Writes one 16-byte descriptor at `at` (in a table or an indirect table).
-pub fn write_descriptor_at(
-    mem: &GuestMemoryMmap,
-    at: u64,
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-) {
+pub fn write_descriptor_at(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
     let mut raw = [0u8; 16];
     raw[0..8].copy_from_slice(&addr.to_le_bytes());
     raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -185,11 +151,7 @@ pub fn memory_disk(sectors: u64, read_only: bool) -> (super::block::DiskImage, s
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` was just created and nothing else owns it.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(sectors * super::block::SECTOR_SIZE)
-        .expect("size the memfd");
+    file.set_len(sectors * super::block::SECTOR_SIZE).expect("size the memfd");
     let inspect = file.try_clone().expect("duplicate the memfd");
-    (
-        super::block::DiskImage::from_file(file, read_only, sectors),
-        inspect,
-    )
+    (super::block::DiskImage::from_file(file, read_only, sectors), inspect)
 }
