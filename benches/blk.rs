@@ -1,0 +1,216 @@
+//! virtio-blk throughput, side by side in one run: the same `blk-bench` guest ELF and the
+//! same image under splitvisor's monolithic layout and under QEMU microvm with KVM and its
+//! in-process virtio-blk (a peer), and fio on the host file (the limit).
+//!
+//! `cargo bench --bench blk`. Environment: BLK_BENCH_MIB (MiB per 1 MiB workload, default
+//! 64), BLK_BENCH_OPS (requests per 4 KiB workload, default 4000), BLK_BENCH_IMAGE_MIB
+//! (default 256).
+//!
+//! Every row does buffered I/O on the same file: splitvisor's worker uses pread/pwrite,
+//! QEMU runs with its default cache=writeback and aio=threads, fio with psync at queue depth
+//! 1 and io_uring at 16.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use splitvisor::layout::{ConsoleOutput, DiskConfig, VmBuilder, VmReport};
+
+/// The workloads of `blk-bench`, in its order, with fio's names for them.
+const WORKLOADS: [(&str, &str, &str, u32); 8] = [
+    ("seq-read-1M-qd1", "read", "1M", 1),
+    ("seq-write-1M-qd1", "write", "1M", 1),
+    ("rand-read-4K-qd1", "randread", "4k", 1),
+    ("rand-write-4K-qd1", "randwrite", "4k", 1),
+    ("seq-read-1M-qd16", "read", "1M", 16),
+    ("seq-write-1M-qd16", "write", "1M", 16),
+    ("rand-read-4K-qd16", "randread", "4k", 16),
+    ("rand-write-4K-qd16", "randwrite", "4k", 16),
+];
+
+/// One workload's result: (IOPS, MB/s).
+type Figures = BTreeMap<String, (f64, f64)>;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Parses blk-bench's result lines; `tsc_khz` converts ticks when the guest had no kvm-clock.
+fn parse(console: &str, tsc_khz: Option<f64>) -> Figures {
+    let mut figures = Figures::new();
+    for line in console.lines().filter(|l| l.starts_with("blk-bench: ") && l.contains(" ops=")) {
+        let mut words = line["blk-bench: ".len()..].split(' ');
+        let name = words.next().unwrap().to_string();
+        let fields: BTreeMap<&str, f64> =
+            words.filter_map(|w| w.split_once('=')).filter_map(|(k, v)| Some((k, v.parse().ok()?))).collect();
+        let ns = match (fields.get("ns"), tsc_khz) {
+            (Some(ns), _) => *ns,
+            (None, Some(khz)) => fields["ticks"] * 1e6 / khz,
+            (None, None) => continue,
+        };
+        figures.insert(name, (fields["ops"] * 1e9 / ns, fields["bytes"] * 1e3 / ns));
+    }
+    figures
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn splitvisor_run(image: &Path, cmdline: &str) -> (VmReport, String) {
+    let console = Capture::default();
+    let report = VmBuilder::new(splitvisor::guests::find("blk-bench").unwrap().elf)
+        .memory(256 << 20)
+        .cmdline(cmdline)
+        .disk(DiskConfig { path: image.to_path_buf(), read_only: false })
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(600)))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    assert!(report.guest_result.as_ref().is_some_and(|r| r.passed()), "blk-bench failed:\n{text}");
+    (report, text)
+}
+
+fn qemu_run(elf: &Path, image: &Path, cmdline: &str) -> Option<String> {
+    let output = splitvisor::guests::qemu_microvm_command(elf, 256, Some(cmdline), &[(image, false)])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if text.contains("SPLITVISOR-RESULT: PASS") {
+        Some(text)
+    } else {
+        eprintln!("QEMU run failed:\n{text}");
+        None
+    }
+}
+
+fn json_number(json: &str, after: &str, key: &str) -> Option<f64> {
+    let section = &json[json.find(after)?..];
+    let at = section.find(&format!("\"{key}\" : "))? + key.len() + 5;
+    section[at..].split([',', '\n']).next()?.trim().parse().ok()
+}
+
+/// fio on the image, each workload for two seconds (short runs would time fio's start-up).
+fn fio_run(image: &Path, image_bytes: u64) -> Option<Figures> {
+    let mut figures = Figures::new();
+    for (name, rw, bs, depth) in WORKLOADS {
+        let engine = if depth == 1 { "psync" } else { "io_uring" };
+        let output = Command::new("fio")
+            .args(["--name=bench", "--output-format=json", "--direct=0", "--randrepeat=1"])
+            .arg(format!("--filename={}", image.display()))
+            .arg(format!("--rw={rw}"))
+            .arg(format!("--bs={bs}"))
+            .arg(format!("--iodepth={depth}"))
+            .arg(format!("--ioengine={engine}"))
+            .arg(format!("--size={image_bytes}"))
+            .args(["--time_based", "--runtime=2"])
+            .output()
+            .ok()?;
+        let json = String::from_utf8_lossy(&output.stdout);
+        let direction = if rw.contains("read") { "\"read\" : {" } else { "\"write\" : {" };
+        let iops = json_number(&json, direction, "iops")?;
+        let bytes_per_second = json_number(&json, direction, "bw_bytes")?;
+        figures.insert(name.to_string(), (iops, bytes_per_second / 1e6));
+    }
+    Some(figures)
+}
+
+fn main() -> ExitCode {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        eprintln!("blk bench: /dev/kvm is not available; nothing to measure");
+        return ExitCode::FAILURE;
+    }
+    let mib = env_u64("BLK_BENCH_MIB", 64);
+    let ops = env_u64("BLK_BENCH_OPS", 4000);
+    let image_mib = env_u64("BLK_BENCH_IMAGE_MIB", 256);
+    let dir = std::env::temp_dir().join(format!("splitvisor-blk-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    {
+        // Allocated, not sparse: every row reads real blocks.
+        let mut file = std::fs::File::create(&image).unwrap();
+        let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        for _ in 0..image_mib {
+            file.write_all(&chunk).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    let elf = dir.join("blk-bench.elf");
+    std::fs::write(&elf, splitvisor::guests::find("blk-bench").unwrap().elf).unwrap();
+    let cmdline = format!("blk_bench.mib={mib} blk_bench.ops={ops}");
+
+    // splitvisor: the full run, and a one-request-per-workload run to take boot out of the
+    // exit counts.
+    let (report, console) = splitvisor_run(&image, &cmdline);
+    let (baseline, _) = splitvisor_run(&image, "blk_bench.mib=1 blk_bench.ops=1");
+    let tsc_khz = report.tsc_khz.map(f64::from);
+    let ours = parse(&console, tsc_khz);
+    let qemu = qemu_run(&elf, &image, &cmdline).map(|text| parse(&text, tsc_khz));
+    let fio = fio_run(&image, image_mib << 20);
+    if qemu.is_none() {
+        eprintln!("blk bench: QEMU row missing (is qemu-system-x86 installed?)");
+    }
+    if fio.is_none() {
+        eprintln!("blk bench: fio row missing (is fio installed?)");
+    }
+
+    println!("\n## blk-bench: the same guest ELF and {image_mib} MiB image (IOPS / MB/s)\n");
+    println!("| workload | splitvisor | QEMU microvm | fio (host) | splitvisor / QEMU | splitvisor / fio |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let cell =
+        |f: Option<&(f64, f64)>| f.map_or("n/a".to_string(), |(iops, mbps)| format!("{iops:.0} / {mbps:.1}"));
+    for (name, ..) in WORKLOADS {
+        let ours = ours.get(name);
+        let theirs = qemu.as_ref().and_then(|q| q.get(name));
+        let limit = fio.as_ref().and_then(|f| f.get(name));
+        let ratio = |other: Option<&(f64, f64)>| match (ours, other) {
+            (Some(a), Some(b)) => format!("{:.3}", a.0 / b.0),
+            _ => "n/a".to_string(),
+        };
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            cell(ours),
+            cell(theirs),
+            cell(limit),
+            ratio(theirs),
+            ratio(limit)
+        );
+    }
+
+    let requests = (4 * mib + 4 * ops) as f64;
+    let baseline_requests = 8.0;
+    let per_request =
+        |full: u64, base: u64| (full.saturating_sub(base)) as f64 / (requests - baseline_requests);
+    println!("\n## splitvisor exits per request (boot subtracted with a one-request run)\n");
+    println!("| exits | per request |");
+    println!("|---|---:|");
+    println!(
+        "| to the VMM process (PIO + MMIO) | {:.3} |",
+        per_request(report.pio_exits + report.mmio_exits, baseline.pio_exits + baseline.mmio_exits)
+    );
+    for (name, value) in &report.kvm_exits {
+        let base = baseline.kvm_exits.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        println!("| KVM `{name}` | {:.3} |", per_request(*value, base));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    ExitCode::SUCCESS
+}
