@@ -9,6 +9,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub trait Interrupt: Send + Sync {
     /// Raises the interrupt once.
     fn trigger(&self) -> io::Result<()>;
+
+    /// The eventfd behind the line, if there is one: another process (a driver partition)
+    /// can then raise the interrupt itself, straight into KVM.
+    fn eventfd(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// An interrupt delivered through an eventfd: registered with KVM as an irqfd it goes
@@ -31,7 +37,7 @@ impl EventFdInterrupt {
     }
 
     /// The eventfd, to register as an irqfd or to pass on.
-    pub fn eventfd(&self) -> &EventFd {
+    pub fn irqfd(&self) -> &EventFd {
         &self.eventfd
     }
 }
@@ -39,6 +45,10 @@ impl EventFdInterrupt {
 impl Interrupt for EventFdInterrupt {
     fn trigger(&self) -> io::Result<()> {
         self.eventfd.write(1)
+    }
+
+    fn eventfd(&self) -> Option<&EventFd> {
+        Some(&self.eventfd)
     }
 }
 
@@ -71,6 +81,10 @@ impl<T: Interrupt + ?Sized> Interrupt for std::sync::Arc<T> {
     fn trigger(&self) -> io::Result<()> {
         (**self).trigger()
     }
+
+    fn eventfd(&self) -> Option<&EventFd> {
+        (**self).eventfd()
+    }
 }
 
 #[cfg(test)]
@@ -82,7 +96,7 @@ mod tests {
         let irq = EventFdInterrupt::new().unwrap();
         irq.trigger().unwrap();
         irq.trigger().unwrap();
-        assert_eq!(irq.eventfd().read().unwrap(), 2);
+        assert_eq!(irq.irqfd().read().unwrap(), 2);
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl VmBuilder {
             ConsoleOutput::Discard => Box::new(io::sink()),
         };
         let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
-        kvm.register_irqfd(com1_irq.eventfd(), COM1_IRQ)?;
+        kvm.register_irqfd(com1_irq.irqfd(), COM1_IRQ)?;
         let serial = Arc::new(Mutex::new(Serial::new(com1_irq, ConsoleTap::new(output, console.clone()))));
         let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_line)));
@@ -303,7 +303,7 @@ fn add_disk(
     let base = allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
     let irq = allocator.allocate_irq()?;
     let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
-    kvm.register_irqfd(line.eventfd(), irq)?;
+    kvm.register_irqfd(line.irqfd(), irq)?;
     let transport =
         MmioTransport::new(Block::new(image, &format!("splitvisor-vd{index}")), ram.memory().clone(), line)
             .map_err(Error::EventFd)?;

@@ -140,6 +140,30 @@ impl DiskImage {
     }
 }
 
+/// The features a virtio-blk device on `disk` offers.
+pub fn device_features(disk: &DiskImage) -> u64 {
+    let ro = if disk.read_only { feature::RO } else { 0 };
+    features::VERSION_1
+        | features::RING_EVENT_IDX
+        | features::RING_INDIRECT_DESC
+        | feature::SIZE_MAX
+        | feature::SEG_MAX
+        | feature::BLK_SIZE
+        | feature::FLUSH
+        | ro
+}
+
+/// The configuration space of a virtio-blk device on `disk` (virtio_blk_config up to
+/// blk_size: capacity, size_max, seg_max, geometry (not offered), blk_size).
+pub fn config_space(disk: &DiskImage) -> [u8; 24] {
+    let mut config = [0u8; 24];
+    config[0..8].copy_from_slice(&disk.sectors.to_le_bytes());
+    config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+    config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    config
+}
+
 /// The virtio-blk device: configuration space and features; workers serve the queue.
 pub struct Block {
     disk: Arc<DiskImage>,
@@ -158,15 +182,8 @@ impl Block {
         Self { disk: Arc::new(disk), id: id_bytes(id), worker: None }
     }
 
-    /// The configuration space (virtio_blk_config, up to blk_size).
     fn config(&self) -> [u8; 24] {
-        let mut config = [0u8; 24];
-        config[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
-        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        // 16..20: geometry, not offered.
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        config
+        config_space(&self.disk)
     }
 
     fn stop_worker(&mut self) {
@@ -189,15 +206,7 @@ impl VirtioDevice for Block {
     }
 
     fn device_features(&self) -> u64 {
-        let ro = if self.disk.read_only { feature::RO } else { 0 };
-        features::VERSION_1
-            | features::RING_EVENT_IDX
-            | features::RING_INDIRECT_DESC
-            | feature::SIZE_MAX
-            | feature::SEG_MAX
-            | feature::BLK_SIZE
-            | feature::FLUSH
-            | ro
+        device_features(&self.disk)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -266,13 +275,29 @@ impl Outcome {
 /// Needs only guest memory, the queue, the interrupt and the image, so that it can run
 /// wherever guest memory is mapped.
 pub struct BlockWorker {
-    mem: GuestMemoryMmap,
+    requests: BlockRequests,
     queue: Queue,
     interrupt: VirtioInterrupt,
+    broken: bool,
+}
+
+/// The request engine of virtio-blk: takes requests off a queue, executes them on the
+/// image and returns them. Shared by the in-process [`BlockWorker`] and the vhost-user
+/// backend of a driver partition, which owns its queues differently.
+pub struct BlockRequests {
+    mem: GuestMemoryMmap,
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
-    broken: bool,
+}
+
+/// What one pass over a queue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Processed {
+    /// Requests completed (put in the used ring).
+    pub completed: usize,
+    /// The driver asked to be interrupted (EVENT_IDX, or no suppression).
+    pub notify: bool,
 }
 
 impl BlockWorker {
@@ -284,7 +309,7 @@ impl BlockWorker {
         disk: Arc<DiskImage>,
         id: [u8; ID_BYTES],
     ) -> Self {
-        Self { mem, queue, interrupt, disk, id, bounce: Vec::new(), broken: false }
+        Self { requests: BlockRequests::new(mem, disk, id), queue, interrupt, broken: false }
     }
 
     /// The queue state (indices included), e.g. to hand over to another worker.
@@ -354,38 +379,55 @@ impl BlockWorker {
     /// Handles every available request, then interrupts the driver if it wants to be.
     /// Returns how many requests were completed.
     pub fn process_queue(&mut self) -> Result<usize, QueueError> {
+        let processed = self.requests.process_queue(&mut self.queue)?;
+        if processed.notify {
+            if let Err(e) = self.interrupt.signal_used_buffer() {
+                log::warn!("virtio-blk: cannot interrupt the driver: {e}");
+            }
+        }
+        Ok(processed.completed)
+    }
+}
+
+impl BlockRequests {
+    /// Requests on `disk` in guest memory `mem`, answering GET_ID with `id`.
+    pub fn new(mem: GuestMemoryMmap, disk: Arc<DiskImage>, id: [u8; ID_BYTES]) -> Self {
+        Self { mem, disk, id, bounce: Vec::new() }
+    }
+
+    /// Guest memory changed (a vhost-user frontend sent a new memory table).
+    pub fn set_memory(&mut self, mem: GuestMemoryMmap) {
+        self.mem = mem;
+    }
+
+    /// Handles every available request of `queue`; says whether the driver wants an
+    /// interrupt for them.
+    pub fn process_queue(&mut self, queue: &mut Queue) -> Result<Processed, QueueError> {
         let mut completed = 0;
         loop {
-            if self.queue.event_idx_enabled() {
-                self.queue.disable_notification(&self.mem).map_err(QueueError::Broken)?;
+            if queue.event_idx_enabled() {
+                queue.disable_notification(&self.mem).map_err(QueueError::Broken)?;
             }
             // Take every available chain first (several requests per kick). A chain ends at
             // the queue size (loops) or at its first bad descriptor; either way the last
             // descriptor collected then still claims a successor, which `handle` refuses.
             let mem = self.mem.clone();
-            let requests: Vec<(u16, Vec<Descriptor>)> = self
-                .queue
+            let requests: Vec<(u16, Vec<Descriptor>)> = queue
                 .iter(&mem)
                 .map_err(QueueError::Broken)?
                 .map(|chain| (chain.head_index(), chain.collect()))
                 .collect();
             for (head, descriptors) in requests {
                 let used = self.handle(&descriptors);
-                self.queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
+                queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
                 completed += 1;
             }
-            if !self.queue.event_idx_enabled()
-                || !self.queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
-            {
+            if !queue.event_idx_enabled() || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)? {
                 break;
             }
         }
-        if completed > 0 && self.queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
-            if let Err(e) = self.interrupt.signal_used_buffer() {
-                log::warn!("virtio-blk: cannot interrupt the driver: {e}");
-            }
-        }
-        Ok(completed)
+        let notify = completed > 0 && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        Ok(Processed { completed, notify })
     }
 
     /// Executes one request; returns the length for the used ring.
