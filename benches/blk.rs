@@ -76,7 +76,7 @@ fn splitvisor_run(image: &Path, cmdline: &str) -> (VmReport, String) {
     let report = VmBuilder::new(splitvisor::guests::find("blk-bench").unwrap().elf)
         .memory(256 << 20)
         .cmdline(cmdline)
-        .disk(DiskConfig { path: image.to_path_buf(), read_only: false })
+        .disk(DiskConfig::Image { path: image.to_path_buf(), read_only: false })
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(600)))
         .build()

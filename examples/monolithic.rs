@@ -10,5 +10,5 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    splitvisor::cli::main("monolithic", process_start)
+    splitvisor::cli::main("monolithic", splitvisor::layout::Layout::monolithic(), process_start)
 }

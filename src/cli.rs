@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use splitvisor_layout::DiskConfig;
+use splitvisor_layout::{DiskConfig, DriverProgram, Layout, Placement};
 
 /// Run one of splitvisor's guest programs on KVM.
 #[derive(Debug, Parser)]
@@ -19,8 +19,9 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// A raw disk image for a virtio-blk device; `,ro` makes it read-only. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    /// A virtio-blk disk: a raw image (`,ro`: read-only), or `vhost-user:SOCKET` for an
+    /// external vhost-user-blk backend. Repeatable.
+    #[arg(long = "disk", value_name = "PATH[,ro]|vhost-user:SOCKET")]
     pub disks: Vec<DiskConfig>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
@@ -37,6 +38,12 @@ pub struct VmArgs {
     /// Print exits and accesses per device when the VM ends.
     #[arg(long)]
     pub stats: bool,
+    /// Print where every device runs (and partition PIDs) before starting the VM.
+    #[arg(long)]
+    pub layout: bool,
+    /// Override one device's placement: `disk0=partition`, `disk1=hypervisor`. Repeatable.
+    #[arg(long = "place", value_name = "DEVICE=WHERE", value_parser = parse_placement)]
+    pub placements: Vec<(String, Placement)>,
     /// List the embedded guest programs and exit.
     #[arg(long)]
     pub list_guests: bool,
@@ -62,6 +69,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     number.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
+}
+
+fn parse_placement(text: &str) -> Result<(String, Placement), String> {
+    let (device, place) = text.split_once('=').ok_or_else(|| format!("'{text}' is not DEVICE=WHERE"))?;
+    let placement = match place {
+        "hypervisor" => Placement::InHypervisor,
+        "partition" => Placement::Partition,
+        other => return Err(format!("unknown placement '{other}' (use hypervisor or partition)")),
+    };
+    Ok((device.to_string(), placement))
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -117,9 +134,10 @@ mod tests {
     fn disks_parse_with_an_optional_read_only_flag() {
         let args = VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "b,c.img,ro"]).unwrap();
         assert_eq!(args.disks.len(), 2);
-        assert!(!args.disks[0].read_only);
-        assert_eq!(args.disks[1].path, PathBuf::from("b,c.img"));
-        assert!(args.disks[1].read_only);
+        assert_eq!(args.disks[0], DiskConfig::Image { path: "a.img".into(), read_only: false });
+        assert_eq!(args.disks[1], DiskConfig::Image { path: "b,c.img".into(), read_only: true });
+        let args = VmArgs::try_parse_from(["m", "--disk", "vhost-user:/run/blk.sock"]).unwrap();
+        assert_eq!(args.disks[0], DiskConfig::VhostUser { socket: "/run/blk.sock".into() });
         assert!(VmArgs::try_parse_from(["m", "--disk", "a.img,rx"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--disk", ",ro"]).is_err());
     }
@@ -152,14 +170,30 @@ use std::time::Instant;
 use splitvisor_layout::{ConsoleOutput, VmBuilder, VmReport};
 use splitvisor_vcpu::VmEnd;
 
-/// Parses the command line, runs the VM and turns the outcome into an exit status,
-/// printing one line to stderr for any error. `program` names the tool in messages.
-pub fn main(program: &str, process_start: Instant) -> ExitCode {
-    main_from(program, std::env::args_os(), process_start)
+/// The sub-command under which a program built on this module runs as a driver partition
+/// when no `splitvisor-driver` binary is around (see [`DriverProgram`]).
+pub const DRIVER_SUBCOMMAND: &str = "__splitvisor-driver";
+
+/// Parses the command line, runs the VM with devices placed by `layout` and turns the
+/// outcome into an exit status, printing one line to stderr for any error. `program` names
+/// the tool in messages. Started as `PROGRAM __splitvisor-driver ...`, it is a driver
+/// partition instead.
+pub fn main(program: &str, layout: Layout, process_start: Instant) -> ExitCode {
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(DRIVER_SUBCOMMAND) {
+        return match splitvisor_isolation::driver::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{program} (driver partition): error: {e}");
+                ExitCode::from(exit_status::SETUP_ERROR)
+            }
+        };
+    }
+    main_from(program, layout, std::env::args_os(), process_start)
 }
 
 /// [`main`] with the arguments given (the first one is the program name).
-pub fn main_from<I, T>(program: &str, args: I, process_start: Instant) -> ExitCode
+pub fn main_from<I, T>(program: &str, layout: Layout, args: I, process_start: Instant) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -185,7 +219,7 @@ where
         }
         return ExitCode::from(exit_status::PASS);
     }
-    match run(&args, process_start) {
+    match run(&args, layout, process_start) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("{program}: error: {e}");
@@ -216,8 +250,9 @@ pub enum RunError {
     CtrlC(#[from] ctrlc::Error),
 }
 
-/// Builds and runs the VM `args` describe; returns the exit status.
-pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
+/// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`);
+/// returns the exit status.
+pub fn run(args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, RunError> {
     let guest = splitvisor_guests::find(&args.guest).ok_or_else(|| RunError::UnknownGuest {
         name: args.guest.clone(),
         available: splitvisor_guests::names().join(", "),
@@ -226,7 +261,17 @@ pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
         Some(path) => ConsoleOutput::File(path.clone()),
         None => ConsoleOutput::Stdout,
     };
-    let mut builder = VmBuilder::new(guest.elf);
+    let layout = args.placements.iter().fold(layout, |layout, (device, place)| layout.with(device, *place));
+    // Partitions run splitvisor-driver if it is around, else this very program as one.
+    let driver = DriverProgram::find().or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .map(|path| DriverProgram { path, prefix: vec![DRIVER_SUBCOMMAND.to_string()] })
+    });
+    let mut builder = VmBuilder::new(guest.elf).layout(layout);
+    if let Some(driver) = driver {
+        builder = builder.driver(driver);
+    }
     for disk in &args.disks {
         builder = builder.disk(disk.clone());
     }
@@ -238,6 +283,18 @@ pub fn run(args: &VmArgs, process_start: Instant) -> Result<u8, RunError> {
         .console_input(true)
         .timeout(args.timeout)
         .build()?;
+    if args.layout {
+        eprintln!("{:<8} {:<12} {:<18} partition", "device", "kind", "placement");
+        for placed in vm.placements() {
+            eprintln!(
+                "{:<8} {:<12} {:<18} {}",
+                placed.device,
+                placed.kind,
+                placed.placement.to_string(),
+                placed.partition.as_deref().unwrap_or("-")
+            );
+        }
+    }
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop())?;
     let report = vm.run()?;

@@ -9,7 +9,8 @@
 //! | [`vcpu`] | splitvisor-vcpu | KVM VM and vCPUs, boot state, run loop |
 //! | [`devices`] | splitvisor-devices | device emulators (8250, i8042) |
 //! | [`guests`] | splitvisor-guests | the project's own PVH guest programs |
-//! | [`layout`] | splitvisor-layout | assembling a VM from a description |
+//! | [`isolation`] | splitvisor-isolation | driver partitions: vhost-user, spawning, sandbox, supervision |
+//! | [`layout`] | splitvisor-layout | placement policies and assembling a VM from a description |
 //!
 //! [`cli`] holds the command line shared by the `monolithic` and `microkernel` examples.
 //!
@@ -33,6 +34,7 @@ pub mod cli;
 pub use splitvisor_bus as bus;
 pub use splitvisor_devices as devices;
 pub use splitvisor_guests as guests;
+pub use splitvisor_isolation as isolation;
 pub use splitvisor_layout as layout;
 pub use splitvisor_memory as memory;
 pub use splitvisor_vcpu as vcpu;

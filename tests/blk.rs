@@ -23,7 +23,7 @@ fn run_blk_verify(
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(120)));
     for (image, read_only) in disks {
-        builder = builder.disk(DiskConfig { path: image.0.clone(), read_only: *read_only });
+        builder = builder.disk(DiskConfig::Image { path: image.0.clone(), read_only: *read_only });
     }
     (builder.build().unwrap().run(), console.text())
 }
@@ -78,7 +78,7 @@ fn a_missing_image_is_a_typed_error() {
         return;
     }
     let err = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
-        .disk(DiskConfig { path: "/nonexistent/disk.img".into(), read_only: false })
+        .disk(DiskConfig::Image { path: "/nonexistent/disk.img".into(), read_only: false })
         .build()
         .unwrap_err();
     assert!(matches!(err, Error::Disk(_)), "{err}");

@@ -22,9 +22,11 @@
 //! ```
 
 pub mod console;
+mod placement;
 mod vm;
 
 pub use console::{ConsoleState, ConsoleTap};
+pub use placement::{DevicePlacement, DriverProgram, Layout, Placement};
 pub use vm::{BusReport, ConsoleOutput, DiskConfig, Vm, VmBuilder, VmReport};
 
 use splitvisor_bus::{AllocatorError, BusError};
@@ -78,6 +80,21 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] splitvisor_devices::virtio::block::BlockError),
+    /// A driver partition could not be started.
+    #[error(transparent)]
+    Partition(#[from] splitvisor_isolation::partition::PartitionError),
+    /// A vhost-user backend could not be reached or refused us.
+    #[error("{device}: {source}")]
+    VhostUser {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        #[source]
+        source: splitvisor_isolation::frontend::FrontendError,
+    },
+    /// A device must run in a driver partition, but no driver program was found.
+    #[error("{0} runs in a driver partition, but splitvisor-driver was not found (set SPLITVISOR_DRIVER or build it: cargo build --release --bin splitvisor-driver)")]
+    NoDriverProgram(String),
     /// Creating an eventfd failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use splitvisor_bus::{
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
 use splitvisor_devices::virtio::block::{Block, DiskImage};
-use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
+use splitvisor_isolation::frontend::VhostUserBlk;
+use splitvisor_isolation::partition::{BlockPartitionSpec, Partition, Supervisor};
 use splitvisor_guests::GuestResult;
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
@@ -25,6 +27,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
 use crate::console::{ConsoleState, ConsoleTap};
+use crate::placement::{DevicePlacement, DriverProgram, Layout, Placement};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
 const FIRST_DEVICE_IRQ: u32 = 5;
@@ -55,18 +58,33 @@ impl std::fmt::Debug for ConsoleOutput {
 
 /// A virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// The raw image file.
-    pub path: PathBuf,
-    /// Refuse the guest's writes.
-    pub read_only: bool,
+pub enum DiskConfig {
+    /// A raw image file, served by splitvisor's own virtio-blk, placed by the [`Layout`].
+    Image {
+        /// The image.
+        path: PathBuf,
+        /// Refuse the guest's writes.
+        read_only: bool,
+    },
+    /// An external vhost-user-blk backend listening on `socket` (splitvisor-driver started
+    /// by hand, qemu-storage-daemon, ...).
+    VhostUser {
+        /// The backend's socket.
+        socket: PathBuf,
+    },
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// `PATH` or `PATH,ro`.
+    /// `PATH`, `PATH,ro` or `vhost-user:SOCKET`.
     fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(socket) = text.strip_prefix("vhost-user:") {
+            if socket.is_empty() {
+                return Err("empty vhost-user socket path".to_string());
+            }
+            return Ok(Self::VhostUser { socket: PathBuf::from(socket) });
+        }
         let (path, read_only) = match text.rsplit_once(',') {
             Some((path, "ro")) => (path, true),
             Some((path, "rw")) => (path, false),
@@ -78,7 +96,7 @@ impl std::str::FromStr for DiskConfig {
         if path.is_empty() {
             return Err("empty disk path".to_string());
         }
-        Ok(Self { path: PathBuf::from(path), read_only })
+        Ok(Self::Image { path: PathBuf::from(path), read_only })
     }
 }
 
@@ -100,6 +118,9 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     extra: Vec<ExtraDevice>,
     disks: Vec<DiskConfig>,
+    layout: Layout,
+    driver: Option<DriverProgram>,
+    partition_escape: Option<PathBuf>,
 }
 
 impl VmBuilder {
@@ -115,7 +136,30 @@ impl VmBuilder {
             timeout: None,
             extra: Vec::new(),
             disks: Vec::new(),
+            layout: Layout::monolithic(),
+            driver: None,
+            partition_escape: None,
         }
+    }
+
+    /// Where each device runs (default: [`Layout::monolithic`]).
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The program driver partitions run (default: [`DriverProgram::find`]).
+    pub fn driver(mut self, driver: DriverProgram) -> Self {
+        self.driver = Some(driver);
+        self
+    }
+
+    /// Test hook: every driver partition tries to open `path` once sandboxed, which the
+    /// sandbox answers by killing it.
+    #[doc(hidden)]
+    pub fn partition_escape_test(mut self, path: &Path) -> Self {
+        self.partition_escape = Some(path.to_path_buf());
+        self
     }
 
     /// Adds a virtio-blk disk (virtio-mmio; announced on the command line).
@@ -229,12 +273,28 @@ impl VmBuilder {
             }
         }
         let mut cmdline = self.cmdline.clone();
+        let mut placements = vec![
+            DevicePlacement { device: "com1".into(), kind: "8250".into(), placement: Placement::InHypervisor, partition: None },
+            DevicePlacement { device: "i8042".into(), kind: "i8042".into(), placement: Placement::InHypervisor, partition: None },
+        ];
+        let mut supervisors = Vec::new();
+        let needs_driver = self.disks.iter().enumerate().any(|(index, disk)| {
+            matches!(disk, DiskConfig::Image { .. }) && self.layout.placement(&format!("disk{index}")) == Placement::Partition
+        });
+        let mut context = DeviceContext {
+            kvm: &kvm,
+            ram: &ram,
+            mmio: &mmio,
+            allocator: &mut allocator,
+            layout: &self.layout,
+            driver: self.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten()),
+            escape: self.partition_escape.clone(),
+        };
         for (index, disk) in self.disks.iter().enumerate() {
-            let placed = add_disk(&kvm, &ram, &mmio, &mut allocator, index, disk)?;
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}@{:#x}:{}",
-                MMIO_REGION_SIZE, placed.base, placed.irq
-            ));
+            let placed = context.add_disk(index, disk)?;
+            cmdline.push_str(&format!(" virtio_mmio.device={}@{:#x}:{}", MMIO_REGION_SIZE, placed.base, placed.irq));
+            placements.push(placed.placement);
+            supervisors.extend(placed.supervisor);
         }
 
         let cmdline = format!("{cmdline} splitvisor.vcpus={}", self.vcpus).trim().to_string();
@@ -256,6 +316,8 @@ impl VmBuilder {
             created: Instant::now(),
             tsc_khz,
             vcpu_stats,
+            placements,
+            supervisors,
         })
     }
 }
@@ -287,34 +349,92 @@ fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info:
 struct PlacedDevice {
     base: u64,
     irq: u32,
+    placement: DevicePlacement,
+    supervisor: Option<Supervisor>,
 }
 
-/// Places disk `index` as a virtio-mmio virtio-blk device: MMIO space and an IRQ from the
-/// allocator, an irqfd for its interrupt, an ioeventfd for its doorbell.
-fn add_disk(
-    kvm: &KvmVm,
-    ram: &GuestRam,
-    mmio: &Bus,
-    allocator: &mut ResourceAllocator,
-    index: usize,
-    disk: &DiskConfig,
-) -> Result<PlacedDevice, Error> {
-    let image = DiskImage::open(&disk.path, disk.read_only)?;
-    let base = allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
-    let irq = allocator.allocate_irq()?;
-    let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
-    kvm.register_irqfd(line.irqfd(), irq)?;
-    let transport =
-        MmioTransport::new(Block::new(image, &format!("splitvisor-vd{index}")), ram.memory().clone(), line)
-            .map_err(Error::EventFd)?;
-    for (queue, eventfd) in transport.queue_notify_eventfds() {
-        kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
+/// What placing devices needs from the VM being built.
+struct DeviceContext<'a> {
+    kvm: &'a KvmVm,
+    ram: &'a GuestRam,
+    mmio: &'a Bus,
+    allocator: &'a mut ResourceAllocator,
+    layout: &'a Layout,
+    driver: Option<DriverProgram>,
+    escape: Option<PathBuf>,
+}
+
+impl DeviceContext<'_> {
+    /// Places disk `index`: in the hypervisor, in a driver partition, or on an external
+    /// vhost-user backend, as the layout and the disk say.
+    fn add_disk(&mut self, index: usize, disk: &DiskConfig) -> Result<PlacedDevice, Error> {
+        let device = format!("disk{index}");
+        let base = self.allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
+        let irq = self.allocator.allocate_irq()?;
+        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+        self.kvm.register_irqfd(line.irqfd(), irq)?;
+        let mem = self.ram.memory().clone();
+        let placement = |placement, partition| DevicePlacement {
+            device: device.clone(),
+            kind: "virtio-blk".to_string(),
+            placement,
+            partition,
+        };
+        let (placed, supervisor) = match disk {
+            DiskConfig::Image { path, read_only } if self.layout.placement(&device) == Placement::InHypervisor => {
+                let image = DiskImage::open(path, *read_only)?;
+                let block = Block::new(image, &format!("splitvisor-vd{index}"));
+                let transport = MmioTransport::new(block, mem, line).map_err(Error::EventFd)?;
+                let ro = if *read_only { ", ro" } else { "" };
+                self.place(transport, base, &format!("virtio-blk{index} ({}{ro})", path.display()))?;
+                (placement(Placement::InHypervisor, None), None)
+            }
+            DiskConfig::Image { path, read_only } => {
+                let driver = self.driver.clone().ok_or_else(|| Error::NoDriverProgram(device.clone()))?;
+                let spec = BlockPartitionSpec {
+                    driver: driver.path,
+                    driver_prefix: driver.prefix,
+                    disk: path.clone(),
+                    read_only: *read_only,
+                    escape: self.escape.clone(),
+                };
+                let (partition, stream) = Partition::spawn_block(&spec)?;
+                let pid = partition.pid();
+                let frontend = VhostUserBlk::from_stream(stream)
+                    .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
+                let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
+                // A dead partition: the device asks the guest for a reset; the VM goes on.
+                let interrupt = transport.interrupt();
+                let on_exit = Box::new(move |_status: String| {
+                    if let Err(e) = interrupt.request_reset() {
+                        log::warn!("cannot tell the guest its disk needs a reset: {e}");
+                    }
+                });
+                let supervisor = partition.supervise(device.clone(), on_exit)?;
+                let ro = if *read_only { ", ro" } else { "" };
+                self.place(transport, base, &format!("virtio-blk{index} ({}{ro}, partition {pid})", path.display()))?;
+                (placement(Placement::Partition, Some(format!("pid {pid}"))), Some(supervisor))
+            }
+            DiskConfig::VhostUser { socket } => {
+                let frontend = VhostUserBlk::connect(socket)
+                    .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
+                let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
+                self.place(transport, base, &format!("virtio-blk{index} (vhost-user {})", socket.display()))?;
+                (placement(Placement::Partition, Some(format!("external vhost-user {}", socket.display()))), None)
+            }
+        };
+        Ok(PlacedDevice { base, irq, placement: placed, supervisor })
     }
-    let name =
-        format!("virtio-blk{index} ({}{})", disk.path.display(), if disk.read_only { ", ro" } else { "" });
-    mmio.insert(BusRange::new(base, MMIO_REGION_SIZE)?, &name, Arc::new(Mutex::new(transport)))?;
-    log::debug!("{name} at {base:#x}, IRQ {irq}");
-    Ok(PlacedDevice { base, irq })
+
+    /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds.
+    fn place<D: VirtioDevice + 'static>(&mut self, transport: MmioTransport<D>, base: u64, name: &str) -> Result<(), Error> {
+        for (queue, eventfd) in transport.queue_notify_eventfds() {
+            self.kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
+        }
+        self.mmio.insert(BusRange::new(base, MMIO_REGION_SIZE)?, name, Arc::new(Mutex::new(transport)))?;
+        log::debug!("{name} at {base:#x}");
+        Ok(())
+    }
 }
 
 /// The i8042's CPU reset line: the guest asks to end the VM.
@@ -343,6 +463,11 @@ pub struct Vm {
     created: Instant,
     tsc_khz: Option<u32>,
     vcpu_stats: Vec<VcpuStats>,
+    placements: Vec<DevicePlacement>,
+    /// Held for their `Drop`, after the buses: devices stop their partitions' queues, then
+    /// every driver partition is killed and reaped.
+    #[expect(dead_code, reason = "held for its Drop")]
+    supervisors: Vec<Supervisor>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -406,6 +531,11 @@ impl Vm {
     /// The KVM VM, for devices that need irqfds or ioeventfds.
     pub fn kvm(&self) -> &KvmVm {
         &self.kvm
+    }
+
+    /// Where each device runs (partition PIDs included).
+    pub fn placements(&self) -> &[DevicePlacement] {
+        &self.placements
     }
 
     /// Guest RAM, for inspection.

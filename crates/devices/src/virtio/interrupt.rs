@@ -23,6 +23,7 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
 pub struct VirtioInterrupt {
     status: Arc<AtomicU32>,
     needs_reset: Arc<AtomicBool>,
+    bypassed: Arc<AtomicBool>,
     line: Arc<dyn Interrupt>,
 }
 
@@ -35,7 +36,12 @@ impl std::fmt::Debug for VirtioInterrupt {
 impl VirtioInterrupt {
     /// A device interrupt raised on `line`.
     pub fn new(line: Arc<dyn Interrupt>) -> Self {
-        Self { status: Arc::new(AtomicU32::new(0)), needs_reset: Arc::new(AtomicBool::new(false)), line }
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            bypassed: Arc::new(AtomicBool::new(false)),
+            line,
+        }
     }
 
     /// Signals that a queue has used buffers.
@@ -55,7 +61,21 @@ impl VirtioInterrupt {
 
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::Acquire)
+        let bypassed = if self.bypassed.load(Ordering::Acquire) { INTERRUPT_USED_BUFFER } else { 0 };
+        self.status.load(Ordering::Acquire) | bypassed
+    }
+
+    /// The line's eventfd, if it has one, for a device in another process to raise the
+    /// interrupt directly.
+    pub fn eventfd(&self) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.line.eventfd()
+    }
+
+    /// Used-buffer interrupts now bypass this status register (another process raises the
+    /// line's eventfd directly); InterruptStatus then always shows "used buffer", which a
+    /// driver answers by checking its used rings.
+    pub fn set_bypassed(&self, bypassed: bool) {
+        self.bypassed.store(bypassed, Ordering::Release);
     }
 
     /// InterruptACK: clears `bits`.
@@ -79,5 +99,6 @@ impl VirtioInterrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
+        self.bypassed.store(false, Ordering::Release);
     }
 }

@@ -108,6 +108,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
+    /// The device's interrupt (and status) state, e.g. for a supervisor that must mark the
+    /// device as needing a reset when its driver partition dies.
+    pub fn interrupt(&self) -> VirtioInterrupt {
+        self.interrupt.clone()
+    }
+
     /// The device behind the transport.
     pub fn device(&self) -> &D {
         &self.device

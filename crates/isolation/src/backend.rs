@@ -1,0 +1,110 @@
+//! The partition side: a spec-compliant vhost-user-blk backend around the same request
+//! engine ([`BlockRequests`]) the monolithic layout runs in the hypervisor.
+
+use std::sync::{Arc, RwLock};
+
+use splitvisor_devices::virtio::GuestMemoryMmap;
+use splitvisor_devices::virtio::block::{self, BlockRequests, DiskImage, QUEUE_SIZE};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+/// A virtio-blk device served over vhost-user.
+pub struct BlockBackend {
+    requests: BlockRequests,
+    features: u64,
+    config: [u8; 24],
+    event_idx: bool,
+    /// Set once the driver broke the queue: requests stop until the frontend resets us.
+    broken: bool,
+}
+
+impl BlockBackend {
+    /// A backend for `disk`, answering GET_ID with `id`.
+    pub fn new(disk: DiskImage, id: &str) -> Self {
+        let features = block::device_features(&disk) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let config = block::config_space(&disk);
+        let requests = BlockRequests::new(GuestMemoryMmap::new(), Arc::new(disk), block::id_bytes(id));
+        Self { requests, features, config, event_idx: false, broken: false }
+    }
+
+    /// Wrapped as the vhost-user-backend crate wants it.
+    pub fn shared(self) -> Arc<RwLock<Self>> {
+        Arc::new(RwLock::new(self))
+    }
+}
+
+impl VhostUserBackendMut for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&mut self) {
+        self.broken = false;
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(self.config.len());
+        let end = start.saturating_add(size as usize).min(self.config.len());
+        let mut bytes = self.config[start..end].to_vec();
+        bytes.resize(size as usize, 0);
+        bytes
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.requests.set_memory((*mem.memory()).clone());
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        if self.broken {
+            return Ok(());
+        }
+        let processed = {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            queue.set_event_idx(self.event_idx);
+            self.requests.process_queue(queue)
+        };
+        match processed {
+            Ok(processed) if processed.notify => vring.signal_used_queue(),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // The frontend sees the queue stop; the driver resets the device.
+                log::warn!("vhost-user-blk: {e}; queue stopped until the device is reset");
+                self.broken = true;
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Driver partitions for splitvisor.
+//!
+//! In the microkernel layout the hypervisor holds no device emulator: each runs in its own
+//! sandboxed process, a *driver partition*, sharing only guest memory and eventfds with the
+//! hypervisor. Virtio devices speak vhost-user, so a partition is an ordinary vhost-user
+//! backend (QEMU can use it too) and the hypervisor can use other backends
+//! (qemu-storage-daemon):
+//!
+//! * [`frontend::VhostUserBlk`]: the hypervisor side, a `VirtioDevice` behind splitvisor's
+//!   virtio-mmio transport;
+//! * [`backend::BlockBackend`]: the partition side, around the very request engine the
+//!   monolithic layout runs in-process;
+//! * [`driver`]: the partition program (`splitvisor-driver`).
+
+pub mod backend;
+pub mod driver;
+pub mod frontend;
+pub mod partition;
+pub mod sandbox;

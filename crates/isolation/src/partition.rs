@@ -1,0 +1,248 @@
+//! Spawning and supervising driver partitions.
+//!
+//! A partition is a fresh process running `splitvisor-driver`, handed exactly two fds: a
+//! listening vhost-user socket and the disk image (opened here, so the partition never
+//! needs to open a file). The hypervisor connects to the socket, and learns at once when
+//! the partition dies: a supervisor thread waits on its pidfd.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// The fd numbers a partition finds its resources at.
+const LISTEN_FD: RawFd = 3;
+const DISK_FD: RawFd = 4;
+
+/// Errors spawning a partition.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    /// The disk image cannot be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Disk {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The driver program cannot be started.
+    #[error("cannot start the driver partition {driver}: {source}")]
+    Spawn {
+        /// The program.
+        driver: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up the socket or the pidfd failed.
+    #[error("cannot set up the driver partition: {what}: {source}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a block partition serves.
+#[derive(Clone, Debug)]
+pub struct BlockPartitionSpec {
+    /// The `splitvisor-driver` program.
+    pub driver: PathBuf,
+    /// Arguments before the driver's own, for a program that hosts the driver behind a
+    /// sub-command.
+    pub driver_prefix: Vec<String>,
+    /// The disk image.
+    pub disk: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Test hook: the partition tries to open this path once sandboxed (and must die).
+    pub escape: Option<PathBuf>,
+}
+
+/// A running driver partition.
+#[derive(Debug)]
+pub struct Partition {
+    child: Child,
+    pidfd: OwnedFd,
+}
+
+fn setup(what: &'static str) -> impl FnOnce(io::Error) -> PartitionError {
+    move |source| PartitionError::Setup { what, source }
+}
+
+/// Duplicates `fd` to a number of at least 10, close-on-exec, so the child can move it to
+/// its final number without clobbering the other.
+fn dup_high(fd: RawFd) -> Result<OwnedFd, PartitionError> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd and returns a new one or -1.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+    if new < 0 {
+        return Err(setup("duplicate an fd")(io::Error::last_os_error()));
+    }
+    // SAFETY: `new` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+impl Partition {
+    /// Starts a block partition and connects to it; returns the partition and the
+    /// vhost-user connection.
+    pub fn spawn_block(spec: &BlockPartitionSpec) -> Result<(Self, UnixStream), PartitionError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(!spec.read_only)
+            .open(&spec.disk)
+            .map_err(|source| PartitionError::Disk { path: spec.disk.clone(), source })?;
+        let dir = std::env::temp_dir().join(format!(
+            "splitvisor-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).map_err(setup("create the socket directory"))?;
+        let result = Self::spawn_in(spec, &disk, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn spawn_in(
+        spec: &BlockPartitionSpec,
+        disk: &std::fs::File,
+        dir: &Path,
+    ) -> Result<(Self, UnixStream), PartitionError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(setup("protect the socket"))?;
+        let socket = dir.join("vhost-user.sock");
+        let listener = UnixListener::bind(&socket).map_err(setup("bind the vhost-user socket"))?;
+        let listen_src = dup_high(listener.as_raw_fd())?;
+        let disk_src = dup_high(disk.as_raw_fd())?;
+        let (listen_raw, disk_raw) = (listen_src.as_raw_fd(), disk_src.as_raw_fd());
+
+        let mut command = Command::new(&spec.driver);
+        command
+            .args(&spec.driver_prefix)
+            .args(["blk", "--listen-fd", &LISTEN_FD.to_string(), "--disk-fd", &DISK_FD.to_string()])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Ok(log) = std::env::var("RUST_LOG") {
+            command.env("RUST_LOG", log);
+        }
+        if spec.read_only {
+            command.arg("--read-only");
+        }
+        if let Some(path) = &spec.escape {
+            command.arg("--test-escape").arg(path);
+        }
+        // SAFETY: only dup2, which is async-signal-safe, runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                for (from, to) in [(listen_raw, LISTEN_FD), (disk_raw, DISK_FD)] {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child =
+            command.spawn().map_err(|source| PartitionError::Spawn { driver: spec.driver.clone(), source })?;
+        drop((listen_src, disk_src));
+        let mut child = child;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        if pidfd < 0 {
+            let error = io::Error::last_os_error();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(setup("open a pidfd")(error));
+        }
+        // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
+        let partition = Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } };
+        // The listening socket lives on in the partition; the connection waits in its
+        // backlog until the partition accepts it.
+        let stream = UnixStream::connect(&socket).map_err(setup("connect to the partition"))?;
+        drop(listener);
+        log::info!("driver partition {} serves {}", partition.pid(), spec.disk.display());
+        Ok((partition, stream))
+    }
+
+    /// The partition's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills and reaps the partition.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Watches the partition from a thread of its own; `on_exit` runs at once when it dies
+    /// (not when the supervisor is dropped).
+    pub fn supervise(self, name: String, on_exit: Box<dyn FnOnce(String) + Send>) -> Result<Supervisor, PartitionError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("create the supervisor eventfd"))?;
+        let stop_watch = stop.try_clone().map_err(setup("create the supervisor eventfd"))?;
+        let pid = self.pid();
+        let mut partition = self;
+        let thread = std::thread::Builder::new()
+            .name(format!("supervise-{pid}"))
+            .spawn(move || {
+                let mut fds = [
+                    libc::pollfd { fd: partition.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: stop_watch.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                ];
+                loop {
+                    // SAFETY: two valid pollfds, no timeout.
+                    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                    if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    break;
+                }
+                if fds[1].revents != 0 {
+                    // The VM is going away: the partition goes with it.
+                    partition.kill();
+                    return;
+                }
+                let status = partition.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                log::warn!("driver partition {pid} ({name}) died: {status}");
+                on_exit(status);
+            })
+            .map_err(setup("start the supervisor"))?;
+        Ok(Supervisor { pid, stop, thread: Some(thread) })
+    }
+}
+
+/// Watches one partition; dropping it kills the partition.
+#[derive(Debug)]
+pub struct Supervisor {
+    pid: u32,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// The partition's process ID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

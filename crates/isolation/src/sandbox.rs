@@ -1,0 +1,178 @@
+//! The partition sandbox, applied by the partition to itself before it touches guest data.
+//!
+//! In order: every fd but the ones it was handed is closed; new user, mount, network and
+//! IPC namespaces (where the kernel allows); the root becomes an empty directory; resource
+//! limits; `no_new_privs`; a seccomp allowlist that kills the process on any other system
+//! call: no open/openat of files, no socket creation, no exec, no ptrace. A partition never
+//! holds /dev/kvm or the VM fd: it is never given them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::RawFd;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// Errors setting up the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A system call of the set-up failed.
+    #[error("sandbox: cannot {what}: {source}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The seccomp filter could not be built or applied.
+    #[error("sandbox: seccomp: {0}")]
+    Seccomp(String),
+}
+
+fn check(what: &'static str, result: libc::c_int) -> Result<(), SandboxError> {
+    if result < 0 {
+        return Err(SandboxError::Setup { what, source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Closes every fd above stderr except `keep`.
+pub fn close_other_fds(keep: &[RawFd]) -> Result<(), SandboxError> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd > 2).collect();
+    keep.sort_unstable();
+    let mut next = 3u32;
+    for fd in keep.iter().map(|fd| *fd as u32).chain([u32::MAX]) {
+        if fd > next {
+            // SAFETY: close_range only closes descriptors; the ones we use are kept.
+            check("close inherited fds", unsafe { libc::close_range(next, fd - 1, 0) })?;
+        }
+        next = fd.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// New user, mount, network and IPC namespaces, mapping our uid and gid to root inside.
+/// Returns which were entered; a kernel that refuses user namespaces is not an error.
+pub fn enter_namespaces() -> Result<bool, SandboxError> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
+    // SAFETY: unshare only changes this process's namespaces.
+    if unsafe { libc::unshare(flags) } < 0 {
+        log::warn!("sandbox: no new namespaces: {}", io::Error::last_os_error());
+        return Ok(false);
+    }
+    let write = |path: &str, text: String| {
+        std::fs::write(path, text).map_err(|source| SandboxError::Setup { what: "map ids", source })
+    };
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1"))?;
+    Ok(true)
+}
+
+/// Makes an empty directory the root: nothing of the host's file system stays reachable.
+pub fn chroot_into_empty_dir() -> Result<(), SandboxError> {
+    let dir = std::env::temp_dir().join(format!("splitvisor-partition-root-{}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|source| SandboxError::Setup { what: "create the empty root", source })?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::Setup { what: "name the empty root", source: io::ErrorKind::InvalidInput.into() })?;
+    // SAFETY: chroot and chdir take a NUL-terminated path.
+    check("chroot", unsafe { libc::chroot(path.as_ptr()) })?;
+    // SAFETY: as above.
+    check("chdir to the new root", unsafe { libc::chdir(c"/".as_ptr()) })?;
+    // The directory is our root now; removing its name leaves it empty for good.
+    let _ = std::fs::remove_dir(&dir);
+    Ok(())
+}
+
+/// Resource limits: few fds, no core dumps, no locked memory.
+pub fn limit_resources() -> Result<(), SandboxError> {
+    for (resource, limit) in [(libc::RLIMIT_NOFILE, 64), (libc::RLIMIT_CORE, 0), (libc::RLIMIT_MEMLOCK, 0)] {
+        let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+        // SAFETY: setrlimit reads one rlimit struct.
+        check("set resource limits", unsafe { libc::setrlimit(resource, &rlimit) })?;
+    }
+    Ok(())
+}
+
+/// The system calls a vhost-user-blk backend makes once set up.
+const ALLOWED_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_prctl,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_tgkill,
+];
+
+/// The seccomp program: the allowlist, everything else kills the process.
+pub fn seccomp_program() -> Result<BpfProgram, SandboxError> {
+    let rules = ALLOWED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect::<BTreeMap<_, _>>();
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
+}
+
+/// Applies every step, for a process that keeps only the fds `keep`. Call it while the
+/// process has one thread: seccomp applies to the calling thread and the ones it creates.
+pub fn apply(keep: &[RawFd]) -> Result<(), SandboxError> {
+    close_other_fds(keep)?;
+    let namespaces = enter_namespaces()?;
+    if namespaces {
+        chroot_into_empty_dir()?;
+    }
+    limit_resources()?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
+    check("set no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    let program = seccomp_program()?;
+    seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    log::debug!("sandbox applied (namespaces: {namespaces})");
+    Ok(())
+}
