@@ -109,7 +109,12 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--hypervisor") {
         let start = Instant::now();
         let args = args.iter().filter(|a| *a != "--hypervisor" && *a != "--bench");
-        return splitvisor::cli::main_from("boot-bench", splitvisor::layout::Layout::monolithic(), args, start);
+        return splitvisor::cli::main_from(
+            "boot-bench",
+            splitvisor::layout::Layout::monolithic(),
+            args,
+            start,
+        );
     }
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("boot bench: /dev/kvm is not available; nothing to measure");

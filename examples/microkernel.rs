@@ -9,6 +9,8 @@ use std::time::Instant;
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
     splitvisor::cli::main("microkernel", splitvisor::layout::Layout::microkernel(), process_start)
 }

@@ -19,6 +19,8 @@ pub struct BlockBackend {
     event_idx: bool,
     /// Set once the driver broke the queue: requests stop until the frontend resets us.
     broken: bool,
+    /// Test hook: open this path when the first request arrives (the sandbox must kill us).
+    escape: Option<std::path::PathBuf>,
 }
 
 impl BlockBackend {
@@ -27,7 +29,14 @@ impl BlockBackend {
         let features = block::device_features(&disk) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let config = block::config_space(&disk);
         let requests = BlockRequests::new(GuestMemoryMmap::new(), Arc::new(disk), block::id_bytes(id));
-        Self { requests, features, config, event_idx: false, broken: false }
+        Self { requests, features, config, event_idx: false, broken: false, escape: None }
+    }
+
+    /// Test hook: try to open `path` when the first request arrives, to show that the
+    /// sandbox kills a partition that tries to escape while serving a guest.
+    pub fn with_escape(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.escape = path;
+        self
     }
 
     /// Wrapped as the vhost-user-backend crate wants it.
@@ -89,6 +98,10 @@ impl VhostUserBackendMut for BlockBackend {
         };
         if self.broken {
             return Ok(());
+        }
+        if let Some(path) = self.escape.take() {
+            let opened = std::fs::File::open(&path);
+            log::error!("sandbox escape: open({}) returned {:?}", path.display(), opened.map(|_| ()));
         }
         let processed = {
             let mut state = vring.get_mut();

@@ -81,7 +81,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, Dr
     }
     let (mut socket, mut disk, mut listen_fd, mut disk_fd) = (None, None, None, None);
     let (mut read_only, mut escape) = (false, None);
-    let fd = |value: String| value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")));
+    let fd = |value: String| {
+        value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))
+    };
     while let Some(flag) = args.next() {
         if flag == "--read-only" {
             read_only = true;
@@ -113,11 +115,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, Dr
 }
 
 /// Serves one vhost-user-blk frontend on `listener` until it hangs up.
-pub fn serve_blk(listener: &mut Listener, disk: DiskImage, id: &str) -> Result<(), DriverError> {
-    let backend = BlockBackend::new(disk, id).shared();
+pub fn serve_blk(listener: &mut Listener, backend: BlockBackend) -> Result<(), DriverError> {
+    let backend = backend.shared();
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon =
-        VhostUserDaemon::new("splitvisor-blk".into(), backend, memory).map_err(|e| DriverError::Daemon(e.to_string()))?;
+    let mut daemon = VhostUserDaemon::new("splitvisor-blk".into(), backend, memory)
+        .map_err(|e| DriverError::Daemon(e.to_string()))?;
     daemon.start(listener).map_err(|e| DriverError::Daemon(e.to_string()))?;
     let result = daemon.wait().map_err(|e| DriverError::Daemon(e.to_string()));
     log::info!("vhost-user-blk: frontend disconnected");
@@ -130,23 +132,23 @@ pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
     match args.source {
         BlkSource::Paths { socket, disk } => {
             let image = DiskImage::open(&disk, args.read_only)?;
-            let mut listener = Listener::new(&socket, true).map_err(|e| DriverError::Daemon(e.to_string()))?;
-            serve_blk(&mut listener, image, &format!("splitvisor-{}", disk.display()))
+            let mut listener =
+                Listener::new(&socket, true).map_err(|e| DriverError::Daemon(e.to_string()))?;
+            serve_blk(&mut listener, BlockBackend::new(image, &format!("splitvisor-{}", disk.display())))
         }
         BlkSource::Fds { listen, disk } => {
-            // SAFETY: the spawner handed these fds over to this process alone.
-            let (listener, file) =
-                unsafe { (UnixListener::from_raw_fd(listen), std::fs::File::from_raw_fd(disk)) };
+            // SAFETY: the spawner handed this fd over to this process alone.
+            let listener = unsafe { UnixListener::from_raw_fd(listen) };
+            // SAFETY: as above.
+            let file = unsafe { std::fs::File::from_raw_fd(disk) };
             let size = file.metadata().map_err(|e| DriverError::Daemon(format!("disk: {e}")))?.len();
             let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
             crate::sandbox::apply(&[listen, disk])?;
-            if let Some(path) = &args.escape {
-                // Only for tests of the sandbox: this must kill the process.
-                let opened = std::fs::File::open(path);
-                log::error!("sandbox escape: open({}) returned {:?}", path.display(), opened.map(|_| ()));
-            }
             let mut listener = Listener::from(listener);
-            serve_blk(&mut listener, image, "splitvisor-partition")
+            serve_blk(
+                &mut listener,
+                BlockBackend::new(image, "splitvisor-partition").with_escape(args.escape),
+            )
         }
     }
 }

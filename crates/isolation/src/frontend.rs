@@ -96,7 +96,13 @@ impl VhostUserBlk {
         if queues == 0 {
             return Err(FrontendError::Unsupported("any queue"));
         }
-        Ok(Self { frontend, features, config, queue_sizes: [splitvisor_devices::virtio::block::QUEUE_SIZE], active: false })
+        Ok(Self {
+            frontend,
+            features,
+            config,
+            queue_sizes: [splitvisor_devices::virtio::block::QUEUE_SIZE],
+            active: false,
+        })
     }
 
     fn start(
@@ -116,7 +122,8 @@ impl VhostUserBlk {
             })
             .collect::<Result<Vec<_>, _>>()?;
         request("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
-        let call = interrupt.eventfd().ok_or(FrontendError::Unsupported("an interrupt without an eventfd"))?;
+        let call =
+            interrupt.eventfd().ok_or(FrontendError::Unsupported("an interrupt without an eventfd"))?;
         for active in queues {
             let index = usize::from(active.index);
             let queue = &active.queue;

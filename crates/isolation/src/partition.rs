@@ -119,7 +119,8 @@ impl Partition {
         dir: &Path,
     ) -> Result<(Self, UnixStream), PartitionError> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(setup("protect the socket"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(setup("protect the socket"))?;
         let socket = dir.join("vhost-user.sock");
         let listener = UnixListener::bind(&socket).map_err(setup("bind the vhost-user socket"))?;
         let listen_src = dup_high(listener.as_raw_fd())?;
@@ -143,19 +144,21 @@ impl Partition {
         if let Some(path) = &spec.escape {
             command.arg("--test-escape").arg(path);
         }
-        // SAFETY: only dup2, which is async-signal-safe, runs between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                for (from, to) in [(listen_raw, LISTEN_FD), (disk_raw, DISK_FD)] {
-                    if libc::dup2(from, to) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+        let move_fds = move || {
+            for (from, to) in [(listen_raw, LISTEN_FD), (disk_raw, DISK_FD)] {
+                // SAFETY: dup2 on fds this process owns; async-signal-safe, as required
+                // between fork and exec.
+                if unsafe { libc::dup2(from, to) } < 0 {
+                    return Err(io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
-        let child =
-            command.spawn().map_err(|source| PartitionError::Spawn { driver: spec.driver.clone(), source })?;
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only calls dup2, which is async-signal-safe.
+        unsafe { command.pre_exec(move_fds) };
+        let child = command
+            .spawn()
+            .map_err(|source| PartitionError::Spawn { driver: spec.driver.clone(), source })?;
         drop((listen_src, disk_src));
         let mut child = child;
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -189,7 +192,11 @@ impl Partition {
 
     /// Watches the partition from a thread of its own; `on_exit` runs at once when it dies
     /// (not when the supervisor is dropped).
-    pub fn supervise(self, name: String, on_exit: Box<dyn FnOnce(String) + Send>) -> Result<Supervisor, PartitionError> {
+    pub fn supervise(
+        self,
+        name: String,
+        on_exit: Box<dyn FnOnce(String) + Send>,
+    ) -> Result<Supervisor, PartitionError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("create the supervisor eventfd"))?;
         let stop_watch = stop.try_clone().map_err(setup("create the supervisor eventfd"))?;
         let pid = self.pid();

@@ -54,8 +54,10 @@ pub fn close_other_fds(keep: &[RawFd]) -> Result<(), SandboxError> {
 /// New user, mount, network and IPC namespaces, mapping our uid and gid to root inside.
 /// Returns which were entered; a kernel that refuses user namespaces is not an error.
 pub fn enter_namespaces() -> Result<bool, SandboxError> {
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    // SAFETY: getgid has no preconditions.
+    let gid = unsafe { libc::getgid() };
     let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
     // SAFETY: unshare only changes this process's namespaces.
     if unsafe { libc::unshare(flags) } < 0 {
@@ -74,9 +76,11 @@ pub fn enter_namespaces() -> Result<bool, SandboxError> {
 /// Makes an empty directory the root: nothing of the host's file system stays reachable.
 pub fn chroot_into_empty_dir() -> Result<(), SandboxError> {
     let dir = std::env::temp_dir().join(format!("splitvisor-partition-root-{}", std::process::id()));
-    std::fs::create_dir(&dir).map_err(|source| SandboxError::Setup { what: "create the empty root", source })?;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| SandboxError::Setup { what: "name the empty root", source: io::ErrorKind::InvalidInput.into() })?;
+    std::fs::create_dir(&dir)
+        .map_err(|source| SandboxError::Setup { what: "create the empty root", source })?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+        SandboxError::Setup { what: "name the empty root", source: io::ErrorKind::InvalidInput.into() }
+    })?;
     // SAFETY: chroot and chdir take a NUL-terminated path.
     check("chroot", unsafe { libc::chroot(path.as_ptr()) })?;
     // SAFETY: as above.
@@ -155,8 +159,9 @@ const ALLOWED_SYSCALLS: &[libc::c_long] = &[
 /// The seccomp program: the allowlist, everything else kills the process.
 pub fn seccomp_program() -> Result<BpfProgram, SandboxError> {
     let rules = ALLOWED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect::<BTreeMap<_, _>>();
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
 }
 

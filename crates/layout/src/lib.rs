@@ -93,7 +93,9 @@ pub enum Error {
         source: splitvisor_isolation::frontend::FrontendError,
     },
     /// A device must run in a driver partition, but no driver program was found.
-    #[error("{0} runs in a driver partition, but splitvisor-driver was not found (set SPLITVISOR_DRIVER or build it: cargo build --release --bin splitvisor-driver)")]
+    #[error(
+        "{0} runs in a driver partition, but splitvisor-driver was not found (set SPLITVISOR_DRIVER or build it: cargo build --release --bin splitvisor-driver)"
+    )]
     NoDriverProgram(String),
     /// Creating an eventfd failed.
     #[error("cannot create an eventfd: {0}")]

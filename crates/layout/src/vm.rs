@@ -15,9 +15,9 @@ use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
 use splitvisor_devices::virtio::block::{Block, DiskImage};
 use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
+use splitvisor_guests::GuestResult;
 use splitvisor_isolation::frontend::VhostUserBlk;
 use splitvisor_isolation::partition::{BlockPartitionSpec, Partition, Supervisor};
-use splitvisor_guests::GuestResult;
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
@@ -274,12 +274,24 @@ impl VmBuilder {
         }
         let mut cmdline = self.cmdline.clone();
         let mut placements = vec![
-            DevicePlacement { device: "com1".into(), kind: "8250".into(), placement: Placement::InHypervisor, partition: None },
-            DevicePlacement { device: "i8042".into(), kind: "i8042".into(), placement: Placement::InHypervisor, partition: None },
+            DevicePlacement {
+                device: "com1".into(),
+                kind: "8250".into(),
+                placement: Placement::InHypervisor,
+                partition: None,
+            },
+            DevicePlacement {
+                device: "i8042".into(),
+                kind: "i8042".into(),
+                placement: Placement::InHypervisor,
+                partition: None,
+            },
         ];
         let mut supervisors = Vec::new();
+        let partition_exits = Arc::new(Mutex::new(Vec::new()));
         let needs_driver = self.disks.iter().enumerate().any(|(index, disk)| {
-            matches!(disk, DiskConfig::Image { .. }) && self.layout.placement(&format!("disk{index}")) == Placement::Partition
+            matches!(disk, DiskConfig::Image { .. })
+                && self.layout.placement(&format!("disk{index}")) == Placement::Partition
         });
         let mut context = DeviceContext {
             kvm: &kvm,
@@ -289,10 +301,14 @@ impl VmBuilder {
             layout: &self.layout,
             driver: self.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten()),
             escape: self.partition_escape.clone(),
+            partition_exits: partition_exits.clone(),
         };
         for (index, disk) in self.disks.iter().enumerate() {
             let placed = context.add_disk(index, disk)?;
-            cmdline.push_str(&format!(" virtio_mmio.device={}@{:#x}:{}", MMIO_REGION_SIZE, placed.base, placed.irq));
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}@{:#x}:{}",
+                MMIO_REGION_SIZE, placed.base, placed.irq
+            ));
             placements.push(placed.placement);
             supervisors.extend(placed.supervisor);
         }
@@ -318,6 +334,7 @@ impl VmBuilder {
             vcpu_stats,
             placements,
             supervisors,
+            partition_exits,
         })
     }
 }
@@ -362,6 +379,7 @@ struct DeviceContext<'a> {
     layout: &'a Layout,
     driver: Option<DriverProgram>,
     escape: Option<PathBuf>,
+    partition_exits: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl DeviceContext<'_> {
@@ -381,7 +399,9 @@ impl DeviceContext<'_> {
             partition,
         };
         let (placed, supervisor) = match disk {
-            DiskConfig::Image { path, read_only } if self.layout.placement(&device) == Placement::InHypervisor => {
+            DiskConfig::Image { path, read_only }
+                if self.layout.placement(&device) == Placement::InHypervisor =>
+            {
                 let image = DiskImage::open(path, *read_only)?;
                 let block = Block::new(image, &format!("splitvisor-vd{index}"));
                 let transport = MmioTransport::new(block, mem, line).map_err(Error::EventFd)?;
@@ -405,14 +425,21 @@ impl DeviceContext<'_> {
                 let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
                 // A dead partition: the device asks the guest for a reset; the VM goes on.
                 let interrupt = transport.interrupt();
-                let on_exit = Box::new(move |_status: String| {
+                let exits = self.partition_exits.clone();
+                let name = device.clone();
+                let on_exit = Box::new(move |status: String| {
+                    exits.lock().unwrap_or_else(|e| e.into_inner()).push((name, status));
                     if let Err(e) = interrupt.request_reset() {
                         log::warn!("cannot tell the guest its disk needs a reset: {e}");
                     }
                 });
                 let supervisor = partition.supervise(device.clone(), on_exit)?;
                 let ro = if *read_only { ", ro" } else { "" };
-                self.place(transport, base, &format!("virtio-blk{index} ({}{ro}, partition {pid})", path.display()))?;
+                self.place(
+                    transport,
+                    base,
+                    &format!("virtio-blk{index} ({}{ro}, partition {pid})", path.display()),
+                )?;
                 (placement(Placement::Partition, Some(format!("pid {pid}"))), Some(supervisor))
             }
             DiskConfig::VhostUser { socket } => {
@@ -420,14 +447,25 @@ impl DeviceContext<'_> {
                     .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
                 let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
                 self.place(transport, base, &format!("virtio-blk{index} (vhost-user {})", socket.display()))?;
-                (placement(Placement::Partition, Some(format!("external vhost-user {}", socket.display()))), None)
+                (
+                    placement(
+                        Placement::Partition,
+                        Some(format!("external vhost-user {}", socket.display())),
+                    ),
+                    None,
+                )
             }
         };
         Ok(PlacedDevice { base, irq, placement: placed, supervisor })
     }
 
     /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds.
-    fn place<D: VirtioDevice + 'static>(&mut self, transport: MmioTransport<D>, base: u64, name: &str) -> Result<(), Error> {
+    fn place<D: VirtioDevice + 'static>(
+        &mut self,
+        transport: MmioTransport<D>,
+        base: u64,
+        name: &str,
+    ) -> Result<(), Error> {
         for (queue, eventfd) in transport.queue_notify_eventfds() {
             self.kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
         }
@@ -468,6 +506,8 @@ pub struct Vm {
     /// every driver partition is killed and reaped.
     #[expect(dead_code, reason = "held for its Drop")]
     supervisors: Vec<Supervisor>,
+    /// Driver partitions that died while the VM ran: (device, exit status).
+    partition_exits: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -516,6 +556,11 @@ pub struct VmReport {
     /// statistic name: `exits`, `io_exits`, `mmio_exits`, `halt_exits`, `irq_exits`, ...
     /// Empty if the kernel has no binary statistics.
     pub kvm_exits: Vec<(String, u64)>,
+    /// Where each device ran.
+    pub placements: Vec<DevicePlacement>,
+    /// Driver partitions that died while the VM ran: (device, exit status). The VM went on;
+    /// their devices asked the guest for a reset.
+    pub partition_exits: Vec<(String, String)>,
 }
 
 /// The KVM statistics a report sums over the vCPUs.
@@ -582,6 +627,8 @@ impl Vm {
             pio_exits: exits.pio,
             mmio_exits: exits.mmio,
             tsc_khz: self.tsc_khz,
+            placements: self.placements.clone(),
+            partition_exits: self.partition_exits.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             kvm_exits: KVM_EXIT_STATS
                 .iter()
                 .filter(|name| {

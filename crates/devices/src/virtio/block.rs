@@ -422,7 +422,9 @@ impl BlockRequests {
                 queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
                 completed += 1;
             }
-            if !queue.event_idx_enabled() || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)? {
+            if !queue.event_idx_enabled()
+                || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
+            {
                 break;
             }
         }

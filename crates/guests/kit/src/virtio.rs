@@ -42,6 +42,7 @@ const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
@@ -330,6 +331,9 @@ impl BlockDevice {
 
         let capacity = u64::from(device.read(reg::CONFIG)) | (u64::from(device.read(reg::CONFIG + 4)) << 32);
         device.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        if device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0 {
+            return Err("device needs reset");
+        }
         let mut blk = Self {
             device,
             queue,
@@ -402,31 +406,35 @@ impl BlockDevice {
         Some((slot, status))
     }
 
-    /// Waits for one completion (halting until the device interrupts).
-    pub fn wait(&mut self) -> (usize, u8) {
+    /// Waits for one completion (halting until the device interrupts). Fails if the device
+    /// signals that it needs a reset (its backend died, or it found the queue broken).
+    pub fn wait(&mut self) -> Result<(usize, u8), &'static str> {
         loop {
             if let Some(done) = self.poll() {
-                return done;
+                return Ok(done);
             }
             if self.event_idx {
                 self.queue.arm_used_event();
                 // The device may have used a buffer before it saw the new used_event.
                 if let Some(done) = self.poll() {
-                    return done;
+                    return Ok(done);
                 }
+            }
+            if self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0 {
+                return Err("device needs reset");
             }
             cpu::wait_for_interrupt();
         }
     }
 
     /// One request, synchronously: returns its status byte.
-    pub fn request(&mut self, kind: u32, sector: u64, buf: *mut u8, len: u32) -> u8 {
+    pub fn request(&mut self, kind: u32, sector: u64, buf: *mut u8, len: u32) -> Result<u8, &'static str> {
         let slot = self.free_slot().unwrap_or(0);
         self.submit(slot, kind, sector, buf, len);
         loop {
-            let (done, status) = self.wait();
+            let (done, status) = self.wait()?;
             if done == slot {
-                return status;
+                return Ok(status);
             }
         }
     }

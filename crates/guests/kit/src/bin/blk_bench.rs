@@ -68,7 +68,7 @@ fn run(disk: &mut BlockDevice, w: &Workload, ops: u64, buffers: *mut u8, scale: 
             disk.submit(slot, w.kind, index * per_op, buf, w.bytes as u32);
             submitted += 1;
         }
-        let (_, status) = disk.wait();
+        let (_, status) = disk.wait()?;
         if status != blk::OK {
             return Err("a request failed");
         }

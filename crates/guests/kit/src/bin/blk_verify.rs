@@ -42,94 +42,110 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     let expected = alloc::alloc(SECTOR, 64).ok_or("out of memory")?;
     let mut disks = 0;
     for (index, device) in virtio::block_devices(info.cmdline()).enumerate() {
-        let mut disk = BlockDevice::init(device, index)?;
         disks += 1;
-        let mut line = Line::new();
-        line.str("vd").dec(index as u64).str(": ").dec(disk.capacity).str(" sectors");
-
-        let mut id = [0u8; 20];
-        if disk.request(blk::GET_ID, 0, id.as_mut_ptr(), 20) != blk::OK {
-            return Err("GET_ID failed");
-        }
-        let id_len = id.iter().position(|b| *b == 0).unwrap_or(20);
-        line.str(", id \"").bytes(&id[..id_len]).str("\"");
-
-        if disk.read_only {
-            if disk.request(blk::IN, 0, buffers, SECTOR as u32) != blk::OK {
-                return Err("read from the read-only disk failed");
-            }
-            if disk.request(blk::OUT, 0, buffers, SECTOR as u32) != blk::IOERR {
-                return Err("the read-only disk accepted a write");
-            }
-            line.str(", read-only: reads work, writes refused").print();
-            continue;
-        }
-
-        let sectors = limit.map_or(disk.capacity, |n| n.min(disk.capacity));
-        let chunks = sectors.div_ceil(CHUNK_SECTORS);
-        let chunk_len = |chunk: u64| (sectors - chunk * CHUNK_SECTORS).min(CHUNK_SECTORS);
-
-        // Writes, DEPTH at a time.
-        let mut next = 0u64;
-        let mut done = 0u64;
-        while done < chunks {
-            while next < chunks && disk.in_flight() < DEPTH {
-                let slot = disk.free_slot().ok_or("no free slot")?;
-                // SAFETY: slot buffers are CHUNK_BYTES apart inside `buffers`.
-                let buf = unsafe { buffers.add(slot * CHUNK_BYTES as usize) };
-                for i in 0..chunk_len(next) {
-                    // SAFETY: i < CHUNK_SECTORS, inside this slot's buffer.
-                    fill_sector(unsafe { buf.add((i * SECTOR) as usize) }, next * CHUNK_SECTORS + i, generation);
-                }
-                disk.submit(slot, blk::OUT, next * CHUNK_SECTORS, buf, (chunk_len(next) * SECTOR) as u32);
-                next += 1;
-            }
-            let (_, status) = disk.wait();
-            if status != blk::OK {
-                return Err("a write failed");
-            }
-            done += 1;
-        }
-        if disk.request(blk::FLUSH, 0, core::ptr::null_mut(), 0) != blk::OK {
-            return Err("FLUSH failed");
-        }
-
-        // Reads, DEPTH at a time; each completed chunk is checked sector by sector.
-        let mut chunk_of_slot = [0u64; DEPTH];
-        let (mut next, mut done, mut bad) = (0u64, 0u64, 0u64);
-        while done < chunks {
-            while next < chunks && disk.in_flight() < DEPTH {
-                let slot = disk.free_slot().ok_or("no free slot")?;
-                // SAFETY: as for the writes.
-                let buf = unsafe { buffers.add(slot * CHUNK_BYTES as usize) };
-                // SAFETY: clobber the buffer so stale data cannot pass the check.
-                unsafe { core::ptr::write_bytes(buf, 0xee, (chunk_len(next) * SECTOR) as usize) };
-                chunk_of_slot[slot] = next;
-                disk.submit(slot, blk::IN, next * CHUNK_SECTORS, buf, (chunk_len(next) * SECTOR) as u32);
-                next += 1;
-            }
-            let (slot, status) = disk.wait();
-            if status != blk::OK {
-                return Err("a read failed");
-            }
-            let chunk = chunk_of_slot[slot];
-            for i in 0..chunk_len(chunk) {
-                fill_sector(expected, chunk * CHUNK_SECTORS + i, generation);
-                // SAFETY: both are 512 readable bytes.
-                let same = unsafe { cpu::bytes_equal(buffers.add(slot * CHUNK_BYTES as usize + (i * SECTOR) as usize), expected, SECTOR as usize) };
-                bad += u64::from(!same);
-            }
-            done += 1;
-        }
-        line.str(", wrote+read ").dec(sectors).str(" sectors, generation ").dec(generation);
-        line.str(", bad ").dec(bad).str(", interrupts ").dec(u64::from(disk.interrupts()));
-        line.print();
-        if bad != 0 {
-            return Err("read-back mismatch");
+        if let Err(why) = verify_disk(index, device, buffers, expected, generation, limit) {
+            Line::new().str("vd").dec(index as u64).str(": failed: ").str(why).print();
+            return Err(why);
         }
     }
     if disks == 0 {
         return Err("no virtio-blk disk on the command line");
+    }
+    Ok(())
+}
+
+/// Writes, flushes, reads back and checks disk `index`.
+fn verify_disk(
+    index: usize,
+    device: virtio::MmioDevice,
+    buffers: *mut u8,
+    expected: *mut u8,
+    generation: u64,
+    limit: Option<u64>,
+) -> Result<(), &'static str> {
+    let mut disk = BlockDevice::init(device, index)?;
+    let mut line = Line::new();
+    line.str("vd").dec(index as u64).str(": ").dec(disk.capacity).str(" sectors");
+
+    let mut id = [0u8; 20];
+    if disk.request(blk::GET_ID, 0, id.as_mut_ptr(), 20)? != blk::OK {
+        return Err("GET_ID failed");
+    }
+    let id_len = id.iter().position(|b| *b == 0).unwrap_or(20);
+    line.str(", id \"").bytes(&id[..id_len]).str("\"");
+
+    if disk.read_only {
+        if disk.request(blk::IN, 0, buffers, SECTOR as u32)? != blk::OK {
+            return Err("read from the read-only disk failed");
+        }
+        if disk.request(blk::OUT, 0, buffers, SECTOR as u32)? != blk::IOERR {
+            return Err("the read-only disk accepted a write");
+        }
+        line.str(", read-only: reads work, writes refused").print();
+        return Ok(());
+    }
+
+    let sectors = limit.map_or(disk.capacity, |n| n.min(disk.capacity));
+    let chunks = sectors.div_ceil(CHUNK_SECTORS);
+    let chunk_len = |chunk: u64| (sectors - chunk * CHUNK_SECTORS).min(CHUNK_SECTORS);
+
+    // Writes, DEPTH at a time.
+    let mut next = 0u64;
+    let mut done = 0u64;
+    while done < chunks {
+        while next < chunks && disk.in_flight() < DEPTH {
+            let slot = disk.free_slot().ok_or("no free slot")?;
+            // SAFETY: slot buffers are CHUNK_BYTES apart inside `buffers`.
+            let buf = unsafe { buffers.add(slot * CHUNK_BYTES as usize) };
+            for i in 0..chunk_len(next) {
+                // SAFETY: i < CHUNK_SECTORS, inside this slot's buffer.
+                fill_sector(unsafe { buf.add((i * SECTOR) as usize) }, next * CHUNK_SECTORS + i, generation);
+            }
+            disk.submit(slot, blk::OUT, next * CHUNK_SECTORS, buf, (chunk_len(next) * SECTOR) as u32);
+            next += 1;
+        }
+        let (_, status) = disk.wait()?;
+        if status != blk::OK {
+            return Err("a write failed");
+        }
+        done += 1;
+    }
+    if disk.request(blk::FLUSH, 0, core::ptr::null_mut(), 0)? != blk::OK {
+        return Err("FLUSH failed");
+    }
+
+    // Reads, DEPTH at a time; each completed chunk is checked sector by sector.
+    let mut chunk_of_slot = [0u64; DEPTH];
+    let (mut next, mut done, mut bad) = (0u64, 0u64, 0u64);
+    while done < chunks {
+        while next < chunks && disk.in_flight() < DEPTH {
+            let slot = disk.free_slot().ok_or("no free slot")?;
+            // SAFETY: as for the writes.
+            let buf = unsafe { buffers.add(slot * CHUNK_BYTES as usize) };
+            // SAFETY: clobber the buffer so stale data cannot pass the check.
+            unsafe { core::ptr::write_bytes(buf, 0xee, (chunk_len(next) * SECTOR) as usize) };
+            chunk_of_slot[slot] = next;
+            disk.submit(slot, blk::IN, next * CHUNK_SECTORS, buf, (chunk_len(next) * SECTOR) as u32);
+            next += 1;
+        }
+        let (slot, status) = disk.wait()?;
+        if status != blk::OK {
+            return Err("a read failed");
+        }
+        let chunk = chunk_of_slot[slot];
+        for i in 0..chunk_len(chunk) {
+            fill_sector(expected, chunk * CHUNK_SECTORS + i, generation);
+            // SAFETY: both are 512 readable bytes.
+            let same = unsafe { cpu::bytes_equal(buffers.add(slot * CHUNK_BYTES as usize + (i * SECTOR) as usize), expected, SECTOR as usize) };
+            bad += u64::from(!same);
+        }
+        done += 1;
+    }
+    line.str(", wrote+read ").dec(sectors).str(" sectors, generation ").dec(generation);
+    line.str(", bad ").dec(bad).str(", interrupts ").dec(u64::from(disk.interrupts()));
+    line.print();
+    if bad != 0 {
+        return Err("read-back mismatch");
     }
     Ok(())
 }

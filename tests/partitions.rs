@@ -1,0 +1,195 @@
+//! The microkernel layout: disks served by sandboxed driver partitions over vhost-user.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use splitvisor::guests::{self, GuestResult};
+use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, Placement, VmBuilder, VmReport};
+use support::Capture;
+use support::images::{Image, pattern_mismatches};
+
+const MIB: u64 = 1 << 20;
+
+fn driver() -> DriverProgram {
+    DriverProgram::at(Path::new(env!("CARGO_BIN_EXE_splitvisor-driver")))
+}
+
+fn blk_verify(layout: Layout, disks: &[DiskConfig], generation: u64) -> (VmReport, String) {
+    let console = Capture::default();
+    let mut builder = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .layout(layout)
+        .driver(driver())
+        .cmdline(&format!("blk_verify.generation={generation}"))
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(120)));
+    for disk in disks {
+        builder = builder.disk(disk.clone());
+    }
+    let report = builder.build().unwrap().run().unwrap();
+    (report, console.text())
+}
+
+fn image(disk: &Image) -> DiskConfig {
+    DiskConfig::Image { path: disk.0.clone(), read_only: false }
+}
+
+#[test]
+fn blk_verify_in_the_microkernel_layout() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("mk", 4 * MIB);
+    let (report, console) = blk_verify(Layout::microkernel(), &[image(&disk)], 21);
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    let placed = report.placements.iter().find(|p| p.device == "disk0").unwrap();
+    assert_eq!(placed.placement, Placement::Partition);
+    assert!(pattern_mismatches(&disk.bytes(), 8192, 21).is_empty());
+    assert!(report.partition_exits.is_empty(), "{:?}", report.partition_exits);
+}
+
+#[test]
+fn blk_verify_in_a_hybrid_layout() {
+    if !support::kvm() {
+        return;
+    }
+    let (a, b) = (Image::new("hy-a", 2 * MIB), Image::new("hy-b", 2 * MIB));
+    let layout = Layout::microkernel().with("disk1", Placement::InHypervisor);
+    let (report, console) = blk_verify(layout, &[image(&a), image(&b)], 22);
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    let placement = |name: &str| report.placements.iter().find(|p| p.device == name).unwrap().placement;
+    assert_eq!((placement("disk0"), placement("disk1")), (Placement::Partition, Placement::InHypervisor));
+    assert!(pattern_mismatches(&a.bytes(), 4096, 22).is_empty());
+    assert!(pattern_mismatches(&b.bytes(), 4096, 22).is_empty());
+}
+
+/// `splitvisor-driver blk --socket ... --disk ...` started by hand.
+struct HandStartedDriver {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl HandStartedDriver {
+    fn start(disk: &Image) -> Self {
+        let socket = std::env::temp_dir().join(format!(
+            "splitvisor-test-{}-{}.sock",
+            std::process::id(),
+            disk.0.display().to_string().len()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+            .args(["blk", "--socket"])
+            .arg(&socket)
+            .arg("--disk")
+            .arg(&disk.0)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket }
+    }
+}
+
+impl Drop for HandStartedDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[test]
+fn an_external_vhost_user_backend_serves_a_disk() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("external", 2 * MIB);
+    let backend = HandStartedDriver::start(&disk);
+    let (report, console) =
+        blk_verify(Layout::monolithic(), &[DiskConfig::VhostUser { socket: backend.socket.clone() }], 23);
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(pattern_mismatches(&disk.bytes(), 4096, 23).is_empty());
+}
+
+fn status_field(pid: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().to_string()
+}
+
+#[test]
+fn partitions_are_sandboxed_as_seen_from_outside() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("sandbox", MIB);
+    let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
+        .layout(Layout::microkernel())
+        .driver(driver())
+        .disk(image(&disk))
+        .console(ConsoleOutput::Discard)
+        .timeout(Some(Duration::from_millis(200)))
+        .build()
+        .unwrap();
+    let placed = vm.placements().iter().find(|p| p.device == "disk0").unwrap();
+    let pid = placed.partition.as_deref().unwrap().strip_prefix("pid ").unwrap().to_string();
+
+    assert_eq!(status_field(&pid, "Seccomp:"), "2", "seccomp filter mode");
+    assert_eq!(status_field(&pid, "NoNewPrivs:"), "1");
+    for ns in ["user", "mnt", "net", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace is the partition's own");
+    }
+    // Only what it was handed: stdio, the disk, sockets, eventfds, epoll, guest memory.
+    let disk_name = disk.0.file_name().unwrap().to_string_lossy().into_owned();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(entry.unwrap().path()).unwrap().to_string_lossy().into_owned();
+        let allowed = target.starts_with("socket:")
+            || target.starts_with("pipe:")
+            || target.starts_with("anon_inode:")
+            || target.starts_with("/memfd:splitvisor-guest-ram")
+            || target.starts_with("/dev/pts/")
+            || target == "/dev/null"
+            || target.ends_with(&disk_name);
+        assert!(allowed, "partition {pid} holds {target}");
+        assert!(!target.contains("kvm"), "partition {pid} holds {target}");
+    }
+    let report = vm.run().unwrap();
+    assert!(report.partition_exits.is_empty());
+}
+
+#[test]
+fn a_partition_that_opens_a_file_is_killed_and_the_vm_goes_on() {
+    if !support::kvm() {
+        return;
+    }
+    let (good, evil) = (Image::new("escape-good", MIB), Image::new("escape-evil", MIB));
+    let console = Capture::default();
+    let report = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .layout(Layout::microkernel().with("disk0", Placement::InHypervisor))
+        .driver(driver())
+        .partition_escape_test(Path::new("/etc/passwd"))
+        .cmdline("blk_verify.generation=24")
+        .disk(image(&good))
+        .disk(image(&evil))
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    let console = console.text();
+    // The partition died of its seccomp filter (SIGSYS)...
+    assert_eq!(report.partition_exits.len(), 1, "{:?}", report.partition_exits);
+    assert_eq!(report.partition_exits[0].0, "disk1");
+    assert!(report.partition_exits[0].1.contains("SIGSYS"), "{:?}", report.partition_exits);
+    // ...the guest saw its disk ask for a reset, and everything else went on.
+    assert!(console.contains("vd1") && console.contains("needs reset"), "{console}");
+    assert_eq!(report.guest_result, Some(GuestResult::Fail("device needs reset".into())), "{console}");
+    assert!(pattern_mismatches(&good.bytes(), 2048, 24).is_empty(), "the other disk was served");
+}
