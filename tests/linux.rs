@@ -1,0 +1,101 @@
+//! A real Linux guest as a client of splitvisor's driver partition: QEMU (TCG: the build
+//! machines' KVM cannot run Linux) boots Debian's cloud kernel with a busybox initramfs
+//! (`.ci/build-linux-guest`), its own virtio_blk driver talks vhost-user to
+//! `splitvisor-driver blk`, and the host checks what reached the image.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::images::Image;
+
+fn linux_guest() -> Option<PathBuf> {
+    let dir = std::env::var_os("SPLITVISOR_LINUX_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/linux-guest"));
+    let present = dir.join("vmlinuz").is_file() && dir.join("initrd.cpio.gz").is_file();
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let why = match (present, qemu) {
+        (true, true) => Ok(()),
+        (false, _) => Err(format!("{} is missing: run bash .ci/build-linux-guest", dir.display())),
+        (_, false) => Err("qemu-system-x86_64 is not installed".to_string()),
+    };
+    support::require("the Linux guest (Debian kernel + busybox initramfs) and QEMU", why).then_some(dir)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn linux_writes_and_reads_dev_vda_through_splitvisor_driver() {
+    let Some(guest) = linux_guest() else {
+        return;
+    };
+    let image = Image::new("linux", 8 << 20);
+    let socket = std::env::temp_dir().join(format!("splitvisor-linux-{}.sock", std::process::id()));
+    let mut driver = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+        .args(["blk", "--socket"])
+        .arg(&socket)
+        .arg("--disk")
+        .arg(&image.0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Linux's virtio_blk writes 1 MiB, syncs, reads it back and compares.
+    let script = "yes splitvisor-linux | head -c 1048576 > /p\n\
+                  dd if=/p of=/dev/vda bs=64k conv=fsync\n\
+                  dd if=/dev/vda bs=64k count=16 | cmp - /p\n";
+    let output = Command::new("qemu-system-x86_64")
+        .args(["-M", "pc", "-accel", "tcg", "-m", "256M"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"])
+        .args(["-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.cpio.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 splitvisor.script={}", base64(script.as_bytes())))
+        .arg("-chardev")
+        .arg(format!("socket,id=disk,path={}", socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=disk"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let _ = std::fs::remove_file(&socket);
+    let console = String::from_utf8_lossy(&output.stdout);
+    assert!(console.contains("16384 sectors on /dev/vda"), "{console}");
+    assert!(console.contains("LINUX-GUEST-RESULT: PASS"), "{console}");
+    let expected: Vec<u8> = b"splitvisor-linux\n".iter().copied().cycle().take(1 << 20).collect();
+    assert!(image.bytes()[..1 << 20] == expected[..], "the image holds what Linux wrote");
+}
+
+#[test]
+fn base64_matches_the_reference() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+}
