@@ -1,6 +1,7 @@
 //! virtio-blk throughput, side by side in one run: the same `blk-bench` guest ELF and the
-//! same image under splitvisor's monolithic layout and under QEMU microvm with KVM and its
-//! in-process virtio-blk (a peer), and fio on the host file (the limit).
+//! same image under splitvisor's monolithic layout, its microkernel layout with
+//! `splitvisor-driver` and with qemu-storage-daemon as the vhost-user backend, QEMU microvm
+//! with KVM and its in-process virtio-blk (a peer), and fio on the host file (the limit).
 //!
 //! `cargo bench --bench blk`. Environment: BLK_BENCH_MIB (MiB per 1 MiB workload, default
 //! 64), BLK_BENCH_OPS (requests per 4 KiB workload, default 4000), BLK_BENCH_IMAGE_MIB
@@ -19,7 +20,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use splitvisor::layout::{ConsoleOutput, DiskConfig, VmBuilder, VmReport};
+use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, VmBuilder, VmReport};
 
 /// The workloads of `blk-bench`, in its order, with fio's names for them.
 const WORKLOADS: [(&str, &str, &str, u32); 8] = [
@@ -71,12 +72,64 @@ impl Write for Capture {
     }
 }
 
+/// Peak RSS (VmHWM) of a process, in KiB.
+fn peak_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs blk-bench on `disk` with devices placed by `layout`; returns the report, the
+/// console and the peak RSS of each driver partition (KiB), sampled while it ran.
+fn splitvisor_run_with(layout: Layout, disk: DiskConfig, cmdline: &str) -> (VmReport, String, Vec<u64>) {
+    let console = Capture::default();
+    let driver = DriverProgram {
+        path: std::env::current_exe().unwrap(),
+        prefix: vec![splitvisor::cli::DRIVER_SUBCOMMAND.to_string()],
+    };
+    let vm = VmBuilder::new(splitvisor::guests::find("blk-bench").unwrap().elf)
+        .memory(256 << 20)
+        .layout(layout)
+        .driver(driver)
+        .cmdline(cmdline)
+        .disk(disk)
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(600)))
+        .build()
+        .unwrap();
+    let pids: Vec<String> = vm
+        .placements()
+        .iter()
+        .filter_map(|p| p.partition.as_deref()?.strip_prefix("pid ").map(String::from))
+        .collect();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peaks = vec![0u64; pids.len()];
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                    *peak = (*peak).max(peak_rss_kib(pid).unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peaks
+        })
+    };
+    let report = vm.run().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let peaks = sampler.join().unwrap();
+    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    assert!(report.guest_result.as_ref().is_some_and(|r| r.passed()), "blk-bench failed:\n{text}");
+    (report, text, peaks)
+}
+
 fn splitvisor_run(image: &Path, cmdline: &str) -> (VmReport, String) {
+    let disk = DiskConfig::Image { path: image.to_path_buf(), read_only: false };
     let console = Capture::default();
     let report = VmBuilder::new(splitvisor::guests::find("blk-bench").unwrap().elf)
         .memory(256 << 20)
         .cmdline(cmdline)
-        .disk(DiskConfig::Image { path: image.to_path_buf(), read_only: false })
+        .disk(disk)
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(600)))
         .build()
@@ -134,7 +187,53 @@ fn fio_run(image: &Path, image_bytes: u64) -> Option<Figures> {
     Some(figures)
 }
 
+/// qemu-storage-daemon exporting `image` as vhost-user-blk on a socket.
+struct StorageDaemon {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl StorageDaemon {
+    fn start(image: &Path, dir: &Path) -> Option<Self> {
+        let socket = dir.join("qsd.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f,cache.direct=off", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        socket.exists().then_some(Self { child, socket })
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(splitvisor::cli::DRIVER_SUBCOMMAND) {
+        // This bench binary doubles as the driver partition program.
+        return match splitvisor::isolation::driver::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("driver partition: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("blk bench: /dev/kvm is not available; nothing to measure");
         return ExitCode::FAILURE;
@@ -164,6 +263,20 @@ fn main() -> ExitCode {
     let (baseline, _) = splitvisor_run(&image, "blk_bench.mib=1 blk_bench.ops=1");
     let tsc_khz = report.tsc_khz.map(f64::from);
     let ours = parse(&console, tsc_khz);
+    let image_disk = DiskConfig::Image { path: image.clone(), read_only: false };
+    let (_, mk_console, partition_rss) = splitvisor_run_with(Layout::microkernel(), image_disk, &cmdline);
+    let microkernel = parse(&mk_console, tsc_khz);
+    let qsd = StorageDaemon::start(&image, &dir).map(|daemon| {
+        let (_, text, _) = splitvisor_run_with(
+            Layout::microkernel(),
+            DiskConfig::VhostUser { socket: daemon.socket.clone() },
+            &cmdline,
+        );
+        parse(&text, tsc_khz)
+    });
+    if qsd.is_none() {
+        eprintln!("blk bench: qemu-storage-daemon row missing (is qemu-system-common installed?)");
+    }
     let qemu = qemu_run(&elf, &image, &cmdline).map(|text| parse(&text, tsc_khz));
     let fio = fio_run(&image, image_mib << 20);
     if qemu.is_none() {
@@ -174,27 +287,54 @@ fn main() -> ExitCode {
     }
 
     println!("\n## blk-bench: the same guest ELF and {image_mib} MiB image (IOPS / MB/s)\n");
-    println!("| workload | splitvisor | QEMU microvm | fio (host) | splitvisor / QEMU | splitvisor / fio |");
+    println!(
+        "| workload | monolithic | microkernel, splitvisor-driver | microkernel, qemu-storage-daemon | QEMU microvm | fio (host) |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     let cell =
         |f: Option<&(f64, f64)>| f.map_or("n/a".to_string(), |(iops, mbps)| format!("{iops:.0} / {mbps:.1}"));
     for (name, ..) in WORKLOADS {
-        let ours = ours.get(name);
-        let theirs = qemu.as_ref().and_then(|q| q.get(name));
-        let limit = fio.as_ref().and_then(|f| f.get(name));
-        let ratio = |other: Option<&(f64, f64)>| match (ours, other) {
-            (Some(a), Some(b)) => format!("{:.3}", a.0 / b.0),
-            _ => "n/a".to_string(),
-        };
         println!(
             "| {name} | {} | {} | {} | {} | {} |",
-            cell(ours),
-            cell(theirs),
-            cell(limit),
-            ratio(theirs),
-            ratio(limit)
+            cell(ours.get(name)),
+            cell(microkernel.get(name)),
+            cell(qsd.as_ref().and_then(|q| q.get(name))),
+            cell(qemu.as_ref().and_then(|q| q.get(name))),
+            cell(fio.as_ref().and_then(|f| f.get(name)))
         );
     }
+    println!("\n## ratios of IOPS\n");
+    println!(
+        "| workload | microkernel / monolithic | qemu-storage-daemon / monolithic | monolithic / QEMU | monolithic / fio |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    let ratio = |a: Option<&(f64, f64)>, b: Option<&(f64, f64)>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.3}", a.0 / b.0),
+        _ => "n/a".to_string(),
+    };
+    let (mut sum, mut count) = (0.0, 0);
+    for (name, ..) in WORKLOADS {
+        if let (Some(a), Some(b)) = (microkernel.get(name), ours.get(name)) {
+            sum += a.0 / b.0;
+            count += 1;
+        }
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            ratio(microkernel.get(name), ours.get(name)),
+            ratio(qsd.as_ref().and_then(|q| q.get(name)), ours.get(name)),
+            ratio(ours.get(name), qemu.as_ref().and_then(|q| q.get(name))),
+            ratio(ours.get(name), fio.as_ref().and_then(|f| f.get(name)))
+        );
+    }
+    if count > 0 {
+        println!("\nmicrokernel / monolithic, mean over the workloads: {:.3}", sum / f64::from(count));
+    }
+    let own_rss = peak_rss_kib("self").unwrap_or(0);
+    println!(
+        "\npeak RSS: this process (the hypervisor, bench included) {:.1} MiB; driver partition(s) {:?} MiB",
+        own_rss as f64 / 1024.0,
+        partition_rss.iter().map(|kib| format!("{:.1}", *kib as f64 / 1024.0)).collect::<Vec<_>>()
+    );
 
     let requests = (4 * mib + 4 * ops) as f64;
     let baseline_requests = 8.0;

@@ -81,7 +81,6 @@ impl VhostUserBlk {
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             return Err(FrontendError::Unsupported("protocol features"));
         }
-        request("SET_FEATURES", frontend.set_features(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()))?;
         let protocol = request("GET_PROTOCOL_FEATURES", frontend.get_protocol_features())?;
         if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(FrontendError::Unsupported("GET_CONFIG"));
