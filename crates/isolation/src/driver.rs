@@ -27,7 +27,7 @@ use crate::backend::BlockBackend;
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// The command line is wrong.
-    #[error("{0}\nusage: splitvisor-driver blk --socket PATH --disk IMG[,ro]")]
+    #[error("{0} (usage: splitvisor-driver blk --socket PATH --disk IMG[,ro])")]
     Usage(String),
     /// The disk image cannot be used.
     #[error(transparent)]
@@ -126,8 +126,70 @@ pub fn serve_blk(listener: &mut Listener, backend: BlockBackend) -> Result<(), D
     result
 }
 
+/// A plain bus device served over the proxy protocol.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProxyArgs {
+    /// `serial` or `i8042`.
+    pub device: String,
+    /// The connected proxy socket.
+    pub fd: i32,
+    /// The interrupt's eventfd (an irqfd), if the device has one.
+    pub irq_fd: Option<i32>,
+}
+
+/// Parses `serial --fd N [--irq-fd M]` or `i8042 --fd N`.
+pub fn parse_proxy_args<I: IntoIterator<Item = String>>(args: I) -> Result<ProxyArgs, DriverError> {
+    let mut args = args.into_iter();
+    let device = args.next().ok_or_else(|| DriverError::Usage("no device given".into()))?;
+    let (mut fd, mut irq_fd) = (None, None);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| DriverError::Usage(format!("{flag} needs a value")))?;
+        let number =
+            value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))?;
+        match flag.as_str() {
+            "--fd" => fd = Some(number),
+            "--irq-fd" => irq_fd = Some(number),
+            _ => return Err(DriverError::Usage(format!("unknown option '{flag}'"))),
+        }
+    }
+    let fd = fd.ok_or_else(|| DriverError::Usage("--fd is required".into()))?;
+    Ok(ProxyArgs { device, fd, irq_fd })
+}
+
+/// Serves a plain bus device over the proxy protocol, sandboxed.
+fn run_proxy(args: ProxyArgs) -> Result<(), DriverError> {
+    use std::sync::Arc;
+
+    use splitvisor_bus::{CountingInterrupt, EventFdInterrupt, Interrupt};
+    use splitvisor_devices::{i8042::I8042, serial::Serial};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use crate::proxy::{self, Effects, NoInput};
+
+    // SAFETY: the spawner handed these fds over to this process alone.
+    let mut stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(args.fd) };
+    let interrupt: Arc<dyn Interrupt> = match args.irq_fd {
+        // SAFETY: as above.
+        Some(fd) => Arc::new(EventFdInterrupt::from_eventfd(unsafe { EventFd::from_raw_fd(fd) })),
+        None => Arc::new(CountingInterrupt::new()),
+    };
+    let keep: Vec<i32> = [Some(args.fd), args.irq_fd].into_iter().flatten().collect();
+    crate::sandbox::apply(&keep)?;
+    let effects = Effects::default();
+    let result = match args.device.as_str() {
+        "serial" => proxy::serve(&mut Serial::new(interrupt, effects.writer()), &effects, &mut stream),
+        "i8042" => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut stream),
+        other => return Err(DriverError::Usage(format!("unknown device '{other}'"))),
+    };
+    result.map_err(|e| DriverError::Daemon(e.to_string()))
+}
+
 /// The program: parses `args` (without argv\[0\]) and serves.
 pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
+    let args: Vec<String> = args.into_iter().collect();
+    if matches!(args.first().map(String::as_str), Some("serial" | "i8042")) {
+        return run_proxy(parse_proxy_args(args)?);
+    }
     let args = parse_args(args)?;
     match args.source {
         BlkSource::Paths { socket, disk } => {

@@ -16,4 +16,5 @@ pub mod backend;
 pub mod driver;
 pub mod frontend;
 pub mod partition;
+pub mod proxy;
 pub mod sandbox;

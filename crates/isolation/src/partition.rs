@@ -17,10 +17,6 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-/// The fd numbers a partition finds its resources at.
-const LISTEN_FD: RawFd = 3;
-const DISK_FD: RawFd = 4;
-
 /// Errors spawning a partition.
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -123,14 +119,59 @@ impl Partition {
             .map_err(setup("protect the socket"))?;
         let socket = dir.join("vhost-user.sock");
         let listener = UnixListener::bind(&socket).map_err(setup("bind the vhost-user socket"))?;
-        let listen_src = dup_high(listener.as_raw_fd())?;
-        let disk_src = dup_high(disk.as_raw_fd())?;
-        let (listen_raw, disk_raw) = (listen_src.as_raw_fd(), disk_src.as_raw_fd());
+        let mut args: Vec<String> =
+            vec!["blk".into(), "--listen-fd".into(), "3".into(), "--disk-fd".into(), "4".into()];
+        if spec.read_only {
+            args.push("--read-only".into());
+        }
+        if let Some(path) = &spec.escape {
+            args.push("--test-escape".into());
+            args.push(path.display().to_string());
+        }
+        let partition =
+            Self::spawn(&spec.driver, &spec.driver_prefix, &args, &[listener.as_raw_fd(), disk.as_raw_fd()])?;
+        // The listening socket lives on in the partition; the connection waits in its
+        // backlog until the partition accepts it.
+        let stream = UnixStream::connect(&socket).map_err(setup("connect to the partition"))?;
+        drop(listener);
+        log::info!("driver partition {} serves {}", partition.pid(), spec.disk.display());
+        Ok((partition, stream))
+    }
 
-        let mut command = Command::new(&spec.driver);
+    /// Starts a partition serving a plain bus device (`serial` or `i8042`) over the proxy
+    /// protocol; `irqfd` is its interrupt, raised straight into KVM. Returns the partition
+    /// and the connection.
+    pub fn spawn_proxy(
+        driver: &Path,
+        prefix: &[String],
+        device: &str,
+        irqfd: Option<&EventFd>,
+    ) -> Result<(Self, UnixStream), PartitionError> {
+        let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket"))?;
+        let mut args = vec![device.to_string(), "--fd".to_string(), "3".to_string()];
+        let mut fds = vec![theirs.as_raw_fd()];
+        if let Some(irqfd) = irqfd {
+            args.extend(["--irq-fd".to_string(), "4".to_string()]);
+            fds.push(irqfd.as_raw_fd());
+        }
+        let partition = Self::spawn(driver, prefix, &args, &fds)?;
+        Ok((partition, ours))
+    }
+
+    /// Runs `driver prefix.. args..` with `fds` as its fds 3, 4, ... and nothing else.
+    fn spawn(
+        driver: &Path,
+        prefix: &[String],
+        args: &[String],
+        fds: &[RawFd],
+    ) -> Result<Self, PartitionError> {
+        let sources = fds.iter().map(|fd| dup_high(*fd)).collect::<Result<Vec<_>, _>>()?;
+        let moves: Vec<(RawFd, RawFd)> =
+            sources.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)).collect();
+        let mut command = Command::new(driver);
         command
-            .args(&spec.driver_prefix)
-            .args(["blk", "--listen-fd", &LISTEN_FD.to_string(), "--disk-fd", &DISK_FD.to_string()])
+            .args(prefix)
+            .args(args)
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -138,17 +179,11 @@ impl Partition {
         if let Ok(log) = std::env::var("RUST_LOG") {
             command.env("RUST_LOG", log);
         }
-        if spec.read_only {
-            command.arg("--read-only");
-        }
-        if let Some(path) = &spec.escape {
-            command.arg("--test-escape").arg(path);
-        }
         let move_fds = move || {
-            for (from, to) in [(listen_raw, LISTEN_FD), (disk_raw, DISK_FD)] {
+            for (from, to) in &moves {
                 // SAFETY: dup2 on fds this process owns; async-signal-safe, as required
                 // between fork and exec.
-                if unsafe { libc::dup2(from, to) } < 0 {
+                if unsafe { libc::dup2(*from, *to) } < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -156,11 +191,10 @@ impl Partition {
         };
         // SAFETY: the closure only calls dup2, which is async-signal-safe.
         unsafe { command.pre_exec(move_fds) };
-        let child = command
+        let mut child = command
             .spawn()
-            .map_err(|source| PartitionError::Spawn { driver: spec.driver.clone(), source })?;
-        drop((listen_src, disk_src));
-        let mut child = child;
+            .map_err(|source| PartitionError::Spawn { driver: driver.to_path_buf(), source })?;
+        drop(sources);
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
         if pidfd < 0 {
@@ -170,13 +204,7 @@ impl Partition {
             return Err(setup("open a pidfd")(error));
         }
         // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-        let partition = Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } };
-        // The listening socket lives on in the partition; the connection waits in its
-        // backlog until the partition accepts it.
-        let stream = UnixStream::connect(&socket).map_err(setup("connect to the partition"))?;
-        drop(listener);
-        log::info!("driver partition {} serves {}", partition.pid(), spec.disk.display());
-        Ok((partition, stream))
+        Ok(Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } })
     }
 
     /// The partition's process ID.
@@ -217,7 +245,12 @@ impl Partition {
                     break;
                 }
                 if fds[1].revents != 0 {
-                    // The VM is going away: the partition goes with it.
+                    // The VM is going away: the partition may finish on its own (its
+                    // connection closes), else it is killed.
+                    let mut pidfd =
+                        [libc::pollfd { fd: partition.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+                    // SAFETY: one valid pollfd, bounded wait.
+                    unsafe { libc::poll(pidfd.as_mut_ptr(), 1, 1000) };
                     partition.kill();
                     return;
                 }
@@ -243,11 +276,17 @@ impl Supervisor {
     pub fn pid(&self) -> u32 {
         self.pid
     }
+
+    /// The VM is ending: the partition's exit is expected from now on, not a fault. It gets
+    /// a moment to finish once its connection closes, then it is killed.
+    pub fn disarm(&self) {
+        let _ = self.stop.write(1);
+    }
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
+        self.disarm();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -112,6 +112,8 @@ const ALLOWED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_pwritev,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
     libc::SYS_accept4,
     libc::SYS_shutdown,
     libc::SYS_close,

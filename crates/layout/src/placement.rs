@@ -24,7 +24,7 @@ impl fmt::Display for Placement {
     }
 }
 
-/// A placement policy: a default for each kind of device, and overrides per device.
+/// A placement policy: a default, and overrides per device.
 ///
 /// Devices are named `com1`, `i8042`, `disk0`, `disk1`, ...
 ///
@@ -38,23 +38,19 @@ impl fmt::Display for Placement {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
-    virtio: Placement,
+    default: Placement,
     overrides: BTreeMap<String, Placement>,
 }
-
-/// Devices that can only run in the hypervisor today: the 8250 and the i8042 have no
-/// partition transport yet.
-const HYPERVISOR_ONLY: &[&str] = &["com1", "i8042"];
 
 impl Layout {
     /// Every device inside the hypervisor process.
     pub fn monolithic() -> Self {
-        Self { virtio: Placement::InHypervisor, overrides: BTreeMap::new() }
+        Self { default: Placement::InHypervisor, overrides: BTreeMap::new() }
     }
 
-    /// Every device that can run in a driver partition does (each disk in its own).
+    /// Every device in a driver partition of its own.
     pub fn microkernel() -> Self {
-        Self { virtio: Placement::Partition, overrides: BTreeMap::new() }
+        Self { default: Placement::Partition, overrides: BTreeMap::new() }
     }
 
     /// Overrides the placement of one device.
@@ -65,10 +61,7 @@ impl Layout {
 
     /// Where `device` runs.
     pub fn placement(&self, device: &str) -> Placement {
-        if HYPERVISOR_ONLY.contains(&device) {
-            return Placement::InHypervisor;
-        }
-        self.overrides.get(device).copied().unwrap_or(self.virtio)
+        self.overrides.get(device).copied().unwrap_or(self.default)
     }
 }
 
@@ -121,10 +114,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn microkernel_puts_disks_in_partitions_and_keeps_legacy_devices() {
+    fn microkernel_puts_every_device_in_a_partition() {
         let layout = Layout::microkernel();
         assert_eq!(layout.placement("disk0"), Placement::Partition);
-        assert_eq!(layout.placement("com1"), Placement::InHypervisor);
+        assert_eq!(layout.placement("com1"), Placement::Partition);
+        assert_eq!(Layout::monolithic().placement("i8042"), Placement::InHypervisor);
         let hybrid = Layout::microkernel().with("disk1", Placement::InHypervisor);
         assert_eq!(hybrid.placement("disk0"), Placement::Partition);
         assert_eq!(hybrid.placement("disk1"), Placement::InHypervisor);

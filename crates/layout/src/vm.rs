@@ -18,6 +18,7 @@ use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_O
 use splitvisor_guests::GuestResult;
 use splitvisor_isolation::frontend::VhostUserBlk;
 use splitvisor_isolation::partition::{BlockPartitionSpec, Partition, Supervisor};
+use splitvisor_isolation::proxy::{InputSink, ProxyDevice};
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
@@ -245,12 +246,56 @@ impl VmBuilder {
         };
         let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
         kvm.register_irqfd(com1_irq.irqfd(), COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, ConsoleTap::new(output, console.clone()))));
         let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
-        let i8042 = Arc::new(Mutex::new(I8042::new(reset_line)));
+        let console_tap = ConsoleTap::new(output, console.clone());
+        let partition_exits = Arc::new(Mutex::new(Vec::new()));
+        let mut supervisors = Vec::new();
+        let mut placements = Vec::new();
+        let needs_driver = ["com1", "i8042"].iter().any(|d| self.layout.placement(d) == Placement::Partition)
+            || self.disks.iter().enumerate().any(|(index, disk)| {
+                matches!(disk, DiskConfig::Image { .. })
+                    && self.layout.placement(&format!("disk{index}")) == Placement::Partition
+            });
+        let driver = self.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
 
         let pio = Bus::new(BusKind::Pio);
-        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", serial.clone())?;
+        let legacy = LegacyContext { driver: driver.as_ref(), partition_exits: &partition_exits };
+        let (com1, com1_input, com1_partition) = match self.layout.placement("com1") {
+            Placement::InHypervisor => {
+                let serial = Arc::new(Mutex::new(Serial::new(com1_irq, console_tap)));
+                (serial.clone() as SharedDevice, serial as Arc<Mutex<dyn InputSink>>, None)
+            }
+            Placement::Partition => {
+                let (proxy, supervisor) =
+                    legacy.spawn("com1", "serial", Some(com1_irq.irqfd()), Box::new(console_tap), None)?;
+                let proxy = Arc::new(Mutex::new(proxy));
+                (proxy.clone() as SharedDevice, proxy as Arc<Mutex<dyn InputSink>>, Some(supervisor))
+            }
+        };
+        let (i8042, i8042_partition) = match self.layout.placement("i8042") {
+            Placement::InHypervisor => (Arc::new(Mutex::new(I8042::new(reset_line))) as SharedDevice, None),
+            Placement::Partition => {
+                let (proxy, supervisor) =
+                    legacy.spawn("i8042", "i8042", None, Box::new(io::sink()), Some(reset_line))?;
+                (Arc::new(Mutex::new(proxy)) as SharedDevice, Some(supervisor))
+            }
+        };
+        for (device, kind, supervisor) in
+            [("com1", "8250", com1_partition), ("i8042", "i8042", i8042_partition)]
+        {
+            let (placement, partition) = match &supervisor {
+                Some(s) => (Placement::Partition, Some(format!("pid {}", s.pid()))),
+                None => (Placement::InHypervisor, None),
+            };
+            placements.push(DevicePlacement {
+                device: device.into(),
+                kind: kind.into(),
+                placement,
+                partition,
+            });
+            supervisors.extend(supervisor);
+        }
+        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", com1)?;
         pio.insert(BusRange::new(I8042_PORT, I8042_PORT_COUNT)?, "i8042", i8042)?;
         let mmio = Bus::new(BusKind::Mmio);
         let mut allocator = ResourceAllocator::new(
@@ -273,33 +318,13 @@ impl VmBuilder {
             }
         }
         let mut cmdline = self.cmdline.clone();
-        let mut placements = vec![
-            DevicePlacement {
-                device: "com1".into(),
-                kind: "8250".into(),
-                placement: Placement::InHypervisor,
-                partition: None,
-            },
-            DevicePlacement {
-                device: "i8042".into(),
-                kind: "i8042".into(),
-                placement: Placement::InHypervisor,
-                partition: None,
-            },
-        ];
-        let mut supervisors = Vec::new();
-        let partition_exits = Arc::new(Mutex::new(Vec::new()));
-        let needs_driver = self.disks.iter().enumerate().any(|(index, disk)| {
-            matches!(disk, DiskConfig::Image { .. })
-                && self.layout.placement(&format!("disk{index}")) == Placement::Partition
-        });
         let mut context = DeviceContext {
             kvm: &kvm,
             ram: &ram,
             mmio: &mmio,
             allocator: &mut allocator,
             layout: &self.layout,
-            driver: self.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten()),
+            driver: driver.clone(),
             escape: self.partition_escape.clone(),
             partition_exits: partition_exits.clone(),
         };
@@ -326,7 +351,7 @@ impl VmBuilder {
             buses: Buses { pio: Arc::new(pio), mmio: Arc::new(mmio) },
             control,
             console,
-            serial,
+            console_device: com1_input,
             console_input: self.console_input,
             timeout: self.timeout,
             created: Instant::now(),
@@ -368,6 +393,40 @@ struct PlacedDevice {
     irq: u32,
     placement: DevicePlacement,
     supervisor: Option<Supervisor>,
+}
+
+/// What placing a plain bus device in a partition needs.
+struct LegacyContext<'a> {
+    driver: Option<&'a DriverProgram>,
+    partition_exits: &'a Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl LegacyContext<'_> {
+    /// Starts `kind` in a supervised partition behind a proxy.
+    fn spawn(
+        &self,
+        device: &str,
+        kind: &str,
+        irqfd: Option<&vmm_sys_util::eventfd::EventFd>,
+        output: Box<dyn Write + Send>,
+        reset: Option<Arc<dyn Interrupt>>,
+    ) -> Result<(ProxyDevice, Supervisor), Error> {
+        let driver = self.driver.ok_or_else(|| Error::NoDriverProgram(device.to_string()))?;
+        let (partition, stream) = Partition::spawn_proxy(&driver.path, &driver.prefix, kind, irqfd)?;
+        let dropped = self.partition_exits.clone();
+        let name = device.to_string();
+        let on_dead = Box::new(move |why: String| {
+            dropped.lock().unwrap_or_else(|e| e.into_inner()).push((name, format!("dropped: {why}")));
+        });
+        let proxy = ProxyDevice::new(device, stream, output, reset, Some(on_dead)).map_err(Error::EventFd)?;
+        let exits = self.partition_exits.clone();
+        let name = device.to_string();
+        let on_exit = Box::new(move |status: String| {
+            exits.lock().unwrap_or_else(|e| e.into_inner()).push((name, status));
+        });
+        let supervisor = partition.supervise(device.to_string(), on_exit)?;
+        Ok((proxy, supervisor))
+    }
 }
 
 /// What placing devices needs from the VM being built.
@@ -495,7 +554,7 @@ pub struct Vm {
     buses: Buses,
     control: VmControl,
     console: Arc<ConsoleState>,
-    serial: Arc<Mutex<Serial<ConsoleTap>>>,
+    console_device: Arc<Mutex<dyn InputSink>>,
     console_input: bool,
     timeout: Option<Duration>,
     created: Instant,
@@ -504,7 +563,6 @@ pub struct Vm {
     placements: Vec<DevicePlacement>,
     /// Held for their `Drop`, after the buses: devices stop their partitions' queues, then
     /// every driver partition is killed and reaped.
-    #[expect(dead_code, reason = "held for its Drop")]
     supervisors: Vec<Supervisor>,
     /// Driver partitions that died while the VM ran: (device, exit status).
     partition_exits: Arc<Mutex<Vec<(String, String)>>>,
@@ -600,11 +658,14 @@ impl Vm {
         let stop_handle = self.control.stop_handle();
         let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         let input = match self.console_input {
-            true => Some(ConsoleInput::start(self.serial.clone())?),
+            true => Some(ConsoleInput::start(self.console_device.clone())?),
             false => None,
         };
         let end = running.wait(self.timeout);
         let ended = Instant::now();
+        for supervisor in &self.supervisors {
+            supervisor.disarm();
+        }
         if let Some(input) = input {
             input.stop();
         }
@@ -648,7 +709,7 @@ struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    fn start(serial: Arc<Mutex<Serial<ConsoleTap>>>) -> Result<Self, Error> {
+    fn start(serial: Arc<Mutex<dyn InputSink>>) -> Result<Self, Error> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -674,9 +735,9 @@ impl ConsoleInput {
                 }
                 let mut pending = &buf[..n as usize];
                 while !pending.is_empty() {
-                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
+                    let taken = serial.lock().unwrap_or_else(|e| e.into_inner()).input(pending);
                     match taken {
-                        Ok(n) if n > 0 => pending = &pending[n..],
+                        n if n > 0 => pending = &pending[n..],
                         // The guest has not drained its FIFO yet; stop waiting if asked to.
                         _ if stopped.read().is_ok() => return,
                         _ => std::thread::sleep(Duration::from_millis(5)),

@@ -1,0 +1,340 @@
+//! The proxy wire protocol between the hypervisor and a partition serving a plain bus
+//! device (the 8250, the i8042).
+//!
+//! Every message is one frame:
+//!
+//! ```text
+//! u32 le  length of what follows (8 ..= MAX_FRAME)
+//! u16 le  protocol version (VERSION)
+//! u16 le  message kind
+//! u32 le  sequence number (a response carries its request's)
+//! ...     payload, by kind (below)
+//! ```
+//!
+//! Requests (hypervisor → partition): `Read { offset: u64, len: u8 }`,
+//! `Write { offset: u64, data: u8-length-prefixed }`, `Input { bytes: u16-length-prefixed }`.
+//! Responses (partition → hypervisor): `ReadDone { data }`,
+//! `Done { accepted, output, reset }`.
+//! Interrupts do not travel here: the partition is handed the irqfd and raises it itself.
+//! Every length and count is bounded before anything is allocated; any malformed frame is
+//! a typed [`DecodeError`].
+
+use arbitrary::Arbitrary;
+
+/// The protocol version this code speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame (after the length word).
+pub const MAX_FRAME: usize = 8 + 8 + 2 + MAX_INPUT;
+/// Widest register access.
+pub const MAX_ACCESS: usize = 8;
+/// Most host input bytes per message, and most output bytes per response.
+pub const MAX_INPUT: usize = 256;
+
+const KIND_READ: u16 = 1;
+const KIND_WRITE: u16 = 2;
+const KIND_INPUT: u16 = 3;
+const KIND_READ_DONE: u16 = 0x81;
+const KIND_DONE: u16 = 0x82;
+
+/// A request from the hypervisor.
+#[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Offset into the device's range.
+        offset: u64,
+        /// Access width, 1..=8.
+        len: u8,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Offset into the device's range.
+        offset: u64,
+        /// 1..=8 bytes.
+        data: Vec<u8>,
+    },
+    /// Host input for the device (the serial console's stdin).
+    Input {
+        /// Up to MAX_INPUT bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+/// A response from the partition.
+#[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// The bytes a read returned.
+    ReadDone {
+        /// 1..=8 bytes.
+        data: Vec<u8>,
+    },
+    /// A write or input was applied.
+    Done {
+        /// Input bytes the device took (0 for a write).
+        accepted: u16,
+        /// What the device wrote to its output meanwhile (the console), up to MAX_INPUT.
+        output: Vec<u8>,
+        /// The device asked for a machine reset (the i8042's reset line).
+        reset: bool,
+    },
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the frame needs.
+    #[error("truncated frame")]
+    Truncated,
+    /// A length beyond the protocol's bounds.
+    #[error("frame length {0} out of bounds")]
+    BadLength(usize),
+    /// Another protocol version.
+    #[error("protocol version {0}, expected {VERSION}")]
+    BadVersion(u16),
+    /// An unknown message kind.
+    #[error("unknown message kind {0:#x}")]
+    UnknownKind(u16),
+    /// A field out of its bounds (a zero or too wide access, too much data).
+    #[error("field out of bounds: {0}")]
+    BadField(&'static str),
+    /// Bytes left over after the payload.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// A decoded frame: its sequence number and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame<M> {
+    /// Sequence number.
+    pub seq: u32,
+    /// The message.
+    pub message: M,
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes([self.u8()?, self.u8()?]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from(self.u32()?) | u64::from(self.u32()?) << 32)
+    }
+    fn bytes_u8(&mut self, max: usize, what: &'static str) -> Result<Vec<u8>, DecodeError> {
+        let len = usize::from(self.u8()?);
+        if len == 0 || len > max {
+            return Err(DecodeError::BadField(what));
+        }
+        Ok(self.take(len)?.to_vec())
+    }
+    fn bytes_u16(&mut self, max: usize, what: &'static str) -> Result<Vec<u8>, DecodeError> {
+        let len = usize::from(self.u16()?);
+        if len > max {
+            return Err(DecodeError::BadField(what));
+        }
+        Ok(self.take(len)?.to_vec())
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() { Ok(()) } else { Err(DecodeError::Trailing(self.0.len())) }
+    }
+}
+
+/// Splits the body of a frame (after the length word) into (seq, kind, payload cursor).
+fn header(body: &[u8]) -> Result<(u32, u16, Cursor<'_>), DecodeError> {
+    if body.len() > MAX_FRAME {
+        return Err(DecodeError::BadLength(body.len()));
+    }
+    let mut cursor = Cursor(body);
+    let version = cursor.u16()?;
+    if version != VERSION {
+        return Err(DecodeError::BadVersion(version));
+    }
+    let kind = cursor.u16()?;
+    let seq = cursor.u32()?;
+    Ok((seq, kind, cursor))
+}
+
+fn frame(seq: u32, kind: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn truncated(data: &[u8], max: usize) -> &[u8] {
+    &data[..data.len().min(max)]
+}
+
+impl Request {
+    /// Encodes as a frame (lengths clamped to the protocol's bounds).
+    pub fn encode(&self, seq: u32) -> Vec<u8> {
+        match self {
+            Request::Read { offset, len } => {
+                let mut payload = offset.to_le_bytes().to_vec();
+                payload.push(*len);
+                frame(seq, KIND_READ, &payload)
+            }
+            Request::Write { offset, data } => {
+                let data = truncated(data, MAX_ACCESS);
+                let mut payload = offset.to_le_bytes().to_vec();
+                payload.push(data.len() as u8);
+                payload.extend_from_slice(data);
+                frame(seq, KIND_WRITE, &payload)
+            }
+            Request::Input { bytes } => {
+                let bytes = truncated(bytes, MAX_INPUT);
+                let mut payload = (bytes.len() as u16).to_le_bytes().to_vec();
+                payload.extend_from_slice(bytes);
+                frame(seq, KIND_INPUT, &payload)
+            }
+        }
+    }
+
+    /// Decodes a frame body (after the length word).
+    pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        let (seq, kind, mut c) = header(body)?;
+        let message = match kind {
+            KIND_READ => {
+                let offset = c.u64()?;
+                let len = c.u8()?;
+                if len == 0 || usize::from(len) > MAX_ACCESS {
+                    return Err(DecodeError::BadField("read width"));
+                }
+                Request::Read { offset, len }
+            }
+            KIND_WRITE => Request::Write { offset: c.u64()?, data: c.bytes_u8(MAX_ACCESS, "write width")? },
+            KIND_INPUT => Request::Input { bytes: c.bytes_u16(MAX_INPUT, "input length")? },
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        c.finish()?;
+        Ok(Frame { seq, message })
+    }
+}
+
+impl Response {
+    /// Encodes as a frame (lengths clamped to the protocol's bounds).
+    pub fn encode(&self, seq: u32) -> Vec<u8> {
+        match self {
+            Response::ReadDone { data } => {
+                let data = truncated(data, MAX_ACCESS);
+                let mut payload = vec![data.len() as u8];
+                payload.extend_from_slice(data);
+                frame(seq, KIND_READ_DONE, &payload)
+            }
+            Response::Done { accepted, output, reset } => {
+                let output = truncated(output, MAX_INPUT);
+                let mut payload = accepted.to_le_bytes().to_vec();
+                payload.extend_from_slice(&(output.len() as u16).to_le_bytes());
+                payload.extend_from_slice(output);
+                payload.push(u8::from(*reset));
+                frame(seq, KIND_DONE, &payload)
+            }
+        }
+    }
+
+    /// Decodes a frame body (after the length word).
+    pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
+        let (seq, kind, mut c) = header(body)?;
+        let message = match kind {
+            KIND_READ_DONE => Response::ReadDone { data: c.bytes_u8(MAX_ACCESS, "read data")? },
+            KIND_DONE => {
+                let accepted = c.u16()?;
+                if usize::from(accepted) > MAX_INPUT {
+                    return Err(DecodeError::BadField("accepted input"));
+                }
+                let output = c.bytes_u16(MAX_INPUT, "output length")?;
+                let reset = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadField("reset flag")),
+                };
+                Response::Done { accepted, output, reset }
+            }
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        c.finish()?;
+        Ok(Frame { seq, message })
+    }
+}
+
+/// Reads one frame body from `stream`: the length word, bounded, then the body.
+pub fn read_frame(stream: &mut impl std::io::Read) -> std::io::Result<Result<Vec<u8>, DecodeError>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if !(8..=MAX_FRAME).contains(&len) {
+        return Ok(Err(DecodeError::BadLength(len)));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok(Ok(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let requests = [
+            Request::Read { offset: 5, len: 1 },
+            Request::Write { offset: 0, data: vec![0x41] },
+            Request::Input { bytes: b"hello".to_vec() },
+            Request::Input { bytes: Vec::new() },
+        ];
+        for (seq, request) in requests.into_iter().enumerate() {
+            let bytes = request.encode(seq as u32);
+            assert_eq!(Request::decode(&bytes[4..]), Ok(Frame { seq: seq as u32, message: request }));
+        }
+        let responses = [
+            Response::ReadDone { data: vec![0x60] },
+            Response::Done { accepted: 3, output: b"ok\n".to_vec(), reset: true },
+        ];
+        for response in responses {
+            let bytes = response.encode(9);
+            assert_eq!(Response::decode(&bytes[4..]), Ok(Frame { seq: 9, message: response }));
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_typed_errors() {
+        let good = Request::Read { offset: 1, len: 1 }.encode(1);
+        for cut in 0..good.len() - 4 {
+            assert!(Request::decode(&good[4..4 + cut]).is_err());
+        }
+        let mut bad_version = good.clone();
+        bad_version[4] = 9;
+        assert_eq!(Request::decode(&bad_version[4..]), Err(DecodeError::BadVersion(9)));
+        let mut bad_kind = good.clone();
+        bad_kind[6] = 0x7f;
+        assert_eq!(Request::decode(&bad_kind[4..]), Err(DecodeError::UnknownKind(0x7f)));
+        let mut wide = good.clone();
+        *wide.last_mut().unwrap() = 9;
+        assert_eq!(Request::decode(&wide[4..]), Err(DecodeError::BadField("read width")));
+        let mut trailing = good[4..].to_vec();
+        trailing.push(0);
+        assert_eq!(Request::decode(&trailing), Err(DecodeError::Trailing(1)));
+        assert!(matches!(Response::decode(&[0u8; MAX_FRAME + 1]), Err(DecodeError::BadLength(_))));
+        let mut stream: &[u8] = &u32::MAX.to_le_bytes();
+        assert!(matches!(read_frame(&mut stream), Ok(Err(DecodeError::BadLength(_)))));
+    }
+}
