@@ -289,6 +289,23 @@ pub fn read_frame(stream: &mut impl std::io::Read) -> std::io::Result<Result<Vec
     Ok(Ok(body))
 }
 
+/// Fuzz harness: decoding any bytes as a request never panics, and whatever decodes
+/// re-encodes to a frame that decodes to the same request.
+pub fn fuzz_request(data: &[u8]) {
+    if let Ok(frame) = Request::decode(data) {
+        let again = frame.message.encode(frame.seq);
+        assert_eq!(Request::decode(&again[4..]), Ok(frame));
+    }
+}
+
+/// Fuzz harness: as [`fuzz_request`], for responses.
+pub fn fuzz_response(data: &[u8]) {
+    if let Ok(frame) = Response::decode(data) {
+        let again = frame.message.encode(frame.seq);
+        assert_eq!(Response::decode(&again[4..]), Ok(frame));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,22 +353,5 @@ mod tests {
         assert!(matches!(Response::decode(&[0u8; MAX_FRAME + 1]), Err(DecodeError::BadLength(_))));
         let mut stream: &[u8] = &u32::MAX.to_le_bytes();
         assert!(matches!(read_frame(&mut stream), Ok(Err(DecodeError::BadLength(_)))));
-    }
-}
-
-/// Fuzz harness: decoding any bytes as a request never panics, and whatever decodes
-/// re-encodes to a frame that decodes to the same request.
-pub fn fuzz_request(data: &[u8]) {
-    if let Ok(frame) = Request::decode(data) {
-        let again = frame.message.encode(frame.seq);
-        assert_eq!(Request::decode(&again[4..]), Ok(frame));
-    }
-}
-
-/// Fuzz harness: as [`fuzz_request`], for responses.
-pub fn fuzz_response(data: &[u8]) {
-    if let Ok(frame) = Response::decode(data) {
-        let again = frame.message.encode(frame.seq);
-        assert_eq!(Response::decode(&again[4..]), Ok(frame));
     }
 }
