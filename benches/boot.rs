@@ -8,7 +8,8 @@
 //! 3. peak RSS of each hypervisor process with a 128 MiB guest.
 //!
 //! The splitvisor process is this very binary, re-run with `--hypervisor`: it then behaves
-//! exactly as `examples/monolithic`. Set BOOT_BENCH_RUNS to change N (default 20).
+//! exactly as `examples/monolithic` (or `microkernel`, with `--microkernel-layout`; it is also
+//! its own driver partition program). Set BOOT_BENCH_RUNS to change N (default 20).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
 
@@ -105,16 +106,28 @@ impl BusDevice for Register {
 }
 
 fn main() -> ExitCode {
+    let start = Instant::now();
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(splitvisor::cli::DRIVER_SUBCOMMAND) {
+        // This bench binary doubles as the driver partition program.
+        return match splitvisor::isolation::driver::run(args.into_iter().skip(2)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("driver partition: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.iter().any(|a| a == "--hypervisor") {
-        let start = Instant::now();
-        let args = args.iter().filter(|a| *a != "--hypervisor" && *a != "--bench");
-        return splitvisor::cli::main_from(
-            "boot-bench",
-            splitvisor::layout::Layout::monolithic(),
-            args,
-            start,
-        );
+        let layout = if args.iter().any(|a| a == "--microkernel-layout") {
+            splitvisor::layout::Layout::microkernel()
+        } else {
+            splitvisor::layout::Layout::monolithic()
+        };
+        let args = args
+            .iter()
+            .filter(|a| !matches!(a.as_str(), "--hypervisor" | "--bench" | "--microkernel-layout"));
+        return splitvisor::cli::main_from("boot-bench", layout, args, start);
     }
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("boot bench: /dev/kvm is not available; nothing to measure");
@@ -136,11 +149,18 @@ fn main() -> ExitCode {
     let exit_bench = elf_path("exit-bench");
 
     // 1. Boot, alternating the two hypervisors so drift on a shared machine hits both.
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut microkernel) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let run = measure(splitvisor("hello", &[]));
         assert!(run.success && run.stdout.contains("PASS"), "splitvisor run failed:\n{}", run.stdout);
         ours.push(run);
+        let run = measure(splitvisor("hello", &["--microkernel-layout"]));
+        assert!(
+            run.success && run.stdout.contains("PASS"),
+            "splitvisor microkernel run failed:\n{}",
+            run.stdout
+        );
+        microkernel.push(run);
         if have_qemu {
             let run = measure(qemu(&hello, None));
             assert!(run.stdout.contains("PASS"), "QEMU run failed:\n{}", run.stdout);
@@ -154,6 +174,12 @@ fn main() -> ExitCode {
     println!("| hypervisor | first output | exit | peak RSS (MiB) |");
     println!("|---|---:|---:|---:|");
     println!("| splitvisor monolithic | {:.2} | {:.2} | {:.1} |", first(&ours), exit(&ours), rss(&ours));
+    println!(
+        "| splitvisor microkernel (8250, i8042 in partitions; hypervisor RSS) | {:.2} | {:.2} | {:.1} |",
+        first(&microkernel),
+        exit(&microkernel),
+        rss(&microkernel)
+    );
     if have_qemu {
         println!(
             "| QEMU microvm (KVM) | {:.2} | {:.2} | {:.1} |",
@@ -200,6 +226,22 @@ fn main() -> ExitCode {
     let to_ns = |ticks: f64| ticks * 1e6 / tsc_khz;
     let ours_pio = to_ns(field(&text, "pio_ticks=").expect("pio result"));
     let ours_mmio = to_ns(field(&text, "mmio_ticks=").expect("mmio result"));
+    // The same, with COM1 in a driver partition: every LSR read is forwarded.
+    let forwarded = Arc::new(Mutex::new(Vec::new()));
+    VmBuilder::new(splitvisor::guests::find("exit-bench").unwrap().elf)
+        .layout(splitvisor::layout::Layout::microkernel())
+        .driver(splitvisor::layout::DriverProgram {
+            path: std::env::current_exe().unwrap(),
+            prefix: vec![splitvisor::cli::DRIVER_SUBCOMMAND.to_string()],
+        })
+        .console(ConsoleOutput::Writer(Box::new(Sink(forwarded.clone()))))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    let forwarded_pio =
+        to_ns(field(&String::from_utf8_lossy(&forwarded.lock().unwrap()), "pio_ticks=").expect("pio result"));
     let (mut qemu_pio, mut qemu_mmio) = (f64::NAN, f64::NAN);
     if have_qemu {
         let run = measure(qemu(&exit_bench, Some(&append)));
@@ -228,6 +270,10 @@ fn main() -> ExitCode {
         ours_mmio / qemu_mmio
     );
     println!("| bus dispatch alone (host, no exit) | {bus_ns:.1} | | |");
+    println!(
+        "| PIO read, COM1 in a driver partition (forwarded) | {forwarded_pio:.0} | | forwarded / in-hypervisor {:.3} |",
+        forwarded_pio / ours_pio
+    );
     println!("\nsplitvisor exits during exit-bench: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
     let _ = std::fs::remove_dir_all(&dir);
     ExitCode::SUCCESS
