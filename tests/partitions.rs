@@ -136,15 +136,24 @@ fn partitions_are_sandboxed_as_seen_from_outside() {
         .build()
         .unwrap();
     let placed = vm.placements().iter().find(|p| p.device == "disk0").unwrap();
-    let pid = placed.partition.as_deref().unwrap().strip_prefix("pid ").unwrap().to_string();
+    let watched = placed.partition.as_deref().unwrap().strip_prefix("pid ").unwrap().to_string();
+    // The process the hypervisor started only waits; its child, PID 1 of a new PID
+    // namespace, serves the disk.
+    let children = std::fs::read_to_string(format!("/proc/{watched}/task/{watched}/children")).unwrap();
+    let pid = children.split_whitespace().next().expect("the serving child").to_string();
+    assert_eq!(status_field(&pid, "NSpid:").split_whitespace().last(), Some("1"), "PID 1 in its namespace");
 
-    assert_eq!(status_field(&pid, "Seccomp:"), "2", "seccomp filter mode");
-    assert_eq!(status_field(&pid, "NoNewPrivs:"), "1");
-    for ns in ["user", "mnt", "net", "ipc"] {
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{ns} namespace is the partition's own");
+    for process in [&watched, &pid] {
+        assert_eq!(status_field(process, "Seccomp:"), "2", "seccomp filter mode");
+        assert_eq!(status_field(process, "NoNewPrivs:"), "1");
+        for ns in ["user", "mnt", "net", "ipc"] {
+            let theirs = std::fs::read_link(format!("/proc/{process}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{ns} namespace is the partition's own");
+        }
     }
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    assert_ne!(theirs, std::fs::read_link("/proc/self/ns/pid").unwrap(), "pid namespace");
     // Only what it was handed: stdio, the disk, sockets, eventfds, epoll, guest memory.
     let disk_name = disk.0.file_name().unwrap().to_string_lossy().into_owned();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {

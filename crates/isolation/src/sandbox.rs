@@ -3,7 +3,9 @@
 //! In order: every fd but the ones it was handed is closed; new user, mount, network and
 //! IPC namespaces (where the kernel allows); the root becomes an empty directory; resource
 //! limits; `no_new_privs`; a seccomp allowlist that kills the process on any other system
-//! call: no open/openat of files, no socket creation, no exec, no ptrace. A partition never
+//! call (no open/openat of files, no socket creation, no exec, no ptrace). Before the
+//! filter, a fork into a new PID namespace: the device is served by PID 1 there, while the
+//! process the hypervisor started (and watches) holds nothing and only waits for it. A partition never
 //! holds /dev/kvm or the VM fd: it is never given them.
 
 use std::collections::BTreeMap;
@@ -156,6 +158,8 @@ const ALLOWED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_tgkill,
+    // The watcher outside the PID namespace waits for the partition.
+    libc::SYS_wait4,
 ];
 
 /// The seccomp program: the allowlist, everything else kills the process.
@@ -167,8 +171,62 @@ pub fn seccomp_program() -> Result<BpfProgram, SandboxError> {
     filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
 }
 
+/// Moves the work into a new PID namespace: forks a child that is PID 1 there and returns
+/// in it; the parent (the process the hypervisor started and supervises) closes what it
+/// holds, waits, and exits as its child did. Needs a single-threaded process.
+fn enter_pid_namespace(keep: &[RawFd]) -> Result<(), SandboxError> {
+    // SAFETY: unshare only changes the namespace of this process's future children.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
+        log::warn!("sandbox: no new PID namespace: {}", io::Error::last_os_error());
+        return Ok(());
+    }
+    // SAFETY: the process is single-threaded here (the sandbox runs before any thread is
+    // started), so the child may run arbitrary code after fork.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(SandboxError::Setup {
+            what: "fork into the PID namespace",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if child == 0 {
+        // The child serves; it must not outlive the process the hypervisor watches.
+        // SAFETY: PR_SET_PDEATHSIG takes plain integers.
+        check("set the parent-death signal", unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+        })?;
+        return Ok(());
+    }
+    // The parent keeps nothing of the device's, and is filtered like its child.
+    for fd in keep {
+        // SAFETY: closing fds this process owns and will not use again.
+        unsafe { libc::close(*fd) };
+    }
+    apply_seccomp()?;
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing into `status`.
+        let waited = unsafe { libc::waitpid(child, &mut status, 0) };
+        if waited == child || (waited < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
+        {
+            break;
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        let signal = libc::WTERMSIG(status);
+        // Die the same way, so the supervisor sees the real cause (SIGSYS for seccomp).
+        // SAFETY: restoring the default action, then raising the signal at ourselves.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
+    std::process::exit(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 });
+}
+
 /// Applies every step, for a process that keeps only the fds `keep`. Call it while the
-/// process has one thread: seccomp applies to the calling thread and the ones it creates.
+/// process has one thread: it forks into a new PID namespace, and seccomp applies to the
+/// calling thread and the ones it creates. Returns in the process that serves.
 pub fn apply(keep: &[RawFd]) -> Result<(), SandboxError> {
     close_other_fds(keep)?;
     let namespaces = enter_namespaces()?;
@@ -178,8 +236,15 @@ pub fn apply(keep: &[RawFd]) -> Result<(), SandboxError> {
     limit_resources()?;
     // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
     check("set no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    let program = seccomp_program()?;
-    seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    if namespaces {
+        enter_pid_namespace(keep)?;
+    }
+    apply_seccomp()?;
     log::debug!("sandbox applied (namespaces: {namespaces})");
     Ok(())
+}
+
+fn apply_seccomp() -> Result<(), SandboxError> {
+    let program = seccomp_program()?;
+    seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
