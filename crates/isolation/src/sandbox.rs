@@ -215,11 +215,10 @@ fn enter_pid_namespace(keep: &[RawFd]) -> Result<(), SandboxError> {
     if libc::WIFSIGNALED(status) {
         let signal = libc::WTERMSIG(status);
         // Die the same way, so the supervisor sees the real cause (SIGSYS for seccomp).
-        // SAFETY: restoring the default action, then raising the signal at ourselves.
-        unsafe {
-            libc::signal(signal, libc::SIG_DFL);
-            libc::raise(signal);
-        }
+        // SAFETY: restores the default action of a signal number the kernel reported.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+        // SAFETY: raising a signal at ourselves has no memory effects.
+        unsafe { libc::raise(signal) };
     }
     std::process::exit(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 });
 }
