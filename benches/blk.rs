@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, VmBuilder, VmReport};
@@ -59,23 +59,20 @@ fn parse(console: &str, tsc_khz: Option<f64>) -> Figures {
     figures
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+type Capture = splitvisor::layout::SharedBuffer;
 
 /// Peak RSS (VmHWM) of a process, in KiB.
 fn peak_rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// Peak RSS of a partition: the process the hypervisor started plus the child that serves
+/// from a PID namespace of its own.
+fn partition_rss_kib(pid: &str) -> Option<u64> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let child: u64 = children.split_whitespace().filter_map(peak_rss_kib).sum();
+    Some(peak_rss_kib(pid)? + child)
 }
 
 /// Runs blk-bench on `disk` with devices placed by `layout`; returns the report, the
@@ -108,7 +105,7 @@ fn splitvisor_run_with(layout: Layout, disk: DiskConfig, cmdline: &str) -> (VmRe
             let mut peaks = vec![0u64; pids.len()];
             while !done.load(std::sync::atomic::Ordering::Acquire) {
                 for (peak, pid) in peaks.iter_mut().zip(&pids) {
-                    *peak = (*peak).max(peak_rss_kib(pid).unwrap_or(0));
+                    *peak = (*peak).max(partition_rss_kib(pid).unwrap_or(0));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -118,7 +115,7 @@ fn splitvisor_run_with(layout: Layout, disk: DiskConfig, cmdline: &str) -> (VmRe
     let report = vm.run().unwrap();
     done.store(true, std::sync::atomic::Ordering::Release);
     let peaks = sampler.join().unwrap();
-    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    let text = console.text();
     assert!(report.guest_result.as_ref().is_some_and(|r| r.passed()), "blk-bench failed:\n{text}");
     (report, text, peaks)
 }
@@ -136,7 +133,7 @@ fn splitvisor_run(image: &Path, cmdline: &str) -> (VmReport, String) {
         .unwrap()
         .run()
         .unwrap();
-    let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+    let text = console.text();
     assert!(report.guest_result.as_ref().is_some_and(|r| r.passed()), "blk-bench failed:\n{text}");
     (report, text)
 }

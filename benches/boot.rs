@@ -196,21 +196,11 @@ fn main() -> ExitCode {
     }
 
     // 2. Exit round trips as the guest sees them.
-    let console = Arc::new(Mutex::new(Vec::new()));
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    let console = splitvisor::layout::SharedBuffer::new();
     let append = format!("exit_bench.mmio={MMIO32_START:#x}");
     let report = VmBuilder::new(splitvisor::guests::find("exit-bench").unwrap().elf)
         .cmdline(&append)
-        .console(ConsoleOutput::Writer(Box::new(Sink(console.clone()))))
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .mmio_device(
             BusRange::new(MMIO32_START, 0x1000).unwrap(),
             "bench register",
@@ -221,27 +211,26 @@ fn main() -> ExitCode {
         .unwrap()
         .run()
         .unwrap();
-    let text = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    let text = console.text();
     let tsc_khz = f64::from(report.tsc_khz.expect("KVM reports the TSC frequency"));
     let to_ns = |ticks: f64| ticks * 1e6 / tsc_khz;
     let ours_pio = to_ns(field(&text, "pio_ticks=").expect("pio result"));
     let ours_mmio = to_ns(field(&text, "mmio_ticks=").expect("mmio result"));
     // The same, with COM1 in a driver partition: every LSR read is forwarded.
-    let forwarded = Arc::new(Mutex::new(Vec::new()));
+    let forwarded = splitvisor::layout::SharedBuffer::new();
     VmBuilder::new(splitvisor::guests::find("exit-bench").unwrap().elf)
         .layout(splitvisor::layout::Layout::microkernel())
         .driver(splitvisor::layout::DriverProgram {
             path: std::env::current_exe().unwrap(),
             prefix: vec![splitvisor::cli::DRIVER_SUBCOMMAND.to_string()],
         })
-        .console(ConsoleOutput::Writer(Box::new(Sink(forwarded.clone()))))
+        .console(ConsoleOutput::Writer(Box::new(forwarded.clone())))
         .timeout(Some(Duration::from_secs(120)))
         .build()
         .unwrap()
         .run()
         .unwrap();
-    let forwarded_pio =
-        to_ns(field(&String::from_utf8_lossy(&forwarded.lock().unwrap()), "pio_ticks=").expect("pio result"));
+    let forwarded_pio = to_ns(field(&forwarded.text(), "pio_ticks=").expect("pio result"));
     let (mut qemu_pio, mut qemu_mmio) = (f64::NAN, f64::NAN);
     if have_qemu {
         let run = measure(qemu(&exit_bench, Some(&append)));

@@ -9,7 +9,6 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use support::images::Image;
 
@@ -49,18 +48,7 @@ fn linux_writes_and_reads_dev_vda_through_splitvisor_driver() {
         return;
     };
     let image = Image::new("linux", 8 << 20);
-    let socket = std::env::temp_dir().join(format!("splitvisor-linux-{}.sock", std::process::id()));
-    let mut driver = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
-        .args(["blk", "--socket"])
-        .arg(&socket)
-        .arg("--disk")
-        .arg(&image.0)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let driver = support::HandStartedDriver::start("linux", &image.0);
     // Linux's virtio_blk writes 1 MiB, syncs, reads it back and compares.
     let script = "yes splitvisor-linux | head -c 1048576 > /p\n\
                   dd if=/p of=/dev/vda bs=64k conv=fsync\n\
@@ -76,14 +64,12 @@ fn linux_writes_and_reads_dev_vda_through_splitvisor_driver() {
         .arg("-append")
         .arg(format!("console=ttyS0 quiet panic=-1 splitvisor.script={}", base64(script.as_bytes())))
         .arg("-chardev")
-        .arg(format!("socket,id=disk,path={}", socket.display()))
+        .arg(format!("socket,id=disk,path={}", driver.socket.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=disk"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let _ = driver.kill();
-    let _ = driver.wait();
-    let _ = std::fs::remove_file(&socket);
+    drop(driver);
     let console = String::from_utf8_lossy(&output.stdout);
     assert!(console.contains("16384 sectors on /dev/vda"), "{console}");
     assert!(console.contains("LINUX-GUEST-RESULT: PASS"), "{console}");

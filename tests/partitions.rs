@@ -4,9 +4,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
 use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, Placement, VmBuilder, VmReport};
@@ -67,49 +66,13 @@ fn blk_verify_in_a_hybrid_layout() {
     assert!(pattern_mismatches(&b.bytes(), 4096, 22).is_empty());
 }
 
-/// `splitvisor-driver blk --socket ... --disk ...` started by hand.
-struct HandStartedDriver {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl HandStartedDriver {
-    fn start(disk: &Image) -> Self {
-        let socket = std::env::temp_dir().join(format!(
-            "splitvisor-test-{}-{}.sock",
-            std::process::id(),
-            disk.0.display().to_string().len()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
-            .args(["blk", "--socket"])
-            .arg(&socket)
-            .arg("--disk")
-            .arg(&disk.0)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket }
-    }
-}
-
-impl Drop for HandStartedDriver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
 #[test]
 fn an_external_vhost_user_backend_serves_a_disk() {
     if !support::kvm() {
         return;
     }
     let disk = Image::new("external", 2 * MIB);
-    let backend = HandStartedDriver::start(&disk);
+    let backend = support::HandStartedDriver::start("external", &disk.0);
     let (report, console) =
         blk_verify(Layout::monolithic(), &[DiskConfig::VhostUser { socket: backend.socket.clone() }], 23);
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");

@@ -4,9 +4,6 @@
 
 pub mod images;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 /// True under CI, where a missing prerequisite is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -39,21 +36,36 @@ pub fn kvm() -> bool {
 }
 
 /// A console writer the test can read back.
-#[derive(Clone, Default)]
-pub struct Capture(Arc<Mutex<Vec<u8>>>);
+pub type Capture = splitvisor::layout::SharedBuffer;
 
-impl Capture {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+/// `splitvisor-driver blk --socket ... --disk ...`, started by hand; killed on drop.
+pub struct HandStartedDriver {
+    child: std::process::Child,
+    pub socket: std::path::PathBuf,
+}
+
+impl HandStartedDriver {
+    pub fn start(name: &str, disk: &std::path::Path) -> Self {
+        let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+            .args(["blk", "--socket"])
+            .arg(&socket)
+            .arg("--disk")
+            .arg(disk)
+            .spawn()
+            .expect("start splitvisor-driver");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self { child, socket }
     }
 }
 
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+impl Drop for HandStartedDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }

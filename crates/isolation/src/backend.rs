@@ -74,10 +74,8 @@ impl VhostUserBackendMut for BlockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(size as usize).min(self.config.len());
-        let mut bytes = self.config[start..end].to_vec();
-        bytes.resize(size as usize, 0);
+        let mut bytes = vec![0; size as usize];
+        splitvisor_devices::virtio::copy_config(&self.config, u64::from(offset), &mut bytes);
         bytes
     }
 

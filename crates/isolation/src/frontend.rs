@@ -177,9 +177,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.config.len());
-        let end = start.saturating_add(data.len()).min(self.config.len());
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        splitvisor_devices::virtio::copy_config(&self.config, offset, data);
     }
 
     fn activate(

@@ -25,7 +25,7 @@ pub mod console;
 mod placement;
 mod vm;
 
-pub use console::{ConsoleState, ConsoleTap};
+pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use placement::{DevicePlacement, DriverProgram, Layout, Placement};
 pub use vm::{BusReport, ConsoleOutput, DiskConfig, Vm, VmBuilder, VmReport};
 

@@ -210,10 +210,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        super::copy_config(&self.config(), offset, data);
     }
 
     fn activate(

@@ -56,6 +56,14 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
+/// Copies the part of a configuration space `config` at `offset` into `data`; bytes past
+/// its end are left as they are (the transport zeroes them first).
+pub fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
 /// A queue the driver set up, handed to the device when it becomes ready.
 #[derive(Debug)]
 pub struct ActiveQueue {
