@@ -171,3 +171,31 @@ fn a_partition_that_opens_a_file_is_killed_and_the_vm_goes_on() {
     assert_eq!(report.guest_result, Some(GuestResult::Fail("device needs reset".into())), "{console}");
     assert!(pattern_mismatches(&good.bytes(), 2048, 24).is_empty(), "the other disk was served");
 }
+
+#[test]
+fn a_broken_queue_asks_for_a_reset_in_either_placement() {
+    if !support::kvm() {
+        return;
+    }
+    for layout in [Layout::monolithic(), Layout::microkernel()] {
+        let disk = Image::new("broken-queue", MIB);
+        let console = Capture::default();
+        let report = VmBuilder::new(guests::find("blk-break").unwrap().elf)
+            .layout(layout.clone())
+            .driver(driver())
+            .disk(image(&disk))
+            .console(ConsoleOutput::Writer(Box::new(console.clone())))
+            .timeout(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap()
+            .run()
+            .unwrap();
+        let console = console.text();
+        assert_eq!(report.guest_result, Some(GuestResult::Pass), "{layout:?}: {console}");
+        assert!(console.contains("device needs reset"), "{console}");
+        if layout == Layout::microkernel() {
+            assert_eq!(report.partition_exits.len(), 1, "{:?}", report.partition_exits);
+            assert!(report.partition_exits[0].1.contains("exit status: 3"), "{:?}", report.partition_exits);
+        }
+    }
+}

@@ -65,6 +65,11 @@ pub const GUESTS: &[Guest] = &[
         elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_BENCH")),
     },
     Guest {
+        name: "blk-break",
+        summary: "breaks its virtio-blk queue on purpose and expects the device to ask for a reset",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_BREAK")),
+    },
+    Guest {
         name: "exit-bench",
         summary: "times PIO and MMIO exit round trips with the TSC",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),

@@ -21,7 +21,12 @@ pub struct BlockBackend {
     broken: bool,
     /// Test hook: open this path when the first request arrives (the sandbox must kill us).
     escape: Option<std::path::PathBuf>,
+    /// Exit the process when the driver breaks the queue (spawned partitions).
+    exit_on_broken_queue: bool,
 }
+
+/// Exit status of a partition whose guest driver broke its queue.
+pub const BROKEN_QUEUE_EXIT_CODE: i32 = 3;
 
 impl BlockBackend {
     /// A backend for `disk`, answering GET_ID with `id`.
@@ -29,7 +34,22 @@ impl BlockBackend {
         let features = block::device_features(&disk) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let config = block::config_space(&disk);
         let requests = BlockRequests::new(GuestMemoryMmap::new(), Arc::new(disk), block::id_bytes(id));
-        Self { requests, features, config, event_idx: false, broken: false, escape: None }
+        Self {
+            requests,
+            features,
+            config,
+            event_idx: false,
+            broken: false,
+            escape: None,
+            exit_on_broken_queue: false,
+        }
+    }
+
+    /// A spawned partition exits when the driver breaks the queue, so that its supervisor
+    /// marks the device as needing a reset at once.
+    pub fn exit_on_broken_queue(mut self) -> Self {
+        self.exit_on_broken_queue = true;
+        self
     }
 
     /// Test hook: try to open `path` when the first request arrives, to show that the
@@ -110,8 +130,15 @@ impl VhostUserBackendMut for BlockBackend {
         match processed {
             Ok(processed) if processed.notify => vring.signal_used_queue(),
             Ok(_) => Ok(()),
+            Err(e) if self.exit_on_broken_queue => {
+                // vhost-user gives a backend no portable way to say "needs reset" (the
+                // vring error fd is not exposed by vhost-user-backend): a spawned partition
+                // exits instead, and its supervisor marks the device DEVICE_NEEDS_RESET.
+                log::error!("vhost-user-blk: {e}; the partition exits so the device is reset");
+                std::process::exit(BROKEN_QUEUE_EXIT_CODE);
+            }
             Err(e) => {
-                // The frontend sees the queue stop; the driver resets the device.
+                // The queue stays stopped until the frontend resets the device.
                 log::warn!("vhost-user-blk: {e}; queue stopped until the device is reset");
                 self.broken = true;
                 Ok(())

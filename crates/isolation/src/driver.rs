@@ -209,7 +209,9 @@ pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
             let mut listener = Listener::from(listener);
             serve_blk(
                 &mut listener,
-                BlockBackend::new(image, "splitvisor-partition").with_escape(args.escape),
+                BlockBackend::new(image, "splitvisor-partition")
+                    .with_escape(args.escape)
+                    .exit_on_broken_queue(),
             )
         }
     }

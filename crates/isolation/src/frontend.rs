@@ -152,12 +152,14 @@ impl VhostUserBlk {
 
     fn stop(&mut self) {
         for index in 0..self.queue_sizes.len() {
-            if let Err(e) = self.frontend.set_vring_enable(index, false) {
-                log::warn!("vhost-user-blk: cannot disable queue {index}: {e}");
-            }
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
-            if let Err(e) = self.frontend.get_vring_base(index) {
-                log::warn!("vhost-user-blk: cannot stop queue {index}: {e}");
+            let stopped = self
+                .frontend
+                .set_vring_enable(index, false)
+                .and_then(|()| self.frontend.get_vring_base(index));
+            if let Err(e) = stopped {
+                // A dead backend was reported when it died; there is nothing left to stop.
+                log::debug!("vhost-user-blk: cannot stop queue {index}: {e}");
             }
         }
     }

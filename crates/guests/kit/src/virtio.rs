@@ -352,6 +352,16 @@ impl BlockDevice {
         Ok(blk)
     }
 
+    /// Behaves like a broken driver: publishes an available index far past the queue size
+    /// and rings the doorbell. The device must ask for a reset.
+    pub fn break_queue(&mut self) {
+        let bogus = self.queue.avail_idx.wrapping_add(3 * self.queue.size);
+        // SAFETY: avail->idx.
+        unsafe { write_volatile(self.queue.avail.add(1), bogus) };
+        cpu::mfence();
+        self.device.write(reg::QUEUE_NOTIFY, 0);
+    }
+
     /// Interrupts this device has raised.
     pub fn interrupts(&self) -> u32 {
         INTERRUPTS[self.slot_index].load(Ordering::Acquire)
