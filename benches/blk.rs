@@ -4,7 +4,7 @@
 //! with KVM and its in-process virtio-blk (a peer), and fio on the host file (the limit).
 //!
 //! `cargo bench --bench blk`. Environment: BLK_BENCH_MIB (MiB per 1 MiB workload, default
-//! 64), BLK_BENCH_OPS (requests per 4 KiB workload, default 4000), BLK_BENCH_IMAGE_MIB
+//! 256), BLK_BENCH_OPS (requests per 4 KiB workload, default 4000), BLK_BENCH_IMAGE_MIB
 //! (default 256).
 //!
 //! Every row does buffered I/O on the same file: splitvisor's worker uses pread/pwrite,
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
         eprintln!("blk bench: /dev/kvm is not available; nothing to measure");
         return ExitCode::FAILURE;
     }
-    let mib = env_u64("BLK_BENCH_MIB", 64);
+    let mib = env_u64("BLK_BENCH_MIB", 256);
     let ops = env_u64("BLK_BENCH_OPS", 4000);
     let image_mib = env_u64("BLK_BENCH_IMAGE_MIB", 256);
     let dir = std::env::temp_dir().join(format!("splitvisor-blk-bench-{}", std::process::id()));

@@ -5,7 +5,10 @@
 //! controllers, the PVH boot state, the PIO and MMIO buses with the COM1 8250 and the
 //! i8042, and one thread per vCPU. [`Vm::run`] runs it to the end and says how it ended.
 //!
-//! Today every device is placed in the hypervisor process (the monolithic layout).
+//! A [`Layout`] says where each device runs: in the hypervisor process
+//! ([`Placement::InHypervisor`]) or in a sandboxed driver partition of its own
+//! ([`Placement::Partition`]): [`Layout::monolithic`], [`Layout::microkernel`], or either
+//! with per-device overrides (hybrid). The devices themselves never know.
 //!
 //! ```no_run
 //! use splitvisor_layout::{ConsoleOutput, VmBuilder};
