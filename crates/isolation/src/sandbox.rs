@@ -76,19 +76,22 @@ pub fn enter_namespaces() -> Result<bool, SandboxError> {
 }
 
 /// Makes an empty directory the root: nothing of the host's file system stays reachable.
+/// The directory is removed before it becomes the root (it stays the working directory), so
+/// nothing is left behind in /tmp and nothing can ever be created in it.
 pub fn chroot_into_empty_dir() -> Result<(), SandboxError> {
-    let dir = std::env::temp_dir().join(format!("splitvisor-partition-root-{}", std::process::id()));
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("splitvisor-root-{}-{nanos}", std::process::id()));
     std::fs::create_dir(&dir)
         .map_err(|source| SandboxError::Setup { what: "create the empty root", source })?;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
-        SandboxError::Setup { what: "name the empty root", source: io::ErrorKind::InvalidInput.into() }
-    })?;
-    // SAFETY: chroot and chdir take a NUL-terminated path.
-    check("chroot", unsafe { libc::chroot(path.as_ptr()) })?;
+    let entered = std::env::set_current_dir(&dir);
+    let removed = std::fs::remove_dir(&dir);
+    entered.map_err(|source| SandboxError::Setup { what: "enter the empty root", source })?;
+    removed.map_err(|source| SandboxError::Setup { what: "remove the empty root's name", source })?;
+    // SAFETY: chroot takes a NUL-terminated path; "." is the (now nameless) directory.
+    check("chroot", unsafe { libc::chroot(c".".as_ptr()) })?;
     // SAFETY: as above.
     check("chdir to the new root", unsafe { libc::chdir(c"/".as_ptr()) })?;
-    // The directory is our root now; removing its name leaves it empty for good.
-    let _ = std::fs::remove_dir(&dir);
     Ok(())
 }
 
