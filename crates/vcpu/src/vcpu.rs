@@ -50,7 +50,7 @@ pub struct Buses {
     pub mmio: Arc<Bus>,
 }
 
-/// A vCPU, created by [`crate::KvmVm::create_vcpu`].
+/// A vCPU, created by [`crate::KvmVm::create_vcpus`].
 #[derive(Debug)]
 pub struct Vcpu {
     index: u32,
