@@ -14,7 +14,7 @@ use crate::i8042::I8042;
 use crate::serial::Serial;
 use crate::virtio::block::{Block, BlockWorker, id_bytes};
 use crate::virtio::testing::{DriverQueue, counting_interrupt, guest_memory, memory_disk, write_blk_header};
-use crate::virtio::{MmioTransport, features};
+use crate::virtio::{MmioTransport, features, reg};
 
 /// Guest memory of the virtio harnesses.
 const RAM: u64 = 0x10_0000;
@@ -157,7 +157,7 @@ pub fn virtio_mmio(data: &[u8]) {
             MmioOp::Publish { head } => {
                 driver.write_descriptor(head % 16, BUFFERS, 16, 0, 0);
                 driver.publish(head % 16);
-                transport.write(0x50, &0u32.to_le_bytes());
+                transport.write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
             }
         }
     }
@@ -169,18 +169,18 @@ fn write32(transport: &mut MmioTransport<Block>, offset: u64, value: u32) {
 
 fn bring_up(transport: &mut MmioTransport<Block>, driver: &DriverQueue<'_>) {
     let (desc, avail, used) = driver.addresses();
-    write32(transport, 0x70, 0);
-    write32(transport, 0x70, 3);
-    write32(transport, 0x24, 1);
-    write32(transport, 0x20, (features::VERSION_1 >> 32) as u32);
-    write32(transport, 0x70, 11);
-    write32(transport, 0x30, 0);
-    write32(transport, 0x38, u32::from(driver.size()));
-    write32(transport, 0x80, desc as u32);
-    write32(transport, 0x90, avail as u32);
-    write32(transport, 0xa0, used as u32);
-    write32(transport, 0x44, 1);
-    write32(transport, 0x70, 15);
+    write32(transport, reg::STATUS, 0);
+    write32(transport, reg::STATUS, 3);
+    write32(transport, reg::DRIVER_FEATURES_SEL, 1);
+    write32(transport, reg::DRIVER_FEATURES, (features::VERSION_1 >> 32) as u32);
+    write32(transport, reg::STATUS, 11);
+    write32(transport, reg::QUEUE_SEL, 0);
+    write32(transport, reg::QUEUE_NUM, u32::from(driver.size()));
+    write32(transport, reg::QUEUE_DESC_LOW, desc as u32);
+    write32(transport, reg::QUEUE_DRIVER_LOW, avail as u32);
+    write32(transport, reg::QUEUE_DEVICE_LOW, used as u32);
+    write32(transport, reg::QUEUE_READY, 1);
+    write32(transport, reg::STATUS, 15);
 }
 
 #[derive(Arbitrary, Debug)]

@@ -13,7 +13,7 @@ use splitvisor_devices::virtio::testing::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue, guest_memory, memory_disk, write_blk_header,
     write_descriptor_at,
 };
-use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, features, status};
+use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, features, reg, status};
 use vm_memory::{Bytes, GuestAddress};
 
 const RAM: u64 = 0x20_0000;
@@ -22,22 +22,6 @@ const HDR: u64 = 0x8_0000;
 const DATA: u64 = 0x9_0000;
 const STATUS: u64 = 0xa_0000;
 const INDIRECT: u64 = 0xb_0000;
-
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x10;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
-    pub const DRIVER_FEATURES: u64 = 0x20;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-    pub const QUEUE_SEL: u64 = 0x30;
-    pub const QUEUE_NUM: u64 = 0x38;
-    pub const QUEUE_READY: u64 = 0x44;
-    pub const QUEUE_NOTIFY: u64 = 0x50;
-    pub const INTERRUPT_STATUS: u64 = 0x60;
-    pub const STATUS: u64 = 0x70;
-    pub const QUEUE_DESC_LOW: u64 = 0x80;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x90;
-    pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
-}
 
 /// One virtio-blk device on its own queue memory, driven through its registers.
 struct Device {

@@ -21,30 +21,55 @@ const MMIO_VERSION: u32 = 2;
 /// Our vendor ID: "SPLV".
 const VENDOR_ID: u32 = 0x5650_4c53;
 
-mod reg {
+/// Register offsets of the virtio-mmio transport (virtio 1.x, 4.2.2).
+pub mod reg {
+    /// MagicValue: "virt".
     pub const MAGIC_VALUE: u64 = 0x000;
+    /// Version: 2.
     pub const VERSION: u64 = 0x004;
+    /// DeviceID.
     pub const DEVICE_ID: u64 = 0x008;
+    /// VendorID.
     pub const VENDOR_ID: u64 = 0x00c;
+    /// DeviceFeatures (the page DeviceFeaturesSel picks).
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// DeviceFeaturesSel.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// DriverFeatures (the page DriverFeaturesSel picks).
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// DriverFeaturesSel.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// QueueSel.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// QueueNumMax.
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// QueueNum.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// QueueReady.
     pub const QUEUE_READY: u64 = 0x044;
+    /// QueueNotify: the doorbell.
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    /// InterruptStatus.
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// InterruptACK.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Status.
     pub const STATUS: u64 = 0x070;
+    /// QueueDescLow.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// QueueDescHigh.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// QueueDriverLow (available ring).
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// QueueDriverHigh.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// QueueDeviceLow (used ring).
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// QueueDeviceHigh.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// ConfigGeneration.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Start of the device configuration space.
     pub const CONFIG: u64 = 0x100;
 }
 

@@ -19,7 +19,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use interrupt::VirtioInterrupt;
-pub use mmio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use mmio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, reg};
 
 /// Guest memory as the virtio devices see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
