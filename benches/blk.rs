@@ -121,7 +121,7 @@ fn splitvisor_run_with(layout: Layout, disk: DiskConfig, cmdline: &str) -> (VmRe
 }
 
 fn splitvisor_run(image: &Path, cmdline: &str) -> (VmReport, String) {
-    let disk = DiskConfig::Image { path: image.to_path_buf(), read_only: false };
+    let disk = DiskConfig::image(image);
     let console = Capture::default();
     let report = VmBuilder::new(splitvisor::guests::find("blk-bench").unwrap().elf)
         .memory(256 << 20)
@@ -220,16 +220,9 @@ impl Drop for StorageDaemon {
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args();
-    if args.nth(1).as_deref() == Some(splitvisor::cli::DRIVER_SUBCOMMAND) {
-        // This bench binary doubles as the driver partition program.
-        return match splitvisor::isolation::driver::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("driver partition: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    // This bench binary doubles as the driver partition program.
+    if let Some(status) = splitvisor::cli::driver_subcommand("bench") {
+        return status;
     }
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("blk bench: /dev/kvm is not available; nothing to measure");
@@ -260,7 +253,7 @@ fn main() -> ExitCode {
     let (baseline, _) = splitvisor_run(&image, "blk_bench.mib=1 blk_bench.ops=1");
     let tsc_khz = report.tsc_khz.map(f64::from);
     let ours = parse(&console, tsc_khz);
-    let image_disk = DiskConfig::Image { path: image.clone(), read_only: false };
+    let image_disk = DiskConfig::image(&image);
     let (_, mk_console, partition_rss) = splitvisor_run_with(Layout::microkernel(), image_disk, &cmdline);
     let microkernel = parse(&mk_console, tsc_khz);
     let qsd = StorageDaemon::start(&image, &dir).map(|daemon| {

@@ -108,15 +108,9 @@ impl BusDevice for Register {
 fn main() -> ExitCode {
     let start = Instant::now();
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(splitvisor::cli::DRIVER_SUBCOMMAND) {
-        // This bench binary doubles as the driver partition program.
-        return match splitvisor::isolation::driver::run(args.into_iter().skip(2)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("driver partition: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    // This bench binary doubles as the driver partition program.
+    if let Some(status) = splitvisor::cli::driver_subcommand("bench") {
+        return status;
     }
     if args.iter().any(|a| a == "--hypervisor") {
         let layout = if args.iter().any(|a| a == "--microkernel-layout") {

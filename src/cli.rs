@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use splitvisor_layout::{DiskConfig, DriverProgram, Layout, Placement};
+use splitvisor_layout::{DiskConfig, DriverProgram, FaultPolicy, Layout, Placement};
 
 /// Run one of splitvisor's guest programs on KVM.
 #[derive(Debug, Parser)]
@@ -19,9 +19,11 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// A virtio-blk disk: a raw image (`,ro`: read-only), or `vhost-user:SOCKET` for an
-    /// external vhost-user-blk backend. Repeatable.
-    #[arg(long = "disk", value_name = "PATH[,ro]|vhost-user:SOCKET")]
+    /// A virtio-blk disk: `PATH` or `path=PATH`, with `ro=on` (read-only) and `serial=ID`
+    /// (what the guest reads as the disk's ID) comma-separated, a comma in a path written
+    /// twice (`path=a,,b.img`); or `socket=PATH` for an external vhost-user-blk backend.
+    /// Repeatable: disk0, disk1, ...
+    #[arg(long = "disk", value_name = "PATH[,ro=on][,serial=ID]|socket=PATH")]
     pub disks: Vec<DiskConfig>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
@@ -38,12 +40,34 @@ pub struct VmArgs {
     /// Print exits and accesses per device when the VM ends.
     #[arg(long)]
     pub stats: bool,
-    /// Print where every device runs (and partition PIDs) before starting the VM.
+    /// Print where every device runs (partition PIDs, fault policies) before starting.
     #[arg(long)]
     pub layout: bool,
-    /// Override one device's placement: `disk0=partition`, `disk1=hypervisor`. Repeatable.
-    #[arg(long = "place", value_name = "DEVICE=WHERE", value_parser = parse_placement)]
+    /// Override one device's placement: `disk0=partition`, `com1=hypervisor`. Repeatable;
+    /// devices are com1, i8042, disk0, disk1, ...
+    #[arg(long = "place", value_name = "DEVICE=hypervisor|partition", value_parser = parse_placement)]
     pub placements: Vec<(String, Placement)>,
+    /// What happens when a device's driver fails: `halt` (the VM ends), `fail` (the device
+    /// fails, the VM goes on), `restart[:max=N][:window=SECONDS][:backoff=MS]` (a new driver
+    /// takes over; default for partitions: restart:max=10:window=60:backoff=50).
+    /// Repeatable: `--fault-policy disk0=fail`.
+    #[arg(long = "fault-policy", value_name = "DEVICE=POLICY", value_parser = parse_fault_policy)]
+    pub fault_policies: Vec<(String, FaultPolicy)>,
+    /// How long a driver may leave requests waiting without completing any before it is
+    /// taken as hung and replaced.
+    #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000)]
+    pub watchdog: u64,
+    /// Do not keep a spare partition started for each device (restarts then start one).
+    #[arg(long)]
+    pub no_spare: bool,
+    /// Inject a fault into a device's driver, for demonstrations: `disk0:crash-after=N` or
+    /// `disk0:hang-after=N` requests. Repeatable.
+    #[arg(long = "inject-fault", value_name = "DEVICE:FAULT", value_parser = parse_fault)]
+    pub faults: Vec<(String, String)>,
+    /// Serve the control socket here while the VM runs (list, restart, upgrade or fail a
+    /// device's driver; see `splitvisor-ctl --help`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// List the embedded guest programs and exit.
     #[arg(long)]
     pub list_guests: bool,
@@ -71,14 +95,27 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
 }
 
+fn device_and(text: &str, separator: char, what: &str) -> Result<(String, String), String> {
+    match text.split_once(separator) {
+        Some((device, value)) if !device.is_empty() => Ok((device.to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not {what}")),
+    }
+}
+
 fn parse_placement(text: &str) -> Result<(String, Placement), String> {
-    let (device, place) = text.split_once('=').ok_or_else(|| format!("'{text}' is not DEVICE=WHERE"))?;
-    let placement = match place {
-        "hypervisor" => Placement::InHypervisor,
-        "partition" => Placement::Partition,
-        other => return Err(format!("unknown placement '{other}' (use hypervisor or partition)")),
-    };
-    Ok((device.to_string(), placement))
+    let (device, place) = device_and(text, '=', "DEVICE=hypervisor|partition")?;
+    Ok((device, place.parse()?))
+}
+
+fn parse_fault_policy(text: &str) -> Result<(String, FaultPolicy), String> {
+    let (device, policy) = device_and(text, '=', "DEVICE=POLICY")?;
+    Ok((device, policy.parse()?))
+}
+
+fn parse_fault(text: &str) -> Result<(String, String), String> {
+    let (device, fault) = device_and(text, ':', "DEVICE:FAULT")?;
+    splitvisor_isolation::backend::FaultPlan::parse(&fault)?;
+    Ok((device, fault))
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -131,15 +168,44 @@ mod tests {
     }
 
     #[test]
-    fn disks_parse_with_an_optional_read_only_flag() {
-        let args = VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "b,c.img,ro"]).unwrap();
-        assert_eq!(args.disks.len(), 2);
-        assert_eq!(args.disks[0], DiskConfig::Image { path: "a.img".into(), read_only: false });
-        assert_eq!(args.disks[1], DiskConfig::Image { path: "b,c.img".into(), read_only: true });
-        let args = VmArgs::try_parse_from(["m", "--disk", "vhost-user:/run/blk.sock"]).unwrap();
+    fn disks_parse_in_one_syntax() {
+        let args =
+            VmArgs::try_parse_from(["m", "--disk", "a.img", "--disk", "path=b,,c.img,ro=on,serial=s1"])
+                .unwrap();
+        assert_eq!(
+            args.disks,
+            vec![DiskConfig::image("a.img"), DiskConfig::image("b,c.img").read_only().serial("s1")]
+        );
+        let args = VmArgs::try_parse_from(["m", "--disk", "socket=/run/blk.sock"]).unwrap();
         assert_eq!(args.disks[0], DiskConfig::VhostUser { socket: "/run/blk.sock".into() });
         assert!(VmArgs::try_parse_from(["m", "--disk", "a.img,rx"]).is_err());
-        assert!(VmArgs::try_parse_from(["m", "--disk", ",ro"]).is_err());
+        assert!(VmArgs::try_parse_from(["m", "--disk", ",ro=on"]).is_err());
+    }
+
+    #[test]
+    fn placements_policies_and_faults_parse() {
+        let args = VmArgs::try_parse_from([
+            "m",
+            "--place",
+            "disk0=partition",
+            "--fault-policy",
+            "disk0=restart:max=20:backoff=0",
+            "--inject-fault",
+            "disk0:crash-after=100",
+        ])
+        .unwrap();
+        assert_eq!(args.placements, vec![("disk0".to_string(), Placement::Partition)]);
+        assert!(matches!(args.fault_policies[0].1, FaultPolicy::Restart { max: 20, .. }));
+        assert_eq!(args.faults, vec![("disk0".to_string(), "crash-after=100".to_string())]);
+        for bad in [
+            ["--place", "=partition"],
+            ["--place", "disk0=elsewhere"],
+            ["--fault-policy", "disk0=sometimes"],
+            ["--inject-fault", "disk0:explode=1"],
+            ["--inject-fault", ":crash-after=1"],
+        ] {
+            assert!(VmArgs::try_parse_from(std::iter::once("m").chain(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -167,6 +233,7 @@ pub mod exit_status {
 use std::process::ExitCode;
 use std::time::Instant;
 
+use splitvisor_guests::GuestResult;
 use splitvisor_layout::{ConsoleOutput, VmBuilder, VmReport};
 use splitvisor_vcpu::VmEnd;
 
@@ -179,17 +246,25 @@ pub const DRIVER_SUBCOMMAND: &str = "__splitvisor-driver";
 /// the tool in messages. Started as `PROGRAM __splitvisor-driver ...`, it is a driver
 /// partition instead.
 pub fn main(program: &str, layout: Layout, process_start: Instant) -> ExitCode {
-    let mut args = std::env::args();
-    if args.nth(1).as_deref() == Some(DRIVER_SUBCOMMAND) {
-        return match splitvisor_isolation::driver::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("{program} (driver partition): error: {e}");
-                ExitCode::from(exit_status::SETUP_ERROR)
-            }
-        };
+    if let Some(status) = driver_subcommand(program) {
+        return status;
     }
     main_from(program, layout, std::env::args_os(), process_start)
+}
+
+/// If this process was started as `PROGRAM __splitvisor-driver ...` (a driver partition
+/// for a VM of this program, when no `splitvisor-driver` binary is around), serves as one
+/// and returns its exit status.
+pub fn driver_subcommand(program: &str) -> Option<ExitCode> {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_none_or(|first| first != DRIVER_SUBCOMMAND) {
+        return None;
+    }
+    let name = format!("{program} (driver partition)");
+    Some(splitvisor_isolation::driver::main(
+        &name,
+        std::iter::once(std::ffi::OsString::from(&name)).chain(args),
+    ))
 }
 
 /// [`main`] with the arguments given (the first one is the program name).
@@ -219,7 +294,7 @@ where
         }
         return ExitCode::from(exit_status::PASS);
     }
-    match run(&args, layout, process_start) {
+    match run(program, &args, layout, process_start) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("{program}: error: {e}");
@@ -250,9 +325,9 @@ pub enum RunError {
     CtrlC(#[from] ctrlc::Error),
 }
 
-/// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`);
-/// returns the exit status.
-pub fn run(args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, RunError> {
+/// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`,
+/// `--fault-policy`); returns the exit status.
+pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, RunError> {
     let guest = splitvisor_guests::find(&args.guest).ok_or_else(|| RunError::UnknownGuest {
         name: args.guest.clone(),
         available: splitvisor_guests::names().join(", "),
@@ -262,6 +337,12 @@ pub fn run(args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, 
         None => ConsoleOutput::Stdout,
     };
     let layout = args.placements.iter().fold(layout, |layout, (device, place)| layout.with(device, *place));
+    let layout = args
+        .fault_policies
+        .iter()
+        .fold(layout, |layout, (device, policy)| layout.with_fault_policy(device, *policy))
+        .with_watchdog(Duration::from_millis(args.watchdog))
+        .with_standby(!args.no_spare);
     // Partitions run splitvisor-driver if it is around, else this very program as one.
     let driver = DriverProgram::find().or_else(|| {
         std::env::current_exe()
@@ -275,6 +356,12 @@ pub fn run(args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, 
     for disk in &args.disks {
         builder = builder.disk(disk.clone());
     }
+    for (device, fault) in &args.faults {
+        builder = builder.inject_fault(device, fault);
+    }
+    if let Some(path) = &args.api_socket {
+        builder = builder.api_socket(path);
+    }
     let vm = builder
         .memory(args.mem)
         .vcpus(args.vcpus)
@@ -284,41 +371,55 @@ pub fn run(args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, 
         .timeout(args.timeout)
         .build()?;
     if args.layout {
-        eprintln!("{:<8} {:<12} {:<18} partition", "device", "kind", "placement");
-        for placed in vm.placements() {
-            eprintln!(
-                "{:<8} {:<12} {:<18} {}",
-                placed.device,
-                placed.kind,
-                placed.placement.to_string(),
-                placed.partition.as_deref().unwrap_or("-")
-            );
-        }
+        print_layout(vm.placements());
     }
     let stop = vm.stop_handle();
     ctrlc::set_handler(move || stop.stop())?;
     let report = vm.run()?;
+    for event in &report.device_events {
+        eprintln!("{program}: {:>8.3} s  {}: {}", event.at.as_secs_f64(), event.device, event.what);
+    }
     if args.boot_timeline {
         print_timeline(&report, process_start);
     }
     if args.stats {
         print_stats(&report);
     }
-    Ok(match (&report.guest_result, report.end) {
-        (Some(result), _) if result.passed() => exit_status::PASS,
-        (Some(result), _) => {
-            eprintln!("guest '{}' failed: {result:?}", args.guest);
+    // What the guest reported decides; a driver fault after the guest's result changes
+    // nothing (the guest had finished).
+    Ok(match (&report.guest_result, &report.end) {
+        (Some(GuestResult::Pass), _) => exit_status::PASS,
+        (Some(GuestResult::Fail(why)), _) => {
+            eprintln!("{program}: guest '{}' reported a failure: {why}", args.guest);
             exit_status::GUEST_FAILED
         }
         (None, VmEnd::Stopped | VmEnd::TimedOut) => {
-            eprintln!("VM stopped by the host ({:?}) before the guest reported a result", report.end);
+            eprintln!("{program}: VM {} before the guest reported a result", report.end);
             exit_status::STOPPED
         }
         (None, VmEnd::GuestReset) => {
-            eprintln!("guest '{}' reset the VM without reporting a result", args.guest);
+            eprintln!("{program}: guest '{}' reset the VM without reporting a result", args.guest);
+            exit_status::GUEST_FAILED
+        }
+        (None, VmEnd::DeviceFault { .. }) => {
+            eprintln!("{program}: the VM ended before the guest reported a result: {}", report.end);
             exit_status::GUEST_FAILED
         }
     })
+}
+
+fn print_layout(placements: &[splitvisor_layout::DevicePlacement]) {
+    eprintln!("{:<8} {:<12} {:<18} {:<42} driver", "device", "kind", "placement", "on a driver fault");
+    for placed in placements {
+        eprintln!(
+            "{:<8} {:<12} {:<18} {:<42} {}",
+            placed.device,
+            placed.kind,
+            placed.placement.to_string(),
+            placed.policy.to_string(),
+            placed.partition.as_deref().unwrap_or("-")
+        );
+    }
 }
 
 fn millis(from: Instant, to: Instant) -> f64 {

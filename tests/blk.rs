@@ -23,7 +23,8 @@ fn run_blk_verify(
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(120)));
     for (image, read_only) in disks {
-        builder = builder.disk(DiskConfig::Image { path: image.0.clone(), read_only: *read_only });
+        let disk = DiskConfig::image(&image.0);
+        builder = builder.disk(if *read_only { disk.read_only() } else { disk });
     }
     (builder.build().unwrap().run(), console.text())
 }
@@ -40,7 +41,9 @@ fn blk_verify_writes_a_pattern_the_host_finds_in_the_image() {
         run_blk_verify(&[(&image, false)], &format!("blk_verify.generation={generation}"));
     assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
     assert!(console.contains("wrote+read 8192 sectors"), "{console}");
-    assert!(console.contains("id \"splitvisor-vd0\""), "{console}");
+    // The default ID derives from the image's identity: the same in every placement.
+    let id = splitvisor::isolation::driver::default_serial(&std::fs::File::open(&image.0).unwrap());
+    assert!(console.contains(&format!("id \"{id}\"")), "{console}");
     let bad = pattern_mismatches(&image.bytes(), 8192, generation);
     assert!(bad.is_empty(), "{} sectors wrong, first {:?}", bad.len(), &bad[..bad.len().min(8)]);
 }
@@ -78,7 +81,7 @@ fn a_missing_image_is_a_typed_error() {
         return;
     }
     let err = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
-        .disk(DiskConfig::Image { path: "/nonexistent/disk.img".into(), read_only: false })
+        .disk(DiskConfig::image("/nonexistent/disk.img"))
         .build()
         .unwrap_err();
     assert!(matches!(err, Error::Disk(_)), "{err}");

@@ -172,5 +172,5 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("Stopped"), "{stderr}");
+    assert!(stderr.contains("monolithic: VM stopped by the host"), "{stderr}");
 }

@@ -3,7 +3,7 @@
 //! frontend (QEMU included):
 //!
 //! ```text
-//! splitvisor-driver blk --socket PATH --disk IMG[,ro]
+//! splitvisor-driver blk --socket PATH --disk IMAGE [--read-only] [--serial ID] [--no-sandbox]
 //! ```
 
 use std::process::ExitCode;
@@ -12,11 +12,5 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    match splitvisor::isolation::driver::run(std::env::args().skip(1)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("splitvisor-driver: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    splitvisor::isolation::driver::main("splitvisor-driver", std::env::args_os())
 }

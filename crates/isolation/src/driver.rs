@@ -1,173 +1,321 @@
 //! The driver partition program: `splitvisor-driver`.
 //!
-//! ```text
-//! splitvisor-driver blk --socket PATH --disk IMG[,ro]
-//! ```
-//! serves one vhost-user-blk connection on PATH (any vhost-user frontend: splitvisor,
-//! QEMU), and exits when the frontend hangs up. Spawned by splitvisor it gets its resources
-//! as fds instead, and sandboxes itself before serving:
+//! Started by hand, it is a vhost-user-blk backend for any frontend (splitvisor, QEMU):
 //!
 //! ```text
-//! splitvisor-driver blk --listen-fd 3 --disk-fd 4 [--read-only] [--sectors N]
+//! splitvisor-driver blk --socket PATH --disk IMAGE [--read-only] [--serial ID] [--no-sandbox]
+//! ```
+//!
+//! It opens (and locks) the image, listens on PATH (refusing to replace anything but a stale
+//! socket nobody listens on), sandboxes itself, prints one line when it is ready, and then
+//! serves one frontend at a time: another frontend that connects meanwhile is refused,
+//! and once the frontend leaves (dropping every mapping of its memory) the next one is
+//! served.
+//!
+//! Spawned by splitvisor, it gets its resources as inherited fds instead, sandboxes itself
+//! before touching guest data, and serves the one connection it was given:
+//!
+//! ```text
+//! splitvisor-driver blk --fd 3 --disk-fd 4 [--read-only] [--serial ID]
+//! splitvisor-driver serial --fd 3 [--irq-fd 4]
+//! splitvisor-driver i8042 --fd 3
 //! ```
 
-use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
 
-use splitvisor_devices::virtio::GuestMemoryMmap;
+use clap::{Args, Parser, Subcommand};
 use splitvisor_devices::virtio::block::{self, DiskImage};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestMemoryAtomic;
 
-use crate::backend::BlockBackend;
+use crate::backend::blk::BlockDevice;
+use crate::backend::{self, FaultPlan};
 
 /// Errors of the driver program.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// The command line is wrong.
-    #[error("{0} (usage: splitvisor-driver blk --socket PATH --disk IMG[,ro])")]
+    #[error("{0}")]
     Usage(String),
     /// The disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] splitvisor_devices::virtio::block::BlockError),
-    /// The vhost-user daemon failed.
-    #[error("vhost-user: {0}")]
-    Daemon(String),
+    /// The socket path cannot be used.
+    #[error("{path}: {why}")]
+    Socket {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] backend::BackendError),
+    /// The proxy connection failed.
+    #[error("proxy: {0}")]
+    Proxy(String),
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
-/// Where the listening socket and the disk come from.
+/// `splitvisor-driver`: a splitvisor device driver, in a process of its own.
+#[derive(Debug, Parser)]
+#[command(name = "splitvisor-driver", version, about, long_about = None)]
+pub struct DriverArgs {
+    /// The device to serve.
+    #[command(subcommand)]
+    pub device: DeviceArgs,
+}
+
+/// The devices a driver partition serves.
+#[derive(Debug, Subcommand)]
+pub enum DeviceArgs {
+    /// A virtio-blk disk over vhost-user.
+    Blk(BlkArgs),
+    /// The 8250 UART behind the proxy protocol (started by splitvisor).
+    Serial(ProxyArgs),
+    /// The i8042 behind the proxy protocol (started by splitvisor).
+    I8042(ProxyArgs),
+}
+
+/// `splitvisor-driver blk`.
+#[derive(Debug, Args)]
+pub struct BlkArgs {
+    /// Listen for vhost-user frontends on this unix socket. An existing path is replaced only
+    /// if it is a socket nobody listens on.
+    #[arg(long, value_name = "PATH", required_unless_present = "fd", conflicts_with = "fd")]
+    pub socket: Option<PathBuf>,
+    /// The raw disk image (locked: no second writer, here or in QEMU).
+    #[arg(long, value_name = "IMAGE", required_unless_present = "disk_fd", conflicts_with = "disk_fd")]
+    pub disk: Option<PathBuf>,
+    /// Refuse the guest's writes (the image is opened read-only).
+    #[arg(long)]
+    pub read_only: bool,
+    /// The ID the guest reads (virtio-blk GET_ID, up to 20 bytes); by default one derived
+    /// from the image's identity, the same whichever splitvisor placement serves it.
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+    /// Do not sandbox this process (for debugging only).
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// Inject a fault, for demonstrations and tests: `crash-after=N` or `hang-after=N`
+    /// requests.
+    #[arg(long, value_name = "FAULT", value_parser = parse_fault)]
+    pub inject_fault: Option<String>,
+    /// Serve the vhost-user connection on this inherited fd (splitvisor's spawned partitions).
+    #[arg(long, value_name = "N", hide = true, requires = "disk_fd")]
+    pub fd: Option<i32>,
+    /// The inherited fd of the open image (splitvisor's spawned partitions).
+    #[arg(long, value_name = "N", hide = true)]
+    pub disk_fd: Option<i32>,
+    /// Test hook: after the sandbox is up, try to open this path (the sandbox must kill the
+    /// process).
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub test_escape: Option<PathBuf>,
+}
+
+fn parse_fault(text: &str) -> Result<String, String> {
+    FaultPlan::parse(text).map(|_| text.to_string())
+}
+
+/// `splitvisor-driver serial` / `i8042`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The connected proxy socket, inherited.
+    #[arg(long, value_name = "N")]
+    pub fd: i32,
+    /// The interrupt's eventfd (an irqfd), inherited.
+    #[arg(long, value_name = "N")]
+    pub irq_fd: Option<i32>,
+}
+
+/// The program: parses `args` (argv\[0\] included), serves, and returns the exit status
+/// (0 served until the frontend left, 2 bad arguments or setup, 1 a failure while serving).
+/// `program` names it in messages.
+pub fn main<I, T>(program: &str, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match DriverArgs::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            eprintln!("{program}: {} (see --help)", rendered.lines().next().unwrap_or_default());
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            ExitCode::from(match e {
+                DriverError::Serve(_) | DriverError::Proxy(_) => 1,
+                _ => 2,
+            })
+        }
+    }
+}
+
+/// Serves what `args` say.
+pub fn run(args: DriverArgs) -> Result<(), DriverError> {
+    match args.device {
+        DeviceArgs::Blk(blk) => run_blk(blk),
+        DeviceArgs::Serial(proxy) => run_proxy("serial", proxy),
+        DeviceArgs::I8042(proxy) => run_proxy("i8042", proxy),
+    }
+}
+
+/// The default GET_ID of a disk: derived from the image's identity (device and inode), so
+/// that a disk keeps its ID whichever placement serves it, and two disks never share one.
+pub fn default_serial(image: &File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino) = image.metadata().map(|m| (m.dev(), m.ino())).unwrap_or_default();
+    // FNV-1a: a stable hash without a dependency.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in dev.to_le_bytes().iter().chain(ino.to_le_bytes().iter()) {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("splitvisor-{:08x}", (hash >> 32) as u32 ^ hash as u32)
+}
+
+/// Where a block driver's resources come from.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BlkSource {
-    /// Started by hand: a socket path to listen on, an image path to open.
+    /// Started by hand: a socket to listen on and an image to open.
     Paths {
-        /// The vhost-user socket.
+        /// The socket.
         socket: PathBuf,
         /// The image.
         disk: PathBuf,
     },
-    /// Spawned by splitvisor: inherited fds, and the sandbox.
+    /// Spawned by splitvisor: a connection and an open image.
     Fds {
-        /// A listening unix socket.
-        listen: i32,
-        /// The open image.
-        disk: i32,
+        /// The connection.
+        fd: i32,
+        /// The image.
+        disk_fd: i32,
     },
 }
 
-/// What to serve.
-#[derive(Debug, PartialEq, Eq)]
-pub struct BlkArgs {
-    /// Resources.
-    pub source: BlkSource,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// Test hook: after the sandbox is up, try to open this path (the sandbox must kill
-    /// the process).
-    pub escape: Option<PathBuf>,
-}
-
-/// Parses `blk --socket PATH --disk IMG[,ro]`.
-pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, DriverError> {
-    let mut args = args.into_iter();
-    match args.next().as_deref() {
-        Some("blk") => {}
-        Some(other) => return Err(DriverError::Usage(format!("unknown device '{other}'"))),
-        None => return Err(DriverError::Usage("no device given".into())),
-    }
-    let (mut socket, mut disk, mut listen_fd, mut disk_fd) = (None, None, None, None);
-    let (mut read_only, mut escape) = (false, None);
-    let fd = |value: String| {
-        value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))
-    };
-    while let Some(flag) = args.next() {
-        if flag == "--read-only" {
-            read_only = true;
-            continue;
-        }
-        let value = args.next().ok_or_else(|| DriverError::Usage(format!("{flag} needs a value")))?;
-        match flag.as_str() {
-            "--socket" => socket = Some(PathBuf::from(value)),
-            "--disk" => disk = Some(value),
-            "--listen-fd" => listen_fd = Some(fd(value)?),
-            "--disk-fd" => disk_fd = Some(fd(value)?),
-            "--test-escape" => escape = Some(PathBuf::from(value)),
-            _ => return Err(DriverError::Usage(format!("unknown option '{flag}'"))),
+impl BlkArgs {
+    /// The resources, if the arguments name one consistent set.
+    pub fn source(&self) -> Result<BlkSource, DriverError> {
+        match (&self.socket, &self.disk, self.fd, self.disk_fd) {
+            (Some(socket), Some(disk), None, None) => {
+                Ok(BlkSource::Paths { socket: socket.clone(), disk: disk.clone() })
+            }
+            (None, None, Some(fd), Some(disk_fd)) => Ok(BlkSource::Fds { fd, disk_fd }),
+            _ => Err(DriverError::Usage("give --socket and --disk, or --fd and --disk-fd".into())),
         }
     }
-    let source = match (socket, disk, listen_fd, disk_fd) {
-        (Some(socket), Some(disk), None, None) => {
-            let (disk, ro) = match disk.strip_suffix(",ro") {
-                Some(path) => (path.to_string(), true),
-                None => (disk, false),
-            };
-            read_only |= ro;
-            BlkSource::Paths { socket, disk: PathBuf::from(disk) }
+}
+
+fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
+    let faults = Arc::new(match &args.inject_fault {
+        Some(fault) => FaultPlan::parse(fault).map_err(DriverError::Usage)?,
+        None => FaultPlan::none(),
+    });
+    match args.source()? {
+        BlkSource::Paths { socket, disk } => {
+            let (socket, disk) = (&socket, &disk);
+            let image = DiskImage::open(disk, args.read_only)?;
+            let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
+            let sectors = image.sectors();
+            let listener = listen(socket)?;
+            let device = Arc::new(BlockDevice::new(image, &serial));
+            if !args.no_sandbox {
+                crate::sandbox::apply(&[listener.as_raw_fd(), device.image_fd()])?;
+            }
+            let _ = writeln!(
+                std::io::stdout(),
+                "splitvisor-driver: serving {} ({} MiB, {}, serial {serial}) on {}{}",
+                disk.display(),
+                (sectors * block::SECTOR_SIZE) >> 20,
+                if args.read_only { "read-only" } else { "read-write" },
+                socket.display(),
+                if args.no_sandbox { ", not sandboxed" } else { "" },
+            );
+            serve_listener(&listener, device, faults)
         }
-        (None, None, Some(listen), Some(disk)) => BlkSource::Fds { listen, disk },
-        _ => return Err(DriverError::Usage("give --socket and --disk, or --listen-fd and --disk-fd".into())),
-    };
-    Ok(BlkArgs { source, read_only, escape })
-}
-
-/// Serves one vhost-user-blk frontend on `listener` until it hangs up.
-pub fn serve_blk(listener: &mut Listener, backend: BlockBackend) -> Result<(), DriverError> {
-    let backend = backend.shared();
-    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("splitvisor-blk".into(), backend, memory)
-        .map_err(|e| DriverError::Daemon(e.to_string()))?;
-    daemon.start(listener).map_err(|e| DriverError::Daemon(e.to_string()))?;
-    let result = daemon.wait().map_err(|e| DriverError::Daemon(e.to_string()));
-    log::info!("vhost-user-blk: frontend disconnected");
-    result
-}
-
-/// A plain bus device served over the proxy protocol.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ProxyArgs {
-    /// `serial` or `i8042`.
-    pub device: String,
-    /// The connected proxy socket.
-    pub fd: i32,
-    /// The interrupt's eventfd (an irqfd), if the device has one.
-    pub irq_fd: Option<i32>,
-}
-
-/// Parses `serial --fd N [--irq-fd M]` or `i8042 --fd N`.
-pub fn parse_proxy_args<I: IntoIterator<Item = String>>(args: I) -> Result<ProxyArgs, DriverError> {
-    let mut args = args.into_iter();
-    let device = args.next().ok_or_else(|| DriverError::Usage("no device given".into()))?;
-    let (mut fd, mut irq_fd) = (None, None);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| DriverError::Usage(format!("{flag} needs a value")))?;
-        let number =
-            value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))?;
-        match flag.as_str() {
-            "--fd" => fd = Some(number),
-            "--irq-fd" => irq_fd = Some(number),
-            _ => return Err(DriverError::Usage(format!("unknown option '{flag}'"))),
+        BlkSource::Fds { fd, disk_fd } => {
+            // SAFETY: the spawner handed these fds over to this process alone.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            // SAFETY: as above.
+            let file = unsafe { File::from_raw_fd(disk_fd) };
+            let size = file.metadata().map_err(|e| DriverError::Usage(format!("disk fd: {e}")))?.len();
+            let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
+            let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
+            crate::sandbox::apply(&[fd, disk_fd])?;
+            let device = Arc::new(BlockDevice::new(image, &serial).with_escape(args.test_escape));
+            backend::serve(stream, device, faults)?;
+            Ok(())
         }
     }
-    let fd = fd.ok_or_else(|| DriverError::Usage("--fd is required".into()))?;
-    Ok(ProxyArgs { device, fd, irq_fd })
+}
+
+/// Binds `path`, replacing only a stale socket (one nobody listens on).
+fn listen(path: &Path) -> Result<UnixListener, DriverError> {
+    let error = |why: String| DriverError::Socket { path: path.to_path_buf(), why };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(error("exists and is not a socket; refusing to replace it".into()));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(error("another backend is listening on this socket".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing the stale socket {}", path.display());
+                std::fs::remove_file(path)
+                    .map_err(|e| error(format!("cannot remove the stale socket: {e}")))?;
+            }
+            Err(e) => return Err(error(format!("cannot tell whether the socket is in use: {e}"))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e.to_string())),
+    }
+    UnixListener::bind(path).map_err(|e| error(format!("cannot listen: {e}")))
+}
+
+/// Serves one frontend at a time, for ever.
+fn serve_listener(
+    listener: &UnixListener,
+    device: Arc<BlockDevice>,
+    faults: Arc<FaultPlan>,
+) -> Result<(), DriverError> {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DriverError::Serve(backend::BackendError::Socket(e))),
+        };
+        log::info!("vhost-user-blk: frontend connected");
+        match backend::serve_refusing_others(stream, device.clone(), faults.clone(), Some(listener)) {
+            Ok(()) => log::info!("vhost-user-blk: frontend left; waiting for the next one"),
+            Err(e) => log::warn!("vhost-user-blk: frontend dropped: {e}; waiting for the next one"),
+        }
+    }
 }
 
 /// Serves a plain bus device over the proxy protocol, sandboxed.
-fn run_proxy(args: ProxyArgs) -> Result<(), DriverError> {
-    use std::sync::Arc;
-
+fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     use splitvisor_bus::{CountingInterrupt, EventFdInterrupt, Interrupt};
-    use splitvisor_devices::{i8042::I8042, serial::Serial};
+    use splitvisor_devices::i8042::I8042;
     use vmm_sys_util::eventfd::EventFd;
 
-    use crate::proxy::{self, Effects, NoInput};
+    use crate::proxy::{self, Effects, NoInput, ProxiedSerial};
 
     // SAFETY: the spawner handed these fds over to this process alone.
-    let mut stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(args.fd) };
+    let mut stream = unsafe { UnixStream::from_raw_fd(args.fd) };
     let interrupt: Arc<dyn Interrupt> = match args.irq_fd {
         // SAFETY: as above.
         Some(fd) => Arc::new(EventFdInterrupt::from_eventfd(unsafe { EventFd::from_raw_fd(fd) })),
@@ -176,67 +324,64 @@ fn run_proxy(args: ProxyArgs) -> Result<(), DriverError> {
     let keep: Vec<i32> = [Some(args.fd), args.irq_fd].into_iter().flatten().collect();
     crate::sandbox::apply(&keep)?;
     let effects = Effects::default();
-    let result = match args.device.as_str() {
-        "serial" => proxy::serve(&mut Serial::new(interrupt, effects.writer()), &effects, &mut stream),
-        "i8042" => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut stream),
-        other => return Err(DriverError::Usage(format!("unknown device '{other}'"))),
+    let result = match device {
+        "serial" => proxy::serve(&mut ProxiedSerial::new(interrupt, &effects), &effects, &mut stream),
+        _ => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut stream),
     };
-    result.map_err(|e| DriverError::Daemon(e.to_string()))
-}
-
-/// The program: parses `args` (without argv\[0\]) and serves.
-pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
-    let args: Vec<String> = args.into_iter().collect();
-    if matches!(args.first().map(String::as_str), Some("serial" | "i8042")) {
-        return run_proxy(parse_proxy_args(args)?);
-    }
-    let args = parse_args(args)?;
-    match args.source {
-        BlkSource::Paths { socket, disk } => {
-            let image = DiskImage::open(&disk, args.read_only)?;
-            let mut listener =
-                Listener::new(&socket, true).map_err(|e| DriverError::Daemon(e.to_string()))?;
-            serve_blk(&mut listener, BlockBackend::new(image, &format!("splitvisor-{}", disk.display())))
-        }
-        BlkSource::Fds { listen, disk } => {
-            // SAFETY: the spawner handed this fd over to this process alone.
-            let listener = unsafe { UnixListener::from_raw_fd(listen) };
-            // SAFETY: as above.
-            let file = unsafe { std::fs::File::from_raw_fd(disk) };
-            let size = file.metadata().map_err(|e| DriverError::Daemon(format!("disk: {e}")))?.len();
-            let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
-            crate::sandbox::apply(&[listen, disk])?;
-            let mut listener = Listener::from(listener);
-            serve_blk(
-                &mut listener,
-                BlockBackend::new(image, "splitvisor-partition")
-                    .with_escape(args.escape)
-                    .exit_on_broken_queue(),
-            )
-        }
-    }
+    result.map_err(|e| DriverError::Proxy(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args(text: &str) -> Vec<String> {
-        text.split_whitespace().map(String::from).collect()
+    fn parse(text: &str) -> Result<DriverArgs, clap::Error> {
+        DriverArgs::try_parse_from(std::iter::once("splitvisor-driver").chain(text.split_whitespace()))
     }
 
     #[test]
     fn blk_arguments_parse() {
-        let parsed = parse_args(args("blk --socket /tmp/s --disk a.img,ro")).unwrap();
-        assert_eq!(parsed.source, BlkSource::Paths { socket: "/tmp/s".into(), disk: "a.img".into() });
-        assert!(parsed.read_only);
-        let parsed = parse_args(args("blk --listen-fd 3 --disk-fd 4")).unwrap();
-        assert_eq!(parsed.source, BlkSource::Fds { listen: 3, disk: 4 });
-        assert!(!parsed.read_only);
-        assert!(parse_args(args("blk --listen-fd 3 --disk a.img")).is_err());
-        assert!(parse_args(args("net --socket x")).is_err());
-        assert!(parse_args(args("blk --disk a.img")).is_err());
-        assert!(parse_args(args("blk --socket")).is_err());
-        assert!(parse_args(Vec::new()).is_err());
+        let DeviceArgs::Blk(blk) = parse("blk --socket /tmp/s --disk a.img --read-only").unwrap().device
+        else {
+            panic!("not blk");
+        };
+        assert_eq!((blk.socket.unwrap(), blk.disk.unwrap()), ("/tmp/s".into(), "a.img".into()));
+        assert!(blk.read_only);
+        let DeviceArgs::Blk(blk) = parse("blk --fd 3 --disk-fd 4").unwrap().device else { panic!("not blk") };
+        assert_eq!((blk.fd, blk.disk_fd), (Some(3), Some(4)));
+        let DeviceArgs::Blk(mixed) = parse("blk --fd 3 --disk a.img").unwrap().device else {
+            panic!("not blk")
+        };
+        assert!(mixed.source().is_err());
+        assert!(parse("net --socket x").is_err());
+        assert!(parse("blk --disk a.img").is_err());
+        assert!(parse("blk --socket").is_err());
+        assert!(parse("blk --socket s --disk a.img --inject-fault explode=3").is_err());
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors() {
+        for flags in ["--help", "-h", "--version", "blk --help"] {
+            let error = parse(flags).unwrap_err();
+            assert!(!error.use_stderr(), "{flags}");
+        }
+    }
+
+    #[test]
+    fn a_socket_path_that_is_not_a_socket_is_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("splitvisor-driver-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("precious.img");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(listen(&file).unwrap_err().to_string().contains("not a socket"));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+        let socket = dir.join("live.sock");
+        let live = UnixListener::bind(&socket).unwrap();
+        assert!(listen(&socket).unwrap_err().to_string().contains("another backend"));
+        drop(live); // now stale: replaced
+        let _fresh = listen(&socket).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

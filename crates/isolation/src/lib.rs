@@ -7,9 +7,12 @@
 //! (qemu-storage-daemon):
 //!
 //! * [`frontend::VhostUserBlk`]: the hypervisor side, a `VirtioDevice` behind splitvisor's
-//!   virtio-mmio transport;
-//! * [`backend::BlockBackend`]: the partition side, around the very request engine the
-//!   monolithic layout runs in-process;
+//!   virtio-mmio transport, able to replace its backend under a running guest;
+//! * [`backend`]: the partition side, a vhost-user backend around the very request engines
+//!   the monolithic layout runs in-process, journaling every request in the inflight region;
+//! * [`proxy`]: plain bus devices (8250, i8042) in a partition;
+//! * [`partition`]: starting partitions that never outlive the hypervisor;
+//! * [`sandbox`]: what a partition does to itself before touching guest data;
 //! * [`driver`]: the partition program (`splitvisor-driver`).
 
 pub mod backend;
@@ -18,3 +21,4 @@ pub mod frontend;
 pub mod partition;
 pub mod proxy;
 pub mod sandbox;
+pub mod supervisor;

@@ -1,34 +1,33 @@
-//! Spawning and supervising driver partitions.
+//! Starting driver partitions.
 //!
-//! A partition is a fresh process running `splitvisor-driver`, handed exactly two fds: a
-//! listening vhost-user socket and the disk image (opened here, so the partition never
-//! needs to open a file). The hypervisor connects to the socket, and learns at once when
-//! the partition dies: a supervisor thread waits on its pidfd.
+//! A partition is a fresh process running `splitvisor-driver` (or a program that hosts it
+//! behind a sub-command), handed exactly the fds it serves with, as fds 3, 4, ...: the
+//! hypervisor's end of a socket pair is the vhost-user or proxy connection, so no socket
+//! ever appears in the filesystem, and the disk image is opened (and locked) here, so the
+//! partition never needs to open a file.
+//!
+//! A partition never outlives the hypervisor, even when the hypervisor is killed with
+//! SIGKILL: it is started with a parent-death signal, and the kernel sends that signal when
+//! the *thread* that started the child ends. Every partition is therefore started from one
+//! thread that lives as long as the process ([`spawn`] hands the work to it), never from a
+//! thread that may end before the VM (a supervisor, a vCPU, a short-lived builder).
 
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
-/// Errors spawning a partition.
+/// Errors starting a partition.
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
-    /// The disk image cannot be opened.
-    #[error("cannot open disk image {path}: {source}")]
-    Disk {
-        /// The image.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
     /// The driver program cannot be started.
     #[error("cannot start the driver partition {driver}: {source}")]
     Spawn {
@@ -38,7 +37,7 @@ pub enum PartitionError {
         #[source]
         source: io::Error,
     },
-    /// Setting up the socket or the pidfd failed.
+    /// Setting up the socket, an fd or the pidfd failed.
     #[error("cannot set up the driver partition: {what}: {source}")]
     Setup {
         /// The step.
@@ -49,35 +48,255 @@ pub enum PartitionError {
     },
 }
 
+fn setup(what: &'static str) -> impl FnOnce(io::Error) -> PartitionError {
+    move |source| PartitionError::Setup { what, source }
+}
+
+/// The program a driver partition runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverProgram {
+    /// The executable.
+    pub path: PathBuf,
+    /// Arguments before the driver's own (for a program that hosts the driver behind a
+    /// sub-command).
+    pub prefix: Vec<String>,
+}
+
+impl DriverProgram {
+    /// The `splitvisor-driver` binary at `path`.
+    pub fn at(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), prefix: Vec::new() }
+    }
+
+    /// `SPLITVISOR_DRIVER` if set, else a `splitvisor-driver` next to this executable (or
+    /// one directory up, as for cargo's examples).
+    pub fn find() -> Option<Self> {
+        if let Some(path) = std::env::var_os("SPLITVISOR_DRIVER") {
+            return Some(Self::at(Path::new(&path)));
+        }
+        let exe = std::env::current_exe().ok()?;
+        let dir = exe.parent()?;
+        [dir.join("splitvisor-driver"), dir.parent()?.join("splitvisor-driver")]
+            .into_iter()
+            .find(|candidate| candidate.is_file())
+            .map(|path| Self { path, prefix: Vec::new() })
+    }
+}
+
 /// What a block partition serves.
-#[derive(Clone, Debug)]
-pub struct BlockPartitionSpec {
-    /// The `splitvisor-driver` program.
-    pub driver: PathBuf,
-    /// Arguments before the driver's own, for a program that hosts the driver behind a
-    /// sub-command.
-    pub driver_prefix: Vec<String>,
-    /// The disk image.
-    pub disk: PathBuf,
+#[derive(Clone, Debug, Default)]
+pub struct BlockOptions {
     /// Refuse writes.
     pub read_only: bool,
+    /// The device ID the guest reads (GET_ID).
+    pub serial: String,
+    /// A fault to inject (`crash-after=N`, `hang-after=N`), for demonstrations and tests.
+    pub fault: Option<String>,
     /// Test hook: the partition tries to open this path once sandboxed (and must die).
     pub escape: Option<PathBuf>,
 }
 
-/// A running driver partition.
+/// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
 #[derive(Debug)]
 pub struct Partition {
     child: Child,
     pidfd: OwnedFd,
 }
 
-fn setup(what: &'static str) -> impl FnOnce(io::Error) -> PartitionError {
-    move |source| PartitionError::Setup { what, source }
+impl Partition {
+    /// Starts `driver` serving a virtio-blk device on `disk` over vhost-user; returns the
+    /// partition and the hypervisor's end of the connection.
+    pub fn spawn_block(
+        driver: &DriverProgram,
+        disk: &File,
+        options: &BlockOptions,
+    ) -> Result<(Self, UnixStream), PartitionError> {
+        let (ours, theirs) = UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
+        let mut args: Vec<String> = ["blk", "--fd", "3", "--disk-fd", "4", "--serial", &options.serial]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if options.read_only {
+            args.push("--read-only".into());
+        }
+        if let Some(fault) = &options.fault {
+            args.extend(["--inject-fault".to_string(), fault.clone()]);
+        }
+        if let Some(path) = &options.escape {
+            args.extend(["--test-escape".to_string(), path.display().to_string()]);
+        }
+        let partition = Self::spawn(driver, &args, &[theirs.as_fd(), disk.as_fd()])?;
+        Ok((partition, ours))
+    }
+
+    /// Starts a partition serving a plain bus device (`serial` or `i8042`) over the proxy
+    /// protocol; `irqfd` is its interrupt, raised straight into KVM. Returns the partition
+    /// and the hypervisor's end of the connection.
+    pub fn spawn_proxy(
+        driver: &DriverProgram,
+        device: &str,
+        irqfd: Option<&EventFd>,
+    ) -> Result<(Self, UnixStream), PartitionError> {
+        let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket pair"))?;
+        let mut args = vec![device.to_string(), "--fd".to_string(), "3".to_string()];
+        let mut fds = vec![theirs.as_fd()];
+        if let Some(irqfd) = irqfd {
+            args.extend(["--irq-fd".to_string(), "4".to_string()]);
+            // SAFETY: the eventfd outlives this call, which only duplicates it.
+            fds.push(unsafe { BorrowedFd::borrow_raw(irqfd.as_raw_fd()) });
+        }
+        let partition = Self::spawn(driver, &args, &fds)?;
+        Ok((partition, ours))
+    }
+
+    /// Runs `driver prefix.. args..` with `fds` as its fds 3, 4, ... and nothing else.
+    pub fn spawn(
+        driver: &DriverProgram,
+        args: &[String],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Self, PartitionError> {
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().map_err(setup("duplicate an fd")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = SpawnRequest { driver: driver.clone(), args: args.to_vec(), fds };
+        let (reply, result) = mpsc::channel();
+        spawner().lock().unwrap_or_else(|e| e.into_inner()).send((request, reply)).map_err(|_| {
+            setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
+        })?;
+        result
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into()))?
+    }
+
+    /// The partition's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pidfd: readable once the process has ended.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// The exit status, if the process has ended (reaps it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits at most `timeout` for the partition to end by itself; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut pidfd = [libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, bounded wait.
+        unsafe { libc::poll(pidfd.as_mut_ptr(), 1, millis) };
+        self.try_wait()
+    }
+
+    /// Kills the partition with SIGKILL (a stopped process dies too) and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    /// Waits at most `timeout` for the partition to end by itself, then kills it.
+    pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_exit(timeout).or_else(|| self.kill())
+    }
 }
 
-/// Duplicates `fd` to a number of at least 10, close-on-exec, so the child can move it to
-/// its final number without clobbering the other.
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct SpawnRequest {
+    driver: DriverProgram,
+    args: Vec<String>,
+    fds: Vec<OwnedFd>,
+}
+
+type SpawnReply = mpsc::Sender<Result<Partition, PartitionError>>;
+
+/// The process-wide spawner thread's queue. The thread never ends, so the parent-death
+/// signal of the partitions it starts fires only when the whole process dies.
+fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
+        let started = std::thread::Builder::new().name("partition-spawner".into()).spawn(move || {
+            for (request, reply) in incoming {
+                let _ = reply.send(start(request));
+            }
+        });
+        if let Err(e) = started {
+            log::error!("cannot start the partition spawner thread: {e}");
+        }
+        Mutex::new(requests)
+    })
+}
+
+/// Starts one partition (on the spawner thread).
+fn start(request: SpawnRequest) -> Result<Partition, PartitionError> {
+    let SpawnRequest { driver, args, fds } = request;
+    // Moved out of the way first (to 10 and up, close-on-exec), so that moving them to 3, 4,
+    // ... never clobbers one not moved yet.
+    let high = fds.iter().map(|fd| dup_high(fd.as_raw_fd())).collect::<Result<Vec<_>, _>>()?;
+    drop(fds);
+    let moves: Vec<(RawFd, RawFd)> =
+        high.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)).collect();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let mut command = Command::new(&driver.path);
+    command
+        .args(&driver.prefix)
+        .args(&args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Ok(log) = std::env::var("RUST_LOG") {
+        command.env("RUST_LOG", log);
+    }
+    let before_exec = move || {
+        // SAFETY: prctl with plain integers; async-signal-safe, as required between fork and exec.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The hypervisor may have died before the signal was armed.
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            return Err(io::Error::other("the hypervisor is gone"));
+        }
+        for (from, to) in &moves {
+            // SAFETY: dup2 on fds this process owns; async-signal-safe.
+            if unsafe { libc::dup2(*from, *to) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only calls prctl, getppid and dup2, which are async-signal-safe.
+    unsafe { command.pre_exec(before_exec) };
+    let mut child =
+        command.spawn().map_err(|source| PartitionError::Spawn { driver: driver.path.clone(), source })?;
+    drop(high);
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    if pidfd < 0 {
+        let error = io::Error::last_os_error();
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(setup("open a pidfd")(error));
+    }
+    // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    log::debug!("driver partition {} started: {} {}", child.id(), driver.path.display(), args.join(" "));
+    Ok(Partition { child, pidfd })
+}
+
+/// Duplicates `fd` to a number of at least 10, close-on-exec.
 fn dup_high(fd: RawFd) -> Result<OwnedFd, PartitionError> {
     // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd and returns a new one or -1.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
@@ -86,209 +305,4 @@ fn dup_high(fd: RawFd) -> Result<OwnedFd, PartitionError> {
     }
     // SAFETY: `new` was just created and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-impl Partition {
-    /// Starts a block partition and connects to it; returns the partition and the
-    /// vhost-user connection.
-    pub fn spawn_block(spec: &BlockPartitionSpec) -> Result<(Self, UnixStream), PartitionError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let disk = OpenOptions::new()
-            .read(true)
-            .write(!spec.read_only)
-            .open(&spec.disk)
-            .map_err(|source| PartitionError::Disk { path: spec.disk.clone(), source })?;
-        let dir = std::env::temp_dir().join(format!(
-            "splitvisor-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&dir).map_err(setup("create the socket directory"))?;
-        let result = Self::spawn_in(spec, &disk, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        result
-    }
-
-    fn spawn_in(
-        spec: &BlockPartitionSpec,
-        disk: &std::fs::File,
-        dir: &Path,
-    ) -> Result<(Self, UnixStream), PartitionError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(setup("protect the socket"))?;
-        let socket = dir.join("vhost-user.sock");
-        let listener = UnixListener::bind(&socket).map_err(setup("bind the vhost-user socket"))?;
-        let mut args: Vec<String> =
-            vec!["blk".into(), "--listen-fd".into(), "3".into(), "--disk-fd".into(), "4".into()];
-        if spec.read_only {
-            args.push("--read-only".into());
-        }
-        if let Some(path) = &spec.escape {
-            args.push("--test-escape".into());
-            args.push(path.display().to_string());
-        }
-        let partition =
-            Self::spawn(&spec.driver, &spec.driver_prefix, &args, &[listener.as_raw_fd(), disk.as_raw_fd()])?;
-        // The listening socket lives on in the partition; the connection waits in its
-        // backlog until the partition accepts it.
-        let stream = UnixStream::connect(&socket).map_err(setup("connect to the partition"))?;
-        drop(listener);
-        log::info!("driver partition {} serves {}", partition.pid(), spec.disk.display());
-        Ok((partition, stream))
-    }
-
-    /// Starts a partition serving a plain bus device (`serial` or `i8042`) over the proxy
-    /// protocol; `irqfd` is its interrupt, raised straight into KVM. Returns the partition
-    /// and the connection.
-    pub fn spawn_proxy(
-        driver: &Path,
-        prefix: &[String],
-        device: &str,
-        irqfd: Option<&EventFd>,
-    ) -> Result<(Self, UnixStream), PartitionError> {
-        let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket"))?;
-        let mut args = vec![device.to_string(), "--fd".to_string(), "3".to_string()];
-        let mut fds = vec![theirs.as_raw_fd()];
-        if let Some(irqfd) = irqfd {
-            args.extend(["--irq-fd".to_string(), "4".to_string()]);
-            fds.push(irqfd.as_raw_fd());
-        }
-        let partition = Self::spawn(driver, prefix, &args, &fds)?;
-        Ok((partition, ours))
-    }
-
-    /// Runs `driver prefix.. args..` with `fds` as its fds 3, 4, ... and nothing else.
-    fn spawn(
-        driver: &Path,
-        prefix: &[String],
-        args: &[String],
-        fds: &[RawFd],
-    ) -> Result<Self, PartitionError> {
-        let sources = fds.iter().map(|fd| dup_high(*fd)).collect::<Result<Vec<_>, _>>()?;
-        let moves: Vec<(RawFd, RawFd)> =
-            sources.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)).collect();
-        let mut command = Command::new(driver);
-        command
-            .args(prefix)
-            .args(args)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Ok(log) = std::env::var("RUST_LOG") {
-            command.env("RUST_LOG", log);
-        }
-        let move_fds = move || {
-            for (from, to) in &moves {
-                // SAFETY: dup2 on fds this process owns; async-signal-safe, as required
-                // between fork and exec.
-                if unsafe { libc::dup2(*from, *to) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the closure only calls dup2, which is async-signal-safe.
-        unsafe { command.pre_exec(move_fds) };
-        let mut child = command
-            .spawn()
-            .map_err(|source| PartitionError::Spawn { driver: driver.to_path_buf(), source })?;
-        drop(sources);
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-        if pidfd < 0 {
-            let error = io::Error::last_os_error();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(setup("open a pidfd")(error));
-        }
-        // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-        Ok(Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } })
-    }
-
-    /// The partition's process ID.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kills and reaps the partition.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Watches the partition from a thread of its own; `on_exit` runs at once when it dies
-    /// (not when the supervisor is dropped).
-    pub fn supervise(
-        self,
-        name: String,
-        on_exit: Box<dyn FnOnce(String) + Send>,
-    ) -> Result<Supervisor, PartitionError> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("create the supervisor eventfd"))?;
-        let stop_watch = stop.try_clone().map_err(setup("create the supervisor eventfd"))?;
-        let pid = self.pid();
-        let mut partition = self;
-        let thread = std::thread::Builder::new()
-            .name(format!("supervise-{pid}"))
-            .spawn(move || {
-                let mut fds = [
-                    libc::pollfd { fd: partition.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                    libc::pollfd { fd: stop_watch.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                ];
-                loop {
-                    // SAFETY: two valid pollfds, no timeout.
-                    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-                    if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    break;
-                }
-                if fds[1].revents != 0 {
-                    // The VM is going away: the partition may finish on its own (its
-                    // connection closes), else it is killed.
-                    let mut pidfd =
-                        [libc::pollfd { fd: partition.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-                    // SAFETY: one valid pollfd, bounded wait.
-                    unsafe { libc::poll(pidfd.as_mut_ptr(), 1, 1000) };
-                    partition.kill();
-                    return;
-                }
-                let status = partition.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                log::warn!("driver partition {pid} ({name}) died: {status}");
-                on_exit(status);
-            })
-            .map_err(setup("start the supervisor"))?;
-        Ok(Supervisor { pid, stop, thread: Some(thread) })
-    }
-}
-
-/// Watches one partition; dropping it kills the partition.
-#[derive(Debug)]
-pub struct Supervisor {
-    pid: u32,
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Supervisor {
-    /// The partition's process ID.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// The VM is ending: the partition's exit is expected from now on, not a fault. It gets
-    /// a moment to finish once its connection closes, then it is killed.
-    pub fn disarm(&self) {
-        let _ = self.stop.write(1);
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        self.disarm();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }

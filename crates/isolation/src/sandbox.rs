@@ -163,6 +163,12 @@ const ALLOWED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_tgkill,
     // The watcher outside the PID namespace waits for the partition.
     libc::SYS_wait4,
+    // A hand-started backend waits on its connection and its listener together.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    // The inflight region a vhost-user backend allocates (anonymous shared memory).
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
 ];
 
 /// The seccomp program: the allowlist, everything else kills the process.

@@ -57,7 +57,7 @@ fn read_request(stream: &mut UnixStream) -> Option<u32> {
 fn an_honest_partition_answers() {
     let (mut proxy, reason, thread) = proxy_against(|mut s| {
         while let Some(seq) = read_request(&mut s) {
-            s.write_all(&Response::ReadDone { data: vec![0x60] }.encode(seq)).unwrap();
+            s.write_all(&Response::ReadDone { data: vec![0x60], state: vec![] }.encode(seq)).unwrap();
         }
     });
     let mut data = [0u8; 1];
@@ -92,7 +92,7 @@ fn an_oversized_frame_is_dropped_before_it_is_read() {
 fn a_truncated_frame_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
         let seq = read_request(&mut s).unwrap();
-        let frame = Response::ReadDone { data: vec![1] }.encode(seq);
+        let frame = Response::ReadDone { data: vec![1], state: vec![] }.encode(seq);
         let _ = s.write_all(&frame[..frame.len() - 1]);
         std::thread::sleep(Duration::from_secs(1));
     });
@@ -103,7 +103,7 @@ fn a_truncated_frame_is_dropped() {
 fn an_out_of_order_answer_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
         let seq = read_request(&mut s).unwrap();
-        let _ = s.write_all(&Response::ReadDone { data: vec![1] }.encode(seq + 7));
+        let _ = s.write_all(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq + 7));
     });
     assert_dropped(&mut proxy, &reason, "answered request");
 }
@@ -112,7 +112,9 @@ fn an_out_of_order_answer_is_dropped() {
 fn the_wrong_kind_of_answer_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
         let seq = read_request(&mut s).unwrap();
-        let _ = s.write_all(&Response::Done { accepted: 0, output: vec![], reset: false }.encode(seq));
+        let _ = s.write_all(
+            &Response::Done { accepted: 0, output: vec![], reset: false, state: vec![] }.encode(seq),
+        );
     });
     assert_dropped(&mut proxy, &reason, "answered a read");
 }
@@ -122,7 +124,7 @@ fn a_late_answer_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
         let seq = read_request(&mut s).unwrap();
         std::thread::sleep(PROXY_TIMEOUT * 2);
-        let _ = s.write_all(&Response::ReadDone { data: vec![1] }.encode(seq));
+        let _ = s.write_all(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq));
     });
     assert_dropped(&mut proxy, &reason, "connection");
 }
@@ -139,7 +141,7 @@ fn no_answer_at_all_is_dropped() {
 #[test]
 fn a_flood_of_unasked_answers_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let frame = Response::ReadDone { data: vec![1] }.encode(1000);
+        let frame = Response::ReadDone { data: vec![1], state: vec![] }.encode(1000);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(1) && s.write_all(&frame).is_ok() {}
     });

@@ -10,6 +10,13 @@
 //! ([`Placement::Partition`]): [`Layout::monolithic`], [`Layout::microkernel`], or either
 //! with per-device overrides (hybrid). The devices themselves never know.
 //!
+//! It also says what happens when a device's driver fails ([`FaultPolicy`]): the VM ends
+//! (the only honest outcome for a driver inside the hypervisor), the device fails, or a new
+//! partition takes over with the device's state and every request that was in flight, and
+//! the guest never notices. One supervisor thread watches every driver (process exit,
+//! backend hang-up, a watchdog on requests that stop completing); the control socket
+//! ([`api`]) lists drivers and restarts, upgrades or fails them while the VM runs.
+//!
 //! ```no_run
 //! use splitvisor_layout::{ConsoleOutput, VmBuilder};
 //!
@@ -24,13 +31,19 @@
 //! # Ok::<(), splitvisor_layout::Error>(())
 //! ```
 
+pub mod api;
 pub mod console;
+mod device;
+mod drivers;
+mod lifecycle;
 mod placement;
 mod vm;
 
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
-pub use placement::{DevicePlacement, DriverProgram, Layout, Placement};
-pub use vm::{BusReport, ConsoleOutput, DiskConfig, Vm, VmBuilder, VmReport};
+pub use device::DiskConfig;
+pub use lifecycle::{DeviceEvent, DriverStatus, Fault, Health};
+pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
+pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
 
 use splitvisor_bus::{AllocatorError, BusError};
 use splitvisor_vcpu::loader::LoaderError;
@@ -100,7 +113,26 @@ pub enum Error {
         "{0} runs in a driver partition, but splitvisor-driver was not found (set SPLITVISOR_DRIVER or build it: cargo build --release --bin splitvisor-driver)"
     )]
     NoDriverProgram(String),
-    /// Creating an eventfd failed.
+    /// Creating an eventfd (or another small kernel object) failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A placement, fault policy or fault names a device the VM does not have.
+    #[error("unknown device '{name}' (devices: {known})")]
+    UnknownDevice {
+        /// The name given.
+        name: String,
+        /// The VM's devices.
+        known: String,
+    },
+    /// The supervisor thread could not be started.
+    #[error("cannot start the driver supervisor: {0}")]
+    Supervisor(#[source] std::io::Error),
+    /// The control socket cannot be served.
+    #[error("control socket {path}: {why}")]
+    ApiSocket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
 }

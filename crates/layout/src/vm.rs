@@ -8,17 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use splitvisor_bus::{
-    Bus, BusKind, BusRange, DeviceStats, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice,
-};
-use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
-use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
-use splitvisor_devices::virtio::block::{Block, DiskImage};
-use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
+use splitvisor_bus::{Bus, BusKind, BusRange, DeviceStats, Interrupt, ResourceAllocator, SharedDevice};
 use splitvisor_guests::GuestResult;
-use splitvisor_isolation::frontend::VhostUserBlk;
-use splitvisor_isolation::partition::{BlockPartitionSpec, Partition, Supervisor};
-use splitvisor_isolation::proxy::{InputSink, ProxyDevice};
+use splitvisor_isolation::proxy::InputSink;
+use splitvisor_isolation::supervisor::{Supervised, Supervisor};
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, LoadedGuest};
@@ -27,12 +20,21 @@ use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd, VmError}
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
+use crate::api::ApiServer;
 use crate::console::{ConsoleState, ConsoleTap};
-use crate::placement::{DevicePlacement, DriverProgram, Layout, Placement};
+use crate::device::{
+    Assembly, ConsoleRecipe, DeviceRecipe, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
+};
+use crate::lifecycle::{DeviceEvent, DriverStatus, EventLog, ManagedDriver};
+use crate::placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
 const FIRST_DEVICE_IRQ: u32 = 5;
 const LAST_DEVICE_IRQ: u32 = 23;
+
+/// How often the supervisor looks at its drivers when nothing happens (the watchdog's
+/// resolution is a fraction of its timeout, at most this).
+const SUPERVISOR_TICK: Duration = Duration::from_millis(50);
 
 /// Where the guest console goes.
 pub enum ConsoleOutput {
@@ -57,57 +59,6 @@ impl std::fmt::Debug for ConsoleOutput {
     }
 }
 
-/// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DiskConfig {
-    /// A raw image file, served by splitvisor's own virtio-blk, placed by the [`Layout`].
-    Image {
-        /// The image.
-        path: PathBuf,
-        /// Refuse the guest's writes.
-        read_only: bool,
-    },
-    /// An external vhost-user-blk backend listening on `socket` (splitvisor-driver started
-    /// by hand, qemu-storage-daemon, ...).
-    VhostUser {
-        /// The backend's socket.
-        socket: PathBuf,
-    },
-}
-
-impl std::str::FromStr for DiskConfig {
-    type Err = String;
-
-    /// `PATH`, `PATH,ro` or `vhost-user:SOCKET`.
-    fn from_str(text: &str) -> Result<Self, String> {
-        if let Some(socket) = text.strip_prefix("vhost-user:") {
-            if socket.is_empty() {
-                return Err("empty vhost-user socket path".to_string());
-            }
-            return Ok(Self::VhostUser { socket: PathBuf::from(socket) });
-        }
-        let (path, read_only) = match text.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            Some((_, option)) => {
-                return Err(format!("unknown disk option '{option}' (use PATH or PATH,ro)"));
-            }
-            None => (text, false),
-        };
-        if path.is_empty() {
-            return Err("empty disk path".to_string());
-        }
-        Ok(Self::Image { path: PathBuf::from(path), read_only })
-    }
-}
-
-struct ExtraDevice {
-    kind: BusKind,
-    range: BusRange,
-    name: String,
-    device: SharedDevice,
-}
-
 /// Describes a VM; [`VmBuilder::build`] makes it.
 pub struct VmBuilder {
     elf: Vec<u8>,
@@ -121,6 +72,8 @@ pub struct VmBuilder {
     disks: Vec<DiskConfig>,
     layout: Layout,
     driver: Option<DriverProgram>,
+    faults: Vec<(String, String)>,
+    api_socket: Option<PathBuf>,
     partition_escape: Option<PathBuf>,
 }
 
@@ -139,11 +92,14 @@ impl VmBuilder {
             disks: Vec::new(),
             layout: Layout::monolithic(),
             driver: None,
+            faults: Vec::new(),
+            api_socket: None,
             partition_escape: None,
         }
     }
 
-    /// Where each device runs (default: [`Layout::monolithic`]).
+    /// Where each device runs, and what happens when its driver fails (default:
+    /// [`Layout::monolithic`]).
     pub fn layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
         self
@@ -152,6 +108,20 @@ impl VmBuilder {
     /// The program driver partitions run (default: [`DriverProgram::find`]).
     pub fn driver(mut self, driver: DriverProgram) -> Self {
         self.driver = Some(driver);
+        self
+    }
+
+    /// Injects a fault into `device`'s driver, for demonstrations and tests:
+    /// `crash-after=N` or `hang-after=N` requests. A partition's first driver gets it; the
+    /// drivers that replace it do not.
+    pub fn inject_fault(mut self, device: &str, fault: &str) -> Self {
+        self.faults.push((device.to_string(), fault.to_string()));
+        self
+    }
+
+    /// Serves the control socket at `path` while the VM runs (see [`crate::api`]).
+    pub fn api_socket(mut self, path: &Path) -> Self {
+        self.api_socket = Some(path.to_path_buf());
         self
     }
 
@@ -217,12 +187,39 @@ impl VmBuilder {
         self
     }
 
-    /// Creates the VM: memory, KVM, the guest loaded and every vCPU configured. Nothing
-    /// runs until [`Vm::run`].
+    /// The devices of this VM, in the order they are placed.
+    fn recipes(
+        &self,
+        output: Box<dyn Write + Send>,
+        reset: Arc<dyn Interrupt>,
+    ) -> Vec<Box<dyn DeviceRecipe>> {
+        let mut recipes: Vec<Box<dyn DeviceRecipe>> =
+            vec![Box::new(ConsoleRecipe { output }), Box::new(I8042Recipe { reset })];
+        for (index, config) in self.disks.iter().enumerate() {
+            recipes.push(Box::new(DiskRecipe { index, config: config.clone() }));
+        }
+        recipes
+    }
+
+    /// The names of this VM's devices.
+    pub fn device_names(&self) -> Vec<String> {
+        let mut names = vec!["com1".to_string(), "i8042".to_string()];
+        names.extend((0..self.disks.len()).map(|index| format!("disk{index}")));
+        names
+    }
+
+    /// Creates the VM: memory, KVM, the guest loaded, every device placed and every vCPU
+    /// configured. Nothing runs until [`Vm::run`].
     pub fn build(self) -> Result<Vm, Error> {
         // Refused before KVM is even opened, like a bad memory size.
         if self.vcpus == 0 {
             return Err(VmError::NoVcpus.into());
+        }
+        let known = self.device_names();
+        let mut unknown: Vec<&str> = self.layout.unknown_devices(&known);
+        unknown.extend(self.faults.iter().map(|(d, _)| d.as_str()).filter(|d| !known.iter().any(|k| k == d)));
+        if let Some(name) = unknown.first() {
+            return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
         }
         let ram = GuestRam::new(self.memory)?;
         let kvm = KvmVm::new()?;
@@ -236,67 +233,26 @@ impl VmBuilder {
 
         let control = VmControl::new();
         let console = Arc::new(ConsoleState::default());
-        let output: Box<dyn Write + Send> = match self.console {
+        let output: Box<dyn Write + Send> = match &self.console {
             ConsoleOutput::Stdout => Box::new(io::stdout()),
-            ConsoleOutput::File(path) => {
-                Box::new(File::create(&path).map_err(|source| Error::ConsoleFile { path, source })?)
-            }
-            ConsoleOutput::Writer(writer) => writer,
+            ConsoleOutput::File(path) => Box::new(
+                File::create(path).map_err(|source| Error::ConsoleFile { path: path.clone(), source })?,
+            ),
+            ConsoleOutput::Writer(_) => Box::new(io::sink()),
             ConsoleOutput::Discard => Box::new(io::sink()),
         };
-        let com1_irq = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
-        kvm.register_irqfd(com1_irq.irqfd(), COM1_IRQ)?;
+        let mut this = self;
+        let output = match std::mem::replace(&mut this.console, ConsoleOutput::Discard) {
+            ConsoleOutput::Writer(writer) => writer,
+            _ => output,
+        };
+        let console_tap = Box::new(ConsoleTap::new(output, console.clone()));
         let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
-        let console_tap = ConsoleTap::new(output, console.clone());
-        let partition_exits = Arc::new(Mutex::new(Vec::new()));
-        let mut supervisors = Vec::new();
-        let mut placements = Vec::new();
-        let needs_driver = ["com1", "i8042"].iter().any(|d| self.layout.placement(d) == Placement::Partition)
-            || self.disks.iter().enumerate().any(|(index, disk)| {
-                matches!(disk, DiskConfig::Image { .. })
-                    && self.layout.placement(&format!("disk{index}")) == Placement::Partition
-            });
-        let driver = self.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
+        let recipes = this.recipes(console_tap, reset_line);
+        let needs_driver = recipes.iter().any(|r| this.layout.placement(&r.name()) == Placement::Partition);
+        let driver = this.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
 
         let pio = Bus::new(BusKind::Pio);
-        let legacy = LegacyContext { driver: driver.as_ref(), partition_exits: &partition_exits };
-        let (com1, com1_input, com1_partition) = match self.layout.placement("com1") {
-            Placement::InHypervisor => {
-                let serial = Arc::new(Mutex::new(Serial::new(com1_irq, console_tap)));
-                (serial.clone() as SharedDevice, serial as Arc<Mutex<dyn InputSink>>, None)
-            }
-            Placement::Partition => {
-                let (proxy, supervisor) =
-                    legacy.spawn("com1", "serial", Some(com1_irq.irqfd()), Box::new(console_tap), None)?;
-                let proxy = Arc::new(Mutex::new(proxy));
-                (proxy.clone() as SharedDevice, proxy as Arc<Mutex<dyn InputSink>>, Some(supervisor))
-            }
-        };
-        let (i8042, i8042_partition) = match self.layout.placement("i8042") {
-            Placement::InHypervisor => (Arc::new(Mutex::new(I8042::new(reset_line))) as SharedDevice, None),
-            Placement::Partition => {
-                let (proxy, supervisor) =
-                    legacy.spawn("i8042", "i8042", None, Box::new(io::sink()), Some(reset_line))?;
-                (Arc::new(Mutex::new(proxy)) as SharedDevice, Some(supervisor))
-            }
-        };
-        for (device, kind, supervisor) in
-            [("com1", "8250", com1_partition), ("i8042", "i8042", i8042_partition)]
-        {
-            let (placement, partition) = match &supervisor {
-                Some(s) => (Placement::Partition, Some(format!("pid {}", s.pid()))),
-                None => (Placement::InHypervisor, None),
-            };
-            placements.push(DevicePlacement {
-                device: device.into(),
-                kind: kind.into(),
-                placement,
-                partition,
-            });
-            supervisors.extend(supervisor);
-        }
-        pio.insert(BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?, "com1 (8250)", com1)?;
-        pio.insert(BusRange::new(I8042_PORT, I8042_PORT_COUNT)?, "i8042", i8042)?;
         let mmio = Bus::new(BusKind::Mmio);
         let mut allocator = ResourceAllocator::new(
             layout::MMIO32_START,
@@ -304,7 +260,7 @@ impl VmBuilder {
             FIRST_DEVICE_IRQ,
             LAST_DEVICE_IRQ,
         )?;
-        for extra in self.extra {
+        for extra in std::mem::take(&mut this.extra) {
             match extra.kind {
                 BusKind::Pio => pio.insert(extra.range, &extra.name, extra.device)?,
                 BusKind::Mmio => {
@@ -317,28 +273,52 @@ impl VmBuilder {
                 }
             }
         }
-        let mut cmdline = self.cmdline.clone();
-        let mut context = DeviceContext {
-            kvm: &kvm,
-            ram: &ram,
-            mmio: &mmio,
-            allocator: &mut allocator,
-            layout: &self.layout,
-            driver: driver.clone(),
-            escape: self.partition_escape.clone(),
-            partition_exits: partition_exits.clone(),
-        };
-        for (index, disk) in self.disks.iter().enumerate() {
-            let placed = context.add_disk(index, disk)?;
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}@{:#x}:{}",
-                MMIO_REGION_SIZE, placed.base, placed.irq
-            ));
-            placements.push(placed.placement);
-            supervisors.extend(placed.supervisor);
+        let log = EventLog::new();
+        let mut cmdline = this.cmdline.clone();
+        let mut placements = Vec::new();
+        let mut drivers = Vec::new();
+        let mut console_input: Option<Arc<Mutex<dyn InputSink>>> = None;
+        {
+            let mut assembly = Assembly {
+                kvm: &kvm,
+                ram: &ram,
+                pio: &pio,
+                mmio: &mmio,
+                allocator: &mut allocator,
+                layout: &this.layout,
+                driver,
+                cmdline: &mut cmdline,
+                stop: control.stop_handle(),
+                log: log.clone(),
+                faults: &this.faults,
+                escape: this.partition_escape.clone(),
+            };
+            for recipe in recipes {
+                let (name, kind) = (recipe.name(), recipe.kind());
+                let placement = this.layout.placement(&name);
+                let placed = recipe.place(placement, &mut assembly)?;
+                let placement = if placed.note.is_some() { Placement::Partition } else { placement };
+                // A device whose driver runs on the vCPU threads fails with the VM.
+                let policy = match &placed.driver {
+                    Some(_) => this.layout.fault_policy(&name),
+                    None => FaultPolicy::HaltVm,
+                };
+                let partition = placed.note.or_else(|| placed.driver.as_ref().map(|d| d.status().driver));
+                placements.push(DevicePlacement {
+                    device: name,
+                    kind: kind.to_string(),
+                    placement,
+                    policy,
+                    partition,
+                });
+                if let Some(input) = placed.input {
+                    console_input = Some(input);
+                }
+                drivers.extend(placed.driver);
+            }
         }
 
-        let cmdline = format!("{cmdline} splitvisor.vcpus={}", self.vcpus).trim().to_string();
+        let cmdline = format!("{cmdline} splitvisor.vcpus={}", this.vcpus).trim().to_string();
         let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
         configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
 
@@ -351,15 +331,16 @@ impl VmBuilder {
             buses: Buses { pio: Arc::new(pio), mmio: Arc::new(mmio) },
             control,
             console,
-            console_device: com1_input,
-            console_input: self.console_input,
-            timeout: self.timeout,
+            console_device: console_input,
+            console_input: this.console_input,
+            timeout: this.timeout,
             created: Instant::now(),
             tsc_khz,
             vcpu_stats,
             placements,
-            supervisors,
-            partition_exits,
+            api_socket: this.api_socket,
+            log,
+            drivers,
         })
     }
 }
@@ -387,153 +368,6 @@ fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info:
     Ok(())
 }
 
-/// Where a virtio-mmio device landed.
-struct PlacedDevice {
-    base: u64,
-    irq: u32,
-    placement: DevicePlacement,
-    supervisor: Option<Supervisor>,
-}
-
-/// What placing a plain bus device in a partition needs.
-struct LegacyContext<'a> {
-    driver: Option<&'a DriverProgram>,
-    partition_exits: &'a Arc<Mutex<Vec<(String, String)>>>,
-}
-
-impl LegacyContext<'_> {
-    /// Starts `kind` in a supervised partition behind a proxy.
-    fn spawn(
-        &self,
-        device: &str,
-        kind: &str,
-        irqfd: Option<&vmm_sys_util::eventfd::EventFd>,
-        output: Box<dyn Write + Send>,
-        reset: Option<Arc<dyn Interrupt>>,
-    ) -> Result<(ProxyDevice, Supervisor), Error> {
-        let driver = self.driver.ok_or_else(|| Error::NoDriverProgram(device.to_string()))?;
-        let (partition, stream) = Partition::spawn_proxy(&driver.path, &driver.prefix, kind, irqfd)?;
-        let dropped = self.partition_exits.clone();
-        let name = device.to_string();
-        let on_dead = Box::new(move |why: String| {
-            dropped.lock().unwrap_or_else(|e| e.into_inner()).push((name, format!("dropped: {why}")));
-        });
-        let proxy = ProxyDevice::new(device, stream, output, reset, Some(on_dead)).map_err(Error::EventFd)?;
-        let exits = self.partition_exits.clone();
-        let name = device.to_string();
-        let on_exit = Box::new(move |status: String| {
-            exits.lock().unwrap_or_else(|e| e.into_inner()).push((name, status));
-        });
-        let supervisor = partition.supervise(device.to_string(), on_exit)?;
-        Ok((proxy, supervisor))
-    }
-}
-
-/// What placing devices needs from the VM being built.
-struct DeviceContext<'a> {
-    kvm: &'a KvmVm,
-    ram: &'a GuestRam,
-    mmio: &'a Bus,
-    allocator: &'a mut ResourceAllocator,
-    layout: &'a Layout,
-    driver: Option<DriverProgram>,
-    escape: Option<PathBuf>,
-    partition_exits: Arc<Mutex<Vec<(String, String)>>>,
-}
-
-impl DeviceContext<'_> {
-    /// Places disk `index`: in the hypervisor, in a driver partition, or on an external
-    /// vhost-user backend, as the layout and the disk say.
-    fn add_disk(&mut self, index: usize, disk: &DiskConfig) -> Result<PlacedDevice, Error> {
-        let device = format!("disk{index}");
-        let base = self.allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
-        let irq = self.allocator.allocate_irq()?;
-        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
-        self.kvm.register_irqfd(line.irqfd(), irq)?;
-        let mem = self.ram.memory().clone();
-        let placement = |placement, partition| DevicePlacement {
-            device: device.clone(),
-            kind: "virtio-blk".to_string(),
-            placement,
-            partition,
-        };
-        let (placed, supervisor) = match disk {
-            DiskConfig::Image { path, read_only }
-                if self.layout.placement(&device) == Placement::InHypervisor =>
-            {
-                let image = DiskImage::open(path, *read_only)?;
-                let block = Block::new(image, &format!("splitvisor-vd{index}"));
-                let transport = MmioTransport::new(block, mem, line).map_err(Error::EventFd)?;
-                let ro = if *read_only { ", ro" } else { "" };
-                self.place(transport, base, &format!("virtio-blk{index} ({}{ro})", path.display()))?;
-                (placement(Placement::InHypervisor, None), None)
-            }
-            DiskConfig::Image { path, read_only } => {
-                let driver = self.driver.clone().ok_or_else(|| Error::NoDriverProgram(device.clone()))?;
-                let spec = BlockPartitionSpec {
-                    driver: driver.path,
-                    driver_prefix: driver.prefix,
-                    disk: path.clone(),
-                    read_only: *read_only,
-                    escape: self.escape.clone(),
-                };
-                let (partition, stream) = Partition::spawn_block(&spec)?;
-                let pid = partition.pid();
-                let frontend = VhostUserBlk::from_stream(stream)
-                    .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
-                let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
-                // A dead partition: the device asks the guest for a reset; the VM goes on.
-                let interrupt = transport.interrupt();
-                let exits = self.partition_exits.clone();
-                let name = device.clone();
-                let on_exit = Box::new(move |status: String| {
-                    exits.lock().unwrap_or_else(|e| e.into_inner()).push((name, status));
-                    if let Err(e) = interrupt.request_reset() {
-                        log::warn!("cannot tell the guest its disk needs a reset: {e}");
-                    }
-                });
-                let supervisor = partition.supervise(device.clone(), on_exit)?;
-                let ro = if *read_only { ", ro" } else { "" };
-                self.place(
-                    transport,
-                    base,
-                    &format!("virtio-blk{index} ({}{ro}, partition {pid})", path.display()),
-                )?;
-                (placement(Placement::Partition, Some(format!("pid {pid}"))), Some(supervisor))
-            }
-            DiskConfig::VhostUser { socket } => {
-                let frontend = VhostUserBlk::connect(socket)
-                    .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
-                let transport = MmioTransport::new(frontend, mem, line).map_err(Error::EventFd)?;
-                self.place(transport, base, &format!("virtio-blk{index} (vhost-user {})", socket.display()))?;
-                (
-                    placement(
-                        Placement::Partition,
-                        Some(format!("external vhost-user {}", socket.display())),
-                    ),
-                    None,
-                )
-            }
-        };
-        Ok(PlacedDevice { base, irq, placement: placed, supervisor })
-    }
-
-    /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds.
-    fn place<D: VirtioDevice + 'static>(
-        &mut self,
-        transport: MmioTransport<D>,
-        base: u64,
-        name: &str,
-    ) -> Result<(), Error> {
-        for (queue, eventfd) in transport.queue_notify_eventfds() {
-            self.kvm.register_mmio_ioeventfd(eventfd, base + QUEUE_NOTIFY_OFFSET, queue)?;
-        }
-        self.mmio.insert(BusRange::new(base, MMIO_REGION_SIZE)?, name, Arc::new(Mutex::new(transport)))?;
-        log::debug!("{name} at {base:#x}");
-        Ok(())
-    }
-}
-
 /// The i8042's CPU reset line: the guest asks to end the VM.
 struct ResetLine(StopHandle);
 
@@ -547,25 +381,25 @@ impl Interrupt for ResetLine {
 
 /// A VM ready to run.
 pub struct Vm {
-    // Field order is drop order: vCPUs go before the VM fd, the VM before its memory.
+    // Field order is drop order: vCPUs go before the VM fd, the VM before its memory, the
+    // buses (whose devices close their drivers' connections) before the drivers (whose
+    // partitions are then killed and reaped).
     vcpus: Vec<Vcpu>,
     kvm: KvmVm,
     ram: GuestRam,
     buses: Buses,
     control: VmControl,
     console: Arc<ConsoleState>,
-    console_device: Arc<Mutex<dyn InputSink>>,
+    console_device: Option<Arc<Mutex<dyn InputSink>>>,
     console_input: bool,
     timeout: Option<Duration>,
     created: Instant,
     tsc_khz: Option<u32>,
     vcpu_stats: Vec<VcpuStats>,
     placements: Vec<DevicePlacement>,
-    /// Held for their `Drop`, after the buses: devices stop their partitions' queues, then
-    /// every driver partition is killed and reaped.
-    supervisors: Vec<Supervisor>,
-    /// Driver partitions that died while the VM ran: (device, exit status).
-    partition_exits: Arc<Mutex<Vec<(String, String)>>>,
+    api_socket: Option<PathBuf>,
+    log: Arc<EventLog>,
+    drivers: Vec<Arc<ManagedDriver>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -616,9 +450,11 @@ pub struct VmReport {
     pub kvm_exits: Vec<(String, u64)>,
     /// Where each device ran.
     pub placements: Vec<DevicePlacement>,
-    /// Driver partitions that died while the VM ran: (device, exit status). The VM went on;
-    /// their devices asked the guest for a reset.
-    pub partition_exits: Vec<(String, String)>,
+    /// What happened to device drivers while the VM ran (faults, restarts, upgrades), in
+    /// order.
+    pub device_events: Vec<DeviceEvent>,
+    /// Each supervised driver at the end: restarts, health.
+    pub drivers: Vec<DriverStatus>,
 }
 
 /// The KVM statistics a report sums over the vCPUs.
@@ -641,6 +477,11 @@ impl Vm {
         &self.placements
     }
 
+    /// Each supervised driver now: what serves it, its process, restarts, health.
+    pub fn drivers(&self) -> Vec<DriverStatus> {
+        self.drivers.iter().map(|driver| driver.status()).collect()
+    }
+
     /// Guest RAM, for inspection.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
@@ -651,21 +492,32 @@ impl Vm {
         self.created
     }
 
-    /// Runs the VM until the guest resets it, the host stops it, the timeout passes or a
-    /// vCPU fails (the error).
+    /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
+    /// driver's fault policy ends it, or a vCPU fails (the error).
     pub fn run(mut self) -> Result<VmReport, Error> {
+        let supervisor = Supervisor::start(
+            self.drivers.iter().map(|d| d.clone() as Arc<dyn Supervised>).collect(),
+            SUPERVISOR_TICK,
+        )
+        .map_err(Error::Supervisor)?;
+        for driver in &self.drivers {
+            driver.attach(supervisor.handle());
+        }
+        let api = match &self.api_socket {
+            Some(path) => Some(ApiServer::start(path, self.drivers.clone(), self.placements.clone())?),
+            None => None,
+        };
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
-        let input = match self.console_input {
-            true => Some(ConsoleInput::start(self.console_device.clone())?),
-            false => None,
+        let input = match (&self.console_device, self.console_input) {
+            (Some(device), true) => Some(ConsoleInput::start(device.clone())?),
+            _ => None,
         };
         let end = running.wait(self.timeout);
         let ended = Instant::now();
-        for supervisor in &self.supervisors {
-            supervisor.disarm();
-        }
+        drop(api);
+        drop(supervisor);
         if let Some(input) = input {
             input.stop();
         }
@@ -689,7 +541,8 @@ impl Vm {
             mmio_exits: exits.mmio,
             tsc_khz: self.tsc_khz,
             placements: self.placements.clone(),
-            partition_exits: self.partition_exits.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            device_events: self.log.all(),
+            drivers: self.drivers(),
             kvm_exits: KVM_EXIT_STATS
                 .iter()
                 .filter(|name| {

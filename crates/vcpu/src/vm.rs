@@ -100,7 +100,7 @@ impl KvmVm {
 }
 
 /// Why a VM ended, when no vCPU failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmEnd {
     /// The guest reset the machine (its way of powering off).
     GuestReset,
@@ -108,6 +108,24 @@ pub enum VmEnd {
     Stopped,
     /// The deadline given to [`RunningVm::wait`] passed.
     TimedOut,
+    /// A device's driver failed and its fault policy ends the VM.
+    DeviceFault {
+        /// The device.
+        device: String,
+        /// What happened to its driver.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for VmEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmEnd::GuestReset => f.write_str("the guest reset the machine"),
+            VmEnd::Stopped => f.write_str("stopped by the host"),
+            VmEnd::TimedOut => f.write_str("timed out"),
+            VmEnd::DeviceFault { device, reason } => write!(f, "the driver of {device} failed ({reason})"),
+        }
+    }
 }
 
 /// Exit counters shared by every vCPU.
@@ -157,6 +175,17 @@ impl StopHandle {
     /// The guest reset the machine (wired to the i8042's reset line).
     pub fn guest_reset(&self) {
         self.control.finish(Ok(VmEnd::GuestReset));
+    }
+
+    /// A device's driver failed, and its fault policy ends the VM.
+    pub fn device_fault(&self, device: &str, reason: &str) {
+        self.control
+            .finish(Ok(VmEnd::DeviceFault { device: device.to_string(), reason: reason.to_string() }));
+    }
+
+    /// Whether the VM has ended (or is ending).
+    pub fn has_ended(&self) -> bool {
+        self.control.stopping()
     }
 
     /// Exits counted so far, over every vCPU.

@@ -129,6 +129,11 @@ impl DiskImage {
         Self { file, read_only, sectors }
     }
 
+    /// The open image (to hand to a driver partition, or to derive an ID from).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors
@@ -288,6 +293,28 @@ pub struct BlockRequests {
     bounce: Vec<u8>,
 }
 
+/// Observes each request's life, so a backend can record what is in flight in memory that
+/// survives the process (vhost-user INFLIGHT_SHMFD).
+pub trait RequestJournal {
+    /// `head` was taken off the available ring.
+    fn fetched(&mut self, head: u16) {
+        let _ = head;
+    }
+    /// `head` is about to be put in the used ring.
+    fn completing(&mut self, head: u16) {
+        let _ = head;
+    }
+    /// `head` is in the used ring and the used index `used_idx` is published.
+    fn completed(&mut self, head: u16, used_idx: u16) {
+        let _ = (head, used_idx);
+    }
+}
+
+/// A journal that records nothing.
+pub struct NoJournal;
+
+impl RequestJournal for NoJournal {}
+
 /// What one pass over a queue did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Processed {
@@ -400,6 +427,15 @@ impl BlockRequests {
     /// Handles every available request of `queue`; says whether the driver wants an
     /// interrupt for them.
     pub fn process_queue(&mut self, queue: &mut Queue) -> Result<Processed, QueueError> {
+        self.process_queue_with(queue, &mut NoJournal)
+    }
+
+    /// [`process_queue`](Self::process_queue), telling `journal` about each request.
+    pub fn process_queue_with(
+        &mut self,
+        queue: &mut Queue,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError> {
         let mut completed = 0;
         loop {
             if queue.event_idx_enabled() {
@@ -414,9 +450,14 @@ impl BlockRequests {
                 .map_err(QueueError::Broken)?
                 .map(|chain| (chain.head_index(), chain.collect()))
                 .collect();
+            for (head, _) in &requests {
+                journal.fetched(*head);
+            }
             for (head, descriptors) in requests {
                 let used = self.handle(&descriptors);
+                journal.completing(head);
                 queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
+                journal.completed(head, queue.next_used());
                 completed += 1;
             }
             if !queue.event_idx_enabled()

@@ -144,6 +144,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device behind the transport, to reconfigure it (a supervisor replacing the
+    /// process that serves its queues).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// The Status register, with DEVICE_NEEDS_RESET if a worker found the queue broken.
     pub fn device_status(&self) -> u32 {
         let worker_failed = if self.interrupt.reset_requested() { status::DEVICE_NEEDS_RESET } else { 0 };

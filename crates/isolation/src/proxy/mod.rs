@@ -5,24 +5,36 @@
 //! [`PROXY_TIMEOUT`], for the answer. The partition runs the very same emulator
 //! ([`serve`]). Interrupts bypass the proxy: the partition holds the irqfd.
 //!
-//! A partition that answers garbage, too much, out of order, late or never is dropped: the
-//! proxy logs why, reports it once, and from then on answers reads with all ones and
-//! ignores writes, so no vCPU ever waits on it again.
+//! Every answer carries the device's state after the access, which the proxy keeps. When
+//! the partition fails (it died, hung, or answered garbage, too much, out of order or
+//! never), a proxy with a [`ProxyLink`] reports it and waits (bounded) for the supervisor
+//! to offer a new partition; it restores the kept state there and asks the unanswered
+//! access again, so the guest sees every access served exactly once and no console byte
+//! is lost. Without a link, or once the supervisor gives up, the proxy answers reads with
+//! all ones and ignores writes, so no vCPU ever waits on a dead partition again.
 
 pub mod wire;
 
 use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use splitvisor_bus::{BusDevice, Interrupt};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use wire::{DecodeError, Frame, MAX_INPUT, Request, Response};
+use wire::{DecodeError, Frame, MAX_INPUT, MAX_STATE, Request, Response};
 
 /// Longest a register access waits for a partition.
 pub const PROXY_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Longest a vCPU waits for the supervisor to replace a failed partition.
+pub const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many partitions one access may try before the proxy gives up on the device.
+const MAX_ATTEMPTS: usize = 4;
 
 /// Why a partition was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -51,21 +63,132 @@ pub enum ProxyError {
     },
 }
 
+/// How a proxy and the supervisor hand over partitions.
+///
+/// The proxy reports a failed partition ([`ProxyLink::fault_fd`] becomes readable); the
+/// supervisor answers with [`offer`](ProxyLink::offer) (a new partition's connection) or
+/// [`give_up`](ProxyLink::give_up). The supervisor may also offer a new partition on its
+/// own (the old one died while idle, or for an upgrade); the proxy moves to it at its next
+/// access.
+#[derive(Debug)]
+pub struct ProxyLink {
+    state: Mutex<LinkState>,
+    changed: Condvar,
+    fault: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    /// Bumped at every offer.
+    generation: u64,
+    offered: Option<UnixStream>,
+    gave_up: bool,
+    /// The generation whose partition the proxy found failed, not yet replaced.
+    reported: Option<u64>,
+}
+
+impl ProxyLink {
+    /// A link whose first partition is generation 0 (the proxy's initial stream).
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            state: Mutex::new(LinkState::default()),
+            changed: Condvar::new(),
+            fault: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Readable when the proxy reported a failed partition.
+    pub fn fault_fd(&self) -> BorrowedFd<'_> {
+        crate::supervisor::eventfd_fd(&self.fault)
+    }
+
+    /// The generation the proxy reported failed, if one is waiting for a replacement
+    /// (clears the fd's readiness).
+    pub fn reported_fault(&self) -> Option<u64> {
+        let _ = self.fault.read();
+        let state = self.lock();
+        state.reported.filter(|&generation| generation == state.generation)
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Offers a new partition's connection; the proxy moves to it at its next access.
+    pub fn offer(&self, stream: UnixStream) -> u64 {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.offered = Some(stream);
+        state.reported = None;
+        self.changed.notify_all();
+        state.generation
+    }
+
+    /// No more partitions: the device fails.
+    pub fn give_up(&self) {
+        self.lock().gave_up = true;
+        self.changed.notify_all();
+    }
+
+    /// Proxy side: reports `generation` failed and waits for what comes next.
+    fn report_and_wait(&self, generation: u64) -> Option<(u64, UnixStream)> {
+        let deadline = Instant::now() + REPLACEMENT_TIMEOUT;
+        let mut state = self.lock();
+        if state.generation == generation && !state.gave_up {
+            state.reported = Some(generation);
+            let _ = self.fault.write(1);
+        }
+        loop {
+            if state.gave_up {
+                return None;
+            }
+            if state.generation > generation {
+                return state.offered.take().map(|stream| (state.generation, stream));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!("no replacement partition within {REPLACEMENT_TIMEOUT:?}");
+                return None;
+            }
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Proxy side: a partition newer than `generation`, if one was offered.
+    fn take_offer(&self, generation: u64) -> Option<(u64, UnixStream)> {
+        let mut state = self.lock();
+        if state.generation > generation {
+            state.offered.take().map(|stream| (state.generation, stream))
+        } else {
+            None
+        }
+    }
+}
+
 /// The hypervisor's stand-in for a device that runs in a partition.
 pub struct ProxyDevice {
     name: String,
-    stream: UnixStream,
+    stream: Option<UnixStream>,
+    generation: u64,
     seq: u32,
     dead: bool,
+    /// The device's state as the partition last reported it.
+    state: Vec<u8>,
     output: Box<dyn Write + Send>,
     reset: Option<Arc<dyn Interrupt>>,
     on_dead: Option<Box<dyn FnOnce(String) + Send>>,
+    link: Option<Arc<ProxyLink>>,
 }
 
 impl ProxyDevice {
     /// A proxy to the partition at the other end of `stream`. Output the device produces
     /// goes to `output`; a reset it asks for raises `reset`; `on_dead` hears once if the
-    /// partition has to be dropped.
+    /// partition has to be dropped for good.
     pub fn new(
         name: &str,
         stream: UnixStream,
@@ -73,12 +196,29 @@ impl ProxyDevice {
         reset: Option<Arc<dyn Interrupt>>,
         on_dead: Option<Box<dyn FnOnce(String) + Send>>,
     ) -> io::Result<Self> {
-        stream.set_read_timeout(Some(PROXY_TIMEOUT))?;
-        stream.set_write_timeout(Some(PROXY_TIMEOUT))?;
-        Ok(Self { name: name.to_string(), stream, seq: 0, dead: false, output, reset, on_dead })
+        set_timeouts(&stream)?;
+        Ok(Self {
+            name: name.to_string(),
+            stream: Some(stream),
+            generation: 0,
+            seq: 0,
+            dead: false,
+            state: Vec::new(),
+            output,
+            reset,
+            on_dead,
+            link: None,
+        })
     }
 
-    /// Whether the partition was dropped.
+    /// Failed partitions are replaced through `link` instead of being dropped.
+    pub fn with_link(mut self, link: Arc<ProxyLink>) -> Self {
+        self.generation = link.generation();
+        self.link = Some(link);
+        self
+    }
+
+    /// Whether the partition was dropped for good.
     pub fn is_dead(&self) -> bool {
         self.dead
     }
@@ -87,41 +227,107 @@ impl ProxyDevice {
     pub fn input(&mut self, bytes: &[u8]) -> usize {
         let bytes = &bytes[..bytes.len().min(MAX_INPUT)];
         match self.call(Request::Input { bytes: bytes.to_vec() }) {
-            Some(Response::Done { accepted, output, reset }) => {
+            Some(Response::Done { accepted, output, reset, .. }) => {
                 self.apply(&output, reset);
                 usize::from(accepted).min(bytes.len())
             }
-            Some(other) => {
-                self.drop_partition(ProxyError::WrongResponse { request: "input", response: other });
-                0
-            }
-            None => 0,
+            _ => 0,
         }
     }
 
+    /// Sends `request` and returns the partition's answer, moving to a new partition as
+    /// often as needed (and allowed).
     fn call(&mut self, request: Request) -> Option<Response> {
-        if self.dead {
-            return None;
+        for _ in 0..MAX_ATTEMPTS {
+            if self.dead {
+                return None;
+            }
+            if let Some(link) = &self.link {
+                if let Some((generation, stream)) = link.take_offer(self.generation) {
+                    self.adopt(generation, stream);
+                    continue;
+                }
+            }
+            let Some(mut stream) = self.stream.take() else {
+                self.replace(None);
+                continue;
+            };
+            match self.exchange(&mut stream, &request) {
+                Ok(response) => {
+                    self.stream = Some(stream);
+                    return Some(response);
+                }
+                Err(e) => self.replace(Some(e)),
+            }
         }
+        self.drop_partition(format!("no partition served the access after {MAX_ATTEMPTS} attempts"));
+        None
+    }
+
+    /// One request and its checked answer; keeps the state it carries.
+    fn exchange(&mut self, stream: &mut UnixStream, request: &Request) -> Result<Response, ProxyError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        match self.exchange(&request, seq) {
-            Ok(response) => Some(response),
-            Err(e) => {
-                self.drop_partition(e);
-                None
-            }
-        }
-    }
-
-    fn exchange(&mut self, request: &Request, seq: u32) -> Result<Response, ProxyError> {
-        self.stream.write_all(&request.encode(seq))?;
-        let body = wire::read_frame(&mut self.stream)??;
+        stream.write_all(&request.encode(seq))?;
+        let body = wire::read_frame(stream)??;
         let Frame { seq: got, message } = Response::decode(&body)?;
         if got != seq {
             return Err(ProxyError::OutOfOrder { expected: seq, got });
         }
+        let state = match (request, &message) {
+            (Request::Read { len, .. }, Response::ReadDone { data, state })
+                if data.len() == usize::from(*len) =>
+            {
+                state
+            }
+            (
+                Request::Write { .. } | Request::Input { .. } | Request::Restore { .. },
+                Response::Done { state, .. },
+            ) => state,
+            (request, _) => {
+                let request = match request {
+                    Request::Read { .. } => "read",
+                    Request::Write { .. } => "write",
+                    Request::Input { .. } => "input",
+                    Request::Restore { .. } => "restore",
+                };
+                return Err(ProxyError::WrongResponse { request, response: message });
+            }
+        };
+        self.state.clone_from(state);
         Ok(message)
+    }
+
+    /// The partition failed (or there is none): report it and wait for a replacement.
+    fn replace(&mut self, why: Option<ProxyError>) {
+        if let Some(why) = &why {
+            log::warn!("{}: driver partition failed: {why}", self.name);
+        }
+        let Some(link) = self.link.clone() else {
+            self.drop_partition(why.map_or_else(|| "no partition".to_string(), |e| e.to_string()));
+            return;
+        };
+        match link.report_and_wait(self.generation) {
+            Some((generation, stream)) => self.adopt(generation, stream),
+            None => self.drop_partition("the supervisor gave no replacement partition".to_string()),
+        }
+    }
+
+    /// Moves to a new partition: it takes up the last state the old one reported.
+    fn adopt(&mut self, generation: u64, mut stream: UnixStream) {
+        self.generation = generation;
+        if let Err(e) = set_timeouts(&stream) {
+            log::warn!("{}: new partition unusable: {e}", self.name);
+            return;
+        }
+        let restore = Request::Restore { state: self.state.clone() };
+        match self.exchange(&mut stream, &restore) {
+            Ok(_) => {
+                log::info!("{}: a new driver partition took over (generation {generation})", self.name);
+                self.stream = Some(stream);
+            }
+            Err(e) => log::warn!("{}: new partition refused the state: {e}", self.name),
+        }
     }
 
     fn apply(&mut self, output: &[u8], reset: bool) {
@@ -135,42 +341,50 @@ impl ProxyDevice {
         }
     }
 
-    fn drop_partition(&mut self, why: ProxyError) {
+    fn drop_partition(&mut self, why: String) {
+        if self.dead {
+            return;
+        }
         log::warn!("{}: dropping its driver partition: {why}", self.name);
         self.dead = true;
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(stream) = self.stream.take() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(on_dead) = self.on_dead.take() {
-            on_dead(why.to_string());
+            on_dead(why);
         }
     }
+}
+
+fn set_timeouts(stream: &UnixStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(PROXY_TIMEOUT))?;
+    stream.set_write_timeout(Some(PROXY_TIMEOUT))
 }
 
 impl BusDevice for ProxyDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let len = data.len().min(wire::MAX_ACCESS) as u8;
         match self.call(Request::Read { offset, len }) {
-            Some(Response::ReadDone { data: got }) if got.len() == usize::from(len) => {
+            Some(Response::ReadDone { data: got, .. }) => {
                 data.fill(0);
                 data[..got.len()].copy_from_slice(&got);
             }
-            Some(other) => {
-                data.fill(0xff);
-                self.drop_partition(ProxyError::WrongResponse { request: "read", response: other });
-            }
             // A dead partition reads as an empty bus.
-            None => data.fill(0xff),
+            _ => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let data = data[..data.len().min(wire::MAX_ACCESS)].to_vec();
-        match self.call(Request::Write { offset, data }) {
-            Some(Response::Done { output, reset, .. }) => self.apply(&output, reset),
-            Some(other) => {
-                self.drop_partition(ProxyError::WrongResponse { request: "write", response: other })
-            }
-            None => {}
+        if let Some(Response::Done { output, reset, .. }) = self.call(Request::Write { offset, data }) {
+            self.apply(&output, reset);
         }
+    }
+}
+
+impl InputSink for ProxyDevice {
+    fn input(&mut self, bytes: &[u8]) -> usize {
+        ProxyDevice::input(self, bytes)
     }
 }
 
@@ -237,6 +451,99 @@ impl<W: Write + Send> InputSink for splitvisor_devices::serial::Serial<W> {
     }
 }
 
+/// A device a partition serves: a bus device whose state can be saved after every access
+/// and taken up by another partition.
+pub trait ProxiedDevice: BusDevice + InputSink {
+    /// The state, at most [`MAX_STATE`] bytes.
+    fn save_state(&self) -> Vec<u8>;
+    /// Takes up a state [`save_state`](Self::save_state) produced (possibly in another
+    /// process).
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String>;
+}
+
+/// The 8250 of a partition: the UART, and what it takes to rebuild it from a state.
+pub struct ProxiedSerial {
+    serial: splitvisor_devices::serial::Serial<EffectsWriter>,
+    interrupt: Arc<dyn Interrupt>,
+    effects: Effects,
+}
+
+impl ProxiedSerial {
+    /// A UART in its power-on state.
+    pub fn new(interrupt: Arc<dyn Interrupt>, effects: &Effects) -> Self {
+        let serial = splitvisor_devices::serial::Serial::new(interrupt.clone(), effects.writer());
+        Self { serial, interrupt, effects: effects.clone() }
+    }
+}
+
+impl BusDevice for ProxiedSerial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.serial.read(offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.serial.write(offset, data)
+    }
+}
+
+impl InputSink for ProxiedSerial {
+    fn input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.input(bytes)
+    }
+}
+
+/// Receive FIFO bytes a UART state may hold (vm-superio's FIFO is 64 bytes).
+const MAX_SERIAL_FIFO: usize = 64;
+
+impl ProxiedDevice for ProxiedSerial {
+    fn save_state(&self) -> Vec<u8> {
+        let state = self.serial.state();
+        let fifo = &state.in_buffer[..state.in_buffer.len().min(MAX_SERIAL_FIFO)];
+        let mut bytes = vec![
+            state.baud_divisor_low,
+            state.baud_divisor_high,
+            state.interrupt_enable,
+            state.interrupt_identification,
+            state.line_control,
+            state.line_status,
+            state.modem_control,
+            state.modem_status,
+            state.scratch,
+            fifo.len() as u8,
+        ];
+        bytes.extend_from_slice(fifo);
+        bytes
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            return Ok(()); // nothing was ever reported: the power-on state
+        }
+        let (registers, fifo) = bytes.split_at_checked(10).ok_or("UART state too short")?;
+        if usize::from(registers[9]) != fifo.len() || fifo.len() > MAX_SERIAL_FIFO {
+            return Err("UART state FIFO length mismatch".into());
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: registers[0],
+            baud_divisor_high: registers[1],
+            interrupt_enable: registers[2],
+            interrupt_identification: registers[3],
+            line_control: registers[4],
+            line_status: registers[5],
+            modem_control: registers[6],
+            modem_status: registers[7],
+            scratch: registers[8],
+            in_buffer: fifo.to_vec(),
+        };
+        self.serial = splitvisor_devices::serial::Serial::from_state(
+            &state,
+            self.interrupt.clone(),
+            self.effects.writer(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
 /// A device without input.
 pub struct NoInput<D>(pub D);
 
@@ -255,9 +562,20 @@ impl<D: Send> InputSink for NoInput<D> {
     }
 }
 
+/// The i8042 keeps no state between accesses (vm-superio's emulation only has a reset line).
+impl ProxiedDevice for NoInput<splitvisor_devices::i8042::I8042> {
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() { Ok(()) } else { Err("the i8042 has no state".into()) }
+    }
+}
+
 /// The partition side: serves `device` on `stream` until the hypervisor hangs up or sends
 /// a malformed frame.
-pub fn serve<D: BusDevice + InputSink>(
+pub fn serve<D: ProxiedDevice>(
     device: &mut D,
     effects: &Effects,
     stream: &mut UnixStream,
@@ -273,25 +591,155 @@ pub fn serve<D: BusDevice + InputSink>(
             Request::Read { offset, len } => {
                 let mut data = vec![0u8; usize::from(len)];
                 device.read(offset, &mut data);
-                Response::ReadDone { data }
+                Response::ReadDone { data, state: state_of(device) }
             }
             Request::Write { offset, data } => {
                 device.write(offset, &data);
                 let (output, reset) = effects.take();
-                Response::Done { accepted: 0, output, reset }
+                Response::Done { accepted: 0, output, reset, state: state_of(device) }
             }
             Request::Input { bytes } => {
                 let accepted = device.input(&bytes) as u16;
                 let (output, reset) = effects.take();
-                Response::Done { accepted, output, reset }
+                Response::Done { accepted, output, reset, state: state_of(device) }
+            }
+            Request::Restore { state } => {
+                if let Err(e) = device.restore_state(&state) {
+                    log::warn!("proxy: cannot take up the state: {e}");
+                    return Err(ProxyError::Decode(DecodeError::BadField("device state")));
+                }
+                Response::Done { accepted: 0, output: Vec::new(), reset: false, state: state_of(device) }
             }
         };
         stream.write_all(&response.encode(seq))?;
     }
 }
 
-impl InputSink for ProxyDevice {
-    fn input(&mut self, bytes: &[u8]) -> usize {
-        ProxyDevice::input(self, bytes)
+fn state_of<D: ProxiedDevice>(device: &D) -> Vec<u8> {
+    let mut state = device.save_state();
+    state.truncate(MAX_STATE);
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use splitvisor_bus::CountingInterrupt;
+
+    use super::*;
+
+    /// THR, IER, LCR, SCR.
+    const THR: u64 = 0;
+    const LCR: u64 = 3;
+    const SCR: u64 = 7;
+
+    #[test]
+    fn a_uart_state_moves_to_another_device_intact() {
+        let effects = Effects::default();
+        let mut first = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+        first.write(LCR, &[0x03]);
+        first.write(SCR, &[0x5a]);
+        assert_eq!(first.input(b"abc"), 3);
+        let state = first.save_state();
+        assert!(state.len() <= MAX_STATE);
+
+        let mut second = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+        second.restore_state(&state).unwrap();
+        assert_eq!(second.save_state(), state);
+        let mut byte = [0u8];
+        second.read(SCR, &mut byte);
+        assert_eq!(byte, [0x5a]);
+        second.read(THR, &mut byte);
+        assert_eq!(byte, [b'a'], "the receive FIFO came along");
+        assert!(second.restore_state(&state[..5]).is_err());
+    }
+
+    /// A partition that answers `answered` requests, then reads one more and dies.
+    fn dying_partition(mut stream: UnixStream, answered: usize) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let effects = Effects::default();
+            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+            for _ in 0..answered {
+                let body = wire::read_frame(&mut stream).unwrap().unwrap();
+                let Frame { seq, message } = Request::decode(&body).unwrap();
+                let response = match message {
+                    Request::Write { offset, data } => {
+                        serial.write(offset, &data);
+                        let (output, reset) = effects.take();
+                        Response::Done { accepted: 0, output, reset, state: serial.save_state() }
+                    }
+                    other => panic!("unexpected {other:?}"),
+                };
+                stream.write_all(&response.encode(seq)).unwrap();
+            }
+            let _ = wire::read_frame(&mut stream);
+        })
+    }
+
+    #[test]
+    fn a_replacement_partition_gets_the_state_and_the_unanswered_access() {
+        let link = ProxyLink::new().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut proxy = ProxyDevice::new("com1", ours, Box::new(SharedSink(output.clone())), None, None)
+            .unwrap()
+            .with_link(link.clone());
+        let first = dying_partition(theirs, 2);
+
+        // The supervisor's part: on a reported fault, offer a healthy partition.
+        let supervisor_link = link.clone();
+        let supervisor = std::thread::spawn(move || {
+            let mut fd = [libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&supervisor_link.fault_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd, bounded wait.
+            assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
+            assert_eq!(supervisor_link.reported_fault(), Some(0));
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            supervisor_link.offer(ours);
+            let effects = Effects::default();
+            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+            let _ = serve(&mut serial, &effects, &mut theirs);
+        });
+
+        proxy.write(SCR, &[0x77]);
+        proxy.write(THR, &[b'a']);
+        proxy.write(THR, &[b'b']); // the first partition dies on this one
+        proxy.write(THR, &[b'c']);
+        let mut scratch = [0u8];
+        proxy.read(SCR, &mut scratch);
+        assert_eq!(scratch, [0x77], "the state came along");
+        assert_eq!(&*output.lock().unwrap(), b"abc", "every byte exactly once");
+        assert!(!proxy.is_dead());
+        drop(proxy);
+        first.join().unwrap();
+        supervisor.join().unwrap();
+    }
+
+    #[test]
+    fn without_a_replacement_the_device_reads_as_an_empty_bus() {
+        let link = ProxyLink::new().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut proxy =
+            ProxyDevice::new("com1", ours, Box::new(io::sink()), None, None).unwrap().with_link(link.clone());
+        drop(theirs);
+        link.give_up();
+        let mut byte = [0u8];
+        proxy.read(SCR, &mut byte);
+        assert_eq!(byte, [0xff]);
+        assert!(proxy.is_dead());
+    }
+
+    struct SharedSink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 }

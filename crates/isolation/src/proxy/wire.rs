@@ -12,9 +12,16 @@
 //! ```
 //!
 //! Requests (hypervisor → partition): `Read { offset: u64, len: u8 }`,
-//! `Write { offset: u64, data: u8-length-prefixed }`, `Input { bytes: u16-length-prefixed }`.
-//! Responses (partition → hypervisor): `ReadDone { data }`,
-//! `Done { accepted, output, reset }`.
+//! `Write { offset: u64, data: u8-length-prefixed }`, `Input { bytes: u16-length-prefixed }`,
+//! `Restore { state: u16-length-prefixed }`.
+//! Responses (partition → hypervisor): `ReadDone { data, state }`,
+//! `Done { accepted, output, reset, state }`.
+//!
+//! Every response carries the device's state after the request (a few bytes: the UART's
+//! registers and receive FIFO), which the hypervisor keeps and never interprets. A
+//! partition that replaces a dead one first gets `Restore` with the last state, and the
+//! request the dead one never answered is asked again: the guest sees each access served
+//! exactly once, and no console byte is lost or doubled.
 //! Interrupts do not travel here: the partition is handed the irqfd and raises it itself.
 //! Every length and count is bounded before anything is allocated; any malformed frame is
 //! a typed [`DecodeError`].
@@ -22,9 +29,11 @@
 use arbitrary::Arbitrary;
 
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
-/// Largest frame (after the length word).
-pub const MAX_FRAME: usize = 8 + 8 + 2 + MAX_INPUT;
+pub const VERSION: u16 = 2;
+/// Largest frame (after the length word): a `Done` with full output and state.
+pub const MAX_FRAME: usize = 8 + 2 + 2 + MAX_INPUT + 1 + 2 + MAX_STATE;
+/// Largest device state.
+pub const MAX_STATE: usize = 128;
 /// Widest register access.
 pub const MAX_ACCESS: usize = 8;
 /// Most host input bytes per message, and most output bytes per response.
@@ -33,6 +42,7 @@ pub const MAX_INPUT: usize = 256;
 const KIND_READ: u16 = 1;
 const KIND_WRITE: u16 = 2;
 const KIND_INPUT: u16 = 3;
+const KIND_RESTORE: u16 = 4;
 const KIND_READ_DONE: u16 = 0x81;
 const KIND_DONE: u16 = 0x82;
 
@@ -58,6 +68,11 @@ pub enum Request {
         /// Up to MAX_INPUT bytes.
         bytes: Vec<u8>,
     },
+    /// Take up the state a previous partition left (its last response's `state`).
+    Restore {
+        /// Up to MAX_STATE bytes.
+        state: Vec<u8>,
+    },
 }
 
 /// A response from the partition.
@@ -67,6 +82,8 @@ pub enum Response {
     ReadDone {
         /// 1..=8 bytes.
         data: Vec<u8>,
+        /// The device's state after the read, up to MAX_STATE bytes.
+        state: Vec<u8>,
     },
     /// A write or input was applied.
     Done {
@@ -76,6 +93,8 @@ pub enum Response {
         output: Vec<u8>,
         /// The device asked for a machine reset (the i8042's reset line).
         reset: bool,
+        /// The device's state after the request, up to MAX_STATE bytes.
+        state: Vec<u8>,
     },
 }
 
@@ -180,6 +199,11 @@ fn frame(seq: u32, kind: u16, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+fn push_u16_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
 fn truncated(data: &[u8], max: usize) -> &[u8] {
     &data[..data.len().min(max)]
 }
@@ -206,6 +230,11 @@ impl Request {
                 payload.extend_from_slice(bytes);
                 frame(seq, KIND_INPUT, &payload)
             }
+            Request::Restore { state } => {
+                let mut payload = Vec::new();
+                push_u16_bytes(&mut payload, truncated(state, MAX_STATE));
+                frame(seq, KIND_RESTORE, &payload)
+            }
         }
     }
 
@@ -223,6 +252,7 @@ impl Request {
             }
             KIND_WRITE => Request::Write { offset: c.u64()?, data: c.bytes_u8(MAX_ACCESS, "write width")? },
             KIND_INPUT => Request::Input { bytes: c.bytes_u16(MAX_INPUT, "input length")? },
+            KIND_RESTORE => Request::Restore { state: c.bytes_u16(MAX_STATE, "state length")? },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         c.finish()?;
@@ -234,18 +264,19 @@ impl Response {
     /// Encodes as a frame (lengths clamped to the protocol's bounds).
     pub fn encode(&self, seq: u32) -> Vec<u8> {
         match self {
-            Response::ReadDone { data } => {
+            Response::ReadDone { data, state } => {
                 let data = truncated(data, MAX_ACCESS);
                 let mut payload = vec![data.len() as u8];
                 payload.extend_from_slice(data);
+                push_u16_bytes(&mut payload, truncated(state, MAX_STATE));
                 frame(seq, KIND_READ_DONE, &payload)
             }
-            Response::Done { accepted, output, reset } => {
+            Response::Done { accepted, output, reset, state } => {
                 let output = truncated(output, MAX_INPUT);
                 let mut payload = accepted.to_le_bytes().to_vec();
-                payload.extend_from_slice(&(output.len() as u16).to_le_bytes());
-                payload.extend_from_slice(output);
+                push_u16_bytes(&mut payload, output);
                 payload.push(u8::from(*reset));
+                push_u16_bytes(&mut payload, truncated(state, MAX_STATE));
                 frame(seq, KIND_DONE, &payload)
             }
         }
@@ -255,7 +286,10 @@ impl Response {
     pub fn decode(body: &[u8]) -> Result<Frame<Self>, DecodeError> {
         let (seq, kind, mut c) = header(body)?;
         let message = match kind {
-            KIND_READ_DONE => Response::ReadDone { data: c.bytes_u8(MAX_ACCESS, "read data")? },
+            KIND_READ_DONE => Response::ReadDone {
+                data: c.bytes_u8(MAX_ACCESS, "read data")?,
+                state: c.bytes_u16(MAX_STATE, "state length")?,
+            },
             KIND_DONE => {
                 let accepted = c.u16()?;
                 if usize::from(accepted) > MAX_INPUT {
@@ -267,7 +301,8 @@ impl Response {
                     1 => true,
                     _ => return Err(DecodeError::BadField("reset flag")),
                 };
-                Response::Done { accepted, output, reset }
+                let state = c.bytes_u16(MAX_STATE, "state length")?;
+                Response::Done { accepted, output, reset, state }
             }
             other => return Err(DecodeError::UnknownKind(other)),
         };
@@ -317,14 +352,16 @@ mod tests {
             Request::Write { offset: 0, data: vec![0x41] },
             Request::Input { bytes: b"hello".to_vec() },
             Request::Input { bytes: Vec::new() },
+            Request::Restore { state: vec![1, 2, 3] },
+            Request::Restore { state: Vec::new() },
         ];
         for (seq, request) in requests.into_iter().enumerate() {
             let bytes = request.encode(seq as u32);
             assert_eq!(Request::decode(&bytes[4..]), Ok(Frame { seq: seq as u32, message: request }));
         }
         let responses = [
-            Response::ReadDone { data: vec![0x60] },
-            Response::Done { accepted: 3, output: b"ok\n".to_vec(), reset: true },
+            Response::ReadDone { data: vec![0x60], state: vec![7; MAX_STATE] },
+            Response::Done { accepted: 3, output: b"ok\n".to_vec(), reset: true, state: vec![] },
         ];
         for response in responses {
             let bytes = response.encode(9);

@@ -1,0 +1,115 @@
+//! virtio-blk over vhost-user: the very request engine ([`BlockRequests`]) the monolithic
+//! layout runs in the hypervisor, served from a driver partition.
+
+use std::sync::Arc;
+
+use splitvisor_devices::virtio::GuestMemoryMmap;
+use splitvisor_devices::virtio::block::{
+    self, BlockRequests, DiskImage, Processed, QUEUE_SIZE, QueueError, RequestJournal,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{QueueServer, VhostUserDevice};
+
+/// A virtio-blk device on a disk image.
+pub struct BlockDevice {
+    disk: Arc<DiskImage>,
+    id: [u8; block::ID_BYTES],
+    /// Test hook: open this path when the first request arrives (the sandbox must kill us).
+    escape: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+impl BlockDevice {
+    /// A device on `disk`, answering GET_ID with `id` (its first 20 bytes).
+    pub fn new(disk: DiskImage, id: &str) -> Self {
+        Self { disk: Arc::new(disk), id: block::id_bytes(id), escape: std::sync::Mutex::new(None) }
+    }
+
+    /// The image's fd (kept open across the sandbox).
+    pub fn image_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.disk.file().as_raw_fd()
+    }
+
+    /// Test hook: try to open `path` when the first request arrives, to show that the
+    /// sandbox kills a partition that tries to escape while serving a guest.
+    pub fn with_escape(self, path: Option<std::path::PathBuf>) -> Self {
+        *self.escape.lock().unwrap_or_else(|e| e.into_inner()) = path;
+        self
+    }
+}
+
+impl VhostUserDevice for BlockDevice {
+    fn num_queues(&self) -> u16 {
+        1
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        block::device_features(&self.disk)
+    }
+
+    fn config(&self) -> Vec<u8> {
+        block::config_space(&self.disk).to_vec()
+    }
+
+    fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
+        let _ = features;
+        let escape = self.escape.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Box::new(BlockQueue {
+            requests: BlockRequests::new(memory.clone(), self.disk.clone(), self.id),
+            memory,
+            escape,
+        })
+    }
+}
+
+struct BlockQueue {
+    requests: BlockRequests,
+    memory: GuestMemoryMmap,
+    escape: Option<std::path::PathBuf>,
+}
+
+impl QueueServer for BlockQueue {
+    fn serve(
+        &mut self,
+        queue: &mut Queue,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError> {
+        if let Some(path) = self.escape.take() {
+            let opened = std::fs::File::open(&path);
+            log::error!("sandbox escape: open({}) returned {:?}", path.display(), opened.map(|_| ()));
+        }
+        self.requests.process_queue_with(queue, journal)
+    }
+
+    fn resubmit(
+        &mut self,
+        queue: &mut Queue,
+        heads: &[u16],
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError> {
+        // The engine completes requests in the order it takes them, so the requests owed
+        // are exactly the ones in the available ring right after the used index: take
+        // them again from there (checking that they are).
+        let used = queue.next_used();
+        let avail = queue.avail_ring();
+        for (i, &head) in heads.iter().enumerate() {
+            let slot = u64::from(used.wrapping_add(i as u16) % queue.size());
+            let at = avail.checked_add(4 + 2 * slot).map(GuestAddress);
+            let found = at.and_then(|at| self.memory.read_obj::<u16>(at).ok()).map(u16::from_le);
+            if found != Some(head) {
+                log::error!(
+                    "vhost-user-blk: request {head} owed by a previous backend is not where it was taken"
+                );
+                return Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex));
+            }
+        }
+        queue.set_next_avail(used);
+        self.requests.process_queue_with(queue, journal)
+    }
+}

@@ -1,0 +1,805 @@
+//! The partition side: a vhost-user backend around splitvisor's device engines.
+//!
+//! [`serve`] answers one frontend (splitvisor's, QEMU's, any vhost-user frontend) on a
+//! connected socket until it hangs up. The device-specific part is a [`VhostUserDevice`]:
+//! its features, configuration space and, per queue, a [`QueueServer`] that executes
+//! requests. Everything else is here and shared by every device kind:
+//!
+//! * guest memory from the frontend's memory table, ring addresses translated from the
+//!   frontend's address space;
+//! * one thread per enabled queue, woken by the queue's kick eventfd, completing through its
+//!   call eventfd, and reporting a queue the guest broke through its error eventfd
+//!   (`SET_VRING_ERR`: the frontend then marks the device as needing a reset);
+//! * the inflight region (`INFLIGHT_SHMFD`, [`inflight`]): every request is journaled in
+//!   memory the frontend keeps, so that the backend that replaces this one after a crash
+//!   completes each request that was in flight exactly once;
+//! * fault injection for demonstrations and tests ([`FaultPlan`]), off unless asked for.
+//!
+//! The backend never blocks on the frontend: a queue thread only touches guest memory, its
+//! eventfds and the device's own files.
+
+pub mod blk;
+pub mod inflight;
+mod memory;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use splitvisor_devices::virtio::GuestMemoryMmap;
+use splitvisor_devices::virtio::block::{Processed, QueueError, RequestJournal};
+use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, BackendReqHandler, Error as ProtocolError, GpuBackend, Result as ProtocolResult,
+    VhostUserBackendReqHandlerMut,
+};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use inflight::{InflightRegion, Recovery};
+pub use memory::MappedMemory;
+
+/// A device served over vhost-user.
+pub trait VhostUserDevice: Send + Sync + 'static {
+    /// How many queues it has.
+    fn num_queues(&self) -> u16;
+    /// The largest size of each queue.
+    fn max_queue_size(&self) -> u16;
+    /// The virtio feature bits it offers.
+    fn features(&self) -> u64;
+    /// Its configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Something that executes the requests of queue `index`, in `memory`, with the
+    /// `features` the driver accepted.
+    fn queue_server(&self, index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer>;
+}
+
+/// Executes the requests of one queue.
+pub trait QueueServer: Send {
+    /// Serves every available request, telling `journal` about each.
+    fn serve(&mut self, queue: &mut Queue, journal: &mut dyn RequestJournal)
+    -> Result<Processed, QueueError>;
+    /// Re-executes the requests (by head index, oldest first) that a previous backend took
+    /// but never completed, and puts them in the used ring.
+    fn resubmit(
+        &mut self,
+        queue: &mut Queue,
+        heads: &[u16],
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError>;
+}
+
+/// A fault to inject into a driver partition, for demonstrations and tests of the driver
+/// lifecycle: after this many requests (over all queues) the backend crashes (aborts) or
+/// hangs (its queue thread stops making progress forever).
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    crash_after: Option<u64>,
+    hang_after: Option<u64>,
+    requests: AtomicU64,
+}
+
+impl FaultPlan {
+    /// No fault.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Parses `crash-after=N` or `hang-after=N`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, count) = text.split_once('=').ok_or_else(|| format!("'{text}' is not KIND=N"))?;
+        let count: u64 = count.parse().map_err(|_| format!("'{count}' is not a number of requests"))?;
+        match kind {
+            "crash-after" => Ok(Self { crash_after: Some(count), ..Self::default() }),
+            "hang-after" => Ok(Self { hang_after: Some(count), ..Self::default() }),
+            other => Err(format!("unknown fault '{other}' (use crash-after=N or hang-after=N)")),
+        }
+    }
+
+    /// Counts one request, and injects the fault when it is due.
+    fn request(&self) {
+        let done = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.crash_after.is_some_and(|after| done > after) {
+            log::error!("fault injection: crashing after {} requests", done - 1);
+            std::process::abort();
+        }
+        if self.hang_after.is_some_and(|after| done > after) {
+            log::error!("fault injection: hanging after {} requests", done - 1);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+/// Errors serving a frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The frontend broke the protocol.
+    #[error("vhost-user protocol: {0}")]
+    Protocol(#[source] ProtocolError),
+    /// Waiting for the frontend failed.
+    #[error("vhost-user socket: {0}")]
+    Socket(#[source] io::Error),
+}
+
+/// Serves the frontend at the other end of `stream` until it hangs up. Every thread
+/// started for it is stopped and every mapping of its memory dropped before this returns.
+pub fn serve<D: VhostUserDevice>(
+    stream: UnixStream,
+    device: Arc<D>,
+    faults: Arc<FaultPlan>,
+) -> Result<(), BackendError> {
+    serve_refusing_others(stream, device, faults, None)
+}
+
+/// [`serve`], also refusing (accepting and closing at once, with a warning) any other
+/// frontend that connects to `listener` meanwhile: one frontend at a time owns the device.
+pub fn serve_refusing_others<D: VhostUserDevice>(
+    stream: UnixStream,
+    device: Arc<D>,
+    faults: Arc<FaultPlan>,
+    listener: Option<&std::os::unix::net::UnixListener>,
+) -> Result<(), BackendError> {
+    let connection = Arc::new(Mutex::new(Connection::new(device, faults)));
+    let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
+    let result = loop {
+        if let Some(listener) = listener {
+            match wait_readable(handler.as_raw_fd(), listener.as_raw_fd()) {
+                Ok(Readable::Listener) => {
+                    if let Ok((other, _)) = listener.accept() {
+                        log::warn!("refused a second vhost-user frontend: this backend already serves one");
+                        drop(other);
+                    }
+                    continue;
+                }
+                Ok(Readable::Connection) => {}
+                Err(e) => break Err(BackendError::Socket(e)),
+            }
+        }
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(ProtocolError::Disconnected | ProtocolError::PartialMessage) => break Ok(()),
+            Err(ProtocolError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => break Ok(()),
+            Err(e) => break Err(BackendError::Protocol(e)),
+        }
+    };
+    connection.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+    result
+}
+
+enum Readable {
+    Connection,
+    Listener,
+}
+
+fn wait_readable(connection: i32, listener: i32) -> io::Result<Readable> {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: connection, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds; no timeout (the frontend's next message or hang-up ends it).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        // The connection first: its hang-up must end the session even if another waits.
+        if fds[0].revents != 0 {
+            return Ok(Readable::Connection);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Readable::Listener);
+        }
+    }
+}
+
+/// One queue as the frontend set it up.
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    /// Descriptor table, available ring, used ring: the frontend's addresses.
+    addresses: Option<(u64, u64, u64)>,
+    base: u16,
+    /// The queue's position when its thread was stopped for a reconfiguration (not by
+    /// GET_VRING_BASE): it resumes from there.
+    paused: Option<Queue>,
+    kick: Option<EventFd>,
+    call: Option<EventFd>,
+    err: Option<EventFd>,
+    enabled: bool,
+    worker: Option<Worker>,
+}
+
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<Queue>,
+}
+
+/// The state of one frontend's session.
+struct Connection<D: VhostUserDevice> {
+    device: Arc<D>,
+    faults: Arc<FaultPlan>,
+    acked_features: u64,
+    acked_protocol: u64,
+    memory: Option<MappedMemory>,
+    inflight: Option<Arc<InflightRegion>>,
+    vrings: Vec<Vring>,
+}
+
+fn invalid(why: &'static str) -> ProtocolError {
+    ProtocolError::InvalidOperation(why)
+}
+
+impl<D: VhostUserDevice> Connection<D> {
+    fn new(device: Arc<D>, faults: Arc<FaultPlan>) -> Self {
+        let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
+        Self { device, faults, acked_features: 0, acked_protocol: 0, memory: None, inflight: None, vrings }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut features = VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        if self.device.num_queues() > 1 {
+            features |= VhostUserProtocolFeatures::MQ;
+        }
+        features
+    }
+
+    fn vring(&mut self, index: u32) -> ProtocolResult<&mut Vring> {
+        self.vrings.get_mut(index as usize).ok_or(ProtocolError::InvalidParam)
+    }
+
+    /// Stops queue `index`'s thread; returns the queue's position.
+    fn stop_worker(&mut self, index: usize) -> Option<Queue> {
+        let worker = self.vrings.get_mut(index)?.worker.take()?;
+        let _ = worker.stop.write(1);
+        match worker.thread.join() {
+            Ok(queue) => Some(queue),
+            Err(_) => {
+                log::error!("vhost-user: the thread of queue {index} panicked");
+                None
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for index in 0..self.vrings.len() {
+            if let Some(queue) = self.stop_worker(index) {
+                self.vrings[index].paused = Some(queue);
+            }
+        }
+    }
+
+    /// Stops every running queue thread, applies `change`, and starts them again where
+    /// they were.
+    fn reconfigure(&mut self, change: impl FnOnce(&mut Self) -> ProtocolResult<()>) -> ProtocolResult<()> {
+        let running: Vec<usize> =
+            (0..self.vrings.len()).filter(|&i| self.vrings[i].worker.is_some()).collect();
+        for &index in &running {
+            self.vrings[index].paused = self.stop_worker(index);
+        }
+        let result = change(self);
+        for index in running {
+            self.start_if_ready(index);
+        }
+        result
+    }
+
+    /// Starts queue `index`'s thread once everything it needs is there.
+    fn start_if_ready(&mut self, index: usize) {
+        let protocol = self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let Some(memory) = self.memory.clone() else { return };
+        let vring = &mut self.vrings[index];
+        if vring.worker.is_some() || (protocol && !vring.enabled) || vring.size == 0 {
+            return;
+        }
+        let (Some(kick), Some(call), Some((desc, avail, used))) = (&vring.kick, &vring.call, vring.addresses)
+        else {
+            return;
+        };
+        let translate = |va| memory.to_guest(va);
+        let (Some(desc), Some(avail), Some(used)) = (translate(desc), translate(avail), translate(used))
+        else {
+            log::warn!("vhost-user: queue {index} rings are outside guest memory");
+            if let Some(err) = &vring.err {
+                let _ = err.write(1);
+            }
+            return;
+        };
+        let queue = match vring.paused.take() {
+            Some(queue) => Ok((queue, false)),
+            None => {
+                new_queue(self.device.max_queue_size(), vring.size, desc, avail, used, self.acked_features)
+                    .map(|queue| (queue, true))
+            }
+        };
+        let (mut queue, recover) = match queue {
+            Ok(queue) => queue,
+            Err(e) => {
+                log::warn!("vhost-user: queue {index} cannot be set up: {e}");
+                if let Some(err) = &vring.err {
+                    let _ = err.write(1);
+                }
+                return;
+            }
+        };
+        if recover {
+            queue.set_next_avail(vring.base);
+            queue.set_next_used(vring.base);
+        }
+        let duplicated = (|| -> io::Result<_> {
+            Ok((
+                kick.try_clone()?,
+                call.try_clone()?,
+                vring.err.as_ref().map(EventFd::try_clone).transpose()?,
+                EventFd::new(EFD_NONBLOCK)?,
+            ))
+        })();
+        let (kick, call, err, stop) = match duplicated {
+            Ok(fds) => fds,
+            Err(e) => {
+                log::error!("vhost-user: cannot start queue {index}: {e}");
+                return;
+            }
+        };
+        let worker = QueueWorker {
+            index: index as u16,
+            server: self.device.queue_server(index as u16, memory.memory.clone(), self.acked_features),
+            memory: memory.memory,
+            kick,
+            call,
+            err,
+            inflight: self.inflight.clone(),
+            faults: self.faults.clone(),
+            recover,
+            broken: false,
+        };
+        let stop_thread = match stop.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::error!("vhost-user: cannot start queue {index}: {e}");
+                return;
+            }
+        };
+        match std::thread::Builder::new()
+            .name(format!("vhost-queue{index}"))
+            .spawn(move || worker.run(queue, &stop_thread))
+        {
+            Ok(thread) => vring.worker = Some(Worker { stop, thread }),
+            Err(e) => log::error!("vhost-user: cannot start the thread of queue {index}: {e}"),
+        }
+    }
+}
+
+fn new_queue(
+    max: u16,
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    features: u64,
+) -> Result<Queue, virtio_queue::Error> {
+    let mut queue = Queue::new(max)?;
+    queue.try_set_size(size)?;
+    queue.try_set_desc_table_address(desc)?;
+    queue.try_set_avail_ring_address(avail)?;
+    queue.try_set_used_ring_address(used)?;
+    queue.set_event_idx(features & splitvisor_devices::virtio::features::RING_EVENT_IDX != 0);
+    queue.set_ready(true);
+    Ok(queue)
+}
+
+/// Serves one queue on a thread of its own.
+struct QueueWorker {
+    index: u16,
+    server: Box<dyn QueueServer>,
+    memory: GuestMemoryMmap,
+    kick: EventFd,
+    call: EventFd,
+    err: Option<EventFd>,
+    inflight: Option<Arc<InflightRegion>>,
+    faults: Arc<FaultPlan>,
+    /// The queue is new to this process: find out what a predecessor owes first.
+    recover: bool,
+    /// The guest broke the queue: nothing more is served until the frontend resets it.
+    broken: bool,
+}
+
+/// The journal a queue thread keeps: the inflight region if the frontend gave one, and
+/// the fault plan's request count.
+struct Journal<'a, 'b> {
+    inflight: Option<&'a mut inflight::InflightQueue<'b>>,
+    faults: &'a FaultPlan,
+}
+
+impl RequestJournal for Journal<'_, '_> {
+    fn fetched(&mut self, head: u16) {
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.fetched(head);
+        }
+        self.faults.request();
+    }
+
+    fn completing(&mut self, head: u16) {
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.completing(head);
+        }
+    }
+
+    fn completed(&mut self, head: u16, used_idx: u16) {
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.completed(head, used_idx);
+        }
+    }
+}
+
+impl QueueWorker {
+    fn run(mut self, mut queue: Queue, stop: &EventFd) -> Queue {
+        let region = self.inflight.clone();
+        let mut inflight = region.as_deref().and_then(|region| region.queue(self.index, queue.size()));
+        if self.recover {
+            if let Some(inflight) = inflight.as_mut() {
+                self.recover(&mut queue, inflight);
+            }
+        }
+        const KICK: u64 = 0;
+        const STOP: u64 = 1;
+        let epoll = match Epoll::new() {
+            Ok(epoll) => epoll,
+            Err(e) => {
+                log::error!("vhost-user queue {}: cannot create an epoll: {e}", self.index);
+                return queue;
+            }
+        };
+        for (fd, token) in [(self.kick.as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)] {
+            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)) {
+                log::error!("vhost-user queue {}: cannot watch an eventfd: {e}", self.index);
+                return queue;
+            }
+        }
+        // Requests may be waiting already (a backend replacing another one).
+        self.serve(&mut queue, inflight.as_mut());
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let ready = match epoll.wait(-1, &mut events) {
+                Ok(ready) => ready,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("vhost-user queue {}: epoll_wait failed: {e}", self.index);
+                    return queue;
+                }
+            };
+            if events[..ready].iter().any(|event| event.data() == STOP) {
+                return queue;
+            }
+            let _ = self.kick.read();
+            self.serve(&mut queue, inflight.as_mut());
+        }
+    }
+
+    /// Completes what a predecessor took but never returned, and resumes the available
+    /// ring after it.
+    fn recover(&mut self, queue: &mut Queue, inflight: &mut inflight::InflightQueue<'_>) {
+        let used = match queue.used_idx(&self.memory, Ordering::Acquire) {
+            Ok(used) => used.0,
+            Err(e) => {
+                self.fail(&format!("cannot read the used index: {e}"));
+                return;
+            }
+        };
+        let Recovery { resubmit, next_avail, next_used } = inflight.recover(used, queue.next_avail());
+        queue.set_next_used(next_used);
+        queue.set_next_avail(next_avail);
+        if resubmit.is_empty() {
+            return;
+        }
+        log::info!(
+            "vhost-user queue {}: completing {} requests a previous backend owed",
+            self.index,
+            resubmit.len()
+        );
+        let mut journal = Journal { inflight: Some(inflight), faults: &self.faults };
+        match self.server.resubmit(queue, &resubmit, &mut journal) {
+            Ok(processed) => self.notify(processed),
+            Err(e) => self.fail(&e.to_string()),
+        }
+    }
+
+    fn serve(&mut self, queue: &mut Queue, inflight: Option<&mut inflight::InflightQueue<'_>>) {
+        if self.broken {
+            return;
+        }
+        let mut journal = Journal { inflight, faults: &self.faults };
+        match self.server.serve(queue, &mut journal) {
+            Ok(processed) => self.notify(processed),
+            Err(e) => self.fail(&e.to_string()),
+        }
+    }
+
+    fn notify(&self, processed: Processed) {
+        if processed.notify {
+            if let Err(e) = self.call.write(1) {
+                log::warn!("vhost-user queue {}: cannot signal the driver: {e}", self.index);
+            }
+        }
+    }
+
+    /// The guest broke the queue: stop serving it and tell the frontend, which marks the
+    /// device as needing a reset.
+    fn fail(&mut self, why: &str) {
+        log::warn!("vhost-user queue {}: {why}; queue stopped until the device is reset", self.index);
+        self.broken = true;
+        match &self.err {
+            Some(err) => {
+                if let Err(e) = err.write(1) {
+                    log::warn!("vhost-user queue {}: cannot report the error: {e}", self.index);
+                }
+            }
+            None => log::warn!("vhost-user queue {}: the frontend gave no error eventfd", self.index),
+        }
+    }
+}
+
+impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Connection<D> {
+    fn set_owner(&mut self) -> ProtocolResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> ProtocolResult<()> {
+        self.reset_device()
+    }
+
+    fn reset_device(&mut self) -> ProtocolResult<()> {
+        for index in 0..self.vrings.len() {
+            self.stop_worker(index);
+        }
+        self.vrings = (0..self.device.num_queues()).map(|_| Vring::default()).collect();
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> ProtocolResult<u64> {
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> ProtocolResult<()> {
+        let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if features & !offered != 0 {
+            return Err(ProtocolError::InvalidParam);
+        }
+        self.reconfigure(|this| {
+            this.acked_features = features;
+            Ok(())
+        })
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> ProtocolResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let memory = MappedMemory::map(regions, files).map_err(|e| {
+            log::warn!("vhost-user: {e}");
+            ProtocolError::InvalidParam
+        })?;
+        self.reconfigure(|this| {
+            this.memory = Some(memory);
+            Ok(())
+        })?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> ProtocolResult<()> {
+        let max = u32::from(self.device.max_queue_size());
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(ProtocolError::InvalidParam);
+        }
+        self.vring(index)?.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> ProtocolResult<()> {
+        self.vring(index)?.addresses = Some((descriptor, available, used));
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> ProtocolResult<()> {
+        let vring = self.vring(index)?;
+        vring.base = u16::try_from(base).map_err(|_| ProtocolError::InvalidParam)?;
+        vring.paused = None;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> ProtocolResult<VhostUserVringState> {
+        self.vring(index)?;
+        let position = self.stop_worker(index as usize);
+        let vring = self.vring(index)?;
+        let next_avail =
+            position.map(|queue| queue.next_avail()).or(vring.paused.take().map(|q| q.next_avail()));
+        // The ring is stopped until the frontend kicks it off again.
+        vring.kick = None;
+        vring.paused = None;
+        Ok(VhostUserVringState::new(index, u32::from(next_avail.unwrap_or(vring.base))))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
+        let fd = fd.ok_or(invalid("a queue without a kick eventfd (polling) is not supported"))?;
+        let index = u32::from(index);
+        self.reconfigure(|this| {
+            this.vring(index)?.kick = Some(eventfd(fd));
+            Ok(())
+        })?;
+        self.start_if_ready(index as usize);
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
+        let index = u32::from(index);
+        self.reconfigure(|this| {
+            this.vring(index)?.call = fd.map(eventfd);
+            Ok(())
+        })?;
+        self.start_if_ready(index as usize);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
+        let index = u32::from(index);
+        self.reconfigure(|this| {
+            this.vring(index)?.err = fd.map(eventfd);
+            Ok(())
+        })
+    }
+
+    fn get_protocol_features(&mut self) -> ProtocolResult<VhostUserProtocolFeatures> {
+        Ok(self.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> ProtocolResult<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> ProtocolResult<u64> {
+        Ok(u64::from(self.device.num_queues()))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtocolResult<()> {
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.start_if_ready(index as usize);
+        } else if let Some(queue) = self.stop_worker(index as usize) {
+            self.vrings[index as usize].paused = Some(queue);
+        }
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> ProtocolResult<Vec<u8>> {
+        let config = self.device.config();
+        let mut bytes = vec![0; (size as usize).min(config.len().max(256))];
+        splitvisor_devices::virtio::copy_config(&config, u64::from(offset), &mut bytes);
+        Ok(bytes)
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> ProtocolResult<()> {
+        Err(invalid("the configuration space is read-only"))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> ProtocolResult<()> {
+        Err(invalid("not a GPU"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> ProtocolResult<File> {
+        Err(invalid("no shared objects"))
+    }
+
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> ProtocolResult<(VhostUserInflight, File)> {
+        let (region, file) =
+            InflightRegion::allocate(inflight.num_queues, inflight.queue_size).map_err(|e| {
+                log::warn!("vhost-user: {e}");
+                ProtocolError::InvalidParam
+            })?;
+        let size = usize::from(inflight.num_queues) * inflight::queue_region_size(inflight.queue_size);
+        self.reconfigure(|this| {
+            this.inflight = Some(Arc::new(region));
+            Ok(())
+        })?;
+        Ok((VhostUserInflight::new(size as u64, 0, inflight.num_queues, inflight.queue_size), file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> ProtocolResult<()> {
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| {
+            log::warn!("vhost-user: {e}");
+            ProtocolError::InvalidParam
+        })?;
+        self.reconfigure(|this| {
+            this.inflight = Some(Arc::new(region));
+            Ok(())
+        })
+    }
+
+    fn get_max_mem_slots(&mut self) -> ProtocolResult<u64> {
+        Err(invalid("memory slots are not supported"))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> ProtocolResult<Option<VhostUserMemoryRegionBase>> {
+        Err(invalid("memory slots are not supported"))
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> ProtocolResult<()> {
+        Err(invalid("memory slots are not supported"))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> ProtocolResult<Option<File>> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> ProtocolResult<()> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> ProtocolResult<VhostUserShMemConfig> {
+        Err(invalid("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> ProtocolResult<()> {
+        Err(invalid("dirty logging is not supported"))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+}
+
+fn eventfd(file: File) -> EventFd {
+    // SAFETY: the frontend sent this fd for an eventfd; we own it from here on.
+    unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(OwnedFd::from(file))) }
+}

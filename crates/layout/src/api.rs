@@ -1,0 +1,212 @@
+//! The control socket: a person (or a program) asks a running VM about its devices'
+//! drivers, and restarts, upgrades or fails one.
+//!
+//! A unix stream socket; each request is one line of JSON, each answer one line of JSON:
+//!
+//! ```text
+//! {"op":"list"}
+//!   -> {"ok":true,"devices":[{"device":"disk0","kind":"virtio-blk","placement":"driver partition",
+//!        "policy":"restart:max=10:window=60s:backoff=50ms","driver":"pid 4242","pid":4242,
+//!        "health":"running","restarts":0,"last_fault":null}, ...]}
+//! {"op":"restart","device":"disk0"}                     -> {"ok":true,"result":"restarted: pid 4250"}
+//! {"op":"upgrade","device":"disk0"}                     -> {"ok":true,"result":{"paused_us":812}}
+//! {"op":"upgrade","device":"disk0","driver":"/opt/splitvisor-driver-2"}
+//! {"op":"fail","device":"disk0"}                        -> {"ok":true,"result":"failed"}
+//! anything else                                         -> {"ok":false,"error":"..."}
+//! ```
+//!
+//! `restart` replaces the driver as after a crash; `upgrade` starts the new driver
+//! (optionally another `splitvisor-driver` binary) before the old one stops, and hands
+//! the device over with its queues stopped only for the switch; `fail` fails the device
+//! as its fault policy would. Devices whose driver runs in the hypervisor (nothing to
+//! restart) are listed with `"driver":"in hypervisor"`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use splitvisor_isolation::partition::DriverProgram;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::Error;
+use crate::lifecycle::{Command, ManagedDriver};
+use crate::placement::DevicePlacement;
+
+/// Longest request line.
+const MAX_LINE: u64 = 4096;
+/// A client that sends nothing for this long is dropped.
+const IDLE: Duration = Duration::from_secs(10);
+/// Longest a command may take (an upgrade starts a partition).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The control socket's server thread; dropping it stops it and removes the socket.
+pub(crate) struct ApiServer {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Listens at `path` (replacing only a stale socket) for requests about `drivers`.
+    pub(crate) fn start(
+        path: &Path,
+        drivers: Vec<Arc<ManagedDriver>>,
+        placements: Vec<DevicePlacement>,
+    ) -> Result<Self, Error> {
+        let error = |why: String| Error::ApiSocket { path: path.to_path_buf(), why };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(error("exists and is not a socket; refusing to replace it".into()));
+            }
+            Ok(_) => match UnixStream::connect(path) {
+                Ok(_) => return Err(error("another process is listening on it".into())),
+                Err(_) => std::fs::remove_file(path)
+                    .map_err(|e| error(format!("cannot remove the stale socket: {e}")))?,
+            },
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let stopped = stop.try_clone().map_err(Error::EventFd)?;
+        let api = Api { drivers, placements };
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || api.serve(&listener, &stopped))
+            .map_err(Error::EventFd)?;
+        Ok(Self { stop, thread: Some(thread), path: path.to_path_buf() })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct Api {
+    drivers: Vec<Arc<ManagedDriver>>,
+    placements: Vec<DevicePlacement>,
+}
+
+impl Api {
+    fn serve(&self, listener: &UnixListener, stop: &EventFd) {
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two valid pollfds; no timeout (the stop eventfd ends it).
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if fds[1].revents != 0 {
+                return;
+            }
+            if ready <= 0 || fds[0].revents == 0 {
+                continue;
+            }
+            if let Ok((client, _)) = listener.accept() {
+                if let Err(e) = self.client(client) {
+                    log::debug!("api: client dropped: {e}");
+                }
+            }
+        }
+    }
+
+    /// Answers one client's requests, a line each, until it hangs up or idles.
+    fn client(&self, client: UnixStream) -> std::io::Result<()> {
+        client.set_read_timeout(Some(IDLE))?;
+        client.set_write_timeout(Some(IDLE))?;
+        let mut writer = client.try_clone()?;
+        let mut reader = BufReader::new(client);
+        loop {
+            let mut line = String::new();
+            if (&mut reader).take(MAX_LINE).read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
+                let answer = json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")});
+                writeln!(writer, "{answer}")?;
+                return Ok(());
+            }
+            writeln!(writer, "{}", self.answer(line.trim()))?;
+        }
+    }
+
+    fn answer(&self, line: &str) -> Value {
+        match self.request(line) {
+            Ok(Value::Null) => json!({"ok": true}),
+            Ok(result) => result,
+            Err(error) => json!({"ok": false, "error": error}),
+        }
+    }
+
+    fn request(&self, line: &str) -> Result<Value, String> {
+        let request: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let op = request.get("op").and_then(Value::as_str).ok_or("no \"op\"")?;
+        if op == "list" {
+            return Ok(json!({"ok": true, "devices": self.list()}));
+        }
+        let device = request.get("device").and_then(Value::as_str).ok_or("no \"device\"")?;
+        let known = || self.placements.iter().map(|p| p.device.as_str()).collect::<Vec<_>>().join(", ");
+        let driver = self.drivers.iter().find(|d| d.name() == device).ok_or_else(|| {
+            if self.placements.iter().any(|p| p.device == device) {
+                format!("{device} runs in the hypervisor: it has no driver to {op}")
+            } else {
+                format!("unknown device '{device}' (devices: {})", known())
+            }
+        })?;
+        let command = match op {
+            "restart" => Command::Restart,
+            "fail" => Command::Fail,
+            "upgrade" => Command::Upgrade(
+                request.get("driver").and_then(Value::as_str).map(|path| DriverProgram::at(Path::new(path))),
+            ),
+            other => return Err(format!("unknown op '{other}' (use list, restart, upgrade or fail)")),
+        };
+        let result = driver.command(command, COMMAND_TIMEOUT)?;
+        let result = serde_json::from_str::<Value>(&result).unwrap_or(Value::String(result));
+        Ok(json!({"ok": true, "result": result}))
+    }
+
+    fn list(&self) -> Vec<Value> {
+        self.placements
+            .iter()
+            .map(|placed| match self.drivers.iter().find(|d| d.name() == placed.device) {
+                Some(driver) => {
+                    let status = driver.status();
+                    json!({
+                        "device": status.device,
+                        "kind": status.kind,
+                        "placement": status.placement.to_string(),
+                        "policy": status.policy.to_string(),
+                        "driver": status.driver,
+                        "pid": status.pid,
+                        "health": status.health.to_string(),
+                        "restarts": status.restarts,
+                        "last_fault": status.last_fault,
+                    })
+                }
+                None => json!({
+                    "device": placed.device,
+                    "kind": placed.kind,
+                    "placement": placed.placement.to_string(),
+                    "policy": placed.policy.to_string(),
+                    "driver": "in hypervisor",
+                    "pid": null,
+                    "health": "running",
+                    "restarts": 0,
+                    "last_fault": null,
+                }),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,493 @@
+//! The per-device seam: each device kind is a [`DeviceRecipe`] that builds the device in
+//! the hypervisor or has a driver partition serve it, and hands its driver to the
+//! lifecycle. The VM builder is a loop over recipes; a new device kind is a new recipe
+//! and touches no other device's code.
+
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use splitvisor_bus::{Bus, BusRange, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice};
+use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
+use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
+use splitvisor_devices::virtio::block::{Block, DiskImage};
+use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
+use splitvisor_isolation::driver::default_serial;
+use splitvisor_isolation::frontend::{Handshake, VhostUserBlk};
+use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
+use splitvisor_isolation::proxy::{InputSink, ProxyDevice, ProxyLink};
+use splitvisor_memory::GuestRam;
+use splitvisor_vcpu::{KvmVm, StopHandle};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::Error;
+use crate::drivers::{Backend, ProxySlot, VhostUserSlot};
+use crate::lifecycle::{DriverSlot, EventLog, ManagedDriver};
+use crate::placement::{Layout, Placement};
+
+/// A virtio-blk disk.
+///
+/// On the command line: `PATH` or `path=PATH`, then any of `ro=on|off` and `serial=ID`,
+/// comma-separated, a comma inside a value written twice (`path=a,,b.img` is `a,b.img`);
+/// or `socket=PATH` for an external vhost-user-blk backend.
+///
+/// ```
+/// use splitvisor_layout::DiskConfig;
+///
+/// let disk: DiskConfig = "path=with,,comma.img,ro=on,serial=data".parse().unwrap();
+/// assert_eq!(disk, DiskConfig::image("with,comma.img").read_only().serial("data"));
+/// let external: DiskConfig = "socket=/run/blk.sock".parse().unwrap();
+/// assert_eq!(external, DiskConfig::VhostUser { socket: "/run/blk.sock".into() });
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskConfig {
+    /// A raw image file, served by splitvisor's own virtio-blk, placed by the [`Layout`].
+    Image {
+        /// The image.
+        path: PathBuf,
+        /// Refuse the guest's writes.
+        read_only: bool,
+        /// The ID the guest reads (GET_ID); by default one derived from the image's identity.
+        serial: Option<String>,
+    },
+    /// An external vhost-user-blk backend listening on `socket` (splitvisor-driver started
+    /// by hand, qemu-storage-daemon, ...).
+    VhostUser {
+        /// The backend's socket.
+        socket: PathBuf,
+    },
+}
+
+impl DiskConfig {
+    /// A read-write image with the default ID.
+    pub fn image(path: impl Into<PathBuf>) -> Self {
+        Self::Image { path: path.into(), read_only: false, serial: None }
+    }
+
+    /// The same disk, read-only.
+    pub fn read_only(self) -> Self {
+        match self {
+            Self::Image { path, serial, .. } => Self::Image { path, read_only: true, serial },
+            other => other,
+        }
+    }
+
+    /// The same disk, with the ID `serial`.
+    pub fn serial(self, serial: &str) -> Self {
+        match self {
+            Self::Image { path, read_only, .. } => {
+                Self::Image { path, read_only, serial: Some(serial.into()) }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Splits `a=b,c=d` at single commas; `,,` is a comma inside a value.
+fn split_options(text: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut part = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                part.push(',');
+            }
+            ',' => parts.push(std::mem::take(&mut part)),
+            c => part.push(c),
+        }
+    }
+    parts.push(part);
+    parts
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("{key}={other}: use on or off")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (mut path, mut socket, mut read_only, mut serial) = (None, None, false, None);
+        for (index, part) in split_options(text).into_iter().enumerate() {
+            match part.split_once('=') {
+                None if index == 0 && !part.is_empty() => path = Some(PathBuf::from(part)),
+                Some(("path", value)) => path = Some(PathBuf::from(value)),
+                Some(("socket", value)) => socket = Some(PathBuf::from(value)),
+                Some(("ro", value)) => read_only = on_off("ro", value)?,
+                Some(("serial", value)) => {
+                    if value.is_empty() || value.len() > 20 || !value.is_ascii() {
+                        return Err(format!("serial '{value}': 1 to 20 ASCII characters"));
+                    }
+                    serial = Some(value.to_string());
+                }
+                _ => {
+                    return Err(format!(
+                        "'{part}' is not a disk option (use PATH or path=PATH, ro=on|off, serial=ID, or socket=PATH; write a comma in a path as ,,)"
+                    ));
+                }
+            }
+        }
+        match (path, socket) {
+            (Some(path), None) if !path.as_os_str().is_empty() => Ok(Self::Image { path, read_only, serial }),
+            (None, Some(socket)) if !socket.as_os_str().is_empty() => {
+                if read_only || serial.is_some() {
+                    return Err(
+                        "ro= and serial= belong to the external backend (set them where it runs)".into()
+                    );
+                }
+                Ok(Self::VhostUser { socket })
+            }
+            (Some(_), Some(_)) => Err("give path= or socket=, not both".into()),
+            _ => Err("no disk path given".into()),
+        }
+    }
+}
+
+/// What the VM being assembled offers a device.
+pub(crate) struct Assembly<'a> {
+    pub kvm: &'a KvmVm,
+    pub ram: &'a GuestRam,
+    pub pio: &'a Bus,
+    pub mmio: &'a Bus,
+    pub allocator: &'a mut ResourceAllocator,
+    pub layout: &'a Layout,
+    pub driver: Option<DriverProgram>,
+    /// What the guest's command line gets appended (virtio-mmio announcements).
+    pub cmdline: &'a mut String,
+    pub stop: StopHandle,
+    pub log: Arc<EventLog>,
+    /// Faults to inject, by device.
+    pub faults: &'a [(String, String)],
+    /// Test hook: every partition tries to open this once sandboxed.
+    pub escape: Option<PathBuf>,
+}
+
+impl Assembly<'_> {
+    /// The partition program, or why there is none.
+    fn driver(&self, device: &str) -> Result<DriverProgram, Error> {
+        self.driver.clone().ok_or_else(|| Error::NoDriverProgram(device.to_string()))
+    }
+
+    /// Puts `driver` under supervision with `device`'s fault policy.
+    fn manage(
+        &self,
+        device: &str,
+        kind: &'static str,
+        placement: Placement,
+        slot: Box<dyn DriverSlot>,
+    ) -> Arc<ManagedDriver> {
+        ManagedDriver::new(
+            device,
+            kind,
+            placement,
+            self.layout.fault_policy(device),
+            self.layout.watchdog(),
+            self.stop.clone(),
+            self.log.clone(),
+            slot,
+        )
+    }
+
+    fn fault(&self, device: &str) -> Option<String> {
+        self.faults.iter().find(|(name, _)| name == device).map(|(_, fault)| fault.clone())
+    }
+
+    /// An MMIO range, an interrupt line and its irqfd for a virtio-mmio device.
+    fn virtio_slot(&mut self) -> Result<VirtioSlot, Error> {
+        let base = self.allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
+        let irq = self.allocator.allocate_irq()?;
+        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+        self.kvm.register_irqfd(line.irqfd(), irq)?;
+        Ok(VirtioSlot { base, irq, line })
+    }
+
+    /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds, and
+    /// announces it on the command line.
+    fn add_virtio<D: VirtioDevice + 'static>(
+        &mut self,
+        slot: &VirtioSlot,
+        transport: Arc<Mutex<MmioTransport<D>>>,
+        name: &str,
+    ) -> Result<(), Error> {
+        {
+            let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+            for (queue, eventfd) in transport.queue_notify_eventfds() {
+                self.kvm.register_mmio_ioeventfd(eventfd, slot.base + QUEUE_NOTIFY_OFFSET, queue)?;
+            }
+        }
+        self.mmio.insert(BusRange::new(slot.base, MMIO_REGION_SIZE)?, name, transport)?;
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device={}@{:#x}:{}", MMIO_REGION_SIZE, slot.base, slot.irq));
+        log::debug!("{name} at {:#x}, irq {}", slot.base, slot.irq);
+        Ok(())
+    }
+}
+
+/// Where a virtio-mmio device sits.
+struct VirtioSlot {
+    base: u64,
+    irq: u32,
+    line: Arc<EventFdInterrupt>,
+}
+
+/// A device once placed.
+pub(crate) struct Placed {
+    /// Where it runs, if not as its placement says (an external backend).
+    pub note: Option<String>,
+    /// Its supervised driver, if it has one that can fail on its own.
+    pub driver: Option<Arc<ManagedDriver>>,
+    /// Where host console input goes, for the console.
+    pub input: Option<Arc<Mutex<dyn InputSink>>>,
+}
+
+/// One device of a VM, before it is placed.
+pub(crate) trait DeviceRecipe {
+    /// Its name: `com1`, `i8042`, `disk0`, ...
+    fn name(&self) -> String;
+    /// What it is: `8250`, `i8042`, `virtio-blk`.
+    fn kind(&self) -> &'static str;
+    /// Builds it where `placement` says.
+    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error>;
+}
+
+/// COM1, the guest console.
+pub(crate) struct ConsoleRecipe {
+    pub output: Box<dyn Write + Send>,
+}
+
+impl DeviceRecipe for ConsoleRecipe {
+    fn name(&self) -> String {
+        "com1".into()
+    }
+
+    fn kind(&self) -> &'static str {
+        "8250"
+    }
+
+    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+        vm.kvm.register_irqfd(line.irqfd(), COM1_IRQ)?;
+        let range = BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?;
+        match placement {
+            Placement::InHypervisor => {
+                let serial = Arc::new(Mutex::new(Serial::new(line, self.output)));
+                vm.pio.insert(range, "com1 (8250)", serial.clone())?;
+                Ok(Placed { note: None, driver: None, input: Some(serial) })
+            }
+            Placement::Partition => {
+                let irqfd = line.irqfd().try_clone().map_err(Error::EventFd)?;
+                let (proxy, driver) =
+                    proxied(vm, &self.name(), self.kind(), "serial", Some(irqfd), self.output, None)?;
+                vm.pio.insert(range, "com1 (8250, partition)", proxy.clone())?;
+                Ok(Placed { note: None, driver: Some(driver), input: Some(proxy) })
+            }
+        }
+    }
+}
+
+/// The i8042, for its CPU reset line.
+pub(crate) struct I8042Recipe {
+    pub reset: Arc<dyn Interrupt>,
+}
+
+impl DeviceRecipe for I8042Recipe {
+    fn name(&self) -> String {
+        "i8042".into()
+    }
+
+    fn kind(&self) -> &'static str {
+        "i8042"
+    }
+
+    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+        let range = BusRange::new(I8042_PORT, I8042_PORT_COUNT)?;
+        match placement {
+            Placement::InHypervisor => {
+                vm.pio.insert(range, "i8042", Arc::new(Mutex::new(I8042::new(self.reset))))?;
+                Ok(Placed { note: None, driver: None, input: None })
+            }
+            Placement::Partition => {
+                let (proxy, driver) = proxied(
+                    vm,
+                    &self.name(),
+                    self.kind(),
+                    "i8042",
+                    None,
+                    Box::new(io::sink()),
+                    Some(self.reset),
+                )?;
+                vm.pio.insert(range, "i8042 (partition)", proxy)?;
+                Ok(Placed { note: None, driver: Some(driver), input: None })
+            }
+        }
+    }
+}
+
+/// Starts `kind` in a supervised partition behind a proxy.
+fn proxied(
+    vm: &Assembly<'_>,
+    device: &str,
+    device_kind: &'static str,
+    kind: &'static str,
+    irqfd: Option<EventFd>,
+    output: Box<dyn Write + Send>,
+    reset: Option<Arc<dyn Interrupt>>,
+) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
+    let driver = vm.driver(device)?;
+    let (partition, stream) = Partition::spawn_proxy(&driver, kind, irqfd.as_ref())?;
+    let link = ProxyLink::new().map_err(Error::EventFd)?;
+    let proxy = ProxyDevice::new(device, stream, output, reset, None)
+        .map_err(Error::EventFd)?
+        .with_link(link.clone());
+    let slot = ProxySlot::new(link, driver, kind, irqfd, partition, vm.layout.standby());
+    let managed = vm.manage(device, device_kind, Placement::Partition, Box::new(slot));
+    Ok((Arc::new(Mutex::new(proxy)), managed))
+}
+
+/// A virtio-blk disk.
+pub(crate) struct DiskRecipe {
+    pub index: usize,
+    pub config: DiskConfig,
+}
+
+impl DeviceRecipe for DiskRecipe {
+    fn name(&self) -> String {
+        format!("disk{}", self.index)
+    }
+
+    fn kind(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+        let device = self.name();
+        let slot = vm.virtio_slot()?;
+        let mem = vm.ram.memory().clone();
+        match self.config {
+            DiskConfig::Image { path, read_only, serial } => {
+                // Opened (and locked) here in either placement: a partition gets the fd.
+                let image = DiskImage::open(&path, read_only)?;
+                let serial = serial.unwrap_or_else(|| default_serial(image.file()));
+                let ro = if read_only { ", ro" } else { "" };
+                match placement {
+                    Placement::InHypervisor => {
+                        let transport =
+                            MmioTransport::new(Block::new(image, &serial), mem, slot.line.clone())
+                                .map_err(Error::EventFd)?;
+                        let name = format!("{device} ({}{ro})", path.display());
+                        vm.add_virtio(&slot, Arc::new(Mutex::new(transport)), &name)?;
+                        Ok(Placed { note: None, driver: None, input: None })
+                    }
+                    Placement::Partition => {
+                        let driver = vm.driver(&device)?;
+                        let image = image.file().try_clone().map_err(Error::EventFd)?;
+                        let options =
+                            BlockOptions { read_only, serial, fault: None, escape: vm.escape.clone() };
+                        let first = BlockOptions { fault: vm.fault(&device), ..options.clone() };
+                        let (partition, stream) = Partition::spawn_block(&driver, &image, &first)?;
+                        let handshake = handshake(&device, stream)?;
+                        let name = format!("{device} ({}{ro}, partition)", path.display());
+                        let backend = Backend::Spawned {
+                            driver,
+                            image,
+                            options,
+                            active: Some(partition),
+                            spare: None,
+                            keep_spare: vm.layout.standby(),
+                            spare_retry: None,
+                        };
+                        virtio_vhost_user(vm, &slot, &device, &name, handshake, backend, mem)
+                    }
+                }
+            }
+            DiskConfig::VhostUser { socket } => {
+                let handshake = Handshake::connect(&socket)
+                    .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
+                let name = format!("{device} (vhost-user {})", socket.display());
+                let note = Some(format!("external vhost-user {}", socket.display()));
+                let placed = virtio_vhost_user(
+                    vm,
+                    &slot,
+                    &device,
+                    &name,
+                    handshake,
+                    Backend::External { socket },
+                    mem,
+                )?;
+                Ok(Placed { note, ..placed })
+            }
+        }
+    }
+}
+
+fn handshake(device: &str, stream: std::os::unix::net::UnixStream) -> Result<Handshake, Error> {
+    Handshake::new(stream).map_err(|source| Error::VhostUser { device: device.to_string(), source })
+}
+
+/// A virtio-blk device served by the vhost-user backend of `handshake`, supervised.
+fn virtio_vhost_user(
+    vm: &mut Assembly<'_>,
+    slot: &VirtioSlot,
+    device: &str,
+    name: &str,
+    handshake: Handshake,
+    backend: Backend,
+    mem: splitvisor_devices::virtio::GuestMemoryMmap,
+) -> Result<Placed, Error> {
+    let hangup: OwnedFd = handshake.hangup_fd().try_clone_to_owned().map_err(Error::EventFd)?;
+    let request_failed = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let frontend = VhostUserBlk::from_handshake(handshake)
+        .map_err(|source| Error::VhostUser { device: device.to_string(), source })?
+        .with_fault_signal(request_failed.try_clone().map_err(Error::EventFd)?);
+    let transport =
+        Arc::new(Mutex::new(MmioTransport::new(frontend, mem, slot.line.clone()).map_err(Error::EventFd)?));
+    vm.add_virtio(slot, transport.clone(), name)?;
+    let slot = VhostUserSlot::new(transport, hangup, request_failed, backend).map_err(Error::EventFd)?;
+    let driver = vm.manage(device, "virtio-blk", Placement::Partition, Box::new(slot));
+    Ok(Placed { note: None, driver: Some(driver), input: None })
+}
+
+/// A device given as a ready-made bus device ([`VmBuilder::pio_device`](crate::VmBuilder::pio_device)).
+pub(crate) struct ExtraDevice {
+    pub kind: splitvisor_bus::BusKind,
+    pub range: BusRange,
+    pub name: String,
+    pub device: SharedDevice,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_parse_in_one_syntax() {
+        assert_eq!("a.img".parse(), Ok(DiskConfig::image("a.img")));
+        assert_eq!("a.img,ro=on".parse(), Ok(DiskConfig::image("a.img").read_only()));
+        assert_eq!("path=b,,c.img,ro=off,serial=x1".parse(), Ok(DiskConfig::image("b,c.img").serial("x1")));
+        assert_eq!("with,,comma.img".parse(), Ok(DiskConfig::image("with,comma.img")));
+        assert_eq!("socket=/run/s".parse(), Ok(DiskConfig::VhostUser { socket: "/run/s".into() }));
+        for bad in [
+            "",
+            ",ro=on",
+            "a.img,rx",
+            "a.img,ro",
+            "a.img,ro=maybe",
+            "a.img,serial=",
+            "a.img,serial=123456789012345678901",
+            "a.img,socket=/s",
+            "socket=/s,ro=on",
+            "a.img,colour=blue",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+    }
+}

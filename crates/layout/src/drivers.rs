@@ -1,0 +1,458 @@
+//! The driver slots: how each kind of out-of-process driver fails, is replaced and is
+//! upgraded ([`DriverSlot`]).
+//!
+//! * [`VhostUserSlot`]: a virtio device whose queues a vhost-user backend serves, either a
+//!   partition splitvisor starts (kept with a spare, started and sandboxed ahead of need)
+//!   or an external backend on a socket (reconnected when it comes back).
+//! * [`ProxySlot`]: a plain bus device (8250, i8042) served by a partition behind the proxy.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use splitvisor_devices::virtio::{MmioTransport, VirtioInterrupt};
+use splitvisor_isolation::frontend::{Handshake, Probes, Resume, VhostUserBlk};
+use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
+use splitvisor_isolation::proxy::ProxyLink;
+use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::lifecycle::{DriverSlot, Fault, RestartError, SlotEvent, Watchdog};
+
+const EXITED: u32 = 0;
+const HUNG_UP: u32 = 1;
+const QUEUE_ERROR: u32 = 2;
+const REQUEST_FAILED: u32 = 3;
+const SPARE_EXITED: u32 = 4;
+
+/// How long a partition that hung up may take to be seen dead (its exit status is the
+/// better report).
+const EXIT_GRACE: Duration = Duration::from_millis(200);
+
+/// How long to wait before trying again to start a spare partition that failed to start.
+const SPARE_RETRY: Duration = Duration::from_secs(1);
+
+/// The exit status of a partition, as text.
+fn status(partition: &mut Partition) -> String {
+    partition
+        .try_wait()
+        .or_else(|| partition.kill())
+        .map_or_else(|| "unknown status".into(), |s| s.to_string())
+}
+
+/// Where a vhost-user device's backend comes from.
+#[allow(clippy::large_enum_variant)] // one per device, never moved on a hot path
+pub(crate) enum Backend {
+    /// Partitions splitvisor starts.
+    Spawned {
+        /// The program.
+        driver: DriverProgram,
+        /// The open (and locked) image, handed to every partition.
+        image: File,
+        /// What each partition serves.
+        options: BlockOptions,
+        /// The partition serving now.
+        active: Option<Partition>,
+        /// A partition started, sandboxed and past the handshake, waiting to take over.
+        spare: Option<(Partition, Handshake)>,
+        /// Whether to keep a spare.
+        keep_spare: bool,
+        /// When to try starting a spare again after a failure.
+        spare_retry: Option<Instant>,
+    },
+    /// An external backend listening on a socket.
+    External {
+        /// Its socket.
+        socket: PathBuf,
+    },
+}
+
+/// A virtio-blk device served over vhost-user.
+pub(crate) struct VhostUserSlot {
+    transport: Arc<Mutex<MmioTransport<VhostUserBlk>>>,
+    interrupt: VirtioInterrupt,
+    probes: Probes,
+    queue_error: EventFd,
+    request_failed: EventFd,
+    /// A duplicate of the current backend's socket, watched for a hang-up.
+    hangup: Option<OwnedFd>,
+    backend: Backend,
+    watchdog: Watchdog,
+}
+
+impl VhostUserSlot {
+    /// `transport`'s device was built from a backend whose socket `hangup` duplicates;
+    /// `request_failed` is the fault signal its frontend writes.
+    pub(crate) fn new(
+        transport: Arc<Mutex<MmioTransport<VhostUserBlk>>>,
+        hangup: OwnedFd,
+        request_failed: EventFd,
+        backend: Backend,
+    ) -> std::io::Result<Self> {
+        let (interrupt, probes, queue_error) = {
+            let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                transport.interrupt(),
+                transport.device().probes(),
+                transport.device().queue_error().try_clone()?,
+            )
+        };
+        Ok(Self {
+            transport,
+            interrupt,
+            probes,
+            queue_error,
+            request_failed,
+            hangup: Some(hangup),
+            backend,
+            watchdog: Watchdog::default(),
+        })
+    }
+
+    /// Starts a partition and takes it through the handshake.
+    fn start_partition(
+        driver: &DriverProgram,
+        image: &File,
+        options: &BlockOptions,
+    ) -> Result<(Partition, Handshake), String> {
+        let (partition, stream) =
+            Partition::spawn_block(driver, image, options).map_err(|e| e.to_string())?;
+        let handshake = Handshake::new(stream).map_err(|e| format!("partition {}: {e}", partition.pid()))?;
+        Ok((partition, handshake))
+    }
+
+    /// Hands the device to `handshake`'s backend.
+    fn take_over(&mut self, handshake: Handshake, resume: Resume) -> Result<(), String> {
+        let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        transport.device_mut().reconnect(handshake, resume).map_err(|e| e.to_string())?;
+        drop(transport);
+        self.hangup = Some(hangup);
+        self.watchdog.reset();
+        // A request that failed meanwhile was for the old backend.
+        let _ = self.request_failed.read();
+        Ok(())
+    }
+}
+
+impl DriverSlot for VhostUserSlot {
+    fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Spawned { active: Some(partition), .. } => format!("pid {}", partition.pid()),
+            Backend::Spawned { active: None, .. } => "no partition".into(),
+            Backend::External { socket } => format!("external vhost-user {}", socket.display()),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::Spawned { active, .. } => active.as_ref().map(Partition::pid),
+            Backend::External { .. } => None,
+        }
+    }
+
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+        if let Some(hangup) = &self.hangup {
+            watch(Watch { fd: hangup.as_fd(), interest: Interest::Hangup, token: HUNG_UP });
+        }
+        watch(Watch { fd: eventfd_fd(&self.queue_error), interest: Interest::Readable, token: QUEUE_ERROR });
+        watch(Watch {
+            fd: eventfd_fd(&self.request_failed),
+            interest: Interest::Readable,
+            token: REQUEST_FAILED,
+        });
+        if let Backend::Spawned { active, spare, .. } = &self.backend {
+            if let Some(partition) = active {
+                watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: EXITED });
+            }
+            if let Some((partition, _)) = spare {
+                watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: SPARE_EXITED });
+            }
+        }
+    }
+
+    fn event(&mut self, token: u32) -> Option<SlotEvent> {
+        match token {
+            EXITED => {
+                let Backend::Spawned { active, .. } = &mut self.backend else { return None };
+                let mut partition = active.take()?;
+                self.hangup = None;
+                Some(SlotEvent::Fault(Fault::Exited(status(&mut partition))))
+            }
+            HUNG_UP => {
+                self.hangup = None;
+                // A partition that dies closes its connection first: say how it died.
+                if let Backend::Spawned { active, .. } = &mut self.backend {
+                    if let Some(mut partition) = active.take() {
+                        if let Some(status) = partition.wait_exit(EXIT_GRACE) {
+                            return Some(SlotEvent::Fault(Fault::Exited(status.to_string())));
+                        }
+                        *active = Some(partition);
+                    }
+                }
+                Some(SlotEvent::Fault(Fault::HungUp))
+            }
+            QUEUE_ERROR => {
+                let _ = self.queue_error.read();
+                if let Err(e) = self.interrupt.request_reset() {
+                    log::warn!("cannot tell the driver its disk needs a reset: {e}");
+                }
+                Some(SlotEvent::GuestBrokeQueue)
+            }
+            REQUEST_FAILED => {
+                let _ = self.request_failed.read();
+                Some(SlotEvent::Fault(Fault::Failed("a request to the backend failed".into())))
+            }
+            SPARE_EXITED => {
+                if let Backend::Spawned { spare, .. } = &mut self.backend {
+                    if let Some((mut partition, _)) = spare.take() {
+                        log::warn!(
+                            "the spare partition {} ended ({})",
+                            partition.pid(),
+                            status(&mut partition)
+                        );
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
+        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.watchdog.check(probes.iter().map(|probe| probe.indices()), now, watchdog).map(Fault::Hung)
+    }
+
+    fn restart(&mut self) -> Result<(), RestartError> {
+        match &mut self.backend {
+            Backend::Spawned { driver, image, options, active, spare, .. } => {
+                // A hung partition (stopped, or looping) is killed first: it must not touch
+                // guest memory or the image once another serves them.
+                if let Some(mut old) = active.take() {
+                    old.kill();
+                }
+                let (partition, handshake) = match spare.take() {
+                    Some(spare) => spare,
+                    None => Self::start_partition(driver, image, options).map_err(RestartError::Failed)?,
+                };
+                *active = Some(partition);
+                self.take_over(handshake, Resume::AfterCrash).map_err(RestartError::Failed)
+            }
+            Backend::External { socket } => {
+                let handshake =
+                    Handshake::connect(socket).map_err(|e| RestartError::NotYet(e.to_string()))?;
+                self.take_over(handshake, Resume::AfterCrash).map_err(RestartError::Failed)
+            }
+        }
+    }
+
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+        let Backend::Spawned { driver, image, options, active, spare, .. } = &mut self.backend else {
+            return Err("an external backend is upgraded by whoever runs it (splitvisor reconnects)".into());
+        };
+        if let Some(program) = program {
+            if program != driver {
+                *driver = program.clone();
+                *spare = None; // spares run the old program
+            }
+        }
+        // The new partition is ready before the old one stops serving.
+        let (partition, handshake) = match spare.take() {
+            Some(spare) => spare,
+            None => Self::start_partition(driver, image, options)?,
+        };
+        let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let paused = Instant::now();
+        {
+            let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let device = transport.device_mut();
+            let resume = device.quiesce().unwrap_or_else(|e| {
+                log::warn!("the old backend did not stop cleanly ({e}); taking over as after a crash");
+                Resume::AfterCrash
+            });
+            if resume == Resume::AfterCrash {
+                if let Some(old) = active.as_mut() {
+                    old.kill();
+                }
+            }
+            device.reconnect(handshake, resume).map_err(|e| e.to_string())?;
+        }
+        let pause = paused.elapsed();
+        self.hangup = Some(hangup);
+        self.watchdog.reset();
+        if let Some(mut old) = active.replace(partition) {
+            // Its connection is closed: it leaves by itself.
+            old.finish(Duration::from_secs(1));
+        }
+        Ok(pause)
+    }
+
+    fn fail(&mut self) {
+        if let Backend::Spawned { active, spare, .. } = &mut self.backend {
+            *spare = None;
+            if let Some(mut partition) = active.take() {
+                partition.kill();
+            }
+        }
+        self.hangup = None;
+        if let Err(e) = self.interrupt.request_reset() {
+            log::warn!("cannot tell the driver its disk needs a reset: {e}");
+        }
+    }
+
+    fn maintain(&mut self) {
+        let Backend::Spawned { driver, image, options, active, spare, keep_spare: true, spare_retry } =
+            &mut self.backend
+        else {
+            return;
+        };
+        if spare.is_some() || active.is_none() || spare_retry.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        match Self::start_partition(driver, image, options) {
+            Ok(started) => {
+                log::debug!("spare partition {} ready", started.0.pid());
+                *spare = Some(started);
+                *spare_retry = None;
+            }
+            Err(e) => {
+                log::warn!("cannot start a spare partition: {e}");
+                *spare_retry = Some(Instant::now() + SPARE_RETRY);
+            }
+        }
+    }
+}
+
+/// A plain bus device (8250, i8042) served by a partition behind the proxy.
+pub(crate) struct ProxySlot {
+    link: Arc<ProxyLink>,
+    driver: DriverProgram,
+    kind: &'static str,
+    irqfd: Option<EventFd>,
+    active: Option<Partition>,
+    spare: Option<(Partition, UnixStream)>,
+    keep_spare: bool,
+    spare_retry: Option<Instant>,
+}
+
+impl ProxySlot {
+    pub(crate) fn new(
+        link: Arc<ProxyLink>,
+        driver: DriverProgram,
+        kind: &'static str,
+        irqfd: Option<EventFd>,
+        active: Partition,
+        keep_spare: bool,
+    ) -> Self {
+        Self { link, driver, kind, irqfd, active: Some(active), spare: None, keep_spare, spare_retry: None }
+    }
+
+    fn start_partition(&self) -> Result<(Partition, UnixStream), String> {
+        Partition::spawn_proxy(&self.driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())
+    }
+}
+
+impl DriverSlot for ProxySlot {
+    fn describe(&self) -> String {
+        self.active.as_ref().map_or_else(|| "no partition".into(), |p| format!("pid {}", p.pid()))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.active.as_ref().map(Partition::pid)
+    }
+
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+        watch(Watch { fd: self.link.fault_fd(), interest: Interest::Readable, token: REQUEST_FAILED });
+        if let Some(partition) = &self.active {
+            watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: EXITED });
+        }
+        if let Some((partition, _)) = &self.spare {
+            watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: SPARE_EXITED });
+        }
+    }
+
+    fn event(&mut self, token: u32) -> Option<SlotEvent> {
+        match token {
+            EXITED => {
+                let mut partition = self.active.take()?;
+                Some(SlotEvent::Fault(Fault::Exited(status(&mut partition))))
+            }
+            REQUEST_FAILED => {
+                let generation = self.link.reported_fault()?;
+                Some(SlotEvent::Fault(Fault::Failed(format!("partition {generation} stopped answering"))))
+            }
+            SPARE_EXITED => {
+                if let Some((mut partition, _)) = self.spare.take() {
+                    log::warn!("the spare partition {} ended ({})", partition.pid(), status(&mut partition));
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn restart(&mut self) -> Result<(), RestartError> {
+        if let Some(mut old) = self.active.take() {
+            old.kill();
+        }
+        let (partition, stream) = match self.spare.take() {
+            Some(spare) => spare,
+            None => self.start_partition().map_err(RestartError::Failed)?,
+        };
+        self.link.offer(stream);
+        self.active = Some(partition);
+        Ok(())
+    }
+
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+        if let Some(program) = program {
+            if *program != self.driver {
+                self.driver = program.clone();
+                self.spare = None;
+            }
+        }
+        let (partition, stream) = match self.spare.take() {
+            Some(spare) => spare,
+            None => self.start_partition()?,
+        };
+        // The proxy moves to the new partition at its next access, handing it the state;
+        // the old one ends when its connection closes.
+        self.link.offer(stream);
+        if let Some(mut old) = self.active.replace(partition) {
+            old.kill();
+        }
+        Ok(Duration::ZERO)
+    }
+
+    fn fail(&mut self) {
+        self.link.give_up();
+        self.spare = None;
+        if let Some(mut partition) = self.active.take() {
+            partition.kill();
+        }
+    }
+
+    fn maintain(&mut self) {
+        if !self.keep_spare
+            || self.spare.is_some()
+            || self.active.is_none()
+            || self.spare_retry.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        match self.start_partition() {
+            Ok(spare) => {
+                self.spare = Some(spare);
+                self.spare_retry = None;
+            }
+            Err(e) => {
+                log::warn!("cannot start a spare partition: {e}");
+                self.spare_retry = Some(Instant::now() + SPARE_RETRY);
+            }
+        }
+    }
+}

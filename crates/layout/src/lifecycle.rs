@@ -1,0 +1,529 @@
+//! The driver lifecycle: one mechanism for every device whose driver can fail.
+//!
+//! A [`ManagedDriver`] is one device's driver under supervision. What differs between
+//! device kinds (a vhost-user partition, an external vhost-user backend, a proxied 8250)
+//! sits behind [`DriverSlot`]: which fds tell that the driver failed, how a new driver
+//! takes over with the device's state, how an upgrade hands over, how the device fails.
+//! What is common is here: the fault policy (halt the VM, fail the device, or restart
+//! within a budget and with a back-off), the record of what happened, and the commands
+//! of the control socket. Every restart, upgrade and failure runs on the supervisor thread
+//! ([`splitvisor_isolation::supervisor`]), so a slot's fds only change between two waits.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use splitvisor_isolation::partition::DriverProgram;
+use splitvisor_isolation::supervisor::{Supervised, SupervisorHandle, Watch};
+use splitvisor_vcpu::StopHandle;
+
+use crate::placement::{FaultPolicy, Placement};
+
+/// Longest wait between two restarts, whatever the back-off says.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How a driver failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Its process ended (crashed, was killed, exited).
+    Exited(String),
+    /// Its backend closed the connection.
+    HungUp,
+    /// Requests waited and none completed for the watchdog's time.
+    Hung(Duration),
+    /// A request to it failed or got no answer.
+    Failed(String),
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Exited(status) => write!(f, "its process ended ({status})"),
+            Fault::HungUp => f.write_str("its backend hung up"),
+            Fault::Hung(after) => write!(f, "no request completed for {} ms", after.as_millis()),
+            Fault::Failed(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// What one of a slot's watched fds meant.
+#[derive(Debug)]
+pub(crate) enum SlotEvent {
+    /// The driver failed.
+    Fault(Fault),
+    /// The guest broke a queue: not the driver's fault; the device needs a reset.
+    GuestBrokeQueue,
+}
+
+/// Why a restart did not happen.
+#[derive(Debug)]
+pub(crate) enum RestartError {
+    /// Not possible yet (an external backend not back on its socket): try again at the
+    /// next tick, without spending the restart budget.
+    NotYet(String),
+    /// This attempt failed.
+    Failed(String),
+}
+
+/// One device kind's driver, as the lifecycle drives it.
+pub(crate) trait DriverSlot: Send {
+    /// What serves the device now: `pid 1234`, `external vhost-user /run/x.sock`, ...
+    fn describe(&self) -> String;
+    /// The process ID of the driver, if it is a partition.
+    fn pid(&self) -> Option<u32>;
+    /// Calls `watch` for each fd to watch now. After a slot reports a fault it stops
+    /// watching what failed.
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>));
+    /// The fd of `token` is ready.
+    fn event(&mut self, token: u32) -> Option<SlotEvent>;
+    /// Time-based checks: the watchdog.
+    fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
+        let _ = (now, watchdog);
+        None
+    }
+    /// A new driver takes over the device, state and owed requests included.
+    fn restart(&mut self) -> Result<(), RestartError>;
+    /// A new driver (`program`, or the same one) takes over a working device; returns how
+    /// long the device did not serve.
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+        let _ = program;
+        Err("this device's driver cannot be upgraded".into())
+    }
+    /// The device fails for good (DEVICE_NEEDS_RESET, or an empty bus).
+    fn fail(&mut self);
+    /// Background upkeep at each tick: e.g. starting a spare partition.
+    fn maintain(&mut self) {}
+}
+
+/// The state of a managed driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Serving.
+    Running,
+    /// Failed; a new driver takes over at the given time.
+    Restarting,
+    /// Failed for good.
+    Failed(String),
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Health::Running => f.write_str("running"),
+            Health::Restarting => f.write_str("restarting"),
+            Health::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+/// Something that happened to a device's driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceEvent {
+    /// The device.
+    pub device: String,
+    /// When, from the VM's creation.
+    pub at: Duration,
+    /// What.
+    pub what: String,
+}
+
+/// Every device event of a VM, in order.
+#[derive(Debug)]
+pub(crate) struct EventLog {
+    start: Instant,
+    events: Mutex<Vec<DeviceEvent>>,
+}
+
+impl EventLog {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self { start: Instant::now(), events: Mutex::new(Vec::new()) })
+    }
+
+    pub(crate) fn record(&self, device: &str, what: String) {
+        log::warn!("{device}: {what}");
+        let event = DeviceEvent { device: device.to_string(), at: self.start.elapsed(), what };
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+    }
+
+    pub(crate) fn all(&self) -> Vec<DeviceEvent> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A command of the control socket, carried out on the supervisor thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Restart,
+    Upgrade(Option<DriverProgram>),
+    Fail,
+}
+
+type Reply = mpsc::Sender<Result<String, String>>;
+
+/// One device's driver under supervision.
+pub(crate) struct ManagedDriver {
+    name: String,
+    kind: &'static str,
+    placement: Placement,
+    policy: FaultPolicy,
+    watchdog: Duration,
+    stop: StopHandle,
+    log: Arc<EventLog>,
+    supervisor: Mutex<Option<SupervisorHandle>>,
+    inner: Mutex<Inner>,
+    commands: Mutex<Vec<(Command, Reply)>>,
+}
+
+struct Inner {
+    slot: Box<dyn DriverSlot>,
+    health: Health,
+    /// When the pending restart may happen, and since when the device has been waiting.
+    restart_at: Option<(Instant, Instant)>,
+    /// Restarts within the policy's window.
+    recent: VecDeque<Instant>,
+    restarts: u32,
+    last_fault: Option<String>,
+}
+
+/// What the control socket shows of a device.
+#[derive(Clone, Debug)]
+pub struct DriverStatus {
+    /// The device.
+    pub device: String,
+    /// What it is.
+    pub kind: String,
+    /// Where it runs.
+    pub placement: Placement,
+    /// Its fault policy.
+    pub policy: FaultPolicy,
+    /// What serves it now.
+    pub driver: String,
+    /// The partition's process ID.
+    pub pid: Option<u32>,
+    /// Its health.
+    pub health: Health,
+    /// How many times a new driver took over after a fault.
+    pub restarts: u32,
+    /// The last fault.
+    pub last_fault: Option<String>,
+}
+
+impl ManagedDriver {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: &str,
+        kind: &'static str,
+        placement: Placement,
+        policy: FaultPolicy,
+        watchdog: Duration,
+        stop: StopHandle,
+        log: Arc<EventLog>,
+        slot: Box<dyn DriverSlot>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_string(),
+            kind,
+            placement,
+            policy,
+            watchdog,
+            stop,
+            log,
+            supervisor: Mutex::new(None),
+            inner: Mutex::new(Inner {
+                slot,
+                health: Health::Running,
+                restart_at: None,
+                recent: VecDeque::new(),
+                restarts: 0,
+                last_fault: None,
+            }),
+            commands: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The device's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The supervisor that runs this driver's commands.
+    pub(crate) fn attach(&self, supervisor: SupervisorHandle) {
+        *self.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
+    }
+
+    /// What the control socket shows.
+    pub(crate) fn status(&self) -> DriverStatus {
+        let inner = self.lock();
+        DriverStatus {
+            device: self.name.clone(),
+            kind: self.kind.to_string(),
+            placement: self.placement,
+            policy: self.policy,
+            driver: inner.slot.describe(),
+            pid: inner.slot.pid(),
+            health: inner.health.clone(),
+            restarts: inner.restarts,
+            last_fault: inner.last_fault.clone(),
+        }
+    }
+
+    /// Runs `command` on the supervisor thread and waits (at most `timeout`) for its outcome.
+    pub(crate) fn command(&self, command: Command, timeout: Duration) -> Result<String, String> {
+        let supervisor = self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(supervisor) = supervisor else {
+            return Err("the VM is not running".into());
+        };
+        let (reply, outcome) = mpsc::channel();
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).push((command, reply));
+        supervisor.wake();
+        outcome.recv_timeout(timeout).unwrap_or_else(|_| Err("no answer from the supervisor".into()))
+    }
+
+    /// A fault: what the policy says.
+    fn fault(&self, inner: &mut Inner, fault: Fault, now: Instant) {
+        let description = fault.to_string();
+        inner.last_fault = Some(description.clone());
+        match self.policy {
+            FaultPolicy::HaltVm => {
+                self.log
+                    .record(&self.name, format!("driver failed: {description}; the VM ends (policy halt)"));
+                inner.health = Health::Failed(description.clone());
+                self.stop.device_fault(&self.name, &description);
+            }
+            FaultPolicy::FailDevice => {
+                self.log.record(
+                    &self.name,
+                    format!("driver failed: {description}; the device fails (policy fail)"),
+                );
+                self.fail(inner, description);
+            }
+            FaultPolicy::Restart { max, window, backoff } => {
+                while inner.recent.front().is_some_and(|at| now.duration_since(*at) > window) {
+                    inner.recent.pop_front();
+                }
+                if inner.recent.len() >= max as usize {
+                    self.log.record(
+                        &self.name,
+                        format!("driver failed: {description}; {max} restarts within {window:?} already: the device fails"),
+                    );
+                    self.fail(inner, format!("restart limit reached ({max} within {window:?})"));
+                    return;
+                }
+                let delay = match inner.recent.len() {
+                    0 => Duration::ZERO,
+                    n => backoff.saturating_mul(1 << (n - 1).min(16)).min(MAX_BACKOFF),
+                };
+                self.log.record(&self.name, format!("driver failed: {description}; restarting"));
+                inner.health = Health::Restarting;
+                inner.restart_at = Some((now + delay, now));
+                if delay.is_zero() {
+                    self.restart(inner, now);
+                }
+            }
+        }
+    }
+
+    fn fail(&self, inner: &mut Inner, why: String) {
+        inner.slot.fail();
+        inner.health = Health::Failed(why);
+        inner.restart_at = None;
+    }
+
+    /// Carries out a pending restart.
+    fn restart(&self, inner: &mut Inner, now: Instant) {
+        let Some((_, since)) = inner.restart_at else { return };
+        let started = Instant::now();
+        match inner.slot.restart() {
+            Ok(()) => {
+                inner.recent.push_back(now);
+                inner.restarts += 1;
+                inner.health = Health::Running;
+                inner.restart_at = None;
+                self.log.record(
+                    &self.name,
+                    format!(
+                        "a new driver took over ({}) in {:.2} ms, {:.2} ms after the fault",
+                        inner.slot.describe(),
+                        started.elapsed().as_secs_f64() * 1e3,
+                        since.elapsed().as_secs_f64() * 1e3,
+                    ),
+                );
+            }
+            Err(RestartError::NotYet(why)) => {
+                let FaultPolicy::Restart { window, .. } = self.policy else { return };
+                if now.duration_since(since) > window {
+                    self.log.record(&self.name, format!("no driver came back within {window:?} ({why})"));
+                    self.fail(inner, format!("no driver came back within {window:?}"));
+                }
+            }
+            Err(RestartError::Failed(why)) => {
+                inner.recent.push_back(now);
+                self.fault(inner, Fault::Failed(format!("restart failed: {why}")), now);
+            }
+        }
+    }
+
+    fn run_command(&self, inner: &mut Inner, command: Command, now: Instant) -> Result<String, String> {
+        if let Health::Failed(why) = &inner.health {
+            return Err(format!("{} has failed ({why})", self.name));
+        }
+        match command {
+            Command::Restart => {
+                self.log.record(&self.name, "restart asked for".into());
+                inner.restart_at = Some((now, now));
+                self.restart(inner, now);
+                match &inner.health {
+                    Health::Running => Ok(format!("restarted: {}", inner.slot.describe())),
+                    other => Err(format!("restart did not complete: {other}")),
+                }
+            }
+            Command::Upgrade(program) => {
+                let stall = inner.slot.upgrade(program.as_ref())?;
+                self.log.record(
+                    &self.name,
+                    format!(
+                        "upgraded to {} (device paused {:.2} ms)",
+                        inner.slot.describe(),
+                        stall.as_secs_f64() * 1e3
+                    ),
+                );
+                Ok(format!("{{\"paused_us\":{}}}", stall.as_micros()))
+            }
+            Command::Fail => {
+                self.log.record(&self.name, "failed on request".into());
+                self.fail(inner, "failed on request".into());
+                Ok("failed".into())
+            }
+        }
+    }
+}
+
+impl Supervised for ManagedDriver {
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+        let inner = self.lock();
+        if !matches!(inner.health, Health::Failed(_)) {
+            inner.slot.watches(watch);
+        }
+    }
+
+    fn ready(&self, token: u32) {
+        let mut inner = self.lock();
+        if matches!(inner.health, Health::Failed(_)) || self.stop.has_ended() {
+            return;
+        }
+        match inner.slot.event(token) {
+            Some(SlotEvent::Fault(fault)) => self.fault(&mut inner, fault, Instant::now()),
+            Some(SlotEvent::GuestBrokeQueue) => {
+                self.log.record(&self.name, "the guest broke a queue; the device needs a reset".into());
+            }
+            None => {}
+        }
+    }
+
+    fn tick(&self, now: Instant) {
+        let commands = std::mem::take(&mut *self.commands.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut inner = self.lock();
+        for (command, reply) in commands {
+            let _ = reply.send(self.run_command(&mut inner, command, now));
+        }
+        if self.stop.has_ended() {
+            return;
+        }
+        match inner.health {
+            Health::Failed(_) => return,
+            Health::Restarting => {
+                if inner.restart_at.is_some_and(|(at, _)| now >= at) {
+                    self.restart(&mut inner, now);
+                }
+            }
+            Health::Running => {
+                if let Some(fault) = inner.slot.check(now, self.watchdog) {
+                    self.fault(&mut inner, fault, now);
+                }
+            }
+        }
+        if inner.health == Health::Running {
+            inner.slot.maintain();
+        }
+    }
+}
+
+/// Tells a hung queue from a busy one: requests waiting (available index ahead of the used
+/// index) while the used index does not move, for the watchdog's time.
+#[derive(Debug, Default)]
+pub(crate) struct Watchdog {
+    /// Per queue: the used index last seen, and since when it has not moved with requests
+    /// waiting.
+    stuck: Vec<Option<(u16, Instant)>>,
+}
+
+impl Watchdog {
+    /// Looks at every queue's (available, used) indices; says how long the worst has been
+    /// stuck, once that passes `timeout`.
+    pub(crate) fn check(
+        &mut self,
+        indices: impl Iterator<Item = Option<(u16, u16)>>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Option<Duration> {
+        let mut worst = None;
+        for (queue, seen) in indices.enumerate() {
+            if self.stuck.len() <= queue {
+                self.stuck.resize(queue + 1, None);
+            }
+            let slot = &mut self.stuck[queue];
+            match seen {
+                Some((avail, used)) if avail != used => match *slot {
+                    Some((last, since)) if last == used => {
+                        let stuck = now.duration_since(since);
+                        if stuck >= timeout {
+                            worst = Some(stuck);
+                        }
+                    }
+                    _ => *slot = Some((used, now)),
+                },
+                _ => *slot = None,
+            }
+        }
+        worst
+    }
+
+    /// Forgets what it saw (a new driver took over).
+    pub(crate) fn reset(&mut self) {
+        self.stuck.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_fires_only_when_waiting_requests_see_no_progress() {
+        let mut watchdog = Watchdog::default();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Idle: nothing waiting, however long.
+        assert_eq!(watchdog.check([Some((5, 5))].into_iter(), at(0), second), None);
+        assert_eq!(watchdog.check([Some((5, 5))].into_iter(), at(5000), second), None);
+        // Busy: waiting, but the used index moves.
+        assert_eq!(watchdog.check([Some((9, 5))].into_iter(), at(5000), second), None);
+        assert_eq!(watchdog.check([Some((12, 7))].into_iter(), at(5900), second), None);
+        assert_eq!(watchdog.check([Some((12, 9))].into_iter(), at(6800), second), None);
+        // Hung: waiting, and the used index stays.
+        assert_eq!(watchdog.check([Some((12, 9))].into_iter(), at(7500), second), None);
+        assert_eq!(
+            watchdog.check([Some((12, 9))].into_iter(), at(7900), second),
+            Some(Duration::from_millis(1100))
+        );
+        watchdog.reset();
+        assert_eq!(watchdog.check([Some((12, 9))].into_iter(), at(8000), second), None);
+    }
+}
