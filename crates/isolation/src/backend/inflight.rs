@@ -252,7 +252,7 @@ mod tests {
         queue.completing(5);
         queue.completed(5, 1);
         queue.completing(2);
-        drop(queue);
+        let _ = queue;
         drop(region);
 
         // A successor maps the same memfd; the ring says 2 completions were published.

@@ -704,9 +704,9 @@ mod tests {
         });
 
         proxy.write(SCR, &[0x77]);
-        proxy.write(THR, &[b'a']);
-        proxy.write(THR, &[b'b']); // the first partition dies on this one
-        proxy.write(THR, &[b'c']);
+        proxy.write(THR, b"a");
+        proxy.write(THR, b"b"); // the first partition dies on this one
+        proxy.write(THR, b"c");
         let mut scratch = [0u8];
         proxy.read(SCR, &mut scratch);
         assert_eq!(scratch, [0x77], "the state came along");
