@@ -7,24 +7,8 @@ mod support;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// The example binary, rebuilt if stale: `cargo test` builds examples next to the tests,
-/// but a lone `cargo test --test cli` does not.
 fn example() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/monolithic
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let path = profile_dir.join("examples").join("monolithic");
-    BUILD.call_once(|| {
-        let release = profile_dir.file_name().is_some_and(|name| name == "release");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--example", "monolithic"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if release {
-            cargo.arg("--release");
-        }
-        assert!(cargo.status().unwrap().success(), "cannot build the monolithic example");
-    });
-    path
+    support::example("monolithic")
 }
 
 fn run(args: &[&str]) -> Output {

@@ -38,34 +38,80 @@ pub fn kvm() -> bool {
 /// A console writer the test can read back.
 pub type Capture = splitvisor::layout::SharedBuffer;
 
+/// An example binary (`monolithic`, `microkernel`), built if missing: `cargo test` builds
+/// examples next to the tests, but a lone `cargo test --test NAME` does not.
+pub fn example(name: &str) -> std::path::PathBuf {
+    static BUILD: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut built = BUILD.lock().unwrap();
+    if !built.iter().any(|b| b == name) {
+        let release = profile_dir.file_name().is_some_and(|dir| dir == "release");
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--example", name]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "cannot build the {name} example");
+        built.push(name.to_string());
+    }
+    profile_dir.join("examples").join(name)
+}
+
 /// `splitvisor-driver blk --socket ... --disk ...`, started by hand; killed on drop.
 pub struct HandStartedDriver {
     child: std::process::Child,
+    disk: std::path::PathBuf,
     pub socket: std::path::PathBuf,
 }
 
 impl HandStartedDriver {
+    /// Starts it and waits (bounded) for its "serving" line.
     pub fn start(name: &str, disk: &std::path::Path) -> Self {
         let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+        let child = Self::spawn(&socket, disk);
+        Self { child, disk: disk.to_path_buf(), socket }
+    }
+
+    fn spawn(socket: &std::path::Path, disk: &std::path::Path) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
             .args(["blk", "--socket"])
-            .arg(&socket)
+            .arg(socket)
             .arg("--disk")
             .arg(disk)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start splitvisor-driver");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !socket.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Self { child, socket }
+        let stdout = child.stdout.take().unwrap();
+        let (ready, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = ready.send(line);
+        });
+        let line =
+            wait.recv_timeout(std::time::Duration::from_secs(30)).expect("splitvisor-driver never got ready");
+        assert!(line.contains("serving"), "splitvisor-driver said: {line}");
+        child
+    }
+
+    /// Kills it (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same socket and image.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.socket, &self.disk);
     }
 }
 
 impl Drop for HandStartedDriver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_file(&self.socket);
     }
 }

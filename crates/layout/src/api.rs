@@ -8,11 +8,11 @@
 //!   -> {"ok":true,"devices":[{"device":"disk0","kind":"virtio-blk","placement":"driver partition",
 //!        "policy":"restart:max=10:window=60s:backoff=50ms","driver":"pid 4242","pid":4242,
 //!        "health":"running","restarts":0,"last_fault":null}, ...]}
-//! {"op":"restart","device":"disk0"}                     -> {"ok":true,"result":"restarted: pid 4250"}
-//! {"op":"upgrade","device":"disk0"}                     -> {"ok":true,"result":{"paused_us":812}}
+//! {"op":"restart","device":"disk0"}     -> {"ok":true,"result":{"driver":"pid 4250"}}
+//! {"op":"upgrade","device":"disk0"}     -> {"ok":true,"result":{"driver":"pid 4260","paused_us":812}}
 //! {"op":"upgrade","device":"disk0","driver":"/opt/splitvisor-driver-2"}
-//! {"op":"fail","device":"disk0"}                        -> {"ok":true,"result":"failed"}
-//! anything else                                         -> {"ok":false,"error":"..."}
+//! {"op":"fail","device":"disk0"}        -> {"ok":true,"result":"failed"}
+//! anything else                         -> {"ok":false,"error":"..."}
 //! ```
 //!
 //! `restart` replaces the driver as after a crash; `upgrade` starts the new driver
@@ -26,7 +26,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ use splitvisor_isolation::partition::DriverProgram;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::lifecycle::{Command, ManagedDriver};
+use crate::lifecycle::{Command, CommandOutcome, DriverControl};
 use crate::placement::DevicePlacement;
 
 /// Longest request line.
@@ -56,7 +55,7 @@ impl ApiServer {
     /// Listens at `path` (replacing only a stale socket) for requests about `drivers`.
     pub(crate) fn start(
         path: &Path,
-        drivers: Vec<Arc<ManagedDriver>>,
+        control: DriverControl,
         placements: Vec<DevicePlacement>,
     ) -> Result<Self, Error> {
         let error = |why: String| Error::ApiSocket { path: path.to_path_buf(), why };
@@ -74,7 +73,7 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let stopped = stop.try_clone().map_err(Error::EventFd)?;
-        let api = Api { drivers, placements };
+        let api = Api { control, placements };
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || api.serve(&listener, &stopped))
@@ -94,7 +93,7 @@ impl Drop for ApiServer {
 }
 
 struct Api {
-    drivers: Vec<Arc<ManagedDriver>>,
+    control: DriverControl,
     placements: Vec<DevicePlacement>,
 }
 
@@ -156,14 +155,6 @@ impl Api {
             return Ok(json!({"ok": true, "devices": self.list()}));
         }
         let device = request.get("device").and_then(Value::as_str).ok_or("no \"device\"")?;
-        let known = || self.placements.iter().map(|p| p.device.as_str()).collect::<Vec<_>>().join(", ");
-        let driver = self.drivers.iter().find(|d| d.name() == device).ok_or_else(|| {
-            if self.placements.iter().any(|p| p.device == device) {
-                format!("{device} runs in the hypervisor: it has no driver to {op}")
-            } else {
-                format!("unknown device '{device}' (devices: {})", known())
-            }
-        })?;
         let command = match op {
             "restart" => Command::Restart,
             "fail" => Command::Fail,
@@ -172,17 +163,21 @@ impl Api {
             ),
             other => return Err(format!("unknown op '{other}' (use list, restart, upgrade or fail)")),
         };
-        let result = driver.command(command, COMMAND_TIMEOUT)?;
-        let result = serde_json::from_str::<Value>(&result).unwrap_or(Value::String(result));
+        let result = match self.control.command(device, command, COMMAND_TIMEOUT)? {
+            CommandOutcome::Restarted(driver) => json!({"driver": driver}),
+            CommandOutcome::Upgraded { driver, paused } => {
+                json!({"driver": driver, "paused_us": paused.as_micros() as u64})
+            }
+            CommandOutcome::Failed => json!("failed"),
+        };
         Ok(json!({"ok": true, "result": result}))
     }
 
     fn list(&self) -> Vec<Value> {
         self.placements
             .iter()
-            .map(|placed| match self.drivers.iter().find(|d| d.name() == placed.device) {
-                Some(driver) => {
-                    let status = driver.status();
+            .map(|placed| match self.control.driver(&placed.device) {
+                Some(status) => {
                     json!({
                         "device": status.device,
                         "kind": status.kind,

@@ -41,7 +41,7 @@ mod vm;
 
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
-pub use lifecycle::{DeviceEvent, DriverStatus, Fault, Health};
+pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
 

@@ -152,15 +152,80 @@ impl EventLog {
     }
 }
 
-/// A command of the control socket, carried out on the supervisor thread.
-#[derive(Debug)]
-pub(crate) enum Command {
+/// A command for a device's driver, carried out on the supervisor thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Replace the driver as after a crash.
     Restart,
+    /// Start a new driver (this program, or the same one) and hand the device over.
     Upgrade(Option<DriverProgram>),
+    /// Fail the device.
     Fail,
 }
 
-type Reply = mpsc::Sender<Result<String, String>>;
+/// Commands for a running VM's drivers, from any thread (the control socket uses it).
+#[derive(Clone)]
+pub struct DriverControl {
+    drivers: Arc<Vec<Arc<ManagedDriver>>>,
+    devices: Arc<Vec<String>>,
+}
+
+impl DriverControl {
+    pub(crate) fn new(drivers: Vec<Arc<ManagedDriver>>, devices: Vec<String>) -> Self {
+        Self { drivers: Arc::new(drivers), devices: Arc::new(devices) }
+    }
+
+    /// Every supervised driver now.
+    pub fn status(&self) -> Vec<DriverStatus> {
+        self.drivers.iter().map(|driver| driver.status()).collect()
+    }
+
+    /// One device's driver now.
+    pub fn driver(&self, device: &str) -> Option<DriverStatus> {
+        self.drivers.iter().find(|driver| driver.name() == device).map(|driver| driver.status())
+    }
+
+    /// Carries out `command` on `device`'s driver, waiting at most `timeout`.
+    pub fn command(
+        &self,
+        device: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, String> {
+        let Some(driver) = self.drivers.iter().find(|driver| driver.name() == device) else {
+            return Err(if self.devices.iter().any(|known| known == device) {
+                format!("{device} runs in the hypervisor: it has no driver to restart, upgrade or fail")
+            } else {
+                format!("unknown device '{device}' (devices: {})", self.devices.join(", "))
+            });
+        };
+        driver.command(command, timeout)
+    }
+}
+
+impl fmt::Debug for DriverControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DriverControl").field("devices", &self.devices).finish_non_exhaustive()
+    }
+}
+
+/// What a command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// A new driver serves the device: what it is.
+    Restarted(String),
+    /// A new driver serves the device; the device did not serve for this long.
+    Upgraded {
+        /// What serves it now.
+        driver: String,
+        /// How long the device's queues were stopped for the switch.
+        paused: Duration,
+    },
+    /// The device failed.
+    Failed,
+}
+
+type Reply = mpsc::Sender<Result<CommandOutcome, String>>;
 
 /// One device's driver under supervision.
 pub(crate) struct ManagedDriver {
@@ -274,7 +339,7 @@ impl ManagedDriver {
     }
 
     /// Runs `command` on the supervisor thread and waits (at most `timeout`) for its outcome.
-    pub(crate) fn command(&self, command: Command, timeout: Duration) -> Result<String, String> {
+    pub(crate) fn command(&self, command: Command, timeout: Duration) -> Result<CommandOutcome, String> {
         let supervisor = self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(supervisor) = supervisor else {
             return Err("the VM is not running".into());
@@ -369,7 +434,12 @@ impl ManagedDriver {
         }
     }
 
-    fn run_command(&self, inner: &mut Inner, command: Command, now: Instant) -> Result<String, String> {
+    fn run_command(
+        &self,
+        inner: &mut Inner,
+        command: Command,
+        now: Instant,
+    ) -> Result<CommandOutcome, String> {
         if let Health::Failed(why) = &inner.health {
             return Err(format!("{} has failed ({why})", self.name));
         }
@@ -379,7 +449,7 @@ impl ManagedDriver {
                 inner.restart_at = Some((now, now));
                 self.restart(inner, now);
                 match &inner.health {
-                    Health::Running => Ok(format!("restarted: {}", inner.slot.describe())),
+                    Health::Running => Ok(CommandOutcome::Restarted(inner.slot.describe())),
                     other => Err(format!("restart did not complete: {other}")),
                 }
             }
@@ -393,12 +463,12 @@ impl ManagedDriver {
                         stall.as_secs_f64() * 1e3
                     ),
                 );
-                Ok(format!("{{\"paused_us\":{}}}", stall.as_micros()))
+                Ok(CommandOutcome::Upgraded { driver: inner.slot.describe(), paused: stall })
             }
             Command::Fail => {
                 self.log.record(&self.name, "failed on request".into());
                 self.fail(inner, "failed on request".into());
-                Ok("failed".into())
+                Ok(CommandOutcome::Failed)
             }
         }
     }

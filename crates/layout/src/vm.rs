@@ -25,7 +25,7 @@ use crate::console::{ConsoleState, ConsoleTap};
 use crate::device::{
     Assembly, ConsoleRecipe, DeviceRecipe, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
 };
-use crate::lifecycle::{DeviceEvent, DriverStatus, EventLog, ManagedDriver};
+use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
 use crate::placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
@@ -482,6 +482,12 @@ impl Vm {
         self.drivers.iter().map(|driver| driver.status()).collect()
     }
 
+    /// Lists, restarts, upgrades and fails drivers from another thread while the VM runs
+    /// (what the control socket does).
+    pub fn driver_control(&self) -> DriverControl {
+        DriverControl::new(self.drivers.clone(), self.placements.iter().map(|p| p.device.clone()).collect())
+    }
+
     /// Guest RAM, for inspection.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
@@ -504,7 +510,7 @@ impl Vm {
             driver.attach(supervisor.handle());
         }
         let api = match &self.api_socket {
-            Some(path) => Some(ApiServer::start(path, self.drivers.clone(), self.placements.clone())?),
+            Some(path) => Some(ApiServer::start(path, self.driver_control(), self.placements.clone())?),
             None => None,
         };
         let vcpus = std::mem::take(&mut self.vcpus);

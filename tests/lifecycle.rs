@@ -1,0 +1,301 @@
+//! The driver lifecycle: drivers killed, stopped, upgraded and restarted under a running
+//! guest that must not notice, and whose every acknowledged write must be on the image.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use splitvisor::guests::{self, GuestResult};
+use splitvisor::layout::{
+    Command, ConsoleOutput, DiskConfig, DriverControl, DriverProgram, FaultPolicy, Layout, VmBuilder,
+    VmReport,
+};
+use splitvisor::vcpu::VmEnd;
+use support::Capture;
+use support::images::{Image, pattern_mismatches};
+
+const MIB: u64 = 1 << 20;
+
+fn driver() -> DriverProgram {
+    DriverProgram::at(Path::new(env!("CARGO_BIN_EXE_splitvisor-driver")))
+}
+
+/// A tiny deterministic random sequence (xorshift), seeded per run.
+struct Random(u64);
+
+impl Random {
+    fn new() -> Self {
+        Self(u64::from(std::process::id()) << 20 | 0x9e37)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The process that serves a partition's device: the child, PID 1 of the partition's PID
+/// namespace, of the process the hypervisor started (or that process, if it has none).
+fn serving_process(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|children| children.split_whitespace().next().and_then(|c| c.parse().ok()))
+        .unwrap_or(pid)
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: sends a signal to a process of this test's VM.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// Waits (bounded) until `device`'s driver is served by another process than `old`.
+fn wait_replaced(control: &DriverControl, device: &str, old: u32, done: &AtomicBool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !done.load(Ordering::Acquire) {
+        if control.driver(device).and_then(|d| d.pid).is_some_and(|pid| pid != old) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Runs blk-verify on `disk` while `chaos` runs on another thread with the VM's driver
+/// control; returns the report, the console and what `chaos` returned.
+fn blk_verify_under<T: Send + 'static>(
+    layout: Layout,
+    disk: DiskConfig,
+    generation: u64,
+    chaos: impl FnOnce(DriverControl, Arc<AtomicBool>) -> T + Send + 'static,
+) -> (VmReport, String, T) {
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .layout(layout)
+        .driver(driver())
+        .cmdline(&format!("blk_verify.generation={generation}"))
+        .disk(disk)
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(300)))
+        .build()
+        .unwrap();
+    let control = vm.driver_control();
+    let done = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let done = done.clone();
+        std::thread::spawn(move || chaos(control, done))
+    };
+    let report = vm.run().unwrap();
+    done.store(true, Ordering::Release);
+    let outcome = chaos.join().unwrap();
+    (report, console.text(), outcome)
+}
+
+fn restart_without_limit() -> FaultPolicy {
+    "restart:max=1000:backoff=0".parse().unwrap()
+}
+
+#[test]
+fn twenty_kills_and_stops_of_the_disk_partition_go_unnoticed() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-kills", 48 * MIB);
+    let layout = Layout::microkernel()
+        .with_fault_policy("disk0", restart_without_limit())
+        .with_watchdog(Duration::from_millis(300));
+    let (report, console, kills) =
+        blk_verify_under(layout, DiskConfig::image(&disk.0), 71, |control, done| {
+            let mut random = Random::new();
+            let mut kills = Vec::new();
+            while !done.load(Ordering::Acquire) && kills.len() < 24 {
+                std::thread::sleep(Duration::from_millis(50 + random.below(350)));
+                let Some(pid) = control.driver("disk0").and_then(|d| d.pid) else { continue };
+                // SIGKILL the process the hypervisor watches, or stop the one that serves: the
+                // watchdog must notice that one.
+                let how = if random.below(3) == 0 { libc::SIGSTOP } else { libc::SIGKILL };
+                match how {
+                    libc::SIGSTOP => signal(serving_process(pid), libc::SIGSTOP),
+                    _ => signal(pid, libc::SIGKILL),
+                }
+                kills.push(how);
+                if !wait_replaced(&control, "disk0", pid, &done) {
+                    break;
+                }
+            }
+            kills
+        });
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}\n{:#?}", report.device_events);
+    assert!(kills.len() >= 20, "the guest finished after only {} kills", kills.len());
+    assert!(kills.contains(&libc::SIGSTOP) && kills.contains(&libc::SIGKILL));
+    let restarts = report.drivers.iter().find(|d| d.device == "disk0").unwrap().restarts;
+    assert!(restarts as usize >= kills.len(), "{restarts} restarts for {} faults", kills.len());
+    let bad = pattern_mismatches(&disk.bytes(), (48 * MIB / 512) as usize, 71);
+    assert!(bad.is_empty(), "{} sectors lost, first {:?}", bad.len(), &bad[..bad.len().min(8)]);
+}
+
+#[test]
+fn a_live_upgrade_every_half_second_goes_unnoticed() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-upgrades", 24 * MIB);
+    let (report, console, pauses) =
+        blk_verify_under(Layout::microkernel(), DiskConfig::image(&disk.0), 72, |control, done| {
+            let mut pauses = Vec::new();
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(500));
+                match control.command("disk0", Command::Upgrade(None), Duration::from_secs(30)) {
+                    Ok(splitvisor::layout::CommandOutcome::Upgraded { paused, .. }) => pauses.push(paused),
+                    Ok(other) => panic!("upgrade answered {other:?}"),
+                    Err(e) if done.load(Ordering::Acquire) => eprintln!("late upgrade: {e}"),
+                    Err(e) => panic!("upgrade failed: {e}"),
+                }
+            }
+            pauses
+        });
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}\n{:#?}", report.device_events);
+    assert!(pauses.len() >= 3, "only {} upgrades", pauses.len());
+    assert_eq!(
+        report.drivers.iter().find(|d| d.device == "disk0").unwrap().restarts,
+        0,
+        "upgrades are no faults"
+    );
+    let bad = pattern_mismatches(&disk.bytes(), (24 * MIB / 512) as usize, 72);
+    assert!(bad.is_empty(), "{} sectors lost", bad.len());
+}
+
+#[test]
+fn an_external_backend_killed_and_started_again_on_its_socket_is_reconnected() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-external", 24 * MIB);
+    let backend = support::HandStartedDriver::start("lifecycle-external", &disk.0);
+    let socket = backend.socket.clone();
+    let backend = Arc::new(std::sync::Mutex::new(backend));
+    let restarted = backend.clone();
+    let (report, console, kills) = blk_verify_under(
+        Layout::microkernel(),
+        DiskConfig::VhostUser { socket: socket.clone() },
+        73,
+        move |_control, done| {
+            let mut kills = 0;
+            while !done.load(Ordering::Acquire) && kills < 5 {
+                std::thread::sleep(Duration::from_millis(700));
+                let mut backend = restarted.lock().unwrap();
+                backend.kill();
+                std::thread::sleep(Duration::from_millis(100));
+                backend.restart();
+                kills += 1;
+            }
+            kills
+        },
+    );
+    drop(backend);
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}\n{:#?}", report.device_events);
+    assert!(kills >= 3, "only {kills} kills");
+    assert!(report.device_events.iter().any(|e| e.what.contains("hung up")), "{:#?}", report.device_events);
+    let bad = pattern_mismatches(&disk.bytes(), (24 * MIB / 512) as usize, 73);
+    assert!(bad.is_empty(), "{} sectors lost", bad.len());
+}
+
+#[test]
+fn a_restart_limit_fails_the_device_and_the_vm_goes_on() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-limit", 24 * MIB);
+    let layout = Layout::microkernel().with_fault_policy("disk0", "restart:max=2:backoff=0".parse().unwrap());
+    let (report, console, kills) =
+        blk_verify_under(layout, DiskConfig::image(&disk.0), 74, |control, done| {
+            let mut kills = 0;
+            while !done.load(Ordering::Acquire) && kills < 3 {
+                std::thread::sleep(Duration::from_millis(300));
+                let Some(pid) = control.driver("disk0").and_then(|d| d.pid) else { break };
+                signal(pid, libc::SIGKILL);
+                kills += 1;
+                if kills < 3 {
+                    assert!(wait_replaced(&control, "disk0", pid, &done));
+                }
+            }
+            kills
+        });
+    assert_eq!(kills, 3);
+    let events: Vec<&str> = report.device_events.iter().map(|e| e.what.as_str()).collect();
+    assert!(events.iter().any(|e| e.contains("2 restarts within")), "{events:#?}");
+    // The guest saw its disk fail, said so, and ended the VM itself.
+    assert_eq!(report.guest_result, Some(GuestResult::Fail("device needs reset".into())), "{console}");
+    assert_eq!(report.end, VmEnd::GuestReset);
+    let status = report.drivers.iter().find(|d| d.device == "disk0").unwrap();
+    assert!(matches!(status.health, splitvisor::layout::Health::Failed(_)), "{status:?}");
+}
+
+#[test]
+fn killing_the_hypervisor_leaves_no_partition_behind() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-orphans", MIB);
+    let mut hypervisor = std::process::Command::new(support::example("microkernel"))
+        .args(["--guest", "idle", "--disk"])
+        .arg(&disk.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = hypervisor.id();
+    // Every process of the VM: the partitions, their spares, their PID-namespace children.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut family = Vec::new();
+    while Instant::now() < deadline {
+        family = descendants(pid);
+        // 3 partitions and 3 spares, each a watcher and a serving child.
+        if family.len() >= 12 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(family.len() >= 12, "only {} partition processes: {family:?}", family.len());
+    signal(pid, libc::SIGKILL);
+    let _ = hypervisor.wait();
+    let killed = Instant::now();
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    };
+    while family.iter().any(alive) && killed.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left: Vec<u32> = family.iter().copied().filter(alive).collect();
+    assert!(left.is_empty(), "partitions alive 1 s after the hypervisor died: {left:?}");
+}
+
+/// Every process below `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let children =
+            std::fs::read_dir(format!("/proc/{parent}/task")).into_iter().flatten().flatten().flat_map(
+                |task| {
+                    std::fs::read_to_string(task.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok())
+                        .collect::<Vec<_>>()
+                },
+            );
+        for child in children {
+            found.push(child);
+            queue.push(child);
+        }
+    }
+    found
+}
