@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
+use splitvisor::isolation::sandbox::testing::Forbidden;
 use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, Placement, VmBuilder, VmReport};
 use support::Capture;
 use support::images::{Image, pattern_mismatches};
@@ -151,7 +152,7 @@ fn a_partition_that_opens_a_file_is_killed_and_the_vm_goes_on() {
     let report = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
         .layout(Layout::microkernel().with("disk0", Placement::InHypervisor))
         .driver(driver())
-        .partition_escape_test(Path::new("/etc/passwd"))
+        .partition_test_attempt(Forbidden::Open("/etc/passwd".into()))
         .cmdline("blk_verify.generation=24")
         .disk(image(&good))
         .disk(image(&evil))

@@ -19,8 +19,9 @@ pub struct BlockBackend {
     event_idx: bool,
     /// Set once the driver broke the queue: requests stop until the frontend resets us.
     broken: bool,
-    /// Test hook: open this path when the first request arrives (the sandbox must kill us).
-    escape: Option<std::path::PathBuf>,
+    /// Test hook: try this when the first request arrives (the sandbox must kill us).
+    #[cfg(feature = "test-hooks")]
+    attempt: Option<crate::sandbox::testing::Forbidden>,
     /// Exit the process when the driver breaks the queue (spawned partitions).
     exit_on_broken_queue: bool,
 }
@@ -40,7 +41,8 @@ impl BlockBackend {
             config,
             event_idx: false,
             broken: false,
-            escape: None,
+            #[cfg(feature = "test-hooks")]
+            attempt: None,
             exit_on_broken_queue: false,
         }
     }
@@ -52,10 +54,11 @@ impl BlockBackend {
         self
     }
 
-    /// Test hook: try to open `path` when the first request arrives, to show that the
-    /// sandbox kills a partition that tries to escape while serving a guest.
-    pub fn with_escape(mut self, path: Option<std::path::PathBuf>) -> Self {
-        self.escape = path;
+    /// Test hook: try `what` when the first request arrives, to show that the sandbox
+    /// kills a partition that tries to escape while serving a guest.
+    #[cfg(feature = "test-hooks")]
+    pub fn with_attempt(mut self, what: Option<crate::sandbox::testing::Forbidden>) -> Self {
+        self.attempt = what;
         self
     }
 
@@ -117,9 +120,9 @@ impl VhostUserBackendMut for BlockBackend {
         if self.broken {
             return Ok(());
         }
-        if let Some(path) = self.escape.take() {
-            let opened = std::fs::File::open(&path);
-            log::error!("sandbox escape: open({}) returned {:?}", path.display(), opened.map(|_| ()));
+        #[cfg(feature = "test-hooks")]
+        if let Some(what) = self.attempt.take() {
+            crate::sandbox::testing::attempt_and_exit(&what);
         }
         let processed = {
             let mut state = vring.get_mut();

@@ -22,6 +22,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::backend::BlockBackend;
+use crate::sandbox::{Profile, SandboxConfig};
 
 /// Errors of the driver program.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +67,14 @@ pub struct BlkArgs {
     pub source: BlkSource,
     /// Refuse writes.
     pub read_only: bool,
-    /// Test hook: after the sandbox is up, try to open this path (the sandbox must kill
-    /// the process).
-    pub escape: Option<PathBuf>,
+    /// The guest's RAM size, which sizes the sandbox's address-space limit.
+    pub guest_ram: Option<u64>,
+    /// Where to signal that the sandbox is in place.
+    pub ready_fd: Option<i32>,
+    /// Test hook: when the first request arrives, try this (the sandbox must kill the
+    /// process).
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 /// Parses `blk --socket PATH --disk IMG[,ro]`.
@@ -80,7 +86,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, Dr
         None => return Err(DriverError::Usage("no device given".into())),
     }
     let (mut socket, mut disk, mut listen_fd, mut disk_fd) = (None, None, None, None);
-    let (mut read_only, mut escape) = (false, None);
+    let (mut read_only, mut guest_ram, mut ready_fd) = (false, None, None);
+    #[cfg(feature = "test-hooks")]
+    let mut attempt = None;
     let fd = |value: String| {
         value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))
     };
@@ -95,7 +103,16 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, Dr
             "--disk" => disk = Some(value),
             "--listen-fd" => listen_fd = Some(fd(value)?),
             "--disk-fd" => disk_fd = Some(fd(value)?),
-            "--test-escape" => escape = Some(PathBuf::from(value)),
+            "--guest-ram" => {
+                guest_ram = Some(
+                    value.parse().map_err(|_| DriverError::Usage(format!("bad --guest-ram '{value}'")))?,
+                )
+            }
+            "--ready-fd" => ready_fd = Some(fd(value)?),
+            #[cfg(feature = "test-hooks")]
+            "--test-attempt" => {
+                attempt = Some(value.parse().map_err(|e| DriverError::Usage(format!("{e}")))?)
+            }
             _ => return Err(DriverError::Usage(format!("unknown option '{flag}'"))),
         }
     }
@@ -111,7 +128,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<BlkArgs, Dr
         (None, None, Some(listen), Some(disk)) => BlkSource::Fds { listen, disk },
         _ => return Err(DriverError::Usage("give --socket and --disk, or --listen-fd and --disk-fd".into())),
     };
-    Ok(BlkArgs { source, read_only, escape })
+    Ok(BlkArgs {
+        source,
+        read_only,
+        guest_ram,
+        ready_fd,
+        #[cfg(feature = "test-hooks")]
+        attempt,
+    })
 }
 
 /// Serves one vhost-user-blk frontend on `listener` until it hangs up.
@@ -135,25 +159,44 @@ pub struct ProxyArgs {
     pub fd: i32,
     /// The interrupt's eventfd (an irqfd), if the device has one.
     pub irq_fd: Option<i32>,
+    /// Where to signal that the sandbox is in place.
+    pub ready_fd: Option<i32>,
+    /// Test hook: once sandboxed, try this (the sandbox must kill the process).
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 /// Parses `serial --fd N [--irq-fd M]` or `i8042 --fd N`.
 pub fn parse_proxy_args<I: IntoIterator<Item = String>>(args: I) -> Result<ProxyArgs, DriverError> {
     let mut args = args.into_iter();
     let device = args.next().ok_or_else(|| DriverError::Usage("no device given".into()))?;
-    let (mut fd, mut irq_fd) = (None, None);
+    let (mut fd, mut irq_fd, mut ready_fd) = (None, None, None);
+    #[cfg(feature = "test-hooks")]
+    let mut attempt = None;
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| DriverError::Usage(format!("{flag} needs a value")))?;
         let number =
-            value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")))?;
+            || value.parse::<i32>().map_err(|_| DriverError::Usage(format!("'{value}' is not an fd")));
         match flag.as_str() {
-            "--fd" => fd = Some(number),
-            "--irq-fd" => irq_fd = Some(number),
+            "--fd" => fd = Some(number()?),
+            "--irq-fd" => irq_fd = Some(number()?),
+            "--ready-fd" => ready_fd = Some(number()?),
+            #[cfg(feature = "test-hooks")]
+            "--test-attempt" => {
+                attempt = Some(value.parse().map_err(|e| DriverError::Usage(format!("{e}")))?)
+            }
             _ => return Err(DriverError::Usage(format!("unknown option '{flag}'"))),
         }
     }
     let fd = fd.ok_or_else(|| DriverError::Usage("--fd is required".into()))?;
-    Ok(ProxyArgs { device, fd, irq_fd })
+    Ok(ProxyArgs {
+        device,
+        fd,
+        irq_fd,
+        ready_fd,
+        #[cfg(feature = "test-hooks")]
+        attempt,
+    })
 }
 
 /// Serves a plain bus device over the proxy protocol, sandboxed.
@@ -174,7 +217,15 @@ fn run_proxy(args: ProxyArgs) -> Result<(), DriverError> {
         None => Arc::new(CountingInterrupt::new()),
     };
     let keep: Vec<i32> = [Some(args.fd), args.irq_fd].into_iter().flatten().collect();
-    crate::sandbox::apply(&keep)?;
+    let mut sandbox = SandboxConfig::new(Profile::BusProxy, &keep);
+    if let Some(fd) = args.ready_fd {
+        sandbox = sandbox.ready_fd(fd);
+    }
+    crate::sandbox::apply(&sandbox)?;
+    #[cfg(feature = "test-hooks")]
+    if let Some(what) = &args.attempt {
+        crate::sandbox::testing::attempt_and_exit(what);
+    }
     let effects = Effects::default();
     let result = match args.device.as_str() {
         "serial" => proxy::serve(&mut Serial::new(interrupt, effects.writer()), &effects, &mut stream),
@@ -205,14 +256,19 @@ pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
             let file = unsafe { std::fs::File::from_raw_fd(disk) };
             let size = file.metadata().map_err(|e| DriverError::Daemon(format!("disk: {e}")))?.len();
             let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
-            crate::sandbox::apply(&[listen, disk])?;
+            let mut sandbox = SandboxConfig::new(Profile::VhostUserBlk, &[listen, disk]);
+            if let Some(bytes) = args.guest_ram {
+                sandbox = sandbox.guest_ram(bytes);
+            }
+            if let Some(fd) = args.ready_fd {
+                sandbox = sandbox.ready_fd(fd);
+            }
+            crate::sandbox::apply(&sandbox)?;
             let mut listener = Listener::from(listener);
-            serve_blk(
-                &mut listener,
-                BlockBackend::new(image, "splitvisor-partition")
-                    .with_escape(args.escape)
-                    .exit_on_broken_queue(),
-            )
+            let backend = BlockBackend::new(image, "splitvisor-partition").exit_on_broken_queue();
+            #[cfg(feature = "test-hooks")]
+            let backend = backend.with_attempt(args.attempt);
+            serve_blk(&mut listener, backend)
         }
     }
 }

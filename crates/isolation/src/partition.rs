@@ -17,6 +17,11 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::sandbox::ReadySignal;
+
+/// Longest a partition may take from its start to its sandbox being in place.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Errors spawning a partition.
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -61,8 +66,12 @@ pub struct BlockPartitionSpec {
     pub disk: PathBuf,
     /// Refuse writes.
     pub read_only: bool,
-    /// Test hook: the partition tries to open this path once sandboxed (and must die).
-    pub escape: Option<PathBuf>,
+    /// The guest's RAM size: the partition maps all of it, its address-space limit is
+    /// sized from it.
+    pub guest_ram: u64,
+    /// Test hook: the partition tries this when the first request arrives (and must die).
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 /// A running driver partition.
@@ -124,9 +133,10 @@ impl Partition {
         if spec.read_only {
             args.push("--read-only".into());
         }
-        if let Some(path) = &spec.escape {
-            args.push("--test-escape".into());
-            args.push(path.display().to_string());
+        args.extend(["--guest-ram".into(), spec.guest_ram.to_string()]);
+        #[cfg(feature = "test-hooks")]
+        if let Some(what) = &spec.attempt {
+            args.extend(["--test-attempt".into(), what.to_string()]);
         }
         let partition =
             Self::spawn(&spec.driver, &spec.driver_prefix, &args, &[listener.as_raw_fd(), disk.as_raw_fd()])?;
@@ -158,13 +168,17 @@ impl Partition {
         Ok((partition, ours))
     }
 
-    /// Runs `driver prefix.. args..` with `fds` as its fds 3, 4, ... and nothing else.
+    /// Runs `driver prefix.. args.. --ready-fd N` with `fds` as its fds 3, 4, ... and
+    /// nothing else; returns once the partition is sandboxed.
     fn spawn(
         driver: &Path,
         prefix: &[String],
         args: &[String],
         fds: &[RawFd],
     ) -> Result<Self, PartitionError> {
+        let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
+        let ready_arg = ["--ready-fd".to_string(), (3 + fds.len()).to_string()];
+        let fds = [fds, &[ready.partition_fd()]].concat();
         let sources = fds.iter().map(|fd| dup_high(*fd)).collect::<Result<Vec<_>, _>>()?;
         let moves: Vec<(RawFd, RawFd)> =
             sources.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)).collect();
@@ -172,6 +186,7 @@ impl Partition {
         command
             .args(prefix)
             .args(args)
+            .args(ready_arg)
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -204,7 +219,12 @@ impl Partition {
             return Err(setup("open a pidfd")(error));
         }
         // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-        Ok(Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } })
+        let mut partition = Self { child, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) } };
+        if let Err(e) = ready.wait(READY_TIMEOUT) {
+            partition.kill();
+            return Err(setup("wait for the partition's sandbox")(e));
+        }
+        Ok(partition)
     }
 
     /// The partition's process ID.

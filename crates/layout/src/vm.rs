@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -121,7 +121,8 @@ pub struct VmBuilder {
     disks: Vec<DiskConfig>,
     layout: Layout,
     driver: Option<DriverProgram>,
-    partition_escape: Option<PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    partition_attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
 }
 
 impl VmBuilder {
@@ -139,7 +140,8 @@ impl VmBuilder {
             disks: Vec::new(),
             layout: Layout::monolithic(),
             driver: None,
-            partition_escape: None,
+            #[cfg(feature = "test-hooks")]
+            partition_attempt: None,
         }
     }
 
@@ -155,11 +157,11 @@ impl VmBuilder {
         self
     }
 
-    /// Test hook: every driver partition tries to open `path` once sandboxed, which the
-    /// sandbox answers by killing it.
-    #[doc(hidden)]
-    pub fn partition_escape_test(mut self, path: &Path) -> Self {
-        self.partition_escape = Some(path.to_path_buf());
+    /// Test hook: every disk partition tries `what` when its first request arrives,
+    /// which the sandbox answers by killing it.
+    #[cfg(feature = "test-hooks")]
+    pub fn partition_test_attempt(mut self, what: splitvisor_isolation::sandbox::testing::Forbidden) -> Self {
+        self.partition_attempt = Some(what);
         self
     }
 
@@ -325,7 +327,9 @@ impl VmBuilder {
             allocator: &mut allocator,
             layout: &self.layout,
             driver: driver.clone(),
-            escape: self.partition_escape.clone(),
+            guest_ram: self.memory,
+            #[cfg(feature = "test-hooks")]
+            attempt: self.partition_attempt.clone(),
             partition_exits: partition_exits.clone(),
         };
         for (index, disk) in self.disks.iter().enumerate() {
@@ -437,7 +441,9 @@ struct DeviceContext<'a> {
     allocator: &'a mut ResourceAllocator,
     layout: &'a Layout,
     driver: Option<DriverProgram>,
-    escape: Option<PathBuf>,
+    guest_ram: u64,
+    #[cfg(feature = "test-hooks")]
+    attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
     partition_exits: Arc<Mutex<Vec<(String, String)>>>,
 }
 
@@ -475,7 +481,9 @@ impl DeviceContext<'_> {
                     driver_prefix: driver.prefix,
                     disk: path.clone(),
                     read_only: *read_only,
-                    escape: self.escape.clone(),
+                    guest_ram: self.guest_ram,
+                    #[cfg(feature = "test-hooks")]
+                    attempt: self.attempt.clone(),
                 };
                 let (partition, stream) = Partition::spawn_block(&spec)?;
                 let pid = partition.pid();
