@@ -15,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
-use splitvisor::isolation::sandbox::testing::{Forbidden, survived_exit_code};
+use splitvisor::isolation::sandbox::testing::{Forbidden, Outcome, survived_exit_code};
 use splitvisor::isolation::sandbox::{self, ReadySignal};
 use splitvisor::layout::{ConsoleOutput, DiskConfig, DriverProgram, Layout, Placement, VmBuilder};
 use support::Capture;
@@ -270,12 +270,15 @@ fn wait_exit(child: &mut Child) -> (ExitStatus, String) {
     (status, log)
 }
 
-/// How the sandbox answers `what`: killed by SIGSYS, or the call failed with an errno and
-/// the test hook exited with its code.
+/// Whether the partition ended as the sandbox answers `what` (killed by SIGSYS, mostly):
+/// from its exit `status`, or from the supervisor's report `exit` of it.
 fn outcome_matches(what: &Forbidden, exit: &str, status: Option<ExitStatus>) -> bool {
-    match what.expected_errno() {
-        None => status.map_or(exit.contains("SIGSYS"), |s| s.signal() == Some(libc::SIGSYS)),
-        Some(errno) => {
+    match what.expected() {
+        Outcome::Killed(signal) => {
+            let name = if signal == libc::SIGSYS { "SIGSYS" } else { "SIGABRT" };
+            status.map_or(exit.contains(name), |s| s.signal() == Some(signal))
+        }
+        Outcome::Failed(errno) => {
             let code = survived_exit_code(&Err(std::io::Error::from_raw_os_error(errno)));
             status.map_or(exit == format!("exit status: {code}"), |s| s.code() == Some(code))
         }
@@ -303,8 +306,11 @@ fn proxy_partitions_are_sandboxed_as_seen_from_outside() {
 
 #[test]
 fn forbidden_operations_kill_proxy_partitions() {
+    // Twice the address-space budget: a plain allocation that size would succeed outside
+    // the sandbox (memory is overcommitted), and aborts inside it.
+    let too_much = Forbidden::Allocate(2 * sandbox::PROXY_ADDRESS_SPACE);
     for device in ["serial", "i8042"] {
-        for what in Forbidden::all() {
+        for what in Forbidden::all().into_iter().chain([too_much.clone()]) {
             let mut partition = start_proxy(device, &["--test-attempt".into(), what.to_string()], None);
             // The attempt comes after the sandbox is in place.
             partition.ready.as_ref().unwrap();
@@ -319,7 +325,10 @@ fn forbidden_operations_kill_a_disk_partition_while_it_serves() {
     if !support::kvm() {
         return;
     }
-    for what in Forbidden::all() {
+    let ram = 64 * MIB;
+    // Twice its address-space budget: aborts inside the sandbox, would succeed outside.
+    let too_much = Forbidden::Allocate(2 * sandbox::address_space_for_guest_ram(ram));
+    for what in Forbidden::all().into_iter().chain([too_much]) {
         let disk = Image::new(&format!("forbidden-{what}").replace(['/', ':'], "-"), MIB);
         let console = Capture::default();
         let report = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
@@ -330,6 +339,7 @@ fn forbidden_operations_kill_a_disk_partition_while_it_serves() {
             )
             .driver(DriverProgram::at(driver_path()))
             .partition_test_attempt(what.clone())
+            .memory(ram)
             .cmdline("blk_verify.generation=31")
             .disk(DiskConfig::Image { path: disk.0.clone(), read_only: false })
             .console(ConsoleOutput::Writer(Box::new(console.clone())))

@@ -37,7 +37,9 @@
 //! 8. **A process that serves in a new PID namespace**: a fork; the child is PID 1 of the
 //!    new PID namespace and serves the device, while the process the hypervisor started
 //!    (and watches through its pidfd) holds nothing, waits, and dies the way its child
-//!    died (SIGSYS for a seccomp violation).
+//!    died (SIGSYS for a seccomp violation, SIGABRT for an abort, such as an allocation
+//!    beyond the address-space budget: an init process cannot die of its own SIGABRT, so
+//!    PID 1 reports it by an exit status the watcher turns back into the signal).
 //! 9. **A seccomp allowlist per kind of process** ([`Profile`]; the watcher gets the
 //!    smallest): any other system call, or an allowed one with other arguments (a clone
 //!    that is not a thread, a prctl other than naming a thread, executable mappings, ...),
@@ -416,6 +418,27 @@ fn limit_resources(config: &SandboxConfig) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// The exit status by which PID 1 of the partition's PID namespace reports that it
+/// aborted: the kernel ignores the signals an init process sends itself without a handler,
+/// so abort()'s SIGABRT would be lost (and glibc would go on to other ways of dying). The
+/// watcher, which is no init, turns it back into a death by SIGABRT. No other code of a
+/// partition exits with it.
+const ABORTED_EXIT_CODE: libc::c_int = 128 + libc::SIGABRT;
+
+extern "C" fn exit_as_aborted(_signal: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe and ends the process.
+    unsafe { libc::_exit(ABORTED_EXIT_CODE) }
+}
+
+/// Makes abort() end PID 1 with [`ABORTED_EXIT_CODE`].
+fn report_aborts() -> Result<(), SandboxError> {
+    // SAFETY: sigaction is plain data; zeroed is a valid initial value.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = exit_as_aborted as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: installs a handler that only calls _exit, which is async-signal-safe.
+    check("handle SIGABRT", unsafe { libc::sigaction(libc::SIGABRT, &action, std::ptr::null_mut()) })
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
@@ -449,6 +472,7 @@ fn serve_from_new_pid_namespace(config: &SandboxConfig) -> Result<(), SandboxErr
         check("set the parent-death signal", unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
         })?;
+        report_aborts()?;
         // Serve nothing before the watcher is filtered too.
         let mut byte = 0u8;
         // SAFETY: reads at most one byte into `byte`.
@@ -495,8 +519,14 @@ fn watch(config: &SandboxConfig, child: libc::pid_t, gate_read: OwnedFd, gate_wr
             break;
         }
     }
-    if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
+    let signal = if libc::WIFSIGNALED(status) {
+        Some(libc::WTERMSIG(status))
+    } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == ABORTED_EXIT_CODE {
+        Some(libc::SIGABRT)
+    } else {
+        None
+    };
+    if let Some(signal) = signal {
         // Die the same way, so the supervisor sees the real cause (SIGSYS for seccomp).
         // SAFETY: restores the default action of a signal number the kernel reported.
         unsafe { libc::signal(signal, libc::SIG_DFL) };

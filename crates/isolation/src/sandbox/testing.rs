@@ -45,10 +45,24 @@ pub enum Forbidden {
     Prctl(i32),
     /// `mmap-exec`: map executable memory.
     MmapExec,
+    /// `allocate:BYTES`: allocate (infallibly, as most code does) more than the
+    /// address-space budget: malloc fails and the process aborts (SIGABRT, not SIGSYS:
+    /// the allowlist lets abort() report the real cause).
+    Allocate(u64),
+}
+
+/// How the sandbox answers an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The process dies of this signal.
+    Killed(i32),
+    /// The call fails with this errno (the hook then exits with [`survived_exit_code`]).
+    Failed(i32),
 }
 
 impl Forbidden {
-    /// Every kind, with `/etc/passwd` to open and PR_SET_DUMPABLE as the prctl.
+    /// Every kind that does not depend on the partition's budget, with `/etc/passwd` to
+    /// open and PR_SET_DUMPABLE as the prctl.
     pub fn all() -> Vec<Self> {
         vec![
             Self::Open("/etc/passwd".into()),
@@ -67,12 +81,12 @@ impl Forbidden {
         ]
     }
 
-    /// What the sandbox answers: `None` kills the process (SIGSYS), `Some(errno)` fails
-    /// the call with that error.
-    pub fn expected_errno(&self) -> Option<i32> {
+    /// What the sandbox answers.
+    pub fn expected(&self) -> Outcome {
         match self {
-            Self::Clone3 => Some(libc::ENOSYS),
-            _ => None,
+            Self::Clone3 => Outcome::Failed(libc::ENOSYS),
+            Self::Allocate(_) => Outcome::Killed(libc::SIGABRT),
+            _ => Outcome::Killed(libc::SIGSYS),
         }
     }
 }
@@ -93,6 +107,7 @@ impl fmt::Display for Forbidden {
             Self::Clone3 => f.write_str("clone3"),
             Self::Prctl(option) => write!(f, "prctl:{option}"),
             Self::MmapExec => f.write_str("mmap-exec"),
+            Self::Allocate(bytes) => write!(f, "allocate:{bytes}"),
         }
     }
 }
@@ -100,7 +115,7 @@ impl fmt::Display for Forbidden {
 /// An unknown forbidden operation.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "unknown forbidden operation '{0}' (open:PATH, socket, exec, ptrace, kill, setuid, unshare, fork, clone-newuser, clone-thread-newns, clone3, prctl:N, mmap-exec)"
+    "unknown forbidden operation '{0}' (open:PATH, socket, exec, ptrace, kill, setuid, unshare, fork, clone-newuser, clone-thread-newns, clone3, prctl:N, mmap-exec, allocate:BYTES)"
 )]
 pub struct UnknownForbidden(pub String);
 
@@ -114,6 +129,9 @@ impl FromStr for Forbidden {
         }
         if let Some(option) = text.strip_prefix("prctl:") {
             return option.parse().map(Self::Prctl).map_err(|_| unknown());
+        }
+        if let Some(bytes) = text.strip_prefix("allocate:") {
+            return bytes.parse().map(Self::Allocate).map_err(|_| unknown());
         }
         Ok(match text {
             "socket" => Self::Socket,
@@ -212,6 +230,13 @@ pub fn attempt(what: &Forbidden) -> io::Result<()> {
             unsafe { libc::munmap(map, 4096) };
             Ok(())
         }
+        Forbidden::Allocate(bytes) => {
+            let bytes = usize::try_from(*bytes).map_err(io::Error::other)?;
+            let block = vec![0u8; bytes];
+            // Keep the allocation from being optimised away.
+            std::hint::black_box(&block);
+            Ok(())
+        }
     }
 }
 
@@ -242,6 +267,7 @@ mod tests {
         }
         assert_eq!("open:/a,b".parse::<Forbidden>().unwrap(), Forbidden::Open("/a,b".into()));
         assert!("prctl:x".parse::<Forbidden>().is_err());
+        assert_eq!("allocate:4096".parse::<Forbidden>().unwrap(), Forbidden::Allocate(4096));
         assert!("mount".parse::<Forbidden>().is_err());
     }
 
