@@ -6,47 +6,52 @@
 //! [`apply`] takes away everything else, in this order:
 //!
 //! 1. **Every other fd is closed**: nothing the hypervisor happened to hold leaks in.
-//! 2. **Unprivileged host ids** (when started as root): supplementary groups dropped, then
-//!    the gid and the uid set to [`SandboxConfig::run_as`] (65534 "nobody" by default). The
-//!    uid change clears every capability the process held in the host's user namespace,
-//!    and root-owned files and processes are out of reach from then on, whatever happens
-//!    later. A hypervisor that is not root keeps its own ids for its partitions. Then no
-//!    way back: setting uid 0 again must fail, or the sandbox refuses to go on.
-//! 3. **New namespaces**: user, mount, network, IPC, UTS, cgroup and PID, the uid and gid
-//!    mapped to themselves. No network interface but a down loopback, no System V IPC of
-//!    the host's, no view of host processes. The kernel must allow this: if it refuses new
-//!    user namespaces the partition refuses to start ([`SandboxError::Namespaces`]) unless
-//!    the sandbox was disabled explicitly ([`SandboxConfig::enabled`]).
-//! 4. **An empty root**: a read-only, empty tmpfs becomes the root (`pivot_root`) and the
+//! 2. **New namespaces**: mount, network, IPC, UTS, cgroup and PID. No network interface
+//!    but a down loopback, no System V IPC of the host's, no view of host processes.
+//!    Started as root, the partition creates them while still root: they belong to the
+//!    host's user namespace, and a process of the partition's uid gains no power over them.
+//! 3. **An empty root**: a read-only, empty tmpfs becomes the root (`pivot_root`) and the
 //!    host's whole mount tree is detached from the partition's mount namespace. No path
 //!    names a host file, and there is no directory to escape through.
-//! 5. **No capabilities in its own namespaces either**: the bounding, ambient, effective,
-//!    permitted and inheritable sets are emptied, so even the partition's own mount and
-//!    network namespaces cannot be changed.
-//! 6. **Resource limits**: at most 64 fds, no core dumps, no locked memory, a task budget
-//!    (RLIMIT_NPROC, [`SandboxConfig::max_tasks`]) and an address-space budget (RLIMIT_AS,
-//!    [`SandboxConfig::guest_ram`]: room for the guest RAM a vhost-user partition maps plus
-//!    its own needs; a small fixed one for the proxy partitions). RLIMIT_NPROC is set
-//!    after the user namespace exists, because the kernel counts tasks per (user
-//!    namespace, uid): the budget then covers this partition's own tasks, even though
-//!    every partition runs as the same host uid, and the host-wide count of that uid
-//!    stays bound by the limit the partition was started with.
-//! 7. **`no_new_privs` and not dumpable**: no privilege through exec (there is no exec
-//!    anyway), and no other process of the same host uid may ptrace it, read its memory
-//!    (guest RAM) or its /proc files.
-//! 8. **A process that serves in a new PID namespace**: a fork; the child is PID 1 of the
+//! 4. **Unprivileged host ids** (when started as root): supplementary groups dropped, then
+//!    the gid and the uid set to [`SandboxConfig::run_as`] (65534 "nobody" by default).
+//!    The uid change clears every capability in the host's user namespace; root-owned
+//!    files and processes are out of reach from then on. The process is not dumpable from
+//!    that moment and never again, so no other process of that uid (another partition, a
+//!    daemon running as nobody) may ptrace it, read its memory (guest RAM) or take its
+//!    fds, not even while it sets up. Then no way back: setting uid 0 again must fail, or
+//!    the sandbox refuses to go on. A hypervisor that is not root keeps its own ids.
+//! 5. **A user namespace of its own**: for a root partition, created after the id change,
+//!    unprivileged and owning nothing, with no ids mapped: the kernel counts RLIMIT_NPROC
+//!    per (user namespace, uid), so the partition's task budget covers its own tasks
+//!    although every partition runs as the same host uid. For a partition that is not
+//!    root, created first with its ids mapped to themselves: it is what allows the other
+//!    namespaces and the new root. If the kernel refuses new namespaces the partition
+//!    refuses to start ([`SandboxError::Namespaces`]) unless the sandbox was disabled
+//!    explicitly ([`SandboxConfig::enabled`]).
+//! 6. **No capabilities in its own user namespace either**: the bounding, ambient,
+//!    effective, permitted and inheritable sets are emptied.
+//! 7. **Resource limits**: at most 64 fds, no core dumps, no locked memory, a task budget
+//!    (RLIMIT_NPROC, [`SandboxConfig::max_tasks`], set once the user namespace exists; the
+//!    host-wide count of the uid stays bound by the limit the partition was started with)
+//!    and an address-space budget (RLIMIT_AS, [`SandboxConfig::guest_ram`]: room for the
+//!    guest RAM a vhost-user partition maps plus its own needs; a small fixed one for the
+//!    proxy partitions).
+//! 8. **`no_new_privs` and not dumpable**: no privilege through exec (there is no exec
+//!    anyway), no ptrace or /proc access from other processes of its uid.
+//! 9. **A process that serves in a new PID namespace**: a fork; the child is PID 1 of the
 //!    new PID namespace and serves the device, while the process the hypervisor started
 //!    (and watches through its pidfd) holds nothing, waits, and dies the way its child
 //!    died (SIGSYS for a seccomp violation, SIGABRT for an abort, such as an allocation
 //!    beyond the address-space budget: an init process cannot die of its own SIGABRT, so
 //!    PID 1 reports it by an exit status the watcher turns back into the signal).
-//! 9. **A seccomp allowlist per kind of process** ([`Profile`]; the watcher gets the
-//!    smallest): any other system call, or an allowed one with other arguments (a clone
-//!    that is not a thread, a prctl other than naming a thread, executable mappings, ...),
-//!    kills the process. The watcher installs its filter before its child may install its
-//!    own, and the child installs its filter before it tells the spawner it is ready
-//!    ([`ReadySignal`]): once the spawner has heard that, the sandbox is final in every
-//!    process of the partition, before any request is served.
+//! 10. **A seccomp allowlist per kind of process** ([`Profile`]; the watcher gets the
+//!     smallest): any other system call, or an allowed one with other arguments (a clone
+//!     that is not a thread, a prctl other than naming a thread, executable mappings, ...),
+//!     kills the process. The watcher installs its filter before its child may install its
+//!     own, and the child installs its filter before it tells the spawner it is ready
+//!     ([`ReadySignal`]): once the spawner has heard that, the sandbox is final in every
+//!     process of the partition, before any request is served.
 //!
 //! A partition never holds /dev/kvm or the VM fd: it is never given them.
 
@@ -85,9 +90,9 @@ pub enum SandboxError {
     /// The kernel refused new namespaces: the partition will not run unsandboxed unless
     /// told so.
     #[error(
-        "sandbox: the kernel refused new user namespaces ({source}); refusing to run a driver \
-         partition without its sandbox (check user.max_user_namespaces and any LSM policy on \
-         unprivileged user namespaces, or disable the sandbox explicitly with --no-sandbox)"
+        "sandbox: the kernel refused new namespaces (unshare: {source}); refusing to run a \
+         driver partition without its sandbox (check user.max_user_namespaces and any policy \
+         on unprivileged user namespaces, or disable the sandbox explicitly with --no-sandbox)"
     )]
     Namespaces {
         /// The error of `unshare`.
@@ -259,15 +264,23 @@ fn close_other_fds(keep: &[RawFd]) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Takes `ids` for good if the process is root; returns the ids the process runs as.
-fn drop_host_ids(ids: Ids) -> Result<Ids, SandboxError> {
+fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The ids of a process that is not root.
+fn own_ids() -> Ids {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
     // SAFETY: getegid has no preconditions.
-    let egid = unsafe { libc::getegid() };
-    if euid != 0 {
-        return Ok(Ids { uid: euid, gid: egid });
-    }
+    let gid = unsafe { libc::getegid() };
+    Ids { uid, gid }
+}
+
+/// Takes `ids` for good (the process is root): groups, gid, uid, and checks there is no
+/// way back. The uid change clears every capability.
+fn drop_host_ids(ids: Ids) -> Result<(), SandboxError> {
     let fail = |source| SandboxError::Ids { uid: ids.uid, gid: ids.gid, source };
     let os = |result: libc::c_int| if result < 0 { Err(fail(io::Error::last_os_error())) } else { Ok(()) };
     // Groups first, then the gid, then the uid: each step needs the privilege the next
@@ -278,33 +291,39 @@ fn drop_host_ids(ids: Ids) -> Result<Ids, SandboxError> {
     os(unsafe { libc::setresgid(ids.gid, ids.gid, ids.gid) })?;
     // SAFETY: plain integers.
     os(unsafe { libc::setresuid(ids.uid, ids.uid, ids.uid) })?;
+    // The uid change made the process non-dumpable unless fs.suid_dumpable says
+    // otherwise: make sure at once, before anything else runs as this uid.
+    // SAFETY: plain integers.
+    check("become non-dumpable", unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
     if ids.uid != 0 {
         // SAFETY: plain integers; must fail now that the process is not root.
         if unsafe { libc::setresuid(0, 0, 0) } == 0 {
             return Err(fail(io::Error::other("uid 0 could be taken back")));
         }
     }
-    // The id change made the process non-dumpable, which would leave its /proc files
-    // owned by the host's root, out of its reach: it writes its own id maps next.
-    // SAFETY: plain integers.
-    check("become dumpable to map ids", unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
-    Ok(ids)
+    Ok(())
 }
 
-const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
+/// Every namespace a partition gets besides its user namespace.
+const NAMESPACES: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWPID;
 
-/// New namespaces (the PID one for the next child), `ids` mapped to themselves.
-fn enter_namespaces(ids: Ids) -> Result<(), SandboxError> {
-    // SAFETY: unshare only changes this process's namespaces.
-    if unsafe { libc::unshare(NAMESPACES) } < 0 {
+fn unshare(flags: libc::c_int) -> Result<(), SandboxError> {
+    // SAFETY: unshare only changes this process's namespaces (the PID one: its children's).
+    if unsafe { libc::unshare(flags) } < 0 {
         return Err(SandboxError::Namespaces { source: io::Error::last_os_error() });
     }
+    Ok(())
+}
+
+/// For a process that is not root: a user namespace of its own, its ids mapped to
+/// themselves, which owns the other new namespaces.
+fn enter_namespaces_unprivileged(ids: Ids) -> Result<(), SandboxError> {
+    unshare(libc::CLONE_NEWUSER | NAMESPACES)?;
     let write = |path: &str, text: String| {
         std::fs::write(path, text).map_err(|source| SandboxError::Setup { what: "map ids", source })
     };
@@ -547,9 +566,26 @@ fn watch(config: &SandboxConfig, child: libc::pid_t, gate_read: OwnedFd, gate_wr
 pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
     close_other_fds(&config.kept_fds())?;
     if config.enabled {
-        let ids = drop_host_ids(config.run_as)?;
-        enter_namespaces(ids)?;
-        pivot_into_empty_root()?;
+        let ids = if running_as_root() {
+            // Namespaces and the empty root while still root (they belong to the host's
+            // user namespace, so a process of the partition's uid gains no power over
+            // them), then the ids for good: the process is non-dumpable from that moment
+            // and never dumpable again.
+            unshare(NAMESPACES)?;
+            pivot_into_empty_root()?;
+            drop_host_ids(config.run_as)?;
+            // A user namespace of its own, created unprivileged and owning nothing, with
+            // no ids mapped (nothing needs them): RLIMIT_NPROC counts the tasks of one
+            // (user namespace, uid), so the partition's budget covers its own tasks.
+            unshare(libc::CLONE_NEWUSER)?;
+            config.run_as
+        } else {
+            // No id to change; a user namespace to be allowed the others at all.
+            let ids = own_ids();
+            enter_namespaces_unprivileged(ids)?;
+            pivot_into_empty_root()?;
+            ids
+        };
         drop_capabilities()?;
         limit_resources(config)?;
         // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
