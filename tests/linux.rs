@@ -77,6 +77,98 @@ fn linux_writes_and_reads_dev_vda_through_splitvisor_driver() {
     assert!(image.bytes()[..1 << 20] == expected[..], "the image holds what Linux wrote");
 }
 
+/// QEMU booting the Linux guest with `/dev/vda` on the vhost-user socket `socket`, running
+/// `script` (QEMU reconnects to the socket when the backend goes away).
+fn qemu_linux(guest: &std::path::Path, socket: &std::path::Path, script: &str) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-M", "pc", "-accel", "tcg", "-m", "256M"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"])
+        .args(["-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.cpio.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 splitvisor.script={}", base64(script.as_bytes())))
+        .arg("-chardev")
+        .arg(format!("socket,id=disk,path={},reconnect=1", socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=disk"])
+        .stdin(Stdio::null());
+    qemu
+}
+
+#[test]
+fn linux_sees_no_io_error_while_its_splitvisor_driver_is_killed_and_restarted() {
+    let Some(guest) = linux_guest() else {
+        return;
+    };
+    let image = Image::new("linux-restart", 8 << 20);
+    let mut driver = support::HandStartedDriver::start("linux-restart", &image.0);
+    // Rounds of 4 MiB written with fsync and read back, each round a different pattern, for
+    // as long as the host keeps killing the driver; then the kernel log must be clean.
+    let script = "i=0\n\
+                  echo linux-io-start\n\
+                  while [ $i -lt 24 ]; do\n\
+                    yes splitvisor-round-$i | head -c 4194304 > /p\n\
+                    dd if=/p of=/dev/vda bs=64k conv=fsync 2>/dev/null\n\
+                    dd if=/dev/vda bs=64k count=64 2>/dev/null | cmp - /p\n\
+                    echo linux-round-$i-ok\n\
+                    i=$((i+1))\n\
+                  done\n\
+                  if dmesg | grep -i -E 'I/O error|blk_update_request|critical medium'; then exit 1; fi\n";
+    let mut qemu = support::KillOnDrop(
+        qemu_linux(&guest, &driver.socket, script).stdout(Stdio::piped()).spawn().unwrap(),
+    );
+    let stdout = qemu.0.stdout.take().unwrap();
+    let (lines, console) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut seen = String::new();
+    let mut kills = 0;
+    let mut last_kill = std::time::Instant::now();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "no result from Linux within 10 minutes: {seen}");
+        match console.recv_timeout(left.min(std::time::Duration::from_millis(100))) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("LINUX-GUEST-RESULT") {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Kill during the guest's I/O only (not while QEMU sets the device up), about
+        // twice a second, and start it again on the same socket.
+        if seen.contains("linux-io-start")
+            && !seen.contains("linux-round-20-ok")
+            && last_kill.elapsed() > std::time::Duration::from_millis(500)
+        {
+            driver.kill();
+            driver.restart();
+            kills += 1;
+            last_kill = std::time::Instant::now();
+        }
+    }
+    let _ = qemu.0.wait();
+    reader.join().unwrap();
+    drop(driver);
+    assert!(seen.contains("LINUX-GUEST-RESULT: PASS"), "{seen}");
+    assert!(kills >= 5, "only {kills} kills during Linux's I/O: {seen}");
+    let expected: Vec<u8> = b"splitvisor-round-23\n".iter().copied().cycle().take(4 << 20).collect();
+    assert!(image.bytes()[..4 << 20] == expected[..], "the image holds the last round Linux wrote");
+}
+
 #[test]
 fn base64_matches_the_reference() {
     assert_eq!(base64(b""), "");

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
+use splitvisor::isolation::sandbox::testing::Forbidden;
 use splitvisor::layout::{
     ConsoleOutput, DiskConfig, DriverProgram, FaultPolicy, Layout, Placement, VmBuilder, VmReport,
 };
@@ -81,68 +82,6 @@ fn an_external_vhost_user_backend_serves_a_disk() {
     assert!(pattern_mismatches(&disk.bytes(), 4096, 23).is_empty());
 }
 
-fn status_field(pid: &str, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().to_string()
-}
-
-#[test]
-fn partitions_are_sandboxed_as_seen_from_outside() {
-    if !support::kvm() {
-        return;
-    }
-    let disk = Image::new("sandbox", MIB);
-    let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
-        .layout(Layout::microkernel())
-        .driver(driver())
-        .disk(image(&disk))
-        .console(ConsoleOutput::Discard)
-        .timeout(Some(Duration::from_millis(200)))
-        .build()
-        .unwrap();
-    let placed = vm.placements().iter().find(|p| p.device == "disk0").unwrap();
-    let watched = placed.partition.as_deref().unwrap().strip_prefix("pid ").unwrap().to_string();
-    // The process the hypervisor started only waits; its child, PID 1 of a new PID
-    // namespace, serves the disk.
-    let children = std::fs::read_to_string(format!("/proc/{watched}/task/{watched}/children")).unwrap();
-    let pid = children.split_whitespace().next().expect("the serving child").to_string();
-    assert_eq!(status_field(&pid, "NSpid:").split_whitespace().last(), Some("1"), "PID 1 in its namespace");
-
-    for process in [&watched, &pid] {
-        assert_eq!(status_field(process, "Seccomp:"), "2", "seccomp filter mode");
-        assert_eq!(status_field(process, "NoNewPrivs:"), "1");
-        for ns in ["user", "mnt", "net", "ipc"] {
-            let theirs = std::fs::read_link(format!("/proc/{process}/ns/{ns}")).unwrap();
-            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-            assert_ne!(theirs, ours, "{ns} namespace is the partition's own");
-        }
-    }
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
-    assert_ne!(theirs, std::fs::read_link("/proc/self/ns/pid").unwrap(), "pid namespace");
-    // Only what it was handed: stdin and stdout on /dev/null, stderr (inherited, for its
-    // log), then the disk, its sockets, eventfds, epoll and guest memory.
-    let disk_name = disk.0.file_name().unwrap().to_string_lossy().into_owned();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let entry = entry.unwrap();
-        let fd: u32 = entry.file_name().to_string_lossy().parse().unwrap();
-        let target = std::fs::read_link(entry.path()).unwrap().to_string_lossy().into_owned();
-        assert!(!target.contains("kvm"), "partition {pid} holds {target}");
-        let allowed = match fd {
-            0 | 1 => target == "/dev/null",
-            2 => true,
-            _ => {
-                target.starts_with("socket:")
-                    || target.starts_with("anon_inode:")
-                    || target.starts_with("/memfd:splitvisor-guest-ram")
-                    || target.ends_with(&disk_name)
-            }
-        };
-        assert!(allowed, "partition {pid} holds {target} on fd {fd}");
-    }
-    let report = vm.run().unwrap();
-    assert!(report.device_events.is_empty(), "{:?}", report.device_events);
-}
-
 #[test]
 fn a_partition_that_opens_a_file_is_killed_and_the_vm_goes_on() {
     if !support::kvm() {
@@ -157,7 +96,7 @@ fn a_partition_that_opens_a_file_is_killed_and_the_vm_goes_on() {
                 .with_fault_policy("disk1", FaultPolicy::FailDevice),
         )
         .driver(driver())
-        .partition_escape_test(Path::new("/etc/passwd"))
+        .partition_test_attempt(Forbidden::Open("/etc/passwd".into()))
         .cmdline("blk_verify.generation=24")
         .disk(image(&good))
         .disk(image(&evil))

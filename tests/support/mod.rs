@@ -97,10 +97,13 @@ impl HandStartedDriver {
         child
     }
 
-    /// Kills it (SIGKILL), as a crash would.
+    /// Kills it (SIGKILL), as a crash would, and waits (bounded) until the process that
+    /// served, in its own PID namespace, is gone too.
     pub fn kill(&mut self) {
+        let serving = children(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        wait_gone(&serving);
     }
 
     /// Starts it again on the same socket and image.
@@ -109,7 +112,105 @@ impl HandStartedDriver {
     }
 }
 
+/// The children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// Waits at most 10 s until none of `pids` is alive (zombies count as gone).
+pub fn wait_gone(pids: &[u32]) {
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A child process killed on drop (so that a failing test leaves nothing running).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for HandStartedDriver {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// qemu-storage-daemon exporting an image as vhost-user-blk on a socket; killed on drop.
+pub struct StorageDaemon {
+    child: std::process::Child,
+    image: std::path::PathBuf,
+    pub socket: std::path::PathBuf,
+}
+
+impl StorageDaemon {
+    /// Whether qemu-storage-daemon can run here (under CI=true it must).
+    pub fn available() -> bool {
+        require(
+            "qemu-storage-daemon",
+            std::process::Command::new("qemu-storage-daemon")
+                .arg("--version")
+                .output()
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// Starts it and waits (bounded) for its socket.
+    pub fn start(name: &str, image: &std::path::Path) -> Self {
+        let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}-qsd.sock", std::process::id()));
+        let child = Self::spawn(&socket, image);
+        Self { child, image: image.to_path_buf(), socket }
+    }
+
+    fn spawn(socket: &std::path::Path, image: &std::path::Path) -> std::process::Child {
+        let _ = std::fs::remove_file(socket);
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(std::time::Instant::now() < deadline, "qemu-storage-daemon never listened");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    }
+
+    /// Kills it (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same socket and image.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.socket, &self.image);
+    }
+}
+
+impl Drop for StorageDaemon {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.socket);

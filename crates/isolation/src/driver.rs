@@ -35,6 +35,7 @@ use splitvisor_devices::virtio::block::{self, DiskImage};
 
 use crate::backend::blk::BlockDevice;
 use crate::backend::{self, FaultPlan};
+use crate::sandbox::{self, Profile, SandboxConfig};
 
 /// Errors of the driver program.
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +115,18 @@ pub struct BlkArgs {
     /// The inherited fd of the open image (splitvisor's spawned partitions).
     #[arg(long, value_name = "N", hide = true)]
     pub disk_fd: Option<i32>,
-    /// Test hook: after the sandbox is up, try to open this path (the sandbox must kill the
-    /// process).
-    #[arg(long, value_name = "PATH", hide = true)]
-    pub test_escape: Option<PathBuf>,
+    /// The guest's RAM size in bytes: the partition maps all of it, and its address-space
+    /// limit is sized from it (splitvisor's spawned partitions).
+    #[arg(long, value_name = "BYTES", hide = true)]
+    pub guest_ram: Option<u64>,
+    /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
+    #[arg(long, value_name = "N", hide = true)]
+    pub ready_fd: Option<i32>,
+    /// Test hook: when the first request arrives, try this forbidden operation (the sandbox
+    /// must kill the process). Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, value_name = "WHAT", hide = true)]
+    pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 fn parse_fault(text: &str) -> Result<String, String> {
@@ -133,6 +142,14 @@ pub struct ProxyArgs {
     /// The interrupt's eventfd (an irqfd), inherited.
     #[arg(long, value_name = "N")]
     pub irq_fd: Option<i32>,
+    /// Where to say that the sandbox is in place.
+    #[arg(long, value_name = "N")]
+    pub ready_fd: Option<i32>,
+    /// Test hook: once sandboxed, try this forbidden operation (the sandbox must kill the
+    /// process). Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, value_name = "WHAT", hide = true)]
+    pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 /// The program: parses `args` (argv\[0\] included), serves, and returns the exit status
@@ -234,9 +251,8 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let sectors = image.sectors();
             let listener = listen(socket)?;
             let device = Arc::new(BlockDevice::new(image, &serial));
-            if !args.no_sandbox {
-                crate::sandbox::apply(&[listener.as_raw_fd(), device.image_fd()])?;
-            }
+            let keep = [listener.as_raw_fd(), device.image_fd()];
+            sandbox::apply(&SandboxConfig::new(Profile::VhostUserBlk, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
                 std::io::stdout(),
                 "splitvisor-driver: serving {} ({} MiB, {}, serial {serial}) on {}{}",
@@ -256,9 +272,19 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let size = file.metadata().map_err(|e| DriverError::Usage(format!("disk fd: {e}")))?.len();
             let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
-            crate::sandbox::apply(&[fd, disk_fd])?;
-            let device = Arc::new(BlockDevice::new(image, &serial).with_escape(args.test_escape));
-            backend::serve(stream, device, faults)?;
+            let mut config =
+                SandboxConfig::new(Profile::VhostUserBlk, &[fd, disk_fd]).enabled(!args.no_sandbox);
+            if let Some(bytes) = args.guest_ram {
+                config = config.guest_ram(bytes);
+            }
+            if let Some(ready) = args.ready_fd {
+                config = config.ready_fd(ready);
+            }
+            sandbox::apply(&config)?;
+            let device = BlockDevice::new(image, &serial);
+            #[cfg(feature = "test-hooks")]
+            let device = device.with_attempt(args.test_attempt);
+            backend::serve(stream, Arc::new(device), faults)?;
             Ok(())
         }
     }
@@ -322,7 +348,15 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
         None => Arc::new(CountingInterrupt::new()),
     };
     let keep: Vec<i32> = [Some(args.fd), args.irq_fd].into_iter().flatten().collect();
-    crate::sandbox::apply(&keep)?;
+    let mut config = SandboxConfig::new(Profile::BusProxy, &keep);
+    if let Some(ready) = args.ready_fd {
+        config = config.ready_fd(ready);
+    }
+    sandbox::apply(&config)?;
+    #[cfg(feature = "test-hooks")]
+    if let Some(what) = &args.test_attempt {
+        sandbox::testing::attempt_and_exit(what);
+    }
     let effects = Effects::default();
     let result = match device {
         "serial" => proxy::serve(&mut ProxiedSerial::new(interrupt, &effects), &effects, &mut stream),

@@ -333,6 +333,35 @@ impl VhostUserBlk {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
         let activation = self.activation.as_ref().ok_or(FrontendError::NotConnected)?;
         let frontend = &mut backend.frontend;
+        // The whole set-up goes out without waiting for each acknowledgement (one wake-up of
+        // the backend instead of a dozen: this is the time a restart keeps the device from
+        // serving), and one request with a reply at the end makes sure all of it was taken.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        let result = Self::replay(
+            frontend,
+            backend.protocol,
+            activation,
+            &mut self.inflight,
+            &self.queue_error,
+            resume,
+        );
+        if backend.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        result?;
+        request("GET_FEATURES (barrier)", frontend.get_features())?;
+        Ok(())
+    }
+
+    /// Sends everything a backend needs to serve the activated queues.
+    fn replay(
+        frontend: &mut Frontend,
+        protocol: VhostUserProtocolFeatures,
+        activation: &Activation,
+        inflight: &mut Option<Inflight>,
+        queue_error: &EventFd,
+        resume: &Resume,
+    ) -> Result<(), FrontendError> {
         let with_protocol = activation.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         request("SET_FEATURES", frontend.set_features(with_protocol))?;
         let regions = activation
@@ -344,14 +373,14 @@ impl VhostUserBlk {
             })
             .collect::<Result<Vec<_>, _>>()?;
         request("SET_MEM_TABLE", frontend.set_mem_table(&regions))?;
-        if backend.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
-            if self.inflight.is_none() {
+        if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if inflight.is_none() {
                 let max = activation.queues.iter().map(|q| q.max_size).max().unwrap_or(1);
                 let asked = VhostUserInflight::new(0, 0, activation.queues.len() as u16, max);
                 let (shape, file) = request("GET_INFLIGHT_FD", frontend.get_inflight_fd(&asked))?;
-                self.inflight = Some(Inflight { file, shape });
+                *inflight = Some(Inflight { file, shape });
             }
-            if let Some(inflight) = &self.inflight {
+            if let Some(inflight) = inflight {
                 request(
                     "SET_INFLIGHT_FD",
                     frontend.set_inflight_fd(&inflight.shape, inflight.file.as_raw_fd()),
@@ -390,7 +419,7 @@ impl VhostUserBlk {
             request("SET_VRING_ADDR", frontend.set_vring_addr(index, &config))?;
             request("SET_VRING_BASE", frontend.set_vring_base(index, base))?;
             request("SET_VRING_CALL", frontend.set_vring_call(index, &activation.call))?;
-            request("SET_VRING_ERR", frontend.set_vring_err(index, &self.queue_error))?;
+            request("SET_VRING_ERR", frontend.set_vring_err(index, queue_error))?;
             request("SET_VRING_KICK", frontend.set_vring_kick(index, &queue.kick))?;
             request("SET_VRING_ENABLE", frontend.set_vring_enable(index, true))?;
         }

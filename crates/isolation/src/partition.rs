@@ -25,6 +25,11 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sandbox::ReadySignal;
+
+/// Longest a partition may take from its start to its sandbox being in place.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Errors starting a partition.
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -92,8 +97,12 @@ pub struct BlockOptions {
     pub serial: String,
     /// A fault to inject (`crash-after=N`, `hang-after=N`), for demonstrations and tests.
     pub fault: Option<String>,
-    /// Test hook: the partition tries to open this path once sandboxed (and must die).
-    pub escape: Option<PathBuf>,
+    /// The guest's RAM size: the partition maps all of it; its address-space limit is
+    /// sized from it.
+    pub guest_ram: u64,
+    /// Test hook: the partition tries this when its first request arrives (and must die).
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 /// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
@@ -122,8 +131,12 @@ impl Partition {
         if let Some(fault) = &options.fault {
             args.extend(["--inject-fault".to_string(), fault.clone()]);
         }
-        if let Some(path) = &options.escape {
-            args.extend(["--test-escape".to_string(), path.display().to_string()]);
+        if options.guest_ram > 0 {
+            args.extend(["--guest-ram".to_string(), options.guest_ram.to_string()]);
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Some(what) = &options.attempt {
+            args.extend(["--test-attempt".to_string(), what.to_string()]);
         }
         let partition = Self::spawn(driver, &args, &[theirs.as_fd(), disk.as_fd()])?;
         Ok((partition, ours))
@@ -149,7 +162,9 @@ impl Partition {
         Ok((partition, ours))
     }
 
-    /// Runs `driver prefix.. args..` with `fds` as its fds 3, 4, ... and nothing else.
+    /// Runs `driver prefix.. args.. --ready-fd N` with `fds` as its fds 3, 4, ... (and the
+    /// readiness pipe as N) and nothing else; returns once the partition's sandbox is in
+    /// place.
     pub fn spawn(
         driver: &DriverProgram,
         args: &[String],
@@ -237,9 +252,14 @@ fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
     })
 }
 
-/// Starts one partition (on the spawner thread).
+/// Starts one partition (on the spawner thread), and waits for its sandbox.
 fn start(request: SpawnRequest) -> Result<Partition, PartitionError> {
-    let SpawnRequest { driver, args, fds } = request;
+    let SpawnRequest { driver, mut args, mut fds } = request;
+    let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
+    args.extend(["--ready-fd".to_string(), (3 + fds.len()).to_string()]);
+    // SAFETY: the readiness pipe's end lives until this function returns.
+    let ready_end = unsafe { BorrowedFd::borrow_raw(ready.partition_fd()) };
+    fds.push(ready_end.try_clone_to_owned().map_err(setup("duplicate an fd"))?);
     // Moved out of the way first (to 10 and up, close-on-exec), so that moving them to 3, 4,
     // ... never clobbers one not moved yet.
     let high = fds.iter().map(|fd| dup_high(fd.as_raw_fd())).collect::<Result<Vec<_>, _>>()?;
@@ -292,8 +312,13 @@ fn start(request: SpawnRequest) -> Result<Partition, PartitionError> {
     }
     // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    log::debug!("driver partition {} started: {} {}", child.id(), driver.path.display(), args.join(" "));
-    Ok(Partition { child, pidfd })
+    let mut partition = Partition { child, pidfd };
+    if let Err(e) = ready.wait(READY_TIMEOUT) {
+        partition.kill();
+        return Err(setup("wait for the partition's sandbox")(e));
+    }
+    log::debug!("driver partition {} started: {} {}", partition.pid(), driver.path.display(), args.join(" "));
+    Ok(partition)
 }
 
 /// Duplicates `fd` to a number of at least 10, close-on-exec.

@@ -167,8 +167,9 @@ pub(crate) struct Assembly<'a> {
     pub log: Arc<EventLog>,
     /// Faults to inject, by device.
     pub faults: &'a [(String, String)],
-    /// Test hook: every partition tries to open this once sandboxed.
-    pub escape: Option<PathBuf>,
+    /// Test hook: every disk partition tries this when its first request arrives.
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
 }
 
 impl Assembly<'_> {
@@ -390,8 +391,14 @@ impl DeviceRecipe for DiskRecipe {
                     Placement::Partition => {
                         let driver = vm.driver(&device)?;
                         let image = image.file().try_clone().map_err(Error::EventFd)?;
-                        let options =
-                            BlockOptions { read_only, serial, fault: None, escape: vm.escape.clone() };
+                        let options = BlockOptions {
+                            read_only,
+                            serial,
+                            fault: None,
+                            guest_ram: vm.ram.size(),
+                            #[cfg(feature = "test-hooks")]
+                            attempt: vm.attempt.clone(),
+                        };
                         let first = BlockOptions { fault: vm.fault(&device), ..options.clone() };
                         let (partition, stream) = Partition::spawn_block(&driver, &image, &first)?;
                         let handshake = handshake(&device, stream)?;

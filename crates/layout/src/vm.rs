@@ -74,7 +74,8 @@ pub struct VmBuilder {
     driver: Option<DriverProgram>,
     faults: Vec<(String, String)>,
     api_socket: Option<PathBuf>,
-    partition_escape: Option<PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    partition_attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
 }
 
 impl VmBuilder {
@@ -94,7 +95,8 @@ impl VmBuilder {
             driver: None,
             faults: Vec::new(),
             api_socket: None,
-            partition_escape: None,
+            #[cfg(feature = "test-hooks")]
+            partition_attempt: None,
         }
     }
 
@@ -125,11 +127,11 @@ impl VmBuilder {
         self
     }
 
-    /// Test hook: every driver partition tries to open `path` once sandboxed, which the
-    /// sandbox answers by killing it.
-    #[doc(hidden)]
-    pub fn partition_escape_test(mut self, path: &Path) -> Self {
-        self.partition_escape = Some(path.to_path_buf());
+    /// Test hook: every disk partition tries `what` when its first request arrives, which
+    /// the sandbox answers by killing it. Only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    pub fn partition_test_attempt(mut self, what: splitvisor_isolation::sandbox::testing::Forbidden) -> Self {
+        self.partition_attempt = Some(what);
         self
     }
 
@@ -291,7 +293,8 @@ impl VmBuilder {
                 stop: control.stop_handle(),
                 log: log.clone(),
                 faults: &this.faults,
-                escape: this.partition_escape.clone(),
+                #[cfg(feature = "test-hooks")]
+                attempt: this.partition_attempt.clone(),
             };
             for recipe in recipes {
                 let (name, kind) = (recipe.name(), recipe.kind());

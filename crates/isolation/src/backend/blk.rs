@@ -16,14 +16,20 @@ use super::{QueueServer, VhostUserDevice};
 pub struct BlockDevice {
     disk: Arc<DiskImage>,
     id: [u8; block::ID_BYTES],
-    /// Test hook: open this path when the first request arrives (the sandbox must kill us).
-    escape: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Test hook: tried when the first request arrives (the sandbox must kill us).
+    #[cfg(feature = "test-hooks")]
+    attempt: std::sync::Mutex<Option<crate::sandbox::testing::Forbidden>>,
 }
 
 impl BlockDevice {
     /// A device on `disk`, answering GET_ID with `id` (its first 20 bytes).
     pub fn new(disk: DiskImage, id: &str) -> Self {
-        Self { disk: Arc::new(disk), id: block::id_bytes(id), escape: std::sync::Mutex::new(None) }
+        Self {
+            disk: Arc::new(disk),
+            id: block::id_bytes(id),
+            #[cfg(feature = "test-hooks")]
+            attempt: std::sync::Mutex::new(None),
+        }
     }
 
     /// The image's fd (kept open across the sandbox).
@@ -32,10 +38,11 @@ impl BlockDevice {
         self.disk.file().as_raw_fd()
     }
 
-    /// Test hook: try to open `path` when the first request arrives, to show that the
-    /// sandbox kills a partition that tries to escape while serving a guest.
-    pub fn with_escape(self, path: Option<std::path::PathBuf>) -> Self {
-        *self.escape.lock().unwrap_or_else(|e| e.into_inner()) = path;
+    /// Test hook: try `what` when the first request arrives, to show that the sandbox
+    /// kills a partition that tries to escape while serving a guest.
+    #[cfg(feature = "test-hooks")]
+    pub fn with_attempt(self, what: Option<crate::sandbox::testing::Forbidden>) -> Self {
+        *self.attempt.lock().unwrap_or_else(|e| e.into_inner()) = what;
         self
     }
 }
@@ -59,11 +66,11 @@ impl VhostUserDevice for BlockDevice {
 
     fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
         let _ = features;
-        let escape = self.escape.lock().unwrap_or_else(|e| e.into_inner()).take();
         Box::new(BlockQueue {
             requests: BlockRequests::new(memory.clone(), self.disk.clone(), self.id),
             memory,
-            escape,
+            #[cfg(feature = "test-hooks")]
+            attempt: self.attempt.lock().unwrap_or_else(|e| e.into_inner()).take(),
         })
     }
 }
@@ -71,7 +78,8 @@ impl VhostUserDevice for BlockDevice {
 struct BlockQueue {
     requests: BlockRequests,
     memory: GuestMemoryMmap,
-    escape: Option<std::path::PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
 impl QueueServer for BlockQueue {
@@ -80,9 +88,9 @@ impl QueueServer for BlockQueue {
         queue: &mut Queue,
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
-        if let Some(path) = self.escape.take() {
-            let opened = std::fs::File::open(&path);
-            log::error!("sandbox escape: open({}) returned {:?}", path.display(), opened.map(|_| ()));
+        #[cfg(feature = "test-hooks")]
+        if let Some(what) = self.attempt.take() {
+            crate::sandbox::testing::attempt_and_exit(&what);
         }
         self.requests.process_queue_with(queue, journal)
     }

@@ -1,0 +1,260 @@
+//! The seccomp allowlists: one per kind of partition process, each call with its reason.
+//!
+//! Every list is the set of system calls that kind of process was seen to make once
+//! sandboxed (`strace -ff` of the driver serving `blk-bench` and `blk-verify`, and of the
+//! proxies serving a guest), and nothing else. Anything not listed, or listed with other
+//! arguments, kills the whole process (SIGSYS). A new system call in device or backend code
+//! must be added here with its reason (the tests in `tests/sandbox.rs` catch a missing one).
+//!
+//! x86_64 and glibc: the thread-creating clone flags are glibc's.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use super::{Profile, SandboxError};
+
+/// The flags glibc's `pthread_create` passes to clone: a thread sharing everything, and
+/// nothing else (no namespace, no fork, no vfork, no ptrace).
+pub(crate) const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn error(e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Seccomp(e.to_string())
+}
+
+/// Allowed with any arguments.
+fn any(rules: &mut Rules, syscalls: &[libc::c_long]) {
+    for nr in syscalls {
+        rules.insert(*nr, Vec::new());
+    }
+}
+
+/// Allowed only when argument `index` is one of `values`.
+fn arg_in(
+    rules: &mut Rules,
+    nr: libc::c_long,
+    index: u8,
+    len: Len,
+    values: &[u64],
+) -> Result<(), SandboxError> {
+    let alternatives = values
+        .iter()
+        .map(|value| SeccompRule::new(vec![SeccompCondition::new(index, len.clone(), Op::Eq, *value)?]))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(error)?;
+    rules.insert(nr, alternatives);
+    Ok(())
+}
+
+/// Allowed only when argument `index` has none of the bits of `mask`.
+fn arg_without(rules: &mut Rules, nr: libc::c_long, index: u8, mask: u64) -> Result<(), SandboxError> {
+    let condition = SeccompCondition::new(index, Len::Dword, Op::MaskedEq(mask), 0).map_err(error)?;
+    rules.insert(nr, vec![SeccompRule::new(vec![condition]).map_err(error)?]);
+    Ok(())
+}
+
+fn compile(
+    rules: Rules,
+    on_mismatch: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, SandboxError> {
+    SeccompFilter::new(rules, on_mismatch, on_match, TargetArch::x86_64)
+        .map_err(error)?
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| error(e))
+}
+
+/// What every partition process needs once sandboxed, whatever it serves.
+fn common(rules: &mut Rules, own_pid: libc::pid_t) -> Result<(), SandboxError> {
+    any(
+        rules,
+        &[
+            // Output to its socket or eventfd (the irqfd), its readiness byte, its log on
+            // stderr.
+            libc::SYS_write,
+            // Dropping fds.
+            libc::SYS_close,
+            // The heap: glibc's malloc grows the main arena with brk, large blocks and
+            // other arenas with mmap (rules below), frees with munmap and madvise, and
+            // Vec reallocates large blocks with mremap.
+            libc::SYS_brk,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_mremap,
+            // Returning from a signal handler (Rust's stack-overflow handler).
+            libc::SYS_rt_sigreturn,
+            // Rust tears down the thread's alternate signal stack at exit.
+            libc::SYS_sigaltstack,
+            // abort() (an allocation failure under RLIMIT_AS, a panic in a drop) blocks
+            // signals and raises SIGABRT at itself: it dies of SIGABRT, not of SIGSYS.
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_getpid,
+            libc::SYS_gettid,
+            // The end of the process and of a thread.
+            libc::SYS_exit_group,
+            libc::SYS_exit,
+        ],
+    );
+    // abort()'s tgkill, only at itself.
+    arg_in(rules, libc::SYS_tgkill, 0, Len::Dword, &[own_pid as u32 as u64])?;
+    // Memory, but never executable: no new code once sandboxed.
+    let exec = libc::PROT_EXEC as u64;
+    arg_without(rules, libc::SYS_mmap, 2, exec)?;
+    arg_without(rules, libc::SYS_mprotect, 2, exec)?;
+    Ok(())
+}
+
+/// The partition's filters, to install in this order: the first answers clone3 with ENOSYS
+/// (glibc then creates threads with clone, whose flags a filter can check; clone3's are
+/// behind a pointer), the second is the allowlist of `profile`, which kills on anything
+/// else. The kernel applies the stricter answer of the two.
+pub(super) fn partition_filters(
+    profile: Profile,
+    own_pid: libc::pid_t,
+) -> Result<[BpfProgram; 2], SandboxError> {
+    let mut clone3 = Rules::new();
+    any(&mut clone3, &[libc::SYS_clone3]);
+    let clone3 = compile(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
+
+    let mut rules = Rules::new();
+    common(&mut rules, own_pid)?;
+    // Let clone3 through to the first filter's ENOSYS.
+    any(&mut rules, &[libc::SYS_clone3]);
+    match profile {
+        Profile::BusProxy => {
+            any(
+                &mut rules,
+                &[
+                    // The proxy socket: std's UnixStream reads with recv and writes with
+                    // send (recvfrom and sendto).
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
+                ],
+            );
+            // Rust's debug builds check an fd is open before closing it.
+            arg_in(&mut rules, libc::SYS_fcntl, 1, Len::Dword, &[libc::F_GETFD as u64])?;
+        }
+        Profile::VhostUserBlk => {
+            any(
+                &mut rules,
+                &[
+                    // Eventfds (kick, call, the worker's exit event).
+                    libc::SYS_read,
+                    // The image.
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    // VIRTIO_BLK_T_FLUSH.
+                    libc::SYS_fdatasync,
+                    // vhost-user: the frontend's connection (messages carry fds) ...
+                    libc::SYS_accept4,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendmsg,
+                    libc::SYS_shutdown,
+                    // ... served from an epoll loop per worker, with an exit eventfd each.
+                    libc::SYS_epoll_create1,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_epoll_wait,
+                    libc::SYS_eventfd2,
+                    // Threads: locks, glibc's per-thread set-up (robust futex list, rseq,
+                    // the affinity pthread_getattr_np reads for the stack guard), and
+                    // SIGCANCEL's handler, installed at the first pthread_create.
+                    libc::SYS_futex,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                    libc::SYS_sched_getaffinity,
+                    libc::SYS_rt_sigaction,
+                    // std's HashMap seeds.
+                    libc::SYS_getrandom,
+                    // A hand-started backend waits on its connection and its listener
+                    // together (to refuse a second frontend).
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    // The inflight region a backend allocates for its frontend
+                    // (GET_INFLIGHT_FD): anonymous shared memory, no file.
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                    // An injected hang (--inject-fault hang-after=N) sleeps for ever.
+                    libc::SYS_clock_nanosleep,
+                ],
+            );
+            // Threads and nothing else: no fork, no new namespace.
+            arg_in(&mut rules, libc::SYS_clone, 0, Len::Qword, &[THREAD_CLONE_FLAGS])?;
+            // Naming a thread (std::thread::Builder::name).
+            arg_in(&mut rules, libc::SYS_prctl, 0, Len::Dword, &[libc::PR_SET_NAME as u64])?;
+            // Checking an fd (Rust's debug builds) and duplicating one (try_clone).
+            arg_in(
+                &mut rules,
+                libc::SYS_fcntl,
+                1,
+                Len::Dword,
+                &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
+            )?;
+        }
+    }
+    let allowlist = compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?;
+    Ok([clone3, allowlist])
+}
+
+/// The watcher's filter: it writes the gate byte its child waits for on `gate` and closes
+/// it, waits for `child`, and dies the way its child died (restoring the default action,
+/// raising the signal at itself) or exits.
+pub(super) fn watcher_filter(
+    child: libc::pid_t,
+    own_pid: libc::pid_t,
+    gate: RawFd,
+) -> Result<BpfProgram, SandboxError> {
+    let mut rules = Rules::new();
+    arg_in(&mut rules, libc::SYS_wait4, 0, Len::Dword, &[child as u32 as u64])?;
+    arg_in(&mut rules, libc::SYS_write, 0, Len::Dword, &[gate as u32 as u64])?;
+    arg_in(&mut rules, libc::SYS_close, 0, Len::Dword, &[gate as u32 as u64])?;
+    arg_in(&mut rules, libc::SYS_tgkill, 0, Len::Dword, &[own_pid as u32 as u64])?;
+    any(
+        &mut rules,
+        &[
+            libc::SYS_rt_sigaction,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_getpid,
+            libc::SYS_gettid,
+            libc::SYS_exit_group,
+        ],
+    );
+    compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
+/// Installs `program` on the calling thread (and the threads it creates from then on).
+pub(super) fn install(program: &BpfProgram) -> Result<(), SandboxError> {
+    seccompiler::apply_filter(program).map_err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for profile in [Profile::VhostUserBlk, Profile::BusProxy] {
+            let [clone3, allowlist] = partition_filters(profile, 1).unwrap();
+            assert!(!clone3.is_empty() && !allowlist.is_empty());
+        }
+        assert!(!watcher_filter(2, 1, 5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn thread_flags_are_glibcs() {
+        assert_eq!(THREAD_CLONE_FLAGS, 0x3d0f00);
+    }
+}
