@@ -301,7 +301,7 @@ fn killing_the_hypervisor_leaves_no_partition_behind() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut family = Vec::new();
     while Instant::now() < deadline {
-        family = descendants(pid);
+        family = support::descendants(pid);
         // 3 partitions and 3 spares, each a watcher and a serving child.
         if family.len() >= 12 {
             break;
@@ -312,36 +312,9 @@ fn killing_the_hypervisor_leaves_no_partition_behind() {
     signal(pid, libc::SIGKILL);
     let _ = hypervisor.wait();
     let killed = Instant::now();
-    let alive = |pid: &u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-    };
-    while family.iter().any(alive) && killed.elapsed() < Duration::from_secs(1) {
+    while family.iter().any(support::alive) && killed.elapsed() < Duration::from_secs(1) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let left: Vec<u32> = family.iter().copied().filter(alive).collect();
+    let left: Vec<u32> = family.iter().copied().filter(support::alive).collect();
     assert!(left.is_empty(), "partitions alive 1 s after the hypervisor died: {left:?}");
-}
-
-/// Every process below `pid`.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(parent) = queue.pop() {
-        let children =
-            std::fs::read_dir(format!("/proc/{parent}/task")).into_iter().flatten().flatten().flat_map(
-                |task| {
-                    std::fs::read_to_string(task.path().join("children"))
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok())
-                        .collect::<Vec<_>>()
-                },
-            );
-        for child in children {
-            found.push(child);
-            queue.push(child);
-        }
-    }
-    found
 }

@@ -75,32 +75,42 @@ impl HandStartedDriver {
     }
 
     fn spawn(socket: &std::path::Path, disk: &std::path::Path) -> std::process::Child {
-        use std::io::BufRead;
+        use std::io::{BufRead, Read};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
             .args(["blk", "--socket"])
             .arg(socket)
             .arg("--disk")
             .arg(disk)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start splitvisor-driver");
         let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
         let (ready, wait) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = std::io::BufReader::new(stdout).read_line(&mut line);
             let _ = ready.send(line);
         });
-        let line =
-            wait.recv_timeout(std::time::Duration::from_secs(30)).expect("splitvisor-driver never got ready");
-        assert!(line.contains("serving"), "splitvisor-driver said: {line}");
+        let line = wait.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default();
+        if !line.contains("serving") {
+            let _ = child.kill();
+            let mut errors = String::new();
+            let _ = stderr.read_to_string(&mut errors);
+            panic!("splitvisor-driver did not get ready: {line}{errors}");
+        }
+        // Its log goes on to ours.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stderr, &mut std::io::stderr());
+        });
         child
     }
 
     /// Kills it (SIGKILL), as a crash would, and waits (bounded) until the process that
     /// served, in its own PID namespace, is gone too.
     pub fn kill(&mut self) {
-        let serving = children(self.child.id());
+        let serving = descendants(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
         wait_gone(&serving);
@@ -112,21 +122,34 @@ impl HandStartedDriver {
     }
 }
 
-/// The children of `pid`.
-pub fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect()
+/// Every process below `pid`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).into_iter().flatten().flatten();
+        for task in tasks {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                found.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    found
 }
 
-/// Waits at most 10 s until none of `pids` is alive (zombies count as gone).
-pub fn wait_gone(pids: &[u32]) {
-    let alive = |pid: &u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+/// Whether any thread of `pid` is still running (a killed process's leader can be a zombie
+/// while its other threads are still finishing a system call, files still open).
+pub fn alive(pid: &u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
             .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-    };
+    })
+}
+
+/// Waits at most 10 s until none of `pids` is alive.
+pub fn wait_gone(pids: &[u32]) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while pids.iter().any(alive) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(2));
