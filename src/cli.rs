@@ -437,17 +437,36 @@ fn print_timeline(report: &VmReport, start: Instant) {
 }
 
 fn print_stats(report: &VmReport) {
-    eprintln!("exits to the VMM: {} PIO, {} MMIO", report.pio_exits, report.mmio_exits);
+    eprintln!(
+        "exits that reached splitvisor:  {:>9} port I/O {:>9} MMIO",
+        report.pio_exits, report.mmio_exits
+    );
     if !report.kvm_exits.is_empty() {
-        let counts: Vec<String> =
-            report.kvm_exits.iter().map(|(name, value)| format!("{name} {value}")).collect();
-        eprintln!("KVM's counts (all vCPUs): {}", counts.join(", "));
+        let count = |name: &str| report.kvm_exits.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        let counts: Vec<String> = report
+            .kvm_exits
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        eprintln!("KVM's own counts, all vCPUs:    {}", counts.join(", "));
+        // A KVM that does not count what reached us (this machine's software KVM) would
+        // otherwise show "io_exits 0" beside hundreds of port I/O exits.
+        let missing: Vec<&str> = [("io_exits", report.pio_exits), ("mmio_exits", report.mmio_exits)]
+            .into_iter()
+            .filter(|(name, ours)| *ours > 0 && count(name) == Some(0))
+            .map(|(name, _)| name)
+            .collect();
+        if !missing.is_empty() {
+            eprintln!("                                ({} not counted by this KVM)", missing.join(", "));
+        }
     }
-    eprintln!("{:<5} {:<24} {:<20} {:>10} {:>10}", "bus", "range", "device", "reads", "writes");
+    eprintln!("device accesses that reached splitvisor:");
+    eprintln!("  {:<5} {:<24} {:<28} {:>10} {:>10}", "bus", "range", "device", "reads", "writes");
     for bus in &report.buses {
         for device in &bus.devices {
             eprintln!(
-                "{:<5} {:<24} {:<20} {:>10} {:>10}",
+                "  {:<5} {:<24} {:<28} {:>10} {:>10}",
                 bus.kind.to_string(),
                 device.range.to_string(),
                 device.name,
@@ -455,6 +474,18 @@ fn print_stats(report: &VmReport) {
                 device.writes
             );
         }
-        eprintln!("{:<5} {:<24} {:<20} {:>10}", bus.kind.to_string(), "-", "(no device)", bus.unassigned);
+    }
+    for bus in &report.buses {
+        if bus.unassigned > 0 {
+            eprintln!(
+                "  {} accesses no {} device claimed (answered as an empty bus)",
+                bus.unassigned, bus.kind
+            );
+        }
+    }
+    for driver in &report.drivers {
+        if driver.restarts > 0 || driver.health != splitvisor_layout::Health::Running {
+            eprintln!("driver of {}: {} restarts, {}", driver.device, driver.restarts, driver.health);
+        }
     }
 }

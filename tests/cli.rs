@@ -11,8 +11,19 @@ fn example() -> PathBuf {
     support::example("monolithic")
 }
 
+/// Runs the example to its end. Every run gets a deadline (`--timeout`), so a fault
+/// shows as a failure, never as a hung test.
 fn run(args: &[&str]) -> Output {
-    Command::new(example()).args(args).env("RUST_BACKTRACE", "1").output().expect("run the example")
+    run_example(example(), args)
+}
+
+fn run_example(program: PathBuf, args: &[&str]) -> Output {
+    let mut command = Command::new(program);
+    command.args(args).env("RUST_BACKTRACE", "1");
+    if !args.contains(&"--timeout") {
+        command.args(["--timeout", "300"]);
+    }
+    command.output().expect("run the example")
 }
 
 /// Exactly one line on stderr naming the problem, no panic, no backtrace, status 2.
@@ -87,9 +98,24 @@ fn exit_status_reports_how_the_guest_ended() {
     if !support::kvm() {
         return;
     }
+    // A vCPU that fails: one line naming the vCPU, the exit and where.
     let fault = run(&["--guest", "triple-fault"]);
-    assert_eq!(fault.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&fault.stderr).contains("triple fault"));
+    let stderr = String::from_utf8_lossy(&fault.stderr);
+    assert_eq!(fault.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("vCPU 0") && stderr.contains("triple fault") && stderr.contains("rip 0x"),
+        "{stderr}"
+    );
+    // A guest that reports a failure: its reason, readable.
+    let failed = run(&["--guest", "blk-verify"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("monolithic: guest 'blk-verify' reported a failure: no virtio-blk disk"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Fail("), "{stderr}");
     let idle = run(&["--guest", "idle", "--timeout", "0.3"]);
     assert_eq!(idle.status.code(), Some(3), "{}", String::from_utf8_lossy(&idle.stderr));
 }
@@ -114,7 +140,7 @@ fn host_input_reaches_the_guest_console() {
         return;
     }
     let mut child = Command::new(example())
-        .args(["--guest", "echo"])
+        .args(["--guest", "echo", "--timeout", "120"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -132,8 +158,9 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
     if !support::kvm() {
         return;
     }
+    // The timeout is a backstop: without Ctrl-C, the run would end "timed out".
     let mut child = Command::new(example())
-        .args(["--guest", "idle", "--vcpus", "2"])
+        .args(["--guest", "idle", "--vcpus", "2", "--timeout", "120"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -157,4 +184,93 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("monolithic: VM stopped by the host"), "{stderr}");
+}
+
+#[test]
+fn unknown_device_names_are_errors_that_list_the_known_ones() {
+    for args in [
+        &["--place", "foo=partition"][..],
+        &["--place", "disk5=hypervisor", "--disk", "/nonexistent.img"],
+        &["--fault-policy", "disk0=fail"],
+        &["--inject-fault", "nic0:crash-after=3"],
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("unknown device") && stderr.contains("com1, i8042"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn no_data_path_exit_reaches_the_vmm() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = support::images::Image::new("cli-exits", 4 << 20);
+    for example in ["monolithic", "microkernel"] {
+        // blk-verify makes about 130 requests of 64 KiB on 4 MiB, each rung on QueueNotify.
+        let out = run_example(
+            support::example(example),
+            &["--guest", "blk-verify", "--disk", disk.0.to_str().unwrap(), "--stats"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{example}: {stderr}");
+        let disk_row = stderr.lines().find(|l| l.contains("disk0")).unwrap_or_else(|| panic!("{stderr}"));
+        let writes: u64 = disk_row.split_whitespace().last().unwrap().parse().unwrap();
+        // Only the set-up (status, features, queue registers) reached the VMM: every
+        // doorbell went to KVM's ioeventfd, every completion through the irqfd.
+        assert!(writes < 40, "{example}: {writes} register writes reached the VMM: {stderr}");
+    }
+}
+
+#[test]
+fn the_microkernel_example_places_every_device_and_takes_overrides() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = support::images::Image::new("cli-mk", 2 << 20);
+    let out = run_example(
+        support::example("microkernel"),
+        &[
+            "--guest",
+            "blk-verify",
+            "--disk",
+            disk.0.to_str().unwrap(),
+            "--layout",
+            "--place",
+            "i8042=hypervisor",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let row =
+        |device: &str| stderr.lines().find(|l| l.starts_with(device)).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(row("com1").contains("driver partition") && row("com1").contains("pid "), "{stderr}");
+    assert!(row("disk0").contains("driver partition") && row("disk0").contains("restart"), "{stderr}");
+    assert!(row("i8042").contains("in hypervisor") && row("i8042").contains("halt"), "{stderr}");
+}
+
+#[test]
+fn the_microkernel_example_is_its_own_driver_when_no_splitvisor_driver_is_around() {
+    if !support::kvm() {
+        return;
+    }
+    // A copy of the example alone in a directory: no splitvisor-driver beside it or above.
+    let dir = std::env::temp_dir().join(format!("splitvisor-alone-{}", std::process::id()));
+    let alone = dir.join("bin").join("microkernel");
+    std::fs::create_dir_all(alone.parent().unwrap()).unwrap();
+    std::fs::copy(support::example("microkernel"), &alone).unwrap();
+    let mut command = Command::new(&alone);
+    command.args(["--layout", "--timeout", "120"]).env_remove("SPLITVISOR_DRIVER");
+    let out = command.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("Hello from the splitvisor guest kit!"), "{stdout}");
+    assert!(
+        stderr.lines().filter(|l| l.contains("driver partition") && l.contains("pid ")).count() >= 2,
+        "{stderr}"
+    );
 }

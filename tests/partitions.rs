@@ -148,3 +148,49 @@ fn a_broken_queue_asks_for_a_reset_in_either_placement() {
         }
     }
 }
+
+#[test]
+fn a_read_only_disk_in_a_partition_is_opened_read_only_and_refuses_writes() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("ro-partition", MIB);
+    std::fs::write(&disk.0, vec![0x5a; MIB as usize]).unwrap();
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .layout(Layout::microkernel())
+        .driver(driver())
+        .disk(DiskConfig::image(&disk.0).read_only())
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap();
+    // The process that serves the disk holds the image open for reading only.
+    let watched = vm.drivers().iter().find(|d| d.device == "disk0").unwrap().pid.unwrap();
+    let serving = support::descendants(watched);
+    let name = disk.0.file_name().unwrap().to_string_lossy().into_owned();
+    let mut image_fds = 0;
+    for pid in serving {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            if target.to_string_lossy().ends_with(&name) {
+                let fd = entry.file_name().to_string_lossy().into_owned();
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim().to_string();
+                let flags = u32::from_str_radix(&flags, 8).unwrap();
+                assert_eq!(
+                    flags & libc::O_ACCMODE as u32,
+                    libc::O_RDONLY as u32,
+                    "fd {fd} of {pid}: {flags:o}"
+                );
+                image_fds += 1;
+            }
+        }
+    }
+    assert!(image_fds > 0, "no process of the partition holds the image");
+    let report = vm.run().unwrap();
+    let console = console.text();
+    // blk-verify checks that a write to a read-only disk fails with IOERR.
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(disk.bytes().iter().all(|b| *b == 0x5a), "the image changed");
+}

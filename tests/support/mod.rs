@@ -16,7 +16,11 @@ pub fn require(what: &str, available: Result<(), String>) -> bool {
         Ok(()) => true,
         Err(why) if in_ci() => panic!("CI=true and {what} is not available: {why}"),
         Err(why) => {
-            eprintln!("SKIPPED: {what} is not available: {why}");
+            // Straight to the terminal, not through the test harness's capture: a skipped
+            // test passes, and its reason must show in a plain `cargo test`.
+            use std::io::Write;
+            let test = std::thread::current().name().unwrap_or("a test").to_string();
+            let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {what} is not available: {why}");
             false
         }
     }
