@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use splitvisor_devices::virtio::GuestMemoryMmap;
-use splitvisor_devices::virtio::block::{self, BlockRequests, DiskImage, QUEUE_SIZE};
+use splitvisor_devices::virtio::block::{self, BlockRequests, DiskImage, Processed, QUEUE_SIZE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -89,6 +89,11 @@ impl VhostUserBackendMut for BlockBackend {
         self.broken = false;
     }
 
+    fn acked_features(&mut self, features: u64) {
+        // The engine follows indirect descriptors only if the driver negotiated them.
+        self.requests.set_features(features);
+    }
+
     fn set_event_idx(&mut self, enabled: bool) {
         self.event_idx = enabled;
     }
@@ -125,7 +130,20 @@ impl VhostUserBackendMut for BlockBackend {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             queue.set_event_idx(self.event_idx);
-            self.requests.process_queue(queue)
+            // The engine serves at most a queue's worth per call; nothing kicks for the
+            // rest, so call again until it is done.
+            let mut total = self.requests.process_queue(queue);
+            while let Ok(done) = total {
+                if !done.pending {
+                    break;
+                }
+                total = self.requests.process_queue(queue).map(|more| Processed {
+                    completed: done.completed + more.completed,
+                    notify: done.notify || more.notify,
+                    pending: more.pending,
+                });
+            }
+            total
         };
         match processed {
             Ok(processed) if processed.notify => vring.signal_used_queue(),

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use splitvisor_devices::virtio::GuestMemoryMmap;
-use splitvisor_devices::virtio::block::{self, DiskImage};
+use splitvisor_devices::virtio::block::DiskImage;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
@@ -203,8 +203,7 @@ pub fn run<I: IntoIterator<Item = String>>(args: I) -> Result<(), DriverError> {
             let listener = unsafe { UnixListener::from_raw_fd(listen) };
             // SAFETY: as above.
             let file = unsafe { std::fs::File::from_raw_fd(disk) };
-            let size = file.metadata().map_err(|e| DriverError::Daemon(format!("disk: {e}")))?.len();
-            let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
+            let image = DiskImage::from_file(file, args.read_only, format!("disk fd {disk}"))?;
             crate::sandbox::apply(&[listen, disk])?;
             let mut listener = Listener::from(listener);
             serve_blk(

@@ -153,5 +153,6 @@ pub fn memory_disk(sectors: u64, read_only: bool) -> (super::block::DiskImage, s
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(sectors * super::block::SECTOR_SIZE).expect("size the memfd");
     let inspect = file.try_clone().expect("duplicate the memfd");
-    (super::block::DiskImage::from_file(file, read_only, sectors), inspect)
+    let disk = super::block::DiskImage::from_file(file, read_only, "test memfd").expect("a memfd is a disk");
+    (disk, inspect)
 }
