@@ -4,6 +4,8 @@
 //! Each takes raw bytes, shapes them with `arbitrary` into what a malicious guest could
 //! do to the device, and checks the device's invariants; a panic is a finding.
 
+pub mod heap;
+
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
