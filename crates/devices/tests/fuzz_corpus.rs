@@ -4,6 +4,11 @@
 use std::path::PathBuf;
 
 use splitvisor_devices::fuzzing;
+use splitvisor_devices::fuzzing::heap::CountingAllocator;
+
+// The virtio_blk harness bounds the heap one kick allocates when this allocator counts.
+#[global_allocator]
+static HEAP: CountingAllocator = CountingAllocator;
 
 fn replay(target: &str, harness: fn(&[u8])) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
@@ -18,6 +23,7 @@ fn replay(target: &str, harness: fn(&[u8])) {
         }
     }
     assert!(inputs >= 8, "{target}: only {inputs} corpus inputs in {}", dir.display());
+    assert!(fuzzing::heap::installed(), "the counting allocator is not installed");
 }
 
 #[test]

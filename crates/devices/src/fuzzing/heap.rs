@@ -96,3 +96,15 @@ pub fn measure<R>(f: impl FnOnce() -> R) -> (R, Option<usize>) {
 pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
+
+/// Runs `f` without counting what it allocates or frees: for an oracle that runs inside
+/// the code being measured (a journal's callbacks). Allocations made inside must also be
+/// freed inside (or after the measurement).
+pub fn exclude<R>(f: impl FnOnce() -> R) -> R {
+    let live = LIVE.with(Cell::get);
+    let peak = PEAK.with(Cell::get);
+    let result = f();
+    LIVE.with(|cell| cell.set(live));
+    PEAK.with(|cell| cell.set(peak));
+    result
+}

@@ -31,7 +31,8 @@
 //! ## Malformed chains
 //! * A chain that cannot be walked to its end (a loop, too long, a `next` or head beyond the
 //!   table, a descriptor outside guest memory, indirect descriptors not allowed as used, a
-//!   device-readable buffer after a device-writable one) has no status byte we could trust:
+//!   device-readable buffer after a device-writable one, a buffer that wraps the address
+//!   space) has no status byte we could trust:
 //!   it is returned with used length 0 and nothing written.
 //! * So is a chain without device-writable bytes, or whose last device-writable byte is
 //!   outside guest memory or inside the queue's rings.
@@ -965,7 +966,8 @@ impl BlockRequests {
             skip -= skipped;
             let take = (seg_len - skipped).min(left);
             left -= take;
-            (take > 0).then(|| (s.addr.wrapping_add(skipped), take))
+            // The walker refused buffers that wrap the address space.
+            (take > 0).then(|| (s.addr + skipped, take))
         })
     }
 
