@@ -1273,6 +1273,145 @@ mod tests {
         assert_eq!(request(&mut rig, &mut driver, request_type::IN, 63, 512, true), request_status::OK);
     }
 
+    /// Records what the engine tells a journal.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl RequestJournal for Recorder {
+        fn fetched(&mut self, head: u16) {
+            self.0.push(format!("fetched {head}"));
+        }
+        fn completing(&mut self, head: u16) {
+            self.0.push(format!("completing {head}"));
+        }
+        fn completed(&mut self, head: u16, used_idx: u16) {
+            self.0.push(format!("completed {head} at {used_idx}"));
+        }
+    }
+
+    /// Header at `HDR + 0x100 * head`, data at `DATA + 0x1000 * head`, status at
+    /// `STATUS + head`, as chain `head` (descriptors 3 * head ..).
+    fn chain(mem: &GuestMemoryMmap, driver: &DriverQueue<'_>, head: u16, kind: u32, sector: u64) {
+        let hdr = HDR + 0x100 * u64::from(head);
+        write_blk_header(mem, hdr, kind, sector);
+        let first = 3 * head;
+        let data_flags = if kind == request_type::IN { DESC_F_WRITE } else { 0 };
+        driver.write_descriptor(first, hdr, 16, DESC_F_NEXT, first + 1);
+        driver.write_descriptor(
+            first + 1,
+            DATA + 0x1000 * u64::from(head),
+            512,
+            data_flags | DESC_F_NEXT,
+            first + 2,
+        );
+        driver.write_descriptor(first + 2, STATUS + u64::from(head), 1, DESC_F_WRITE, 0);
+    }
+
+    fn engine(mem: &GuestMemoryMmap) -> (BlockRequests, File) {
+        let (disk, inspect) = memory_disk(64, false);
+        (BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("j")), inspect)
+    }
+
+    #[test]
+    fn the_journal_hears_each_request_fetched_completing_and_completed() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _) = engine(&mem);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        driver.start_at(0xfffe);
+        let mut queue = driver.device_queue();
+        // Heads are chain starts: 3 and 6 (descriptors 3 * n).
+        chain(&mem, &driver, 1, request_type::FLUSH, 0);
+        chain(&mem, &driver, 2, request_type::IN, 0);
+        driver.publish(3);
+        driver.publish(6);
+        let mut journal = Recorder::default();
+        let processed = requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(processed.completed, 2);
+        // The used index wraps at 2^16.
+        assert_eq!(
+            journal.0,
+            [
+                "fetched 3",
+                "completing 3",
+                "completed 3 at 65535",
+                "fetched 6",
+                "completing 6",
+                "completed 6 at 0"
+            ]
+        );
+        assert_eq!(driver.used_idx(), 0);
+        assert_eq!(driver.used_elem(0xffff), (6, 513));
+    }
+
+    #[test]
+    fn resubmitted_requests_run_again_in_the_given_order() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect) = engine(&mem);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::OUT, 7);
+        chain(&mem, &driver, 2, request_type::FLUSH, 0);
+        mem.write_slice(&[0x77; 512], GuestAddress(DATA + 0x1000)).unwrap();
+        driver.publish(3);
+        driver.publish(6);
+        // A previous backend took both off the ring and died before completing them.
+        queue.set_next_avail(2);
+        let mut journal = Recorder::default();
+        let processed = requests.resubmit(&mut queue, &[6, 3], &mut journal).unwrap();
+        assert_eq!(processed.completed, 2);
+        assert_eq!(journal.0, ["completing 6", "completed 6 at 1", "completing 3", "completed 3 at 2"]);
+        assert_eq!((driver.used_elem(0), driver.used_elem(1)), ((6, 1), (3, 1)));
+        let mut sector = [0u8; 512];
+        inspect.read_exact_at(&mut sector, 7 * 512).unwrap();
+        assert_eq!(sector, [0x77; 512], "the write ran again");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), request_status::OK);
+        // Nothing else is available: the ring window was theirs.
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 0);
+
+        // Heads beyond the queue, repeated, or more than it holds are refused untouched.
+        let mut journal = Recorder::default();
+        assert!(matches!(requests.resubmit(&mut queue, &[16], &mut journal), Err(QueueError::Broken(_))));
+        assert!(matches!(
+            requests.resubmit(&mut queue, &[3, 3], &mut journal),
+            Err(QueueError::Resubmit { .. })
+        ));
+        let many: Vec<u16> = (0..17).collect();
+        assert!(matches!(
+            requests.resubmit(&mut queue, &many, &mut journal),
+            Err(QueueError::Resubmit { .. })
+        ));
+        assert!(journal.0.is_empty());
+        assert_eq!(driver.used_idx(), 2);
+    }
+
+    #[test]
+    fn buffers_split_across_memory_regions_are_one_request() {
+        use crate::virtio::testing::guest_memory_regions;
+        // Two adjacent regions meeting at DATA + 0x100, and a hole after the second.
+        let mem = guest_memory_regions(&[(0, (DATA + 0x100) as usize), (DATA + 0x100, 0x1_0000)]);
+        let (disk, inspect) = memory_disk(64, false);
+        inspect.write_all_at(&[0x42; 1024], 0).unwrap();
+        let queue = DriverQueue::new(&mem, 0x1000, 16).device_queue();
+        let (interrupt, _) = counting_interrupt();
+        let mut worker = BlockWorker::new(mem.clone(), queue, interrupt, Arc::new(disk), id_bytes("r"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        write_blk_header(&mem, HDR, request_type::IN, 0);
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, DATA, 1025, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        let mut data = vec![0u8; 1025];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data[..1024].iter().all(|&b| b == 0x42));
+        assert_eq!(data[1024], request_status::OK);
+        assert_eq!(worker.requests().stats().transfers, 1, "one preadv over both regions");
+        // The same read running into the hole is refused.
+        driver.write_descriptor(1, DATA + 0x1_0000 - 512, 1025, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(driver.used_elem(1), (0, 0), "no status byte in memory: returned empty");
+    }
+
     #[test]
     fn config_space_reports_capacity_and_limits() {
         let (disk, _) = memory_disk(64, false);
