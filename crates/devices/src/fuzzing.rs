@@ -268,9 +268,8 @@ impl BlkOracle<'_> {
             }
             let (addr, len, flags, next) = self.read_descriptor(table.checked_add(16 * index)?)?;
             let writable = flags & F_WRITE != 0;
-            let wraps = addr.checked_add(len).is_none();
             let readable_late = !writable && segments.iter().any(|s: &ModelSegment| s.writable);
-            if flags & F_INDIRECT != 0 || wraps || readable_late {
+            if flags & F_INDIRECT != 0 || readable_late {
                 return None;
             }
             segments.push(ModelSegment { addr, len, writable });
@@ -312,7 +311,9 @@ impl BlkOracle<'_> {
         let Some(last) = segments.iter().rev().find(|s| s.writable && s.len > 0) else {
             return expected;
         };
-        let status_addr = last.addr + last.len - 1;
+        let Some(status_addr) = last.addr.checked_add(last.len - 1) else {
+            return expected;
+        };
         if !self.layout.contains(status_addr, 1) || self.in_rings(status_addr, 1) {
             return expected;
         }
@@ -320,18 +321,20 @@ impl BlkOracle<'_> {
         let writable: u64 = segments.iter().filter(|s| s.writable).map(|s| s.len).sum();
         let mut status = request_status::IOERR;
         let mut written = 0u64;
-        let header_pieces = Self::pieces(&segments, false, 0, 16);
-        let header = (readable >= 16 && header_pieces.iter().all(|&(a, l)| self.layout.contains(a, l)))
-            .then(|| {
-                let mut header = Vec::new();
-                for &(a, l) in &header_pieces {
-                    let mut bytes = vec![0u8; l as usize];
-                    self.mem.read_slice(&mut bytes, GuestAddress(a)).ok()?;
-                    header.extend_from_slice(&bytes);
-                }
-                Some(header)
-            })
-            .flatten();
+        let wraps = segments.iter().any(|s| s.addr.checked_add(s.len).is_none());
+        let header_pieces = if wraps { Vec::new() } else { Self::pieces(&segments, false, 0, 16) };
+        let header =
+            (!wraps && readable >= 16 && header_pieces.iter().all(|&(a, l)| self.layout.contains(a, l)))
+                .then(|| {
+                    let mut header = Vec::new();
+                    for &(a, l) in &header_pieces {
+                        let mut bytes = vec![0u8; l as usize];
+                        self.mem.read_slice(&mut bytes, GuestAddress(a)).ok()?;
+                        header.extend_from_slice(&bytes);
+                    }
+                    Some(header)
+                })
+                .flatten();
         if let Some(header) = header {
             let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
             let mut sector_bytes = [0u8; 8];

@@ -31,14 +31,14 @@
 //! ## Malformed chains
 //! * A chain that cannot be walked to its end (a loop, too long, a `next` or head beyond the
 //!   table, a descriptor outside guest memory, indirect descriptors not allowed as used, a
-//!   device-readable buffer after a device-writable one, a buffer that wraps the address
-//!   space) has no status byte we could trust:
+//!   device-readable buffer after a device-writable one) has no status byte we could trust:
 //!   it is returned with used length 0 and nothing written.
 //! * So is a chain without device-writable bytes, or whose last device-writable byte is
 //!   outside guest memory or inside the queue's rings.
 //! * Otherwise the status byte is written: IOERR for a header that is short or outside
 //!   memory, data that is not a whole number of sectors, beyond [`MAX_REQUEST_BYTES`] or
-//!   beyond the disk, a buffer outside guest memory, a device-writable buffer overlapping
+//!   beyond the disk, a buffer outside guest memory (or wrapping around the address
+//!   space), a device-writable buffer overlapping
 //!   the descriptor table, the available ring or the used ring (the device never writes the
 //!   driver's rings, which also keeps a chain from feeding the ring it is served from),
 //!   more than [`MAX_IOVECS`] memory pieces, or a failed file operation; UNSUPP for an
@@ -966,12 +966,16 @@ impl BlockRequests {
             skip -= skipped;
             let take = (seg_len - skipped).min(left);
             left -= take;
-            // The walker refused buffers that wrap the address space.
+            // `execute` refused buffers that wrap the address space.
             (take > 0).then(|| (s.addr + skipped, take))
         })
     }
 
     fn execute(&mut self, rings: &Rings) -> Outcome {
+        if self.segments.iter().any(|s| s.addr.checked_add(u64::from(s.len)).is_none()) {
+            // A buffer past the end of the address space is not in guest memory.
+            return Outcome::status(request_status::IOERR);
+        }
         let Some(header) = self.read_header() else {
             return Outcome::status(request_status::IOERR);
         };
