@@ -25,19 +25,25 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    // Ports are bytes: a wider access touches consecutive ports (`out dx, ax` at 0x63 writes
+    // 0x63 and 0x64), so a reset command can arrive as the second byte of a word.
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.inner.read(offset);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|port| u8::try_from(port).ok())
+                .map_or(0, |port| self.inner.read(port));
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(value), Ok(offset)) = (data.first(), u8::try_from(offset)) else {
-            return;
-        };
-        if let Err(e) = self.inner.write(offset, *value) {
-            log::warn!("i8042: cannot signal the reset: {e}");
+        for (i, value) in data.iter().enumerate() {
+            let Some(port) = offset.checked_add(i as u64).and_then(|port| u8::try_from(port).ok()) else {
+                return;
+            };
+            if let Err(e) = self.inner.write(port, *value) {
+                log::warn!("i8042: cannot signal the reset: {e}");
+            }
         }
     }
 }
@@ -64,9 +70,19 @@ mod tests {
         kbd.write(COMMAND, &[0xaa]);
         kbd.write(0, &[0xfe]);
         kbd.write(COMMAND, &[]);
+        kbd.write(COMMAND, &[0x00, 0xfe]);
         let mut status = [0xffu8; 2];
         kbd.read(COMMAND, &mut status);
-        assert_eq!(status[1], 0);
+        assert_eq!(status, [0, 0]);
         assert_eq!(reset.count(), 0);
+    }
+
+    #[test]
+    fn a_wide_write_resets_when_its_command_port_byte_is_the_reset_command() {
+        let reset = Arc::new(CountingInterrupt::new());
+        let mut kbd = I8042::new(reset.clone());
+        // `out 0x63, ax` with ah = 0xfe: the second byte lands on the command port.
+        kbd.write(COMMAND - 1, &[0x00, 0xfe]);
+        assert_eq!(reset.count(), 1);
     }
 }

@@ -269,8 +269,7 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             // SAFETY: as above.
             let file = unsafe { File::from_raw_fd(disk_fd) };
-            let size = file.metadata().map_err(|e| DriverError::Usage(format!("disk fd: {e}")))?.len();
-            let image = DiskImage::from_file(file, args.read_only, size / block::SECTOR_SIZE);
+            let image = DiskImage::from_file(file, args.read_only, format!("disk fd {disk_fd}"))?;
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let mut config =
                 SandboxConfig::new(Profile::VhostUserBlk, &[fd, disk_fd]).enabled(!args.no_sandbox);

@@ -223,8 +223,12 @@ impl DriverSlot for VhostUserSlot {
     }
 
     fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
-        let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.watchdog.check(probes.iter().map(|probe| probe.indices()), now, watchdog).map(Fault::Hung)
+        let indices = self.queue_indices();
+        self.watchdog.check(indices.into_iter(), now, watchdog).map(Fault::Hung)
+    }
+
+    fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {
+        self.probes.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|probe| probe.indices()).collect()
     }
 
     fn restart(&mut self) -> Result<(), RestartError> {

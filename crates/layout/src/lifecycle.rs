@@ -95,6 +95,11 @@ pub(crate) trait DriverSlot: Send {
     fn fail(&mut self);
     /// Background upkeep at each tick: e.g. starting a spare partition.
     fn maintain(&mut self) {}
+    /// Each queue's (available index, used index) in guest memory now, for devices whose
+    /// queues a driver serves (empty otherwise, or before the guest started the device).
+    fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {
+        Vec::new()
+    }
 }
 
 /// The state of a managed driver.
@@ -183,6 +188,17 @@ impl DriverControl {
     /// One device's driver now.
     pub fn driver(&self, device: &str) -> Option<DriverStatus> {
         self.drivers.iter().find(|driver| driver.name() == device).map(|driver| driver.status())
+    }
+
+    /// Each queue's (available index, used index) in guest memory now: how many requests
+    /// the guest has made and how many its driver has completed, read without disturbing
+    /// either (monitoring, the watchdog, measuring a stall).
+    pub fn queue_indices(&self, device: &str) -> Vec<Option<(u16, u16)>> {
+        self.drivers
+            .iter()
+            .find(|driver| driver.name() == device)
+            .map(|driver| driver.lock().slot.queue_indices())
+            .unwrap_or_default()
     }
 
     /// Carries out `command` on `device`'s driver, waiting at most `timeout`.

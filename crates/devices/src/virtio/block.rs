@@ -1,37 +1,87 @@
-//! virtio-blk over a raw image file (virtio 1.x, 5.2).
+//! virtio-blk over a raw image (virtio 1.x, 5.2).
 //!
 //! [`Block`] is the configuration part: features and configuration space. When the driver
 //! is ready it starts a [`BlockWorker`] thread per queue, which needs only guest memory, the
-//! queue, the kick eventfd, the interrupt and the image. Requests are served synchronously
-//! in the worker with `pread`/`pwrite`, and a request is put in the used ring only after its
-//! data has reached the image file (the page cache for writes; the disk after a FLUSH,
-//! which `fdatasync`s before its status is written).
+//! queue, the kick eventfd, the interrupt and the image. The worker and the vhost-user
+//! backend of a driver partition share the request engine, [`BlockRequests`].
+//!
+//! # The request engine
+//!
+//! * **One chain at a time.** A head is taken off the available ring, its chain walked into
+//!   a bounded list of buffers (at most the queue size for a direct chain, [`SEG_MAX`] + 2
+//!   for an indirect table), executed and returned before the next head is read. The
+//!   engine holds no memory proportional to anything the guest controls: its buffers keep a
+//!   capacity of at most [`MAX_CHAIN_SEGMENTS`] segments and [`MAX_IOVECS`] iovecs. One
+//!   call serves at most the queue size of chains, and says so ([`Processed::pending`]) when
+//!   more are waiting. [`BlockRequests::stats`] counts the work of the last call.
+//! * **Indirect descriptors** are followed only when VIRTIO_F_INDIRECT_DESC was negotiated
+//!   ([`BlockRequests::set_features`]), only at the head of a chain, never nested, and only
+//!   for tables of a multiple of 16 bytes and at most [`MAX_CHAIN_SEGMENTS`] entries.
+//! * **Byte offsets, not descriptors** (virtio 1.x 2.6.4): the 16-byte header is the first
+//!   16 device-readable bytes, wherever the descriptors split them; the status is the last
+//!   device-writable byte; an IN request's data is every device-writable byte before it (so
+//!   data and status may share a descriptor), an OUT request's every device-readable byte
+//!   after the header. The used length is what the device wrote: data and status.
+//! * **No copy**: data moves between the image and guest memory with one `preadv` or
+//!   `pwritev` per request on iovecs of the guest buffers.
+//! * **Durability**: a request is put in the used ring only after its data reached the
+//!   image file (the page cache for writes); FLUSH `fdatasync`s before its status is
+//!   written, and a failing `fdatasync` answers IOERR.
+//!
+//! ## Malformed chains
+//! * A chain that cannot be walked to its end (a loop, too long, a `next` or head beyond the
+//!   table, a descriptor outside guest memory, indirect descriptors not allowed as used, a
+//!   device-readable buffer after a device-writable one) has no status byte we could trust:
+//!   it is returned with used length 0 and nothing written.
+//! * So is a chain without device-writable bytes, or whose last device-writable byte is
+//!   outside guest memory or inside the queue's rings.
+//! * Otherwise the status byte is written: IOERR for a header that is short or outside
+//!   memory, data that is not a whole number of sectors, beyond [`MAX_REQUEST_BYTES`] or
+//!   beyond the disk, a buffer outside guest memory (or wrapping around the address
+//!   space), a device-writable buffer overlapping
+//!   the descriptor table, the available ring or the used ring (the device never writes the
+//!   driver's rings, which also keeps a chain from feeding the ring it is served from),
+//!   more than [`MAX_IOVECS`] memory pieces, or a failed file operation; UNSUPP for an
+//!   unknown request type.
+//! * The used ring overlapping the descriptor table or the available ring, an available
+//!   index more than the queue size ahead, or a head beyond the queue break the queue
+//!   ([`QueueError`]): the device needs a reset.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::chain::{self, ChainLimits, Segment};
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type, features,
+    image_lock,
 };
 
 /// Bytes per sector: the unit of `sector` and `capacity`, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Largest data segment: bounds the worker's bounce buffer whatever the guest asks.
+/// Largest data segment the driver is told to use (`size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
-/// Most data segments per request (the queue size less header and status).
+/// Most data segments per request (`seg_max`: the queue size less header and status).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most buffers in one chain (data, header and status), direct or indirect.
+pub const MAX_CHAIN_SEGMENTS: u32 = SEG_MAX + 2;
+/// Most data bytes of one request (`seg_max` segments of `size_max`).
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Most pieces of guest memory one request's data may be in (IOV_MAX): a buffer that spans
+/// several memory regions is several pieces.
+pub const MAX_IOVECS: usize = 1024;
 /// Bytes of the device ID returned by GET_ID.
 pub const ID_BYTES: usize = 20;
 
@@ -72,12 +122,13 @@ pub mod request_status {
 }
 
 /// Bytes of the request header: type (le32), reserved (le32), sector (le64).
-const HEADER_SIZE: u32 = 16;
+const HEADER_SIZE: u64 = 16;
 
-/// Errors opening a disk image.
+/// Errors opening a disk image. Each names the image (its path, or the name an open file
+/// was given).
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image cannot be opened.
+    /// The image cannot be opened or inspected.
     #[error("cannot open disk image {path}: {source}")]
     Open {
         /// The image.
@@ -94,6 +145,54 @@ pub enum BlockError {
         /// Its size.
         size: u64,
     },
+    /// The image is empty.
+    #[error("disk image {path} is empty (0 bytes)")]
+    Empty {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The path is not a regular file or a block device.
+    #[error("disk image {path} is {kind}, not a regular file or a block device")]
+    NotADisk {
+        /// The image.
+        path: PathBuf,
+        /// What it is ("a FIFO", "a character device", ...).
+        kind: &'static str,
+    },
+    /// A read-write image was handed over as a file opened without write access (or for
+    /// no access at all, O_PATH).
+    #[error("disk image {path} was opened {mode}, but it is used {wanted}")]
+    AccessMode {
+        /// The image.
+        path: PathBuf,
+        /// How the file was opened.
+        mode: &'static str,
+        /// How it was to be used.
+        wanted: &'static str,
+    },
+    /// Another user (this process through another open, another splitvisor, QEMU) holds
+    /// the image in a way that excludes this use.
+    #[error(
+        "disk image {path} is locked by another process{}: is it in use by another VM? ({permission} lock)",
+        holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// QEMU's name of the permission in conflict ("write", ...).
+        permission: &'static str,
+        /// Who holds it, if known: "pid N, COMMAND".
+        holder: Option<String>,
+    },
+    /// Taking the image lock failed for another reason.
+    #[error("cannot lock disk image {path}: {source}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The GET_ID answer for `id`: its first 20 bytes, NUL-padded.
@@ -104,34 +203,75 @@ pub fn id_bytes(id: &str) -> [u8; ID_BYTES] {
     bytes
 }
 
-/// A raw disk image.
+/// A raw disk image: a regular file or a block device, of a non-zero whole number of
+/// sectors, locked against conflicting users the way QEMU locks images.
 #[derive(Debug)]
 pub struct DiskImage {
     file: File,
     read_only: bool,
     sectors: u64,
+    name: PathBuf,
 }
 
 impl DiskImage {
-    /// Opens `path`, read-only if `read_only`.
+    /// Opens `path`, read-only if `read_only`, and locks it (see [`DiskImage::from_file`]).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_error)?;
-        let size = file.metadata().map_err(open_error)?.len();
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Unaligned { path: path.to_path_buf(), size });
+        // Look before opening: opening a FIFO for reading blocks until a writer comes.
+        let kind = std::fs::metadata(path).map_err(open_error)?.file_type();
+        if let Some(what) = not_a_disk(kind) {
+            return Err(BlockError::NotADisk { path: path.to_path_buf(), kind: what });
         }
-        Ok(Self::from_file(file, read_only, size / SECTOR_SIZE))
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(open_error)?;
+        Self::from_file(file, read_only, path)
     }
 
-    /// Wraps an open file of `sectors` sectors.
-    pub fn from_file(file: File, read_only: bool, sectors: u64) -> Self {
-        Self { file, read_only, sectors }
-    }
-
-    /// The open image (to hand to a driver partition, or to derive an ID from).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Wraps an already open image (a partition receives its image as an fd) after the
+    /// checks [`DiskImage::open`] makes: a regular file or a block device, opened for the
+    /// access `read_only` asks, of a non-zero whole number of sectors; then locks it. An fd
+    /// that shares its open file description with a [`DiskImage`] elsewhere (a duplicate
+    /// handed over) shares its lock. `name` names the image in errors.
+    pub fn from_file(file: File, read_only: bool, name: impl Into<PathBuf>) -> Result<Self, BlockError> {
+        let path = name.into();
+        let meta = file.metadata().map_err(|source| BlockError::Open { path: path.clone(), source })?;
+        if let Some(kind) = not_a_disk(meta.file_type()) {
+            return Err(BlockError::NotADisk { path, kind });
+        }
+        check_access_mode(&file, read_only, &path)?;
+        let size = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            block_device_size(&file).map_err(|source| BlockError::Open { path: path.clone(), source })?
+        };
+        if size == 0 {
+            return Err(BlockError::Empty { path });
+        }
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::Unaligned { path, size });
+        }
+        match image_lock::lock(&file, read_only) {
+            Ok(()) => {}
+            Err(image_lock::LockError::Conflict { permission, holders }) => {
+                let holder = (!holders.is_empty()).then(|| {
+                    holders
+                        .iter()
+                        .map(|&pid| match image_lock::command_name(pid) {
+                            Some(command) => format!("pid {pid}, {command}"),
+                            None => format!("pid {pid}"),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                });
+                return Err(BlockError::Locked { path, permission, holder });
+            }
+            Err(image_lock::LockError::Os(source)) => return Err(BlockError::Lock { path, source }),
+        }
+        Ok(Self { file, read_only, sectors: size / SECTOR_SIZE, name: path })
     }
 
     /// Capacity in 512-byte sectors.
@@ -143,6 +283,60 @@ impl DiskImage {
     pub fn read_only(&self) -> bool {
         self.read_only
     }
+
+    /// The open image, e.g. to hand its fd (and with it the lock) to a driver partition.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The image's path, or the name it was given.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+}
+
+/// Why a file of this type cannot be a disk, or `None` if it can.
+fn not_a_disk(kind: std::fs::FileType) -> Option<&'static str> {
+    if kind.is_file() || kind.is_block_device() {
+        None
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_char_device() {
+        Some("a character device")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+fn check_access_mode(file: &File, read_only: bool, path: &Path) -> Result<(), BlockError> {
+    // SAFETY: F_GETFL only reads the file's status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(BlockError::Open { path: path.to_path_buf(), source: io::Error::last_os_error() });
+    }
+    let wanted = if read_only { "read-only" } else { "read-write" };
+    let mode = if flags & libc::O_PATH != 0 {
+        "O_PATH (for no I/O)"
+    } else {
+        match flags & libc::O_ACCMODE {
+            libc::O_RDWR => return Ok(()),
+            libc::O_RDONLY if read_only => return Ok(()),
+            libc::O_RDONLY => "read-only",
+            _ => "write-only",
+        }
+    };
+    Err(BlockError::AccessMode { path: path.to_path_buf(), mode, wanted })
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    // SAFETY: lseek only moves the file offset, which the engine never uses (it reads and
+    // writes at explicit offsets).
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    u64::try_from(end).map_err(|_| io::Error::last_os_error())
 }
 
 /// The features a virtio-blk device on `disk` offers.
@@ -174,6 +368,8 @@ pub struct Block {
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
     worker: Option<WorkerHandle>,
+    /// The first panic of a worker thread, kept for whoever checks (tests, fuzzers).
+    worker_panic: Arc<Mutex<Option<String>>>,
 }
 
 struct WorkerHandle {
@@ -184,21 +380,42 @@ struct WorkerHandle {
 impl Block {
     /// A block device on `disk`, answering GET_ID with `id` (truncated to 20 bytes).
     pub fn new(disk: DiskImage, id: &str) -> Self {
-        Self { disk: Arc::new(disk), id: id_bytes(id), worker: None }
+        Self { disk: Arc::new(disk), id: id_bytes(id), worker: None, worker_panic: Arc::default() }
     }
 
     fn config(&self) -> [u8; 24] {
         config_space(&self.disk)
     }
 
+    /// What a worker thread's panic said, if one panicked since the device was created. A
+    /// panicking worker also marks the device DEVICE_NEEDS_RESET, so the guest sees a
+    /// failed device rather than a silent one.
+    pub fn worker_panic(&self) -> Option<String> {
+        self.worker_panic.lock().map_or_else(|poisoned| poisoned.into_inner().clone(), |slot| slot.clone())
+    }
+
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
             let _ = worker.stop.write(1);
             if worker.thread.join().is_err() {
-                log::error!("virtio-blk: the queue worker panicked");
+                record_panic(&self.worker_panic, "the worker thread ended in a panic".into());
             }
         }
     }
+}
+
+fn record_panic(slot: &Mutex<Option<String>>, message: String) {
+    log::error!("virtio-blk: the queue worker panicked: {message}");
+    let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    slot.get_or_insert(message);
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl VirtioDevice for Block {
@@ -223,17 +440,27 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         interrupt: VirtioInterrupt,
         queues: Vec<ActiveQueue>,
-        _features: u64,
+        features: u64,
     ) -> Result<(), ActivateError> {
         self.stop_worker();
         let active = queues.into_iter().next().ok_or(ActivateError::MissingQueue(0))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker = BlockWorker::new(mem, active.queue, interrupt, self.disk.clone(), self.id);
+        let worker = BlockWorker::new(mem, active.queue, interrupt.clone(), self.disk.clone(), self.id)
+            .with_features(features);
         let kick = active.kick;
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
+        let panic_slot = self.worker_panic.clone();
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || worker.run(&kick, &stop_worker))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| worker.run(&kick, &stop_worker));
+                if let Err(payload) = std::panic::catch_unwind(run) {
+                    record_panic(&panic_slot, panic_message(payload.as_ref()));
+                    if let Err(e) = interrupt.request_reset() {
+                        log::warn!("virtio-blk: cannot signal the driver: {e}");
+                    }
+                }
+            })
             .map_err(ActivateError::Worker)?;
         self.worker = Some(WorkerHandle { stop, thread });
         Ok(())
@@ -250,47 +477,28 @@ impl Drop for Block {
     }
 }
 
-/// Why the worker stopped serving its queue.
+/// Why a queue cannot be served until the device is reset.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The driver broke the queue (an available index beyond the queue size, rings outside
-    /// memory): the device needs a reset.
+    /// The driver broke the queue (an available index more than the queue size ahead, a
+    /// head beyond the queue, rings outside memory).
     #[error("the driver broke the queue: {0}")]
     Broken(#[source] virtio_queue::Error),
-}
-
-/// How one request ended, before its status is written.
-struct Outcome {
-    status: u8,
-    /// Bytes written into the guest's buffers, data only.
-    written: u32,
-}
-
-impl Outcome {
-    fn status(status: u8) -> Self {
-        Self { status, written: 0 }
-    }
-}
-
-/// Serves the request queue of one virtio-blk device.
-///
-/// Needs only guest memory, the queue, the interrupt and the image, so that it can run
-/// wherever guest memory is mapped.
-pub struct BlockWorker {
-    requests: BlockRequests,
-    queue: Queue,
-    interrupt: VirtioInterrupt,
-    broken: bool,
-}
-
-/// The request engine of virtio-blk: takes requests off a queue, executes them on the
-/// image and returns them. Shared by the in-process [`BlockWorker`] and the vhost-user
-/// backend of a driver partition, which owns its queues differently.
-pub struct BlockRequests {
-    mem: GuestMemoryMmap,
-    disk: Arc<DiskImage>,
-    id: [u8; ID_BYTES],
-    bounce: Vec<u8>,
+    /// The used ring overlaps the descriptor table or the available ring: the device would
+    /// write the driver's structures.
+    #[error("the used ring at {used:#x} overlaps the descriptor table or the available ring")]
+    RingsOverlap {
+        /// The used ring's address.
+        used: u64,
+    },
+    /// More heads to resubmit than the queue holds, or one twice.
+    #[error("cannot resubmit {count} requests on a queue of {size} (or a head twice)")]
+    Resubmit {
+        /// Heads given.
+        count: usize,
+        /// The queue size.
+        size: u16,
+    },
 }
 
 /// Observes each request's life, so a backend can record what is in flight in memory that
@@ -311,21 +519,53 @@ pub trait RequestJournal {
 }
 
 /// A journal that records nothing.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct NoJournal;
 
 impl RequestJournal for NoJournal {}
 
-/// What one pass over a queue did.
+/// What one call of the engine did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Processed {
     /// Requests completed (put in the used ring).
     pub completed: usize,
     /// The driver asked to be interrupted (EVENT_IDX, or no suppression).
     pub notify: bool,
+    /// The call stopped at its budget (the queue size of chains) with requests still
+    /// available. Nothing will kick the queue for them: call again, after other work.
+    pub pending: bool,
+}
+
+/// The work of the engine's last call, for tests and fuzzers that bound it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Chains handled (fetched or resubmitted).
+    pub chains: usize,
+    /// Descriptors read from guest memory, in the ring's table and indirect tables.
+    pub descriptors: usize,
+    /// Most descriptors read for one chain.
+    pub max_chain_descriptors: usize,
+    /// `preadv`/`pwritev` system calls.
+    pub transfers: usize,
+    /// `fdatasync` system calls.
+    pub syncs: usize,
+}
+
+/// Serves the request queue of one virtio-blk device.
+///
+/// Needs only guest memory, the queue, the interrupt and the image, so that it can run
+/// wherever guest memory is mapped.
+pub struct BlockWorker {
+    requests: BlockRequests,
+    queue: Queue,
+    interrupt: VirtioInterrupt,
+    broken: bool,
+    pending: bool,
 }
 
 impl BlockWorker {
-    /// A worker for `queue` (already set up and valid) on `disk`.
+    /// A worker for `queue` (already set up and valid) on `disk`; no optional feature
+    /// negotiated until [`BlockWorker::with_features`].
     pub fn new(
         mem: GuestMemoryMmap,
         queue: Queue,
@@ -333,12 +573,23 @@ impl BlockWorker {
         disk: Arc<DiskImage>,
         id: [u8; ID_BYTES],
     ) -> Self {
-        Self { requests: BlockRequests::new(mem, disk, id), queue, interrupt, broken: false }
+        Self { requests: BlockRequests::new(mem, disk, id), queue, interrupt, broken: false, pending: false }
+    }
+
+    /// The features the driver negotiated.
+    pub fn with_features(mut self, negotiated: u64) -> Self {
+        self.requests.set_features(negotiated);
+        self
     }
 
     /// The queue state (indices included), e.g. to hand over to another worker.
     pub fn queue(&self) -> &Queue {
         &self.queue
+    }
+
+    /// The request engine (its statistics, say).
+    pub fn requests(&self) -> &BlockRequests {
+        &self.requests
     }
 
     /// Serves the queue whenever `kick` is written, until `stop` is.
@@ -353,7 +604,6 @@ impl BlockWorker {
             }
         };
         for (fd, token) in [(kick, KICK), (stop, STOP)] {
-            use std::os::fd::AsRawFd;
             if let Err(e) =
                 epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
             {
@@ -362,7 +612,7 @@ impl BlockWorker {
             }
         }
         // Requests may already be waiting (a worker restarted under a running guest).
-        self.serve();
+        self.serve(kick);
         let mut events = [EpollEvent::default(); 2];
         loop {
             let ready = match epoll.wait(-1, &mut events) {
@@ -373,20 +623,18 @@ impl BlockWorker {
                     return;
                 }
             };
-            for event in &events[..ready] {
-                match event.data() {
-                    STOP => return,
-                    _ => {
-                        let _ = kick.read();
-                        self.serve();
-                    }
-                }
+            // A stop wins over a kick that arrived with it.
+            if events[..ready].iter().any(|event| event.data() == STOP) {
+                return;
             }
+            let _ = kick.read();
+            self.serve(kick);
         }
     }
 
-    /// Processes the queue and reports a broken queue to the driver.
-    fn serve(&mut self) {
+    /// Processes the queue and reports a broken queue to the driver. When the engine
+    /// stopped at its budget, kicks itself so the rest is served after a look at `stop`.
+    fn serve(&mut self, kick: &EventFd) {
         if self.broken {
             return;
         }
@@ -397,13 +645,20 @@ impl BlockWorker {
             if let Err(e) = self.interrupt.request_reset() {
                 log::warn!("virtio-blk: cannot signal the driver: {e}");
             }
+            return;
+        }
+        if self.pending {
+            if let Err(e) = kick.write(1) {
+                log::warn!("virtio-blk: cannot re-kick the queue: {e}");
+            }
         }
     }
 
-    /// Handles every available request, then interrupts the driver if it wants to be.
-    /// Returns how many requests were completed.
+    /// Handles available requests (at most the queue size), then interrupts the driver if
+    /// it wants to be. Returns how many requests were completed.
     pub fn process_queue(&mut self) -> Result<usize, QueueError> {
         let processed = self.requests.process_queue(&mut self.queue)?;
+        self.pending = processed.pending;
         if processed.notify {
             if let Err(e) = self.interrupt.signal_used_buffer() {
                 log::warn!("virtio-blk: cannot interrupt the driver: {e}");
@@ -411,12 +666,98 @@ impl BlockWorker {
         }
         Ok(processed.completed)
     }
+
+    /// Whether the last [`BlockWorker::process_queue`] left requests for another call.
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+}
+
+/// iovecs into guest memory, rebuilt for each request.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are host addresses of guest memory mapped by the engine's
+// `GuestMemoryMmap`; they are handed to the kernel only while the request that built them
+// runs, never dereferenced by Rust code, and cleared before the request ends, so the
+// vector may move to and be shared with other threads.
+unsafe impl Send for IoVecs {}
+// SAFETY: as above; `&IoVecs` gives no access to the pointed-to memory.
+unsafe impl Sync for IoVecs {}
+
+/// The guest ranges the device must never write as request data: the descriptor table,
+/// the available ring (with used_event) and the used ring (with avail_event).
+#[derive(Clone, Copy, Debug)]
+struct Rings([(u64, u64); 3]);
+
+impl Rings {
+    fn of(queue: &Queue) -> Result<Self, QueueError> {
+        let size = u64::from(queue.size());
+        let range = |start: u64, len: u64| (start, start.saturating_add(len));
+        let desc = range(queue.desc_table(), 16 * size);
+        let avail = range(queue.avail_ring(), 6 + 2 * size);
+        let used = range(queue.used_ring(), 6 + 8 * size);
+        let rings = Self([desc, avail, used]);
+        if rings.overlaps_driver_rings(used.0, used.1 - used.0) {
+            return Err(QueueError::RingsOverlap { used: used.0 });
+        }
+        Ok(rings)
+    }
+
+    fn overlaps(range: (u64, u64), addr: u64, len: u64) -> bool {
+        let end = addr.saturating_add(len);
+        addr < range.1 && range.0 < end
+    }
+
+    fn overlaps_driver_rings(&self, addr: u64, len: u64) -> bool {
+        Self::overlaps(self.0[0], addr, len) || Self::overlaps(self.0[1], addr, len)
+    }
+
+    fn overlaps_any(&self, addr: u64, len: u64) -> bool {
+        self.0.iter().any(|&range| Self::overlaps(range, addr, len))
+    }
+}
+
+/// How one request ended, before its status is written.
+struct Outcome {
+    status: u8,
+    /// Bytes written into the guest's buffers, data only.
+    written: u64,
+}
+
+impl Outcome {
+    fn status(status: u8) -> Self {
+        Self { status, written: 0 }
+    }
+}
+
+/// The request engine of virtio-blk: takes requests off a queue, executes them on the
+/// image and returns them. Shared by the in-process [`BlockWorker`] and the vhost-user
+/// backend of a driver partition, which owns its queues differently.
+pub struct BlockRequests {
+    mem: GuestMemoryMmap,
+    disk: Arc<DiskImage>,
+    id: [u8; ID_BYTES],
+    features: u64,
+    /// The chain being served; capacity at most MAX_CHAIN_SEGMENTS.
+    segments: Vec<Segment>,
+    /// Its data as memory pieces; capacity at most MAX_IOVECS.
+    iovecs: IoVecs,
+    stats: EngineStats,
 }
 
 impl BlockRequests {
-    /// Requests on `disk` in guest memory `mem`, answering GET_ID with `id`.
+    /// Requests on `disk` in guest memory `mem`, answering GET_ID with `id`. No optional
+    /// feature is negotiated until [`BlockRequests::set_features`].
     pub fn new(mem: GuestMemoryMmap, disk: Arc<DiskImage>, id: [u8; ID_BYTES]) -> Self {
-        Self { mem, disk, id, bounce: Vec::new() }
+        Self {
+            mem,
+            disk,
+            id,
+            features: 0,
+            segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS as usize),
+            iovecs: IoVecs(Vec::with_capacity(MAX_IOVECS)),
+            stats: EngineStats::default(),
+        }
     }
 
     /// Guest memory changed (a vhost-user frontend sent a new memory table).
@@ -424,40 +765,55 @@ impl BlockRequests {
         self.mem = mem;
     }
 
-    /// Handles every available request of `queue`; says whether the driver wants an
-    /// interrupt for them.
+    /// The features the driver negotiated (VIRTIO_F_INDIRECT_DESC matters here).
+    pub fn set_features(&mut self, negotiated: u64) {
+        self.features = negotiated;
+    }
+
+    /// The work of the last call of [`BlockRequests::process_queue_with`] or
+    /// [`BlockRequests::resubmit`].
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Bytes of heap the engine holds for its working lists: bounded, whatever the guest.
+    pub fn heap_bytes(&self) -> usize {
+        self.segments.capacity() * std::mem::size_of::<Segment>()
+            + self.iovecs.0.capacity() * std::mem::size_of::<libc::iovec>()
+    }
+
+    /// Handles available requests of `queue` (at most its size); says whether the driver
+    /// wants an interrupt for them.
     pub fn process_queue(&mut self, queue: &mut Queue) -> Result<Processed, QueueError> {
         self.process_queue_with(queue, &mut NoJournal)
     }
 
-    /// [`process_queue`](Self::process_queue), telling `journal` about each request.
+    /// As [`BlockRequests::process_queue`], telling `journal` about each request.
     pub fn process_queue_with(
         &mut self,
         queue: &mut Queue,
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
+        self.stats = EngineStats::default();
+        let rings = Rings::of(queue)?;
+        let limits = self.limits(queue);
+        let budget = usize::from(queue.size());
         let mut completed = 0;
-        loop {
+        let mut pending = false;
+        'passes: loop {
             if queue.event_idx_enabled() {
                 queue.disable_notification(&self.mem).map_err(QueueError::Broken)?;
             }
-            // Take every available chain first (several requests per kick). A chain ends at
-            // the queue size (loops) or at its first bad descriptor; either way the last
-            // descriptor collected then still claims a successor, which `handle` refuses.
-            let mem = self.mem.clone();
-            let requests: Vec<(u16, Vec<Descriptor>)> = queue
-                .iter(&mem)
-                .map_err(QueueError::Broken)?
-                .map(|chain| (chain.head_index(), chain.collect()))
-                .collect();
-            for (head, _) in &requests {
-                journal.fetched(*head);
-            }
-            for (head, descriptors) in requests {
-                let used = self.handle(&descriptors);
-                journal.completing(head);
-                queue.add_used(&self.mem, head, used).map_err(QueueError::Broken)?;
-                journal.completed(head, queue.next_used());
+            loop {
+                if completed == budget {
+                    pending = self.available(queue)? > 0;
+                    break 'passes;
+                }
+                let Some(head) = self.pop_head(queue)? else {
+                    break;
+                };
+                journal.fetched(head);
+                self.complete(queue, &rings, &limits, head, journal)?;
                 completed += 1;
             }
             if !queue.event_idx_enabled()
@@ -467,132 +823,352 @@ impl BlockRequests {
             }
         }
         let notify = completed > 0 && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
-        Ok(Processed { completed, notify })
+        Ok(Processed { completed, notify, pending })
+    }
+
+    /// Re-executes requests that were in flight when a previous backend died, in this
+    /// order, by the head index of their chain (they are no longer in the available ring
+    /// window), and puts each in the used ring. `journal` hears `completing` and
+    /// `completed` for each (not `fetched`: they were fetched before).
+    pub fn resubmit(
+        &mut self,
+        queue: &mut Queue,
+        heads: &[u16],
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError> {
+        self.stats = EngineStats::default();
+        let size = queue.size();
+        let mut seen = [0u64; 1024];
+        for &head in heads {
+            let (word, bit) = (usize::from(head / 64), head % 64);
+            if heads.len() > usize::from(size) || seen[word] & (1 << bit) != 0 {
+                return Err(QueueError::Resubmit { count: heads.len(), size });
+            }
+            seen[word] |= 1 << bit;
+            if head >= size {
+                return Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex));
+            }
+        }
+        let rings = Rings::of(queue)?;
+        let limits = self.limits(queue);
+        for &head in heads {
+            self.complete(queue, &rings, &limits, head, journal)?;
+        }
+        let completed = heads.len();
+        let notify = completed > 0 && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        Ok(Processed { completed, notify, pending: false })
+    }
+
+    fn limits(&self, queue: &Queue) -> ChainLimits {
+        ChainLimits {
+            desc_table: queue.desc_table(),
+            queue_size: queue.size(),
+            max_segments: MAX_CHAIN_SEGMENTS,
+            indirect: self.features & features::RING_INDIRECT_DESC != 0,
+        }
+    }
+
+    /// Executes the chain at `head` and puts it in the used ring.
+    fn complete(
+        &mut self,
+        queue: &mut Queue,
+        rings: &Rings,
+        limits: &ChainLimits,
+        head: u16,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<(), QueueError> {
+        let used_len = self.handle(rings, limits, head);
+        journal.completing(head);
+        queue.add_used(&self.mem, head, used_len).map_err(QueueError::Broken)?;
+        journal.completed(head, queue.next_used());
+        Ok(())
+    }
+
+    /// Requests the driver has made available and we have not taken.
+    fn available(&self, queue: &Queue) -> Result<u16, QueueError> {
+        if !queue.ready() || queue.size() == 0 {
+            return Err(QueueError::Broken(virtio_queue::Error::QueueNotReady));
+        }
+        let avail = queue.avail_idx(&self.mem, Ordering::Acquire).map_err(QueueError::Broken)?;
+        let waiting = avail.0.wrapping_sub(queue.next_avail());
+        if waiting > queue.size() {
+            return Err(QueueError::Broken(virtio_queue::Error::InvalidAvailRingIndex));
+        }
+        Ok(waiting)
+    }
+
+    /// Takes the next head off the available ring.
+    fn pop_head(&self, queue: &mut Queue) -> Result<Option<u16>, QueueError> {
+        if self.available(queue)? == 0 {
+            return Ok(None);
+        }
+        let next = queue.next_avail();
+        // The available index was read with Acquire: the ring entry it covers is visible.
+        let slot = queue.avail_ring() + 4 + 2 * u64::from(next % queue.size());
+        let head = self
+            .mem
+            .read_obj::<u16>(GuestAddress(slot))
+            .map(u16::from_le)
+            .map_err(|e| QueueError::Broken(virtio_queue::Error::GuestMemory(e)))?;
+        queue.set_next_avail(next.wrapping_add(1));
+        if head >= queue.size() {
+            return Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex));
+        }
+        Ok(Some(head))
     }
 
     /// Executes one request; returns the length for the used ring.
-    fn handle(&mut self, descriptors: &[Descriptor]) -> u32 {
-        let Some((status, rest)) = descriptors.split_last() else {
+    fn handle(&mut self, rings: &Rings, limits: &ChainLimits, head: u16) -> u32 {
+        self.stats.chains += 1;
+        let mut walked = 0;
+        let walk = chain::walk(&self.mem, limits, head, &mut self.segments, &mut walked);
+        self.stats.descriptors += walked;
+        self.stats.max_chain_descriptors = self.stats.max_chain_descriptors.max(walked);
+        if let Err(e) = walk {
+            log::debug!("virtio-blk: chain {head} refused: {e}");
+            return 0;
+        }
+        let Some(status) = self.status_byte(rings) else {
+            log::debug!("virtio-blk: chain {head} has no usable status byte");
             return 0;
         };
-        if status.has_next() || !status.is_write_only() || status.len() < 1 {
-            // No place to put a status: the driver gets the buffer back unused.
-            log::debug!("virtio-blk: malformed chain (no writable status descriptor at its end)");
+        let outcome = self.execute(rings);
+        self.iovecs.0.clear();
+        if self.mem.write_obj(outcome.status, GuestAddress(status)).is_err() {
+            // Checked by status_byte; memory does not shrink under a call.
             return 0;
         }
-        let outcome = self.execute(rest);
-        if self.mem.write_obj(outcome.status, status.addr()).is_err() {
-            log::debug!("virtio-blk: status byte at {:#x} is outside guest memory", status.addr().0);
-            return 0;
-        }
-        outcome.written.saturating_add(1)
+        u32::try_from(outcome.written + 1).unwrap_or(u32::MAX)
     }
 
-    fn execute(&mut self, descriptors: &[Descriptor]) -> Outcome {
-        let Some((header, data)) = descriptors.split_first() else {
-            return Outcome::status(request_status::IOERR);
-        };
-        if header.is_write_only() || header.len() < HEADER_SIZE {
+    /// Bytes the chain offers in one direction.
+    fn bytes(&self, writable: bool) -> u64 {
+        self.segments.iter().filter(|s| s.writable == writable).map(|s| u64::from(s.len)).sum()
+    }
+
+    /// The address of the last device-writable byte, if it is guest memory the device may
+    /// write.
+    fn status_byte(&self, rings: &Rings) -> Option<u64> {
+        let last = self.segments.iter().rev().find(|s| s.writable && s.len > 0)?;
+        let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
+        let usable = self.mem.address_in_range(GuestAddress(addr)) && !rings.overlaps_any(addr, 1);
+        usable.then_some(addr)
+    }
+
+    /// The pieces (address, length) of the `len` bytes after the first `skip` bytes of the
+    /// chain's buffers in one direction.
+    fn pieces(&self, writable: bool, skip: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut skip = skip;
+        let mut left = len;
+        self.segments.iter().filter(move |s| s.writable == writable).filter_map(move |s| {
+            let seg_len = u64::from(s.len);
+            let skipped = skip.min(seg_len);
+            skip -= skipped;
+            let take = (seg_len - skipped).min(left);
+            left -= take;
+            // `execute` refused buffers that wrap the address space.
+            (take > 0).then(|| (s.addr + skipped, take))
+        })
+    }
+
+    fn execute(&mut self, rings: &Rings) -> Outcome {
+        if self.segments.iter().any(|s| s.addr.checked_add(u64::from(s.len)).is_none()) {
+            // A buffer past the end of the address space is not in guest memory.
             return Outcome::status(request_status::IOERR);
         }
-        let Ok(kind) = self.mem.read_obj::<u32>(header.addr()) else {
+        let Some(header) = self.read_header() else {
             return Outcome::status(request_status::IOERR);
         };
-        let Some(sector) =
-            header.addr().0.checked_add(8).and_then(|addr| self.mem.read_obj::<u64>(GuestAddress(addr)).ok())
-        else {
-            return Outcome::status(request_status::IOERR);
-        };
-        let kind = u32::from_le(kind);
-        let sector = u64::from_le(sector);
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+        ]);
         match kind {
-            request_type::IN => self.read(sector, data),
-            request_type::OUT => self.write(sector, data),
-            request_type::FLUSH => match self.disk.file.sync_data() {
-                Ok(()) => Outcome::status(request_status::OK),
-                Err(e) => {
-                    log::warn!("virtio-blk: fdatasync failed: {e}");
-                    Outcome::status(request_status::IOERR)
-                }
-            },
-            request_type::GET_ID => self.get_id(data),
+            request_type::IN => self.read(sector, rings),
+            request_type::OUT => self.write(sector, rings),
+            request_type::FLUSH => self.flush(),
+            request_type::GET_ID => self.get_id(rings),
             _ => Outcome::status(request_status::UNSUPP),
         }
     }
 
-    /// Checks that the data segments have the right direction and size and fit the disk
-    /// from `sector` on; returns the byte offset into the image.
-    fn check_data(&self, sector: u64, data: &[Descriptor], device_writes: bool) -> Option<u64> {
-        let mut total: u64 = 0;
-        for descriptor in data {
-            if descriptor.is_write_only() != device_writes || descriptor.len() > SIZE_MAX {
-                return None;
-            }
-            total += u64::from(descriptor.len());
-        }
-        if total % SECTOR_SIZE != 0 {
+    /// The first 16 device-readable bytes, however the descriptors split them.
+    fn read_header(&self) -> Option<[u8; HEADER_SIZE as usize]> {
+        if self.bytes(false) < HEADER_SIZE {
             return None;
         }
-        let end = sector.checked_add(total / SECTOR_SIZE)?;
+        let mut header = [0u8; HEADER_SIZE as usize];
+        let mut at = 0usize;
+        for (addr, len) in self.pieces(false, 0, HEADER_SIZE) {
+            let end = at + len as usize;
+            self.mem.read_slice(&mut header[at..end], GuestAddress(addr)).ok()?;
+            at = end;
+        }
+        Some(header)
+    }
+
+    /// Byte offset into the image of `len` data bytes at `sector`, if they fit the disk.
+    fn disk_offset(&self, sector: u64, len: u64) -> Option<u64> {
+        if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
+            return None;
+        }
+        let end = sector.checked_add(len / SECTOR_SIZE)?;
         (end <= self.disk.sectors).then(|| sector * SECTOR_SIZE)
     }
 
-    fn read(&mut self, sector: u64, data: &[Descriptor]) -> Outcome {
-        let Some(mut offset) = self.check_data(sector, data, true) else {
-            return Outcome::status(request_status::IOERR);
-        };
-        let mut written = 0u32;
-        for descriptor in data {
-            let len = descriptor.len() as usize;
-            self.bounce.resize(len, 0);
-            if let Err(e) = self.disk.file.read_exact_at(&mut self.bounce[..len], offset) {
-                log::warn!("virtio-blk: read at {offset} failed: {e}");
-                return Outcome { status: request_status::IOERR, written };
+    /// Fills `self.iovecs` with the pieces of guest memory behind `len` bytes of the chain's
+    /// buffers in one direction, after `skip`.
+    fn map_data(&mut self, writable: bool, skip: u64, len: u64, rings: &Rings) -> Option<()> {
+        let mut iovecs = std::mem::take(&mut self.iovecs.0);
+        iovecs.clear();
+        let mapped = self.pieces(writable, skip, len).try_for_each(|(addr, len)| {
+            if writable && rings.overlaps_any(addr, len) {
+                return None;
             }
-            if self.mem.write_slice(&self.bounce[..len], descriptor.addr()).is_err() {
-                return Outcome { status: request_status::IOERR, written };
+            let len = usize::try_from(len).ok()?;
+            for slice in GuestMemoryBackend::get_slices(&self.mem, GuestAddress(addr), len) {
+                let slice = slice.ok()?;
+                if iovecs.len() == MAX_IOVECS {
+                    return None;
+                }
+                let base = slice.ptr_guard_mut().as_ptr();
+                iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: slice.len() });
             }
-            offset += len as u64;
-            written += descriptor.len();
-        }
-        Outcome { status: request_status::OK, written }
+            Some(())
+        });
+        self.iovecs.0 = iovecs;
+        mapped
     }
 
-    fn write(&mut self, sector: u64, data: &[Descriptor]) -> Outcome {
+    fn read(&mut self, sector: u64, rings: &Rings) -> Outcome {
+        // Every device-writable byte before the status byte.
+        let len = self.bytes(true) - 1;
+        let Some(offset) = self.disk_offset(sector, len) else {
+            return Outcome::status(request_status::IOERR);
+        };
+        if self.map_data(true, 0, len, rings).is_none() {
+            return Outcome::status(request_status::IOERR);
+        }
+        match self.transfer(offset, Direction::FromImage) {
+            Ok(written) => Outcome { status: request_status::OK, written },
+            Err((e, written)) => {
+                log::warn!("virtio-blk: read of {len} bytes at {offset} failed: {e}");
+                Outcome { status: request_status::IOERR, written }
+            }
+        }
+    }
+
+    fn write(&mut self, sector: u64, rings: &Rings) -> Outcome {
         if self.disk.read_only {
             return Outcome::status(request_status::IOERR);
         }
-        let Some(mut offset) = self.check_data(sector, data, false) else {
+        // Every device-readable byte after the header.
+        let len = self.bytes(false) - HEADER_SIZE;
+        let Some(offset) = self.disk_offset(sector, len) else {
             return Outcome::status(request_status::IOERR);
         };
-        for descriptor in data {
-            let len = descriptor.len() as usize;
-            self.bounce.resize(len, 0);
-            if self.mem.read_slice(&mut self.bounce[..len], descriptor.addr()).is_err() {
-                return Outcome::status(request_status::IOERR);
-            }
-            if let Err(e) = self.disk.file.write_all_at(&self.bounce[..len], offset) {
-                log::warn!("virtio-blk: write at {offset} failed: {e}");
-                return Outcome::status(request_status::IOERR);
-            }
-            offset += len as u64;
+        if self.map_data(false, HEADER_SIZE, len, rings).is_none() {
+            return Outcome::status(request_status::IOERR);
         }
-        Outcome::status(request_status::OK)
+        match self.transfer(offset, Direction::ToImage) {
+            Ok(_) => Outcome::status(request_status::OK),
+            Err((e, _)) => {
+                log::warn!("virtio-blk: write of {len} bytes at {offset} failed: {e}");
+                Outcome::status(request_status::IOERR)
+            }
+        }
     }
 
-    fn get_id(&mut self, data: &[Descriptor]) -> Outcome {
-        let Some(buffer) = data.first().filter(|d| d.is_write_only() && d.len() as usize >= ID_BYTES) else {
-            return Outcome::status(request_status::IOERR);
-        };
-        match self.mem.write_slice(&self.id, buffer.addr()) {
-            Ok(()) => Outcome { status: request_status::OK, written: ID_BYTES as u32 },
-            Err(_) => Outcome::status(request_status::IOERR),
+    fn flush(&mut self) -> Outcome {
+        self.stats.syncs += 1;
+        match self.disk.file.sync_data() {
+            Ok(()) => Outcome::status(request_status::OK),
+            Err(e) => {
+                log::warn!("virtio-blk: fdatasync of {} failed: {e}", self.disk.name.display());
+                Outcome::status(request_status::IOERR)
+            }
         }
     }
+
+    fn get_id(&mut self, rings: &Rings) -> Outcome {
+        let len = ID_BYTES as u64;
+        if self.bytes(true) - 1 < len || self.map_data(true, 0, len, rings).is_none() {
+            return Outcome::status(request_status::IOERR);
+        }
+        let mut at = 0usize;
+        for (addr, piece) in self.pieces(true, 0, len) {
+            let end = at + piece as usize;
+            if self.mem.write_slice(&self.id[at..end], GuestAddress(addr)).is_err() {
+                return Outcome { status: request_status::IOERR, written: at as u64 };
+            }
+            at = end;
+        }
+        Outcome { status: request_status::OK, written: len }
+    }
+
+    /// Moves the bytes behind `self.iovecs` from or to the image at `offset`: one system
+    /// call unless the kernel transfers less. Returns the bytes moved, or the error with
+    /// the bytes moved before it.
+    fn transfer(&mut self, mut offset: u64, direction: Direction) -> Result<u64, (io::Error, u64)> {
+        let fd = self.disk.file.as_raw_fd();
+        let mut done = 0u64;
+        let mut iovecs = &mut self.iovecs.0[..];
+        while let Some(first) = iovecs.first() {
+            if first.iov_len == 0 {
+                iovecs = &mut iovecs[1..];
+                continue;
+            }
+            self.stats.transfers += 1;
+            let count = iovecs.len() as libc::c_int;
+            let at = libc::off_t::try_from(offset)
+                .map_err(|_| (io::Error::from(io::ErrorKind::InvalidInput), done))?;
+            let moved = match direction {
+                // SAFETY: every iovec covers guest memory mapped for as long as `self.mem`
+                // lives (a whole call); the kernel writes only into those ranges.
+                Direction::FromImage => unsafe { libc::preadv(fd, iovecs.as_ptr(), count, at) },
+                // SAFETY: as above; the kernel only reads those ranges.
+                Direction::ToImage => unsafe { libc::pwritev(fd, iovecs.as_ptr(), count, at) },
+            };
+            let moved = match moved {
+                n if n > 0 => n as u64,
+                0 => return Err((io::Error::from(io::ErrorKind::UnexpectedEof), done)),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err((e, done));
+                }
+            };
+            done += moved;
+            offset += moved;
+            // Drop what was moved from the front of the list.
+            let mut left = moved;
+            while let Some(first) = iovecs.first_mut() {
+                let len = first.iov_len as u64;
+                if left < len {
+                    first.iov_base = first.iov_base.cast::<u8>().wrapping_add(left as usize).cast();
+                    first.iov_len -= left as usize;
+                    break;
+                }
+                left -= len;
+                iovecs = &mut iovecs[1..];
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    FromImage,
+    ToImage,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
     use crate::virtio::testing::{
         DESC_F_NEXT, DESC_F_WRITE, DriverQueue, counting_interrupt, guest_memory, memory_disk,
@@ -699,6 +1275,145 @@ mod tests {
         );
         assert_eq!(request(&mut rig, &mut driver, request_type::IN, 0, 100, true), request_status::IOERR);
         assert_eq!(request(&mut rig, &mut driver, request_type::IN, 63, 512, true), request_status::OK);
+    }
+
+    /// Records what the engine tells a journal.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl RequestJournal for Recorder {
+        fn fetched(&mut self, head: u16) {
+            self.0.push(format!("fetched {head}"));
+        }
+        fn completing(&mut self, head: u16) {
+            self.0.push(format!("completing {head}"));
+        }
+        fn completed(&mut self, head: u16, used_idx: u16) {
+            self.0.push(format!("completed {head} at {used_idx}"));
+        }
+    }
+
+    /// Header at `HDR + 0x100 * head`, data at `DATA + 0x1000 * head`, status at
+    /// `STATUS + head`, as chain `head` (descriptors 3 * head ..).
+    fn chain(mem: &GuestMemoryMmap, driver: &DriverQueue<'_>, head: u16, kind: u32, sector: u64) {
+        let hdr = HDR + 0x100 * u64::from(head);
+        write_blk_header(mem, hdr, kind, sector);
+        let first = 3 * head;
+        let data_flags = if kind == request_type::IN { DESC_F_WRITE } else { 0 };
+        driver.write_descriptor(first, hdr, 16, DESC_F_NEXT, first + 1);
+        driver.write_descriptor(
+            first + 1,
+            DATA + 0x1000 * u64::from(head),
+            512,
+            data_flags | DESC_F_NEXT,
+            first + 2,
+        );
+        driver.write_descriptor(first + 2, STATUS + u64::from(head), 1, DESC_F_WRITE, 0);
+    }
+
+    fn engine(mem: &GuestMemoryMmap) -> (BlockRequests, File) {
+        let (disk, inspect) = memory_disk(64, false);
+        (BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("j")), inspect)
+    }
+
+    #[test]
+    fn the_journal_hears_each_request_fetched_completing_and_completed() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _) = engine(&mem);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        driver.start_at(0xfffe);
+        let mut queue = driver.device_queue();
+        // Heads are chain starts: 3 and 6 (descriptors 3 * n).
+        chain(&mem, &driver, 1, request_type::FLUSH, 0);
+        chain(&mem, &driver, 2, request_type::IN, 0);
+        driver.publish(3);
+        driver.publish(6);
+        let mut journal = Recorder::default();
+        let processed = requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(processed.completed, 2);
+        // The used index wraps at 2^16.
+        assert_eq!(
+            journal.0,
+            [
+                "fetched 3",
+                "completing 3",
+                "completed 3 at 65535",
+                "fetched 6",
+                "completing 6",
+                "completed 6 at 0"
+            ]
+        );
+        assert_eq!(driver.used_idx(), 0);
+        assert_eq!(driver.used_elem(0xffff), (6, 513));
+    }
+
+    #[test]
+    fn resubmitted_requests_run_again_in_the_given_order() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect) = engine(&mem);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::OUT, 7);
+        chain(&mem, &driver, 2, request_type::FLUSH, 0);
+        mem.write_slice(&[0x77; 512], GuestAddress(DATA + 0x1000)).unwrap();
+        driver.publish(3);
+        driver.publish(6);
+        // A previous backend took both off the ring and died before completing them.
+        queue.set_next_avail(2);
+        let mut journal = Recorder::default();
+        let processed = requests.resubmit(&mut queue, &[6, 3], &mut journal).unwrap();
+        assert_eq!(processed.completed, 2);
+        assert_eq!(journal.0, ["completing 6", "completed 6 at 1", "completing 3", "completed 3 at 2"]);
+        assert_eq!((driver.used_elem(0), driver.used_elem(1)), ((6, 1), (3, 1)));
+        let mut sector = [0u8; 512];
+        inspect.read_exact_at(&mut sector, 7 * 512).unwrap();
+        assert_eq!(sector, [0x77; 512], "the write ran again");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), request_status::OK);
+        // Nothing else is available: the ring window was theirs.
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 0);
+
+        // Heads beyond the queue, repeated, or more than it holds are refused untouched.
+        let mut journal = Recorder::default();
+        assert!(matches!(requests.resubmit(&mut queue, &[16], &mut journal), Err(QueueError::Broken(_))));
+        assert!(matches!(
+            requests.resubmit(&mut queue, &[3, 3], &mut journal),
+            Err(QueueError::Resubmit { .. })
+        ));
+        let many: Vec<u16> = (0..17).collect();
+        assert!(matches!(
+            requests.resubmit(&mut queue, &many, &mut journal),
+            Err(QueueError::Resubmit { .. })
+        ));
+        assert!(journal.0.is_empty());
+        assert_eq!(driver.used_idx(), 2);
+    }
+
+    #[test]
+    fn buffers_split_across_memory_regions_are_one_request() {
+        use crate::virtio::testing::guest_memory_regions;
+        // Two adjacent regions meeting at DATA + 0x100, and a hole after the second.
+        let mem = guest_memory_regions(&[(0, (DATA + 0x100) as usize), (DATA + 0x100, 0x1_0000)]);
+        let (disk, inspect) = memory_disk(64, false);
+        inspect.write_all_at(&[0x42; 1024], 0).unwrap();
+        let queue = DriverQueue::new(&mem, 0x1000, 16).device_queue();
+        let (interrupt, _) = counting_interrupt();
+        let mut worker = BlockWorker::new(mem.clone(), queue, interrupt, Arc::new(disk), id_bytes("r"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        write_blk_header(&mem, HDR, request_type::IN, 0);
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, DATA, 1025, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        let mut data = vec![0u8; 1025];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert!(data[..1024].iter().all(|&b| b == 0x42));
+        assert_eq!(data[1024], request_status::OK);
+        assert_eq!(worker.requests().stats().transfers, 1, "one preadv over both regions");
+        // The same read running into the hole is refused.
+        driver.write_descriptor(1, DATA + 0x1_0000 - 512, 1025, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(worker.process_queue().unwrap(), 1);
+        assert_eq!(driver.used_elem(1), (0, 0), "no status byte in memory: returned empty");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   another process.
 
 pub mod block;
+pub mod chain;
+mod image_lock;
 mod interrupt;
 mod mmio;
 pub mod testing;

@@ -32,6 +32,14 @@ pub fn guest_memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("anonymous test memory")
 }
 
+/// Guest memory of several regions, `(start, size)`, sorted and not overlapping: adjacent
+/// regions and holes, as a vhost-user memory table has them.
+pub fn guest_memory_regions(regions: &[(u64, usize)]) -> GuestMemoryMmap {
+    let ranges: Vec<(GuestAddress, usize)> =
+        regions.iter().map(|&(start, size)| (GuestAddress(start), size)).collect();
+    GuestMemoryMmap::from_ranges(&ranges).expect("anonymous test memory regions")
+}
+
 /// A device interrupt that counts, with the counter.
 pub fn counting_interrupt() -> (VirtioInterrupt, Arc<CountingInterrupt>) {
     let line = Arc::new(CountingInterrupt::new());
@@ -47,6 +55,7 @@ pub struct DriverQueue<'a> {
     avail_ring: u64,
     used_ring: u64,
     avail_idx: u16,
+    start: u16,
 }
 
 impl<'a> DriverQueue<'a> {
@@ -56,7 +65,21 @@ impl<'a> DriverQueue<'a> {
         let avail_ring = desc_table + 16 * u64::from(size);
         // used_event after the ring, then round up to the used ring's 4-byte alignment.
         let used_ring = (avail_ring + 6 + 2 * u64::from(size) + 3) & !3;
-        Self { mem, size, desc_table, avail_ring, used_ring, avail_idx: 0 }
+        Self { mem, size, desc_table, avail_ring, used_ring, avail_idx: 0, start: 0 }
+    }
+
+    /// Starts both rings' indices at `idx` (as after a long uptime: indices wrap at 2^16),
+    /// in guest memory and in the device's view ([`DriverQueue::device_queue`]).
+    pub fn start_at(&mut self, idx: u16) {
+        self.start = idx;
+        self.avail_idx = idx;
+        self.set_avail_idx(idx);
+        let _ = self.mem.write_obj(idx.to_le(), GuestAddress(self.used_ring + 2));
+    }
+
+    /// The available index the driver published last.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
     }
 
     /// The queue size.
@@ -115,6 +138,8 @@ impl<'a> DriverQueue<'a> {
         queue.set_desc_table_address(Some(self.desc_table as u32), Some((self.desc_table >> 32) as u32));
         queue.set_avail_ring_address(Some(self.avail_ring as u32), Some((self.avail_ring >> 32) as u32));
         queue.set_used_ring_address(Some(self.used_ring as u32), Some((self.used_ring >> 32) as u32));
+        queue.set_next_avail(self.start);
+        queue.set_next_used(self.start);
         queue.set_ready(true);
         queue
     }
@@ -153,5 +178,6 @@ pub fn memory_disk(sectors: u64, read_only: bool) -> (super::block::DiskImage, s
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(sectors * super::block::SECTOR_SIZE).expect("size the memfd");
     let inspect = file.try_clone().expect("duplicate the memfd");
-    (super::block::DiskImage::from_file(file, read_only, sectors), inspect)
+    let disk = super::block::DiskImage::from_file(file, read_only, "test memfd").expect("a memfd is a disk");
+    (disk, inspect)
 }

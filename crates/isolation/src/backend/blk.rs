@@ -7,8 +7,7 @@ use splitvisor_devices::virtio::GuestMemoryMmap;
 use splitvisor_devices::virtio::block::{
     self, BlockRequests, DiskImage, Processed, QUEUE_SIZE, QueueError, RequestJournal,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
 
 use super::{QueueServer, VhostUserDevice};
 
@@ -65,10 +64,10 @@ impl VhostUserDevice for BlockDevice {
     }
 
     fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
-        let _ = features;
+        let mut requests = BlockRequests::new(memory, self.disk.clone(), self.id);
+        requests.set_features(features);
         Box::new(BlockQueue {
-            requests: BlockRequests::new(memory.clone(), self.disk.clone(), self.id),
-            memory,
+            requests,
             #[cfg(feature = "test-hooks")]
             attempt: self.attempt.lock().unwrap_or_else(|e| e.into_inner()).take(),
         })
@@ -77,7 +76,6 @@ impl VhostUserDevice for BlockDevice {
 
 struct BlockQueue {
     requests: BlockRequests,
-    memory: GuestMemoryMmap,
     #[cfg(feature = "test-hooks")]
     attempt: Option<crate::sandbox::testing::Forbidden>,
 }
@@ -101,23 +99,6 @@ impl QueueServer for BlockQueue {
         heads: &[u16],
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
-        // The engine completes requests in the order it takes them, so the requests owed
-        // are exactly the ones in the available ring right after the used index: take
-        // them again from there (checking that they are).
-        let used = queue.next_used();
-        let avail = queue.avail_ring();
-        for (i, &head) in heads.iter().enumerate() {
-            let slot = u64::from(used.wrapping_add(i as u16) % queue.size());
-            let at = avail.checked_add(4 + 2 * slot).map(GuestAddress);
-            let found = at.and_then(|at| self.memory.read_obj::<u16>(at).ok()).map(u16::from_le);
-            if found != Some(head) {
-                log::error!(
-                    "vhost-user-blk: request {head} owed by a previous backend is not where it was taken"
-                );
-                return Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex));
-            }
-        }
-        queue.set_next_avail(used);
-        self.requests.process_queue_with(queue, journal)
+        self.requests.resubmit(queue, heads, journal)
     }
 }

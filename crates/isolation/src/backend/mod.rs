@@ -529,9 +529,17 @@ impl QueueWorker {
             return;
         }
         let mut journal = Journal { inflight, faults: &self.faults };
-        match self.server.serve(queue, &mut journal) {
-            Ok(processed) => self.notify(processed),
-            Err(e) => self.fail(&e.to_string()),
+        loop {
+            match self.server.serve(queue, &mut journal) {
+                Ok(processed) => {
+                    self.notify(processed);
+                    // One call serves at most a queue's worth; nothing kicks for the rest.
+                    if !processed.pending {
+                        return;
+                    }
+                }
+                Err(e) => return self.fail(&e.to_string()),
+            }
         }
     }
 

@@ -324,21 +324,84 @@ pub fn read_frame(stream: &mut impl std::io::Read) -> std::io::Result<Result<Vec
     Ok(Ok(body))
 }
 
-/// Fuzz harness: decoding any bytes as a request never panics, and whatever decodes
-/// re-encodes to a frame that decodes to the same request.
-pub fn fuzz_request(data: &[u8]) {
-    if let Ok(frame) = Request::decode(data) {
-        let again = frame.message.encode(frame.seq);
-        assert_eq!(Request::decode(&again[4..]), Ok(frame));
+impl Request {
+    /// Whether the message is within the protocol's bounds (what `decode` accepts).
+    fn in_bounds(&self) -> bool {
+        match self {
+            Request::Read { len, .. } => (1..=MAX_ACCESS).contains(&usize::from(*len)),
+            Request::Write { data, .. } => (1..=MAX_ACCESS).contains(&data.len()),
+            Request::Input { bytes } => bytes.len() <= MAX_INPUT,
+            Request::Restore { state } => state.len() <= MAX_STATE,
+        }
     }
+}
+
+impl Response {
+    /// Whether the message is within the protocol's bounds (what `decode` accepts).
+    fn in_bounds(&self) -> bool {
+        match self {
+            Response::ReadDone { data, state } => {
+                (1..=MAX_ACCESS).contains(&data.len()) && state.len() <= MAX_STATE
+            }
+            Response::Done { accepted, output, state, .. } => {
+                usize::from(*accepted) <= MAX_INPUT && output.len() <= MAX_INPUT && state.len() <= MAX_STATE
+            }
+        }
+    }
+}
+
+/// Heap a decoder may allocate for one frame: its payload, at most, and some slack.
+const DECODE_HEAP_BOUND: usize = MAX_FRAME + 64;
+
+/// The checks both fuzz harnesses make, for a message type `M`.
+fn fuzz_codec<M: PartialEq + std::fmt::Debug + for<'a> Arbitrary<'a>>(
+    data: &[u8],
+    decode: fn(&[u8]) -> Result<Frame<M>, DecodeError>,
+    encode: fn(&M, u32) -> Vec<u8>,
+    in_bounds: fn(&M) -> bool,
+) {
+    use splitvisor_devices::fuzzing::heap::measure;
+    // Any bytes: decoding never panics and allocates at most a frame; what decodes is
+    // canonical (encoding it again gives the very same bytes).
+    let (decoded, heap) = measure(|| decode(data));
+    assert!(heap.is_none_or(|heap| heap <= DECODE_HEAP_BOUND), "decoding allocated {heap:?} bytes");
+    if let Ok(frame) = decoded {
+        let again = encode(&frame.message, frame.seq);
+        assert_eq!(&again[4..], data, "a decoded frame re-encodes to other bytes");
+        assert_eq!(u32::from_le_bytes([again[0], again[1], again[2], again[3]]) as usize, data.len());
+    }
+    // Any stream: a frame is read with a bounded allocation, whatever its length word says.
+    let (_, heap) = measure(|| read_frame(&mut &data[..]));
+    assert!(heap.is_none_or(|heap| heap <= DECODE_HEAP_BOUND), "reading a frame allocated {heap:?} bytes");
+    // Any message: within bounds it survives encoding and decoding unchanged; beyond them
+    // it is refused or clamped, never mistaken for another message of the same kind.
+    let mut u = arbitrary::Unstructured::new(data);
+    let (Ok(seq), Ok(message)) = (u32::arbitrary(&mut u), M::arbitrary(&mut u)) else {
+        return;
+    };
+    let bytes = encode(&message, seq);
+    assert!(bytes.len() - 4 <= MAX_FRAME, "an encoded frame exceeds MAX_FRAME");
+    match decode(&bytes[4..]) {
+        Ok(frame) => {
+            assert_eq!(frame.seq, seq);
+            if in_bounds(&message) {
+                assert_eq!(frame.message, message, "a message changed on the wire");
+            }
+            assert!(in_bounds(&frame.message));
+        }
+        Err(e) => assert!(!in_bounds(&message), "a message within bounds was refused: {e}"),
+    }
+}
+
+/// Fuzz harness: any bytes decode as a request without panicking, within a bounded
+/// allocation, and canonically; any request within bounds round-trips unchanged.
+pub fn fuzz_request(data: &[u8]) {
+    fuzz_codec(data, Request::decode, Request::encode, Request::in_bounds);
 }
 
 /// Fuzz harness: as [`fuzz_request`], for responses.
 pub fn fuzz_response(data: &[u8]) {
-    if let Ok(frame) = Response::decode(data) {
-        let again = frame.message.encode(frame.seq);
-        assert_eq!(Response::decode(&again[4..]), Ok(frame));
-    }
+    fuzz_codec(data, Response::decode, Response::encode, Response::in_bounds);
 }
 
 #[cfg(test)]

@@ -154,9 +154,11 @@ pub(super) fn partition_filters(
                 &[
                     // Eventfds (kick, call, the worker's exit event).
                     libc::SYS_read,
-                    // The image.
+                    // The image: one vector per request, straight into guest memory.
                     libc::SYS_pread64,
                     libc::SYS_pwrite64,
+                    libc::SYS_preadv,
+                    libc::SYS_pwritev,
                     // VIRTIO_BLK_T_FLUSH.
                     libc::SYS_fdatasync,
                     // vhost-user: the frontend's connection (messages carry fds) ...
