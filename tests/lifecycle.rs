@@ -257,13 +257,13 @@ fn a_restart_limit_fails_the_device_and_the_vm_goes_on() {
     if !support::kvm() {
         return;
     }
-    let disk = Image::new("lifecycle-limit", 24 * MIB);
+    let disk = Image::new("lifecycle-limit", 48 * MIB);
     let layout = Layout::microkernel().with_fault_policy("disk0", "restart:max=2:backoff=0".parse().unwrap());
     let (report, console, kills) =
         blk_verify_under(layout, DiskConfig::image(&disk.0), 74, |control, done| {
             let mut kills = 0;
             while !done.load(Ordering::Acquire) && kills < 3 {
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(100));
                 let Some(pid) = control.driver("disk0").and_then(|d| d.pid) else { break };
                 signal(pid, libc::SIGKILL);
                 kills += 1;
