@@ -318,3 +318,37 @@ fn killing_the_hypervisor_leaves_no_partition_behind() {
     let left: Vec<u32> = family.iter().copied().filter(support::alive).collect();
     assert!(left.is_empty(), "partitions alive 1 s after the hypervisor died: {left:?}");
 }
+
+#[test]
+fn an_injected_driver_fault_ends_a_monolithic_vm_and_goes_unnoticed_in_a_partition() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-inject", 8 * MIB);
+    let run = |example: &str, fault: &str| {
+        let out = std::process::Command::new(support::example(example))
+            .args(["--guest", "blk-verify", "--timeout", "300", "--watchdog", "300", "--disk"])
+            .arg(&disk.0)
+            .args(["--inject-fault", &format!("disk0:{fault}")])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // In the hypervisor, a driver that crashes or hangs ends the VM, and the report says
+    // which device and how.
+    let (status, stderr) = run("monolithic", "crash-after=20");
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("the driver of disk0 failed") && stderr.contains("panicked"), "{stderr}");
+    let (status, stderr) = run("monolithic", "hang-after=20");
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the driver of disk0 failed") && stderr.contains("no request completed"),
+        "{stderr}"
+    );
+    // In a partition, the same faults are replaced and the guest never knows.
+    for fault in ["crash-after=20", "hang-after=20"] {
+        let (status, stderr) = run("microkernel", fault);
+        assert_eq!(status, Some(0), "{fault}: {stderr}");
+        assert!(stderr.contains("disk0: a new driver took over"), "{fault}: {stderr}");
+    }
+}

@@ -207,6 +207,11 @@ pub struct QueueProbe {
 }
 
 impl QueueProbe {
+    /// A probe of the queue whose rings are at `avail` and `used` in `memory`.
+    pub fn new(memory: GuestMemoryMmap, avail: GuestAddress, used: GuestAddress) -> Self {
+        Self { memory, avail, used }
+    }
+
     /// (available index, used index) now.
     pub fn indices(&self) -> Option<(u16, u16)> {
         let avail = self.memory.read_obj::<u16>(self.avail.checked_add(2)?).ok()?;

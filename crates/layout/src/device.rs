@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use splitvisor_bus::{Bus, BusRange, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice};
+use splitvisor_devices::fault::{FaultPlan, InjectInThread};
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
 use splitvisor_devices::virtio::block::{Block, DiskImage};
@@ -23,9 +24,9 @@ use splitvisor_vcpu::{KvmVm, StopHandle};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::drivers::{Backend, ProxySlot, VhostUserSlot};
+use crate::drivers::{Backend, InHypervisorBlockSlot, ProxySlot, VhostUserSlot};
 use crate::lifecycle::{DriverSlot, EventLog, ManagedDriver};
-use crate::placement::{Layout, Placement};
+use crate::placement::{FaultPolicy, Layout, Placement};
 
 /// A virtio-blk disk.
 ///
@@ -381,12 +382,26 @@ impl DeviceRecipe for DiskRecipe {
                 let ro = if read_only { ", ro" } else { "" };
                 match placement {
                     Placement::InHypervisor => {
-                        let transport =
-                            MmioTransport::new(Block::new(image, &serial), mem, slot.line.clone())
-                                .map_err(Error::EventFd)?;
+                        if let FaultPolicy::Restart { .. } = vm.layout.fault_policy(&device) {
+                            return Err(Error::RestartInHypervisor(device));
+                        }
+                        let panicked = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+                        let mut block = Block::new(image, &serial)
+                            .with_panic_signal(panicked.try_clone().map_err(Error::EventFd)?);
+                        if let Some(fault) = vm.fault(&device) {
+                            let plan = Arc::new(FaultPlan::parse(&fault).map_err(Error::Fault)?);
+                            block =
+                                block.with_journal(Box::new(move || Box::new(InjectInThread(plan.clone()))));
+                        }
+                        let transport = MmioTransport::new(block, mem.clone(), slot.line.clone())
+                            .map_err(Error::EventFd)?;
+                        let transport = Arc::new(Mutex::new(transport));
                         let name = format!("{device} ({}{ro})", path.display());
-                        vm.add_virtio(&slot, Arc::new(Mutex::new(transport)), &name)?;
-                        Ok(Placed { note: None, driver: None, input: None })
+                        vm.add_virtio(&slot, transport.clone(), &name)?;
+                        let slot = InHypervisorBlockSlot::new(transport, mem, panicked);
+                        let driver =
+                            vm.manage(&device, "virtio-blk", Placement::InHypervisor, Box::new(slot));
+                        Ok(Placed { note: None, driver: Some(driver), input: None })
                     }
                     Placement::Partition => {
                         let driver = vm.driver(&device)?;

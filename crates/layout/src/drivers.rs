@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use splitvisor_devices::virtio::{MmioTransport, VirtioInterrupt};
-use splitvisor_isolation::frontend::{Handshake, Probes, Resume, VhostUserBlk};
+use splitvisor_devices::virtio::block::Block;
+use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
+use splitvisor_isolation::frontend::{Handshake, Probes, QueueProbe, Resume, VhostUserBlk};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
 use splitvisor_isolation::proxy::ProxyLink;
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
@@ -457,6 +458,77 @@ impl DriverSlot for ProxySlot {
                 log::warn!("cannot start a spare partition: {e}");
                 self.spare_retry = Some(Instant::now() + SPARE_RETRY);
             }
+        }
+    }
+}
+
+/// A virtio-blk device served by a worker thread inside the hypervisor: it cannot be
+/// restarted (a fault there is the hypervisor's own), but it is watched like the others,
+/// so that its fault policy (halt the VM, by default) applies and the report names it.
+pub(crate) struct InHypervisorBlockSlot {
+    transport: Arc<Mutex<MmioTransport<Block>>>,
+    interrupt: VirtioInterrupt,
+    memory: GuestMemoryMmap,
+    panicked: EventFd,
+    watchdog: Watchdog,
+}
+
+impl InHypervisorBlockSlot {
+    /// `panicked` is the device's worker-panic signal.
+    pub(crate) fn new(
+        transport: Arc<Mutex<MmioTransport<Block>>>,
+        memory: GuestMemoryMmap,
+        panicked: EventFd,
+    ) -> Self {
+        let interrupt = transport.lock().unwrap_or_else(|e| e.into_inner()).interrupt();
+        Self { transport, interrupt, memory, panicked, watchdog: Watchdog::default() }
+    }
+}
+
+impl DriverSlot for InHypervisorBlockSlot {
+    fn describe(&self) -> String {
+        "worker thread in the hypervisor".into()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+        watch(Watch { fd: eventfd_fd(&self.panicked), interest: Interest::Readable, token: EXITED });
+    }
+
+    fn event(&mut self, token: u32) -> Option<SlotEvent> {
+        if token != EXITED || self.panicked.read().is_err() {
+            return None;
+        }
+        let why = self.transport.lock().unwrap_or_else(|e| e.into_inner()).device().worker_panic();
+        Some(SlotEvent::Fault(Fault::Failed(format!(
+            "its worker thread panicked ({})",
+            why.unwrap_or_else(|| "no message".into())
+        ))))
+    }
+
+    fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
+        let indices = self.queue_indices();
+        self.watchdog.check(indices.into_iter(), now, watchdog).map(Fault::Hung)
+    }
+
+    fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {
+        let rings = self.transport.lock().unwrap_or_else(|e| e.into_inner()).active_rings();
+        rings
+            .into_iter()
+            .map(|(avail, used)| QueueProbe::new(self.memory.clone(), avail, used).indices())
+            .collect()
+    }
+
+    fn restart(&mut self) -> Result<(), RestartError> {
+        Err(RestartError::Failed("a driver inside the hypervisor cannot be restarted".into()))
+    }
+
+    fn fail(&mut self) {
+        if let Err(e) = self.interrupt.request_reset() {
+            log::warn!("cannot tell the driver its disk needs a reset: {e}");
         }
     }
 }

@@ -124,6 +124,14 @@ pub enum Error {
         /// The VM's devices.
         known: String,
     },
+    /// A restart policy for a device whose driver runs in the hypervisor.
+    #[error(
+        "{0} runs in the hypervisor: its driver cannot be restarted (give it a partition, or the policy halt or fail)"
+    )]
+    RestartInHypervisor(String),
+    /// A fault to inject is not one.
+    #[error("fault injection: {0}")]
+    Fault(String),
     /// The supervisor thread could not be started.
     #[error("cannot start the driver supervisor: {0}")]
     Supervisor(#[source] std::io::Error),

@@ -363,6 +363,9 @@ pub fn config_space(disk: &DiskImage) -> [u8; 24] {
     config
 }
 
+/// Longest the device waits for its worker to stop (a reset, the VM's end).
+const WORKER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The virtio-blk device: configuration space and features; workers serve the queue.
 pub struct Block {
     disk: Arc<DiskImage>,
@@ -370,6 +373,10 @@ pub struct Block {
     worker: Option<WorkerHandle>,
     /// The first panic of a worker thread, kept for whoever checks (tests, fuzzers).
     worker_panic: Arc<Mutex<Option<String>>>,
+    /// Written when a worker panics, for a supervisor to hear at once.
+    panicked: Option<Arc<EventFd>>,
+    /// Makes the journal each new worker tells about its requests.
+    journal: Option<Box<dyn Fn() -> Box<dyn RequestJournal + Send> + Send>>,
 }
 
 struct WorkerHandle {
@@ -380,7 +387,28 @@ struct WorkerHandle {
 impl Block {
     /// A block device on `disk`, answering GET_ID with `id` (truncated to 20 bytes).
     pub fn new(disk: DiskImage, id: &str) -> Self {
-        Self { disk: Arc::new(disk), id: id_bytes(id), worker: None, worker_panic: Arc::default() }
+        Self {
+            disk: Arc::new(disk),
+            id: id_bytes(id),
+            worker: None,
+            worker_panic: Arc::default(),
+            panicked: None,
+            journal: None,
+        }
+    }
+
+    /// Each worker tells a journal from `journal` about every request it serves (fault
+    /// injection, accounting).
+    pub fn with_journal(mut self, journal: Box<dyn Fn() -> Box<dyn RequestJournal + Send> + Send>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// `panicked` is written when a worker thread panics (the device is then marked
+    /// DEVICE_NEEDS_RESET, and whoever watches decides what the fault means).
+    pub fn with_panic_signal(mut self, panicked: EventFd) -> Self {
+        self.panicked = Some(Arc::new(panicked));
+        self
     }
 
     fn config(&self) -> [u8; 24] {
@@ -394,9 +422,21 @@ impl Block {
         self.worker_panic.lock().map_or_else(|poisoned| poisoned.into_inner().clone(), |slot| slot.clone())
     }
 
+    /// Stops the worker; waits (bounded) for it. A worker that does not stop (hung in the
+    /// kernel, or by an injected fault) is left behind rather than hanging the caller.
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
             let _ = worker.stop.write(1);
+            let deadline = std::time::Instant::now() + WORKER_STOP_TIMEOUT;
+            while !worker.thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if !worker.thread.is_finished() {
+                log::error!(
+                    "virtio-blk: the queue worker did not stop within {WORKER_STOP_TIMEOUT:?}; left behind"
+                );
+                return;
+            }
             if worker.thread.join().is_err() {
                 record_panic(&self.worker_panic, "the worker thread ended in a panic".into());
             }
@@ -445,8 +485,12 @@ impl VirtioDevice for Block {
         self.stop_worker();
         let active = queues.into_iter().next().ok_or(ActivateError::MissingQueue(0))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker = BlockWorker::new(mem, active.queue, interrupt.clone(), self.disk.clone(), self.id)
+        let mut worker = BlockWorker::new(mem, active.queue, interrupt.clone(), self.disk.clone(), self.id)
             .with_features(features);
+        if let Some(journal) = &self.journal {
+            worker = worker.with_journal(journal());
+        }
+        let panicked = self.panicked.clone();
         let kick = active.kick;
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let panic_slot = self.worker_panic.clone();
@@ -458,6 +502,9 @@ impl VirtioDevice for Block {
                     record_panic(&panic_slot, panic_message(payload.as_ref()));
                     if let Err(e) = interrupt.request_reset() {
                         log::warn!("virtio-blk: cannot signal the driver: {e}");
+                    }
+                    if let Some(panicked) = &panicked {
+                        let _ = panicked.write(1);
                     }
                 }
             })
@@ -561,6 +608,7 @@ pub struct BlockWorker {
     interrupt: VirtioInterrupt,
     broken: bool,
     pending: bool,
+    journal: Box<dyn RequestJournal + Send>,
 }
 
 impl BlockWorker {
@@ -573,7 +621,20 @@ impl BlockWorker {
         disk: Arc<DiskImage>,
         id: [u8; ID_BYTES],
     ) -> Self {
-        Self { requests: BlockRequests::new(mem, disk, id), queue, interrupt, broken: false, pending: false }
+        Self {
+            requests: BlockRequests::new(mem, disk, id),
+            queue,
+            interrupt,
+            broken: false,
+            pending: false,
+            journal: Box::new(NoJournal),
+        }
+    }
+
+    /// Tells `journal` about every request (fault injection, say).
+    pub fn with_journal(mut self, journal: Box<dyn RequestJournal + Send>) -> Self {
+        self.journal = journal;
+        self
     }
 
     /// The features the driver negotiated.
@@ -657,7 +718,7 @@ impl BlockWorker {
     /// Handles available requests (at most the queue size), then interrupts the driver if
     /// it wants to be. Returns how many requests were completed.
     pub fn process_queue(&mut self) -> Result<usize, QueueError> {
-        let processed = self.requests.process_queue(&mut self.queue)?;
+        let processed = self.requests.process_queue_with(&mut self.queue, self.journal.as_mut())?;
         self.pending = processed.pending;
         if processed.notify {
             if let Err(e) = self.interrupt.signal_used_buffer() {

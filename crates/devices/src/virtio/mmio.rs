@@ -144,6 +144,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The (available ring, used ring) addresses of each queue the device serves, while
+    /// it is active: what a watchdog reads to tell a busy device from a hung one.
+    pub fn active_rings(&self) -> Vec<(GuestAddress, GuestAddress)> {
+        if !self.active {
+            return Vec::new();
+        }
+        self.queues
+            .iter()
+            .filter(|slot| slot.queue.ready())
+            .map(|slot| (GuestAddress(slot.queue.avail_ring()), GuestAddress(slot.queue.used_ring())))
+            .collect()
+    }
+
     /// The device behind the transport, to reconfigure it (a supervisor replacing the
     /// process that serves its queues).
     pub fn device_mut(&mut self) -> &mut D {

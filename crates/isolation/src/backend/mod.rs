@@ -26,11 +26,11 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
+use splitvisor_devices::fault::Injected;
 use splitvisor_devices::virtio::GuestMemoryMmap;
 use splitvisor_devices::virtio::block::{Processed, QueueError, RequestJournal};
 use vhost::VhostUserMemoryRegionBase;
@@ -82,48 +82,7 @@ pub trait QueueServer: Send {
     ) -> Result<Processed, QueueError>;
 }
 
-/// A fault to inject into a driver partition, for demonstrations and tests of the driver
-/// lifecycle: after this many requests (over all queues) the backend crashes (aborts) or
-/// hangs (its queue thread stops making progress forever).
-#[derive(Debug, Default)]
-pub struct FaultPlan {
-    crash_after: Option<u64>,
-    hang_after: Option<u64>,
-    requests: AtomicU64,
-}
-
-impl FaultPlan {
-    /// No fault.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Parses `crash-after=N` or `hang-after=N`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (kind, count) = text.split_once('=').ok_or_else(|| format!("'{text}' is not KIND=N"))?;
-        let count: u64 = count.parse().map_err(|_| format!("'{count}' is not a number of requests"))?;
-        match kind {
-            "crash-after" => Ok(Self { crash_after: Some(count), ..Self::default() }),
-            "hang-after" => Ok(Self { hang_after: Some(count), ..Self::default() }),
-            other => Err(format!("unknown fault '{other}' (use crash-after=N or hang-after=N)")),
-        }
-    }
-
-    /// Counts one request, and injects the fault when it is due.
-    fn request(&self) {
-        let done = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.crash_after.is_some_and(|after| done > after) {
-            log::error!("fault injection: crashing after {} requests", done - 1);
-            std::process::abort();
-        }
-        if self.hang_after.is_some_and(|after| done > after) {
-            log::error!("fault injection: hanging after {} requests", done - 1);
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-        }
-    }
-}
+pub use splitvisor_devices::fault::FaultPlan;
 
 /// Errors serving a frontend.
 #[derive(Debug, thiserror::Error)]
@@ -436,7 +395,18 @@ impl RequestJournal for Journal<'_, '_> {
         if let Some(inflight) = self.inflight.as_mut() {
             inflight.fetched(head);
         }
-        self.faults.request();
+        // In a partition, a crash is the process dying.
+        match self.faults.request() {
+            Some(Injected::Crash) => {
+                log::error!("fault injection: crashing after {} requests", self.faults.requests() - 1);
+                std::process::abort();
+            }
+            Some(Injected::Hang) => {
+                log::error!("fault injection: hanging after {} requests", self.faults.requests() - 1);
+                splitvisor_devices::fault::hang();
+            }
+            None => {}
+        }
     }
 
     fn completing(&mut self, head: u16) {
