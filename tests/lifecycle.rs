@@ -16,8 +16,8 @@ use splitvisor::layout::{
     VmReport,
 };
 use splitvisor::vcpu::VmEnd;
-use support::Capture;
 use support::images::{Image, pattern_mismatches};
+use support::{Capture, WaitBounded};
 
 const MIB: u64 = 1 << 20;
 
@@ -351,4 +351,76 @@ fn an_injected_driver_fault_ends_a_monolithic_vm_and_goes_unnoticed_in_a_partiti
         assert_eq!(status, Some(0), "{fault}: {stderr}");
         assert!(stderr.contains("disk0: a new driver took over"), "{fault}: {stderr}");
     }
+}
+
+#[test]
+fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-api", 32 * MIB);
+    let socket = std::env::temp_dir().join(format!("splitvisor-{}-api.sock", std::process::id()));
+    let mut vm = support::KillOnDrop(
+        std::process::Command::new(support::example("microkernel"))
+            .args([
+                "--guest",
+                "blk-verify",
+                "--timeout",
+                "300",
+                "--cmdline",
+                "blk_verify.generation=76",
+                "--disk",
+            ])
+            .arg(&disk.0)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-ctl"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, list) = ctl(&["list"]);
+    assert_eq!(status, Some(0), "{list}");
+    for device in ["com1", "i8042", "disk0"] {
+        let row = list.lines().find(|l| l.starts_with(device)).unwrap_or_else(|| panic!("{list}"));
+        assert!(row.contains("driver partition") && row.contains("pid ") && row.contains("running"), "{row}");
+    }
+    let (status, out) = ctl(&["restart", "disk0"]);
+    assert_eq!(status, Some(0), "{out}");
+    let (status, out) = ctl(&["upgrade", "disk0", "--driver", env!("CARGO_BIN_EXE_splitvisor-driver")]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("paused"), "{out}");
+    let (status, out) = ctl(&["upgrade", "com1"]);
+    assert_eq!(status, Some(0), "{out}");
+    let (status, out) = ctl(&["restart", "disk9"]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("unknown device 'disk9'"), "{out}");
+    let (status, list) = ctl(&["--json", "list"]);
+    assert_eq!(status, Some(0));
+    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let disk0 =
+        answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "disk0").unwrap().clone();
+    assert_eq!(disk0["restarts"], 1, "{disk0}");
+    let out = vm.0.wait_with_output_bounded();
+    assert_eq!(out.0, Some(0), "{}", out.1);
+    let bad = pattern_mismatches(&disk.bytes(), (32 * MIB / 512) as usize, 76);
+    assert!(bad.is_empty(), "{} sectors lost", bad.len());
+    assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }

@@ -163,6 +163,42 @@ pub fn wait_gone(pids: &[u32]) {
 /// A child process killed on drop (so that a failing test leaves nothing running).
 pub struct KillOnDrop(pub std::process::Child);
 
+/// Waiting for a child with its own deadline.
+pub trait WaitBounded {
+    /// Waits (at most 10 minutes; the child is killed then) and returns the exit status
+    /// and what it wrote on stdout and stderr.
+    fn wait_with_output_bounded(&mut self) -> (Option<i32>, String);
+}
+
+impl WaitBounded for std::process::Child {
+    fn wait_with_output_bounded(&mut self) -> (Option<i32>, String) {
+        use std::io::Read;
+        let collect = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = collect(self.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let stderr = collect(self.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        let status = loop {
+            if let Ok(Some(status)) = self.try_wait() {
+                break status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        (status, stdout.join().unwrap_or_default() + &stderr.join().unwrap_or_default())
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
