@@ -214,7 +214,12 @@ where
 struct HookFailed;
 
 /// Creates the thread from the calling thread; the hook runs in it before `f`.
-fn start_hooked<F, T>(hook: &'static ThreadHook, kind: ThreadKind, name: String, f: F) -> io::Result<JoinHandle<T>>
+fn start_hooked<F, T>(
+    hook: &'static ThreadHook,
+    kind: ThreadKind,
+    name: String,
+    f: F,
+) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,

@@ -27,10 +27,9 @@ fn the_hook_runs_in_each_thread_before_its_work_and_sandboxed_threads_go_through
     assert!(!threads::set_hook(Box::new(|_| Ok(()))), "one hook per process");
 
     // Started directly: the hook ran in the new thread, before its work, with its kind.
-    let worker = threads::spawn(ThreadKind::Vcpu, "vcpu-test", || {
-        (threads::current(), SEEN.lock().unwrap().len())
-    })
-    .unwrap();
+    let worker =
+        threads::spawn(ThreadKind::Vcpu, "vcpu-test", || (threads::current(), SEEN.lock().unwrap().len()))
+            .unwrap();
     let (kind, seen_before_work) = worker.join().unwrap();
     assert_eq!(kind, Some(ThreadKind::Vcpu));
     assert_eq!(seen("vcpu-test"), vec![ThreadKind::Vcpu]);
