@@ -408,8 +408,10 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
             socket_timeouts(&mut rules)?;
         }
         ThreadKind::ConsoleInput => {
-            // Standard input and its stop event.
+            // Standard input and its stop event; the input goes to the UART, which may
+            // run in a partition (the proxy's socket).
             any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read]);
+            partition_messages(&mut rules)?;
         }
         ThreadKind::Signals => {
             // Installs the Ctrl-C handlers, starts the thread that waits for them (which
@@ -713,9 +715,13 @@ const CAP_KILL: u32 = 5;
 const JAIL_NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP;
 
-/// Threads that may run outside the jail: the partition spawner (its name, as the kernel
-/// keeps the first 15 bytes).
-const OUTSIDE_THREADS: &[&str] = &["partition-spaw"];
+/// Threads that may run outside the jail: the partition spawner.
+const OUTSIDE_THREADS: &[&str] = &["partition-spawner"];
+
+/// A thread name as the kernel keeps it (`comm`: the first 15 bytes).
+fn comm(name: &str) -> &str {
+    name.get(..15).unwrap_or(name)
+}
 
 /// The names of the threads running now besides the calling one (none may escape the
 /// jail but the spawner).
@@ -739,8 +745,10 @@ pub fn enter_jail() -> Result<(), HypervisorSandboxError> {
     if uid != 0 {
         return Err(HypervisorSandboxError::JailNeedsRoot { uid });
     }
-    let outside: Vec<String> =
-        other_threads()?.into_iter().filter(|name| !OUTSIDE_THREADS.contains(&name.as_str())).collect();
+    let outside: Vec<String> = other_threads()?
+        .into_iter()
+        .filter(|name| !OUTSIDE_THREADS.iter().any(|o| comm(o) == name))
+        .collect();
     if !outside.is_empty() {
         return Err(HypervisorSandboxError::ThreadsRunning { threads: outside.join(", ") });
     }
