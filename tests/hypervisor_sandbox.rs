@@ -242,16 +242,16 @@ fn an_inherited_fd_is_closed() {
     let file = std::fs::File::open(&marker.0).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     let vm = Running::start("monolithic", &["--guest", "idle", "--timeout", "120"], |command| {
-        // SAFETY: dup2 is async-signal-safe; it gives the child the file as fd 9 without
-        // close-on-exec, as a careless parent would.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(fd, 9) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
+        let give_fd = move || {
+            // SAFETY: dup2 is async-signal-safe; it gives the child the file as fd 9
+            // without close-on-exec, as a careless parent would.
+            if unsafe { libc::dup2(fd, 9) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
         };
+        // SAFETY: the closure only calls dup2, which is async-signal-safe.
+        unsafe { command.pre_exec(give_fd) };
     });
     vm.wait_line("halting");
     let held: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", vm.pid()))

@@ -1,5 +1,7 @@
 //! The thread seam with a hook registered (a process of its own: the hook is process-wide).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::io;
 use std::sync::Mutex;
 

@@ -567,8 +567,8 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
         &[namespaces, libc::CLONE_NEWUSER as u64, namespaces | libc::CLONE_NEWUSER as u64],
     )?;
     // Mounts: making the tree private, and the empty read-only tmpfs.
-    let private = (libc::MS_REC | libc::MS_PRIVATE) as u64;
-    let empty = (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as u64;
+    let private = libc::MS_REC | libc::MS_PRIVATE;
+    let empty = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     arg_in(&mut rules, libc::SYS_mount, 3, Len::Qword, &[private, empty])?;
     // isatty (env_logger) and nothing else.
     arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &[libc::TCGETS])?;
