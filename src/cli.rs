@@ -68,6 +68,17 @@ pub struct VmArgs {
     /// device's driver; see `splitvisor-ctl --help`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Do not sandbox the hypervisor's own threads (debugging only: by default every
+    /// thread gets a seccomp filter for its kind, and a forbidden system call ends the
+    /// process with status 159 and a line naming the thread and the call).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Once the VM is set up, jail the hypervisor: new mount, IPC, UTS, network and
+    /// cgroup namespaces, an empty root, every capability dropped but CAP_KILL. Needs
+    /// root. Partitions are still started, restarted and upgraded; an external
+    /// vhost-user backend (socket=PATH) cannot be reconnected after it restarts.
+    #[arg(long)]
+    pub jail: bool,
     /// List the embedded guest programs and exit.
     #[arg(long)]
     pub list_guests: bool,
@@ -228,13 +239,17 @@ pub mod exit_status {
     pub const SETUP_ERROR: u8 = 2;
     /// Stopped by the host (Ctrl-C or --timeout) before the guest reported.
     pub const STOPPED: u8 = 3;
+    /// A hypervisor thread made a system call its seccomp filter forbids (one line on
+    /// stderr names the thread and the call). 128 + SIGSYS.
+    pub const FORBIDDEN_SYSCALL: u8 = splitvisor_layout::FORBIDDEN_SYSCALL_EXIT_STATUS as u8;
 }
 
 use std::process::ExitCode;
 use std::time::Instant;
 
+use splitvisor_bus::threads::ThreadKind;
 use splitvisor_guests::GuestResult;
-use splitvisor_layout::{ConsoleOutput, VmBuilder, VmReport};
+use splitvisor_layout::{ConsoleOutput, HypervisorSandbox, VmBuilder, VmReport};
 use splitvisor_vcpu::VmEnd;
 
 /// The sub-command under which a program built on this module runs as a driver partition
@@ -248,6 +263,13 @@ pub const DRIVER_SUBCOMMAND: &str = "__splitvisor-driver";
 pub fn main(program: &str, layout: Layout, process_start: Instant) -> ExitCode {
     if let Some(status) = driver_subcommand(program) {
         return status;
+    }
+    // First thing (a driver partition, above, keeps the fds it was handed): nothing this
+    // process inherited stays open in the hypervisor. Neither the logger nor the Ctrl-C
+    // handler holds an fd of its own (the handler posts a semaphore).
+    if let Err(e) = splitvisor_isolation::sandbox::hypervisor::close_inherited_fds() {
+        eprintln!("{program}: error: cannot close inherited file descriptors: {e}");
+        return ExitCode::from(exit_status::SETUP_ERROR);
     }
     main_from(program, layout, std::env::args_os(), process_start)
 }
@@ -323,6 +345,9 @@ pub enum RunError {
     /// The Ctrl-C handler could not be installed.
     #[error("cannot install the Ctrl-C handler: {0}")]
     CtrlC(#[from] ctrlc::Error),
+    /// A thread of the example could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`,
@@ -362,6 +387,8 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
     if let Some(path) = &args.api_socket {
         builder = builder.api_socket(path);
     }
+    let sandbox = if args.no_seccomp { HypervisorSandbox::off() } else { HypervisorSandbox::seccomp() };
+    builder = builder.hypervisor_sandbox(sandbox.with_jail(args.jail));
     let vm = builder
         .memory(args.mem)
         .vcpus(args.vcpus)
@@ -374,7 +401,15 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
         print_layout(vm.placements());
     }
     let stop = vm.stop_handle();
-    ctrlc::set_handler(move || stop.stop())?;
+    // From a thread of the seam's Signals kind: the thread the ctrlc crate starts inherits
+    // its filter (and, under --jail, the jail).
+    let handler = splitvisor_bus::threads::spawn(ThreadKind::Signals, "ctrl-c-setup", move || {
+        ctrlc::set_handler(move || stop.stop())
+    })
+    .map_err(RunError::Thread)?;
+    handler
+        .join()
+        .map_err(|_| RunError::Thread(std::io::Error::other("the Ctrl-C set-up thread panicked")))??;
     let report = vm.run()?;
     for event in &report.device_events {
         eprintln!("{program}: {:>8.3} s  {}: {}", event.at.as_secs_f64(), event.device, event.what);

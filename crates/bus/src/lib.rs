@@ -27,6 +27,7 @@
 mod allocator;
 mod bus;
 mod interrupt;
+pub mod threads;
 
 pub use allocator::{AllocatorError, ResourceAllocator};
 pub use bus::{Bus, BusDevice, BusError, BusKind, BusRange, DeviceStats, SharedDevice};

@@ -23,6 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::sandbox::ReadySignal;
@@ -234,13 +235,21 @@ struct SpawnRequest {
 
 type SpawnReply = mpsc::Sender<Result<Partition, PartitionError>>;
 
+/// Starts the process-wide thread that starts partitions, if it is not running yet. It
+/// starts by itself at the first partition; a hypervisor that sandboxes itself starts it
+/// before it enters its jail, which the spawner stays out of (see
+/// [`crate::sandbox::hypervisor`]).
+pub fn start_spawner() {
+    spawner();
+}
+
 /// The process-wide spawner thread's queue. The thread never ends, so the parent-death
 /// signal of the partitions it starts fires only when the whole process dies.
 fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
         let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
-        let started = std::thread::Builder::new().name("partition-spawner".into()).spawn(move || {
+        let started = threads::spawn(ThreadKind::PartitionSpawner, "partition-spawner", move || {
             for (request, reply) in incoming {
                 let _ = reply.send(start(request));
             }

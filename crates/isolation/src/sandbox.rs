@@ -55,6 +55,7 @@
 //!
 //! A partition never holds /dev/kvm or the VM fd: it is never given them.
 
+pub mod hypervisor;
 mod seccomp;
 #[cfg(feature = "test-hooks")]
 pub mod testing;

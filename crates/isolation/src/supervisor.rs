@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Which events of an fd to watch.
@@ -77,9 +78,9 @@ impl Supervisor {
         let stopped = stop.try_clone()?;
         let handle = SupervisorHandle { wake: Arc::new(EventFd::new(EFD_NONBLOCK)?) };
         let woken = handle.wake.clone();
-        let thread = std::thread::Builder::new()
-            .name("supervisor".into())
-            .spawn(move || supervise(&devices, tick, &stopped, &woken))?;
+        let thread = threads::spawn(ThreadKind::Supervisor, "supervisor", move || {
+            supervise(&devices, tick, &stopped, &woken)
+        })?;
         Ok(Self { stop, handle, thread: Some(thread) })
     }
 

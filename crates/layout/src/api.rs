@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use splitvisor_bus::threads::{self, ThreadKind};
 use splitvisor_isolation::partition::DriverProgram;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -44,20 +45,18 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Longest a command may take (an upgrade starts a partition).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The control socket's server thread; dropping it stops it and removes the socket.
-pub(crate) struct ApiServer {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+/// The control socket, bound and listening but not served yet (it is bound while the VM
+/// is set up, before a jailed hypervisor loses sight of the filesystem); dropping it
+/// removes the socket.
+pub(crate) struct ApiListener {
+    /// `None` once served: the server owns the socket then.
+    listener: Option<UnixListener>,
     path: PathBuf,
 }
 
-impl ApiServer {
-    /// Listens at `path` (replacing only a stale socket) for requests about `drivers`.
-    pub(crate) fn start(
-        path: &Path,
-        control: DriverControl,
-        placements: Vec<DevicePlacement>,
-    ) -> Result<Self, Error> {
+impl ApiListener {
+    /// Listens at `path`, replacing only a stale socket.
+    pub(crate) fn bind(path: &Path) -> Result<Self, Error> {
         let error = |why: String| Error::ApiSocket { path: path.to_path_buf(), why };
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
@@ -71,15 +70,46 @@ impl ApiServer {
             Err(_) => {}
         }
         let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
+        Ok(Self { listener: Some(listener), path: path.to_path_buf() })
+    }
+
+    /// Serves requests about `drivers` on a thread of its own.
+    pub(crate) fn serve(
+        mut self,
+        control: DriverControl,
+        placements: Vec<DevicePlacement>,
+    ) -> Result<ApiServer, Error> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let stopped = stop.try_clone().map_err(Error::EventFd)?;
         let api = Api { control, placements };
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || api.serve(&listener, &stopped))
-            .map_err(Error::EventFd)?;
-        Ok(Self { stop, thread: Some(thread), path: path.to_path_buf() })
+        let Some(listener) = self.listener.take() else {
+            return Err(Error::ApiSocket { path: self.path.clone(), why: "served twice".into() });
+        };
+        let thread = match threads::spawn(ThreadKind::Control, "api", move || api.serve(&listener, &stopped))
+        {
+            Ok(thread) => thread,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.path);
+                return Err(Error::EventFd(e));
+            }
+        };
+        Ok(ApiServer { stop, thread: Some(thread), path: std::mem::take(&mut self.path) })
     }
+}
+
+impl Drop for ApiListener {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The control socket's server thread; dropping it stops it and removes the socket.
+pub(crate) struct ApiServer {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
 }
 
 impl Drop for ApiServer {

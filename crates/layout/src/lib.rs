@@ -35,6 +35,7 @@ pub mod api;
 pub mod console;
 mod device;
 mod drivers;
+mod hypervisor_sandbox;
 mod lifecycle;
 mod placement;
 mod vm;
@@ -43,6 +44,7 @@ pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
 pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
+pub use splitvisor_isolation::sandbox::hypervisor::{FORBIDDEN_SYSCALL_EXIT_STATUS, HypervisorSandbox};
 pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
 
 use splitvisor_bus::{AllocatorError, BusError};
@@ -135,6 +137,9 @@ pub enum Error {
     /// The supervisor thread could not be started.
     #[error("cannot start the driver supervisor: {0}")]
     Supervisor(#[source] std::io::Error),
+    /// The hypervisor could not sandbox itself (seccomp filters, the jail).
+    #[error(transparent)]
+    HypervisorSandbox(#[from] splitvisor_isolation::sandbox::hypervisor::HypervisorSandboxError),
     /// The control socket cannot be served.
     #[error("control socket {path}: {why}")]
     ApiSocket {

@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use splitvisor_bus::threads::{self, ThreadKind};
 use splitvisor_bus::{Bus, BusKind, BusRange, DeviceStats, Interrupt, ResourceAllocator, SharedDevice};
 use splitvisor_guests::GuestResult;
 use splitvisor_isolation::proxy::InputSink;
+use splitvisor_isolation::sandbox::hypervisor::HypervisorSandbox;
 use splitvisor_isolation::supervisor::{Supervised, Supervisor};
 use splitvisor_memory::{GuestRam, layout};
 use splitvisor_vcpu::boot::{self, BootState};
@@ -20,11 +22,12 @@ use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd, VmError}
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::api::ApiServer;
+use crate::api::ApiListener;
 use crate::console::{ConsoleState, ConsoleTap};
 use crate::device::{
     Assembly, ConsoleRecipe, DeviceRecipe, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
 };
+use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
 use crate::placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 
@@ -74,6 +77,7 @@ pub struct VmBuilder {
     driver: Option<DriverProgram>,
     faults: Vec<(String, String)>,
     api_socket: Option<PathBuf>,
+    sandbox: HypervisorSandbox,
     #[cfg(feature = "test-hooks")]
     partition_attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
 }
@@ -95,6 +99,7 @@ impl VmBuilder {
             driver: None,
             faults: Vec::new(),
             api_socket: None,
+            sandbox: HypervisorSandbox::off(),
             #[cfg(feature = "test-hooks")]
             partition_attempt: None,
         }
@@ -124,6 +129,18 @@ impl VmBuilder {
     /// Serves the control socket at `path` while the VM runs (see [`crate::api`]).
     pub fn api_socket(mut self, path: &Path) -> Self {
         self.api_socket = Some(path.to_path_buf());
+        self
+    }
+
+    /// Sandboxes this hypervisor process's own threads (a seccomp filter per kind of
+    /// thread) and optionally jails it: see [`splitvisor_isolation::sandbox::hypervisor`].
+    /// Off by default: the filters are process-wide and the thread that calls
+    /// [`Vm::run`] is filtered for good, which only a program that runs VMs and nothing
+    /// else (the examples turn it on) can accept. Everything the VM needs must go
+    /// through this builder (files, sockets); the jail also needs root and no other
+    /// thread of the process running when `build` ends.
+    pub fn hypervisor_sandbox(mut self, sandbox: HypervisorSandbox) -> Self {
+        self.sandbox = sandbox;
         self
     }
 
@@ -212,7 +229,8 @@ impl VmBuilder {
 
     /// Creates the VM: memory, KVM, the guest loaded, every device placed and every vCPU
     /// configured. Nothing runs until [`Vm::run`].
-    pub fn build(self) -> Result<Vm, Error> {
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
+    pub fn build(mut self) -> Result<Vm, Error> {
         // Refused before KVM is even opened, like a bad memory size.
         if self.vcpus == 0 {
             return Err(VmError::NoVcpus.into());
@@ -222,6 +240,11 @@ impl VmBuilder {
         unknown.extend(self.faults.iter().map(|(d, _)| d.as_str()).filter(|d| !known.iter().any(|k| k == d)));
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
+        }
+        hypervisor_sandbox::before_build(&self.sandbox)?;
+        #[cfg(feature = "test-hooks")]
+        if let Some((range, device)) = hypervisor_sandbox::forbidden_call::device() {
+            self = self.mmio_device(range, "test-forbidden-call", device);
         }
         let ram = GuestRam::new(self.memory)?;
         let kvm = KvmVm::new()?;
@@ -327,6 +350,9 @@ impl VmBuilder {
 
         let tsc_khz = vcpus[0].tsc_khz().ok();
         let vcpu_stats = vcpus.iter().filter_map(Vcpu::stats).collect();
+        // The control socket is bound now: a jailed hypervisor cannot reach its path later.
+        let api = this.api_socket.as_deref().map(ApiListener::bind).transpose()?;
+        hypervisor_sandbox::after_build(&this.sandbox, needs_driver)?;
         Ok(Vm {
             kvm,
             ram,
@@ -341,7 +367,8 @@ impl VmBuilder {
             tsc_khz,
             vcpu_stats,
             placements,
-            api_socket: this.api_socket,
+            api,
+            sandbox: this.sandbox,
             log,
             drivers,
         })
@@ -400,7 +427,8 @@ pub struct Vm {
     tsc_khz: Option<u32>,
     vcpu_stats: Vec<VcpuStats>,
     placements: Vec<DevicePlacement>,
-    api_socket: Option<PathBuf>,
+    api: Option<ApiListener>,
+    sandbox: HypervisorSandbox,
     log: Arc<EventLog>,
     drivers: Vec<Arc<ManagedDriver>>,
 }
@@ -512,10 +540,11 @@ impl Vm {
         for driver in &self.drivers {
             driver.attach(supervisor.handle());
         }
-        let api = match &self.api_socket {
-            Some(path) => Some(ApiServer::start(path, self.driver_control(), self.placements.clone())?),
+        let api = match self.api.take() {
+            Some(listener) => Some(listener.serve(self.driver_control(), self.placements.clone())?),
             None => None,
         };
+        hypervisor_sandbox::before_vcpus(&self.sandbox)?;
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
@@ -523,6 +552,13 @@ impl Vm {
             (Some(device), true) => Some(ConsoleInput::start(device.clone())?),
             _ => None,
         };
+        // Everything this thread starts itself runs: from here on it only waits, tears
+        // down and reports.
+        if let Err(e) = hypervisor_sandbox::main_thread(&self.sandbox) {
+            stop_handle.stop();
+            let _ = running.wait(None);
+            return Err(e.into());
+        }
         let end = running.wait(self.timeout);
         let ended = Instant::now();
         drop(api);
@@ -574,7 +610,7 @@ impl ConsoleInput {
     fn start(serial: Arc<Mutex<dyn InputSink>>) -> Result<Self, Error> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
         let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let thread = threads::spawn(ThreadKind::ConsoleInput, "console-input", move || {
             let stdin = io::stdin().as_raw_fd();
             let mut buf = [0u8; 256];
             loop {
@@ -606,7 +642,8 @@ impl ConsoleInput {
                     }
                 }
             }
-        });
+        })
+        .map_err(Error::EventFd)?;
         Ok(Self { stop, thread })
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
+use splitvisor_bus::threads::{self, ThreadKind};
 use splitvisor_memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -250,14 +251,12 @@ impl VmControl {
             let index = vcpu.index();
             let control = running.control.clone();
             let buses = buses.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || {
-                    if let Err(e) = vcpu.run(&buses, &control) {
-                        control.finish(Err(e));
-                    }
-                })
-                .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source });
+            let thread = threads::spawn(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
+                if let Err(e) = vcpu.run(&buses, &control) {
+                    control.finish(Err(e));
+                }
+            })
+            .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source });
             match thread {
                 Ok(thread) => running.threads.push((index, thread)),
                 Err(e) => {

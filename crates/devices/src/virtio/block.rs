@@ -56,6 +56,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use splitvisor_bus::threads::{self, ThreadKind};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -494,21 +495,19 @@ impl VirtioDevice for Block {
         let kick = active.kick;
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let panic_slot = self.worker_panic.clone();
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| worker.run(&kick, &stop_worker));
-                if let Err(payload) = std::panic::catch_unwind(run) {
-                    record_panic(&panic_slot, panic_message(payload.as_ref()));
-                    if let Err(e) = interrupt.request_reset() {
-                        log::warn!("virtio-blk: cannot signal the driver: {e}");
-                    }
-                    if let Some(panicked) = &panicked {
-                        let _ = panicked.write(1);
-                    }
+        let thread = threads::spawn(ThreadKind::DeviceWorker, "virtio-blk", move || {
+            let run = std::panic::AssertUnwindSafe(|| worker.run(&kick, &stop_worker));
+            if let Err(payload) = std::panic::catch_unwind(run) {
+                record_panic(&panic_slot, panic_message(payload.as_ref()));
+                if let Err(e) = interrupt.request_reset() {
+                    log::warn!("virtio-blk: cannot signal the driver: {e}");
                 }
-            })
-            .map_err(ActivateError::Worker)?;
+                if let Some(panicked) = &panicked {
+                    let _ = panicked.write(1);
+                }
+            }
+        })
+        .map_err(ActivateError::Worker)?;
         self.worker = Some(WorkerHandle { stop, thread });
         Ok(())
     }

@@ -30,21 +30,21 @@ pub(crate) const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_PARENT_SETTID
     | libc::CLONE_CHILD_CLEARTID) as u64;
 
-type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+pub(super) type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
-fn error(e: impl std::fmt::Display) -> SandboxError {
+pub(super) fn error(e: impl std::fmt::Display) -> SandboxError {
     SandboxError::Seccomp(e.to_string())
 }
 
 /// Allowed with any arguments.
-fn any(rules: &mut Rules, syscalls: &[libc::c_long]) {
+pub(super) fn any(rules: &mut Rules, syscalls: &[libc::c_long]) {
     for nr in syscalls {
         rules.insert(*nr, Vec::new());
     }
 }
 
 /// Allowed only when argument `index` is one of `values`.
-fn arg_in(
+pub(super) fn arg_in(
     rules: &mut Rules,
     nr: libc::c_long,
     index: u8,
@@ -61,13 +61,18 @@ fn arg_in(
 }
 
 /// Allowed only when argument `index` has none of the bits of `mask`.
-fn arg_without(rules: &mut Rules, nr: libc::c_long, index: u8, mask: u64) -> Result<(), SandboxError> {
+pub(super) fn arg_without(
+    rules: &mut Rules,
+    nr: libc::c_long,
+    index: u8,
+    mask: u64,
+) -> Result<(), SandboxError> {
     let condition = SeccompCondition::new(index, Len::Dword, Op::MaskedEq(mask), 0).map_err(error)?;
     rules.insert(nr, vec![SeccompRule::new(vec![condition]).map_err(error)?]);
     Ok(())
 }
 
-fn compile(
+pub(super) fn compile(
     rules: Rules,
     on_mismatch: SeccompAction,
     on_match: SeccompAction,
@@ -126,10 +131,21 @@ pub(super) fn partition_filters(
     profile: Profile,
     own_pid: libc::pid_t,
 ) -> Result<[BpfProgram; 2], SandboxError> {
+    let allowlist =
+        compile(partition_rules(profile, own_pid)?, SeccompAction::KillProcess, SeccompAction::Allow)?;
+    Ok([clone3_enosys()?, allowlist])
+}
+
+/// A filter that answers clone3 with ENOSYS and allows everything else: glibc then
+/// creates threads with clone, whose flags a filter can check.
+pub(super) fn clone3_enosys() -> Result<BpfProgram, SandboxError> {
     let mut clone3 = Rules::new();
     any(&mut clone3, &[libc::SYS_clone3]);
-    let clone3 = compile(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
+    compile(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
 
+/// The allowlist of a partition process of kind `profile` (see [`partition_filters`]).
+pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<Rules, SandboxError> {
     let mut rules = Rules::new();
     common(&mut rules, own_pid)?;
     // Let clone3 through to the first filter's ENOSYS.
@@ -207,8 +223,7 @@ pub(super) fn partition_filters(
             )?;
         }
     }
-    let allowlist = compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?;
-    Ok([clone3, allowlist])
+    Ok(rules)
 }
 
 /// The watcher's filter: it writes the gate byte its child waits for on `gate` and closes
@@ -219,6 +234,15 @@ pub(super) fn watcher_filter(
     own_pid: libc::pid_t,
     gate: RawFd,
 ) -> Result<BpfProgram, SandboxError> {
+    compile(watcher_rules(child, own_pid, gate)?, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
+/// The watcher's allowlist (see [`watcher_filter`]).
+pub(super) fn watcher_rules(
+    child: libc::pid_t,
+    own_pid: libc::pid_t,
+    gate: RawFd,
+) -> Result<Rules, SandboxError> {
     let mut rules = Rules::new();
     arg_in(&mut rules, libc::SYS_wait4, 0, Len::Dword, &[child as u32 as u64])?;
     arg_in(&mut rules, libc::SYS_write, 0, Len::Dword, &[gate as u32 as u64])?;
@@ -234,7 +258,7 @@ pub(super) fn watcher_filter(
             libc::SYS_exit_group,
         ],
     );
-    compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+    Ok(rules)
 }
 
 /// Installs `program` on the calling thread (and the threads it creates from then on).

@@ -1,0 +1,274 @@
+//! Starting the hypervisor's threads through one seam.
+//!
+//! Every thread a splitvisor crate starts (vCPUs, device workers, the supervisor, the
+//! control socket, ...) is started with [`spawn`], which says what *kind* of thread it is.
+//! A program that sandboxes its own threads registers one process-wide hook
+//! ([`set_hook`]) that runs inside each new thread, before the thread's work, and is told
+//! the thread's kind: the hook installs that kind's seccomp filter. The crates that start
+//! threads never learn about seccomp.
+//!
+//! # Why the order matters
+//!
+//! A seccomp filter applies to the thread that installs it and is *inherited* by every
+//! thread that thread creates afterwards: a thread started by a filtered thread runs
+//! under its creator's filter and its own, and may only make the calls both allow.
+//! So:
+//!
+//! * a thread started by a thread that has no filter yet (the main thread while it sets
+//!   the VM up) is created directly and gets exactly its own kind's filter;
+//! * a thread started by a filtered thread (a virtio device's worker, started by the
+//!   vCPU thread on which the guest activates the device) is created by the *launcher*
+//!   ([`start_launcher`]), a thread whose own filter allows what every kind may do, so
+//!   that the new thread ends up with exactly its own kind's filter, whoever asked for it;
+//! * the main thread installs its own filter last ([`enter`]), once it has started what
+//!   it starts directly.
+//!
+//! [`spawn`] returns only once the hook has run in the new thread: if it fails, the
+//! thread never runs its work and `spawn` returns the hook's error.
+//!
+//! Without a hook, [`spawn`] is `std::thread::Builder::new().name(name).spawn(f)`.
+//!
+//! ```
+//! use splitvisor_bus::threads::{self, ThreadKind};
+//!
+//! let worker = threads::spawn(ThreadKind::DeviceWorker, "example-worker", || 6 * 7).unwrap();
+//! assert_eq!(worker.join().unwrap(), 42);
+//! ```
+
+use std::cell::Cell;
+use std::io;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What a thread does, which decides what it may do once sandboxed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The thread that builds the VM, then waits for it to end and tears it down.
+    Main,
+    /// A vCPU: KVM_RUN and the exits it dispatches (device registers, proxies).
+    Vcpu,
+    /// A device's I/O worker in the hypervisor (virtio queues: eventfds, the image).
+    DeviceWorker,
+    /// Watches driver partitions and restarts them.
+    Supervisor,
+    /// Serves the control socket.
+    Control,
+    /// Feeds standard input to the guest console.
+    ConsoleInput,
+    /// Starts driver partitions (fork and exec of the driver program).
+    PartitionSpawner,
+    /// Handles host signals (Ctrl-C) for a program.
+    Signals,
+    /// Creates the threads that filtered threads ask for (see the [module docs](self)).
+    Launcher,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 9] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::DeviceWorker,
+        ThreadKind::Supervisor,
+        ThreadKind::Control,
+        ThreadKind::ConsoleInput,
+        ThreadKind::PartitionSpawner,
+        ThreadKind::Signals,
+        ThreadKind::Launcher,
+    ];
+
+    /// A short name, for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::DeviceWorker => "device worker",
+            ThreadKind::Supervisor => "supervisor",
+            ThreadKind::Control => "control socket",
+            ThreadKind::ConsoleInput => "console input",
+            ThreadKind::PartitionSpawner => "partition spawner",
+            ThreadKind::Signals => "signals",
+            ThreadKind::Launcher => "launcher",
+        }
+    }
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The process-wide hook: runs in each new thread (and in a thread that [`enter`]s), told
+/// its kind, before anything else. An error stops the thread before its work.
+pub type ThreadHook = dyn Fn(ThreadKind) -> io::Result<()> + Send + Sync;
+
+/// Longest a thread start may take (the hook and, through the launcher, the hand-over).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+static HOOK: OnceLock<Box<ThreadHook>> = OnceLock::new();
+static LAUNCHER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+
+thread_local! {
+    /// The kind the hook ran for on this thread, if it ran.
+    static ENTERED: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Registers the process-wide hook. Returns `false` (and keeps the first) if one was
+/// registered already: there is one per process.
+pub fn set_hook(hook: Box<ThreadHook>) -> bool {
+    HOOK.set(hook).is_ok()
+}
+
+/// Whether a hook is registered.
+pub fn hook_is_set() -> bool {
+    HOOK.get().is_some()
+}
+
+/// The kind the hook ran for on the calling thread, if it ran.
+pub fn current() -> Option<ThreadKind> {
+    ENTERED.with(Cell::get)
+}
+
+/// Runs the hook on the calling thread as a thread of kind `kind` (the main thread
+/// sandboxing itself). Without a hook, nothing happens. Entering again as the same kind
+/// does nothing; as another kind it is an error (the thread keeps what it has).
+pub fn enter(kind: ThreadKind) -> io::Result<()> {
+    let Some(hook) = HOOK.get() else { return Ok(()) };
+    match current() {
+        Some(entered) if entered == kind => Ok(()),
+        Some(entered) => Err(io::Error::other(format!(
+            "this thread is already sandboxed as a {entered} thread, not a {kind} thread"
+        ))),
+        None => {
+            hook(kind)?;
+            ENTERED.with(|cell| cell.set(Some(kind)));
+            Ok(())
+        }
+    }
+}
+
+/// Starts the launcher thread, which creates the threads that threads already sandboxed
+/// ask for (see the [module docs](self)). Call it from a thread that has not entered
+/// (its filter would be the launcher's too), after [`set_hook`]. Once is enough; later
+/// calls do nothing.
+pub fn start_launcher() -> io::Result<()> {
+    let Some(hook) = HOOK.get() else {
+        return Err(io::Error::other("no thread hook is registered: there is nothing to launch for"));
+    };
+    if LAUNCHER.get().is_some() {
+        return Ok(());
+    }
+    if let Some(kind) = current() {
+        return Err(io::Error::other(format!(
+            "the launcher must be started by a thread that is not sandboxed (this one is a {kind} thread)"
+        )));
+    }
+    let (jobs, incoming) = mpsc::channel::<Job>();
+    start_hooked(hook.as_ref(), ThreadKind::Launcher, "thread-launcher".into(), move || {
+        for job in incoming {
+            job();
+        }
+    })?;
+    // Two racing callers: the loser's launcher ends when its sender is dropped here.
+    let _ = LAUNCHER.set(jobs);
+    Ok(())
+}
+
+/// Starts a thread of kind `kind` named `name` running `f`. With a hook registered, the
+/// hook runs in the new thread first, and this returns once it has (its error if it
+/// failed); a thread already sandboxed has the launcher create the thread.
+pub fn spawn<F, T>(kind: ThreadKind, name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let name = name.into();
+    let Some(hook) = HOOK.get() else {
+        return std::thread::Builder::new().name(name).spawn(f);
+    };
+    if current().is_none() {
+        return start_hooked(hook.as_ref(), kind, name, f);
+    }
+    let Some(launcher) = LAUNCHER.get() else {
+        return Err(io::Error::other(format!(
+            "a sandboxed thread cannot start the {kind} thread '{name}' before the launcher runs"
+        )));
+    };
+    let (reply, result) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = reply.send(start_hooked(hook.as_ref(), kind, name, f));
+    });
+    launcher.send(job).map_err(|_| io::Error::other("the thread launcher is gone"))?;
+    result
+        .recv_timeout(START_TIMEOUT * 2)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the thread launcher did not answer"))?
+}
+
+/// The hook failed in the new thread: it ends without running its work. (Unwound with
+/// `resume_unwind`, which does not print a panic message: the caller reports the error.)
+struct HookFailed;
+
+/// Creates the thread from the calling thread; the hook runs in it before `f`.
+fn start_hooked<F, T>(
+    hook: &'static ThreadHook,
+    kind: ThreadKind,
+    name: String,
+    f: F,
+) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let (started, hooked) = mpsc::sync_channel::<io::Result<()>>(1);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let entered = hook(kind);
+        let ok = entered.is_ok();
+        if ok {
+            ENTERED.with(|cell| cell.set(Some(kind)));
+        }
+        let _ = started.send(entered);
+        if !ok {
+            std::panic::resume_unwind(Box::new(HookFailed));
+        }
+        f()
+    })?;
+    match hooked.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the {kind} thread did not finish its start within {START_TIMEOUT:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_hook_spawn_is_a_named_thread() {
+        let name = spawn(ThreadKind::Supervisor, "plain", || std::thread::current().name().map(String::from))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("plain"));
+        assert_eq!(current(), None);
+    }
+
+    #[test]
+    fn kinds_have_distinct_names() {
+        let mut names: Vec<&str> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ThreadKind::ALL.len());
+    }
+}
