@@ -5,6 +5,7 @@
 //!   Linux boot protocol's 64-bit entry.
 //! * [`loader`]: loading a kernel (PVH ELF or bzImage) and an initrd, and the boot
 //!   structures that describe the machine to it (`hvm_start_info`, `boot_params`).
+//! * [`acpi`]: the ACPI tables of the assembled VM (RSDP, XSDT, FADT, MADT, DSDT).
 //! * [`Vcpu`] and [`VmControl`]: one thread per vCPU, each running KVM_RUN and dispatching
 //!   PIO and MMIO exits to the [`Buses`]; everything else that ends a vCPU is a
 //!   [`VcpuError`] naming the vCPU, the exit and RIP.
@@ -27,6 +28,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod acpi;
 pub mod boot;
 pub mod loader;
 pub mod stats;
