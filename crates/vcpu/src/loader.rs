@@ -633,8 +633,7 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
     if config.e820.len() > bzimage::E820_MAX_ENTRIES {
         return Err(LoaderError::E820TooLarge { entries: config.e820.len(), max: bzimage::E820_MAX_ENTRIES });
     }
-    let mut params = boot_params::default();
-    params.hdr = image.header;
+    let mut params = boot_params { hdr: image.header, ..Default::default() };
     params.hdr.type_of_loader = bzimage::LOADER_TYPE_UNDEFINED;
     params.hdr.vid_mode = bzimage::VID_MODE_NORMAL;
     // No heap for the real-mode code: the 64-bit entry skips it.
@@ -721,18 +720,26 @@ mod tests {
         assert!(matches!(err, Err(LoaderError::Elf(_))));
     }
 
-    /// A real bzImage: the test kernel `.ci/build-linux-kernel` builds, or Debian's, which
-    /// `.ci/build-linux-guest` fetches. Missing: a failure under CI=true, else a skip.
-    fn real_bzimage() -> Option<(std::path::PathBuf, Vec<u8>)> {
+    /// Real bzImages: the test kernel `.ci/build-linux-kernel` builds and Debian's, which
+    /// `.ci/build-linux-guest` fetches, whichever are there. None: a failure under CI=true,
+    /// else a skip.
+    fn real_bzimages() -> Vec<(std::path::PathBuf, Vec<u8>)> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let candidates = [root.join("target/linux-kernel/bzImage"), root.join("target/linux-guest/vmlinuz")];
-        if let Some(path) = candidates.iter().find(|p| p.is_file()) {
-            return Some((path.clone(), std::fs::read(path).unwrap()));
+        let found: Vec<_> =
+            [root.join("target/linux-kernel/bzImage"), root.join("target/linux-guest/vmlinuz")]
+                .into_iter()
+                .filter(|path| path.is_file())
+                .map(|path| {
+                    let image = std::fs::read(&path).unwrap();
+                    (path, image)
+                })
+                .collect();
+        if found.is_empty() {
+            let why = "no bzImage: run `bash .ci/build-linux-kernel` or `bash .ci/build-linux-guest`";
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true: {why}");
+            eprintln!("SKIPPED: {why}");
         }
-        let why = "no bzImage: run `bash .ci/build-linux-kernel` or `bash .ci/build-linux-guest`";
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true: {why}");
-        eprintln!("SKIPPED: {why}");
-        None
+        found
     }
 
     fn u16_at(mem: &GuestMemoryMmap, addr: u64) -> u16 {
@@ -855,7 +862,7 @@ mod tests {
 
     #[test]
     fn a_real_bzimage_gets_boot_params_by_the_protocol() {
-        if let Some((path, image)) = real_bzimage() {
+        for (path, image) in real_bzimages() {
             eprintln!("bzImage: {}", path.display());
             check_boot_params(&image, 256 << 20);
             // With more RAM than initrd_addr_max reaches or the MMIO hole allows.
@@ -1062,7 +1069,7 @@ mod tests {
         assert_eq!((module.paddr, module.size, module.cmdline_paddr), (0x1f0_0000, 0x1234, 0));
         // The module list stays clear of hvm_start_info and the memory map.
         assert!(PVH_MODLIST_START >= addr + std::mem::size_of::<hvm_start_info>() as u64);
-        assert!(PVH_MODLIST_START + 32 <= layout::PVH_MEMMAP_START);
+        const { assert!(PVH_MODLIST_START + 32 <= layout::PVH_MEMMAP_START) };
         // Without an initrd or ACPI: no modules, no RSDP (what write_pvh_start_info writes).
         let addr = write_pvh_start_info(mem, "console=ttyS0", &e820).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();

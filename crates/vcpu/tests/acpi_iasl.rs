@@ -4,6 +4,7 @@
 //!
 //! Needs `iasl`: outside CI a missing one skips with a visible reason; under `CI=true` it
 //! fails (`bash .ci/install-deps` installs it).
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
