@@ -21,6 +21,7 @@
 //! assert_eq!(irq.count(), 2);
 //! ```
 
+pub mod acpi;
 pub mod fault;
 pub mod fuzzing;
 pub mod i8042;

@@ -7,6 +7,10 @@
 //! * [`BootState::LongMode`]: 64-bit mode at an entry point, on identity-mapped page tables
 //!   covering the first 4 GiB, with its own stack and one argument in `rdi`. This is how
 //!   splitvisor starts application processors of guests that ask for it (see the loader).
+//! * [`BootState::Linux64`]: the 64-bit entry of the Linux x86 boot protocol (a bzImage):
+//!   long mode on the same identity map, `rsi` = the `boot_params` ("zero page"), and the
+//!   GDT the protocol asks for ([`LINUX_BOOT_GDT`]: flat code at `__BOOT_CS` = 0x10, flat
+//!   data at `__BOOT_DS` = 0x18).
 //!
 //! Everything here is plain data, so it is tested without KVM.
 
@@ -57,6 +61,23 @@ pub const DATA_SELECTOR: u16 = 0x10;
 /// Selector of the task state segment.
 pub const TSS_SELECTOR: u16 = 0x18;
 
+/// Where the GDT of a [`BootState::Linux64`] vCPU lives: after the boot GDT and IDT at
+/// [`layout::BOOT_GDT_START`], in the same page.
+pub const LINUX_BOOT_GDT_START: u64 = 0x540;
+/// `__BOOT_CS` of the Linux boot protocol: the flat 64-bit code segment.
+pub const LINUX_BOOT_CODE_SELECTOR: u16 = 0x10;
+/// `__BOOT_DS` of the Linux boot protocol: the flat data segment.
+pub const LINUX_BOOT_DATA_SELECTOR: u16 = 0x18;
+/// The task state segment of a [`BootState::Linux64`] vCPU.
+pub const LINUX_BOOT_TSS_SELECTOR: u16 = 0x20;
+/// The GDT the Linux boot protocol's 64-bit entry expects: null, unused, code
+/// (`__BOOT_CS`), data (`__BOOT_DS`), then a TSS, which KVM needs for a valid task register.
+pub const LINUX_BOOT_GDT: [u64; 5] =
+    [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_0067];
+/// The initial stack of a [`BootState::Linux64`] vCPU, growing down from here. The kernel
+/// switches to its own stack within a few instructions, but pushes before it does.
+pub const LINUX_BOOT_STACK_TOP: u64 = 0x6000;
+
 /// Where and how a vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootState {
@@ -75,6 +96,15 @@ pub enum BootState {
         stack_top: u64,
         /// First argument (the vCPU index for application processors).
         arg: u64,
+    },
+    /// The Linux x86 boot protocol's 64-bit entry: long mode at `entry` (a bzImage's load
+    /// address + 0x200), `rsi` = `boot_params`, interrupts off, segments from
+    /// [`LINUX_BOOT_GDT`], stack at [`LINUX_BOOT_STACK_TOP`].
+    Linux64 {
+        /// The 64-bit entry point.
+        entry: u64,
+        /// Guest-physical address of `struct boot_params` (the zero page).
+        boot_params: u64,
     },
 }
 
@@ -99,11 +129,11 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-fn task_segment() -> kvm_segment {
+fn task_segment(selector: u16) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0x67,
-        selector: TSS_SELECTOR,
+        selector,
         type_: 0xb, // busy 32/64-bit TSS
         present: 1,
         s: 0,
@@ -126,23 +156,42 @@ impl BootState {
                 rflags: 0x2,
                 ..Default::default()
             },
+            BootState::Linux64 { entry, boot_params } => kvm_regs {
+                rip: entry,
+                rsi: boot_params,
+                rsp: LINUX_BOOT_STACK_TOP,
+                rflags: 0x2,
+                ..Default::default()
+            },
         }
     }
 
     /// Applies segment and control registers to `sregs` (read from KVM first, so that
     /// fields this code does not own, such as the APIC base, stay as KVM set them).
     pub fn apply_sregs(&self, sregs: &mut kvm_sregs) {
-        let long = matches!(self, BootState::LongMode { .. });
-        sregs.cs = segment(CODE_SELECTOR, 0xb, long);
-        let data = segment(DATA_SELECTOR, 0x3, long);
+        let long = !matches!(self, BootState::Pvh { .. });
+        let (code, data, tss, gdt_base, gdt_entries) = match self {
+            BootState::Linux64 { .. } => (
+                LINUX_BOOT_CODE_SELECTOR,
+                LINUX_BOOT_DATA_SELECTOR,
+                LINUX_BOOT_TSS_SELECTOR,
+                LINUX_BOOT_GDT_START,
+                LINUX_BOOT_GDT.len(),
+            ),
+            _ => {
+                (CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR, layout::BOOT_GDT_START, layout::BOOT_GDT_ENTRIES)
+            }
+        };
+        sregs.cs = segment(code, 0xb, long);
+        let data = segment(data, 0x3, long);
         sregs.ds = data;
         sregs.es = data;
         sregs.fs = data;
         sregs.gs = data;
         sregs.ss = data;
-        sregs.tr = task_segment();
-        sregs.gdt.base = layout::BOOT_GDT_START;
-        sregs.gdt.limit = (layout::BOOT_GDT_ENTRIES * 8 - 1) as u16;
+        sregs.tr = task_segment(tss);
+        sregs.gdt.base = gdt_base;
+        sregs.gdt.limit = (gdt_entries * 8 - 1) as u16;
         sregs.idt.base = layout::BOOT_IDT_START;
         sregs.idt.limit = 7;
         match self {
@@ -152,7 +201,7 @@ impl BootState {
                 sregs.cr4 = 0;
                 sregs.efer = 0;
             }
-            BootState::LongMode { .. } => {
+            BootState::LongMode { .. } | BootState::Linux64 { .. } => {
                 sregs.cr0 = cr0::PE | cr0::MP | cr0::ET | cr0::NE | cr0::WP | cr0::AM | cr0::PG;
                 sregs.cr3 = layout::BOOT_PML4_START;
                 sregs.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
@@ -191,11 +240,14 @@ fn write<M: GuestMemoryBackend, T: vm_memory::ByteValued>(
     mem.write_obj(value, GuestAddress(addr)).map_err(|source| BootTablesError { what, addr, source })
 }
 
-/// Writes the GDT, the empty IDT and identity-mapped page tables for the first 4 GiB
-/// (2 MiB pages) that [`BootState::LongMode`] vCPUs start on.
+/// Writes the GDTs, the empty IDT and identity-mapped page tables for the first 4 GiB
+/// (2 MiB pages) that [`BootState::LongMode`] and [`BootState::Linux64`] vCPUs start on.
 pub fn write_long_mode_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), BootTablesError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         write(mem, "GDT", layout::BOOT_GDT_START + 8 * i as u64, *entry)?;
+    }
+    for (i, entry) in LINUX_BOOT_GDT.iter().enumerate() {
+        write(mem, "Linux boot GDT", LINUX_BOOT_GDT_START + 8 * i as u64, *entry)?;
     }
     write(mem, "IDT", layout::BOOT_IDT_START, 0u64)?;
     write(mem, "PML4", layout::BOOT_PML4_START, layout::BOOT_PDPT_START | 0x3)?;
@@ -250,6 +302,42 @@ mod tests {
     }
 
     #[test]
+    fn linux64_state_follows_the_boot_protocol() {
+        // Documentation/x86/boot.rst, "64-bit Boot Protocol": long mode, paging on an
+        // identity map, CS = __BOOT_CS (0x10) and DS/ES/SS = __BOOT_DS (0x18) with 4 GiB
+        // flat descriptors, interrupts disabled, %rsi = boot_params.
+        let state = BootState::Linux64 { entry: 0x10_0200, boot_params: 0x1000 };
+        let regs = state.regs();
+        assert_eq!((regs.rip, regs.rsi), (0x10_0200, 0x1000));
+        assert_eq!(regs.rflags & (1 << 9), 0, "interrupts off");
+        assert!(regs.rsp > 0 && regs.rsp % 16 == 0, "a usable stack for the first pushes");
+        let mut sregs = kvm_sregs::default();
+        state.apply_sregs(&mut sregs);
+        assert_eq!(sregs.efer, efer::LME | efer::LMA);
+        assert_eq!(sregs.cr0 & cr0::PG, cr0::PG);
+        assert_eq!(sregs.cr3, layout::BOOT_PML4_START);
+        assert_eq!((sregs.cs.selector, sregs.cs.l, sregs.cs.type_), (0x10, 1, 0xb));
+        for data in [sregs.ds, sregs.es, sregs.ss] {
+            assert_eq!((data.selector, data.base, data.limit, data.g), (0x18, 0, 0xffff_ffff, 1));
+        }
+        assert_eq!(sregs.gdt.base, LINUX_BOOT_GDT_START);
+        assert_eq!(sregs.tr.selector, LINUX_BOOT_TSS_SELECTOR);
+        // The selectors name descriptors of the right kind in the GDT written for them.
+        let descriptor = |selector: u16| LINUX_BOOT_GDT[usize::from(selector / 8)];
+        assert_eq!(descriptor(sregs.cs.selector), BOOT_GDT[1], "64-bit code");
+        assert_eq!(descriptor(sregs.ds.selector), BOOT_GDT[2], "flat data");
+        assert_eq!(descriptor(sregs.tr.selector), BOOT_GDT[3], "TSS");
+        assert!(usize::from(sregs.gdt.limit) + 1 >= 8 * LINUX_BOOT_GDT.len());
+    }
+
+    #[test]
+    fn linux_boot_gdt_does_not_overlap_the_boot_gdt_and_idt() {
+        let boot_end = layout::BOOT_IDT_START + 8;
+        assert!(LINUX_BOOT_GDT_START >= boot_end);
+        assert!(LINUX_BOOT_GDT_START + 8 * LINUX_BOOT_GDT.len() as u64 <= 0x1000);
+    }
+
+    #[test]
     fn fpu_enables_sse_defaults() {
         let fpu = fpu();
         assert_eq!((fpu.fcw, fpu.mxcsr), (0x37f, 0x1f80));
@@ -270,5 +358,6 @@ mod tests {
             assert_eq!(pde & !0x1f_ffff, addr & !0x1f_ffff);
         }
         assert_eq!(read(layout::BOOT_GDT_START + 8), BOOT_GDT[1]);
+        assert_eq!(read(LINUX_BOOT_GDT_START + 8 * u64::from(LINUX_BOOT_CODE_SELECTOR / 8)), BOOT_GDT[1]);
     }
 }

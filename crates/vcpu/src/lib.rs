@@ -1,8 +1,11 @@
 //! KVM VMs and vCPUs for splitvisor.
 //!
 //! * [`KvmVm`]: the VM, with in-kernel PIC/IOAPIC/local APICs and PIT.
-//! * [`boot`]: x86_64 boot state: PVH (32-bit protected mode) and direct long mode.
-//! * [`loader`]: loading a PVH ELF, its notes, the command line and `hvm_start_info`.
+//! * [`boot`]: x86_64 boot state: PVH (32-bit protected mode), direct long mode and the
+//!   Linux boot protocol's 64-bit entry.
+//! * [`loader`]: loading a kernel (PVH ELF or bzImage) and an initrd, and the boot
+//!   structures that describe the machine to it (`hvm_start_info`, `boot_params`).
+//! * [`acpi`]: the ACPI tables of the assembled VM (RSDP, XSDT, FADT, MADT, DSDT).
 //! * [`Vcpu`] and [`VmControl`]: one thread per vCPU, each running KVM_RUN and dispatching
 //!   PIO and MMIO exits to the [`Buses`]; everything else that ends a vCPU is a
 //!   [`VcpuError`] naming the vCPU, the exit and RIP.
@@ -25,6 +28,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod acpi;
 pub mod boot;
 pub mod loader;
 pub mod stats;
