@@ -19,7 +19,7 @@
 //! backend.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,8 +38,11 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-/// How long any reply from a backend may take. A silent backend costs a vCPU at most
-/// this (the frontend talks to it only when the driver changes the device status).
+use crate::deadline::Deadline;
+
+/// How long one exchange with a backend (a handshake, an activation, a stop) may take. A
+/// silent backend costs a vCPU at most this (the frontend talks to it only when the driver
+/// changes the device status); then its connection is shut down and it is replaced.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bytes of virtio-blk configuration space the frontend caches.
@@ -119,6 +122,7 @@ impl Handshake {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
+        let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
         let mut frontend = Frontend::from_stream(stream, 1);
         request("SET_OWNER", frontend.set_owner())?;
         let features = request("GET_FEATURES", frontend.get_features())?;
@@ -303,6 +307,7 @@ impl VhostUserBlk {
     /// answers once it no longer touches them); returns where each resumes.
     pub fn quiesce(&mut self) -> Result<Resume, FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
+        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         let mut bases = Vec::new();
         if let Some(activation) = &self.activation {
             for queue in &activation.queues {
@@ -337,6 +342,7 @@ impl VhostUserBlk {
     fn start(&mut self, resume: &Resume) -> Result<(), FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
         let activation = self.activation.as_ref().ok_or(FrontendError::NotConnected)?;
+        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         let frontend = &mut backend.frontend;
         // The whole set-up goes out without waiting for each acknowledgement (one wake-up of
         // the backend instead of a dozen: this is the time a restart keeps the device from
@@ -439,6 +445,7 @@ impl VhostUserBlk {
 
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
+        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         for index in 0..self.queue_sizes.len() {
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
             let stopped = backend

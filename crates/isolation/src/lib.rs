@@ -16,6 +16,7 @@
 //! * [`driver`]: the partition program (`splitvisor-driver`).
 
 pub mod backend;
+pub mod deadline;
 pub mod driver;
 pub mod frontend;
 pub mod partition;
