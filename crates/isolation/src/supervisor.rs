@@ -139,8 +139,14 @@ fn supervise(devices: &[Arc<dyn Supervised>], tick: Duration, stop: &EventFd, wa
         if woken {
             let _ = wake.read();
         }
+        // One event per device per round: handling it may replace the very fds the
+        // device's other events came from (a restart replaces the partition whose pidfd
+        // and socket both reported its death), and what is still ready after is seen at
+        // the next poll, on the fds as they are then.
+        let mut handled = vec![false; devices.len()];
         for (pollfd, &(device, token)) in fds[2..].iter().zip(&owners) {
-            if pollfd.revents != 0 {
+            if pollfd.revents != 0 && !handled[device] {
+                handled[device] = true;
                 devices[device].ready(token);
             }
         }

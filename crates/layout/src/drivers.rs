@@ -197,14 +197,14 @@ impl DriverSlot for VhostUserSlot {
                 Some(SlotEvent::Fault(Fault::HungUp))
             }
             QUEUE_ERROR => {
-                let _ = self.queue_error.read();
+                self.queue_error.read().ok()?;
                 if let Err(e) = self.interrupt.request_reset() {
                     log::warn!("cannot tell the driver its disk needs a reset: {e}");
                 }
                 Some(SlotEvent::GuestBrokeQueue)
             }
             REQUEST_FAILED => {
-                let _ = self.request_failed.read();
+                self.request_failed.read().ok()?;
                 Some(SlotEvent::Fault(Fault::Failed("a request to the backend failed".into())))
             }
             SPARE_EXITED => {
