@@ -194,3 +194,52 @@ fn a_read_only_disk_in_a_partition_is_opened_read_only_and_refuses_writes() {
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
     assert!(disk.bytes().iter().all(|b| *b == 0x5a), "the image changed");
 }
+
+/// Whether any process below `pid` maps or holds guest RAM.
+fn holds_guest_ram(pid: u32) -> bool {
+    support::descendants(pid).into_iter().chain([pid]).any(|p| {
+        let maps = std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
+        let fds = std::fs::read_dir(format!("/proc/{p}/fd")).into_iter().flatten().flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().contains("splitvisor-guest-ram"))
+        });
+        maps.contains("splitvisor-guest-ram") || fds
+    })
+}
+
+#[test]
+fn a_hand_started_driver_serves_one_frontend_at_a_time_and_the_next_after_it() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("one-at-a-time", 16 * MIB);
+    let backend = support::HandStartedDriver::start("one-at-a-time", &disk.0);
+    let socket = backend.socket.clone();
+    // A VM that keeps the backend busy (its guest maps its memory into the driver) while a
+    // second one tries.
+    let first = {
+        let socket = socket.clone();
+        std::thread::spawn(move || blk_verify(Layout::monolithic(), &[DiskConfig::VhostUser { socket }], 26))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !holds_guest_ram(backend.pid()) {
+        assert!(std::time::Instant::now() < deadline, "the first VM never set its disk up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .disk(DiskConfig::VhostUser { socket: socket.clone() })
+        .console(ConsoleOutput::Discard)
+        .build();
+    let error = second.err().expect("a second frontend at once is refused").to_string();
+    assert!(error.contains("disk0") && error.contains("is another VMM using it?"), "{error}");
+    let (report, console) = first.join().unwrap();
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    // Once the first one left, its memory is gone and the next VM is served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while holds_guest_ram(backend.pid()) {
+        assert!(std::time::Instant::now() < deadline, "the driver kept the first VM's memory");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (report, console) = blk_verify(Layout::monolithic(), &[DiskConfig::VhostUser { socket }], 27);
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(pattern_mismatches(&disk.bytes(), 32768, 27).is_empty());
+}

@@ -111,6 +111,11 @@ impl HandStartedDriver {
         child
     }
 
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it (SIGKILL), as a crash would, and waits (bounded) until the process that
     /// served, in its own PID namespace, is gone too.
     pub fn kill(&mut self) {

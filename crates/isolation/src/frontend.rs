@@ -85,11 +85,17 @@ pub enum FrontendError {
 }
 
 fn request<T>(what: &'static str, result: vhost::Result<T>) -> Result<T, FrontendError> {
+    result.map_err(|source| FrontendError::Request { what, source })
+}
+
+/// A request of the handshake: a backend that hangs up at once most likely serves another
+/// frontend already (splitvisor-driver refuses a second one that way).
+fn handshake_request<T>(what: &'static str, result: vhost::Result<T>) -> Result<T, FrontendError> {
+    use vhost::vhost_user::Error as Protocol;
     result.map_err(|source| match source {
-        vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::Disconnected)
-        | vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::PartialMessage) => {
-            FrontendError::Refused { what }
-        }
+        vhost::Error::VhostUserProtocol(
+            Protocol::Disconnected | Protocol::PartialMessage | Protocol::SocketBroken(_),
+        ) => FrontendError::Refused { what },
         source => FrontendError::Request { what, source },
     })
 }
@@ -124,8 +130,8 @@ impl Handshake {
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
         let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
         let mut frontend = Frontend::from_stream(stream, 1);
-        request("SET_OWNER", frontend.set_owner())?;
-        let features = request("GET_FEATURES", frontend.get_features())?;
+        handshake_request("SET_OWNER", frontend.set_owner())?;
+        let features = handshake_request("GET_FEATURES", frontend.get_features())?;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             return Err(FrontendError::Unsupported("protocol features"));
         }
