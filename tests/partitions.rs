@@ -229,7 +229,7 @@ fn a_hand_started_driver_serves_one_frontend_at_a_time_and_the_next_after_it() {
         .disk(DiskConfig::VhostUser { socket: socket.clone() })
         .console(ConsoleOutput::Discard)
         .build();
-    let error = second.err().expect("a second frontend at once is refused").to_string();
+    let error = second.expect_err("a second frontend at once is refused").to_string();
     assert!(error.contains("disk0") && error.contains("is another VMM using it?"), "{error}");
     let (report, console) = first.join().unwrap();
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
