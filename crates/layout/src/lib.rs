@@ -36,12 +36,14 @@ pub mod console;
 mod device;
 mod drivers;
 mod lifecycle;
+mod net;
 mod placement;
 mod vm;
 
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
 pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
+pub use net::NetConfig;
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
 
@@ -96,6 +98,15 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] splitvisor_devices::virtio::block::BlockError),
+    /// A TAP device cannot be opened.
+    #[error("{device}: {source}")]
+    Tap {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        #[source]
+        source: splitvisor_devices::virtio::tap::TapError,
+    },
     /// A driver partition could not be started.
     #[error(transparent)]
     Partition(#[from] splitvisor_isolation::partition::PartitionError),

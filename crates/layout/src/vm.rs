@@ -26,6 +26,7 @@ use crate::device::{
     Assembly, ConsoleRecipe, DeviceRecipe, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
 };
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
+use crate::net::{NetConfig, NetRecipe};
 use crate::placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
@@ -70,6 +71,7 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     extra: Vec<ExtraDevice>,
     disks: Vec<DiskConfig>,
+    nics: Vec<NetConfig>,
     layout: Layout,
     driver: Option<DriverProgram>,
     faults: Vec<(String, String)>,
@@ -91,6 +93,7 @@ impl VmBuilder {
             timeout: None,
             extra: Vec::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
             layout: Layout::monolithic(),
             driver: None,
             faults: Vec::new(),
@@ -138,6 +141,12 @@ impl VmBuilder {
     /// Adds a virtio-blk disk (virtio-mmio; announced on the command line).
     pub fn disk(mut self, disk: DiskConfig) -> Self {
         self.disks.push(disk);
+        self
+    }
+
+    /// Adds a virtio-net NIC (virtio-mmio; announced on the command line): `net0`, `net1`, ...
+    pub fn net(mut self, nic: NetConfig) -> Self {
+        self.nics.push(nic);
         self
     }
 
@@ -200,6 +209,9 @@ impl VmBuilder {
         for (index, config) in self.disks.iter().enumerate() {
             recipes.push(Box::new(DiskRecipe { index, config: config.clone() }));
         }
+        for (index, config) in self.nics.iter().enumerate() {
+            recipes.push(Box::new(NetRecipe { index, config: config.clone() }));
+        }
         recipes
     }
 
@@ -207,6 +219,7 @@ impl VmBuilder {
     pub fn device_names(&self) -> Vec<String> {
         let mut names = vec!["com1".to_string(), "i8042".to_string()];
         names.extend((0..self.disks.len()).map(|index| format!("disk{index}")));
+        names.extend((0..self.nics.len()).map(|index| format!("net{index}")));
         names
     }
 

@@ -21,6 +21,7 @@
 pub mod blk;
 pub mod inflight;
 mod memory;
+pub mod net;
 
 use std::fs::File;
 use std::io;
@@ -80,6 +81,16 @@ pub trait QueueServer: Send {
         heads: &[u16],
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError>;
+    /// Another fd whose readiness means work for this queue (a network device's TAP for
+    /// its receive queue), watched edge-triggered next to the kick.
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Whether the last pass stopped at its work budget with work left: the queue thread
+    /// then serves again without waiting.
+    fn more(&self) -> bool {
+        false
+    }
 }
 
 /// A fault to inject into a driver partition, for demonstrations and tests of the driver
@@ -463,6 +474,7 @@ impl QueueWorker {
         }
         const KICK: u64 = 0;
         const STOP: u64 = 1;
+        const WAKE: u64 = 2;
         let epoll = match Epoll::new() {
             Ok(epoll) => epoll,
             Err(e) => {
@@ -470,17 +482,25 @@ impl QueueWorker {
                 return queue;
             }
         };
-        for (fd, token) in [(self.kick.as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)] {
-            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)) {
-                log::error!("vhost-user queue {}: cannot watch an eventfd: {e}", self.index);
+        let mut watches =
+            vec![(self.kick.as_raw_fd(), KICK, EventSet::IN), (stop.as_raw_fd(), STOP, EventSet::IN)];
+        if let Some(fd) = self.server.wake_fd() {
+            // Edge-triggered: work the server leaves waiting (no buffers for a frame) must
+            // not wake the thread again and again; the kick brings it back.
+            watches.push((fd, WAKE, EventSet::IN | EventSet::EDGE_TRIGGERED));
+        }
+        for (fd, token, events) in watches {
+            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
+                log::error!("vhost-user queue {}: cannot watch fd {fd}: {e}", self.index);
                 return queue;
             }
         }
         // Requests may be waiting already (a backend replacing another one).
         self.serve(&mut queue, inflight.as_mut());
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         loop {
-            let ready = match epoll.wait(-1, &mut events) {
+            let timeout = if self.server.more() && !self.broken { 0 } else { -1 };
+            let ready = match epoll.wait(timeout, &mut events) {
                 Ok(ready) => ready,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
