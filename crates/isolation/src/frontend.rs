@@ -164,7 +164,7 @@ impl Handshake {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
-        let mut frontend = Frontend::from_stream(stream, 1);
+        let mut frontend = Frontend::from_stream(stream, shape.queue_sizes.len() as u64);
         request("SET_OWNER", frontend.set_owner())?;
         let features = request("GET_FEATURES", frontend.get_features())?;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
