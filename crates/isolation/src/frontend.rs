@@ -116,6 +116,62 @@ pub enum FrontendError {
     NotConnected,
 }
 
+/// Bounds one exchange with a backend (a handshake, an activation, a stop) to
+/// [`REPLY_TIMEOUT`] in all. The socket's own timeout is not enough: the vhost crate retries
+/// a read that timed out, so a backend that stays connected but never answers would hold a
+/// vCPU for ever. When the time is up the connection is shut down, which ends the read with
+/// an error and shows the supervisor a hung-up backend.
+struct ReplyDeadline {
+    state: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplyDeadline {
+    fn arm(socket: BorrowedFd<'_>) -> Self {
+        let state = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let socket = match socket.try_clone_to_owned() {
+            Ok(socket) => socket,
+            Err(e) => {
+                log::warn!("vhost-user: cannot bound the wait for the backend: {e}");
+                return Self { state, thread: None };
+            }
+        };
+        let shared = state.clone();
+        let thread = std::thread::Builder::new().name("vhost-deadline".into()).spawn(move || {
+            let (done, wake) = &*shared;
+            let guard = done.lock().unwrap_or_else(|e| e.into_inner());
+            let (guard, timeout) = wake
+                .wait_timeout_while(guard, REPLY_TIMEOUT, |done| !*done)
+                .unwrap_or_else(|e| e.into_inner());
+            if timeout.timed_out() && !*guard {
+                log::warn!(
+                    "vhost-user: no answer from the backend within {REPLY_TIMEOUT:?}; disconnecting it"
+                );
+                // SAFETY: shutdown on an fd this thread owns (a duplicate of the socket).
+                unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        });
+        match thread {
+            Ok(thread) => Self { state, thread: Some(thread) },
+            Err(e) => {
+                log::warn!("vhost-user: cannot bound the wait for the backend: {e}");
+                Self { state, thread: None }
+            }
+        }
+    }
+}
+
+impl Drop for ReplyDeadline {
+    fn drop(&mut self) {
+        let (done, wake) = &*self.state;
+        *done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn request<T>(what: &'static str, result: vhost::Result<T>) -> Result<T, FrontendError> {
     result.map_err(|source| match source {
         vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::Disconnected)
@@ -164,6 +220,7 @@ impl Handshake {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
+        let _deadline = ReplyDeadline::arm(std::os::fd::AsFd::as_fd(&watch));
         let mut frontend = Frontend::from_stream(stream, shape.queue_sizes.len() as u64);
         request("SET_OWNER", frontend.set_owner())?;
         let features = request("GET_FEATURES", frontend.get_features())?;
@@ -369,6 +426,7 @@ impl VhostUserVirtio {
     /// answers once it no longer touches them); returns where each resumes.
     pub fn quiesce(&mut self) -> Result<Resume, FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
+        let _deadline = ReplyDeadline::arm(std::os::fd::AsFd::as_fd(&backend.watch));
         let mut bases = Vec::new();
         if let Some(activation) = &self.activation {
             for queue in &activation.queues {
@@ -402,6 +460,7 @@ impl VhostUserVirtio {
     /// Hands the activation to the current backend.
     fn start(&mut self, resume: &Resume) -> Result<(), FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
+        let _deadline = ReplyDeadline::arm(std::os::fd::AsFd::as_fd(&backend.watch));
         let activation = self.activation.as_ref().ok_or(FrontendError::NotConnected)?;
         let frontend = &mut backend.frontend;
         // The whole set-up goes out without waiting for each acknowledgement (one wake-up of
@@ -505,6 +564,7 @@ impl VhostUserVirtio {
 
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
+        let _deadline = ReplyDeadline::arm(std::os::fd::AsFd::as_fd(&backend.watch));
         for index in 0..self.shape.queue_sizes.len() {
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
             let stopped = backend
