@@ -63,6 +63,11 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     fn features(&self) -> u64;
     /// Its configuration space.
     fn config(&self) -> Vec<u8>;
+    /// Whether to offer VHOST_USER_PROTOCOL_F_MQ: the device has more queues than one
+    /// frontend of its kind expects without it (virtio-net's one queue pair needs none).
+    fn multi_queue(&self) -> bool {
+        self.num_queues() > 1
+    }
     /// Something that executes the requests of queue `index`, in `memory`, with the
     /// `features` the driver accepted.
     fn queue_server(&self, index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer>;
@@ -168,10 +173,11 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
     let connection = Arc::new(Mutex::new(Connection::new(device, faults)));
     let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
     let result = loop {
-        if let Some(listener) = listener {
-            match wait_readable(handler.as_raw_fd(), listener.as_raw_fd()) {
+        let listening = listener.map_or(-1, |listener| listener.as_raw_fd());
+        {
+            match wait_readable(handler.as_raw_fd(), listening) {
                 Ok(Readable::Listener) => {
-                    if let Ok((other, _)) = listener.accept() {
+                    if let Some(Ok((other, _))) = listener.map(|listener| listener.accept()) {
                         log::warn!("refused a second vhost-user frontend: this backend already serves one");
                         drop(other);
                     }
@@ -180,6 +186,11 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
                 Ok(Readable::Connection) => {}
                 Err(e) => break Err(BackendError::Socket(e)),
             }
+        }
+        match early_vring_enable(handler.as_raw_fd(), &connection) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => break Err(BackendError::Socket(e)),
         }
         match handler.handle_request() {
             Ok(()) => {}
@@ -190,6 +201,65 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
     };
     connection.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
     result
+}
+
+/// vhost-user's SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flags: protocol version 1, a reply, a reply wanted.
+const VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Takes a SET_VRING_ENABLE that arrives before the frontend acknowledged
+/// VHOST_USER_F_PROTOCOL_FEATURES (QEMU's virtio-net enables its queues when the device is
+/// realized, long before SET_FEATURES), which the vhost crate refuses as an inactive
+/// feature and then ends the session on. It is applied like any other (the queue starts
+/// once it is set up) and acknowledged if asked. Says whether it took a message.
+fn early_vring_enable<D: VhostUserDevice>(
+    socket: i32,
+    connection: &Mutex<Connection<D>>,
+) -> io::Result<bool> {
+    let protocol_acked = connection.lock().unwrap_or_else(|e| e.into_inner()).acked_features
+        & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        != 0;
+    if protocol_acked {
+        return Ok(false);
+    }
+    let mut message = [0u8; 20];
+    // SAFETY: peeks into a buffer of its size, never blocking.
+    let peeked = unsafe {
+        libc::recv(socket, message.as_mut_ptr().cast(), message.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    let word = |message: &[u8; 20], at: usize| {
+        u32::from_le_bytes([message[at], message[at + 1], message[at + 2], message[at + 3]])
+    };
+    if peeked != 20 || word(&message, 0) != SET_VRING_ENABLE || word(&message, 8) != 8 {
+        return Ok(false);
+    }
+    // SAFETY: takes the 20 bytes just peeked (nothing else reads this socket meanwhile).
+    let taken = unsafe { libc::recv(socket, message.as_mut_ptr().cast(), message.len(), libc::MSG_DONTWAIT) };
+    if taken != 20 {
+        return Err(io::Error::other("a SET_VRING_ENABLE message vanished"));
+    }
+    let (index, enable) = (word(&message, 12), word(&message, 16) != 0);
+    log::debug!(
+        "vhost-user: queue {index} {} before the features",
+        if enable { "enabled" } else { "disabled" }
+    );
+    let status =
+        connection.lock().unwrap_or_else(|e| e.into_inner()).set_vring_enable(index, enable).is_err();
+    if word(&message, 4) & FLAG_NEED_REPLY != 0 {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(status).to_le_bytes());
+        // SAFETY: sends a buffer of its size.
+        if unsafe { libc::send(socket, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) } != 20 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(true)
 }
 
 enum Readable {
@@ -269,7 +339,7 @@ impl<D: VhostUserDevice> Connection<D> {
         let mut features = VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        if self.device.num_queues() > 1 {
+        if self.device.multi_queue() {
             features |= VhostUserProtocolFeatures::MQ;
         }
         features

@@ -50,6 +50,10 @@ impl VhostUserDevice for NetDevice {
         QUEUE_SIZE
     }
 
+    fn multi_queue(&self) -> bool {
+        false
+    }
+
     fn features(&self) -> u64 {
         net::device_features()
     }

@@ -159,10 +159,13 @@ pub(super) fn partition_filters(
                     libc::SYS_pwrite64,
                     // VIRTIO_BLK_T_FLUSH.
                     libc::SYS_fdatasync,
-                    // vhost-user: the frontend's connection (messages carry fds) ...
+                    // vhost-user: the frontend's connection (messages carry fds; an early
+                    // SET_VRING_ENABLE is peeked at and answered with recv and send) ...
                     libc::SYS_accept4,
                     libc::SYS_recvmsg,
                     libc::SYS_sendmsg,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
                     libc::SYS_shutdown,
                     // ... served from an epoll loop per worker, with an exit eventfd each.
                     libc::SYS_epoll_create1,
@@ -211,10 +214,13 @@ pub(super) fn partition_filters(
                     // Frames from the TAP (writes are in the common list), and eventfds
                     // (kick, call, the worker's exit event).
                     libc::SYS_read,
-                    // vhost-user: the frontend's connection (messages carry fds) ...
+                    // vhost-user: the frontend's connection (messages carry fds; an early
+                    // SET_VRING_ENABLE is peeked at and answered with recv and send) ...
                     libc::SYS_accept4,
                     libc::SYS_recvmsg,
                     libc::SYS_sendmsg,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
                     libc::SYS_shutdown,
                     // ... served from an epoll loop per queue (the receive queue's also
                     // watches the TAP), with an exit eventfd each.
