@@ -70,7 +70,7 @@ fn connect_echo() -> TcpStream {
 /// counts the bytes back so far.
 fn echo(mut stream: TcpStream, data: &[u8], progress: &AtomicU64) -> Vec<u8> {
     let mut reader = stream.try_clone().unwrap();
-    let back = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let receiving = scope.spawn(move || {
             let mut back = Vec::new();
             let mut buf = vec![0u8; 65536];
@@ -88,8 +88,7 @@ fn echo(mut stream: TcpStream, data: &[u8], progress: &AtomicU64) -> Vec<u8> {
         stream.write_all(data).unwrap();
         stream.shutdown(Shutdown::Write).unwrap();
         receiving.join().unwrap()
-    });
-    back
+    })
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {

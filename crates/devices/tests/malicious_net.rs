@@ -276,7 +276,7 @@ fn a_flood_from_the_wire_is_delivered_in_bounded_passes_and_waits_for_buffers() 
     let mut rx = rig.rx(true);
     offer_rx(&mut driver, SIZE, 2048);
     let mut sent = 0;
-    while sent < 300 && rig.wire.send(&vec![0u8; 200]).is_ok() {
+    while sent < 300 && rig.wire.send(&[0u8; 200]).is_ok() {
         sent += 1;
     }
     let processed = rx.process(&mut queue).unwrap();

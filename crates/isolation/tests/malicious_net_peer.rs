@@ -59,13 +59,18 @@ impl Memory {
 
     fn write(&self, offset: u64, bytes: &[u8]) {
         assert!(offset as usize + bytes.len() <= RAM);
-        // SAFETY: inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(offset as usize), bytes.len()) };
+        // SAFETY: inside the mapping (checked above).
+        let at = unsafe { self.base.add(offset as usize) };
+        // SAFETY: `bytes.len()` bytes from `at` are inside the mapping; the source is a slice.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
     }
 
     fn read_u16(&self, offset: u64) -> u16 {
-        // SAFETY: inside the mapping; the backend writes it concurrently, a volatile read.
-        unsafe { std::ptr::read_volatile(self.base.add(offset as usize).cast::<u16>()) }
+        assert!(offset as usize + 2 <= RAM);
+        // SAFETY: inside the mapping.
+        let at = unsafe { self.base.add(offset as usize) };
+        // SAFETY: the backend writes it concurrently: a volatile read of two mapped bytes.
+        unsafe { std::ptr::read_volatile(at.cast::<u16>()) }
     }
 
     fn region(&self) -> VhostUserMemoryRegionInfo {
@@ -156,8 +161,10 @@ fn impossible_queues_and_memory_are_refused_and_only_that_session_ends() {
         let mut fds = [0; 2];
         // SAFETY: pipe writes two new fds.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fresh fds owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        // SAFETY: a fresh fd owned by nobody else.
+        let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        (read, unsafe { OwnedFd::from_raw_fd(fds[1]) })
     };
     // A memory table whose fd is not memory, and whose size is absurd.
     let bogus = VhostUserMemoryRegionInfo {

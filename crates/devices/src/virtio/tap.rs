@@ -140,22 +140,19 @@ impl Tap {
         &self.file
     }
 
-    fn ioctl_int(&self, request: libc::c_ulong, value: libc::c_int) -> io::Result<()> {
-        let mut value = value;
-        // The two TAP ioctls used here take a pointer (TUNSETVNETHDRSZ) or the value
-        // (TUNSETOFFLOAD); each is given what it reads.
-        // SAFETY: an ioctl on our own fd; the pointer is to a live int.
-        let result = if request == TUNSETVNETHDRSZ {
-            unsafe { libc::ioctl(self.file.as_raw_fd(), request, &mut value) }
-        } else {
-            // SAFETY: as above, with the value itself.
-            unsafe { libc::ioctl(self.file.as_raw_fd(), request, value as libc::c_ulong) }
-        };
+    /// TUNSETVNETHDRSZ: reads an int through a pointer.
+    fn set_header_size(&self, bytes: usize) -> io::Result<()> {
+        let value = bytes as libc::c_int;
+        // SAFETY: an ioctl on our own fd that reads one int from a live local.
+        let result = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &value) };
         if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    fn set_header_size(&self, bytes: usize) -> io::Result<()> {
-        self.ioctl_int(TUNSETVNETHDRSZ, bytes as libc::c_int)
+    /// TUNSETOFFLOAD: takes the flags as the argument itself.
+    fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: an ioctl on our own fd with an integer argument.
+        let result = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 }
 
@@ -175,7 +172,7 @@ impl NetBackend for Tap {
     fn configure(&self, guest_features: u64, header_size: usize) -> io::Result<()> {
         self.set_header_size(header_size)?;
         let offload = if guest_features & feature::GUEST_CSUM != 0 { TUN_F_CSUM } else { 0 };
-        self.ioctl_int(TUNSETOFFLOAD, offload as libc::c_int)
+        self.set_offload(offload)
     }
 
     fn as_raw_fd(&self) -> RawFd {
@@ -202,8 +199,10 @@ impl SocketBackend {
         if result < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: both fds were just created and are owned by nobody else.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: just created, owned by nobody else.
+        let ours = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let theirs = unsafe { OwnedFd::from_raw_fd(fds[1]) };
         Ok((Self { socket: ours }, theirs))
     }
 }

@@ -263,8 +263,8 @@ pub(super) fn partition_filters(
                 1,
                 Len::Dword,
                 &[
-                    splitvisor_devices::virtio::tap::TUNSETOFFLOAD as u64,
-                    splitvisor_devices::virtio::tap::TUNSETVNETHDRSZ as u64,
+                    splitvisor_devices::virtio::tap::TUNSETOFFLOAD,
+                    splitvisor_devices::virtio::tap::TUNSETVNETHDRSZ,
                 ],
             )?;
         }
