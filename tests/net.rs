@@ -274,3 +274,58 @@ fn the_network_partition_upgraded_under_a_tcp_transfer_loses_no_data() {
     });
     assert!(report.device_events.iter().filter(|e| format!("{e:?}").contains("upgraded")).count() == 3);
 }
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_network_partition_is_sandboxed_and_holds_only_what_it_was_handed() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(ns) = NetNs::new() else { return };
+    ns.tap(TAP);
+    let console = Capture::default();
+    ns.run(|| {
+        let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
+            .layout(Layout::microkernel())
+            .driver(driver())
+            .net(NetConfig::tap(TAP))
+            .console(ConsoleOutput::Writer(Box::new(console.clone())))
+            .timeout(Some(Duration::from_millis(300)))
+            .build()
+            .unwrap();
+        let pid = vm.driver_control().driver("net0").and_then(|d| d.pid).unwrap();
+        let child = serving_process(pid);
+        assert_ne!(child, pid, "the partition serves from a child in its own PID namespace");
+        assert_eq!(status_field(child, "Seccomp:"), "2", "seccomp filter mode");
+        assert_eq!(status_field(child, "NoNewPrivs:"), "1");
+        assert_eq!(status_field(child, "CapEff:"), "0000000000000000");
+        let theirs = std::fs::read_link(format!("/proc/{child}/ns/net")).unwrap();
+        assert_ne!(theirs, std::fs::read_link("/proc/thread-self/ns/net").unwrap(), "own network namespace");
+        let mut tun = 0;
+        for entry in std::fs::read_dir(format!("/proc/{child}/fd")).unwrap() {
+            let target = std::fs::read_link(entry.unwrap().path()).unwrap();
+            let target = target.to_string_lossy();
+            tun += usize::from(target == "/dev/net/tun");
+            assert!(
+                target == "/dev/null"
+                    || target == "/dev/net/tun"
+                    || target.starts_with("socket:")
+                    || target.starts_with("anon_inode:")
+                    || target.starts_with("/memfd:splitvisor-guest-ram")
+                    || target.starts_with("pipe:")
+                    || target.starts_with("/dev/pts")
+                    || target.starts_with("/tmp"),
+                "the network partition holds {target}"
+            );
+        }
+        assert_eq!(tun, 1, "exactly the TAP it was handed");
+        vm.run().unwrap();
+    });
+}

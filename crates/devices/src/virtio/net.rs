@@ -892,3 +892,5 @@ impl NetWorker {
         }
     }
 }
+
+pub mod fuzzing;
