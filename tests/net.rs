@@ -329,3 +329,85 @@ fn the_network_partition_is_sandboxed_and_holds_only_what_it_was_handed() {
         vm.run().unwrap();
     });
 }
+
+/// `splitvisor-driver net --tap TAP --socket PATH`, started by hand in the namespace; waits
+/// (bounded) for its "serving" line.
+fn external_driver(ns: &NetNs, socket: &Path) -> support::KillOnDrop {
+    use std::io::BufRead;
+    let mut child = ns
+        .command(env!("CARGO_BIN_EXE_splitvisor-driver"))
+        .args(["net", "--tap", TAP, "--socket"])
+        .arg(socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (ready, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = ready.send(line);
+    });
+    let line = wait.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let child = support::KillOnDrop(child);
+    assert!(line.contains("serving TAP"), "splitvisor-driver net did not get ready: {line}");
+    child
+}
+
+#[test]
+fn an_external_splitvisor_driver_net_killed_and_started_again_is_reconnected() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(ns) = NetNs::new() else { return };
+    ns.tap(TAP);
+    let socket = std::env::temp_dir().join(format!("splitvisor-{}-external-net.sock", std::process::id()));
+    let mut driver = Some(external_driver(&ns, &socket));
+    let console = Capture::default();
+    let data = pattern(1 << 20, 5);
+    let progress = AtomicU64::new(0);
+    let (report, back) = ns.run(|| {
+        let vm = VmBuilder::new(guests::find("net-echo").unwrap().elf)
+            .cmdline(&cmdline(""))
+            .net(NetConfig::VhostUser { socket: socket.clone(), mac: None })
+            .layout(
+                Layout::monolithic().with_fault_policy("net0", "restart:max=100:backoff=0".parse().unwrap()),
+            )
+            .console(ConsoleOutput::Writer(Box::new(console.clone())))
+            .timeout(Some(Duration::from_secs(600)))
+            .build()
+            .unwrap();
+        let control = vm.driver_control();
+        let running = std::thread::spawn(move || vm.run().unwrap());
+        let stream = connect_echo();
+        std::thread::scope(|scope| {
+            let chaos = scope.spawn(|| {
+                while progress.load(Ordering::Acquire) < 256 << 10 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                // The backend dies (its serving process too); a new one comes up on the same
+                // socket.
+                let old = driver.take().unwrap();
+                let serving = support::descendants(old.0.id());
+                drop(old);
+                support::wait_gone(&serving);
+                driver = Some(external_driver(&ns, &socket));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while control.driver("net0").is_none_or(|d| d.restarts == 0) {
+                    assert!(Instant::now() < deadline, "splitvisor never reconnected");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            let back = echo(stream, &data, &progress);
+            chaos.join().unwrap();
+            (running.join().unwrap(), back)
+        })
+    });
+    eprintln!("{}", console.text());
+    passed(&report, &console);
+    assert!(back == data, "the echo came back changed ({} of {} bytes)", back.len(), data.len());
+    let net0 = report.drivers.iter().find(|d| d.device == "net0").unwrap();
+    assert_eq!(net0.restarts, 1, "{net0:?}");
+    drop(driver);
+    let _ = std::fs::remove_file(&socket);
+}

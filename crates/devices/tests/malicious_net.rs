@@ -180,6 +180,22 @@ fn an_available_index_beyond_the_queue_size_breaks_the_queue() {
     assert!(rig.rx(true).process(&mut queue).is_err());
 }
 
+#[test]
+fn a_head_beyond_the_descriptor_table_breaks_the_queue() {
+    let rig = new_rig();
+    let mut driver = DriverQueue::new(&rig.mem, QUEUE, SIZE);
+    let mut queue = driver.device_queue();
+    driver.publish(SIZE + 100);
+    assert!(rig.tx().process(&mut queue).is_err());
+    assert_eq!(driver.used_idx(), 0, "nothing returned under a head the driver cannot have");
+    let mut driver = DriverQueue::new(&rig.mem, QUEUE, SIZE);
+    let mut queue = driver.device_queue();
+    driver.publish(SIZE);
+    rig.inject(100, 1);
+    assert!(rig.rx(true).process(&mut queue).is_err());
+    assert_eq!(driver.used_idx(), 0);
+}
+
 /// Offers `count` receive buffers of `len` bytes each, one descriptor per chain.
 fn offer_rx(driver: &mut DriverQueue<'_>, count: u16, len: u32) {
     for i in 0..count {

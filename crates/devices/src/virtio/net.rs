@@ -269,11 +269,16 @@ fn walk(
     Err(Malformed::TooLong)
 }
 
-/// The head of the next available chain, if any (the available index is checked against
-/// the queue size: a driver that publishes more than it has broke the queue).
+/// The head of the next available chain, if any. A driver that publishes more chains than
+/// the queue holds, or a head beyond the descriptor table, broke the queue (virtio-queue
+/// checks the first, not the second: its used ring would refuse such a head later).
 fn next_head(mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<Option<u16>, QueueError> {
+    let size = queue.size();
     let mut iter = queue.iter(mem).map_err(QueueError::Broken)?;
-    Ok(iter.next().map(|chain| chain.head_index()))
+    match iter.next().map(|chain| chain.head_index()) {
+        Some(head) if head >= size => Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex)),
+        head => Ok(head),
+    }
 }
 
 /// Puts `completions` (head, bytes written) in the used ring and publishes them with one
