@@ -8,7 +8,9 @@
 //! A [`Layout`] says where each device runs: in the hypervisor process
 //! ([`Placement::InHypervisor`]) or in a sandboxed driver partition of its own
 //! ([`Placement::Partition`]): [`Layout::monolithic`], [`Layout::microkernel`], or either
-//! with per-device overrides (hybrid). The devices themselves never know.
+//! with per-device overrides (hybrid). The devices themselves never know. Disks
+//! ([`DiskConfig`], `disk0`, ...) and NICs ([`NetConfig`], `net0`, ...: virtio-net on a TAP
+//! the hypervisor opens, or an external vhost-user-net backend) are placed the same way.
 //!
 //! It also says what happens when a device's driver fails ([`FaultPolicy`]): the VM ends
 //! (the only honest outcome for a driver inside the hypervisor), the device fails, or a new

@@ -795,7 +795,7 @@ impl Drop for Net {
 }
 
 /// Serves both queues of an in-process virtio-net device.
-pub struct NetWorker {
+struct NetWorker {
     rx: NetRx,
     tx: NetTx,
     rx_queue: Queue,
