@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use splitvisor_layout::{DiskConfig, DriverProgram, FaultPolicy, Layout, Placement};
+use splitvisor_layout::{DiskConfig, DriverProgram, FaultPolicy, Layout, NetConfig, Placement};
 
 /// Run one of splitvisor's guest programs on KVM.
 #[derive(Debug, Parser)]
@@ -25,6 +25,11 @@ pub struct VmArgs {
     /// Repeatable: disk0, disk1, ...
     #[arg(long = "disk", value_name = "PATH[,ro=on][,serial=ID]|socket=PATH")]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net NIC: `tap=NAME` (a TAP interface the hypervisor opens; `mac=MAC` and
+    /// `mtu=N` optional), or `socket=PATH` for an external vhost-user-net backend.
+    /// Repeatable: net0, net1, ...
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,mtu=N]|socket=PATH")]
+    pub nics: Vec<NetConfig>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
@@ -44,7 +49,7 @@ pub struct VmArgs {
     #[arg(long)]
     pub layout: bool,
     /// Override one device's placement: `disk0=partition`, `com1=hypervisor`. Repeatable;
-    /// devices are com1, i8042, disk0, disk1, ...
+    /// devices are com1, i8042, disk0, disk1, ..., net0, net1, ...
     #[arg(long = "place", value_name = "DEVICE=hypervisor|partition", value_parser = parse_placement)]
     pub placements: Vec<(String, Placement)>,
     /// What happens when a device's driver fails: `halt` (the VM ends), `fail` (the device
@@ -191,6 +196,21 @@ mod tests {
         assert_eq!(args.disks[0], DiskConfig::VhostUser { socket: "/run/blk.sock".into() });
         assert!(VmArgs::try_parse_from(["m", "--disk", "a.img,rx"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--disk", ",ro=on"]).is_err());
+    }
+
+    #[test]
+    fn nics_parse() {
+        let args =
+            VmArgs::try_parse_from(["m", "--net", "tap=t0,mac=52:54:00:00:00:07", "--net", "socket=/s"])
+                .unwrap();
+        assert_eq!(
+            args.nics,
+            vec![
+                NetConfig::tap("t0").mac([0x52, 0x54, 0, 0, 0, 7]),
+                NetConfig::VhostUser { socket: "/s".into(), mac: None }
+            ]
+        );
+        assert!(VmArgs::try_parse_from(["m", "--net", "tap0"]).is_err());
     }
 
     #[test]
@@ -377,6 +397,9 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
     let mut builder = VmBuilder::new(guest.elf).layout(layout);
     if let Some(driver) = driver {
         builder = builder.driver(driver);
+    }
+    for nic in &args.nics {
+        builder = builder.net(nic.clone());
     }
     for disk in &args.disks {
         builder = builder.disk(disk.clone());

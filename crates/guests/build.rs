@@ -10,8 +10,20 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The programs of the kit, in the order `lib.rs` lists them.
-const PROGRAMS: &[&str] =
-    &["hello", "irq", "triple-fault", "idle", "echo", "blk-verify", "blk-bench", "blk-break", "exit-bench"];
+const PROGRAMS: &[&str] = &[
+    "hello",
+    "irq",
+    "triple-fault",
+    "idle",
+    "echo",
+    "blk-verify",
+    "blk-bench",
+    "blk-break",
+    "exit-bench",
+    "net-ping",
+    "net-echo",
+    "net-bench",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));

@@ -74,6 +74,21 @@ pub const GUESTS: &[Guest] = &[
         summary: "times PIO and MMIO exit round trips with the TSC",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_EXIT_BENCH")),
     },
+    Guest {
+        name: "net-ping",
+        summary: "ARP and ICMP echo to the host side of the first virtio-net NIC, reports round trips",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_NET_PING")),
+    },
+    Guest {
+        name: "net-echo",
+        summary: "a TCP echo server (smoltcp) the host connects to",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_NET_ECHO")),
+    },
+    Guest {
+        name: "net-bench",
+        summary: "TCP and UDP throughput and packets per second against a host peer",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_NET_BENCH")),
+    },
 ];
 
 /// The program called `name`.

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! splitvisor-driver blk --socket PATH --disk IMAGE [--read-only] [--serial ID] [--no-sandbox]
+//! splitvisor-driver net --socket PATH --tap NAME [--mac MAC] [--mtu N] [--no-sandbox]
 //! ```
 //!
 //! It opens (and locks) the image, listens on PATH (refusing to replace anything but a stale
@@ -17,6 +18,7 @@
 //!
 //! ```text
 //! splitvisor-driver blk --fd 3 --disk-fd 4 [--read-only] [--serial ID]
+//! splitvisor-driver net --fd 3 --tap-fd 4 --mac MAC [--mtu N]
 //! splitvisor-driver serial --fd 3 [--irq-fd 4]
 //! splitvisor-driver i8042 --fd 3
 //! ```
@@ -33,8 +35,12 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use splitvisor_devices::virtio::block::{self, DiskImage};
 
+use splitvisor_devices::virtio::net::{self as virtio_net, NetParams};
+use splitvisor_devices::virtio::tap::{Tap, TapError};
+
 use crate::backend::blk::BlockDevice;
-use crate::backend::{self, FaultPlan};
+use crate::backend::net::NetDevice;
+use crate::backend::{self, FaultPlan, VhostUserDevice};
 use crate::sandbox::{self, Profile, SandboxConfig};
 
 /// Errors of the driver program.
@@ -63,6 +69,9 @@ pub enum DriverError {
     /// The sandbox could not be set up.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The TAP device cannot be used.
+    #[error(transparent)]
+    Tap(#[from] TapError),
 }
 
 /// `splitvisor-driver`: a splitvisor device driver, in a process of its own.
@@ -79,6 +88,8 @@ pub struct DriverArgs {
 pub enum DeviceArgs {
     /// A virtio-blk disk over vhost-user.
     Blk(BlkArgs),
+    /// A virtio-net device over vhost-user, on a TAP interface.
+    Net(NetArgs),
     /// The 8250 UART behind the proxy protocol (started by splitvisor).
     Serial(ProxyArgs),
     /// The i8042 behind the proxy protocol (started by splitvisor).
@@ -127,6 +138,53 @@ pub struct BlkArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "WHAT", hide = true)]
     pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
+}
+
+/// `splitvisor-driver net`.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Listen for vhost-user frontends on this unix socket. An existing path is replaced only
+    /// if it is a socket nobody listens on.
+    #[arg(long, value_name = "PATH", required_unless_present = "fd", conflicts_with = "fd")]
+    pub socket: Option<PathBuf>,
+    /// The TAP interface to open (created if this process may and it does not exist).
+    #[arg(long, value_name = "NAME", required_unless_present = "tap_fd", conflicts_with = "tap_fd")]
+    pub tap: Option<String>,
+    /// An inherited fd of an open TAP (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
+    #[arg(long, value_name = "N")]
+    pub tap_fd: Option<i32>,
+    /// The guest's MAC address (default: one derived from the interface name).
+    #[arg(long, value_name = "MAC", value_parser = virtio_net::parse_mac)]
+    pub mac: Option<[u8; 6]>,
+    /// The guest's MTU.
+    #[arg(long, value_name = "BYTES", default_value_t = virtio_net::DEFAULT_MTU,
+          value_parser = clap::value_parser!(u16).range(68..=65_000))]
+    pub mtu: u16,
+    /// Do not sandbox this process (for debugging only).
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// Inject a fault, for demonstrations and tests: `crash-after=N` or `hang-after=N`
+    /// frames.
+    #[arg(long, value_name = "FAULT", value_parser = parse_fault)]
+    pub inject_fault: Option<String>,
+    /// Serve the vhost-user connection on this inherited fd (splitvisor's spawned partitions).
+    #[arg(long, value_name = "N", hide = true, requires = "tap_fd")]
+    pub fd: Option<i32>,
+    /// The guest's RAM size in bytes (splitvisor's spawned partitions).
+    #[arg(long, value_name = "BYTES", hide = true)]
+    pub guest_ram: Option<u64>,
+    /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
+    #[arg(long, value_name = "N", hide = true)]
+    pub ready_fd: Option<i32>,
+}
+
+/// The default MAC of a network device on the TAP `name`: stable for the name.
+pub fn default_mac_for(name: &str) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    virtio_net::default_mac(hash)
 }
 
 fn parse_fault(text: &str) -> Result<String, String> {
@@ -188,6 +246,7 @@ where
 pub fn run(args: DriverArgs) -> Result<(), DriverError> {
     match args.device {
         DeviceArgs::Blk(blk) => run_blk(blk),
+        DeviceArgs::Net(net) => run_net(net),
         DeviceArgs::Serial(proxy) => run_proxy("serial", proxy),
         DeviceArgs::I8042(proxy) => run_proxy("i8042", proxy),
     }
@@ -289,6 +348,55 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
     }
 }
 
+fn run_net(args: NetArgs) -> Result<(), DriverError> {
+    let faults = Arc::new(match &args.inject_fault {
+        Some(fault) => FaultPlan::parse(fault).map_err(DriverError::Usage)?,
+        None => FaultPlan::none(),
+    });
+    let tap = match (&args.tap, args.tap_fd) {
+        (Some(name), None) => Tap::open(name)?,
+        // SAFETY: the fd was handed to this process for this purpose alone.
+        (None, Some(fd)) => Tap::from_fd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })?,
+        _ => return Err(DriverError::Usage("give --tap or --tap-fd".into())),
+    };
+    let mac = args.mac.unwrap_or_else(|| default_mac_for(tap.name()));
+    let params = NetParams { mac, mtu: args.mtu };
+    let tap_name = tap.name().to_string();
+    let device = Arc::new(NetDevice::new(params, Arc::new(tap)));
+    match (&args.socket, args.fd) {
+        (Some(socket), None) => {
+            let listener = listen(socket)?;
+            let keep = [listener.as_raw_fd(), device.backend_fd()];
+            sandbox::apply(&SandboxConfig::new(Profile::VhostUserNet, &keep).enabled(!args.no_sandbox))?;
+            let _ = writeln!(
+                std::io::stdout(),
+                "splitvisor-driver: serving TAP {tap_name} (mac {}, mtu {}) on {}{}",
+                virtio_net::format_mac(&mac),
+                args.mtu,
+                socket.display(),
+                if args.no_sandbox { ", not sandboxed" } else { "" },
+            );
+            serve_listener(&listener, device, faults)
+        }
+        (None, Some(fd)) => {
+            // SAFETY: the spawner handed this fd over to this process alone.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            let mut config = SandboxConfig::new(Profile::VhostUserNet, &[fd, device.backend_fd()])
+                .enabled(!args.no_sandbox);
+            if let Some(bytes) = args.guest_ram {
+                config = config.guest_ram(bytes);
+            }
+            if let Some(ready) = args.ready_fd {
+                config = config.ready_fd(ready);
+            }
+            sandbox::apply(&config)?;
+            backend::serve(stream, device, faults)?;
+            Ok(())
+        }
+        _ => Err(DriverError::Usage("give --socket or --fd".into())),
+    }
+}
+
 /// Binds `path`, replacing only a stale socket (one nobody listens on).
 fn listen(path: &Path) -> Result<UnixListener, DriverError> {
     let error = |why: String| DriverError::Socket { path: path.to_path_buf(), why };
@@ -312,9 +420,9 @@ fn listen(path: &Path) -> Result<UnixListener, DriverError> {
 }
 
 /// Serves one frontend at a time, for ever.
-fn serve_listener(
+fn serve_listener<D: VhostUserDevice>(
     listener: &UnixListener,
-    device: Arc<BlockDevice>,
+    device: Arc<D>,
     faults: Arc<FaultPlan>,
 ) -> Result<(), DriverError> {
     loop {
@@ -323,10 +431,10 @@ fn serve_listener(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(DriverError::Serve(backend::BackendError::Socket(e))),
         };
-        log::info!("vhost-user-blk: frontend connected");
+        log::info!("vhost-user: frontend connected");
         match backend::serve_refusing_others(stream, device.clone(), faults.clone(), Some(listener)) {
-            Ok(()) => log::info!("vhost-user-blk: frontend left; waiting for the next one"),
-            Err(e) => log::warn!("vhost-user-blk: frontend dropped: {e}; waiting for the next one"),
+            Ok(()) => log::info!("vhost-user: frontend left; waiting for the next one"),
+            Err(e) => log::warn!("vhost-user: frontend dropped: {e}; waiting for the next one"),
         }
     }
 }
@@ -386,7 +494,20 @@ mod tests {
             panic!("not blk")
         };
         assert!(mixed.source().is_err());
-        assert!(parse("net --socket x").is_err());
+        assert!(parse("net --socket x").is_err(), "no TAP");
+        assert!(parse("net --socket x --tap t0 --tap-fd 4").is_err());
+        assert!(parse("net --socket x --tap t0 --mac 01:00:00:00:00:01").is_err(), "multicast MAC");
+        assert!(parse("net --socket x --tap t0 --mtu 20").is_err());
+        let DeviceArgs::Net(net) = parse("net --socket x --tap t0 --mac 52:54:00:aa:bb:cc").unwrap().device
+        else {
+            panic!("not net")
+        };
+        assert_eq!(
+            (net.tap.as_deref(), net.mac, net.mtu),
+            (Some("t0"), Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]), 1500)
+        );
+        let DeviceArgs::Net(net) = parse("net --fd 3 --tap-fd 4").unwrap().device else { panic!("not net") };
+        assert_eq!((net.fd, net.tap_fd), (Some(3), Some(4)));
         assert!(parse("blk --disk a.img").is_err());
         assert!(parse("blk --socket").is_err());
         assert!(parse("blk --socket s --disk a.img --inject-fault explode=3").is_err());

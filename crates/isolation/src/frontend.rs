@@ -7,7 +7,7 @@
 //! completion from the backend straight to KVM.
 //!
 //! The frontend also keeps what it takes to replace the backend under a running guest
-//! ([`VhostUserBlk::reconnect`]): the activation (features, memory, queue addresses and
+//! ([`VhostUserVirtio::reconnect`]): the activation (features, memory, queue addresses and
 //! eventfds) and the inflight region of the INFLIGHT_SHMFD protocol feature, which the
 //! backend journals every request in. A new backend, after a crash or for an upgrade,
 //! gets the same fds and region, completes exactly the requests the old one owed, and
@@ -45,8 +45,43 @@ use crate::deadline::Deadline;
 /// changes the device status); then its connection is shut down and it is replaced.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Bytes of virtio-blk configuration space the frontend caches.
-const CONFIG_SIZE: u32 = 24;
+/// What kind of virtio device a vhost-user backend serves: what the transport shows the
+/// driver, which the frontend cannot learn from the backend alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceShape {
+    /// The virtio device ID.
+    pub device_type: u32,
+    /// The largest size of each queue.
+    pub queue_sizes: Vec<u16>,
+    /// Bytes of configuration space to read from the backend (GET_CONFIG).
+    pub config_size: u32,
+    /// Per queue, whether the watchdog may take requests that wait without progress as a
+    /// hung backend (not so for a network receive queue, whose buffers wait for frames).
+    pub watched: Vec<bool>,
+}
+
+impl DeviceShape {
+    /// virtio-blk: one queue.
+    pub fn block() -> Self {
+        Self {
+            device_type: device_type::BLOCK,
+            queue_sizes: vec![splitvisor_devices::virtio::block::QUEUE_SIZE],
+            config_size: 24,
+            watched: vec![true],
+        }
+    }
+
+    /// virtio-net: a receive and a transmit queue; only the transmit queue is watched.
+    pub fn net() -> Self {
+        use splitvisor_devices::virtio::net;
+        Self {
+            device_type: device_type::NET,
+            queue_sizes: vec![net::QUEUE_SIZE, net::QUEUE_SIZE],
+            config_size: net::CONFIG_SIZE as u32,
+            watched: vec![false, true],
+        }
+    }
+}
 
 /// Errors talking to a vhost-user backend.
 #[derive(Debug, thiserror::Error)]
@@ -118,18 +153,28 @@ impl std::fmt::Debug for Handshake {
 }
 
 impl Handshake {
-    /// Connects to the backend listening at `socket`.
+    /// Connects to the virtio-blk backend listening at `socket`.
     pub fn connect(socket: &Path) -> Result<Self, FrontendError> {
-        Self::new(UnixStream::connect(socket).map_err(FrontendError::Connect)?)
+        Self::connect_for(socket, &DeviceShape::block())
     }
 
-    /// Talks to the backend on an already connected stream.
+    /// Connects to the backend of a `shape` device listening at `socket`.
+    pub fn connect_for(socket: &Path, shape: &DeviceShape) -> Result<Self, FrontendError> {
+        Self::for_device(UnixStream::connect(socket).map_err(FrontendError::Connect)?, shape)
+    }
+
+    /// Talks to a virtio-blk backend on an already connected stream.
     pub fn new(stream: UnixStream) -> Result<Self, FrontendError> {
+        Self::for_device(stream, &DeviceShape::block())
+    }
+
+    /// Talks to the backend of a `shape` device on an already connected stream.
+    pub fn for_device(stream: UnixStream, shape: &DeviceShape) -> Result<Self, FrontendError> {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
         let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
-        let mut frontend = Frontend::from_stream(stream, 1);
+        let mut frontend = Frontend::from_stream(stream, shape.queue_sizes.len() as u64);
         handshake_request("SET_OWNER", frontend.set_owner())?;
         let features = handshake_request("GET_FEATURES", frontend.get_features())?;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -149,9 +194,10 @@ impl Handshake {
             // and a queue is known to be running once SET_VRING_ENABLE returns.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+        let size = shape.config_size;
         let (_, config) = request(
             "GET_CONFIG",
-            frontend.get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &[0; CONFIG_SIZE as usize]),
+            frontend.get_config(0, size, VhostUserConfigFlags::WRITABLE, &vec![0; size as usize]),
         )?;
         Ok(Self { frontend, watch, features, protocol, config })
     }
@@ -201,7 +247,7 @@ pub enum Resume {
     /// The previous backend died: each queue resumes at the guest's used index, and the
     /// backend completes what its predecessor owed from the inflight region.
     AfterCrash,
-    /// The previous backend was stopped with GET_VRING_BASE ([`VhostUserBlk::quiesce`]):
+    /// The previous backend was stopped with GET_VRING_BASE ([`VhostUserVirtio::quiesce`]):
     /// each queue resumes where it said.
     Handover(Vec<u16>),
 }
@@ -233,12 +279,16 @@ impl QueueProbe {
 /// The probes of an active device's queues, readable from any thread.
 pub type Probes = Arc<Mutex<Vec<QueueProbe>>>;
 
-/// A virtio-blk device whose queues are served by a vhost-user backend.
-pub struct VhostUserBlk {
+/// A virtio-blk device served over vhost-user (the name it had when it was the only kind).
+pub type VhostUserBlk = VhostUserVirtio;
+
+/// A virtio device whose queues are served by a vhost-user backend: virtio-blk, virtio-net
+/// or any other kind its [`DeviceShape`] describes.
+pub struct VhostUserVirtio {
     backend: Option<Handshake>,
     features: u64,
     config: Vec<u8>,
-    queue_sizes: [u16; 1],
+    shape: DeviceShape,
     inflight: Option<Inflight>,
     activation: Option<Activation>,
     /// Written by a backend that finds the queue broken by the guest.
@@ -250,30 +300,51 @@ pub struct VhostUserBlk {
     probes: Probes,
 }
 
-impl VhostUserBlk {
-    /// Connects to the backend listening at `socket`.
+impl VhostUserVirtio {
+    /// Connects to the virtio-blk backend listening at `socket`.
     pub fn connect(socket: &Path) -> Result<Self, FrontendError> {
         Self::from_handshake(Handshake::connect(socket)?)
     }
 
-    /// Talks to the backend on an already connected stream.
+    /// Talks to a virtio-blk backend on an already connected stream.
     pub fn from_stream(stream: UnixStream) -> Result<Self, FrontendError> {
         Self::from_handshake(Handshake::new(stream)?)
     }
 
-    /// The device, served by the backend of `handshake`.
+    /// A virtio-blk device, served by the backend of `handshake`.
     pub fn from_handshake(handshake: Handshake) -> Result<Self, FrontendError> {
+        Self::with_shape(handshake, DeviceShape::block())
+    }
+
+    /// A `shape` device, served by the backend of `handshake` (made for that shape).
+    pub fn with_shape(handshake: Handshake, shape: DeviceShape) -> Result<Self, FrontendError> {
         Ok(Self {
             features: handshake.features,
             config: handshake.config.clone(),
             backend: Some(handshake),
-            queue_sizes: [splitvisor_devices::virtio::block::QUEUE_SIZE],
+            shape,
             inflight: None,
             activation: None,
             queue_error: EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Connect)?,
             fault: None,
             probes: Probes::default(),
         })
+    }
+
+    /// Shows the driver `bytes` at `offset` of the configuration space instead of what the
+    /// backend said (a MAC the VMM assigns to an external network backend).
+    pub fn override_config(mut self, offset: usize, bytes: &[u8]) -> Self {
+        let end = offset.saturating_add(bytes.len());
+        if self.config.len() < end {
+            self.config.resize(end, 0);
+        }
+        self.config[offset..end].copy_from_slice(bytes);
+        self
+    }
+
+    /// What the device is.
+    pub fn shape(&self) -> &DeviceShape {
+        &self.shape
     }
 
     /// Failed requests on a vCPU's behalf are reported on `fault` (for a supervisor that
@@ -347,6 +418,7 @@ impl VhostUserBlk {
     /// Hands the activation to the current backend.
     fn start(&mut self, resume: &Resume) -> Result<(), FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
+        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         let activation = self.activation.as_ref().ok_or(FrontendError::NotConnected)?;
         let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         let frontend = &mut backend.frontend;
@@ -452,14 +524,14 @@ impl VhostUserBlk {
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
         let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
-        for index in 0..self.queue_sizes.len() {
+        for index in 0..self.shape.queue_sizes.len() {
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
             let stopped = backend
                 .frontend
                 .set_vring_enable(index, false)
                 .and_then(|()| backend.frontend.get_vring_base(index));
             if let Err(e) = stopped {
-                log::debug!("vhost-user-blk: cannot stop queue {index}: {e}");
+                log::debug!("vhost-user: cannot stop queue {index}: {e}");
             }
         }
     }
@@ -470,7 +542,7 @@ impl VhostUserBlk {
             Some(fault) => {
                 // The connection stays until the supervisor replaces it: the supervisor may
                 // be watching its socket right now.
-                log::warn!("vhost-user-blk: {error}; the backend will be replaced");
+                log::warn!("vhost-user: {error}; the backend will be replaced");
                 let _ = fault.write(1);
                 Ok(())
             }
@@ -479,13 +551,13 @@ impl VhostUserBlk {
     }
 }
 
-impl VirtioDevice for VhostUserBlk {
+impl VirtioDevice for VhostUserVirtio {
     fn device_type(&self) -> u32 {
-        device_type::BLOCK
+        self.shape.device_type
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &self.shape.queue_sizes
     }
 
     fn device_features(&self) -> u64 {
@@ -503,8 +575,9 @@ impl VirtioDevice for VhostUserBlk {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.is_empty() {
-            return Err(ActivateError::MissingQueue(0));
+        let count = self.shape.queue_sizes.len() as u16;
+        if let Some(missing) = (0..count).find(|index| !queues.iter().any(|q| q.index == *index)) {
+            return Err(ActivateError::MissingQueue(missing));
         }
         let call = interrupt
             .eventfd()
@@ -524,8 +597,11 @@ impl VirtioDevice for VhostUserBlk {
                 kick: active.kick,
             })
             .collect::<Vec<_>>();
-        *self.probes.lock().unwrap_or_else(|e| e.into_inner()) =
-            setups.iter().map(|q| QueueProbe { memory: mem.clone(), avail: q.avail, used: q.used }).collect();
+        *self.probes.lock().unwrap_or_else(|e| e.into_inner()) = setups
+            .iter()
+            .filter(|q| self.shape.watched.get(q.index).copied().unwrap_or(true))
+            .map(|q| QueueProbe { memory: mem.clone(), avail: q.avail, used: q.used })
+            .collect();
         self.activation = Some(Activation { memory: mem, features, call, queues: setups });
         interrupt.set_bypassed(true);
         let started = match self.backend {

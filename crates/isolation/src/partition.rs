@@ -106,6 +106,19 @@ pub struct BlockOptions {
     pub attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
+/// What a network partition serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    /// The MAC address and MTU the guest sees.
+    pub params: splitvisor_devices::virtio::net::NetParams,
+    /// A fault to inject (`crash-after=N`, `hang-after=N` frames), for demonstrations and
+    /// tests.
+    pub fault: Option<String>,
+    /// The guest's RAM size: the partition maps all of it; its address-space limit is
+    /// sized from it.
+    pub guest_ram: u64,
+}
+
 /// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
 #[derive(Debug)]
 pub struct Partition {
@@ -140,6 +153,37 @@ impl Partition {
             args.extend(["--test-attempt".to_string(), what.to_string()]);
         }
         let partition = Self::spawn(driver, &args, &[theirs.as_fd(), disk.as_fd()])?;
+        Ok((partition, ours))
+    }
+
+    /// Starts `driver` serving a virtio-net device on the open TAP device `tap` over
+    /// vhost-user; returns the partition and the hypervisor's end of the connection. The
+    /// partition gets the TAP as an fd and never opens one.
+    pub fn spawn_net(
+        driver: &DriverProgram,
+        tap: &File,
+        options: &NetOptions,
+    ) -> Result<(Self, UnixStream), PartitionError> {
+        use splitvisor_devices::virtio::net::format_mac;
+        let (ours, theirs) = UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
+        let mut args: Vec<String> = vec![
+            "net".into(),
+            "--fd".into(),
+            "3".into(),
+            "--tap-fd".into(),
+            "4".into(),
+            "--mac".into(),
+            format_mac(&options.params.mac),
+            "--mtu".into(),
+            options.params.mtu.to_string(),
+        ];
+        if let Some(fault) = &options.fault {
+            args.extend(["--inject-fault".to_string(), fault.clone()]);
+        }
+        if options.guest_ram > 0 {
+            args.extend(["--guest-ram".to_string(), options.guest_ram.to_string()]);
+        }
+        let partition = Self::spawn(driver, &args, &[theirs.as_fd(), tap.as_fd()])?;
         Ok((partition, ours))
     }
 

@@ -138,6 +138,9 @@ pub enum Profile {
     /// A plain bus device behind the proxy protocol (the 8250, the i8042): one thread, one
     /// socket, maybe an irqfd. Maps no guest memory.
     BusProxy,
+    /// A vhost-user-net backend: a listening socket or a connection, the TAP fd it was
+    /// handed, threads of its own.
+    VhostUserNet,
 }
 
 impl Profile {
@@ -146,7 +149,7 @@ impl Profile {
     /// queues and a reconnecting frontend.
     fn default_max_tasks(self) -> u64 {
         match self {
-            Self::VhostUserBlk => 16,
+            Self::VhostUserBlk | Self::VhostUserNet => 16,
             Self::BusProxy => 2,
         }
     }
@@ -155,7 +158,7 @@ impl Profile {
     fn default_address_space(self) -> Option<u64> {
         match self {
             // Depends on the guest RAM: the spawner says ([`SandboxConfig::guest_ram`]).
-            Self::VhostUserBlk => None,
+            Self::VhostUserBlk | Self::VhostUserNet => None,
             Self::BusProxy => Some(PROXY_ADDRESS_SPACE),
         }
     }

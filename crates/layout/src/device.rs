@@ -16,7 +16,7 @@ use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial}
 use splitvisor_devices::virtio::block::{Block, DiskImage};
 use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
 use splitvisor_isolation::driver::default_serial;
-use splitvisor_isolation::frontend::{Handshake, VhostUserBlk};
+use splitvisor_isolation::frontend::{DeviceShape, FrontendError, Handshake, VhostUserVirtio};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
 use splitvisor_isolation::proxy::{InputSink, ProxyDevice, ProxyLink};
 use splitvisor_memory::GuestRam;
@@ -24,7 +24,7 @@ use splitvisor_vcpu::{KvmVm, StopHandle};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::drivers::{Backend, InHypervisorBlockSlot, ProxySlot, VhostUserSlot};
+use crate::drivers::{Backend, InHypervisorBlockSlot, ProxySlot, Served, VhostUserSlot};
 use crate::lifecycle::{DriverSlot, EventLog, ManagedDriver};
 use crate::placement::{FaultPolicy, Layout, Placement};
 
@@ -175,12 +175,12 @@ pub(crate) struct Assembly<'a> {
 
 impl Assembly<'_> {
     /// The partition program, or why there is none.
-    fn driver(&self, device: &str) -> Result<DriverProgram, Error> {
+    pub(crate) fn driver(&self, device: &str) -> Result<DriverProgram, Error> {
         self.driver.clone().ok_or_else(|| Error::NoDriverProgram(device.to_string()))
     }
 
     /// Puts `driver` under supervision with `device`'s fault policy.
-    fn manage(
+    pub(crate) fn manage(
         &self,
         device: &str,
         kind: &'static str,
@@ -199,12 +199,12 @@ impl Assembly<'_> {
         )
     }
 
-    fn fault(&self, device: &str) -> Option<String> {
+    pub(crate) fn fault(&self, device: &str) -> Option<String> {
         self.faults.iter().find(|(name, _)| name == device).map(|(_, fault)| fault.clone())
     }
 
     /// An MMIO range, an interrupt line and its irqfd for a virtio-mmio device.
-    fn virtio_slot(&mut self) -> Result<VirtioSlot, Error> {
+    pub(crate) fn virtio_slot(&mut self) -> Result<VirtioSlot, Error> {
         let base = self.allocator.allocate_mmio(MMIO_REGION_SIZE, 0x1000)?;
         let irq = self.allocator.allocate_irq()?;
         let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
@@ -214,7 +214,7 @@ impl Assembly<'_> {
 
     /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds, and
     /// announces it on the command line.
-    fn add_virtio<D: VirtioDevice + 'static>(
+    pub(crate) fn add_virtio<D: VirtioDevice + 'static>(
         &mut self,
         slot: &VirtioSlot,
         transport: Arc<Mutex<MmioTransport<D>>>,
@@ -235,10 +235,10 @@ impl Assembly<'_> {
 }
 
 /// Where a virtio-mmio device sits.
-struct VirtioSlot {
-    base: u64,
-    irq: u32,
-    line: Arc<EventFdInterrupt>,
+pub(crate) struct VirtioSlot {
+    pub base: u64,
+    pub irq: u32,
+    pub line: Arc<EventFdInterrupt>,
 }
 
 /// A device once placed.
@@ -420,14 +420,14 @@ impl DeviceRecipe for DiskRecipe {
                         let name = format!("{device} ({}{ro}, partition)", path.display());
                         let backend = Backend::Spawned {
                             driver,
-                            image,
-                            options,
+                            served: Served::Block { image, options },
                             active: Some(partition),
                             spare: None,
                             keep_spare: vm.layout.standby(),
                             spare_retry: None,
                         };
-                        virtio_vhost_user(vm, &slot, &device, &name, handshake, backend, mem)
+                        let frontend = frontend(&device, handshake, DeviceShape::block())?;
+                        virtio_vhost_user(vm, &slot, &device, "virtio-blk", &name, frontend, backend, mem)
                     }
                 }
             }
@@ -436,12 +436,14 @@ impl DeviceRecipe for DiskRecipe {
                     .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
                 let name = format!("{device} (vhost-user {})", socket.display());
                 let note = Some(format!("external vhost-user {}", socket.display()));
+                let frontend = frontend(&device, handshake, DeviceShape::block())?;
                 let placed = virtio_vhost_user(
                     vm,
                     &slot,
                     &device,
+                    "virtio-blk",
                     &name,
-                    handshake,
+                    frontend,
                     Backend::External { socket },
                     mem,
                 )?;
@@ -455,26 +457,40 @@ fn handshake(device: &str, stream: std::os::unix::net::UnixStream) -> Result<Han
     Handshake::new(stream).map_err(|source| Error::VhostUser { device: device.to_string(), source })
 }
 
-/// A virtio-blk device served by the vhost-user backend of `handshake`, supervised.
-fn virtio_vhost_user(
+/// The frontend of a `shape` device served by the backend of `handshake`.
+pub(crate) fn frontend(
+    device: &str,
+    handshake: Handshake,
+    shape: DeviceShape,
+) -> Result<VhostUserVirtio, Error> {
+    VhostUserVirtio::with_shape(handshake, shape)
+        .map_err(|source| Error::VhostUser { device: device.to_string(), source })
+}
+
+/// A virtio device (of `kind`) served over vhost-user by `frontend`'s backend, supervised.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn virtio_vhost_user(
     vm: &mut Assembly<'_>,
     slot: &VirtioSlot,
     device: &str,
+    kind: &'static str,
     name: &str,
-    handshake: Handshake,
+    frontend: VhostUserVirtio,
     backend: Backend,
     mem: splitvisor_devices::virtio::GuestMemoryMmap,
 ) -> Result<Placed, Error> {
-    let hangup: OwnedFd = handshake.hangup_fd().try_clone_to_owned().map_err(Error::EventFd)?;
+    let hangup: OwnedFd = frontend
+        .hangup_fd()
+        .ok_or_else(|| Error::VhostUser { device: device.to_string(), source: FrontendError::NotConnected })?
+        .try_clone_to_owned()
+        .map_err(Error::EventFd)?;
     let request_failed = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let frontend = VhostUserBlk::from_handshake(handshake)
-        .map_err(|source| Error::VhostUser { device: device.to_string(), source })?
-        .with_fault_signal(request_failed.try_clone().map_err(Error::EventFd)?);
+    let frontend = frontend.with_fault_signal(request_failed.try_clone().map_err(Error::EventFd)?);
     let transport =
         Arc::new(Mutex::new(MmioTransport::new(frontend, mem, slot.line.clone()).map_err(Error::EventFd)?));
     vm.add_virtio(slot, transport.clone(), name)?;
     let slot = VhostUserSlot::new(transport, hangup, request_failed, backend).map_err(Error::EventFd)?;
-    let driver = vm.manage(device, "virtio-blk", Placement::Partition, Box::new(slot));
+    let driver = vm.manage(device, kind, Placement::Partition, Box::new(slot));
     Ok(Placed { note: None, driver: Some(driver), input: None })
 }
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
-use splitvisor_isolation::frontend::{Handshake, Probes, QueueProbe, Resume, VhostUserBlk};
-use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
+use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
+use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
 use splitvisor_isolation::proxy::ProxyLink;
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
 use vmm_sys_util::eventfd::EventFd;
@@ -44,6 +44,37 @@ fn status(partition: &mut Partition) -> String {
         .map_or_else(|| "unknown status".into(), |s| s.to_string())
 }
 
+/// What a spawned partition serves, with the resources it is handed.
+pub(crate) enum Served {
+    /// A virtio-blk disk: the open (and locked) image.
+    Block {
+        /// The image.
+        image: File,
+        /// What each partition serves.
+        options: BlockOptions,
+    },
+    /// A virtio-net device: the open TAP.
+    Net {
+        /// The TAP device.
+        tap: File,
+        /// What each partition serves.
+        options: NetOptions,
+    },
+}
+
+impl Served {
+    /// Starts a partition serving this; returns it with the hypervisor's end of its socket.
+    pub(crate) fn spawn(
+        &self,
+        driver: &DriverProgram,
+    ) -> Result<(Partition, std::os::unix::net::UnixStream), PartitionError> {
+        match self {
+            Self::Block { image, options } => Partition::spawn_block(driver, image, options),
+            Self::Net { tap, options } => Partition::spawn_net(driver, tap, options),
+        }
+    }
+}
+
 /// Where a vhost-user device's backend comes from.
 #[allow(clippy::large_enum_variant)] // one per device, never moved on a hot path
 pub(crate) enum Backend {
@@ -51,10 +82,8 @@ pub(crate) enum Backend {
     Spawned {
         /// The program.
         driver: DriverProgram,
-        /// The open (and locked) image, handed to every partition.
-        image: File,
-        /// What each partition serves.
-        options: BlockOptions,
+        /// What every partition serves, and the fds it is handed.
+        served: Served,
         /// The partition serving now.
         active: Option<Partition>,
         /// A partition started, sandboxed and past the handshake, waiting to take over.
@@ -71,9 +100,10 @@ pub(crate) enum Backend {
     },
 }
 
-/// A virtio-blk device served over vhost-user.
+/// A virtio device served over vhost-user.
 pub(crate) struct VhostUserSlot {
-    transport: Arc<Mutex<MmioTransport<VhostUserBlk>>>,
+    transport: Arc<Mutex<MmioTransport<VhostUserVirtio>>>,
+    shape: DeviceShape,
     interrupt: VirtioInterrupt,
     probes: Probes,
     queue_error: EventFd,
@@ -88,21 +118,23 @@ impl VhostUserSlot {
     /// `transport`'s device was built from a backend whose socket `hangup` duplicates;
     /// `request_failed` is the fault signal its frontend writes.
     pub(crate) fn new(
-        transport: Arc<Mutex<MmioTransport<VhostUserBlk>>>,
+        transport: Arc<Mutex<MmioTransport<VhostUserVirtio>>>,
         hangup: OwnedFd,
         request_failed: EventFd,
         backend: Backend,
     ) -> std::io::Result<Self> {
-        let (interrupt, probes, queue_error) = {
+        let (interrupt, probes, queue_error, shape) = {
             let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
             (
                 transport.interrupt(),
                 transport.device().probes(),
                 transport.device().queue_error().try_clone()?,
+                transport.device().shape().clone(),
             )
         };
         Ok(Self {
             transport,
+            shape,
             interrupt,
             probes,
             queue_error,
@@ -116,12 +148,12 @@ impl VhostUserSlot {
     /// Starts a partition and takes it through the handshake.
     fn start_partition(
         driver: &DriverProgram,
-        image: &File,
-        options: &BlockOptions,
+        served: &Served,
+        shape: &DeviceShape,
     ) -> Result<(Partition, Handshake), String> {
-        let (partition, stream) =
-            Partition::spawn_block(driver, image, options).map_err(|e| e.to_string())?;
-        let handshake = Handshake::new(stream).map_err(|e| format!("partition {}: {e}", partition.pid()))?;
+        let (partition, stream) = served.spawn(driver).map_err(|e| e.to_string())?;
+        let handshake = Handshake::for_device(stream, shape)
+            .map_err(|e| format!("partition {}: {e}", partition.pid()))?;
         Ok((partition, handshake))
     }
 
@@ -199,7 +231,7 @@ impl DriverSlot for VhostUserSlot {
             QUEUE_ERROR => {
                 self.queue_error.read().ok()?;
                 if let Err(e) = self.interrupt.request_reset() {
-                    log::warn!("cannot tell the driver its disk needs a reset: {e}");
+                    log::warn!("cannot tell the driver its device needs a reset: {e}");
                 }
                 Some(SlotEvent::GuestBrokeQueue)
             }
@@ -234,7 +266,7 @@ impl DriverSlot for VhostUserSlot {
 
     fn restart(&mut self) -> Result<(), RestartError> {
         match &mut self.backend {
-            Backend::Spawned { driver, image, options, active, spare, .. } => {
+            Backend::Spawned { driver, served, active, spare, .. } => {
                 // A hung partition (stopped, or looping) is killed first: it must not touch
                 // guest memory or the image once another serves them.
                 if let Some(mut old) = active.take() {
@@ -242,21 +274,23 @@ impl DriverSlot for VhostUserSlot {
                 }
                 let (partition, handshake) = match spare.take() {
                     Some(spare) => spare,
-                    None => Self::start_partition(driver, image, options).map_err(RestartError::Failed)?,
+                    None => {
+                        Self::start_partition(driver, served, &self.shape).map_err(RestartError::Failed)?
+                    }
                 };
                 *active = Some(partition);
                 self.take_over(handshake, Resume::AfterCrash).map_err(RestartError::Failed)
             }
             Backend::External { socket } => {
-                let handshake =
-                    Handshake::connect(socket).map_err(|e| RestartError::NotYet(e.to_string()))?;
+                let handshake = Handshake::connect_for(socket, &self.shape)
+                    .map_err(|e| RestartError::NotYet(e.to_string()))?;
                 self.take_over(handshake, Resume::AfterCrash).map_err(RestartError::Failed)
             }
         }
     }
 
     fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
-        let Backend::Spawned { driver, image, options, active, spare, .. } = &mut self.backend else {
+        let Backend::Spawned { driver, served, active, spare, .. } = &mut self.backend else {
             return Err("an external backend is upgraded by whoever runs it (splitvisor reconnects)".into());
         };
         if let Some(program) = program {
@@ -268,7 +302,7 @@ impl DriverSlot for VhostUserSlot {
         // The new partition is ready before the old one stops serving.
         let (partition, handshake) = match spare.take() {
             Some(spare) => spare,
-            None => Self::start_partition(driver, image, options)?,
+            None => Self::start_partition(driver, served, &self.shape)?,
         };
         let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
         let paused = Instant::now();
@@ -305,12 +339,12 @@ impl DriverSlot for VhostUserSlot {
         }
         self.hangup = None;
         if let Err(e) = self.interrupt.request_reset() {
-            log::warn!("cannot tell the driver its disk needs a reset: {e}");
+            log::warn!("cannot tell the driver its device needs a reset: {e}");
         }
     }
 
     fn maintain(&mut self) {
-        let Backend::Spawned { driver, image, options, active, spare, keep_spare: true, spare_retry } =
+        let Backend::Spawned { driver, served, active, spare, keep_spare: true, spare_retry } =
             &mut self.backend
         else {
             return;
@@ -318,7 +352,7 @@ impl DriverSlot for VhostUserSlot {
         if spare.is_some() || active.is_none() || spare_retry.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        match Self::start_partition(driver, image, options) {
+        match Self::start_partition(driver, served, &self.shape) {
             Ok(started) => {
                 log::debug!("spare partition {} ready", started.0.pid());
                 *spare = Some(started);

@@ -8,7 +8,9 @@
 //! A [`Layout`] says where each device runs: in the hypervisor process
 //! ([`Placement::InHypervisor`]) or in a sandboxed driver partition of its own
 //! ([`Placement::Partition`]): [`Layout::monolithic`], [`Layout::microkernel`], or either
-//! with per-device overrides (hybrid). The devices themselves never know.
+//! with per-device overrides (hybrid). The devices themselves never know. Disks
+//! ([`DiskConfig`], `disk0`, ...) and NICs ([`NetConfig`], `net0`, ...: virtio-net on a TAP
+//! the hypervisor opens, or an external vhost-user-net backend) are placed the same way.
 //!
 //! It also says what happens when a device's driver fails ([`FaultPolicy`]): the VM ends
 //! (the only honest outcome for a driver inside the hypervisor), the device fails, or a new
@@ -37,12 +39,14 @@ mod device;
 mod drivers;
 mod hypervisor_sandbox;
 mod lifecycle;
+mod net;
 mod placement;
 mod vm;
 
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
 pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
+pub use net::NetConfig;
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 pub use splitvisor_isolation::sandbox::hypervisor::{FORBIDDEN_SYSCALL_EXIT_STATUS, HypervisorSandbox};
 pub use vm::{BusReport, ConsoleOutput, Vm, VmBuilder, VmReport};
@@ -98,6 +102,15 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] splitvisor_devices::virtio::block::BlockError),
+    /// A TAP device cannot be opened.
+    #[error("{device}: {source}")]
+    Tap {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        #[source]
+        source: splitvisor_devices::virtio::tap::TapError,
+    },
     /// A driver partition could not be started.
     #[error(transparent)]
     Partition(#[from] splitvisor_isolation::partition::PartitionError),

@@ -29,6 +29,7 @@ use crate::device::{
 };
 use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
+use crate::net::{NetConfig, NetRecipe};
 use crate::placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 
 /// First and last interrupt line handed to devices that have no fixed ISA line.
@@ -73,6 +74,7 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     extra: Vec<ExtraDevice>,
     disks: Vec<DiskConfig>,
+    nics: Vec<NetConfig>,
     layout: Layout,
     driver: Option<DriverProgram>,
     faults: Vec<(String, String)>,
@@ -95,6 +97,7 @@ impl VmBuilder {
             timeout: None,
             extra: Vec::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
             layout: Layout::monolithic(),
             driver: None,
             faults: Vec::new(),
@@ -158,6 +161,12 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-net NIC (virtio-mmio; announced on the command line): `net0`, `net1`, ...
+    pub fn net(mut self, nic: NetConfig) -> Self {
+        self.nics.push(nic);
+        self
+    }
+
     /// Bytes of guest RAM.
     pub fn memory(mut self, bytes: u64) -> Self {
         self.memory = bytes;
@@ -217,6 +226,9 @@ impl VmBuilder {
         for (index, config) in self.disks.iter().enumerate() {
             recipes.push(Box::new(DiskRecipe { index, config: config.clone() }));
         }
+        for (index, config) in self.nics.iter().enumerate() {
+            recipes.push(Box::new(NetRecipe { index, config: config.clone() }));
+        }
         recipes
     }
 
@@ -224,6 +236,7 @@ impl VmBuilder {
     pub fn device_names(&self) -> Vec<String> {
         let mut names = vec!["com1".to_string(), "i8042".to_string()];
         names.extend((0..self.disks.len()).map(|index| format!("disk{index}")));
+        names.extend((0..self.nics.len()).map(|index| format!("net{index}")));
         names
     }
 

@@ -15,6 +15,8 @@ pub mod chain;
 mod image_lock;
 mod interrupt;
 mod mmio;
+pub mod net;
+pub mod tap;
 pub mod testing;
 
 use virtio_queue::Queue;
@@ -56,6 +58,8 @@ pub mod status {
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Network device.
+    pub const NET: u32 = 1;
 }
 
 /// Copies the part of a configuration space `config` at `offset` into `data`; bytes past

@@ -29,6 +29,8 @@ pub mod cpu;
 pub mod mem;
 pub mod start_info;
 pub mod virtio;
+pub mod virtio_net;
+pub mod netstack;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 

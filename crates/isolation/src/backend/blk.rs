@@ -68,6 +68,7 @@ impl VhostUserDevice for BlockDevice {
         requests.set_features(features);
         Box::new(BlockQueue {
             requests,
+            pending: false,
             #[cfg(feature = "test-hooks")]
             attempt: self.attempt.lock().unwrap_or_else(|e| e.into_inner()).take(),
         })
@@ -76,6 +77,8 @@ impl VhostUserDevice for BlockDevice {
 
 struct BlockQueue {
     requests: BlockRequests,
+    /// The last pass stopped at its budget with requests left.
+    pending: bool,
     #[cfg(feature = "test-hooks")]
     attempt: Option<crate::sandbox::testing::Forbidden>,
 }
@@ -90,7 +93,13 @@ impl QueueServer for BlockQueue {
         if let Some(what) = self.attempt.take() {
             crate::sandbox::testing::attempt_and_exit(&what);
         }
-        self.requests.process_queue_with(queue, journal)
+        let processed = self.requests.process_queue_with(queue, journal)?;
+        self.pending = processed.pending;
+        Ok(processed)
+    }
+
+    fn more(&self) -> bool {
+        self.pending
     }
 
     fn resubmit(

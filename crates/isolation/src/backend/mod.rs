@@ -21,6 +21,7 @@
 pub mod blk;
 pub mod inflight;
 mod memory;
+pub mod net;
 
 use std::fs::File;
 use std::io;
@@ -62,6 +63,11 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     fn features(&self) -> u64;
     /// Its configuration space.
     fn config(&self) -> Vec<u8>;
+    /// Whether to offer VHOST_USER_PROTOCOL_F_MQ: the device has more queues than one
+    /// frontend of its kind expects without it (virtio-net's one queue pair needs none).
+    fn multi_queue(&self) -> bool {
+        self.num_queues() > 1
+    }
     /// Something that executes the requests of queue `index`, in `memory`, with the
     /// `features` the driver accepted.
     fn queue_server(&self, index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer>;
@@ -80,6 +86,16 @@ pub trait QueueServer: Send {
         heads: &[u16],
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError>;
+    /// Another fd whose readiness means work for this queue (a network device's TAP for
+    /// its receive queue), watched edge-triggered next to the kick.
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Whether the last pass stopped at its work budget with work left: the queue thread
+    /// then serves again without waiting.
+    fn more(&self) -> bool {
+        false
+    }
 }
 
 pub use splitvisor_devices::fault::FaultPlan;
@@ -116,10 +132,11 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
     let connection = Arc::new(Mutex::new(Connection::new(device, faults)));
     let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
     let result = loop {
-        if let Some(listener) = listener {
-            match wait_readable(handler.as_raw_fd(), listener.as_raw_fd()) {
+        let listening = listener.map_or(-1, |listener| listener.as_raw_fd());
+        {
+            match wait_readable(handler.as_raw_fd(), listening) {
                 Ok(Readable::Listener) => {
-                    if let Ok((other, _)) = listener.accept() {
+                    if let Some(Ok((other, _))) = listener.map(|listener| listener.accept()) {
                         log::warn!("refused a second vhost-user frontend: this backend already serves one");
                         drop(other);
                     }
@@ -128,6 +145,11 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
                 Ok(Readable::Connection) => {}
                 Err(e) => break Err(BackendError::Socket(e)),
             }
+        }
+        match early_vring_enable(handler.as_raw_fd(), &connection) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => break Err(BackendError::Socket(e)),
         }
         match handler.handle_request() {
             Ok(()) => {}
@@ -138,6 +160,65 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
     };
     connection.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
     result
+}
+
+/// vhost-user's SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flags: protocol version 1, a reply, a reply wanted.
+const VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Takes a SET_VRING_ENABLE that arrives before the frontend acknowledged
+/// VHOST_USER_F_PROTOCOL_FEATURES (QEMU's virtio-net enables its queues when the device is
+/// realized, long before SET_FEATURES), which the vhost crate refuses as an inactive
+/// feature and then ends the session on. It is applied like any other (the queue starts
+/// once it is set up) and acknowledged if asked. Says whether it took a message.
+fn early_vring_enable<D: VhostUserDevice>(
+    socket: i32,
+    connection: &Mutex<Connection<D>>,
+) -> io::Result<bool> {
+    let protocol_acked = connection.lock().unwrap_or_else(|e| e.into_inner()).acked_features
+        & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        != 0;
+    if protocol_acked {
+        return Ok(false);
+    }
+    let mut message = [0u8; 20];
+    // SAFETY: peeks into a buffer of its size, never blocking.
+    let peeked = unsafe {
+        libc::recv(socket, message.as_mut_ptr().cast(), message.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    let word = |message: &[u8; 20], at: usize| {
+        u32::from_le_bytes([message[at], message[at + 1], message[at + 2], message[at + 3]])
+    };
+    if peeked != 20 || word(&message, 0) != SET_VRING_ENABLE || word(&message, 8) != 8 {
+        return Ok(false);
+    }
+    // SAFETY: takes the 20 bytes just peeked (nothing else reads this socket meanwhile).
+    let taken = unsafe { libc::recv(socket, message.as_mut_ptr().cast(), message.len(), libc::MSG_DONTWAIT) };
+    if taken != 20 {
+        return Err(io::Error::other("a SET_VRING_ENABLE message vanished"));
+    }
+    let (index, enable) = (word(&message, 12), word(&message, 16) != 0);
+    log::debug!(
+        "vhost-user: queue {index} {} before the features",
+        if enable { "enabled" } else { "disabled" }
+    );
+    let status =
+        connection.lock().unwrap_or_else(|e| e.into_inner()).set_vring_enable(index, enable).is_err();
+    if word(&message, 4) & FLAG_NEED_REPLY != 0 {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(status).to_le_bytes());
+        // SAFETY: sends a buffer of its size.
+        if unsafe { libc::send(socket, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) } != 20 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(true)
 }
 
 enum Readable {
@@ -217,7 +298,7 @@ impl<D: VhostUserDevice> Connection<D> {
         let mut features = VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        if self.device.num_queues() > 1 {
+        if self.device.multi_queue() {
             features |= VhostUserProtocolFeatures::MQ;
         }
         features
@@ -433,6 +514,7 @@ impl QueueWorker {
         }
         const KICK: u64 = 0;
         const STOP: u64 = 1;
+        const WAKE: u64 = 2;
         let epoll = match Epoll::new() {
             Ok(epoll) => epoll,
             Err(e) => {
@@ -440,17 +522,25 @@ impl QueueWorker {
                 return queue;
             }
         };
-        for (fd, token) in [(self.kick.as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)] {
-            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)) {
-                log::error!("vhost-user queue {}: cannot watch an eventfd: {e}", self.index);
+        let mut watches =
+            vec![(self.kick.as_raw_fd(), KICK, EventSet::IN), (stop.as_raw_fd(), STOP, EventSet::IN)];
+        if let Some(fd) = self.server.wake_fd() {
+            // Edge-triggered: work the server leaves waiting (no buffers for a frame) must
+            // not wake the thread again and again; the kick brings it back.
+            watches.push((fd, WAKE, EventSet::IN | EventSet::EDGE_TRIGGERED));
+        }
+        for (fd, token, events) in watches {
+            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
+                log::error!("vhost-user queue {}: cannot watch fd {fd}: {e}", self.index);
                 return queue;
             }
         }
         // Requests may be waiting already (a backend replacing another one).
         self.serve(&mut queue, inflight.as_mut());
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         loop {
-            let ready = match epoll.wait(-1, &mut events) {
+            let timeout = if self.server.more() && !self.broken { 0 } else { -1 };
+            let ready = match epoll.wait(timeout, &mut events) {
                 Ok(ready) => ready,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -499,17 +589,11 @@ impl QueueWorker {
             return;
         }
         let mut journal = Journal { inflight, faults: &self.faults };
-        loop {
-            match self.server.serve(queue, &mut journal) {
-                Ok(processed) => {
-                    self.notify(processed);
-                    // One call serves at most a queue's worth; nothing kicks for the rest.
-                    if !processed.pending {
-                        return;
-                    }
-                }
-                Err(e) => return self.fail(&e.to_string()),
-            }
+        // One pass serves at most a budget's worth; what is left is served at the next
+        // turn of the loop (`QueueServer::more`), after a look at the stop event.
+        match self.server.serve(queue, &mut journal) {
+            Ok(processed) => self.notify(processed),
+            Err(e) => self.fail(&e.to_string()),
         }
     }
 

@@ -177,10 +177,13 @@ pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<
                     libc::SYS_pwritev,
                     // VIRTIO_BLK_T_FLUSH.
                     libc::SYS_fdatasync,
-                    // vhost-user: the frontend's connection (messages carry fds) ...
+                    // vhost-user: the frontend's connection (messages carry fds; an early
+                    // SET_VRING_ENABLE is peeked at and answered with recv and send) ...
                     libc::SYS_accept4,
                     libc::SYS_recvmsg,
                     libc::SYS_sendmsg,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
                     libc::SYS_shutdown,
                     // ... served from an epoll loop per worker, with an exit eventfd each.
                     libc::SYS_epoll_create1,
@@ -220,6 +223,67 @@ pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<
                 1,
                 Len::Dword,
                 &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
+            )?;
+        }
+        Profile::VhostUserNet => {
+            any(
+                &mut rules,
+                &[
+                    // Frames from the TAP (writes are in the common list), and eventfds
+                    // (kick, call, the worker's exit event).
+                    libc::SYS_read,
+                    // vhost-user: the frontend's connection (messages carry fds; an early
+                    // SET_VRING_ENABLE is peeked at and answered with recv and send) ...
+                    libc::SYS_accept4,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendmsg,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
+                    libc::SYS_shutdown,
+                    // ... served from an epoll loop per queue (the receive queue's also
+                    // watches the TAP), with an exit eventfd each.
+                    libc::SYS_epoll_create1,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_epoll_wait,
+                    libc::SYS_eventfd2,
+                    // Threads, as for virtio-blk.
+                    libc::SYS_futex,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                    libc::SYS_sched_getaffinity,
+                    libc::SYS_rt_sigaction,
+                    libc::SYS_getrandom,
+                    // A hand-started backend refuses a second frontend.
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    // The inflight region (GET_INFLIGHT_FD).
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                    // An injected hang sleeps for ever.
+                    libc::SYS_clock_nanosleep,
+                ],
+            );
+            arg_in(&mut rules, libc::SYS_clone, 0, Len::Qword, &[THREAD_CLONE_FLAGS])?;
+            arg_in(&mut rules, libc::SYS_prctl, 0, Len::Dword, &[libc::PR_SET_NAME as u64])?;
+            arg_in(
+                &mut rules,
+                libc::SYS_fcntl,
+                1,
+                Len::Dword,
+                &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
+            )?;
+            // The TAP's offloads and header size follow the features the guest's driver
+            // negotiates; no other ioctl (no TUNSETIFF: the partition cannot attach to
+            // another interface).
+            arg_in(
+                &mut rules,
+                libc::SYS_ioctl,
+                1,
+                Len::Dword,
+                &[
+                    splitvisor_devices::virtio::tap::TUNSETOFFLOAD,
+                    splitvisor_devices::virtio::tap::TUNSETVNETHDRSZ,
+                ],
             )?;
         }
     }
@@ -272,7 +336,7 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for profile in [Profile::VhostUserBlk, Profile::BusProxy] {
+        for profile in [Profile::VhostUserBlk, Profile::BusProxy, Profile::VhostUserNet] {
             let [clone3, allowlist] = partition_filters(profile, 1).unwrap();
             assert!(!clone3.is_empty() && !allowlist.is_empty());
         }
