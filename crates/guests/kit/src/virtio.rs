@@ -5,6 +5,11 @@
 //! the device's IRQ is routed through the IOAPIC; the handler acknowledges it and the
 //! waiter, halted in `sti; hlt`, wakes and reads the used ring. EVENT_IDX is used when
 //! offered, so neither side is notified more than needed.
+//!
+//! A [`BlockDevice`] can be driven from ring 3 ([`crate::user`]) once
+//! [`BlockDevice::use_from_user_mode`] has mapped its registers there; it then polls the used
+//! ring for a while ([`BlockDevice::set_poll_ticks`]) before it asks ring 0 to wait for the
+//! interrupt.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -61,21 +66,30 @@ const FIRST_VECTOR: u8 = 0x30;
 /// A virtio-mmio device named on the command line.
 #[derive(Clone, Copy)]
 pub struct MmioDevice {
-    /// Base address of its registers.
+    /// Base (physical) address of its registers.
     pub base: u64,
     /// Its interrupt line (a GSI / IOAPIC pin).
     pub irq: u8,
+    /// Where this driver reaches the registers: `base` (identity-mapped, ring 0) or their
+    /// page in the user MMIO window.
+    regs: u64,
 }
 
 impl MmioDevice {
+    /// The device whose registers start at `base`, raising `irq`.
+    pub fn new(base: u64, irq: u8) -> Self {
+        Self { base, irq, regs: base }
+    }
+
     fn read(&self, offset: usize) -> u32 {
-        // SAFETY: the register window is identity-mapped (the kit maps the 32-bit MMIO window).
-        unsafe { read_volatile((self.base as usize + offset) as *const u32) }
+        // SAFETY: `regs` is the identity-mapped register window (the kit maps the 32-bit MMIO
+        // window) or its mapping in the user MMIO window.
+        unsafe { read_volatile((self.regs as usize + offset) as *const u32) }
     }
 
     fn write(&self, offset: usize, value: u32) {
         // SAFETY: as in `read`.
-        unsafe { write_volatile((self.base as usize + offset) as *mut u32, value) }
+        unsafe { write_volatile((self.regs as usize + offset) as *mut u32, value) }
     }
 
     /// The device ID (0 if there is no virtio device there).
@@ -116,7 +130,7 @@ pub fn devices(cmdline: &'static str) -> impl Iterator<Item = MmioDevice> {
         let (addr, irq) = rest.split_once(':')?;
         let base = parse_number(addr)?;
         let irq = u8::try_from(parse_number(irq)?).ok()?;
-        Some(MmioDevice { base, irq })
+        Some(MmioDevice::new(base, irq))
     })
 }
 
@@ -218,7 +232,7 @@ fn on_interrupt(frame: &InterruptFrame) {
     if base == 0 {
         return;
     }
-    let device = MmioDevice { base, irq: 0 };
+    let device = MmioDevice::new(base, 0);
     let status = device.read(reg::INTERRUPT_STATUS);
     device.write(reg::INTERRUPT_ACK, status);
     INTERRUPTS[slot].fetch_add(1, Ordering::AcqRel);
@@ -268,6 +282,8 @@ pub struct BlockDevice {
     /// Notifications (QueueNotify writes) sent.
     pub notifications: u64,
     slot_index: usize,
+    /// TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
+    poll_ticks: u64,
 }
 
 impl BlockDevice {
@@ -345,6 +361,7 @@ impl BlockDevice {
             in_flight: [false; MAX_IN_FLIGHT],
             notifications: 0,
             slot_index: slot,
+            poll_ticks: 0,
         };
         if blk.event_idx {
             blk.queue.arm_used_event();
@@ -360,6 +377,26 @@ impl BlockDevice {
         unsafe { write_volatile(self.queue.avail.add(1), bogus) };
         cpu::mfence();
         self.device.write(reg::QUEUE_NOTIFY, 0);
+    }
+
+    /// Maps the device's registers into the user MMIO window ([`crate::user::map_mmio`]), so
+    /// that this driver works from ring 3 (and still from ring 0). Call it in ring 0.
+    pub fn use_from_user_mode(&mut self) -> Result<(), &'static str> {
+        self.device.regs = crate::user::map_mmio(self.device.base)?;
+        Ok(())
+    }
+
+    /// Makes [`Self::wait`] poll the used ring for up to `ticks` TSC ticks before it waits
+    /// for an interrupt (0, the default, polls once). Polling pays in ring 3, which runs
+    /// natively, where an interrupt costs a trip through emulated ring 0.
+    pub fn set_poll_ticks(&mut self, ticks: u64) {
+        self.poll_ticks = ticks;
+    }
+
+    /// Whether the device asks for a reset (DEVICE_NEEDS_RESET in its status): its backend
+    /// died, or it found the queue broken. A register read: an exit to the VMM.
+    pub fn needs_reset(&self) -> bool {
+        self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0
     }
 
     /// Interrupts this device has raised.
@@ -416,24 +453,37 @@ impl BlockDevice {
         Some((slot, status))
     }
 
-    /// Waits for one completion (halting until the device interrupts). Fails if the device
-    /// signals that it needs a reset (its backend died, or it found the queue broken).
+    /// Waits for one completion: polls the used ring (see [`Self::set_poll_ticks`]), then
+    /// halts until the device interrupts. Fails if the device signals that it needs a reset
+    /// (its backend died, or it found the queue broken). Works in ring 0 and ring 3.
     pub fn wait(&mut self) -> Result<(usize, u8), &'static str> {
         loop {
             if let Some(done) = self.poll() {
                 return Ok(done);
             }
-            if self.event_idx {
-                self.queue.arm_used_event();
-                // The device may have used a buffer before it saw the new used_event.
-                if let Some(done) = self.poll() {
-                    return Ok(done);
+            if self.poll_ticks > 0 {
+                let deadline = crate::rdtsc().saturating_add(self.poll_ticks);
+                while crate::rdtsc() < deadline {
+                    core::hint::spin_loop();
+                    if let Some(done) = self.poll() {
+                        return Ok(done);
+                    }
                 }
             }
-            if self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0 {
+            // Taken before the last look at the ring: an interrupt for a completion that
+            // lands after that look makes the wait below return at once.
+            let seen = cpu::interrupts_handled();
+            if self.event_idx {
+                self.queue.arm_used_event();
+            }
+            // The device may have used a buffer before it saw the new used_event.
+            if let Some(done) = self.poll() {
+                return Ok(done);
+            }
+            if self.needs_reset() {
                 return Err("device needs reset");
             }
-            cpu::wait_for_interrupt();
+            cpu::wait_for_interrupt_since(seen);
         }
     }
 
