@@ -35,6 +35,11 @@ pub const GUESTS: &[Guest] = &[
         elf: include_bytes!(env!("SPLITVISOR_GUEST_HELLO")),
     },
     Guest {
+        name: "marker",
+        summary: "writes one byte to COM1 as its very first instruction (VMM start-up time), then passes",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_MARKER")),
+    },
+    Guest {
         name: "irq",
         summary: "takes 16 COM1 interrupts raised by the host through an irqfd",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_IRQ")),
@@ -63,6 +68,11 @@ pub const GUESTS: &[Guest] = &[
         name: "blk-bench",
         summary: "sequential 1 MiB and random 4 KiB reads and writes at queue depth 1 and 16",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_BENCH")),
+    },
+    Guest {
+        name: "blk-stress",
+        summary: "writes every 4 KiB block with its index and a generation in shuffled order, flushes, reads back, checks; pass after pass",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_STRESS")),
     },
     Guest {
         name: "blk-break",
@@ -121,6 +131,69 @@ pub fn qemu_microvm_command(
         cmd.args(["-device", &format!("virtio-blk-device,drive=disk{index}")]);
     }
     cmd
+}
+
+#[path = "../kit/src/stress.rs"]
+pub mod stress;
+
+impl std::fmt::Display for stress::Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Magic(word) => write!(f, "not a blk-stress block (word 0 is {word:#x})"),
+            Self::Index(index) => write!(f, "holds block {index}"),
+            Self::Generation(generation) => write!(f, "holds generation {generation}"),
+            Self::Checksum(sum) => write!(f, "bad checksum {sum:#x} (torn or corrupted)"),
+            Self::Pattern(word) => write!(f, "pattern word {word} is wrong"),
+        }
+    }
+}
+
+/// Problems [`blk_stress_check`] lists one by one before it only counts.
+const MAX_LISTED_PROBLEMS: usize = 16;
+
+/// Checks a disk image after `blk-stress`: each of the first `blocks` 4 KiB blocks must be
+/// that block in generation `generation`, in the format of [`stress`] (for a run with
+/// `blk_stress.generation=G` and `blk_stress.passes=P`, the last generation is `G + P - 1`).
+///
+/// Returns one line per bad block (the first few, then a count), each naming the block and
+/// what it holds instead: an older generation is a lost acknowledged write, another index a
+/// misplaced one, a bad checksum a torn or corrupted block.
+///
+/// ```
+/// use splitvisor_guests::{blk_stress_check, stress};
+///
+/// let mut image = vec![0u8; 3 * stress::BLOCK_SIZE];
+/// for (index, block) in image.chunks_exact_mut(stress::BLOCK_SIZE).enumerate() {
+///     stress::fill(block.try_into().unwrap(), index as u64, 7);
+/// }
+/// assert_eq!(blk_stress_check(&image, 7, 3), Ok(()));
+/// stress::fill((&mut image[4096..8192]).try_into().unwrap(), 1, 6);
+/// assert_eq!(blk_stress_check(&image, 7, 3), Err(vec!["block 1: holds generation 6".to_string()]));
+/// ```
+pub fn blk_stress_check(image: &[u8], generation: u64, blocks: u64) -> Result<(), Vec<String>> {
+    let needed = u128::from(blocks) * stress::BLOCK_SIZE as u128;
+    if (image.len() as u128) < needed {
+        return Err(vec![format!(
+            "the image holds {} bytes, fewer than {blocks} blocks of {} bytes",
+            image.len(),
+            stress::BLOCK_SIZE
+        )]);
+    }
+    let mut problems = Vec::new();
+    let mut bad = 0u64;
+    for (index, block) in image.chunks_exact(stress::BLOCK_SIZE).take(blocks as usize).enumerate() {
+        let block: &[u8; stress::BLOCK_SIZE] = block.try_into().expect("chunks_exact gives whole blocks");
+        if let Err(mismatch) = stress::check(block, index as u64, generation) {
+            bad += 1;
+            if problems.len() < MAX_LISTED_PROBLEMS {
+                problems.push(format!("block {index}: {mismatch}"));
+            }
+        }
+    }
+    if bad as usize > problems.len() {
+        problems.push(format!("... {bad} bad blocks of {blocks} in all (expected generation {generation})"));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
 
 /// What starts the line a guest program ends with.

@@ -275,6 +275,8 @@ pub struct BlockDevice {
     pub capacity: u64,
     /// The device refuses writes.
     pub read_only: bool,
+    /// The device takes FLUSH requests (without it, its writes are durable when acknowledged).
+    pub flush: bool,
     /// Per request slot: its header and status byte (device-visible memory).
     headers: *mut RequestHeader,
     statuses: *mut u8,
@@ -356,6 +358,7 @@ impl BlockDevice {
             event_idx: wanted & F_EVENT_IDX != 0,
             capacity,
             read_only: wanted & F_BLK_RO != 0,
+            flush: wanted & F_BLK_FLUSH != 0,
             headers,
             statuses,
             in_flight: [false; MAX_IN_FLIGHT],

@@ -16,7 +16,7 @@
 
 use splitvisor_guest_kit::clock::{self, TscScale};
 use splitvisor_guest_kit::virtio::{self, BlockDevice, MAX_IN_FLIGHT, blk};
-use splitvisor_guest_kit::{Boot, Line, alloc, apic, guest_main, rdtsc, start_info, user};
+use splitvisor_guest_kit::{Boot, Line, alloc, apic, cpu, guest_main, rdtsc, start_info, user};
 
 guest_main!(main);
 
@@ -122,15 +122,16 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
         let poll_ns = poll_us.saturating_mul(1000);
         disk.set_poll_ticks(scale.map_or(poll_ns.saturating_mul(4), |scale| scale.ticks(poll_ns)));
     }
-    Line::new()
-        .str("blk-bench: disk ")
-        .dec(disk.capacity * SECTOR >> 20)
-        .str(" MiB, clock ")
-        .str(if scale.is_some() { "kvm-clock" } else { "tsc (host converts)" })
-        .str(", ring ")
-        .str(if user_mode { "3" } else { "0" })
-        .print();
     let mut workloads = || {
+        // The ring is the one the loop really runs in.
+        Line::new()
+            .str("blk-bench: disk ")
+            .dec(disk.capacity * SECTOR >> 20)
+            .str(" MiB, clock ")
+            .str(if scale.is_some() { "kvm-clock" } else { "tsc (host converts)" })
+            .str(", ring ")
+            .dec(u64::from(cpu::current_ring()))
+            .print();
         for workload in &WORKLOADS {
             let ops = if workload.bytes == 1 << 20 { mib } else { small_ops };
             run(&mut disk, workload, ops, buffers, scale)?;
