@@ -20,8 +20,19 @@ use std::sync::Mutex;
 
 /// The programs of the kit, in the order `lib.rs` lists them; each is
 /// `kit/src/bin/<name, dashes as underscores>.rs`.
-const PROGRAMS: &[&str] =
-    &["hello", "marker", "irq", "triple-fault", "idle", "echo", "blk-verify", "blk-bench", "blk-stress", "blk-break", "exit-bench"];
+const PROGRAMS: &[&str] = &[
+    "hello",
+    "marker",
+    "irq",
+    "triple-fault",
+    "idle",
+    "echo",
+    "blk-verify",
+    "blk-bench",
+    "blk-stress",
+    "blk-break",
+    "exit-bench",
+];
 
 /// The kit's library crate, which every program links.
 const KIT_CRATE: &str = "splitvisor_guest_kit";

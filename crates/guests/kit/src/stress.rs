@@ -39,7 +39,8 @@ const CHECKSUM_WORD: usize = WORDS - 1;
 
 /// Pattern word `word` of block `index` in generation `generation`.
 pub fn pattern_word(index: u64, generation: u64, word: usize) -> u64 {
-    index.wrapping_mul(BLOCK_SIZE as u64).wrapping_add(8 * word as u64) ^ generation.wrapping_mul(GENERATION_KEY)
+    index.wrapping_mul(BLOCK_SIZE as u64).wrapping_add(8 * word as u64)
+        ^ generation.wrapping_mul(GENERATION_KEY)
 }
 
 fn read_word(block: &[u8; BLOCK_SIZE], word: usize) -> u64 {
@@ -54,7 +55,8 @@ fn write_word(block: &mut [u8; BLOCK_SIZE], word: usize, value: u64) {
 
 /// The checksum of words 0..=510 of `block` (what word 511 must hold).
 pub fn checksum(block: &[u8; BLOCK_SIZE]) -> u64 {
-    (0..CHECKSUM_WORD).fold(CHECKSUM_BASIS, |hash, word| (hash ^ read_word(block, word)).wrapping_mul(CHECKSUM_PRIME))
+    (0..CHECKSUM_WORD)
+        .fold(CHECKSUM_BASIS, |hash, word| (hash ^ read_word(block, word)).wrapping_mul(CHECKSUM_PRIME))
 }
 
 /// Fills `block` with block `index` of generation `generation`.
@@ -102,7 +104,9 @@ pub fn check(block: &[u8; BLOCK_SIZE], index: u64, generation: u64) -> Result<()
     if sum != checksum(block) {
         return Err(Mismatch::Checksum(sum));
     }
-    match (FIRST_PATTERN_WORD..CHECKSUM_WORD).find(|&word| read_word(block, word) != pattern_word(index, generation, word)) {
+    match (FIRST_PATTERN_WORD..CHECKSUM_WORD)
+        .find(|&word| read_word(block, word) != pattern_word(index, generation, word))
+    {
         Some(word) => Err(Mismatch::Pattern(word)),
         None => Ok(()),
     }
