@@ -109,6 +109,29 @@ fn blk_stress_in_ring_3_against_a_driver_partition() {
     assert_eq!(blk_stress_check(&image.bytes(), generation + 1, blocks), Ok(()));
 }
 
+/// Without polling, ring 3 waits for the device's interrupts through ring 0: every wait is
+/// `ud2` to the service, `sti; hlt`, the virtio interrupt handler (which must be reached
+/// whatever its vector), back to ring 3. The FLUSH at least (an fdatasync on the host)
+/// outlasts the few checks before a wait.
+#[test]
+fn blk_stress_in_ring_3_waits_for_interrupts_when_it_does_not_poll() {
+    if !support::kvm() {
+        return;
+    }
+    let image = Image::new("stress-irq", MIB);
+    let generation = fresh_generation();
+    let cmdline = format!("console=ttyS0 blk_stress.generation={generation} blk_stress.poll_us=0");
+    let (report, console) = run("blk-stress", &cmdline, Some(&image), Layout::monolithic());
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+    let interrupts: u64 = console
+        .split_once(", interrupts ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no interrupt count: {console}"));
+    assert!(interrupts > 0, "the guest never took the device's interrupt: {console}");
+    assert_eq!(blk_stress_check(&image.bytes(), generation, MIB / 4096), Ok(()));
+}
+
 #[test]
 fn blk_stress_refuses_bad_settings_with_a_reason() {
     if !support::kvm() {

@@ -234,9 +234,9 @@ pub fn init_tables() {
             gdt[index + 1] = base >> 32;
         }
         let idt = &mut *(&raw mut IDT);
-        let table = &raw const isr_table;
+        let stubs = &raw const isr_stubs as u64;
         for (vector, entry) in idt.iter_mut().enumerate() {
-            let stub = if vector < 48 { (*table)[vector] } else { isr_spurious as *const () as u64 };
+            let stub = stubs + (ISR_STUB_SIZE * vector) as u64;
             *entry = IdtEntry {
                 offset_low: stub as u16,
                 selector: CODE_SELECTOR,
@@ -322,6 +322,10 @@ extern "C" fn guest_interrupt(frame: &mut InterruptFrame) {
             .print();
         crate::report(Err("cpu exception"));
     }
+    if vector == usize::from(apic::SPURIOUS_VECTOR) {
+        // Not an interrupt in service: no EOI.
+        return;
+    }
     let handler = HANDLERS[vector].load(Ordering::Acquire);
     if handler != 0 {
         // SAFETY: only `set_handler` stores here, and it stores a `Handler`.
@@ -332,22 +336,38 @@ extern "C" fn guest_interrupt(frame: &mut InterruptFrame) {
     apic::eoi();
 }
 
+/// Bytes per interrupt entry stub: stub `n`, for vector `n`, is at `isr_stubs + 16 * n`.
+const ISR_STUB_SIZE: usize = 16;
+
 unsafe extern "C" {
-    static isr_table: [u64; 48];
-    fn isr_spurious();
+    /// The 256 entry stubs, [`ISR_STUB_SIZE`] bytes each.
+    static isr_stubs: u8;
 }
 
+// One stub per vector: it pushes a zero where the CPU pushes no error code, then the
+// vector, and joins the common path, which saves the caller-saved registers and calls
+// `guest_interrupt` with the frame.
 global_asm!(
     r#"
     .text
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
-isr_stub_\n:
-    .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .balign 16
+    .global isr_stubs
+isr_stubs:
+    .set kit_vector, 0
+    .rept 256
+    .balign 16
+    .if (kit_vector == 8) || ((kit_vector >= 10) && (kit_vector <= 14)) || (kit_vector == 17) || (kit_vector == 21) || (kit_vector == 29) || (kit_vector == 30)
     .else
     push 0
     .endif
-    push \n
+    .if kit_vector < 128
+    .byte 0x6a, kit_vector          /* push imm8 */
+    .else
+    .byte 0x68                      /* push imm32 */
+    .long kit_vector
+    .endif
     jmp isr_common
+    .set kit_vector, kit_vector + 1
     .endr
 
 isr_common:
@@ -374,19 +394,6 @@ isr_common:
     pop rax
     add rsp, 16
     iretq
-
-    .global isr_spurious
-isr_spurious:
-    iretq
-
-    .section .rodata
-    .balign 8
-    .global isr_table
-isr_table:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
-    .quad isr_stub_\n
-    .endr
-    .text
 "#
 );
 
