@@ -7,6 +7,15 @@
 //! Firecracker). Every program ends by printing a result line (see [`GuestResult`]) and
 //! resetting the machine through the i8042.
 //!
+//! The I/O programs (`blk-bench`, `blk-stress`) run their loops in ring 3, which runs
+//! natively even on a KVM that emulates guest ring 0; `blk-stress` writes blocks in the
+//! format of [`stress`], and [`blk_stress_check`] checks an image after it. The guest table,
+//! with each program's command-line keys, is in this crate's README.
+//!
+//! Depending on this crate from crates.io needs nothing beyond the Rust toolchain that
+//! builds the depending crate: the build script compiles the kit (`kit/`, shipped in the
+//! package) with that same rustc for the host target.
+//!
 //! ```
 //! let hello = splitvisor_guests::find("hello").unwrap();
 //! assert_eq!(&hello.elf[..4], b"\x7fELF");
@@ -268,8 +277,14 @@ mod tests {
 
     /// The disassembly of `guest`, or `None` (skip) where objdump is missing outside CI.
     fn disassembly(guest: &Guest) -> Option<String> {
-        let path =
-            std::env::temp_dir().join(format!("splitvisor-disasm-{}-{}", std::process::id(), guest.name));
+        // One file per call: the tests that read disassemblies run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "splitvisor-disasm-{}-{call}-{}",
+            std::process::id(),
+            guest.name
+        ));
         std::fs::write(&path, guest.elf).unwrap();
         let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
         let _ = std::fs::remove_file(&path);
