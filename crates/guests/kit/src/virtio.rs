@@ -286,6 +286,8 @@ pub struct BlockDevice {
     slot_index: usize,
     /// TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
     poll_ticks: u64,
+    /// Used entries that named no request in flight.
+    stray_completions: u64,
 }
 
 impl BlockDevice {
@@ -365,6 +367,7 @@ impl BlockDevice {
             notifications: 0,
             slot_index: slot,
             poll_ticks: 0,
+            stray_completions: 0,
         };
         if blk.event_idx {
             blk.queue.arm_used_event();
@@ -400,6 +403,12 @@ impl BlockDevice {
     /// died, or it found the queue broken. A register read: an exit to the VMM.
     pub fn needs_reset(&self) -> bool {
         self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Used entries the device returned for no request in flight: a duplicate completion or
+    /// a buffer this driver never offered.
+    pub fn stray_completions(&self) -> u64 {
+        self.stray_completions
     }
 
     /// Interrupts this device has raised.
@@ -444,10 +453,15 @@ impl BlockDevice {
     }
 
     /// Takes one completed request: (slot, status byte).
+    ///
+    /// A used entry that names no request in flight (a duplicate completion, or a buffer the
+    /// driver never offered) is dropped and counted in [`Self::stray_completions`]; [`Self::wait`]
+    /// fails on it.
     pub fn poll(&mut self) -> Option<(usize, u8)> {
         let (head, _len) = self.queue.pop_used()?;
         let slot = usize::from(head) / 3;
-        if slot >= MAX_IN_FLIGHT {
+        if head % 3 != 0 || slot >= MAX_IN_FLIGHT || !self.in_flight[slot] {
+            self.stray_completions += 1;
             return None;
         }
         self.in_flight[slot] = false;
@@ -458,9 +472,13 @@ impl BlockDevice {
 
     /// Waits for one completion: polls the used ring (see [`Self::set_poll_ticks`]), then
     /// halts until the device interrupts. Fails if the device signals that it needs a reset
-    /// (its backend died, or it found the queue broken). Works in ring 0 and ring 3.
+    /// (its backend died, or it found the queue broken), or if it returned a buffer that was
+    /// not in flight. Works in ring 0 and ring 3.
     pub fn wait(&mut self) -> Result<(usize, u8), &'static str> {
         loop {
+            if self.stray_completions != 0 {
+                return Err("the device completed a request that was not in flight");
+            }
             if let Some(done) = self.poll() {
                 return Ok(done);
             }
@@ -482,6 +500,9 @@ impl BlockDevice {
             // The device may have used a buffer before it saw the new used_event.
             if let Some(done) = self.poll() {
                 return Ok(done);
+            }
+            if self.stray_completions != 0 {
+                return Err("the device completed a request that was not in flight");
             }
             if self.needs_reset() {
                 return Err("device needs reset");
