@@ -31,7 +31,7 @@ fn run(
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(TIMEOUT));
     if let Some(image) = disk {
-        builder = builder.disk(DiskConfig::Image { path: image.0.clone(), read_only: false });
+        builder = builder.disk(DiskConfig::image(&image.0));
     }
     (builder.build().unwrap().run(), console.text())
 }

@@ -256,6 +256,10 @@ pub mod blk {
     pub const UNSUPP: u8 = 2;
 }
 
+/// The shortest poll [`BlockDevice::wait`] adapts down to (about a microsecond), so that a
+/// completion found there can double it again.
+const MIN_POLL_TICKS: u64 = 2048;
+
 /// Requests a [`BlockDevice`] keeps in flight at most.
 pub const MAX_IN_FLIGHT: usize = 16;
 
@@ -284,8 +288,11 @@ pub struct BlockDevice {
     /// Notifications (QueueNotify writes) sent.
     pub notifications: u64,
     slot_index: usize,
-    /// TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
+    /// Most TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
     poll_ticks: u64,
+    /// What it polls now: halved after a poll that found nothing, doubled (up to
+    /// `poll_ticks`) after one that found a completion, as KVM's halt polling adapts.
+    poll_now: u64,
     /// Used entries that named no request in flight.
     stray_completions: u64,
 }
@@ -367,6 +374,7 @@ impl BlockDevice {
             notifications: 0,
             slot_index: slot,
             poll_ticks: 0,
+            poll_now: 0,
             stray_completions: 0,
         };
         if blk.event_idx {
@@ -394,9 +402,12 @@ impl BlockDevice {
 
     /// Makes [`Self::wait`] poll the used ring for up to `ticks` TSC ticks before it waits
     /// for an interrupt (0, the default, polls once). Polling pays in ring 3, which runs
-    /// natively, where an interrupt costs a trip through emulated ring 0.
+    /// natively, where an interrupt costs a trip through emulated ring 0; but a vCPU that
+    /// polls takes a host CPU from the device. So the time adapts: a poll that ends without a
+    /// completion halves the next one, a poll that finds one doubles it again, up to `ticks`.
     pub fn set_poll_ticks(&mut self, ticks: u64) {
         self.poll_ticks = ticks;
+        self.poll_now = ticks;
     }
 
     /// Whether the device asks for a reset (DEVICE_NEEDS_RESET in its status): its backend
@@ -483,13 +494,15 @@ impl BlockDevice {
                 return Ok(done);
             }
             if self.poll_ticks > 0 {
-                let deadline = crate::rdtsc().saturating_add(self.poll_ticks);
+                let deadline = crate::rdtsc().saturating_add(self.poll_now);
                 while crate::rdtsc() < deadline {
                     core::hint::spin_loop();
                     if let Some(done) = self.poll() {
+                        self.poll_now = self.poll_now.saturating_mul(2).clamp(MIN_POLL_TICKS, self.poll_ticks);
                         return Ok(done);
                     }
                 }
+                self.poll_now = (self.poll_now / 2).max(MIN_POLL_TICKS.min(self.poll_ticks));
             }
             // Taken before the last look at the ring: an interrupt for a completion that
             // lands after that look makes the wait below return at once.
