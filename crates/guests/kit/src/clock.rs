@@ -55,6 +55,12 @@ impl TscScale {
     }
 }
 
+/// TSC ticks in `ns` nanoseconds with kvm-clock's scale; without it, ticks of a TSC of up
+/// to 4 GHz (so at least `ns` on any TSC up to that, at most 4x longer on a slow one).
+pub fn ticks_in(scale: Option<TscScale>, ns: u64) -> u64 {
+    scale.map_or(ns.saturating_mul(4), |scale| scale.ticks(ns))
+}
+
 /// kvm-clock's TSC scale, if the VMM offers kvm-clock.
 pub fn kvm_clock_scale() -> Option<TscScale> {
     let signature = __cpuid(KVM_CPUID_SIGNATURE);

@@ -192,12 +192,24 @@ pub fn interrupts_handled() -> u64 {
 /// `seen`: returns at once if one already was, otherwise halts with interrupts enabled.
 /// Works in ring 0 and in ring 3 (where it asks ring 0 to halt).
 pub fn wait_for_interrupt_since(seen: u64) {
+    wait_for_interrupt_since_or_timeout(seen, 0);
+}
+
+/// Like [`wait_for_interrupt_since`], but wakes up after about `ticks` TSC ticks even if no
+/// interrupt comes (0: no limit), through the local APIC timer.
+pub fn wait_for_interrupt_since_or_timeout(seen: u64, ticks: u64) {
     if current_ring() == 3 {
-        user::wait_for_interrupt_since(seen);
+        user::wait_for_interrupt_since(seen, ticks);
     } else if interrupts_handled() == seen {
         // An interrupt that arrived after `seen` was taken is still pending (interrupts are
         // off in the kit's ring 0 and ring 3): `sti; hlt` takes it at once.
+        if ticks > 0 {
+            apic::arm_wakeup(ticks);
+        }
         wait_for_interrupt();
+        if ticks > 0 {
+            apic::disarm_wakeup();
+        }
     }
 }
 

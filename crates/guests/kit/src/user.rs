@@ -62,7 +62,8 @@ const ADDRESS_BITS: u64 = 0x000f_ffff_ffff_f000;
 mod service {
     /// Print `rsi` bytes at `rdi` on the console.
     pub const PRINT: u64 = 1;
-    /// Halt until an interrupt, unless the interrupt count is no longer `rdi`.
+    /// Halt until an interrupt, unless the interrupt count is no longer `rdi`; at most about
+    /// `rsi` TSC ticks if `rsi` is not 0.
     pub const WAIT: u64 = 2;
     /// Leave user mode: [`super::run`] returns.
     pub const EXIT: u64 = 3;
@@ -202,9 +203,9 @@ pub(crate) fn print(bytes: &[u8]) {
     }
 }
 
-/// [`cpu::wait_for_interrupt_since`], from ring 3.
-pub(crate) fn wait_for_interrupt_since(seen: u64) {
-    call(service::WAIT, [seen, 0, 0]);
+/// [`cpu::wait_for_interrupt_since_or_timeout`], from ring 3.
+pub(crate) fn wait_for_interrupt_since(seen: u64, ticks: u64) {
+    call(service::WAIT, [seen, ticks, 0]);
 }
 
 /// [`crate::report`], from ring 3.
@@ -229,7 +230,7 @@ pub(crate) fn serve(frame: &mut InterruptFrame) {
             let bytes = unsafe { core::slice::from_raw_parts(a as *const u8, b.min(MAX_PRINT) as usize) };
             console::write_bytes(bytes);
         }
-        service::WAIT => cpu::wait_for_interrupt_since(a),
+        service::WAIT => cpu::wait_for_interrupt_since_or_timeout(a, b),
         service::EXIT if KIT_KERNEL_RSP.load(Ordering::Acquire) != 0 => {
             // SAFETY: `run` saved its context and waits for exactly this.
             unsafe { kit_resume_kernel() }

@@ -193,6 +193,12 @@ impl VirtQueue {
         new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
+    /// Whether the device has returned a used entry not popped yet.
+    fn has_used(&self) -> bool {
+        // SAFETY: used->idx.
+        unsafe { read_volatile(self.used.add(1)) != self.last_used }
+    }
+
     /// The next used entry, if the device has returned one: (head, bytes written).
     fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: used->idx.
@@ -295,6 +301,10 @@ pub struct BlockDevice {
     poll_now: u64,
     /// Used entries that named no request in flight.
     stray_completions: u64,
+    /// [`Self::wait`] fails when no request completes for this many TSC ticks (0: never).
+    timeout_ticks: u64,
+    /// ... or when a completion stays visible this long without the device's interrupt.
+    grace_ticks: u64,
 }
 
 impl BlockDevice {
@@ -376,6 +386,8 @@ impl BlockDevice {
             poll_ticks: 0,
             poll_now: 0,
             stray_completions: 0,
+            timeout_ticks: 0,
+            grace_ticks: 0,
         };
         if blk.event_idx {
             blk.queue.arm_used_event();
@@ -408,6 +420,16 @@ impl BlockDevice {
     pub fn set_poll_ticks(&mut self, ticks: u64) {
         self.poll_ticks = ticks;
         self.poll_now = ticks;
+    }
+
+    /// Bounds [`Self::wait`] (by default it waits for as long as it takes): it fails if no
+    /// request completes for `timeout` TSC ticks, and if a completion stays in the used ring
+    /// for `grace` ticks after the driver asked to be interrupted for it without the device's
+    /// interrupt arriving (a lost interrupt: a driver that only halts would hang). While it
+    /// waits it wakes every `grace / 2` ticks (the local APIC timer) to look.
+    pub fn set_time_limits(&mut self, timeout: u64, grace: u64) {
+        self.timeout_ticks = timeout;
+        self.grace_ticks = grace.max(2);
     }
 
     /// Whether the device asks for a reset (DEVICE_NEEDS_RESET in its status): its backend
@@ -520,7 +542,40 @@ impl BlockDevice {
             if self.needs_reset() {
                 return Err("device needs reset");
             }
-            cpu::wait_for_interrupt_since(seen);
+            if self.timeout_ticks == 0 {
+                cpu::wait_for_interrupt_since(seen);
+            } else {
+                self.wait_bounded(seen)?;
+            }
+        }
+    }
+
+    /// Halts until the device interrupts (then returns), within the limits of
+    /// [`Self::set_time_limits`], waking on the timer to check them.
+    fn wait_bounded(&mut self, mut seen: u64) -> Result<(), &'static str> {
+        let device_interrupts = self.interrupts();
+        let start = crate::rdtsc();
+        let mut unannounced_since = None;
+        loop {
+            cpu::wait_for_interrupt_since_or_timeout(seen, self.grace_ticks / 2);
+            if self.interrupts() != device_interrupts {
+                return Ok(());
+            }
+            // Woken by the timer (or another device): look at the ring and the clock.
+            let now = crate::rdtsc();
+            if self.queue.has_used() {
+                // Announced by an interrupt that is on its way, or by none at all.
+                let since = *unannounced_since.get_or_insert(now);
+                if now - since > self.grace_ticks {
+                    return Err("the device completed a request but raised no interrupt");
+                }
+            } else if now - start > self.timeout_ticks {
+                return Err("no request completed within the time limit");
+            }
+            if self.needs_reset() {
+                return Err("device needs reset");
+            }
+            seen = cpu::interrupts_handled();
         }
     }
 

@@ -118,10 +118,10 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     };
     if user_mode {
         disk.use_from_user_mode()?;
-        // Without kvm-clock, assume a TSC of up to 4 GHz: at most 4x the polling asked for.
-        let poll_ns = poll_us.saturating_mul(1000);
-        disk.set_poll_ticks(scale.map_or(poll_ns.saturating_mul(4), |scale| scale.ticks(poll_ns)));
+        disk.set_poll_ticks(clock::ticks_in(scale, poll_us.saturating_mul(1000)));
     }
+    // A request that never completes, or whose interrupt never comes, fails the run.
+    disk.set_time_limits(clock::ticks_in(scale, 60_000_000_000), clock::ticks_in(scale, 1_000_000_000));
     let mut workloads = || {
         // The ring is the one the loop really runs in.
         Line::new()

@@ -17,6 +17,9 @@
 //! The loop runs in ring 3 (`blk_stress.ring=3`, the default), polling the used ring for
 //! `blk_stress.poll_us=N` microseconds (default 1000) before it waits for an interrupt;
 //! `blk_stress.ring=0` runs it in ring 0, interrupt-driven (slow where ring 0 is emulated).
+//! No wait is unbounded: the run fails if no request completes for `blk_stress.timeout_s=N`
+//! seconds (default 60), or if a completion stays unannounced by the device's interrupt for
+//! a second (a lost interrupt).
 
 #![no_std]
 #![no_main]
@@ -274,6 +277,7 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     let depth = setting(info, "blk_stress.depth")?;
     let ring = setting(info, "blk_stress.ring")?;
     let poll_us = setting(info, "blk_stress.poll_us")?;
+    let timeout_s = setting(info, "blk_stress.timeout_s")?.unwrap_or(60);
     let user_mode = match ring.unwrap_or(3) {
         0 => false,
         3 => true,
@@ -306,11 +310,10 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     }
     let buffers = alloc::alloc((MAX_IN_FLIGHT * BLOCK_SIZE) as u64, 4096).ok_or("out of memory for buffers")?;
     let scale = clock::kvm_clock_scale();
+    disk.set_time_limits(clock::ticks_in(scale, timeout_s.saturating_mul(1_000_000_000)), clock::ticks_in(scale, 1_000_000_000));
     if user_mode {
         disk.use_from_user_mode()?;
-        // Without kvm-clock, assume a TSC of up to 4 GHz: at most 4x the polling asked for.
-        let poll_ns = poll_us.unwrap_or(1000).saturating_mul(1000);
-        disk.set_poll_ticks(scale.map_or(poll_ns.saturating_mul(4), |scale| scale.ticks(poll_ns)));
+        disk.set_poll_ticks(clock::ticks_in(scale, poll_us.unwrap_or(1000).saturating_mul(1000)));
     }
 
     let mut work = || {

@@ -8,7 +8,8 @@
 //!
 //! It runs in ring 0, interrupt-driven, which the build machines' KVM emulates: 64 MiB take
 //! most of a minute there, so a progress line (MiB written, then MiB verified) comes every
-//! few seconds.
+//! few seconds. No wait is unbounded: the run fails if no request completes for 60 seconds,
+//! or if a completion stays unannounced by the device's interrupt for a second.
 
 #![no_std]
 #![no_main]
@@ -87,7 +88,8 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     for (index, device) in virtio::block_devices(info.cmdline()).enumerate() {
         disks += 1;
         let progress = Progress::new(index, scale);
-        if let Err(why) = verify_disk(index, device, buffers, expected, generation, limit, progress) {
+        let limits = (clock::ticks_in(scale, 60_000_000_000), clock::ticks_in(scale, 1_000_000_000));
+        if let Err(why) = verify_disk(index, device, buffers, expected, generation, limit, progress, limits) {
             Line::new().str("vd").dec(index as u64).str(": failed: ").str(why).print();
             return Err(why);
         }
@@ -107,8 +109,10 @@ fn verify_disk(
     generation: u64,
     limit: Option<u64>,
     mut progress: Progress,
+    (timeout, grace): (u64, u64),
 ) -> Result<(), &'static str> {
     let mut disk = BlockDevice::init(device, index)?;
+    disk.set_time_limits(timeout, grace);
     let mut line = Line::new();
     line.str("vd").dec(index as u64).str(": ").dec(disk.capacity).str(" sectors");
 
