@@ -8,8 +8,9 @@
 //! The workload loop (descriptors, doorbell, polling the used ring, the report lines) runs in
 //! ring 3 ([`splitvisor_guest_kit::user`]), natively even where ring 0 is emulated, so the
 //! figures are the VMM's and the device's; it waits for an interrupt only after polling for
-//! `blk_bench.poll_us=N` microseconds (default 1000). `blk_bench.ring=0` runs the same loop
-//! in ring 0 instead, waking on every interrupt without polling.
+//! up to `blk_bench.poll_us=N` microseconds (default 5000; the time adapts, see
+//! `BlockDevice::set_poll_ticks`). `blk_bench.ring=0` runs the same loop in ring 0 instead,
+//! waking on every interrupt without polling.
 
 #![no_std]
 #![no_main]
@@ -101,7 +102,7 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     let mib = info.cmdline_value("blk_bench.mib").and_then(start_info::parse_u64).unwrap_or(32);
     let small_ops = info.cmdline_value("blk_bench.ops").and_then(start_info::parse_u64).unwrap_or(2000);
     let ring = info.cmdline_value("blk_bench.ring").map_or(Some(3), start_info::parse_u64);
-    let poll_us = info.cmdline_value("blk_bench.poll_us").and_then(start_info::parse_u64).unwrap_or(1000);
+    let poll_us = info.cmdline_value("blk_bench.poll_us").and_then(start_info::parse_u64).unwrap_or(5000);
     apic::mask_pic();
     apic::enable_local();
     let device = virtio::block_devices(info.cmdline()).next().ok_or("no virtio-blk disk on the command line")?;

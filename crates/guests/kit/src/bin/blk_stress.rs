@@ -14,9 +14,10 @@
 //! Any request status other than OK, and a device that asks for a reset
 //! (DEVICE_NEEDS_RESET), fail the run at once with a line that says which request or what.
 //! A progress line (pass, writes acknowledged, blocks verified) comes every 2 seconds or so.
-//! The loop runs in ring 3 (`blk_stress.ring=3`, the default), polling the used ring for
-//! `blk_stress.poll_us=N` microseconds (default 1000) before it waits for an interrupt;
-//! `blk_stress.ring=0` runs it in ring 0, interrupt-driven (slow where ring 0 is emulated).
+//! The loop runs in ring 3 (`blk_stress.ring=3`, the default), polling the used ring for up
+//! to `blk_stress.poll_us=N` microseconds (default 5000, adapting) before it waits for an
+//! interrupt; `blk_stress.ring=0` runs it in ring 0, interrupt-driven (slow where ring 0 is
+//! emulated).
 //! No wait is unbounded: the run fails if no request completes for `blk_stress.timeout_s=N`
 //! seconds (default 60), or if a completion stays unannounced by the device's interrupt for
 //! a second (a lost interrupt).
@@ -313,7 +314,7 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     disk.set_time_limits(clock::ticks_in(scale, timeout_s.saturating_mul(1_000_000_000)), clock::ticks_in(scale, 1_000_000_000));
     if user_mode {
         disk.use_from_user_mode()?;
-        disk.set_poll_ticks(clock::ticks_in(scale, poll_us.unwrap_or(1000).saturating_mul(1000)));
+        disk.set_poll_ticks(clock::ticks_in(scale, poll_us.unwrap_or(5000).saturating_mul(1000)));
     }
 
     let mut work = || {
