@@ -7,6 +7,15 @@
 //! Firecracker). Every program ends by printing a result line (see [`GuestResult`]) and
 //! resetting the machine through the i8042.
 //!
+//! The I/O programs (`blk-bench`, `blk-stress`) run their loops in ring 3, which runs
+//! natively even on a KVM that emulates guest ring 0; `blk-stress` writes blocks in the
+//! format of [`stress`], and [`blk_stress_check`] checks an image after it. The guest table,
+//! with each program's command-line keys, is in this crate's README.
+//!
+//! Depending on this crate from crates.io needs nothing beyond the Rust toolchain that
+//! builds the depending crate: the build script compiles the kit (`kit/`, shipped in the
+//! package) with that same rustc for the host target.
+//!
 //! ```
 //! let hello = splitvisor_guests::find("hello").unwrap();
 //! assert_eq!(&hello.elf[..4], b"\x7fELF");
@@ -33,6 +42,11 @@ pub const GUESTS: &[Guest] = &[
         name: "hello",
         summary: "greets over the 8250, reports its vCPU count, powers off",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_HELLO")),
+    },
+    Guest {
+        name: "marker",
+        summary: "writes one byte to COM1 as its very first instruction (VMM start-up time), then passes",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_MARKER")),
     },
     Guest {
         name: "irq",
@@ -63,6 +77,11 @@ pub const GUESTS: &[Guest] = &[
         name: "blk-bench",
         summary: "sequential 1 MiB and random 4 KiB reads and writes at queue depth 1 and 16",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_BENCH")),
+    },
+    Guest {
+        name: "blk-stress",
+        summary: "writes every 4 KiB block with its index and a generation in shuffled order, flushes, reads back, checks; pass after pass",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_BLK_STRESS")),
     },
     Guest {
         name: "blk-break",
@@ -138,6 +157,69 @@ pub fn qemu_microvm_command(
     cmd
 }
 
+#[path = "../kit/src/stress.rs"]
+pub mod stress;
+
+impl std::fmt::Display for stress::Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Magic(word) => write!(f, "not a blk-stress block (word 0 is {word:#x})"),
+            Self::Index(index) => write!(f, "holds block {index}"),
+            Self::Generation(generation) => write!(f, "holds generation {generation}"),
+            Self::Checksum(sum) => write!(f, "bad checksum {sum:#x} (torn or corrupted)"),
+            Self::Pattern(word) => write!(f, "pattern word {word} is wrong"),
+        }
+    }
+}
+
+/// Problems [`blk_stress_check`] lists one by one before it only counts.
+const MAX_LISTED_PROBLEMS: usize = 16;
+
+/// Checks a disk image after `blk-stress`: each of the first `blocks` 4 KiB blocks must be
+/// that block in generation `generation`, in the format of [`stress`] (for a run with
+/// `blk_stress.generation=G` and `blk_stress.passes=P`, the last generation is `G + P - 1`).
+///
+/// Returns one line per bad block (the first few, then a count), each naming the block and
+/// what it holds instead: an older generation is a lost acknowledged write, another index a
+/// misplaced one, a bad checksum a torn or corrupted block.
+///
+/// ```
+/// use splitvisor_guests::{blk_stress_check, stress};
+///
+/// let mut image = vec![0u8; 3 * stress::BLOCK_SIZE];
+/// for (index, block) in image.chunks_exact_mut(stress::BLOCK_SIZE).enumerate() {
+///     stress::fill(block.try_into().unwrap(), index as u64, 7);
+/// }
+/// assert_eq!(blk_stress_check(&image, 7, 3), Ok(()));
+/// stress::fill((&mut image[4096..8192]).try_into().unwrap(), 1, 6);
+/// assert_eq!(blk_stress_check(&image, 7, 3), Err(vec!["block 1: holds generation 6".to_string()]));
+/// ```
+pub fn blk_stress_check(image: &[u8], generation: u64, blocks: u64) -> Result<(), Vec<String>> {
+    let needed = u128::from(blocks) * stress::BLOCK_SIZE as u128;
+    if (image.len() as u128) < needed {
+        return Err(vec![format!(
+            "the image holds {} bytes, fewer than {blocks} blocks of {} bytes",
+            image.len(),
+            stress::BLOCK_SIZE
+        )]);
+    }
+    let mut problems = Vec::new();
+    let mut bad = 0u64;
+    for (index, block) in image.chunks_exact(stress::BLOCK_SIZE).take(blocks as usize).enumerate() {
+        let block: &[u8; stress::BLOCK_SIZE] = block.try_into().expect("chunks_exact gives whole blocks");
+        if let Err(mismatch) = stress::check(block, index as u64, generation) {
+            bad += 1;
+            if problems.len() < MAX_LISTED_PROBLEMS {
+                problems.push(format!("block {index}: {mismatch}"));
+            }
+        }
+    }
+    if bad as usize > problems.len() {
+        problems.push(format!("... {bad} bad blocks of {blocks} in all (expected generation {generation})"));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
 /// What starts the line a guest program ends with.
 pub const RESULT_MARKER: &str = "SPLITVISOR-RESULT: ";
 
@@ -208,32 +290,193 @@ mod tests {
         }
     }
 
+    /// The disassembly of `guest`, or `None` (skip) where objdump is missing outside CI.
+    fn disassembly(guest: &Guest) -> Option<String> {
+        // One file per call: the tests that read disassemblies run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "splitvisor-disasm-{}-{call}-{}",
+            std::process::id(),
+            guest.name
+        ));
+        std::fs::write(&path, guest.elf).unwrap();
+        let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
+        let _ = std::fs::remove_file(&path);
+        match output {
+            Ok(output) => {
+                assert!(output.status.success(), "objdump failed on {}", guest.name);
+                Some(String::from_utf8_lossy(&output.stdout).into_owned())
+            }
+            Err(e) if std::env::var_os("CI").is_some() => panic!("objdump is needed in CI: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: the disassembly checks need objdump: {e}");
+                None
+            }
+        }
+    }
+
     /// Ring-0 guest code must not use SSE: the build machines' software KVM cannot emulate
-    /// it. Checked on the disassembly when objdump is there (CI installs binutils).
+    /// it. The kit has one build configuration, so ring-3 code is held to the same rule.
+    /// Checked on the disassembly (CI installs binutils).
     #[test]
     fn no_program_uses_sse_registers() {
         for guest in GUESTS {
-            let path = std::env::temp_dir().join(format!(
-                "splitvisor-sse-check-{}-{}",
-                std::process::id(),
-                guest.name
-            ));
-            std::fs::write(&path, guest.elf).unwrap();
-            let output = std::process::Command::new("objdump").arg("-d").arg(&path).output();
-            let _ = std::fs::remove_file(&path);
-            let output = match output {
-                Ok(output) => output,
-                Err(e) if std::env::var_os("CI").is_some() => {
-                    panic!("objdump is needed in CI: {e}")
-                }
-                Err(e) => {
-                    eprintln!("skipping the SSE check: objdump: {e}");
-                    return;
-                }
-            };
-            let text = String::from_utf8_lossy(&output.stdout);
-            let sse: Vec<&str> = text.lines().filter(|l| l.contains("%xmm") || l.contains("%ymm")).collect();
+            let Some(text) = disassembly(guest) else { return };
+            let sse: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("%xmm") || l.contains("%ymm") || l.contains("%zmm"))
+                .collect();
             assert!(sse.is_empty(), "{} uses SSE registers:\n{}", guest.name, sse.join("\n"));
         }
+    }
+
+    /// Nor the other instructions that emulator is known to lack (`int3` is left out: the
+    /// linker pads between functions with it, never reached).
+    #[test]
+    fn no_program_uses_instructions_the_emulator_lacks() {
+        const MISSING: [&str; 4] = ["cmpxchg16b", "xsave", "xrstor", "fwait"];
+        for guest in GUESTS {
+            let Some(text) = disassembly(guest) else { return };
+            let bad: Vec<&str> = text
+                .lines()
+                .filter(|line| {
+                    let mnemonic = line.split('\t').nth(2).and_then(|i| i.split_whitespace().next());
+                    mnemonic.is_some_and(|m| MISSING.iter().any(|missing| m.starts_with(missing)))
+                })
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "{} uses instructions the emulator lacks:\n{}",
+                guest.name,
+                bad.join("\n")
+            );
+        }
+    }
+
+    /// The address in the `XEN_ELFNOTE_PHYS32_ENTRY` note, and the bytes of the ELF from there.
+    fn pvh_entry(elf: &[u8]) -> (u64, &[u8]) {
+        let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
+        let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) as usize;
+        let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap()) as usize;
+        let (phoff, phnum) = (u64_at(0x20), u16_at(0x38));
+        let headers: Vec<(usize, usize, usize, usize)> = (0..phnum)
+            .map(|i| phoff + i * 56)
+            .map(|at| (u32_at(at), u64_at(at + 8), u64_at(at + 16), u64_at(at + 32)))
+            .collect();
+        let mut entry = None;
+        for &(_, offset, _, size) in headers.iter().filter(|h| h.0 == 4) {
+            let mut at = offset;
+            while at + 12 <= offset + size {
+                let (name_len, desc_len, kind) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
+                let desc = at + 12 + name_len.next_multiple_of(4);
+                if kind == 18 && &elf[at + 12..at + 15] == b"Xen" {
+                    entry = Some(u32_at(desc) as u64);
+                }
+                at = desc + desc_len.next_multiple_of(4);
+            }
+        }
+        let entry = entry.expect("a XEN_ELFNOTE_PHYS32_ENTRY note");
+        let (_, offset, vaddr, _) = headers
+            .iter()
+            .find(|h| h.0 == 1 && h.2 as u64 <= entry && entry < (h.2 + h.3) as u64)
+            .expect("a PT_LOAD segment holding the entry");
+        (entry, &elf[offset + (entry as usize - vaddr)..])
+    }
+
+    #[test]
+    fn marker_writes_com1_before_anything_else_and_no_other_program_does() {
+        // mov dx, 0x3f8; mov al, 'M'; out dx, al
+        const MARKER_ENTRY: [u8; 7] = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'M', 0xee];
+        for guest in GUESTS {
+            let (entry, code) = pvh_entry(guest.elf);
+            assert_eq!(entry, 0x10_0000, "{}", guest.name);
+            if guest.name == "marker" {
+                assert_eq!(code[..7], MARKER_ENTRY, "marker's first instructions");
+            } else {
+                assert_eq!(code[..2], [0xfa, 0xfc], "{} starts with the runtime's cli; cld", guest.name);
+            }
+        }
+    }
+
+    /// Every program is in the README's table exactly once, and the table names no other.
+    #[test]
+    fn the_readme_table_lists_every_program_once() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `")?.split_once('`').map(|(name, _)| name))
+            .collect();
+        for guest in GUESTS {
+            assert_eq!(
+                rows.iter().filter(|row| **row == guest.name).count(),
+                1,
+                "{} in README.md",
+                guest.name
+            );
+        }
+        for row in &rows {
+            assert!(find(row).is_some(), "README.md lists `{row}`, which is not a program");
+        }
+        let names = names();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "program names are unique");
+    }
+
+    #[test]
+    fn stress_blocks_round_trip_and_every_kind_of_damage_is_named() {
+        use stress::{BLOCK_SIZE, Mismatch, check, fill};
+        let mut block = [0u8; BLOCK_SIZE];
+        fill(&mut block, 12345, 9);
+        assert_eq!(check(&block, 12345, 9), Ok(()));
+        assert_eq!(&block[..8], b"SVSTRESS");
+        assert_eq!(u64::from_le_bytes(block[8..16].try_into().unwrap()), 12345);
+        assert_eq!(u64::from_le_bytes(block[16..24].try_into().unwrap()), 9);
+        // Word 3 holds its own disk offset keyed by the generation.
+        assert_eq!(
+            u64::from_le_bytes(block[24..32].try_into().unwrap()),
+            (12345 * 4096 + 24) ^ 9u64.wrapping_mul(stress::GENERATION_KEY)
+        );
+        assert_eq!(check(&block, 12345, 10), Err(Mismatch::Generation(9)));
+        assert_eq!(check(&block, 12346, 9), Err(Mismatch::Index(12345)));
+        assert_eq!(check(&[0u8; BLOCK_SIZE], 0, 0), Err(Mismatch::Magic(0)));
+
+        let mut torn = block;
+        let mut other = [0u8; BLOCK_SIZE];
+        fill(&mut other, 12345, 8);
+        torn[2048..].copy_from_slice(&other[2048..]);
+        assert!(matches!(check(&torn, 12345, 9), Err(Mismatch::Checksum(_))));
+
+        // A wrong pattern word with a checksum made to match is still caught.
+        let mut forged = block;
+        forged[800] ^= 1;
+        let sum = stress::checksum(&forged);
+        forged[4088..].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(check(&forged, 12345, 9), Err(Mismatch::Pattern(100)));
+    }
+
+    #[test]
+    fn blk_stress_check_names_bad_blocks_then_counts_them() {
+        let blocks = 40u64;
+        let mut image = vec![0u8; blocks as usize * stress::BLOCK_SIZE];
+        for (index, block) in image.chunks_exact_mut(stress::BLOCK_SIZE).enumerate() {
+            stress::fill(block.try_into().unwrap(), index as u64, 3);
+        }
+        assert_eq!(blk_stress_check(&image, 3, blocks), Ok(()));
+        // Fewer blocks than the image holds are fine; more are not.
+        assert_eq!(blk_stress_check(&image, 3, 10), Ok(()));
+        assert_eq!(blk_stress_check(&image, 3, blocks + 1).unwrap_err().len(), 1);
+
+        let problems = blk_stress_check(&image, 4, blocks).unwrap_err();
+        assert_eq!(problems.len(), MAX_LISTED_PROBLEMS + 1, "{problems:?}");
+        assert_eq!(problems[0], "block 0: holds generation 3");
+        assert!(problems[MAX_LISTED_PROBLEMS].contains("40 bad blocks of 40"), "{problems:?}");
+
+        image[5 * 4096 + 100] ^= 0x40;
+        let problems = blk_stress_check(&image, 3, blocks).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("block 5: bad checksum"), "{problems:?}");
     }
 }

@@ -6,6 +6,10 @@
 //! paging off, flat segments, with `ebx` holding the physical address of `hvm_start_info`.
 //! The GDT is undefined, so the first thing to do before touching a segment register is to
 //! load ours.
+//!
+//! The note names `__pvh_entry`, which the link script makes `pvh_start32` unless the program
+//! defines its own (the `marker` program writes a byte to COM1 before anything else, then
+//! jumps to `pvh_start32` with `ebx` untouched).
 
 use core::arch::global_asm;
 
@@ -24,7 +28,7 @@ global_asm!(
     .long 18                    /* XEN_ELFNOTE_PHYS32_ENTRY */
     .asciz "Xen"
     .balign 4
-    .long pvh_start32
+    .long __pvh_entry           /* pvh_start32, unless the program has its own (guest.ld) */
     .balign 4
 
     /* splitvisor's own note: a 64-bit entry for application processors that the */
@@ -141,6 +145,7 @@ BOOT_GDT_PTR:
     .balign 4096
 BOOT_PML4:
     .zero 4096
+    .global BOOT_PDPT
 BOOT_PDPT:
     .zero 4096
 BOOT_PD_LOW:
@@ -161,10 +166,17 @@ const BOOT_STACK_SIZE: usize = 64 * 1024;
 
 unsafe extern "C" {
     static BOOT_PML4: u8;
+    static BOOT_PDPT: u8;
 }
 
 /// Physical address of the page tables the 32-bit entry built (application processors
 /// switch to them from the hypervisor's).
 pub fn boot_page_table() -> u64 {
     &raw const BOOT_PML4 as u64
+}
+
+/// Physical address of the page-directory-pointer table for the low 512 GiB: entry 0 maps
+/// RAM (the first GiB), entry 3 the last GiB below 4 GiB; the others are free.
+pub fn boot_pdpt() -> u64 {
+    &raw const BOOT_PDPT as u64
 }

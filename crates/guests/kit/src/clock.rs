@@ -47,15 +47,25 @@ impl TscScale {
         let shifted = if self.shift >= 0 { ticks << self.shift } else { ticks >> -self.shift };
         ((u128::from(shifted) * u128::from(self.mul)) >> 32) as u64
     }
+
+    /// TSC ticks in `ns` nanoseconds (the inverse of [`Self::ns`], rounded down).
+    pub fn ticks(&self, ns: u64) -> u64 {
+        let shifted = ((u128::from(ns) << 32) / u128::from(self.mul.max(1))) as u64;
+        if self.shift >= 0 { shifted >> self.shift } else { shifted << -self.shift }
+    }
+}
+
+/// TSC ticks in `ns` nanoseconds with kvm-clock's scale; without it, ticks of a TSC of up
+/// to 4 GHz (so at least `ns` on any TSC up to that, at most 4x longer on a slow one).
+pub fn ticks_in(scale: Option<TscScale>, ns: u64) -> u64 {
+    scale.map_or(ns.saturating_mul(4), |scale| scale.ticks(ns))
 }
 
 /// kvm-clock's TSC scale, if the VMM offers kvm-clock.
 pub fn kvm_clock_scale() -> Option<TscScale> {
-    // SAFETY: cpuid has no side effects.
-    let signature = unsafe { __cpuid(KVM_CPUID_SIGNATURE) };
+    let signature = __cpuid(KVM_CPUID_SIGNATURE);
     let kvm = signature.ebx == 0x4b4d_564b && signature.ecx == 0x564b_4d56 && signature.edx == 0x4d;
-    // SAFETY: as above.
-    if !kvm || unsafe { __cpuid(KVM_CPUID_FEATURES) }.eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
+    if !kvm || __cpuid(KVM_CPUID_FEATURES).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
         return None;
     }
     let addr = (&raw const PVCLOCK) as u64;

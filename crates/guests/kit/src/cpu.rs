@@ -1,18 +1,28 @@
-//! CPU tables and instructions: port I/O, the GDT with one TSS per CPU, the IDT with every
-//! gate on IST 1, interrupt dispatch.
+//! CPU tables and instructions: port I/O, the GDT (kernel and user segments, one TSS per CPU),
+//! the IDT (every gate on an IST stack), interrupt dispatch, and waiting for interrupts from
+//! either privilege level.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::{Line, MAX_CPUS, apic, boot};
+use crate::{Line, MAX_CPUS, apic, boot, user};
 
 /// Kernel code selector (same as the boot GDT and splitvisor's long-mode GDT).
 pub const CODE_SELECTOR: u16 = 0x08;
 /// Kernel data selector.
 pub const DATA_SELECTOR: u16 = 0x10;
+/// User (ring 3) data selector, with RPL 3.
+pub const USER_DATA_SELECTOR: u16 = 0x18 | 3;
+/// User (ring 3) 64-bit code selector, with RPL 3.
+pub const USER_CODE_SELECTOR: u16 = 0x20 | 3;
 /// Selector of CPU 0's TSS; CPU n's is 16 bytes further per n.
-const FIRST_TSS_SELECTOR: u16 = 0x18;
+const FIRST_TSS_SELECTOR: u16 = 0x28;
 const IST_STACK_SIZE: usize = 16 * 1024;
+/// The invalid-opcode exception: `ud2` from ring 3 asks ring 0 for a service.
+pub const INVALID_OPCODE: u8 = 6;
+/// The IST slot (1-based) of the invalid-opcode gate. Ring 0 may halt inside a service and
+/// take an interrupt on IST 1, which must not land on the service's own frame.
+const SERVICE_IST: u8 = 2;
 
 /// Writes a byte to an I/O port.
 ///
@@ -44,6 +54,15 @@ pub unsafe fn inb(port: u16) -> u8 {
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: forwarded to the caller.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// The privilege level the CPU runs at: 0 (kernel) or 3 (user mode, see [`crate::user`]).
+#[inline(always)]
+pub fn current_ring() -> u8 {
+    let cs: u16;
+    // SAFETY: reading CS has no effect; it is allowed at every privilege level.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    (cs & 3) as u8
 }
 
 /// Disables interrupts and halts, for good.
@@ -101,7 +120,7 @@ struct IdtEntry {
     reserved: u32,
 }
 
-const GDT_ENTRIES: usize = 3 + 2 * MAX_CPUS;
+const GDT_ENTRIES: usize = 5 + 2 * MAX_CPUS;
 static mut GDT: [u64; GDT_ENTRIES] = [0; GDT_ENTRIES];
 static mut TSS: [Tss; MAX_CPUS] = [const {
     Tss { reserved0: 0, rsp: [0; 3], reserved1: 0, ist: [0; 7], reserved2: 0, reserved3: 0, iomap_base: 104 }
@@ -117,7 +136,7 @@ static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
 /// What the interrupt stubs saved, lowest address first.
 #[repr(C)]
 pub struct InterruptFrame {
-    /// Saved caller-saved registers.
+    /// Saved caller-saved registers: r11, r10, r9, r8, rdi, rsi, rdx, rcx, rax.
     pub regs: [u64; 9],
     /// The vector.
     pub vector: u64,
@@ -135,8 +154,64 @@ pub struct InterruptFrame {
     pub ss: u64,
 }
 
+impl InterruptFrame {
+    /// The interrupted code's `rax`.
+    pub fn rax(&self) -> u64 {
+        self.regs[8]
+    }
+
+    /// Sets the `rax` the interrupted code resumes with.
+    pub fn set_rax(&mut self, value: u64) {
+        self.regs[8] = value;
+    }
+
+    /// The interrupted code's `rdi`, `rsi` and `rdx` (the first three C arguments).
+    pub fn args(&self) -> [u64; 3] {
+        [self.regs[4], self.regs[5], self.regs[6]]
+    }
+
+    /// The privilege level of the interrupted code.
+    pub fn ring(&self) -> u8 {
+        (self.cs & 3) as u8
+    }
+}
+
 /// An interrupt handler.
 pub type Handler = fn(&InterruptFrame);
+
+/// Device interrupts (vectors 32 and up) handled so far, on every CPU.
+static INTERRUPTS_HANDLED: AtomicU64 = AtomicU64::new(0);
+
+/// Device interrupts handled so far; pass it to [`wait_for_interrupt_since`] to wait for
+/// the next one without missing one that arrives in between.
+pub fn interrupts_handled() -> u64 {
+    INTERRUPTS_HANDLED.load(Ordering::Acquire)
+}
+
+/// Waits until a device interrupt has been handled after [`interrupts_handled`] returned
+/// `seen`: returns at once if one already was, otherwise halts with interrupts enabled.
+/// Works in ring 0 and in ring 3 (where it asks ring 0 to halt).
+pub fn wait_for_interrupt_since(seen: u64) {
+    wait_for_interrupt_since_or_timeout(seen, 0);
+}
+
+/// Like [`wait_for_interrupt_since`], but wakes up after about `ticks` TSC ticks even if no
+/// interrupt comes (0: no limit), through the local APIC timer.
+pub fn wait_for_interrupt_since_or_timeout(seen: u64, ticks: u64) {
+    if current_ring() == 3 {
+        user::wait_for_interrupt_since(seen, ticks);
+    } else if interrupts_handled() == seen {
+        // An interrupt that arrived after `seen` was taken is still pending (interrupts are
+        // off in the kit's ring 0 and ring 3): `sti; hlt` takes it at once.
+        if ticks > 0 {
+            apic::arm_wakeup(ticks);
+        }
+        wait_for_interrupt();
+        if ticks > 0 {
+            apic::disarm_wakeup();
+        }
+    }
+}
 
 /// Installs `handler` for `vector` (32..=254); the runtime sends the EOI after it returns.
 pub fn set_handler(vector: u8, handler: Handler) {
@@ -151,28 +226,33 @@ pub fn init_tables() {
         gdt[0] = 0;
         gdt[1] = 0x00af_9a00_0000_ffff; // 64-bit code, DPL 0
         gdt[2] = 0x00cf_9200_0000_ffff; // data, DPL 0
+        gdt[3] = 0x00cf_f200_0000_ffff; // data, DPL 3
+        gdt[4] = 0x00af_fa00_0000_ffff; // 64-bit code, DPL 3
         let tss = &mut *(&raw mut TSS);
         let stacks = &raw mut IST_STACKS;
         for cpu in 0..MAX_CPUS {
             let stack_top = (&raw mut (*stacks)[cpu]) as u64 + IST_STACK_SIZE as u64;
             tss[cpu].ist[0] = stack_top;
+            // The service stack until user mode gives this CPU its own (`set_service_stack`).
+            tss[cpu].ist[usize::from(SERVICE_IST) - 1] = stack_top;
             let base = (&raw const tss[cpu]) as u64;
             let limit = (core::mem::size_of::<Tss>() - 1) as u64;
-            gdt[3 + 2 * cpu] = (limit & 0xffff)
+            let index = usize::from(FIRST_TSS_SELECTOR / 8) + 2 * cpu;
+            gdt[index] = (limit & 0xffff)
                 | ((base & 0xff_ffff) << 16)
                 | (0x89 << 40) // present, 64-bit available TSS
                 | ((limit >> 16) & 0xf) << 48
                 | ((base >> 24) & 0xff) << 56;
-            gdt[4 + 2 * cpu] = base >> 32;
+            gdt[index + 1] = base >> 32;
         }
         let idt = &mut *(&raw mut IDT);
-        let table = &raw const isr_table;
+        let stubs = &raw const isr_stubs as u64;
         for (vector, entry) in idt.iter_mut().enumerate() {
-            let stub = if vector < 48 { (*table)[vector] } else { isr_spurious as *const () as u64 };
+            let stub = stubs + (ISR_STUB_SIZE * vector) as u64;
             *entry = IdtEntry {
                 offset_low: stub as u16,
                 selector: CODE_SELECTOR,
-                ist: 1,
+                ist: if vector == usize::from(INVALID_OPCODE) { SERVICE_IST } else { 1 },
                 type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
                 offset_mid: (stub >> 16) as u16,
                 offset_high: (stub >> 32) as u32,
@@ -222,9 +302,25 @@ pub fn init_this_cpu(cpu: usize) {
     }
 }
 
+/// Points CPU `cpu`'s service stack (the invalid-opcode gate's IST) at `top`, and makes it
+/// the ring-0 stack too. Called once per CPU before it first enters ring 3.
+pub fn set_service_stack(cpu: usize, top: u64) {
+    // SAFETY: only the CPU itself calls this, with interrupts off, before it uses the stack.
+    unsafe {
+        let tss = &mut *(&raw mut TSS);
+        tss[cpu].ist[usize::from(SERVICE_IST) - 1] = top;
+        tss[cpu].rsp[0] = top;
+    }
+}
+
 #[unsafe(no_mangle)]
-extern "C" fn guest_interrupt(frame: &InterruptFrame) {
+extern "C" fn guest_interrupt(frame: &mut InterruptFrame) {
     let vector = frame.vector as usize;
+    if vector == usize::from(INVALID_OPCODE) && frame.ring() == 3 {
+        // `ud2` in ring 3: a request for a service (or the end of user mode).
+        user::serve(frame);
+        return;
+    }
     if vector < 32 {
         Line::new()
             .str("guest: exception ")
@@ -233,8 +329,14 @@ extern "C" fn guest_interrupt(frame: &InterruptFrame) {
             .hex(frame.rip)
             .str(" error ")
             .hex(frame.error_code)
+            .str(" in ring ")
+            .dec(u64::from(frame.ring()))
             .print();
         crate::report(Err("cpu exception"));
+    }
+    if vector == usize::from(apic::SPURIOUS_VECTOR) {
+        // Not an interrupt in service: no EOI.
+        return;
     }
     let handler = HANDLERS[vector].load(Ordering::Acquire);
     if handler != 0 {
@@ -242,25 +344,42 @@ extern "C" fn guest_interrupt(frame: &InterruptFrame) {
         let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
         handler(frame);
     }
+    INTERRUPTS_HANDLED.fetch_add(1, Ordering::AcqRel);
     apic::eoi();
 }
 
+/// Bytes per interrupt entry stub: stub `n`, for vector `n`, is at `isr_stubs + 16 * n`.
+const ISR_STUB_SIZE: usize = 16;
+
 unsafe extern "C" {
-    static isr_table: [u64; 48];
-    fn isr_spurious();
+    /// The 256 entry stubs, [`ISR_STUB_SIZE`] bytes each.
+    static isr_stubs: u8;
 }
 
+// One stub per vector: it pushes a zero where the CPU pushes no error code, then the
+// vector, and joins the common path, which saves the caller-saved registers and calls
+// `guest_interrupt` with the frame.
 global_asm!(
     r#"
     .text
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
-isr_stub_\n:
-    .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .balign 16
+    .global isr_stubs
+isr_stubs:
+    .set kit_vector, 0
+    .rept 256
+    .balign 16
+    .if (kit_vector == 8) || ((kit_vector >= 10) && (kit_vector <= 14)) || (kit_vector == 17) || (kit_vector == 21) || (kit_vector == 29) || (kit_vector == 30)
     .else
     push 0
     .endif
-    push \n
+    .if kit_vector < 128
+    .byte 0x6a, kit_vector          /* push imm8 */
+    .else
+    .byte 0x68                      /* push imm32 */
+    .long kit_vector
+    .endif
     jmp isr_common
+    .set kit_vector, kit_vector + 1
     .endr
 
 isr_common:
@@ -287,19 +406,6 @@ isr_common:
     pop rax
     add rsp, 16
     iretq
-
-    .global isr_spurious
-isr_spurious:
-    iretq
-
-    .section .rodata
-    .balign 8
-    .global isr_table
-isr_table:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
-    .quad isr_stub_\n
-    .endr
-    .text
 "#
 );
 

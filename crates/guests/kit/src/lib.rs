@@ -14,9 +14,13 @@
 //! * [`report`]: the one way a program ends, understood by every VMM: a result line on the
 //!   console, then an i8042 reset, then a triple fault as a last resort.
 //!
-//! The code runs in ring 0, which the build machines' software KVM emulates one instruction
-//! at a time and without SSE; the whole kit is therefore compiled without SSE and avoids
-//! `core::fmt` (its precompiled code uses SSE registers).
+//! * [`user`]: user mode, to run a program's work in ring 3,
+//! * a virtio-mmio and virtio-blk driver ([`virtio`]) that works from either ring,
+//! * [`stress`]: the on-disk block format of `blk-stress`, shared with the host's checker.
+//!
+//! Ring 0 is what the build machines' software KVM emulates one instruction at a time and
+//! without SSE; the whole kit is therefore compiled without SSE and avoids `core::fmt` (its
+//! precompiled code uses SSE registers). Ring 3 runs natively there: see [`user`].
 
 #![no_std]
 
@@ -28,6 +32,8 @@ pub mod console;
 pub mod cpu;
 pub mod mem;
 pub mod start_info;
+pub mod stress;
+pub mod user;
 pub mod virtio;
 pub mod virtio_net;
 pub mod netstack;
@@ -102,8 +108,12 @@ pub const RESULT_MARKER: &str = "SPLITVISOR-RESULT: ";
 /// Prints the result line and powers the machine off. Never returns.
 ///
 /// Power-off is an i8042 CPU reset (splitvisor, Firecracker, QEMU with `-no-reboot`); should
-/// the VMM have no i8042, a triple fault ends the VM instead.
+/// the VMM have no i8042, a triple fault ends the VM instead. Works from ring 3 too (ring 0
+/// does it on ring 3's behalf).
 pub fn report(result: Result<(), &str>) -> ! {
+    if cpu::current_ring() == 3 {
+        user::report(result);
+    }
     let mut line = Line::new();
     line.str(RESULT_MARKER);
     match result {

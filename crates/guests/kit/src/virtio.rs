@@ -5,6 +5,11 @@
 //! the device's IRQ is routed through the IOAPIC; the handler acknowledges it and the
 //! waiter, halted in `sti; hlt`, wakes and reads the used ring. EVENT_IDX is used when
 //! offered, so neither side is notified more than needed.
+//!
+//! A [`BlockDevice`] can be driven from ring 3 ([`crate::user`]) once
+//! [`BlockDevice::use_from_user_mode`] has mapped its registers there; it then polls the used
+//! ring for a while ([`BlockDevice::set_poll_ticks`]) before it asks ring 0 to wait for the
+//! interrupt.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -61,21 +66,30 @@ const FIRST_VECTOR: u8 = 0x30;
 /// A virtio-mmio device named on the command line.
 #[derive(Clone, Copy)]
 pub struct MmioDevice {
-    /// Base address of its registers.
+    /// Base (physical) address of its registers.
     pub base: u64,
     /// Its interrupt line (a GSI / IOAPIC pin).
     pub irq: u8,
+    /// Where this driver reaches the registers: `base` (identity-mapped, ring 0) or their
+    /// page in the user MMIO window.
+    regs: u64,
 }
 
 impl MmioDevice {
+    /// The device whose registers start at `base`, raising `irq`.
+    pub fn new(base: u64, irq: u8) -> Self {
+        Self { base, irq, regs: base }
+    }
+
     fn read(&self, offset: usize) -> u32 {
-        // SAFETY: the register window is identity-mapped (the kit maps the 32-bit MMIO window).
-        unsafe { read_volatile((self.base as usize + offset) as *const u32) }
+        // SAFETY: `regs` is the identity-mapped register window (the kit maps the 32-bit MMIO
+        // window) or its mapping in the user MMIO window.
+        unsafe { read_volatile((self.regs as usize + offset) as *const u32) }
     }
 
     fn write(&self, offset: usize, value: u32) {
         // SAFETY: as in `read`.
-        unsafe { write_volatile((self.base as usize + offset) as *mut u32, value) }
+        unsafe { write_volatile((self.regs as usize + offset) as *mut u32, value) }
     }
 
     /// The device ID (0 if there is no virtio device there).
@@ -116,7 +130,7 @@ pub fn devices(cmdline: &'static str) -> impl Iterator<Item = MmioDevice> {
         let (addr, irq) = rest.split_once(':')?;
         let base = parse_number(addr)?;
         let irq = u8::try_from(parse_number(irq)?).ok()?;
-        Some(MmioDevice { base, irq })
+        Some(MmioDevice::new(base, irq))
     })
 }
 
@@ -179,6 +193,12 @@ impl VirtQueue {
         new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
+    /// Whether the device has returned a used entry not popped yet.
+    fn has_used(&self) -> bool {
+        // SAFETY: used->idx.
+        unsafe { read_volatile(self.used.add(1)) != self.last_used }
+    }
+
     /// The next used entry, if the device has returned one: (head, bytes written).
     fn pop_used(&mut self) -> Option<(u16, u32)> {
         // SAFETY: used->idx.
@@ -218,7 +238,7 @@ fn on_interrupt(frame: &InterruptFrame) {
     if base == 0 {
         return;
     }
-    let device = MmioDevice { base, irq: 0 };
+    let device = MmioDevice::new(base, 0);
     let status = device.read(reg::INTERRUPT_STATUS);
     device.write(reg::INTERRUPT_ACK, status);
     INTERRUPTS[slot].fetch_add(1, Ordering::AcqRel);
@@ -242,6 +262,10 @@ pub mod blk {
     pub const UNSUPP: u8 = 2;
 }
 
+/// The shortest poll [`BlockDevice::wait`] adapts down to (about a microsecond), so that a
+/// completion found there can double it again.
+const MIN_POLL_TICKS: u64 = 2048;
+
 /// Requests a [`BlockDevice`] keeps in flight at most.
 pub const MAX_IN_FLIGHT: usize = 16;
 
@@ -261,6 +285,8 @@ pub struct BlockDevice {
     pub capacity: u64,
     /// The device refuses writes.
     pub read_only: bool,
+    /// The device takes FLUSH requests (without it, its writes are durable when acknowledged).
+    pub flush: bool,
     /// Per request slot: its header and status byte (device-visible memory).
     headers: *mut RequestHeader,
     statuses: *mut u8,
@@ -268,6 +294,17 @@ pub struct BlockDevice {
     /// Notifications (QueueNotify writes) sent.
     pub notifications: u64,
     slot_index: usize,
+    /// Most TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
+    poll_ticks: u64,
+    /// What it polls now: halved after a poll that found nothing, doubled (up to
+    /// `poll_ticks`) after one that found a completion, as KVM's halt polling adapts.
+    poll_now: u64,
+    /// Used entries that named no request in flight.
+    stray_completions: u64,
+    /// [`Self::wait`] fails when no request completes for this many TSC ticks (0: never).
+    timeout_ticks: u64,
+    /// ... or when a completion stays visible this long without the device's interrupt.
+    grace_ticks: u64,
 }
 
 impl BlockDevice {
@@ -340,11 +377,17 @@ impl BlockDevice {
             event_idx: wanted & F_EVENT_IDX != 0,
             capacity,
             read_only: wanted & F_BLK_RO != 0,
+            flush: wanted & F_BLK_FLUSH != 0,
             headers,
             statuses,
             in_flight: [false; MAX_IN_FLIGHT],
             notifications: 0,
             slot_index: slot,
+            poll_ticks: 0,
+            poll_now: 0,
+            stray_completions: 0,
+            timeout_ticks: 0,
+            grace_ticks: 0,
         };
         if blk.event_idx {
             blk.queue.arm_used_event();
@@ -360,6 +403,45 @@ impl BlockDevice {
         unsafe { write_volatile(self.queue.avail.add(1), bogus) };
         cpu::mfence();
         self.device.write(reg::QUEUE_NOTIFY, 0);
+    }
+
+    /// Maps the device's registers into the user MMIO window ([`crate::user::map_mmio`]), so
+    /// that this driver works from ring 3 (and still from ring 0). Call it in ring 0.
+    pub fn use_from_user_mode(&mut self) -> Result<(), &'static str> {
+        self.device.regs = crate::user::map_mmio(self.device.base)?;
+        Ok(())
+    }
+
+    /// Makes [`Self::wait`] poll the used ring for up to `ticks` TSC ticks before it waits
+    /// for an interrupt (0, the default, polls once). Polling pays in ring 3, which runs
+    /// natively, where an interrupt costs a trip through emulated ring 0; but a vCPU that
+    /// polls takes a host CPU from the device. So the time adapts: a poll that ends without a
+    /// completion halves the next one, a poll that finds one doubles it again, up to `ticks`.
+    pub fn set_poll_ticks(&mut self, ticks: u64) {
+        self.poll_ticks = ticks;
+        self.poll_now = ticks;
+    }
+
+    /// Bounds [`Self::wait`] (by default it waits for as long as it takes): it fails if no
+    /// request completes for `timeout` TSC ticks, and if a completion stays in the used ring
+    /// for `grace` ticks after the driver asked to be interrupted for it without the device's
+    /// interrupt arriving (a lost interrupt: a driver that only halts would hang). While it
+    /// waits it wakes every `grace / 2` ticks (the local APIC timer) to look.
+    pub fn set_time_limits(&mut self, timeout: u64, grace: u64) {
+        self.timeout_ticks = timeout;
+        self.grace_ticks = grace.max(2);
+    }
+
+    /// Whether the device asks for a reset (DEVICE_NEEDS_RESET in its status): its backend
+    /// died, or it found the queue broken. A register read: an exit to the VMM.
+    pub fn needs_reset(&self) -> bool {
+        self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Used entries the device returned for no request in flight: a duplicate completion or
+    /// a buffer this driver never offered.
+    pub fn stray_completions(&self) -> u64 {
+        self.stray_completions
     }
 
     /// Interrupts this device has raised.
@@ -404,10 +486,15 @@ impl BlockDevice {
     }
 
     /// Takes one completed request: (slot, status byte).
+    ///
+    /// A used entry that names no request in flight (a duplicate completion, or a buffer the
+    /// driver never offered) is dropped and counted in [`Self::stray_completions`]; [`Self::wait`]
+    /// fails on it.
     pub fn poll(&mut self) -> Option<(usize, u8)> {
         let (head, _len) = self.queue.pop_used()?;
         let slot = usize::from(head) / 3;
-        if slot >= MAX_IN_FLIGHT {
+        if head % 3 != 0 || slot >= MAX_IN_FLIGHT || !self.in_flight[slot] {
+            self.stray_completions += 1;
             return None;
         }
         self.in_flight[slot] = false;
@@ -416,24 +503,79 @@ impl BlockDevice {
         Some((slot, status))
     }
 
-    /// Waits for one completion (halting until the device interrupts). Fails if the device
-    /// signals that it needs a reset (its backend died, or it found the queue broken).
+    /// Waits for one completion: polls the used ring (see [`Self::set_poll_ticks`]), then
+    /// halts until the device interrupts. Fails if the device signals that it needs a reset
+    /// (its backend died, or it found the queue broken), or if it returned a buffer that was
+    /// not in flight. Works in ring 0 and ring 3.
     pub fn wait(&mut self) -> Result<(usize, u8), &'static str> {
         loop {
+            if self.stray_completions != 0 {
+                return Err("the device completed a request that was not in flight");
+            }
             if let Some(done) = self.poll() {
                 return Ok(done);
             }
+            if self.poll_ticks > 0 {
+                let deadline = crate::rdtsc().saturating_add(self.poll_now);
+                while crate::rdtsc() < deadline {
+                    core::hint::spin_loop();
+                    if let Some(done) = self.poll() {
+                        self.poll_now = self.poll_now.saturating_mul(2).clamp(MIN_POLL_TICKS, self.poll_ticks);
+                        return Ok(done);
+                    }
+                }
+                self.poll_now = (self.poll_now / 2).max(MIN_POLL_TICKS.min(self.poll_ticks));
+            }
+            // Taken before the last look at the ring: an interrupt for a completion that
+            // lands after that look makes the wait below return at once.
+            let seen = cpu::interrupts_handled();
             if self.event_idx {
                 self.queue.arm_used_event();
-                // The device may have used a buffer before it saw the new used_event.
-                if let Some(done) = self.poll() {
-                    return Ok(done);
-                }
             }
-            if self.device.read(reg::STATUS) & STATUS_DEVICE_NEEDS_RESET != 0 {
+            // The device may have used a buffer before it saw the new used_event.
+            if let Some(done) = self.poll() {
+                return Ok(done);
+            }
+            if self.stray_completions != 0 {
+                return Err("the device completed a request that was not in flight");
+            }
+            if self.needs_reset() {
                 return Err("device needs reset");
             }
-            cpu::wait_for_interrupt();
+            if self.timeout_ticks == 0 {
+                cpu::wait_for_interrupt_since(seen);
+            } else {
+                self.wait_bounded(seen)?;
+            }
+        }
+    }
+
+    /// Halts until the device interrupts (then returns), within the limits of
+    /// [`Self::set_time_limits`], waking on the timer to check them.
+    fn wait_bounded(&mut self, mut seen: u64) -> Result<(), &'static str> {
+        let device_interrupts = self.interrupts();
+        let start = crate::rdtsc();
+        let mut unannounced_since = None;
+        loop {
+            cpu::wait_for_interrupt_since_or_timeout(seen, self.grace_ticks / 2);
+            if self.interrupts() != device_interrupts {
+                return Ok(());
+            }
+            // Woken by the timer (or another device): look at the ring and the clock.
+            let now = crate::rdtsc();
+            if self.queue.has_used() {
+                // Announced by an interrupt that is on its way, or by none at all.
+                let since = *unannounced_since.get_or_insert(now);
+                if now - since > self.grace_ticks {
+                    return Err("the device completed a request but raised no interrupt");
+                }
+            } else if now - start > self.timeout_ticks {
+                return Err("no request completed within the time limit");
+            }
+            if self.needs_reset() {
+                return Err("device needs reset");
+            }
+            seen = cpu::interrupts_handled();
         }
     }
 
