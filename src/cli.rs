@@ -367,10 +367,12 @@ where
             return ExitCode::from(exit_status::PASS);
         }
         Err(e) => {
-            // One line, as for every other error.
+            // One line, as for every other error: clap's first paragraph (a list of
+            // missing arguments follows its line), joined.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or_default();
-            eprintln!("{program}: {first} (see --help)");
+            let first: Vec<&str> =
+                rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+            eprintln!("{program}: {} (see --help)", first.join(" "));
             return ExitCode::from(exit_status::SETUP_ERROR);
         }
     };

@@ -335,9 +335,9 @@ impl VmBuilder {
             cmdline: String::new(),
             acpi: None,
         };
+        let loaded = plan.load_images(&ram)?;
         let kvm = KvmVm::new()?;
         kvm.register_memory(&ram)?;
-        let loaded = plan.load_images(&ram)?;
         let vcpus = kvm.create_vcpus(self.vcpus)?;
 
         let control = VmControl::new();
@@ -691,6 +691,16 @@ impl Vm {
     /// Guest RAM, for inspection.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The ACPI tables the guest is given, if the VM has them (see [`VmBuilder::acpi`]).
+    pub fn acpi_tables(&self) -> Option<&AcpiTables> {
+        self.reboot.plan.acpi.as_ref()
+    }
+
+    /// The guest's command line, whole.
+    pub fn cmdline(&self) -> &str {
+        &self.reboot.plan.cmdline
     }
 
     /// When the VM was created.

@@ -131,10 +131,10 @@ impl IrqchipReset {
     /// Masks every IOAPIC pin and both 8259s and drops whatever they had pending, as a
     /// machine reset does (the IOAPIC keeps its ID and address). A guest sets them up
     /// again as it boots; until then no device interrupt reaches a vCPU.
-    pub fn reset(&self) -> Result<(), VmError> {
+    pub fn reset(&self) -> Result<(), kvm_ioctls::Error> {
         for chip in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
             let mut state = kvm_irqchip { chip_id: chip, ..Default::default() };
-            self.vm.get_irqchip(&mut state).map_err(|e| VmError::Setup("read an interrupt controller", e))?;
+            self.vm.get_irqchip(&mut state)?;
             match chip {
                 KVM_IRQCHIP_IOAPIC => {
                     // SAFETY: chip_id says the union holds the IOAPIC's state.
@@ -153,7 +153,7 @@ impl IrqchipReset {
                     pic.last_irr = 0;
                 }
             }
-            self.vm.set_irqchip(&state).map_err(|e| VmError::Setup("reset an interrupt controller", e))?;
+            self.vm.set_irqchip(&state)?;
         }
         Ok(())
     }
@@ -362,6 +362,11 @@ impl StoppedVm {
     /// Why the VM ended (the first report).
     pub fn end(&self) -> &Result<VmEnd, VcpuError> {
         &self.end
+    }
+
+    /// How many vCPUs came back.
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
     }
 
     /// Whether the VM ended with a plain guest reset and nothing else has ended it since
