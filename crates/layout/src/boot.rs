@@ -176,3 +176,74 @@ impl BootPlan {
 pub(crate) fn low_ram_end(ram: &GuestRam) -> u64 {
     ram.regions()[0].size
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use splitvisor_vcpu::loader::LoadedGuest;
+
+    fn hello() -> Vec<u8> {
+        splitvisor_guests::find("hello").expect("the kit's hello").elf.to_vec()
+    }
+
+    fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        ram.memory().read_slice(&mut bytes, GuestAddress(addr)).expect("in RAM");
+        bytes
+    }
+
+    #[test]
+    fn a_reload_clears_what_the_last_boot_left_and_loads_everything_again() {
+        let ram = GuestRam::new(64 << 20).expect("RAM");
+        let initrd: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let plan = BootPlan {
+            kernel: hello(),
+            initrd: Some(initrd.clone()),
+            cmdline: "console=ttyS0 splitvisor.vcpus=1".into(),
+            acpi: None,
+        };
+        let loaded = plan.load_images(&ram).expect("load");
+        let first = plan.write_boot_info(&ram, &loaded).expect("boot info");
+        let LoadedKernel::Pvh(LoadedGuest { end, .. }) = loaded.kernel else { panic!("a PVH ELF") };
+        let image = read(&ram, layout::HIMEM_START, (end - layout::HIMEM_START) as usize);
+        let initrd_at = loaded.initrd.expect("an initrd").addr;
+
+        // What a guest does to memory while it runs: its data, its bss, its initrd, the
+        // low pages where the boot structures were.
+        let dirt = [0xa5u8; 64];
+        for addr in
+            [layout::HIMEM_START + 0x100, end - 64, initrd_at, layout::CMDLINE_START, layout::PVH_INFO_START]
+        {
+            ram.memory().write_slice(&dirt, GuestAddress(addr)).expect("in RAM");
+        }
+        let (again, bsp) = plan.reload(&ram, &loaded).expect("reload");
+        assert_eq!(bsp, first, "the same entry and start info");
+        assert_eq!(again.initrd, loaded.initrd);
+        assert!(read(&ram, layout::HIMEM_START, image.len()) == image, "the kernel image as first loaded");
+        assert_eq!(read(&ram, initrd_at, initrd.len()), initrd);
+        assert_eq!(read(&ram, layout::CMDLINE_START, 14), b"console=ttyS0 ");
+        assert_ne!(read(&ram, layout::PVH_INFO_START, 64), dirt.to_vec(), "hvm_start_info written again");
+    }
+
+    #[test]
+    fn a_file_larger_than_guest_ram_is_refused_before_it_is_read() {
+        let path = std::env::temp_dir().join(format!("splitvisor-boot-image-{}", std::process::id()));
+        std::fs::File::create(&path).and_then(|f| f.set_len(4096)).expect("a file");
+        let image = BootImage::from(path.as_path());
+        assert_eq!(image.read("initrd", 4096).expect("fits").len(), 4096);
+        let error = image.read("initrd", 4095).expect_err("too large").to_string();
+        assert!(error.contains("4096 bytes do not fit in 4095 bytes of guest RAM"), "{error}");
+        std::fs::remove_file(&path).expect("removed");
+        let error = image.read("kernel", 1 << 20).expect_err("gone").to_string();
+        assert!(error.starts_with(&format!("kernel {}: ", path.display())), "{error}");
+        assert_eq!(BootImage::from(&b"abc"[..]).read("kernel", 1).expect("bytes"), b"abc");
+    }
+
+    #[test]
+    fn reboot_actions_parse() {
+        assert_eq!("end".parse(), Ok(OnReboot::End));
+        assert_eq!("restart".parse(), Ok(OnReboot::Restart));
+        assert!("reboot".parse::<OnReboot>().is_err());
+        assert_eq!(OnReboot::Restart.to_string(), "restart");
+    }
+}
