@@ -580,6 +580,8 @@ pub struct Vm {
     // buses (whose devices close their drivers' connections) before the drivers (whose
     // partitions are then killed and reaped).
     vcpus: Vec<Vcpu>,
+    // Holds a duplicate of the VM fd (the interrupt controllers' reset): before the VM.
+    reboot: Reboot,
     kvm: KvmVm,
     ram: GuestRam,
     buses: Buses,
@@ -596,7 +598,6 @@ pub struct Vm {
     sandbox: HypervisorSandbox,
     log: Arc<EventLog>,
     drivers: Vec<Arc<ManagedDriver>>,
-    reboot: Reboot,
     restarts: u32,
 }
 
