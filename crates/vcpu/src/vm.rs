@@ -221,6 +221,8 @@ pub(crate) struct Control {
 /// a guest reset may still restart the VM).
 #[derive(Debug, Default)]
 struct Ends {
+    /// Whether anything ended this run of the vCPUs (`first` is taken by the waiter).
+    reported: bool,
     first: Option<Result<VmEnd, VcpuError>>,
     next: Option<Result<VmEnd, VcpuError>>,
 }
@@ -237,7 +239,8 @@ impl Control {
     /// Records how the VM ended; the first report wins, the second is kept aside.
     fn finish(&self, outcome: Result<VmEnd, VcpuError>) {
         let mut ends = self.ends();
-        if ends.first.is_none() {
+        if !ends.reported {
+            ends.reported = true;
             ends.first = Some(outcome);
         } else if ends.next.is_none() {
             ends.next = Some(outcome);
@@ -394,7 +397,7 @@ impl StoppedVm {
                 drop(ends);
                 return Err(RestartError::Ended(self.into_end()));
             }
-            ends.first = None;
+            ends.reported = false;
             self.control.stopping.store(false, Ordering::Release);
         }
         VmControl { control: self.control }
@@ -517,12 +520,13 @@ impl RunningVm {
     pub fn wait_until(mut self, deadline: Option<Instant>) -> StoppedVm {
         {
             let mut ends = self.control.ends();
-            while ends.first.is_none() {
+            while !ends.reported {
                 match deadline {
                     None => ends = self.control.ended.wait(ends).unwrap_or_else(|e| e.into_inner()),
                     Some(deadline) => {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
+                            ends.reported = true;
                             ends.first = Some(Ok(VmEnd::TimedOut));
                             break;
                         }
@@ -562,5 +566,78 @@ impl RunningVm {
 impl Drop for RunningVm {
     fn drop(&mut self) {
         let _ = self.join_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stopped VM without vCPUs, as `wait_until` leaves it.
+    fn stopped(control: &Arc<Control>) -> StoppedVm {
+        let end = control.ends().first.take().expect("an end");
+        StoppedVm { control: control.clone(), vcpus: Vec::new(), end }
+    }
+
+    #[test]
+    fn a_guest_reset_alone_may_restart() {
+        let control = Arc::new(Control::default());
+        StopHandle { control: control.clone() }.guest_reset();
+        let vm = stopped(&control);
+        assert!(vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::GuestReset)));
+    }
+
+    #[test]
+    fn a_host_stop_after_a_guest_reset_is_not_lost() {
+        // Ctrl-C while the guest's reset is being handled: the VM ends stopped.
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.guest_reset();
+        let vm = stopped(&control);
+        handle.stop();
+        assert!(!vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::Stopped)));
+        // The same when the stop comes before the waiter took the reset.
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.guest_reset();
+        handle.device_fault("disk0", "its partition died");
+        let vm = stopped(&control);
+        assert!(!vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::DeviceFault { .. })));
+    }
+
+    #[test]
+    fn other_ends_never_restart_and_the_first_report_wins() {
+        for end in [
+            |h: &StopHandle| h.power_off(),
+            |h: &StopHandle| h.guest_panic("Kernel panic - not syncing: test"),
+            |h: &StopHandle| h.stop(),
+        ] {
+            let control = Arc::new(Control::default());
+            let handle = StopHandle { control: control.clone() };
+            end(&handle);
+            handle.guest_reset();
+            let vm = stopped(&control);
+            assert!(!vm.restartable());
+            assert!(!matches!(vm.into_end(), Ok(VmEnd::GuestReset)));
+        }
+    }
+
+    #[test]
+    fn a_restart_refused_says_how_the_vm_ended() {
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.power_off();
+        let vm = stopped(&control);
+        let buses = Buses {
+            pio: Arc::new(splitvisor_bus::Bus::new(splitvisor_bus::BusKind::Pio)),
+            mmio: Arc::new(splitvisor_bus::Bus::new(splitvisor_bus::BusKind::Mmio)),
+        };
+        match vm.restart(buses, Arc::new(|_: &Vcpu| Ok(()))) {
+            Err(RestartError::Ended(Ok(VmEnd::PowerOff))) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }
