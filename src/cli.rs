@@ -4,15 +4,33 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use splitvisor_layout::{DiskConfig, DriverProgram, FaultPolicy, Layout, NetConfig, Placement};
+use splitvisor_layout::{DiskConfig, DriverProgram, FaultPolicy, Layout, NetConfig, OnReboot, Placement};
 
-/// Run one of splitvisor's guest programs on KVM.
+/// Run a Linux kernel, or one of splitvisor's own guest programs, on KVM.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct VmArgs {
-    /// The embedded guest program to run (see --list-guests).
-    #[arg(long, default_value = "hello")]
+    /// The embedded guest program to run (see --list-guests), when no --kernel is given.
+    #[arg(long, default_value = "hello", conflicts_with = "kernel")]
     pub guest: String,
+    /// Boot this kernel instead of an embedded guest: a PVH ELF (a Linux vmlinux) or a
+    /// bzImage (vmlinuz), recognised by its headers. The VM then gets ACPI tables (see
+    /// --acpi), and the guest's power-off ends it with status 0.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// An initrd (initramfs) for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// ACPI tables (RSDP, XSDT, FADT, MADT, a DSDT naming every device) and the ACPI power
+    /// device: `on` (default with --kernel) or `off` (default for the embedded guests,
+    /// which find their disks on the command line).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub acpi: Option<bool>,
+    /// What a guest reboot does: `end` the VM (status 0 for a --kernel guest), or
+    /// `restart` it (devices reset, the kernel loaded again, every vCPU reset). A reset
+    /// after a kernel panic always ends the VM, with status 1.
+    #[arg(long, value_name = "end|restart", default_value = "end")]
+    pub on_reboot: OnReboot,
     /// Guest RAM: bytes, or a number with a K, M, G or T suffix (binary units).
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     pub mem: u64,
@@ -33,8 +51,10 @@ pub struct VmArgs {
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub serial_out: Option<PathBuf>,
-    /// Extra guest command line.
-    #[arg(long, default_value = "console=ttyS0")]
+    /// More guest command line, appended to what splitvisor puts there (`console=ttyS0`,
+    /// `virtio_mmio.device=...` per disk when there are no ACPI tables,
+    /// `splitvisor.vcpus=N`).
+    #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Stop the VM after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -132,6 +152,14 @@ fn parse_fault(text: &str) -> Result<(String, String), String> {
     let (device, fault) = device_and(text, ':', "DEVICE:FAULT")?;
     splitvisor_isolation::backend::FaultPlan::parse(&fault)?;
     Ok((device, fault))
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("'{other}' is not on or off")),
+    }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -240,6 +268,39 @@ mod tests {
     }
 
     #[test]
+    fn kernel_arguments_parse() {
+        let args = VmArgs::try_parse_from([
+            "m",
+            "--kernel",
+            "vmlinux",
+            "--initrd",
+            "initrd.cpio",
+            "--cmdline",
+            "panic=-1",
+            "--on-reboot",
+            "restart",
+        ])
+        .unwrap();
+        assert_eq!(args.kernel.as_deref(), Some(std::path::Path::new("vmlinux")));
+        assert_eq!(args.initrd.as_deref(), Some(std::path::Path::new("initrd.cpio")));
+        assert_eq!((args.cmdline.as_str(), args.on_reboot, args.acpi), ("panic=-1", OnReboot::Restart, None));
+        let args = VmArgs::try_parse_from(["m", "--kernel", "k", "--acpi", "off"]).unwrap();
+        assert_eq!(args.acpi, Some(false));
+        assert_eq!(VmArgs::try_parse_from(["m"]).unwrap().on_reboot, OnReboot::End);
+        for bad in [
+            &["--initrd", "i"][..],
+            &["--kernel", "k", "--guest", "hello"],
+            &["--kernel", "k", "--acpi", "maybe"],
+            &["--on-reboot", "sometimes"],
+        ] {
+            assert!(
+                VmArgs::try_parse_from(std::iter::once("m").chain(bad.iter().copied())).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_arguments_are_refused() {
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "-1"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "many"]).is_err());
@@ -249,11 +310,14 @@ mod tests {
     }
 }
 
-/// How the examples end: 0 only if the guest reported success.
+/// How the examples end: 0 only if the guest reported success (an embedded guest) or
+/// ended cleanly (a `--kernel` guest powered off or rebooted).
 pub mod exit_status {
-    /// The guest printed `SPLITVISOR-RESULT: PASS` and powered off.
+    /// An embedded guest printed `SPLITVISOR-RESULT: PASS`; a `--kernel` guest powered
+    /// off or rebooted.
     pub const PASS: u8 = 0;
-    /// The guest reported a failure, ended without a result, or a vCPU failed.
+    /// The guest reported a failure or ended without a result (embedded guests), a
+    /// `--kernel` guest panicked, a driver fault ended the VM, or a vCPU failed.
     pub const GUEST_FAILED: u8 = 1;
     /// Bad arguments or the VM could not be set up (no /dev/kvm, bad sizes, ...).
     pub const SETUP_ERROR: u8 = 2;
@@ -323,10 +387,12 @@ where
             return ExitCode::from(exit_status::PASS);
         }
         Err(e) => {
-            // One line, as for every other error.
+            // One line, as for every other error: clap's first paragraph (a list of
+            // missing arguments follows its line), joined.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or_default();
-            eprintln!("{program}: {first} (see --help)");
+            let first: Vec<&str> =
+                rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+            eprintln!("{program}: {} (see --help)", first.join(" "));
             return ExitCode::from(exit_status::SETUP_ERROR);
         }
     };
@@ -373,10 +439,13 @@ pub enum RunError {
 /// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`,
 /// `--fault-policy`); returns the exit status.
 pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant) -> Result<u8, RunError> {
-    let guest = splitvisor_guests::find(&args.guest).ok_or_else(|| RunError::UnknownGuest {
-        name: args.guest.clone(),
-        available: splitvisor_guests::names().join(", "),
-    })?;
+    let guest = match &args.kernel {
+        Some(_) => None,
+        None => Some(splitvisor_guests::find(&args.guest).ok_or_else(|| RunError::UnknownGuest {
+            name: args.guest.clone(),
+            available: splitvisor_guests::names().join(", "),
+        })?),
+    };
     let console = match &args.serial_out {
         Some(path) => ConsoleOutput::File(path.clone()),
         None => ConsoleOutput::Stdout,
@@ -394,7 +463,17 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
             .ok()
             .map(|path| DriverProgram { path, prefix: vec![DRIVER_SUBCOMMAND.to_string()] })
     });
-    let mut builder = VmBuilder::new(guest.elf).layout(layout);
+    let mut builder = VmBuilder::new(guest.map_or(&[][..], |guest| guest.elf)).layout(layout);
+    if let Some(kernel) = &args.kernel {
+        builder = builder.kernel(kernel.as_path());
+    }
+    if let Some(initrd) = &args.initrd {
+        builder = builder.initrd(initrd.as_path());
+    }
+    if let Some(acpi) = args.acpi {
+        builder = builder.acpi(acpi);
+    }
+    builder = builder.on_reboot(args.on_reboot);
     if let Some(driver) = driver {
         builder = builder.driver(driver);
     }
@@ -443,27 +522,69 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
     if args.stats {
         print_stats(&report);
     }
-    // What the guest reported decides; a driver fault after the guest's result changes
-    // nothing (the guest had finished).
-    Ok(match (&report.guest_result, &report.end) {
+    Ok(match guest {
+        Some(guest) => kit_status(program, guest.name, &report),
+        None => kernel_status(program, &report),
+    })
+}
+
+/// The exit status of an embedded guest: what the guest reported decides; a driver fault
+/// after the guest's result changes nothing (the guest had finished).
+fn kit_status(program: &str, guest: &str, report: &VmReport) -> u8 {
+    match (&report.guest_result, &report.end) {
         (Some(GuestResult::Pass), _) => exit_status::PASS,
         (Some(GuestResult::Fail(why)), _) => {
-            eprintln!("{program}: guest '{}' reported a failure: {why}", args.guest);
+            eprintln!("{program}: guest '{guest}' reported a failure: {why}");
             exit_status::GUEST_FAILED
         }
         (None, VmEnd::Stopped | VmEnd::TimedOut) => {
             eprintln!("{program}: VM {} before the guest reported a result", report.end);
             exit_status::STOPPED
         }
-        (None, VmEnd::GuestReset) => {
-            eprintln!("{program}: guest '{}' reset the VM without reporting a result", args.guest);
+        (None, VmEnd::GuestReset | VmEnd::PowerOff) => {
+            eprintln!("{program}: guest '{guest}' ended the VM without reporting a result");
             exit_status::GUEST_FAILED
         }
-        (None, VmEnd::DeviceFault { .. }) => {
+        (None, VmEnd::GuestPanic { .. } | VmEnd::DeviceFault { .. }) => {
             eprintln!("{program}: the VM ended before the guest reported a result: {}", report.end);
             exit_status::GUEST_FAILED
         }
-    })
+    }
+}
+
+/// The exit status of a `--kernel` guest, which prints no result line: how it ended
+/// decides. Power-off and reboot are the guest's own clean ends (0); a panic, a driver
+/// fault that ends the VM (1) and a host stop (3) are not.
+fn kernel_status(program: &str, report: &VmReport) -> u8 {
+    let restarts = match report.restarts {
+        0 => String::new(),
+        1 => " (after 1 restart)".to_string(),
+        n => format!(" (after {n} restarts)"),
+    };
+    match &report.end {
+        VmEnd::PowerOff => {
+            eprintln!("{program}: the guest powered off{restarts}");
+            exit_status::PASS
+        }
+        VmEnd::GuestReset => {
+            eprintln!(
+                "{program}: the guest rebooted{restarts}; the VM ends (--on-reboot restart boots it again)"
+            );
+            exit_status::PASS
+        }
+        VmEnd::GuestPanic { message } => {
+            eprintln!("{program}: the guest panicked{restarts}: {message}");
+            exit_status::GUEST_FAILED
+        }
+        VmEnd::Stopped | VmEnd::TimedOut => {
+            eprintln!("{program}: VM {}{restarts}", report.end);
+            exit_status::STOPPED
+        }
+        VmEnd::DeviceFault { .. } => {
+            eprintln!("{program}: {}{restarts}", report.end);
+            exit_status::GUEST_FAILED
+        }
+    }
 }
 
 fn print_layout(placements: &[splitvisor_layout::DevicePlacement]) {

@@ -21,6 +21,7 @@
 //! splitvisor-driver net --fd 3 --tap-fd 4 --mac MAC [--mtu N]
 //! splitvisor-driver serial --fd 3 [--irq-fd 4]
 //! splitvisor-driver i8042 --fd 3
+//! splitvisor-driver acpi-power --fd 3
 //! ```
 
 use std::fs::File;
@@ -94,6 +95,8 @@ pub enum DeviceArgs {
     Serial(ProxyArgs),
     /// The i8042 behind the proxy protocol (started by splitvisor).
     I8042(ProxyArgs),
+    /// The ACPI power registers behind the proxy protocol (started by splitvisor).
+    AcpiPower(ProxyArgs),
 }
 
 /// `splitvisor-driver blk`.
@@ -249,6 +252,7 @@ pub fn run(args: DriverArgs) -> Result<(), DriverError> {
         DeviceArgs::Net(net) => run_net(net),
         DeviceArgs::Serial(proxy) => run_proxy("serial", proxy),
         DeviceArgs::I8042(proxy) => run_proxy("i8042", proxy),
+        DeviceArgs::AcpiPower(proxy) => run_proxy("acpi-power", proxy),
     }
 }
 
@@ -445,7 +449,7 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     use splitvisor_devices::i8042::I8042;
     use vmm_sys_util::eventfd::EventFd;
 
-    use crate::proxy::{self, Effects, NoInput, ProxiedSerial};
+    use crate::proxy::{self, Effects, NoInput, ProxiedPower, ProxiedSerial};
 
     // SAFETY: the spawner handed these fds over to this process alone.
     let mut stream = unsafe { UnixStream::from_raw_fd(args.fd) };
@@ -467,6 +471,7 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     let effects = Effects::default();
     let result = match device {
         "serial" => proxy::serve(&mut ProxiedSerial::new(interrupt, &effects), &effects, &mut stream),
+        "acpi-power" => proxy::serve(&mut ProxiedPower::new(&effects), &effects, &mut stream),
         _ => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut stream),
     };
     result.map_err(|e| DriverError::Proxy(e.to_string()))
@@ -508,6 +513,7 @@ mod tests {
         );
         let DeviceArgs::Net(net) = parse("net --fd 3 --tap-fd 4").unwrap().device else { panic!("not net") };
         assert_eq!((net.fd, net.tap_fd), (Some(3), Some(4)));
+        assert!(matches!(parse("acpi-power --fd 3").unwrap().device, DeviceArgs::AcpiPower(_)));
         assert!(parse("blk --disk a.img").is_err());
         assert!(parse("blk --socket").is_err());
         assert!(parse("blk --socket s --disk a.img --inject-fault explode=3").is_err());

@@ -114,7 +114,8 @@ fn the_wrong_kind_of_answer_is_dropped() {
     let (mut proxy, reason, _t) = proxy_against(|mut s| {
         let seq = read_request(&mut s).unwrap();
         let _ = s.write_all(
-            &Response::Done { accepted: 0, output: vec![], reset: false, state: vec![] }.encode(seq),
+            &Response::Done { accepted: 0, output: vec![], reset: false, power_off: false, state: vec![] }
+                .encode(seq),
         );
     });
     assert_dropped(&mut proxy, &reason, "answered a read");

@@ -10,11 +10,15 @@ use splitvisor_guests::GuestResult;
 /// Longest console line kept while looking for the result line; longer lines are cut.
 const MAX_LINE: usize = 4096;
 
+/// What Linux prints when it panics (`panic()`: "Kernel panic - not syncing: <why>").
+pub const LINUX_PANIC_MARKER: &str = "Kernel panic - not syncing";
+
 /// What the console has shown so far. Shared between the UART's writer and the VM owner.
 #[derive(Debug, Default)]
 pub struct ConsoleState {
     first_output: OnceLock<Instant>,
     result: Mutex<Option<GuestResult>>,
+    panic: OnceLock<String>,
     line: Mutex<Vec<u8>>,
 }
 
@@ -29,6 +33,12 @@ impl ConsoleState {
         self.result.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The guest's first kernel panic line, from the marker on (at most a console
+    /// line), if it printed one.
+    pub fn panic(&self) -> Option<String> {
+        self.panic.get().cloned()
+    }
+
     fn observe(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -40,6 +50,9 @@ impl ConsoleState {
                 let text = String::from_utf8_lossy(&line);
                 if let Some(result) = GuestResult::parse_line(&text) {
                     self.result.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(result);
+                }
+                if let Some(at) = text.find(LINUX_PANIC_MARKER) {
+                    let _ = self.panic.set(text[at..].trim_end().to_string());
                 }
                 line.clear();
             } else if line.len() < MAX_LINE {
@@ -119,6 +132,24 @@ mod tests {
         assert_eq!(state.result(), None);
         tap.write_all(b"ULT: PASS\nSPLITVISOR-RESULT: FAIL late\n").unwrap();
         assert_eq!(state.result(), Some(GuestResult::Pass));
+    }
+
+    #[test]
+    fn finds_the_first_kernel_panic_line() {
+        let state = Arc::new(ConsoleState::default());
+        let mut tap = ConsoleTap::new(Box::new(io::sink()), state.clone());
+        tap.write_all(b"[    1.0] Run /init as init process\n").unwrap();
+        assert_eq!(state.panic(), None);
+        tap.write_all(
+            b"[   40.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n",
+        )
+        .unwrap();
+        tap.write_all(b"[   40.2] Kernel panic - not syncing: a second one\n").unwrap();
+        assert_eq!(
+            state.panic().as_deref(),
+            Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+        );
+        assert_eq!(state.result(), None, "a panic is no guest-kit result");
     }
 
     #[test]

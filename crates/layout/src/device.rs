@@ -9,17 +9,21 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use splitvisor_bus::{Bus, BusRange, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice};
+use splitvisor_bus::{
+    Bus, BusDevice, BusRange, EventFdInterrupt, Interrupt, ResourceAllocator, SharedDevice,
+};
+use splitvisor_devices::acpi::{self as power, AcpiPower};
 use splitvisor_devices::fault::{FaultPlan, InjectInThread};
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
 use splitvisor_devices::virtio::block::{Block, DiskImage};
-use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice};
+use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice, reg};
 use splitvisor_isolation::driver::default_serial;
 use splitvisor_isolation::frontend::{DeviceShape, FrontendError, Handshake, VhostUserVirtio};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
 use splitvisor_isolation::proxy::{InputSink, ProxyDevice, ProxyLink};
 use splitvisor_memory::GuestRam;
+use splitvisor_vcpu::acpi::{AcpiDevice, AcpiPlatform, AcpiPowerRegisters, AcpiResource, HID_VIRTIO_MMIO};
 use splitvisor_vcpu::{KvmVm, StopHandle};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -162,8 +166,14 @@ pub(crate) struct Assembly<'a> {
     pub allocator: &'a mut ResourceAllocator,
     pub layout: &'a Layout,
     pub driver: Option<DriverProgram>,
-    /// What the guest's command line gets appended (virtio-mmio announcements).
+    /// What the guest's command line gets appended (virtio-mmio announcements), used
+    /// only by a VM without ACPI tables.
     pub cmdline: &'a mut String,
+    /// The platform the ACPI tables describe: each device adds itself
+    /// ([`Assembly::describe`]); used only by a VM with ACPI tables.
+    pub acpi: &'a mut AcpiPlatform,
+    /// What a restart of the VM does to the devices, besides what the guest does itself.
+    pub resets: &'a mut Vec<DeviceReset>,
     pub stop: StopHandle,
     pub log: Arc<EventLog>,
     /// Faults to inject, by device.
@@ -212,8 +222,16 @@ impl Assembly<'_> {
         Ok(VirtioSlot { base, irq, line })
     }
 
+    /// Adds a device to the ACPI tables' DSDT: its hardware ID, registers and interrupt.
+    /// Its `_UID` tells it from the devices of the same ID described before it.
+    fn describe(&mut self, hid: &str, resource: AcpiResource, irq: Option<u32>) {
+        let uid = self.acpi.devices.iter().filter(|d| d.hid == hid).count() as u32;
+        self.acpi.devices.push(AcpiDevice { hid: hid.to_string(), uid, resource, irq });
+    }
+
     /// Puts a virtio-mmio transport on the bus with its doorbells as ioeventfds, and
-    /// announces it on the command line.
+    /// announces it: on the command line and in the DSDT (the VM uses one or the other).
+    /// A restart of the VM resets it, as the guest's write of 0 to its status does.
     pub(crate) fn add_virtio<D: VirtioDevice + 'static>(
         &mut self,
         slot: &VirtioSlot,
@@ -226,13 +244,25 @@ impl Assembly<'_> {
                 self.kvm.register_mmio_ioeventfd(eventfd, slot.base + QUEUE_NOTIFY_OFFSET, queue)?;
             }
         }
-        self.mmio.insert(BusRange::new(slot.base, MMIO_REGION_SIZE)?, name, transport)?;
+        self.mmio.insert(BusRange::new(slot.base, MMIO_REGION_SIZE)?, name, transport.clone())?;
         self.cmdline
             .push_str(&format!(" virtio_mmio.device={}@{:#x}:{}", MMIO_REGION_SIZE, slot.base, slot.irq));
+        self.describe(
+            HID_VIRTIO_MMIO,
+            AcpiResource::Mmio { base: slot.base, len: MMIO_REGION_SIZE },
+            Some(slot.irq),
+        );
+        // Stops the device's DMA into memory the next boot will own.
+        self.resets.push(Box::new(move || {
+            transport.lock().unwrap_or_else(|e| e.into_inner()).write(reg::STATUS, &0u32.to_le_bytes())
+        }));
         log::debug!("{name} at {:#x}, irq {}", slot.base, slot.irq);
         Ok(())
     }
 }
+
+/// Puts a device back in its power-on state when the VM restarts.
+pub(crate) type DeviceReset = Box<dyn Fn() + Send + Sync>;
 
 /// Where a virtio-mmio device sits.
 pub(crate) struct VirtioSlot {
@@ -279,6 +309,11 @@ impl DeviceRecipe for ConsoleRecipe {
         let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
         vm.kvm.register_irqfd(line.irqfd(), COM1_IRQ)?;
         let range = BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?;
+        vm.describe(
+            splitvisor_vcpu::acpi::HID_SERIAL_16550,
+            AcpiResource::Pio { base: COM1_PORT as u16, len: SERIAL_PORT_COUNT as u16 },
+            Some(COM1_IRQ),
+        );
         match placement {
             Placement::InHypervisor => {
                 let serial = Arc::new(Mutex::new(Serial::new(line, self.output)));
@@ -312,6 +347,8 @@ impl DeviceRecipe for I8042Recipe {
 
     fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
         let range = BusRange::new(I8042_PORT, I8042_PORT_COUNT)?;
+        // The FADT says there is one: its reset line is the guest's fallback reboot path.
+        vm.acpi.i8042 = true;
         match placement {
             Placement::InHypervisor => {
                 vm.pio.insert(range, "i8042", Arc::new(Mutex::new(I8042::new(self.reset))))?;
@@ -344,15 +381,83 @@ fn proxied(
     output: Box<dyn Write + Send>,
     reset: Option<Arc<dyn Interrupt>>,
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
+    proxied_with(vm, device, device_kind, kind, irqfd, output, reset, |proxy| proxy)
+}
+
+/// [`proxied`], with `adapt` finishing the proxy (more request lines).
+#[allow(clippy::too_many_arguments)]
+fn proxied_with(
+    vm: &Assembly<'_>,
+    device: &str,
+    device_kind: &'static str,
+    kind: &'static str,
+    irqfd: Option<EventFd>,
+    output: Box<dyn Write + Send>,
+    reset: Option<Arc<dyn Interrupt>>,
+    adapt: impl FnOnce(ProxyDevice) -> ProxyDevice,
+) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
     let driver = vm.driver(device)?;
     let (partition, stream) = Partition::spawn_proxy(&driver, kind, irqfd.as_ref())?;
     let link = ProxyLink::new().map_err(Error::EventFd)?;
-    let proxy = ProxyDevice::new(device, stream, output, reset, None)
-        .map_err(Error::EventFd)?
+    let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None).map_err(Error::EventFd)?)
         .with_link(link.clone());
     let slot = ProxySlot::new(link, driver, kind, irqfd, partition, vm.layout.standby());
     let managed = vm.manage(device, device_kind, Placement::Partition, Box::new(slot));
     Ok((Arc::new(Mutex::new(proxy)), managed))
+}
+
+/// The ACPI power registers (sleep control, sleep status, reset) of a hardware-reduced
+/// platform: how an ACPI guest powers off and reboots. Only in a VM with ACPI tables.
+pub(crate) struct PowerRecipe {
+    /// Raised by the guest's S5.
+    pub power_off: Arc<dyn Interrupt>,
+    /// Raised by the guest's write of the reset value.
+    pub reset: Arc<dyn Interrupt>,
+}
+
+impl DeviceRecipe for PowerRecipe {
+    fn name(&self) -> String {
+        "power".into()
+    }
+
+    fn kind(&self) -> &'static str {
+        "acpi-power"
+    }
+
+    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+        let range = BusRange::new(power::ACPI_POWER_PORT, power::ACPI_POWER_PORT_COUNT)?;
+        let port = |offset: u64| (power::ACPI_POWER_PORT + offset) as u16;
+        vm.acpi.power = Some(AcpiPowerRegisters {
+            sleep_control_port: port(power::SLEEP_CONTROL_OFFSET),
+            sleep_status_port: port(power::SLEEP_STATUS_OFFSET),
+            reset_port: port(power::RESET_OFFSET),
+            reset_value: power::RESET_VALUE,
+            s5_sleep_type: power::S5_SLEEP_TYPE,
+        });
+        match placement {
+            Placement::InHypervisor => {
+                let device = AcpiPower::new(self.power_off, self.reset);
+                vm.pio.insert(range, "power (acpi)", Arc::new(Mutex::new(device)))?;
+                Ok(Placed { note: None, driver: None, input: None })
+            }
+            Placement::Partition => {
+                let (name, kind) = (self.name(), self.kind());
+                let power_off = self.power_off;
+                let (proxy, driver) = proxied_with(
+                    vm,
+                    &name,
+                    kind,
+                    "acpi-power",
+                    None,
+                    Box::new(io::sink()),
+                    Some(self.reset),
+                    |proxy| proxy.with_power_off(power_off),
+                )?;
+                vm.pio.insert(range, "power (acpi, partition)", proxy)?;
+                Ok(Placed { note: None, driver: Some(driver), input: None })
+            }
+        }
+    }
 }
 
 /// A virtio-blk disk.

@@ -34,6 +34,7 @@
 //! ```
 
 pub mod api;
+mod boot;
 pub mod console;
 mod device;
 mod drivers;
@@ -43,6 +44,7 @@ mod net;
 mod placement;
 mod vm;
 
+pub use boot::{BootImage, OnReboot};
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
 pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
@@ -67,6 +69,22 @@ pub enum Error {
     /// Loading the guest program failed.
     #[error(transparent)]
     Load(#[from] LoaderError),
+    /// A kernel or initrd file cannot be used.
+    #[error("{what} {path}: {why}")]
+    BootFile {
+        /// `kernel` or `initrd`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The ACPI tables cannot describe the VM.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] splitvisor_vcpu::acpi::AcpiError),
+    /// The VM could not be booted again after the guest rebooted.
+    #[error("cannot restart the VM: {0}")]
+    Restart(String),
     /// Writing the boot page tables failed.
     #[error(transparent)]
     BootTables(#[from] splitvisor_vcpu::boot::BootTablesError),

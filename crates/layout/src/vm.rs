@@ -15,17 +15,21 @@ use splitvisor_isolation::proxy::InputSink;
 use splitvisor_isolation::sandbox::hypervisor::HypervisorSandbox;
 use splitvisor_isolation::supervisor::{Supervised, Supervisor};
 use splitvisor_memory::{GuestRam, layout};
-use splitvisor_vcpu::boot::{self, BootState};
-use splitvisor_vcpu::loader::{self, LoadedGuest};
+use splitvisor_vcpu::acpi::{AcpiPlatform, AcpiTables};
+use splitvisor_vcpu::boot::BootState;
 use splitvisor_vcpu::stats::VcpuStats;
-use splitvisor_vcpu::{Buses, KvmVm, StopHandle, Vcpu, VmControl, VmEnd, VmError};
+use splitvisor_vcpu::{
+    Buses, IrqchipReset, KvmVm, RestartError, StopHandle, Vcpu, VcpuSetup, VmControl, VmEnd, VmError,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
 use crate::api::ApiListener;
+use crate::boot::{BootImage, BootPlan, Loaded, OnReboot};
 use crate::console::{ConsoleState, ConsoleTap};
 use crate::device::{
-    Assembly, ConsoleRecipe, DeviceRecipe, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
+    Assembly, ConsoleRecipe, DeviceRecipe, DeviceReset, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
+    PowerRecipe,
 };
 use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
@@ -63,9 +67,16 @@ impl std::fmt::Debug for ConsoleOutput {
     }
 }
 
+/// The console the VMM names on every guest's command line.
+const CONSOLE_CMDLINE: &str = "console=ttyS0";
+
 /// Describes a VM; [`VmBuilder::build`] makes it.
 pub struct VmBuilder {
     elf: Vec<u8>,
+    kernel: Option<BootImage>,
+    initrd: Option<BootImage>,
+    acpi: Option<bool>,
+    on_reboot: OnReboot,
     memory: u64,
     vcpus: u32,
     cmdline: String,
@@ -85,13 +96,19 @@ pub struct VmBuilder {
 }
 
 impl VmBuilder {
-    /// A VM that boots the PVH ELF `elf`: 128 MiB, one vCPU, console to stdout.
+    /// A VM that boots the PVH ELF `elf` (one of the guest kit's programs): 128 MiB, one
+    /// vCPU, console to stdout, no ACPI tables (the kit finds its disks on the command
+    /// line). See [`kernel`](Self::kernel) for a Linux guest.
     pub fn new(elf: &[u8]) -> Self {
         Self {
             elf: elf.to_vec(),
+            kernel: None,
+            initrd: None,
+            acpi: None,
+            on_reboot: OnReboot::End,
             memory: 128 << 20,
             vcpus: 1,
-            cmdline: "console=ttyS0".to_string(),
+            cmdline: String::new(),
             console: ConsoleOutput::Stdout,
             console_input: false,
             timeout: None,
@@ -106,6 +123,56 @@ impl VmBuilder {
             #[cfg(feature = "test-hooks")]
             partition_attempt: None,
         }
+    }
+
+    /// A VM that boots `kernel` instead of the ELF given to [`new`](Self::new): a PVH ELF
+    /// (a Linux `vmlinux`, any kernel with a `XEN_ELFNOTE_PHYS32_ENTRY` note) or a bzImage
+    /// (the Linux x86 boot protocol 2.12+, started at its 64-bit entry), recognised by its
+    /// headers. Such a VM gets ACPI tables unless [`acpi`](Self::acpi) says otherwise.
+    ///
+    /// ```no_run
+    /// use splitvisor_layout::{DiskConfig, VmBuilder};
+    ///
+    /// let vm = VmBuilder::new(&[])
+    ///     .kernel(std::path::Path::new("vmlinux"))
+    ///     .initrd(std::path::Path::new("initramfs.cpio"))
+    ///     .cmdline("panic=-1")
+    ///     .disk(DiskConfig::image("disk.img"))
+    ///     .memory(256 << 20)
+    ///     .build()?;
+    /// let report = vm.run()?; // VmEnd::PowerOff once the guest runs `poweroff`
+    /// # Ok::<(), splitvisor_layout::Error>(())
+    /// ```
+    pub fn kernel(mut self, kernel: impl Into<BootImage>) -> Self {
+        self.kernel = Some(kernel.into());
+        self
+    }
+
+    /// An initrd (initramfs) for the kernel: put at the top of low RAM below what the
+    /// kernel can reach, and named in `boot_params` or as the PVH start info's module.
+    pub fn initrd(mut self, initrd: impl Into<BootImage>) -> Self {
+        self.initrd = Some(initrd.into());
+        self
+    }
+
+    /// Whether the VM gets ACPI tables (RSDP, XSDT, FADT, MADT and a DSDT listing every
+    /// device) and the ACPI power device. With them, virtio-mmio devices are announced in
+    /// the DSDT only; without them, on the command line (`virtio_mmio.device=`). Default:
+    /// on for a [`kernel`](Self::kernel), off for the guest kit's programs.
+    pub fn acpi(mut self, enabled: bool) -> Self {
+        self.acpi = Some(enabled);
+        self
+    }
+
+    /// What happens when the guest resets the machine (default: [`OnReboot::End`]).
+    pub fn on_reboot(mut self, action: OnReboot) -> Self {
+        self.on_reboot = action;
+        self
+    }
+
+    /// Whether the VM gets ACPI tables, as [`acpi`](Self::acpi) and the guest decide.
+    fn acpi_enabled(&self) -> bool {
+        self.acpi.unwrap_or(self.kernel.is_some())
     }
 
     /// Where each device runs, and what happens when its driver fails (default:
@@ -155,7 +222,8 @@ impl VmBuilder {
         self
     }
 
-    /// Adds a virtio-blk disk (virtio-mmio; announced on the command line).
+    /// Adds a virtio-blk disk (virtio-mmio; announced in the DSDT, or on the command line
+    /// without ACPI).
     pub fn disk(mut self, disk: DiskConfig) -> Self {
         self.disks.push(disk);
         self
@@ -179,7 +247,9 @@ impl VmBuilder {
         self
     }
 
-    /// The guest command line (splitvisor appends `splitvisor.vcpus=N`).
+    /// More guest command line, appended to what splitvisor puts there: `console=ttyS0`,
+    /// without ACPI a `virtio_mmio.device=SIZE@ADDR:IRQ` per virtio device, and
+    /// `splitvisor.vcpus=N`.
     pub fn cmdline(mut self, cmdline: &str) -> Self {
         self.cmdline = cmdline.to_string();
         self
@@ -220,9 +290,13 @@ impl VmBuilder {
         &self,
         output: Box<dyn Write + Send>,
         reset: Arc<dyn Interrupt>,
+        power_off: Arc<dyn Interrupt>,
     ) -> Vec<Box<dyn DeviceRecipe>> {
         let mut recipes: Vec<Box<dyn DeviceRecipe>> =
-            vec![Box::new(ConsoleRecipe { output }), Box::new(I8042Recipe { reset })];
+            vec![Box::new(ConsoleRecipe { output }), Box::new(I8042Recipe { reset: reset.clone() })];
+        if self.acpi_enabled() {
+            recipes.push(Box::new(PowerRecipe { power_off, reset }));
+        }
         for (index, config) in self.disks.iter().enumerate() {
             recipes.push(Box::new(DiskRecipe { index, config: config.clone() }));
         }
@@ -235,6 +309,9 @@ impl VmBuilder {
     /// The names of this VM's devices.
     pub fn device_names(&self) -> Vec<String> {
         let mut names = vec!["com1".to_string(), "i8042".to_string()];
+        if self.acpi_enabled() {
+            names.push("power".to_string());
+        }
         names.extend((0..self.disks.len()).map(|index| format!("disk{index}")));
         names.extend((0..self.nics.len()).map(|index| format!("net{index}")));
         names
@@ -260,13 +337,20 @@ impl VmBuilder {
             self = self.mmio_device(range, "test-forbidden-call", device);
         }
         let ram = GuestRam::new(self.memory)?;
+        // The images are read and checked (format, size, room in RAM) before KVM is
+        // opened or any partition started.
+        let mut plan = BootPlan {
+            kernel: match &self.kernel {
+                Some(kernel) => kernel.read("kernel", ram.size())?,
+                None => self.elf.clone(),
+            },
+            initrd: self.initrd.as_ref().map(|initrd| initrd.read("initrd", ram.size())).transpose()?,
+            cmdline: String::new(),
+            acpi: None,
+        };
+        let loaded = plan.load_images(&ram)?;
         let kvm = KvmVm::new()?;
         kvm.register_memory(&ram)?;
-        let mem = ram.memory();
-        let low_ram_end = ram.regions()[0].size;
-
-        let guest = loader::load_pvh_elf(mem, &self.elf, low_ram_end)?;
-        boot::write_long_mode_tables(mem)?;
         let vcpus = kvm.create_vcpus(self.vcpus)?;
 
         let control = VmControl::new();
@@ -285,8 +369,10 @@ impl VmBuilder {
             _ => output,
         };
         let console_tap = Box::new(ConsoleTap::new(output, console.clone()));
-        let reset_line: Arc<dyn Interrupt> = Arc::new(ResetLine(control.stop_handle()));
-        let recipes = this.recipes(console_tap, reset_line);
+        let reset_line: Arc<dyn Interrupt> =
+            Arc::new(ResetLine { stop: control.stop_handle(), console: console.clone() });
+        let power_off_line: Arc<dyn Interrupt> = Arc::new(PowerOffLine(control.stop_handle()));
+        let recipes = this.recipes(console_tap, reset_line, power_off_line);
         let needs_driver = recipes.iter().any(|r| this.layout.placement(&r.name()) == Placement::Partition);
         let driver = this.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
 
@@ -312,7 +398,10 @@ impl VmBuilder {
             }
         }
         let log = EventLog::new();
-        let mut cmdline = this.cmdline.clone();
+        let acpi = this.acpi_enabled();
+        let mut announced = String::new();
+        let mut platform = AcpiPlatform { vcpus: this.vcpus, i8042: false, ..AcpiPlatform::default() };
+        let mut resets: Vec<DeviceReset> = Vec::new();
         let mut placements = Vec::new();
         let mut drivers = Vec::new();
         let mut console_input: Option<Arc<Mutex<dyn InputSink>>> = None;
@@ -325,7 +414,9 @@ impl VmBuilder {
                 allocator: &mut allocator,
                 layout: &this.layout,
                 driver,
-                cmdline: &mut cmdline,
+                cmdline: &mut announced,
+                acpi: &mut platform,
+                resets: &mut resets,
                 stop: control.stop_handle(),
                 log: log.clone(),
                 faults: &this.faults,
@@ -357,9 +448,22 @@ impl VmBuilder {
             }
         }
 
-        let cmdline = format!("{cmdline} splitvisor.vcpus={}", this.vcpus).trim().to_string();
-        let start_info = loader::write_pvh_start_info(mem, &cmdline, &ram.e820())?;
-        configure_vcpus(&kvm, &vcpus, &guest, start_info)?;
+        // What the VMM puts first, then what the user gave (which may end with `-- ARGS`
+        // for init).
+        let announced = if acpi { "" } else { announced.as_str() };
+        plan.cmdline =
+            format!("{CONSOLE_CMDLINE}{announced} splitvisor.vcpus={} {}", this.vcpus, this.cmdline)
+                .trim()
+                .to_string();
+        if acpi {
+            plan.acpi = Some(AcpiTables::build(&platform)?);
+        }
+        let bsp = plan.write_boot_info(&ram, &loaded)?;
+        let states = boot_states(&loaded, bsp, this.vcpus)?;
+        for (vcpu, state) in vcpus.iter().zip(&states) {
+            vcpu.configure(kvm.supported_cpuid(), state.as_ref())?;
+        }
+        let reboot = Reboot { plan, loaded, irqchip: kvm.irqchip_reset()?, resets, action: this.on_reboot };
 
         let tsc_khz = vcpus[0].tsc_khz().ok();
         let vcpu_stats = vcpus.iter().filter_map(Vcpu::stats).collect();
@@ -384,40 +488,101 @@ impl VmBuilder {
             sandbox: this.sandbox,
             log,
             drivers,
+            reboot,
+            restarts: 0,
         })
     }
 }
 
-/// The bootstrap processor starts at the PVH entry; application processors start in long
-/// mode at the guest's AP entry if it has one, or wait for the guest's INIT/SIPI.
-fn configure_vcpus(kvm: &KvmVm, vcpus: &[Vcpu], guest: &LoadedGuest, start_info: u64) -> Result<(), Error> {
-    let aps = vcpus.len() as u64 - 1;
-    if guest.ap_entry.is_some() && aps > layout::MAX_AP_STACKS {
-        return Err(Error::TooManyApStacks { requested: vcpus.len() as u32, max: layout::MAX_AP_STACKS + 1 });
+/// How each vCPU starts: the bootstrap processor as the kernel's format says;
+/// application processors in long mode at the guest's AP entry if it has one (the guest
+/// kit), or waiting for the guest's INIT/SIPI (Linux).
+fn boot_states(loaded: &Loaded, bsp: BootState, vcpus: u32) -> Result<Vec<Option<BootState>>, Error> {
+    let ap_entry = loaded.kernel.ap_entry();
+    if ap_entry.is_some() && u64::from(vcpus) - 1 > layout::MAX_AP_STACKS {
+        return Err(Error::TooManyApStacks { requested: vcpus, max: layout::MAX_AP_STACKS + 1 });
     }
-    for vcpu in vcpus {
-        let index = u64::from(vcpu.index());
-        let state = if index == 0 {
-            Some(BootState::Pvh { entry: guest.pvh_entry, start_info })
-        } else {
-            guest.ap_entry.map(|entry| BootState::LongMode {
+    Ok((0..u64::from(vcpus))
+        .map(|index| match index {
+            0 => Some(bsp),
+            _ => ap_entry.map(|entry| BootState::LongMode {
                 entry,
                 stack_top: layout::AP_STACKS_TOP - (index - 1) * layout::AP_STACK_SIZE,
                 arg: index,
-            })
-        };
-        vcpu.configure(kvm.supported_cpuid(), state.as_ref())?;
-    }
-    Ok(())
+            }),
+        })
+        .collect())
 }
 
-/// The i8042's CPU reset line: the guest asks to end the VM.
-struct ResetLine(StopHandle);
+/// What a restart of the VM needs: the boot plan, what the last boot loaded, the
+/// interrupt controllers' reset and the devices' resets.
+struct Reboot {
+    plan: BootPlan,
+    loaded: Loaded,
+    irqchip: IrqchipReset,
+    resets: Vec<DeviceReset>,
+    action: OnReboot,
+}
+
+impl Reboot {
+    /// Puts the platform back to its power-on state while every vCPU is stopped: the
+    /// devices reset (no DMA into memory the new boot owns), the kernel, initrd and boot
+    /// structures loaded again. Returns what each vCPU thread does before it runs again:
+    /// vCPU 0 resets the interrupt controllers, each vCPU resets itself to its boot
+    /// state. (The 8250 and the i8042 keep their registers: they hold no memory address
+    /// and a booting guest programs them.)
+    fn prepare(&mut self, ram: &GuestRam, vcpus: u32) -> Result<VcpuSetup, Error> {
+        for reset in &self.resets {
+            reset();
+        }
+        let (loaded, bsp) = self.plan.reload(ram, &self.loaded)?;
+        let states = boot_states(&loaded, bsp, vcpus)?;
+        self.loaded = loaded;
+        let irqchip = self.irqchip.clone();
+        Ok(Arc::new(move |vcpu: &Vcpu| {
+            if vcpu.index() == 0 {
+                irqchip.reset().map_err(|source| splitvisor_vcpu::VcpuError::Setup {
+                    vcpu: 0,
+                    what: "reset the interrupt controllers",
+                    source,
+                })?;
+            }
+            let state = states.get(vcpu.index() as usize).copied().flatten();
+            vcpu.reset(state.as_ref())
+        }))
+    }
+}
+
+/// The CPU reset line of the i8042 and of the ACPI reset register: the guest reboots, or
+/// ends its run after a panic (the console has shown the kernel's panic line).
+struct ResetLine {
+    stop: StopHandle,
+    console: Arc<ConsoleState>,
+}
 
 impl Interrupt for ResetLine {
     fn trigger(&self) -> io::Result<()> {
-        log::debug!("guest reset through the i8042");
-        self.0.guest_reset();
+        match self.console.panic() {
+            Some(message) => {
+                log::debug!("guest reset after a panic: {message}");
+                self.stop.guest_panic(&message);
+            }
+            None => {
+                log::debug!("guest reset");
+                self.stop.guest_reset();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ACPI power device's S5: the guest powers off.
+struct PowerOffLine(StopHandle);
+
+impl Interrupt for PowerOffLine {
+    fn trigger(&self) -> io::Result<()> {
+        log::debug!("guest power-off (ACPI S5)");
+        self.0.power_off();
         Ok(())
     }
 }
@@ -428,6 +593,8 @@ pub struct Vm {
     // buses (whose devices close their drivers' connections) before the drivers (whose
     // partitions are then killed and reaped).
     vcpus: Vec<Vcpu>,
+    // Holds a duplicate of the VM fd (the interrupt controllers' reset): before the VM.
+    reboot: Reboot,
     kvm: KvmVm,
     ram: GuestRam,
     buses: Buses,
@@ -444,6 +611,7 @@ pub struct Vm {
     sandbox: HypervisorSandbox,
     log: Arc<EventLog>,
     drivers: Vec<Arc<ManagedDriver>>,
+    restarts: u32,
 }
 
 impl std::fmt::Debug for Vm {
@@ -499,6 +667,8 @@ pub struct VmReport {
     pub device_events: Vec<DeviceEvent>,
     /// Each supervised driver at the end: restarts, health.
     pub drivers: Vec<DriverStatus>,
+    /// How often the guest rebooted and the VM booted it again ([`OnReboot::Restart`]).
+    pub restarts: u32,
 }
 
 /// The KVM statistics a report sums over the vCPUs.
@@ -537,6 +707,16 @@ impl Vm {
         &self.ram
     }
 
+    /// The ACPI tables the guest is given, if the VM has them (see [`VmBuilder::acpi`]).
+    pub fn acpi_tables(&self) -> Option<&AcpiTables> {
+        self.reboot.plan.acpi.as_ref()
+    }
+
+    /// The guest's command line, whole.
+    pub fn cmdline(&self) -> &str {
+        &self.reboot.plan.cmdline
+    }
+
     /// When the VM was created.
     pub fn created(&self) -> Instant {
         self.created
@@ -560,7 +740,8 @@ impl Vm {
         hypervisor_sandbox::before_vcpus(&self.sandbox)?;
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
-        let running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
+        let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         let input = match (&self.console_device, self.console_input) {
             (Some(device), true) => Some(ConsoleInput::start(device.clone())?),
             _ => None,
@@ -572,12 +753,38 @@ impl Vm {
             let _ = running.wait(None);
             return Err(e.into());
         }
-        let end = running.wait(self.timeout);
+        let mut restart_error = None;
+        let end = loop {
+            let stopped = running.wait_until(deadline);
+            if self.reboot.action != OnReboot::Restart || !stopped.restartable() {
+                break stopped.into_end();
+            }
+            log::info!("the guest rebooted: restarting the VM (restart {})", self.restarts + 1);
+            let setup = match self.reboot.prepare(&self.ram, stopped.vcpu_count()) {
+                Ok(setup) => setup,
+                Err(e) => {
+                    restart_error = Some(e);
+                    break stopped.into_end();
+                }
+            };
+            running = match stopped.restart(self.buses.clone(), setup) {
+                Ok(running) => running,
+                Err(RestartError::Ended(end)) => break end,
+                Err(RestartError::Vm(e)) => {
+                    restart_error = Some(e.into());
+                    break Ok(VmEnd::Stopped);
+                }
+            };
+            self.restarts += 1;
+        };
         let ended = Instant::now();
         drop(api);
         drop(supervisor);
         if let Some(input) = input {
             input.stop();
+        }
+        if let Some(e) = restart_error {
+            return Err(e);
         }
         let end = end?;
         let exits = stop_handle.exit_counts();
@@ -601,6 +808,7 @@ impl Vm {
             placements: self.placements.clone(),
             device_events: self.log.all(),
             drivers: self.drivers(),
+            restarts: self.restarts,
             kvm_exits: KVM_EXIT_STATS
                 .iter()
                 .filter(|name| {

@@ -38,7 +38,10 @@ mod vm;
 use std::fmt;
 
 pub use vcpu::{Buses, Vcpu};
-pub use vm::{ExitCounts, KvmVm, RunningVm, StopHandle, VmControl, VmEnd};
+pub use vm::{
+    ExitCounts, IrqchipReset, KvmVm, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup, VmControl,
+    VmEnd,
+};
 
 /// Errors creating and setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,9 @@ pub enum VmError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU could not be read or set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
     /// A vCPU thread could not be started.
     #[error("cannot start the thread of vCPU {vcpu}: {source}")]
     SpawnVcpuThread {
@@ -233,6 +239,12 @@ pub enum VcpuError {
     /// The vCPU thread panicked.
     #[error("vCPU {vcpu}: its thread panicked")]
     Panicked {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The other vCPUs did not finish their set-up (a restart's reset) in time.
+    #[error("vCPU {vcpu}: the other vCPUs were not set up in time")]
+    SetupTimeout {
         /// The vCPU.
         vcpu: u32,
     },

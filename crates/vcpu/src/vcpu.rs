@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use kvm_bindings::{
-    CpuId, KVM_EXIT_IO_IN, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_run,
+    CpuId, KVM_EXIT_IO_IN, KVM_MP_STATE_RUNNABLE, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR, Msrs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_vcpu_events,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use splitvisor_bus::{Bus, BusError};
@@ -30,6 +32,33 @@ mod msr {
     pub const MTRR_DEF_TYPE: u32 = 0x2ff;
     /// MTRRs enabled, default type write-back.
     pub const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+    pub const IA32_PAT: u32 = 0x277;
+    /// The PAT's power-on value (WB, WT, UC-, UC, twice).
+    pub const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
+    pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+    /// KVM's paravirtual MSRs that make KVM write into guest memory (kvm-clock, steal
+    /// time, async page faults, PV EOI) or change its behaviour (halt polling), with their
+    /// power-on values. A guest that restarts must not find them armed: KVM would go on
+    /// writing at the old kernel's addresses, now the new kernel's memory. (The wall-clock
+    /// MSRs are left alone: writing one makes KVM write the clock at that address.)
+    pub const KVM_PARAVIRT: [(u32, u64); 7] = [
+        (0x12, 0),        // MSR_KVM_SYSTEM_TIME
+        (0x4b56_4d01, 0), // MSR_KVM_SYSTEM_TIME_NEW
+        (0x4b56_4d02, 0), // MSR_KVM_ASYNC_PF_EN
+        (0x4b56_4d03, 0), // MSR_KVM_STEAL_TIME
+        (0x4b56_4d04, 0), // MSR_KVM_PV_EOI_EN
+        (0x4b56_4d05, 1), // MSR_KVM_POLL_CONTROL: host halt polling on
+        (0x4b56_4d06, 0), // MSR_KVM_ASYNC_PF_INT
+    ];
+}
+
+/// CPUID leaves and bits splitvisor changes.
+mod cpuid {
+    /// KVM's feature leaf (`KVM_CPUID_FEATURES`).
+    pub const KVM_FEATURES: u32 = 0x4000_0001;
+    /// `KVM_FEATURE_PV_SEND_IPI`: IPIs through a hypercall instead of the local APIC.
+    pub const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 }
 
 /// Local APIC register offsets and LVT delivery modes used at boot.
@@ -55,6 +84,17 @@ pub struct Buses {
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+    power_on: PowerOnState,
+}
+
+/// What KVM gave a vCPU when it created it: the state a reset returns it to, before the
+/// boot state (if any) is applied.
+#[derive(Clone, Debug)]
+struct PowerOnState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    lapic: kvm_lapic_state,
+    mp_state: kvm_mp_state,
 }
 
 /// What the run loop does after an exit, once the borrow of the exit data has ended.
@@ -69,8 +109,16 @@ enum Step {
 }
 
 impl Vcpu {
-    pub(crate) fn new(index: u32, fd: VcpuFd) -> Self {
-        Self { index, fd }
+    /// Wraps a freshly created vCPU, recording its power-on state.
+    pub(crate) fn new(index: u32, fd: VcpuFd) -> Result<Self, VcpuError> {
+        let error = |what, source| VcpuError::Setup { vcpu: index, what, source };
+        let power_on = PowerOnState {
+            regs: fd.get_regs().map_err(|e| error("read the power-on registers", e))?,
+            sregs: fd.get_sregs().map_err(|e| error("read the power-on segment registers", e))?,
+            lapic: fd.get_lapic().map_err(|e| error("read the power-on local APIC", e))?,
+            mp_state: fd.get_mp_state().map_err(|e| error("read the power-on MP state", e))?,
+        };
+        Ok(Self { index, fd, power_on })
     }
 
     /// The vCPU's index (and APIC ID).
@@ -92,9 +140,17 @@ impl Vcpu {
         VcpuError::Setup { vcpu: self.index, what, source }
     }
 
-    /// Sets CPUID (with this vCPU's APIC ID), boot MSRs, the FPU and the local APIC's LINT
-    /// pins; then, if given a `boot` state, the registers and a runnable state. Without one,
-    /// an application processor waits for the guest's INIT/SIPI, as on real hardware.
+    /// Sets CPUID (with this vCPU's APIC ID), then puts the vCPU in its power-on state
+    /// with `boot` applied ([`reset`](Self::reset)). Without a `boot` state, an application
+    /// processor waits for the guest's INIT/SIPI, as on real hardware.
+    ///
+    /// KVM's paravirtual send-IPI (`KVM_FEATURE_PV_SEND_IPI`) is hidden from every guest:
+    /// the build machines' software KVM never completes that hypercall (a Linux bootstrap
+    /// processor hangs in it while starting the others), and without it a guest sends IPIs
+    /// through its local APIC, which KVM's in-kernel APIC serves on any host. The cost on
+    /// hardware KVM is one exit per IPI instead of one per multicast; splitvisor's own
+    /// guests never use the hypercall. One path for every host keeps what CI tests what
+    /// users run.
     pub fn configure(&self, supported_cpuid: &CpuId, boot: Option<&BootState>) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         for entry in cpuid.as_mut_slice() {
@@ -103,11 +159,19 @@ impl Vcpu {
                 1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (self.index << 24),
                 // x2APIC ID of the extended topology leaves.
                 0xb | 0x1f => entry.edx = self.index,
+                cpuid::KVM_FEATURES => entry.eax &= !cpuid::KVM_FEATURE_PV_SEND_IPI,
                 _ => {}
             }
         }
         self.fd.set_cpuid2(&cpuid).map_err(|e| self.setup_error("set CPUID", e))?;
+        self.reset(boot)
+    }
 
+    /// Puts the vCPU back in the state KVM created it in (registers, segments, local APIC,
+    /// MP state; no pending event; the boot MSRs; KVM's paravirtual MSRs off), then, if
+    /// given a `boot` state, applies it and makes the vCPU runnable. Used at the first
+    /// boot and at every restart of the VM, from the vCPU's own thread at a restart.
+    pub fn reset(&self, boot: Option<&BootState>) -> Result<(), VcpuError> {
         let entries = [
             (msr::IA32_SYSENTER_CS, 0),
             (msr::IA32_SYSENTER_ESP, 0),
@@ -120,45 +184,68 @@ impl Vcpu {
             (msr::IA32_TSC, 0),
             (msr::IA32_MISC_ENABLE, msr::MISC_ENABLE_FAST_STRING),
             (msr::MTRR_DEF_TYPE, msr::MTRR_ENABLE_WRITEBACK),
+            (msr::IA32_PAT, msr::PAT_POWER_ON),
+            (msr::IA32_TSC_DEADLINE, 0),
         ]
         .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Setup {
-            vcpu: self.index,
-            what: "build the MSR list",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        })?;
-        let written = self.fd.set_msrs(&msrs).map_err(|e| self.setup_error("set boot MSRs", e))?;
+        let written = self.set_msrs(&entries)?;
         if written != entries.len() {
             log::warn!("vCPU {}: KVM took {written} of {} boot MSRs", self.index, entries.len());
         }
+        // One at a time: KVM stops at the first MSR it does not know, and a KVM without
+        // some paravirtual feature does not know its MSR (nor offers it to the guest).
+        for (index, data) in msr::KVM_PARAVIRT {
+            if self.set_msrs(&[kvm_msr_entry { index, data, ..Default::default() }])? != 1 {
+                log::debug!("vCPU {}: KVM has no MSR {index:#x}", self.index);
+            }
+        }
 
         self.fd.set_fpu(&boot::fpu()).map_err(|e| self.setup_error("set the FPU", e))?;
+        // No exception, interrupt, NMI or SIPI left pending from before a restart.
+        let events = kvm_vcpu_events {
+            flags: KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+            ..Default::default()
+        };
+        self.fd.set_vcpu_events(&events).map_err(|e| self.setup_error("clear pending events", e))?;
 
-        // LINT0 takes the 8259's ExtINT, LINT1 the NMI, as on a PC.
-        let mut lapic = self.fd.get_lapic().map_err(|e| self.setup_error("get the local APIC", e))?;
+        // The local APIC as KVM created it, with LINT0 taking the 8259's ExtINT and LINT1
+        // the NMI, as on a PC.
+        let mut lapic = self.power_on.lapic;
         for (reg, mode) in [(lapic::LVT0, lapic::EXTINT), (lapic::LVT1, lapic::NMI)] {
             let bytes: &mut [u8] = lapic_bytes(&mut lapic.regs[reg..reg + 4]);
             let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             let value = (value & !lapic::DELIVERY_MODE_MASK) | mode;
             bytes.copy_from_slice(&value.to_le_bytes());
         }
-        self.fd.set_lapic(&lapic).map_err(|e| self.setup_error("set the local APIC", e))?;
-
-        let Some(boot) = boot else {
-            return Ok(());
-        };
-        let mut sregs = self.fd.get_sregs().map_err(|e| self.setup_error("get segment registers", e))?;
-        boot.apply_sregs(&mut sregs);
-        self.fd.set_sregs(&sregs).map_err(|e| self.setup_error("set segment registers", e))?;
-        self.fd.set_regs(&boot.regs()).map_err(|e| self.setup_error("set registers", e))?;
-        if self.index != 0 {
-            // With an in-kernel local APIC, application processors wait for INIT/SIPI;
-            // this one was given its own entry, so it runs at once.
-            self.fd
-                .set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-                .map_err(|e| self.setup_error("make the vCPU runnable", e))?;
+        // The APIC base (enabled, xAPIC mode, BSP flag) before the APIC registers: KVM
+        // takes the register page in the mode the base says.
+        let mut sregs = self.power_on.sregs;
+        if let Some(boot) = boot {
+            boot.apply_sregs(&mut sregs);
         }
+        self.fd.set_sregs(&sregs).map_err(|e| self.setup_error("set segment registers", e))?;
+        self.fd.set_lapic(&lapic).map_err(|e| self.setup_error("set the local APIC", e))?;
+        let regs = boot.map_or(self.power_on.regs, BootState::regs);
+        self.fd.set_regs(&regs).map_err(|e| self.setup_error("set registers", e))?;
+        // With an in-kernel local APIC, application processors wait for INIT/SIPI; a vCPU
+        // given a boot state runs at once.
+        let mp_state = if boot.is_some() {
+            kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }
+        } else {
+            self.power_on.mp_state
+        };
+        self.fd.set_mp_state(mp_state).map_err(|e| self.setup_error("set the MP state", e))?;
         Ok(())
+    }
+
+    /// Writes `entries`; returns how many KVM took.
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<usize, VcpuError> {
+        let msrs = Msrs::from_entries(entries).map_err(|_| VcpuError::Setup {
+            vcpu: self.index,
+            what: "build the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        self.fd.set_msrs(&msrs).map_err(|e| self.setup_error("set boot MSRs", e))
     }
 
     fn rip(&self) -> u64 {

@@ -5,7 +5,12 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use splitvisor_bus::threads::{self, ThreadKind};
 use splitvisor_memory::GuestRam;
@@ -91,20 +96,85 @@ impl KvmVm {
         }
         (0..count)
             .map(|index| {
-                self.fd
+                let fd = self
+                    .fd
                     .create_vcpu(u64::from(index))
-                    .map(|fd| Vcpu::new(index, fd))
-                    .map_err(|source| VmError::CreateVcpu { vcpu: index, source })
+                    .map_err(|source| VmError::CreateVcpu { vcpu: index, source })?;
+                Vcpu::new(index, fd).map_err(VmError::Vcpu)
             })
             .collect()
     }
+
+    /// A handle that puts the in-kernel interrupt controllers back to their power-on
+    /// state from any thread (a vCPU thread, at a restart). It holds its own duplicate of
+    /// the VM fd.
+    pub fn irqchip_reset(&self) -> Result<IrqchipReset, VmError> {
+        // SAFETY: duplicating an fd this VmFd owns; the new fd is owned by the result.
+        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(VmError::Setup("duplicate the VM fd", kvm_ioctls::Error::last()));
+        }
+        // SAFETY: `fd` is a fresh duplicate of a KVM VM fd, owned by nothing else.
+        let vm = unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(|e| VmError::Setup("wrap the duplicated VM fd", e))?;
+        Ok(IrqchipReset { vm: Arc::new(vm) })
+    }
 }
+
+/// Resets KVM's in-kernel IOAPIC and 8259s ([`KvmVm::irqchip_reset`]).
+#[derive(Clone, Debug)]
+pub struct IrqchipReset {
+    vm: Arc<VmFd>,
+}
+
+impl IrqchipReset {
+    /// Masks every IOAPIC pin and both 8259s and drops whatever they had pending, as a
+    /// machine reset does (the IOAPIC keeps its ID and address). A guest sets them up
+    /// again as it boots; until then no device interrupt reaches a vCPU.
+    pub fn reset(&self) -> Result<(), kvm_ioctls::Error> {
+        for chip in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            let mut state = kvm_irqchip { chip_id: chip, ..Default::default() };
+            self.vm.get_irqchip(&mut state)?;
+            match chip {
+                KVM_IRQCHIP_IOAPIC => {
+                    // SAFETY: chip_id says the union holds the IOAPIC's state.
+                    let ioapic = unsafe { &mut state.chip.ioapic };
+                    ioapic.irr = 0;
+                    for entry in ioapic.redirtbl.iter_mut() {
+                        entry.bits = IOAPIC_ENTRY_RESET;
+                    }
+                }
+                _ => {
+                    // SAFETY: chip_id says the union holds a PIC's state.
+                    let pic = unsafe { &mut state.chip.pic };
+                    pic.irr = 0;
+                    pic.isr = 0;
+                    pic.imr = 0xff;
+                    pic.last_irr = 0;
+                }
+            }
+            self.vm.set_irqchip(&state)?;
+        }
+        Ok(())
+    }
+}
+
+/// An IOAPIC redirection entry after a reset: masked (vector 0, fixed delivery, edge).
+const IOAPIC_ENTRY_RESET: u64 = 1 << 16;
 
 /// Why a VM ended, when no vCPU failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmEnd {
-    /// The guest reset the machine (its way of powering off).
+    /// The guest reset the machine: a reboot (and the way splitvisor's own guest programs
+    /// power off).
     GuestReset,
+    /// The guest powered the machine off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine after reporting a panic on its console.
+    GuestPanic {
+        /// The guest's panic line.
+        message: String,
+    },
     /// The host asked it to stop ([`StopHandle::stop`], Ctrl-C).
     Stopped,
     /// The deadline given to [`RunningVm::wait`] passed.
@@ -122,6 +192,8 @@ impl std::fmt::Display for VmEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmEnd::GuestReset => f.write_str("the guest reset the machine"),
+            VmEnd::PowerOff => f.write_str("the guest powered off"),
+            VmEnd::GuestPanic { message } => write!(f, "the guest panicked ({message})"),
             VmEnd::Stopped => f.write_str("stopped by the host"),
             VmEnd::TimedOut => f.write_str("timed out"),
             VmEnd::DeviceFault { device, reason } => write!(f, "the driver of {device} failed ({reason})"),
@@ -140,9 +212,19 @@ pub(crate) struct ExitStats {
 #[derive(Debug, Default)]
 pub(crate) struct Control {
     stopping: AtomicBool,
-    end: Mutex<Option<Result<VmEnd, VcpuError>>>,
+    end: Mutex<Ends>,
     ended: Condvar,
     pub(crate) stats: ExitStats,
+}
+
+/// How the VM ended: the first report, and the first one after it (which decides whether
+/// a guest reset may still restart the VM).
+#[derive(Debug, Default)]
+struct Ends {
+    /// Whether anything ended this run of the vCPUs (`first` is taken by the waiter).
+    reported: bool,
+    first: Option<Result<VmEnd, VcpuError>>,
+    next: Option<Result<VmEnd, VcpuError>>,
 }
 
 impl Control {
@@ -150,11 +232,18 @@ impl Control {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Records how the VM ended; the first report wins.
+    fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records how the VM ended; the first report wins, the second is kept aside.
     fn finish(&self, outcome: Result<VmEnd, VcpuError>) {
-        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
-        if end.is_none() {
-            *end = Some(outcome);
+        let mut ends = self.ends();
+        if !ends.reported {
+            ends.reported = true;
+            ends.first = Some(outcome);
+        } else if ends.next.is_none() {
+            ends.next = Some(outcome);
         }
         self.stopping.store(true, Ordering::Release);
         self.ended.notify_all();
@@ -173,9 +262,20 @@ impl StopHandle {
         self.control.finish(Ok(VmEnd::Stopped));
     }
 
-    /// The guest reset the machine (wired to the i8042's reset line).
+    /// The guest reset the machine (wired to the i8042's reset line and the ACPI reset
+    /// register).
     pub fn guest_reset(&self) {
         self.control.finish(Ok(VmEnd::GuestReset));
+    }
+
+    /// The guest powered the machine off (wired to the ACPI sleep control register).
+    pub fn power_off(&self) {
+        self.control.finish(Ok(VmEnd::PowerOff));
+    }
+
+    /// The guest reset the machine after it reported a panic (`message`).
+    pub fn guest_panic(&self, message: &str) {
+        self.control.finish(Ok(VmEnd::GuestPanic { message: message.to_string() }));
     }
 
     /// A device's driver failed, and its fault policy ends the VM.
@@ -211,7 +311,110 @@ pub struct ExitCounts {
 #[derive(Debug)]
 pub struct RunningVm {
     control: Arc<Control>,
-    threads: Vec<(u32, JoinHandle<()>)>,
+    threads: Vec<(u32, JoinHandle<Vcpu>)>,
+}
+
+/// Work a vCPU thread does on its own vCPU before it runs it (at a restart: its reset).
+/// Every vCPU's set-up is done before any of them runs.
+pub type VcpuSetup = Arc<dyn Fn(&Vcpu) -> Result<(), VcpuError> + Send + Sync>;
+
+/// Longest the vCPU threads wait for each other's set-up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the vCPU threads wait until each has done its set-up.
+#[derive(Debug, Default)]
+struct SetupGate {
+    done: Mutex<u32>,
+    changed: Condvar,
+}
+
+impl SetupGate {
+    /// Counts this thread's set-up as done and waits (bounded) for the other `count - 1`;
+    /// false if the VM stopped meanwhile.
+    fn arrive_and_wait(&self, count: u32, control: &Control) -> Result<bool, ()> {
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        *done += 1;
+        self.changed.notify_all();
+        while *done < count {
+            if control.stopping() {
+                return Ok(false);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(());
+            }
+            // Woken by the others, or at least every 10 ms to look at the stop flag.
+            let wait = left.min(Duration::from_millis(10));
+            done = self.changed.wait_timeout(done, wait).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(!control.stopping())
+    }
+}
+
+/// A VM whose vCPU threads have all stopped: how it ended, and its vCPUs, to run them
+/// again after a guest reset ([`StoppedVm::restart`]).
+#[derive(Debug)]
+pub struct StoppedVm {
+    control: Arc<Control>,
+    vcpus: Vec<Vcpu>,
+    end: Result<VmEnd, VcpuError>,
+}
+
+impl StoppedVm {
+    /// Why the VM ended (the first report).
+    pub fn end(&self) -> &Result<VmEnd, VcpuError> {
+        &self.end
+    }
+
+    /// How many vCPUs came back.
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// Whether the VM ended with a plain guest reset and nothing else has ended it since
+    /// (a host stop, a device fault, a vCPU failure): then it may be restarted.
+    pub fn restartable(&self) -> bool {
+        matches!(self.end, Ok(VmEnd::GuestReset)) && self.control.ends().next.is_none()
+    }
+
+    /// Gives up on restarting: how the VM ended, the report that came after a guest reset
+    /// winning (a host stop while restarting is a stop).
+    pub fn into_end(self) -> Result<VmEnd, VcpuError> {
+        let next = self.control.ends().next.take();
+        match (self.end, next) {
+            (Ok(VmEnd::GuestReset), Some(next)) => next,
+            (end, _) => end,
+        }
+    }
+
+    /// Runs the vCPUs again, each thread first running `setup` on its vCPU (its reset).
+    /// Refused, with the VM's end, unless [`restartable`](Self::restartable).
+    pub fn restart(self, buses: Buses, setup: VcpuSetup) -> Result<RunningVm, RestartError> {
+        {
+            let mut ends = self.control.ends();
+            if !matches!(self.end, Ok(VmEnd::GuestReset)) || ends.next.is_some() {
+                drop(ends);
+                return Err(RestartError::Ended(self.into_end()));
+            }
+            ends.reported = false;
+            self.control.stopping.store(false, Ordering::Release);
+        }
+        VmControl { control: self.control }
+            .start_with(self.vcpus, buses, Some(setup))
+            .map_err(RestartError::Vm)
+    }
+}
+
+/// Why a stopped VM was not restarted.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    /// Something else ended the VM: this end.
+    #[error("the VM ended: {0:?}")]
+    Ended(Result<VmEnd, VcpuError>),
+    /// The vCPU threads could not be started again.
+    #[error(transparent)]
+    Vm(VmError),
 }
 
 /// A no-op handler: the signal only has to interrupt KVM_RUN.
@@ -241,20 +444,50 @@ impl VmControl {
 
     /// Starts one thread per vCPU, each dispatching its exits to `buses`.
     pub fn start(self, vcpus: Vec<Vcpu>, buses: Buses) -> Result<RunningVm, VmError> {
+        self.start_with(vcpus, buses, None)
+    }
+
+    /// As [`start`](Self::start), each thread first running `setup` on its vCPU; no vCPU
+    /// runs before every set-up is done. A failed set-up ends the VM with its error.
+    pub fn start_with(
+        self,
+        vcpus: Vec<Vcpu>,
+        buses: Buses,
+        setup: Option<VcpuSetup>,
+    ) -> Result<RunningVm, VmError> {
         static REGISTER: Once = Once::new();
         let mut registered = Ok(());
         REGISTER.call_once(|| registered = register_signal_handler(kick_signal(), kick_handler));
         registered.map_err(VmError::SignalHandler)?;
 
+        let count = vcpus.len() as u32;
+        let gate = Arc::new(SetupGate::default());
         let mut running = RunningVm { control: self.control, threads: Vec::new() };
         for mut vcpu in vcpus {
             let index = vcpu.index();
             let control = running.control.clone();
             let buses = buses.clone();
+            let setup = setup.clone();
+            let gate = gate.clone();
             let thread = threads::spawn(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
+                if let Some(setup) = setup {
+                    if let Err(e) = setup(&vcpu) {
+                        control.finish(Err(e));
+                        return vcpu;
+                    }
+                    match gate.arrive_and_wait(count, &control) {
+                        Ok(true) => {}
+                        Ok(false) => return vcpu,
+                        Err(()) => {
+                            control.finish(Err(VcpuError::SetupTimeout { vcpu: index }));
+                            return vcpu;
+                        }
+                    }
+                }
                 if let Err(e) = vcpu.run(&buses, &control) {
                     control.finish(Err(e));
                 }
+                vcpu
             })
             .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source });
             match thread {
@@ -278,34 +511,42 @@ impl RunningVm {
 
     /// Waits until the VM ends (or `timeout` passes), stops every vCPU and joins its
     /// thread. A vCPU failure is the error; the first thing that ended the VM wins.
-    pub fn wait(mut self, timeout: Option<Duration>) -> Result<VmEnd, VcpuError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+    pub fn wait(self, timeout: Option<Duration>) -> Result<VmEnd, VcpuError> {
+        self.wait_until(timeout.map(|t| Instant::now() + t)).end
+    }
+
+    /// Waits until the VM ends (or `deadline` passes), stops every vCPU and joins its
+    /// thread; the vCPUs come back with how the VM ended.
+    pub fn wait_until(mut self, deadline: Option<Instant>) -> StoppedVm {
         {
-            let mut end = self.control.end.lock().unwrap_or_else(|e| e.into_inner());
-            while end.is_none() {
+            let mut ends = self.control.ends();
+            while !ends.reported {
                 match deadline {
-                    None => end = self.control.ended.wait(end).unwrap_or_else(|e| e.into_inner()),
+                    None => ends = self.control.ended.wait(ends).unwrap_or_else(|e| e.into_inner()),
                     Some(deadline) => {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
-                            *end = Some(Ok(VmEnd::TimedOut));
+                            ends.reported = true;
+                            ends.first = Some(Ok(VmEnd::TimedOut));
                             break;
                         }
-                        end = self.control.ended.wait_timeout(end, left).unwrap_or_else(|e| e.into_inner()).0;
+                        ends =
+                            self.control.ended.wait_timeout(ends, left).unwrap_or_else(|e| e.into_inner()).0;
                     }
                 }
             }
         }
         self.control.stopping.store(true, Ordering::Release);
-        self.join_all();
-        let end = self.control.end.lock().unwrap_or_else(|e| e.into_inner()).take();
-        end.unwrap_or(Ok(VmEnd::Stopped))
+        let vcpus = self.join_all();
+        let end = self.control.ends().first.take().unwrap_or(Ok(VmEnd::Stopped));
+        StoppedVm { control: self.control.clone(), vcpus, end }
     }
 
     /// Kicks every vCPU thread out of KVM_RUN until it has seen the stop flag, then joins
     /// it. A kick can land just before a thread enters KVM_RUN, so it is repeated.
-    fn join_all(&mut self) {
+    fn join_all(&mut self) -> Vec<Vcpu> {
         self.control.stopping.store(true, Ordering::Release);
+        let mut vcpus = Vec::new();
         for (index, thread) in self.threads.drain(..) {
             while !thread.is_finished() {
                 if let Err(e) = thread.kill(kick_signal()) {
@@ -313,15 +554,90 @@ impl RunningVm {
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if thread.join().is_err() {
-                self.control.finish(Err(VcpuError::Panicked { vcpu: index }));
+            match thread.join() {
+                Ok(vcpu) => vcpus.push(vcpu),
+                Err(_) => self.control.finish(Err(VcpuError::Panicked { vcpu: index })),
             }
         }
+        vcpus
     }
 }
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
-        self.join_all();
+        let _ = self.join_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stopped VM without vCPUs, as `wait_until` leaves it.
+    fn stopped(control: &Arc<Control>) -> StoppedVm {
+        let end = control.ends().first.take().expect("an end");
+        StoppedVm { control: control.clone(), vcpus: Vec::new(), end }
+    }
+
+    #[test]
+    fn a_guest_reset_alone_may_restart() {
+        let control = Arc::new(Control::default());
+        StopHandle { control: control.clone() }.guest_reset();
+        let vm = stopped(&control);
+        assert!(vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::GuestReset)));
+    }
+
+    #[test]
+    fn a_host_stop_after_a_guest_reset_is_not_lost() {
+        // Ctrl-C while the guest's reset is being handled: the VM ends stopped.
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.guest_reset();
+        let vm = stopped(&control);
+        handle.stop();
+        assert!(!vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::Stopped)));
+        // The same when the stop comes before the waiter took the reset.
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.guest_reset();
+        handle.device_fault("disk0", "its partition died");
+        let vm = stopped(&control);
+        assert!(!vm.restartable());
+        assert!(matches!(vm.into_end(), Ok(VmEnd::DeviceFault { .. })));
+    }
+
+    #[test]
+    fn other_ends_never_restart_and_the_first_report_wins() {
+        for end in [
+            |h: &StopHandle| h.power_off(),
+            |h: &StopHandle| h.guest_panic("Kernel panic - not syncing: test"),
+            |h: &StopHandle| h.stop(),
+        ] {
+            let control = Arc::new(Control::default());
+            let handle = StopHandle { control: control.clone() };
+            end(&handle);
+            handle.guest_reset();
+            let vm = stopped(&control);
+            assert!(!vm.restartable());
+            assert!(!matches!(vm.into_end(), Ok(VmEnd::GuestReset)));
+        }
+    }
+
+    #[test]
+    fn a_restart_refused_says_how_the_vm_ended() {
+        let control = Arc::new(Control::default());
+        let handle = StopHandle { control: control.clone() };
+        handle.power_off();
+        let vm = stopped(&control);
+        let buses = Buses {
+            pio: Arc::new(splitvisor_bus::Bus::new(splitvisor_bus::BusKind::Pio)),
+            mmio: Arc::new(splitvisor_bus::Bus::new(splitvisor_bus::BusKind::Mmio)),
+        };
+        match vm.restart(buses, Arc::new(|_: &Vcpu| Ok(()))) {
+            Err(RestartError::Ended(Ok(VmEnd::PowerOff))) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Plain bus devices (the 8250, the i8042) in a driver partition, behind a proxy.
+//! Plain bus devices (the 8250, the i8042, the ACPI power registers) in a driver
+//! partition, behind a proxy.
 //!
 //! [`ProxyDevice`] is a [`BusDevice`] in the hypervisor that forwards each register access
 //! to the partition over a unix socket ([`wire`]) and waits, for at most
@@ -181,6 +182,7 @@ pub struct ProxyDevice {
     state: Vec<u8>,
     output: Box<dyn Write + Send>,
     reset: Option<Arc<dyn Interrupt>>,
+    power_off: Option<Arc<dyn Interrupt>>,
     on_dead: Option<Box<dyn FnOnce(String) + Send>>,
     link: Option<Arc<ProxyLink>>,
 }
@@ -206,9 +208,16 @@ impl ProxyDevice {
             state: Vec::new(),
             output,
             reset,
+            power_off: None,
             on_dead,
             link: None,
         })
+    }
+
+    /// A power-off the device asks for (the ACPI power device's S5) raises `line`.
+    pub fn with_power_off(mut self, line: Arc<dyn Interrupt>) -> Self {
+        self.power_off = Some(line);
+        self
     }
 
     /// Failed partitions are replaced through `link` instead of being dropped.
@@ -227,8 +236,8 @@ impl ProxyDevice {
     pub fn input(&mut self, bytes: &[u8]) -> usize {
         let bytes = &bytes[..bytes.len().min(MAX_INPUT)];
         match self.call(Request::Input { bytes: bytes.to_vec() }) {
-            Some(Response::Done { accepted, output, reset, .. }) => {
-                self.apply(&output, reset);
+            Some(Response::Done { accepted, output, reset, power_off, .. }) => {
+                self.apply(&output, reset, power_off);
                 usize::from(accepted).min(bytes.len())
             }
             _ => 0,
@@ -330,12 +339,12 @@ impl ProxyDevice {
         }
     }
 
-    fn apply(&mut self, output: &[u8], reset: bool) {
+    fn apply(&mut self, output: &[u8], reset: bool, power_off: bool) {
         if !output.is_empty() {
             let _ = self.output.write_all(output);
         }
-        if reset {
-            if let Some(line) = &self.reset {
+        for (asked, line) in [(reset, &self.reset), (power_off, &self.power_off)] {
+            if let (true, Some(line)) = (asked, line) {
                 let _ = line.trigger();
             }
         }
@@ -376,8 +385,10 @@ impl BusDevice for ProxyDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let data = data[..data.len().min(wire::MAX_ACCESS)].to_vec();
-        if let Some(Response::Done { output, reset, .. }) = self.call(Request::Write { offset, data }) {
-            self.apply(&output, reset);
+        if let Some(Response::Done { output, reset, power_off, .. }) =
+            self.call(Request::Write { offset, data })
+        {
+            self.apply(&output, reset, power_off);
         }
     }
 }
@@ -388,11 +399,19 @@ impl InputSink for ProxyDevice {
     }
 }
 
-/// Output a device produces between two responses, and its reset line.
+/// Output a device produces between two responses, and its reset and power-off lines.
 #[derive(Clone, Default)]
 pub struct Effects {
     output: Arc<std::sync::Mutex<Vec<u8>>>,
     reset: Arc<AtomicBool>,
+    power_off: Arc<AtomicBool>,
+}
+
+/// What a device did besides answering: output and requests to the machine.
+struct Taken {
+    output: Vec<u8>,
+    reset: bool,
+    power_off: bool,
 }
 
 impl Effects {
@@ -403,17 +422,26 @@ impl Effects {
 
     /// An interrupt line that records a reset request.
     pub fn reset_line(&self) -> Arc<dyn Interrupt> {
-        Arc::new(ResetFlag(self.reset.clone()))
+        Arc::new(RequestFlag(self.reset.clone()))
     }
 
-    fn take(&self) -> (Vec<u8>, bool) {
+    /// An interrupt line that records a power-off request.
+    pub fn power_off_line(&self) -> Arc<dyn Interrupt> {
+        Arc::new(RequestFlag(self.power_off.clone()))
+    }
+
+    fn take(&self) -> Taken {
         let mut output = self.output.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = if output.len() > MAX_INPUT {
+        let output = if output.len() > MAX_INPUT {
             output.drain(..MAX_INPUT).collect()
         } else {
             std::mem::take(&mut *output)
         };
-        (taken, self.reset.swap(false, Ordering::AcqRel))
+        Taken {
+            output,
+            reset: self.reset.swap(false, Ordering::AcqRel),
+            power_off: self.power_off.swap(false, Ordering::AcqRel),
+        }
     }
 }
 
@@ -430,9 +458,10 @@ impl Write for EffectsWriter {
     }
 }
 
-struct ResetFlag(Arc<AtomicBool>);
+/// A request to the machine (reset, power-off), carried by the next response.
+struct RequestFlag(Arc<AtomicBool>);
 
-impl Interrupt for ResetFlag {
+impl Interrupt for RequestFlag {
     fn trigger(&self) -> io::Result<()> {
         self.0.store(true, Ordering::Release);
         Ok(())
@@ -573,6 +602,57 @@ impl ProxiedDevice for NoInput<splitvisor_devices::i8042::I8042> {
     }
 }
 
+/// The ACPI power registers of a partition ([`AcpiPower`](splitvisor_devices::acpi::AcpiPower)):
+/// a guest's power-off and reset travel back as the response's effect flags.
+pub struct ProxiedPower {
+    power: splitvisor_devices::acpi::AcpiPower,
+    effects: Effects,
+}
+
+impl ProxiedPower {
+    /// The registers in their power-on state.
+    pub fn new(effects: &Effects) -> Self {
+        let power = splitvisor_devices::acpi::AcpiPower::new(effects.power_off_line(), effects.reset_line());
+        Self { power, effects: effects.clone() }
+    }
+}
+
+impl BusDevice for ProxiedPower {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.power.read(offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.power.write(offset, data)
+    }
+}
+
+impl InputSink for ProxiedPower {
+    fn input(&mut self, _bytes: &[u8]) -> usize {
+        0
+    }
+}
+
+impl ProxiedDevice for ProxiedPower {
+    fn save_state(&self) -> Vec<u8> {
+        vec![u8::from(self.power.state().woke)]
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let woke = match state {
+            [] => false, // nothing was ever reported: the power-on state
+            [0] => false,
+            [1] => true,
+            _ => return Err("invalid ACPI power state".into()),
+        };
+        self.power = splitvisor_devices::acpi::AcpiPower::from_state(
+            &splitvisor_devices::acpi::AcpiPowerState { woke },
+            self.effects.power_off_line(),
+            self.effects.reset_line(),
+        );
+        Ok(())
+    }
+}
+
 /// The partition side: serves `device` on `stream` until the hypervisor hangs up or sends
 /// a malformed frame.
 pub fn serve<D: ProxiedDevice>(
@@ -595,20 +675,26 @@ pub fn serve<D: ProxiedDevice>(
             }
             Request::Write { offset, data } => {
                 device.write(offset, &data);
-                let (output, reset) = effects.take();
-                Response::Done { accepted: 0, output, reset, state: state_of(device) }
+                let Taken { output, reset, power_off } = effects.take();
+                Response::Done { accepted: 0, output, reset, power_off, state: state_of(device) }
             }
             Request::Input { bytes } => {
                 let accepted = device.input(&bytes) as u16;
-                let (output, reset) = effects.take();
-                Response::Done { accepted, output, reset, state: state_of(device) }
+                let Taken { output, reset, power_off } = effects.take();
+                Response::Done { accepted, output, reset, power_off, state: state_of(device) }
             }
             Request::Restore { state } => {
                 if let Err(e) = device.restore_state(&state) {
                     log::warn!("proxy: cannot take up the state: {e}");
                     return Err(ProxyError::Decode(DecodeError::BadField("device state")));
                 }
-                Response::Done { accepted: 0, output: Vec::new(), reset: false, state: state_of(device) }
+                Response::Done {
+                    accepted: 0,
+                    output: Vec::new(),
+                    reset: false,
+                    power_off: false,
+                    state: state_of(device),
+                }
             }
         };
         stream.write_all(&response.encode(seq))?;
@@ -664,8 +750,8 @@ mod tests {
                 let response = match message {
                     Request::Write { offset, data } => {
                         serial.write(offset, &data);
-                        let (output, reset) = effects.take();
-                        Response::Done { accepted: 0, output, reset, state: serial.save_state() }
+                        let Taken { output, reset, power_off } = effects.take();
+                        Response::Done { accepted: 0, output, reset, power_off, state: serial.save_state() }
                     }
                     other => panic!("unexpected {other:?}"),
                 };
@@ -729,6 +815,50 @@ mod tests {
         proxy.read(SCR, &mut byte);
         assert_eq!(byte, [0xff]);
         assert!(proxy.is_dead());
+    }
+
+    #[test]
+    fn the_power_device_asks_for_power_off_and_reset_through_the_proxy() {
+        use splitvisor_devices::acpi::{
+            RESET_OFFSET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_OFFSET, SLP_EN,
+        };
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let partition = std::thread::spawn(move || {
+            let effects = Effects::default();
+            let mut power = ProxiedPower::new(&effects);
+            let _ = serve(&mut power, &effects, &mut theirs);
+        });
+        let (power_off, reset) = (Arc::new(CountingInterrupt::new()), Arc::new(CountingInterrupt::new()));
+        let mut proxy = ProxyDevice::new("power", ours, Box::new(io::sink()), Some(reset.clone()), None)
+            .unwrap()
+            .with_power_off(power_off.clone());
+        proxy.write(SLEEP_CONTROL_OFFSET, &[S5_SLEEP_TYPE << 2]);
+        assert_eq!((power_off.count(), reset.count()), (0, 0), "no SLP_EN, no power-off");
+        proxy.write(SLEEP_CONTROL_OFFSET, &[(S5_SLEEP_TYPE << 2) | SLP_EN]);
+        assert_eq!((power_off.count(), reset.count()), (1, 0));
+        proxy.write(RESET_OFFSET, &[RESET_VALUE]);
+        assert_eq!((power_off.count(), reset.count()), (1, 1));
+        drop(proxy);
+        partition.join().unwrap();
+    }
+
+    #[test]
+    fn a_power_device_state_moves_to_another_partition() {
+        use splitvisor_devices::acpi::{SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLP_EN, WAK_STS};
+        let effects = Effects::default();
+        let mut first = ProxiedPower::new(&effects);
+        first.write(SLEEP_CONTROL_OFFSET, &[(3 << 2) | SLP_EN]); // S3: wakes at once
+        let state = first.save_state();
+        let mut second = ProxiedPower::new(&effects);
+        second.restore_state(&state).unwrap();
+        let mut status = [0u8];
+        second.read(SLEEP_STATUS_OFFSET, &mut status);
+        assert_eq!(status, [WAK_STS]);
+        assert!(second.restore_state(&[2]).is_err());
+        assert!(second.restore_state(&[0, 0]).is_err());
+        second.restore_state(&[]).unwrap();
+        second.read(SLEEP_STATUS_OFFSET, &mut status);
+        assert_eq!(status, [0]);
     }
 
     struct SharedSink(Arc<Mutex<Vec<u8>>>);

@@ -1,5 +1,5 @@
 //! The proxy wire protocol between the hypervisor and a partition serving a plain bus
-//! device (the 8250, the i8042).
+//! device (the 8250, the i8042, the ACPI power registers).
 //!
 //! Every message is one frame:
 //!
@@ -15,7 +15,10 @@
 //! `Write { offset: u64, data: u8-length-prefixed }`, `Input { bytes: u16-length-prefixed }`,
 //! `Restore { state: u16-length-prefixed }`.
 //! Responses (partition → hypervisor): `ReadDone { data, state }`,
-//! `Done { accepted, output, reset, state }`.
+//! `Done { accepted, output, effects: u8 flags (bit 0 reset, bit 1 power-off), state }`.
+//!
+//! Version 3 added the power-off flag (the ACPI power device asks for power-off as the
+//! i8042 asks for a reset); version 2 had a reset byte of 0 or 1 there.
 //!
 //! Every response carries the device's state after the request (a few bytes: the UART's
 //! registers and receive FIFO), which the hypervisor keeps and never interprets. A
@@ -29,7 +32,7 @@
 use arbitrary::Arbitrary;
 
 /// The protocol version this code speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame (after the length word): a `Done` with full output and state.
 pub const MAX_FRAME: usize = 8 + 2 + 2 + MAX_INPUT + 1 + 2 + MAX_STATE;
 /// Largest device state.
@@ -45,6 +48,11 @@ const KIND_INPUT: u16 = 3;
 const KIND_RESTORE: u16 = 4;
 const KIND_READ_DONE: u16 = 0x81;
 const KIND_DONE: u16 = 0x82;
+
+/// `Done` effect flag: the device asked for a machine reset.
+const EFFECT_RESET: u8 = 1 << 0;
+/// `Done` effect flag: the device asked for power-off.
+const EFFECT_POWER_OFF: u8 = 1 << 1;
 
 /// A request from the hypervisor.
 #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
@@ -91,8 +99,11 @@ pub enum Response {
         accepted: u16,
         /// What the device wrote to its output meanwhile (the console), up to MAX_INPUT.
         output: Vec<u8>,
-        /// The device asked for a machine reset (the i8042's reset line).
+        /// The device asked for a machine reset (the i8042's reset line, the ACPI reset
+        /// register).
         reset: bool,
+        /// The device asked for power-off (the ACPI sleep control register, S5).
+        power_off: bool,
         /// The device's state after the request, up to MAX_STATE bytes.
         state: Vec<u8>,
     },
@@ -271,11 +282,18 @@ impl Response {
                 push_u16_bytes(&mut payload, truncated(state, MAX_STATE));
                 frame(seq, KIND_READ_DONE, &payload)
             }
-            Response::Done { accepted, output, reset, state } => {
+            Response::Done { accepted, output, reset, power_off, state } => {
                 let output = truncated(output, MAX_INPUT);
                 let mut payload = accepted.to_le_bytes().to_vec();
                 push_u16_bytes(&mut payload, output);
-                payload.push(u8::from(*reset));
+                let mut effects = 0;
+                if *reset {
+                    effects |= EFFECT_RESET;
+                }
+                if *power_off {
+                    effects |= EFFECT_POWER_OFF;
+                }
+                payload.push(effects);
                 push_u16_bytes(&mut payload, truncated(state, MAX_STATE));
                 frame(seq, KIND_DONE, &payload)
             }
@@ -296,13 +314,13 @@ impl Response {
                     return Err(DecodeError::BadField("accepted input"));
                 }
                 let output = c.bytes_u16(MAX_INPUT, "output length")?;
-                let reset = match c.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::BadField("reset flag")),
-                };
+                let effects = c.u8()?;
+                if effects & !(EFFECT_RESET | EFFECT_POWER_OFF) != 0 {
+                    return Err(DecodeError::BadField("effect flags"));
+                }
+                let (reset, power_off) = (effects & EFFECT_RESET != 0, effects & EFFECT_POWER_OFF != 0);
                 let state = c.bytes_u16(MAX_STATE, "state length")?;
-                Response::Done { accepted, output, reset, state }
+                Response::Done { accepted, output, reset, power_off, state }
             }
             other => return Err(DecodeError::UnknownKind(other)),
         };
@@ -424,7 +442,15 @@ mod tests {
         }
         let responses = [
             Response::ReadDone { data: vec![0x60], state: vec![7; MAX_STATE] },
-            Response::Done { accepted: 3, output: b"ok\n".to_vec(), reset: true, state: vec![] },
+            Response::Done {
+                accepted: 3,
+                output: b"ok\n".to_vec(),
+                reset: true,
+                power_off: false,
+                state: vec![],
+            },
+            Response::Done { accepted: 0, output: vec![], reset: false, power_off: true, state: vec![1] },
+            Response::Done { accepted: 0, output: vec![], reset: true, power_off: true, state: vec![] },
         ];
         for response in responses {
             let bytes = response.encode(9);
@@ -453,5 +479,31 @@ mod tests {
         assert!(matches!(Response::decode(&[0u8; MAX_FRAME + 1]), Err(DecodeError::BadLength(_))));
         let mut stream: &[u8] = &u32::MAX.to_le_bytes();
         assert!(matches!(read_frame(&mut stream), Ok(Err(DecodeError::BadLength(_)))));
+    }
+
+    #[test]
+    fn effect_flags_are_two_bits_and_nothing_else() {
+        let done = |reset, power_off| Response::Done {
+            accepted: 0,
+            output: vec![],
+            reset,
+            power_off,
+            state: vec![],
+        };
+        // accepted (2), output length (2), then the flags byte.
+        let flags_at = 4 + 8 + 2 + 2;
+        for (reset, power_off, flags) in
+            [(false, false, 0u8), (true, false, 1), (false, true, 2), (true, true, 3)]
+        {
+            let bytes = done(reset, power_off).encode(1);
+            assert_eq!(bytes[flags_at], flags);
+        }
+        let mut unknown = done(true, false).encode(1);
+        unknown[flags_at] = 4;
+        assert_eq!(Response::decode(&unknown[4..]), Err(DecodeError::BadField("effect flags")));
+        // A version-2 peer is refused, not misread.
+        let mut old = done(false, true).encode(1);
+        old[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(Response::decode(&old[4..]), Err(DecodeError::BadVersion(2)));
     }
 }

@@ -353,12 +353,34 @@ mod kvm {
     const fn ior(nr: u64, size: u64) -> u64 {
         (2 << 30) | (size << 16) | (KVMIO << 8) | nr
     }
+    const fn iow(nr: u64, size: u64) -> u64 {
+        (1 << 30) | (size << 16) | (KVMIO << 8) | nr
+    }
+    const fn iowr(nr: u64, size: u64) -> u64 {
+        (3 << 30) | (size << 16) | (KVMIO << 8) | nr
+    }
     /// `_IO(KVMIO, 0x80)`.
     pub(super) const RUN: u64 = io(0x80);
     /// `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
     pub(super) const GET_REGS: u64 = ior(0x81, 144);
     /// `_IOR(KVMIO, 0x83, struct kvm_sregs)` (312 bytes).
     pub(super) const GET_SREGS: u64 = ior(0x83, 312);
+    /// What a vCPU thread does to put its own vCPU back to its power-on state when the
+    /// VM restarts (`--on-reboot restart`), and vCPU 0's reset of the in-kernel interrupt
+    /// controllers: `KVM_SET_REGS`, `KVM_SET_SREGS`, `KVM_SET_MSRS`, `KVM_SET_FPU`,
+    /// `KVM_SET_LAPIC`, `KVM_SET_MP_STATE`, `KVM_SET_VCPU_EVENTS`, `KVM_GET_IRQCHIP`,
+    /// `KVM_SET_IRQCHIP` (`_IOR`, as the kernel declares it).
+    pub(super) const RESET: [u64; 9] = [
+        iow(0x82, 144),
+        iow(0x84, 312),
+        iow(0x89, 8),
+        iow(0x8d, 416),
+        iow(0x8f, 1024),
+        iow(0x99, 4),
+        iow(0xa0, 64),
+        iowr(0x62, 520),
+        ior(0x63, 520),
+    ];
 }
 
 /// The allowlist of `kind`; see each call's reason.
@@ -367,9 +389,12 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
     base(&mut rules, own_pid)?;
     match kind {
         ThreadKind::Vcpu => {
-            // KVM_RUN; the registers only to name RIP when a vCPU fails. No other ioctl:
-            // a vCPU thread never sets up KVM state.
-            arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &[kvm::RUN, kvm::GET_REGS, kvm::GET_SREGS])?;
+            // KVM_RUN; the registers only to name RIP when a vCPU fails; and the resets of
+            // a VM restart (its own vCPU and the interrupt controllers). A vCPU thread
+            // never creates KVM state or maps memory.
+            let mut ioctls = vec![kvm::RUN, kvm::GET_REGS, kvm::GET_SREGS];
+            ioctls.extend(kvm::RESET);
+            arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &ioctls)?;
             // Exits dispatched to devices: eventfds (a device's stop event, read and
             // created when the guest activates a virtio device), proxies and vhost-user
             // frontends of partitions.
