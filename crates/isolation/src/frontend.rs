@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use splitvisor_devices::virtio::block;
 use splitvisor_devices::virtio::{
     ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type,
 };
@@ -46,7 +47,7 @@ use crate::deadline::Deadline;
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bytes of virtio-blk configuration space the frontend caches.
-const CONFIG_SIZE: u32 = 24;
+const CONFIG_SIZE: u32 = splitvisor_devices::virtio::block::CONFIG_SIZE as u32;
 
 /// Errors talking to a vhost-user backend.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +137,8 @@ impl Handshake {
         let protocol = offered
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::MQ);
         request("SET_PROTOCOL_FEATURES", frontend.set_protocol_features(protocol))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every request is acknowledged: a backend's refusal is seen where it happens,
@@ -159,6 +161,16 @@ impl Handshake {
     /// The virtio features the backend offers.
     pub fn features(&self) -> u64 {
         self.features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// The request queues the backend's device has: `num_queues` of its configuration
+    /// space if it offers VIRTIO_BLK_F_MQ (at most [`block::MAX_QUEUES`]), else one.
+    pub fn queues(&self) -> u16 {
+        if self.features & block::feature::MQ == 0 {
+            return 1;
+        }
+        let num_queues = self.config.get(34..36).map_or(1, |b| u16::from_le_bytes([b[0], b[1]]));
+        num_queues.clamp(1, block::MAX_QUEUES)
     }
 }
 
@@ -232,7 +244,7 @@ pub struct VhostUserBlk {
     backend: Option<Handshake>,
     features: u64,
     config: Vec<u8>,
-    queue_sizes: [u16; 1],
+    queue_sizes: Vec<u16>,
     inflight: Option<Inflight>,
     activation: Option<Activation>,
     /// Written by a backend that finds the queue broken by the guest.
@@ -260,8 +272,8 @@ impl VhostUserBlk {
         Ok(Self {
             features: handshake.features,
             config: handshake.config.clone(),
+            queue_sizes: vec![block::QUEUE_SIZE; usize::from(handshake.queues())],
             backend: Some(handshake),
-            queue_sizes: [splitvisor_devices::virtio::block::QUEUE_SIZE],
             inflight: None,
             activation: None,
             queue_error: EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Connect)?,
@@ -387,7 +399,9 @@ impl VhostUserBlk {
         if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             if inflight.is_none() {
                 let max = activation.queues.iter().map(|q| q.max_size).max().unwrap_or(1);
-                let asked = VhostUserInflight::new(0, 0, activation.queues.len() as u16, max);
+                // Every queue the device has: the region is indexed by queue index.
+                let queues = activation.queues.iter().map(|q| q.index + 1).max().unwrap_or(1) as u16;
+                let asked = VhostUserInflight::new(0, 0, queues, max);
                 let (shape, file) = request("GET_INFLIGHT_FD", frontend.get_inflight_fd(&asked))?;
                 *inflight = Some(Inflight { file, shape });
             }
@@ -446,7 +460,9 @@ impl VhostUserBlk {
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
         let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
-        for index in 0..self.queue_sizes.len() {
+        let started: Vec<usize> =
+            self.activation.as_ref().map(|a| a.queues.iter().map(|q| q.index).collect()).unwrap_or_default();
+        for index in started {
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
             let stopped = backend
                 .frontend

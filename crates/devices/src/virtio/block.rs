@@ -619,18 +619,20 @@ impl Block {
         features: u64,
     ) -> Result<(), ActivateError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let mut worker = BlockWorker::with_engine(
-            mem,
-            active.queue,
-            interrupt.clone(),
-            self.disk.clone(),
-            self.id,
-            self.engine,
-        )
-        .with_features(features);
-        if let Some(journal) = &self.journal {
-            worker = worker.with_journal(journal());
-        }
+        let journal = self.journal.as_ref().map(|journal| journal());
+        let (disk, id, engine, queue) = (self.disk.clone(), self.id, self.engine, active.queue);
+        let worker_interrupt = interrupt.clone();
+        // The worker (and its I/O engine: an io_uring, or the pool's threads) is set up on
+        // its own thread, whose seccomp filter allows that, not on the vCPU that activated
+        // the device.
+        let make_worker = move || {
+            let worker = BlockWorker::with_engine(mem, queue, worker_interrupt, disk, id, engine)
+                .with_features(features);
+            match journal {
+                Some(journal) => worker.with_journal(journal),
+                None => worker,
+            }
+        };
         let panicked = self.panicked.clone();
         let kick = active.kick;
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
@@ -638,7 +640,7 @@ impl Block {
         let interrupt = interrupt.clone();
         let name = if self.queues() > 1 { format!("virtio-blk-q{}", active.index) } else { "virtio-blk".into() };
         let thread = threads::spawn(ThreadKind::DeviceWorker, &name, move || {
-            let run = std::panic::AssertUnwindSafe(|| worker.run(&kick, &stop_worker));
+            let run = std::panic::AssertUnwindSafe(|| make_worker().run(&kick, &stop_worker));
             if let Err(payload) = std::panic::catch_unwind(run) {
                 record_panic(&panic_slot, panic_message(payload.as_ref()));
                 if let Err(e) = interrupt.request_reset() {

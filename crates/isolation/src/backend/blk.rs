@@ -1,12 +1,15 @@
 //! virtio-blk over vhost-user: the very request engine ([`BlockRequests`]) the monolithic
-//! layout runs in the hypervisor, served from a driver partition.
+//! layout runs in the hypervisor, served from a driver partition. With more than one
+//! queue the device offers VIRTIO_BLK_F_MQ (and vhost-user's MQ protocol feature), and
+//! each queue is served on its own thread with its own I/O engine.
 
 use std::sync::Arc;
 
 use splitvisor_devices::virtio::GuestMemoryMmap;
 use splitvisor_devices::virtio::block::{
-    self, BlockRequests, DiskImage, Processed, QUEUE_SIZE, QueueError, RequestJournal,
+    self, BlockRequests, DiskImage, MAX_QUEUES, Processed, QUEUE_SIZE, QueueError, RequestJournal,
 };
+use splitvisor_devices::virtio::block_io::EngineKind;
 use virtio_queue::Queue;
 
 use super::{QueueServer, VhostUserDevice};
@@ -15,6 +18,8 @@ use super::{QueueServer, VhostUserDevice};
 pub struct BlockDevice {
     disk: Arc<DiskImage>,
     id: [u8; block::ID_BYTES],
+    queues: u16,
+    engine: EngineKind,
     /// Test hook: tried when the first request arrives (the sandbox must kill us).
     #[cfg(feature = "test-hooks")]
     attempt: std::sync::Mutex<Option<crate::sandbox::testing::Forbidden>>,
@@ -26,9 +31,23 @@ impl BlockDevice {
         Self {
             disk: Arc::new(disk),
             id: block::id_bytes(id),
+            queues: 1,
+            engine: EngineKind::Auto,
             #[cfg(feature = "test-hooks")]
             attempt: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The device offers `queues` request queues (1 to [`MAX_QUEUES`]).
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        self.queues = queues.clamp(1, MAX_QUEUES);
+        self
+    }
+
+    /// Each queue moves data with the engine `kind`.
+    pub fn with_engine(mut self, kind: EngineKind) -> Self {
+        self.engine = kind;
+        self
     }
 
     /// The image's fd (kept open across the sandbox).
@@ -48,7 +67,7 @@ impl BlockDevice {
 
 impl VhostUserDevice for BlockDevice {
     fn num_queues(&self) -> u16 {
-        1
+        self.queues
     }
 
     fn max_queue_size(&self) -> u16 {
@@ -56,15 +75,15 @@ impl VhostUserDevice for BlockDevice {
     }
 
     fn features(&self) -> u64 {
-        block::device_features(&self.disk)
+        block::device_features(&self.disk, self.queues)
     }
 
     fn config(&self) -> Vec<u8> {
-        block::config_space(&self.disk).to_vec()
+        block::config_space(&self.disk, self.queues).to_vec()
     }
 
     fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
-        let mut requests = BlockRequests::new(memory, self.disk.clone(), self.id);
+        let mut requests = BlockRequests::with_engine(memory, self.disk.clone(), self.id, self.engine);
         requests.set_features(features);
         Box::new(BlockQueue {
             requests,
@@ -100,5 +119,9 @@ impl QueueServer for BlockQueue {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.requests.resubmit(queue, heads, journal)
+    }
+
+    fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
+        self.requests.set_notifier(notify);
     }
 }
