@@ -1122,6 +1122,18 @@ impl BlockRequests {
                 None
             }
         };
+        Self::with_io_engine(mem, disk, id, engine)
+    }
+
+    /// As [`BlockRequests::new`], on `engine` (which must move data to and from `disk`;
+    /// `None`: every transfer fails with IOERR). Tests and fuzzers plug in engines that
+    /// complete in an order they choose.
+    pub fn with_io_engine(
+        mem: GuestMemoryMmap,
+        disk: Arc<DiskImage>,
+        id: [u8; ID_BYTES],
+        engine: Option<Box<dyn IoEngine>>,
+    ) -> Self {
         Self {
             mem,
             disk,
@@ -1939,7 +1951,7 @@ mod tests {
         let hdr = HDR + 0x100 * u64::from(head);
         write_blk_header(mem, hdr, kind, sector);
         let first = 3 * head;
-        let data_flags = if kind == request_type::IN { DESC_F_WRITE } else { 0 };
+        let data_flags = if matches!(kind, request_type::IN | request_type::GET_ID) { DESC_F_WRITE } else { 0 };
         driver.write_descriptor(first, hdr, 16, DESC_F_NEXT, first + 1);
         driver.write_descriptor(
             first + 1,
@@ -2073,4 +2085,342 @@ mod tests {
         assert_ne!(block.device_features() & features::RING_INDIRECT_DESC, 0);
         assert_eq!(block.device_features() & feature::RO, 0);
     }
+
+    /// An engine that runs the transfers pushed since the last wait when waited for, the
+    /// last pushed first, moving at most `chunk` bytes each; it logs what it did.
+    struct Reversing {
+        disk: Arc<DiskImage>,
+        queued: Vec<Transfer>,
+        chunk: Option<usize>,
+        log: Arc<Mutex<Vec<String>>>,
+        outstanding: usize,
+    }
+
+    impl Reversing {
+        fn boxed(disk: &Arc<DiskImage>, chunk: Option<usize>, log: &Arc<Mutex<Vec<String>>>) -> Box<dyn IoEngine> {
+            Box::new(Self { disk: disk.clone(), queued: Vec::new(), chunk, log: log.clone(), outstanding: 0 })
+        }
+    }
+
+    impl IoEngine for Reversing {
+        fn name(&self) -> &'static str {
+            "reversing"
+        }
+
+        unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+            self.log.lock().unwrap().push(format!("push {:?} {}", transfer.op, transfer.tag));
+            self.queued.push(transfer);
+            self.outstanding += 1;
+            Ok(())
+        }
+
+        fn submit(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+            while let Some(mut transfer) = self.queued.pop() {
+                let mut short = Vec::new();
+                if let (Some(chunk), true) = (self.chunk, transfer.op != IoOp::Sync) {
+                    // SAFETY: the engine's caller keeps the iovecs valid until completion.
+                    let iovecs = unsafe { std::slice::from_raw_parts(transfer.iovecs, transfer.count as usize) };
+                    let mut left = chunk;
+                    for iov in iovecs {
+                        if left == 0 {
+                            break;
+                        }
+                        let len = iov.iov_len.min(left);
+                        short.push(libc::iovec { iov_base: iov.iov_base, iov_len: len });
+                        left -= len;
+                    }
+                    transfer.iovecs = short.as_ptr();
+                    transfer.count = short.len() as u32;
+                }
+                // SAFETY: as above; `short` lives until after the call.
+                let result = unsafe { block_io::execute(self.disk.file().as_raw_fd(), &transfer) };
+                self.log.lock().unwrap().push(format!("done {:?} {}", transfer.op, transfer.tag));
+                done.push(Completion { tag: transfer.tag, result });
+                self.outstanding -= 1;
+            }
+            Ok(())
+        }
+
+        fn outstanding(&self) -> usize {
+            self.outstanding
+        }
+    }
+
+    fn reversing_engine(
+        mem: &GuestMemoryMmap,
+        chunk: Option<usize>,
+    ) -> (BlockRequests, File, Arc<Mutex<Vec<String>>>) {
+        let (disk, inspect) = memory_disk(64, false);
+        let disk = Arc::new(disk);
+        let log = Arc::default();
+        let engine = Reversing::boxed(&disk, chunk, &log);
+        (BlockRequests::with_io_engine(mem.clone(), disk, id_bytes("o"), Some(engine)), inspect, log)
+    }
+
+    #[test]
+    fn requests_of_one_kick_complete_out_of_order_and_the_journal_follows_each() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect, log) = reversing_engine(&mem, None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        for head in 1..=3u16 {
+            chain(&mem, &driver, head, request_type::OUT, 2 * u64::from(head));
+            mem.write_slice(&[0x10 * head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            driver.publish(3 * head);
+        }
+        let mut journal = Recorder::default();
+        let processed = requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(processed.completed, 3);
+        assert_eq!(
+            journal.0,
+            [
+                "fetched 3",
+                "fetched 6",
+                "fetched 9",
+                "completing 9",
+                "completed 9 at 1",
+                "completing 6",
+                "completed 6 at 2",
+                "completing 3",
+                "completed 3 at 3"
+            ],
+            "all three in flight at once, each returned on its own as it completes"
+        );
+        assert_eq!(log.lock().unwrap()[..3], ["push Write 0", "push Write 1", "push Write 2"]);
+        assert_eq!([driver.used_elem(0), driver.used_elem(1), driver.used_elem(2)], [(9, 1), (6, 1), (3, 1)]);
+        for head in 1..=3u16 {
+            let mut sector = [0u8; 512];
+            inspect.read_exact_at(&mut sector, 2 * u64::from(head) * 512).unwrap();
+            assert_eq!(sector, [0x10 * head as u8; 512]);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(), request_status::OK);
+        }
+        assert_eq!(requests.stats().transfers, 3);
+    }
+
+    #[test]
+    fn requests_one_at_a_time_with_depth_one() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _, _) = reversing_engine(&mem, None);
+        requests.set_depth(1);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        for head in 1..=2u16 {
+            chain(&mem, &driver, head, request_type::IN, 0);
+            driver.publish(3 * head);
+        }
+        let mut journal = Recorder::default();
+        requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(
+            journal.0,
+            ["fetched 3", "completing 3", "completed 3 at 1", "fetched 6", "completing 6", "completed 6 at 2"]
+        );
+    }
+
+    #[test]
+    fn a_short_transfer_goes_on_where_it_stopped() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect, _) = reversing_engine(&mem, Some(512));
+        let pattern: Vec<u8> = (0..2048u32).map(|i| (i * 13 % 251) as u8).collect();
+        inspect.write_all_at(&pattern, 5 * 512).unwrap();
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        write_blk_header(&mem, HDR, request_type::IN, 5);
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, DATA, 1024, DESC_F_WRITE | DESC_F_NEXT, 2);
+        driver.write_descriptor(2, DATA + 0x1000, 1024, DESC_F_WRITE | DESC_F_NEXT, 3);
+        driver.write_descriptor(3, STATUS, 1, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 1);
+        assert_eq!(requests.stats().transfers, 4, "four transfers of 512 bytes");
+        assert_eq!(driver.used_elem(0), (0, 2049));
+        let mut read = vec![0u8; 2048];
+        mem.read_slice(&mut read[..1024], GuestAddress(DATA)).unwrap();
+        mem.read_slice(&mut read[1024..], GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(read, pattern);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), request_status::OK);
+    }
+
+    #[test]
+    fn flush_waits_for_every_earlier_request() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _, log) = reversing_engine(&mem, None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::OUT, 0);
+        chain(&mem, &driver, 2, request_type::OUT, 1);
+        chain(&mem, &driver, 3, request_type::FLUSH, 0);
+        for head in [3, 6, 9] {
+            driver.publish(head);
+        }
+        let mut journal = Recorder::default();
+        assert_eq!(requests.process_queue_with(&mut queue, &mut journal).unwrap().completed, 3);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["push Write 0", "push Write 1", "done Write 1", "done Write 0", "push Sync 0", "done Sync 0"],
+            "the sync starts once both writes reached the file"
+        );
+        assert_eq!(journal.0[7..], ["completing 9", "completed 9 at 3"]);
+        assert_eq!(requests.stats().syncs, 1);
+    }
+
+    /// 15 writes in one kick, then 15 reads of them in another, on the engine `kind`.
+    fn batch_through(kind: EngineKind) {
+        let mem = guest_memory(0x10_0000);
+        let (disk, inspect) = memory_disk(64, false);
+        let mut requests = BlockRequests::with_engine(mem.clone(), Arc::new(disk), id_bytes("b"), kind);
+        let name = if kind == EngineKind::Threads { "threads" } else { "io_uring" };
+        assert_eq!(requests.engine_name(), Some(name));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 64);
+        let mut queue = driver.device_queue();
+        for head in 1..=15u16 {
+            chain(&mem, &driver, head, request_type::OUT, u64::from(head));
+            mem.write_slice(&[head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            driver.publish(3 * head);
+        }
+        let processed = requests.process_queue(&mut queue).unwrap();
+        assert_eq!((processed.completed, requests.stats().transfers), (15, 15));
+        for head in 1..=15u16 {
+            let mut sector = [0u8; 512];
+            inspect.read_exact_at(&mut sector, u64::from(head) * 512).unwrap();
+            assert_eq!(sector, [head as u8; 512], "{name}: sector {head}");
+            mem.write_slice(&[0u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            chain(&mem, &driver, head, request_type::IN, u64::from(head));
+            driver.publish(3 * head);
+        }
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 15);
+        for head in 1..=15u16 {
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            assert_eq!(data, [head as u8; 512], "{name}: read back {head}");
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(), request_status::OK);
+        }
+        assert_eq!(driver.used_idx(), 30);
+    }
+
+    #[test]
+    fn a_batch_goes_through_io_uring() {
+        batch_through(EngineKind::IoUring);
+    }
+
+    #[test]
+    fn a_batch_goes_through_the_thread_pool_fallback() {
+        batch_through(EngineKind::Threads);
+    }
+
+    #[test]
+    fn without_an_engine_transfers_fail_and_the_queue_goes_on() {
+        let mem = guest_memory(0x10_0000);
+        let (disk, _) = memory_disk(64, false);
+        let mut requests = BlockRequests::with_io_engine(mem.clone(), Arc::new(disk), id_bytes("n"), None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::IN, 0);
+        chain(&mem, &driver, 2, request_type::GET_ID, 0);
+        driver.publish(3);
+        driver.publish(6);
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 2);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), request_status::IOERR);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 2)).unwrap(), request_status::OK);
+    }
+
+    #[test]
+    fn several_queues_are_offered_with_mq() {
+        let (disk, _) = memory_disk(64, false);
+        let block = Block::new(disk, "x").with_queues(4);
+        assert_eq!(block.queue_max_sizes(), [QUEUE_SIZE; 4]);
+        assert_ne!(block.device_features() & feature::MQ, 0);
+        let mut num_queues = [0u8; 2];
+        block.read_config(34, &mut num_queues);
+        assert_eq!(u16::from_le_bytes(num_queues), 4);
+        let (disk, _) = memory_disk(64, false);
+        let single = Block::new(disk, "x");
+        assert_eq!(single.queue_max_sizes(), [QUEUE_SIZE]);
+        assert_eq!(single.device_features() & feature::MQ, 0);
+        let (disk, _) = memory_disk(64, false);
+        assert_eq!(Block::new(disk, "x").with_queues(1000).queue_max_sizes().len(), usize::from(MAX_QUEUES));
+    }
+
+    /// A 64-sector image file in the temporary directory (O_DIRECT needs a real file
+    /// system), removed on drop.
+    struct TempImage(PathBuf);
+
+    impl TempImage {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("splitvisor-blk-{}-{name}.img", std::process::id()));
+            File::create(&path).unwrap().set_len(64 * 512).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn cache_none_moves_aligned_buffers_and_refuses_the_others() {
+        let image = TempImage::new("direct");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::None).unwrap();
+        assert_eq!(disk.cache(), CacheMode::None);
+        let align = disk.direct_io().unwrap();
+        assert!(align.memory.is_power_of_two() && align.offset.is_power_of_two(), "{align:?}");
+        assert_eq!(disk.block_size(), (align.offset as u32).max(512));
+        let mem = guest_memory(0x10_0000);
+        let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("d"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        assert_eq!(direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA, 8), request_status::OK);
+        let mut on_disk = vec![0u8; 4096];
+        File::open(&image.0).unwrap().read_exact_at(&mut on_disk, 8 * 512).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0x5a), "the write reached the file");
+        // Guest memory is page-aligned on the host: a buffer one byte in is not aligned.
+        assert_eq!(
+            direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16),
+            request_status::IOERR
+        );
+
+        // The same request through the page cache is fine.
+        let image = TempImage::new("cached");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::Writeback).unwrap();
+        assert_eq!((disk.cache(), disk.direct_io(), disk.block_size()), (CacheMode::Writeback, None, 512));
+        let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("c"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        assert_eq!(direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16), request_status::OK);
+    }
+
+    /// A 4 KiB write of 0x5a bytes from `data` to `sector`; its status.
+    fn direct_write(
+        mem: &GuestMemoryMmap,
+        requests: &mut BlockRequests,
+        driver: &mut DriverQueue<'_>,
+        queue: &mut Queue,
+        data: u64,
+        sector: u64,
+    ) -> u8 {
+        write_blk_header(mem, HDR, request_type::OUT, sector);
+        mem.write_slice(&[0x5a; 4096], GuestAddress(data)).unwrap();
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, data, 4096, DESC_F_NEXT, 2);
+        driver.write_descriptor(2, STATUS, 1, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(requests.process_queue(queue).unwrap().completed, 1);
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn a_cache_none_image_handed_over_as_an_fd_keeps_o_direct() {
+        let image = TempImage::new("handed");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::None).unwrap();
+        let fd = disk.file().try_clone().unwrap();
+        drop(disk);
+        let received = DiskImage::from_file(fd, false, "fd").unwrap();
+        assert_eq!(received.cache(), CacheMode::None);
+    }
+
 }

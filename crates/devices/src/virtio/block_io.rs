@@ -313,6 +313,16 @@ fn pool_worker(shared: &PoolShared, disk: &DiskImage) {
     }
 }
 
+/// Runs `transfer` on `fd` with one system call (what the pool's threads do): the bytes
+/// moved, or a negative errno.
+///
+/// # Safety
+/// The transfer's iovecs must describe memory valid for the kernel to write (a read) or
+/// read (a write) for the duration of the call.
+pub unsafe fn execute(fd: i32, transfer: &Transfer) -> i64 {
+    run(fd, transfer)
+}
+
 /// One system call for `transfer`: bytes moved or a negative errno.
 fn run(fd: i32, transfer: &Transfer) -> i64 {
     let Ok(offset) = libc::off_t::try_from(transfer.offset) else {
