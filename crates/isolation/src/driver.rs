@@ -304,7 +304,8 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
                 config = config.ready_fd(ready);
             }
             sandbox::apply(&config)?;
-            let device = BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
+            let device =
+                BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
             #[cfg(feature = "test-hooks")]
             let device = device.with_attempt(args.test_attempt);
             backend::serve(stream, Arc::new(device), faults)?;

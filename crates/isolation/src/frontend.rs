@@ -124,7 +124,8 @@ impl Handshake {
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
         let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
-        let mut frontend = Frontend::from_stream(stream, 1);
+        // Queue indices are checked against the device's own queue count.
+        let mut frontend = Frontend::from_stream(stream, u64::from(block::MAX_QUEUES));
         request("SET_OWNER", frontend.set_owner())?;
         let features = request("GET_FEATURES", frontend.get_features())?;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {

@@ -73,7 +73,13 @@ pub enum DiskConfig {
 impl DiskConfig {
     /// A read-write image with the default ID.
     pub fn image(path: impl Into<PathBuf>) -> Self {
-        Self::Image { path: path.into(), read_only: false, serial: None, queues: None, cache: CacheMode::Writeback }
+        Self::Image {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            queues: None,
+            cache: CacheMode::Writeback,
+        }
     }
 
     /// The same disk, read-only.

@@ -638,7 +638,8 @@ impl Block {
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let panic_slot = self.worker_panic.clone();
         let interrupt = interrupt.clone();
-        let name = if self.queues() > 1 { format!("virtio-blk-q{}", active.index) } else { "virtio-blk".into() };
+        let name =
+            if self.queues() > 1 { format!("virtio-blk-q{}", active.index) } else { "virtio-blk".into() };
         let thread = threads::spawn(ThreadKind::DeviceWorker, &name, move || {
             let run = std::panic::AssertUnwindSafe(|| make_worker().run(&kick, &stop_worker));
             if let Err(payload) = std::panic::catch_unwind(run) {
@@ -840,14 +841,7 @@ impl BlockWorker {
                 log::warn!("virtio-blk: cannot interrupt the driver: {e}");
             }
         }));
-        Self {
-            requests,
-            queue,
-            interrupt,
-            broken: false,
-            pending: false,
-            journal: Box::new(NoJournal),
-        }
+        Self { requests, queue, interrupt, broken: false, pending: false, journal: Box::new(NoJournal) }
     }
 
     /// Tells `journal` about every request (fault injection, say).
@@ -1114,7 +1108,12 @@ impl BlockRequests {
 
     /// As [`BlockRequests::new`], on the engine `kind`. If that engine cannot be set up,
     /// every transfer fails with IOERR (and the reason is logged).
-    pub fn with_engine(mem: GuestMemoryMmap, disk: Arc<DiskImage>, id: [u8; ID_BYTES], kind: EngineKind) -> Self {
+    pub fn with_engine(
+        mem: GuestMemoryMmap,
+        disk: Arc<DiskImage>,
+        id: [u8; ID_BYTES],
+        kind: EngineKind,
+    ) -> Self {
         let engine = match block_io::open(&disk, kind) {
             Ok(engine) => Some(engine),
             Err(e) => {
@@ -1253,7 +1252,9 @@ impl BlockRequests {
                 pending = self.available(queue)? > 0;
                 break;
             }
-            if !queue.event_idx_enabled() || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)? {
+            if !queue.event_idx_enabled()
+                || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
+            {
                 break;
             }
         }
@@ -1333,7 +1334,8 @@ impl BlockRequests {
                 // Every request taken before it completes (and so reached the file) first.
                 let mut completed = self.drain(queue, journal)?;
                 self.stats.syncs += 1;
-                let slot = Slot { head, status, op: IoOp::Sync, offset: 0, iov: 0, iov_end: 0, moved: 0, len: 0 };
+                let slot =
+                    Slot { head, status, op: IoOp::Sync, offset: 0, iov: 0, iov_end: 0, moved: 0, len: 0 };
                 completed += self.start(queue, slot, journal)?;
                 self.submit();
                 completed += self.drain(queue, journal)?;
@@ -1344,7 +1346,9 @@ impl BlockRequests {
                 let range = loop {
                     match self.map_data(writable, skip, len, rings) {
                         Ok(range) => break Some(range),
-                        Err(MapError::Full) if self.in_flight() > 0 => completed += self.drain(queue, journal)?,
+                        Err(MapError::Full) if self.in_flight() > 0 => {
+                            completed += self.drain(queue, journal)?
+                        }
                         Err(_) => break None,
                     }
                 };
@@ -1364,7 +1368,12 @@ impl BlockRequests {
 
     /// Hands `slot`'s transfer to the engine; if it cannot take it, the request fails at
     /// once (returns 1).
-    fn start(&mut self, queue: &mut Queue, slot: Slot, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
+    fn start(
+        &mut self,
+        queue: &mut Queue,
+        slot: Slot,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
         let Some(tag) = self.free.pop() else {
             // `begin` is called only with a free slot.
             self.finish(queue, slot.head, slot.status, Outcome::status(request_status::IOERR), journal)?;
@@ -1388,8 +1397,13 @@ impl BlockRequests {
         if slot.op != IoOp::Sync {
             self.stats.transfers += 1;
         }
-        let transfer =
-            Transfer { tag, op: slot.op, offset: slot.offset, iovecs: iovecs.as_ptr(), count: iovecs.len() as u32 };
+        let transfer = Transfer {
+            tag,
+            op: slot.op,
+            offset: slot.offset,
+            iovecs: iovecs.as_ptr(),
+            count: iovecs.len() as u32,
+        };
         // SAFETY: the iovecs are in the arena, which is neither moved nor rewritten while
         // a request uses them (it is emptied only once nothing is in flight), and they
         // point into guest memory that `self.mem` keeps mapped; every call that starts a
@@ -1545,7 +1559,12 @@ impl BlockRequests {
     }
 
     /// Pushes the rest of the request in `tag` again; if the engine refuses, it fails.
-    fn retry(&mut self, queue: &mut Queue, tag: u16, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
+    fn retry(
+        &mut self,
+        queue: &mut Queue,
+        tag: u16,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
         if self.push(tag).is_ok() {
             return Ok(0);
         }
@@ -1554,7 +1573,13 @@ impl BlockRequests {
         };
         self.free.push(tag);
         let written = if slot.op == IoOp::Read { slot.moved } else { 0 };
-        self.finish(queue, slot.head, slot.status, Outcome { status: request_status::IOERR, written }, journal)?;
+        self.finish(
+            queue,
+            slot.head,
+            slot.status,
+            Outcome { status: request_status::IOERR, written },
+            journal,
+        )?;
         Ok(1)
     }
 
@@ -1726,7 +1751,14 @@ impl BlockRequests {
                 // Every device-readable byte after the header.
                 let len = self.bytes(false) - HEADER_SIZE;
                 let offset = self.disk_offset(sector, len).ok_or_else(ioerr)?;
-                Ok(Prepared::Transfer { op: IoOp::Write, status, offset, len, writable: false, skip: HEADER_SIZE })
+                Ok(Prepared::Transfer {
+                    op: IoOp::Write,
+                    status,
+                    offset,
+                    len,
+                    writable: false,
+                    skip: HEADER_SIZE,
+                })
             }
             request_type::FLUSH => Ok(Prepared::Flush { status }),
             request_type::GET_ID => Err(self.get_id(rings)),
@@ -1760,7 +1792,13 @@ impl BlockRequests {
 
     /// Appends to the arena the pieces of guest memory behind `len` bytes of the chain's
     /// buffers in one direction, after `skip`; returns their range in the arena.
-    fn map_data(&mut self, writable: bool, skip: u64, len: u64, rings: &Rings) -> Result<(usize, usize), MapError> {
+    fn map_data(
+        &mut self,
+        writable: bool,
+        skip: u64,
+        len: u64,
+        rings: &Rings,
+    ) -> Result<(usize, usize), MapError> {
         let start = self.iovecs.used;
         let mut end = start;
         let align = self.disk.direct;
@@ -1799,9 +1837,9 @@ impl BlockRequests {
             return Outcome::status(request_status::IOERR);
         }
         // The same checks as a read's data: in guest memory, not over a ring.
-        let usable = self
-            .pieces(true, 0, len)
-            .all(|(addr, piece)| !rings.overlaps_any(addr, piece) && self.mem.check_range(GuestAddress(addr), piece as usize));
+        let usable = self.pieces(true, 0, len).all(|(addr, piece)| {
+            !rings.overlaps_any(addr, piece) && self.mem.check_range(GuestAddress(addr), piece as usize)
+        });
         if !usable {
             return Outcome::status(request_status::IOERR);
         }
@@ -1951,7 +1989,8 @@ mod tests {
         let hdr = HDR + 0x100 * u64::from(head);
         write_blk_header(mem, hdr, kind, sector);
         let first = 3 * head;
-        let data_flags = if matches!(kind, request_type::IN | request_type::GET_ID) { DESC_F_WRITE } else { 0 };
+        let data_flags =
+            if matches!(kind, request_type::IN | request_type::GET_ID) { DESC_F_WRITE } else { 0 };
         driver.write_descriptor(first, hdr, 16, DESC_F_NEXT, first + 1);
         driver.write_descriptor(
             first + 1,
@@ -2097,7 +2136,11 @@ mod tests {
     }
 
     impl Reversing {
-        fn boxed(disk: &Arc<DiskImage>, chunk: Option<usize>, log: &Arc<Mutex<Vec<String>>>) -> Box<dyn IoEngine> {
+        fn boxed(
+            disk: &Arc<DiskImage>,
+            chunk: Option<usize>,
+            log: &Arc<Mutex<Vec<String>>>,
+        ) -> Box<dyn IoEngine> {
             Box::new(Self { disk: disk.clone(), queued: Vec::new(), chunk, log: log.clone(), outstanding: 0 })
         }
     }
@@ -2123,7 +2166,8 @@ mod tests {
                 let mut short = Vec::new();
                 if let (Some(chunk), true) = (self.chunk, transfer.op != IoOp::Sync) {
                     // SAFETY: the engine's caller keeps the iovecs valid until completion.
-                    let iovecs = unsafe { std::slice::from_raw_parts(transfer.iovecs, transfer.count as usize) };
+                    let iovecs =
+                        unsafe { std::slice::from_raw_parts(transfer.iovecs, transfer.count as usize) };
                     let mut left = chunk;
                     for iov in iovecs {
                         if left == 0 {
@@ -2169,7 +2213,8 @@ mod tests {
         let mut queue = driver.device_queue();
         for head in 1..=3u16 {
             chain(&mem, &driver, head, request_type::OUT, 2 * u64::from(head));
-            mem.write_slice(&[0x10 * head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            mem.write_slice(&[0x10 * head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head)))
+                .unwrap();
             driver.publish(3 * head);
         }
         let mut journal = Recorder::default();
@@ -2196,7 +2241,10 @@ mod tests {
             let mut sector = [0u8; 512];
             inspect.read_exact_at(&mut sector, 2 * u64::from(head) * 512).unwrap();
             assert_eq!(sector, [0x10 * head as u8; 512]);
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(), request_status::OK);
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(),
+                request_status::OK
+            );
         }
         assert_eq!(requests.stats().transfers, 3);
     }
@@ -2216,7 +2264,14 @@ mod tests {
         requests.process_queue_with(&mut queue, &mut journal).unwrap();
         assert_eq!(
             journal.0,
-            ["fetched 3", "completing 3", "completed 3 at 1", "fetched 6", "completing 6", "completed 6 at 2"]
+            [
+                "fetched 3",
+                "completing 3",
+                "completed 3 at 1",
+                "fetched 6",
+                "completing 6",
+                "completed 6 at 2"
+            ]
         );
     }
 
@@ -2296,7 +2351,10 @@ mod tests {
             let mut data = [0u8; 512];
             mem.read_slice(&mut data, GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
             assert_eq!(data, [head as u8; 512], "{name}: read back {head}");
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(), request_status::OK);
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(),
+                request_status::OK
+            );
         }
         assert_eq!(driver.used_idx(), 30);
     }
@@ -2391,7 +2449,10 @@ mod tests {
         let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("c"));
         let mut driver = DriverQueue::new(&mem, 0x1000, 16);
         let mut queue = driver.device_queue();
-        assert_eq!(direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16), request_status::OK);
+        assert_eq!(
+            direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16),
+            request_status::OK
+        );
     }
 
     /// A 4 KiB write of 0x5a bytes from `data` to `sector`; its status.
@@ -2422,5 +2483,4 @@ mod tests {
         let received = DiskImage::from_file(fd, false, "fd").unwrap();
         assert_eq!(received.cache(), CacheMode::None);
     }
-
 }

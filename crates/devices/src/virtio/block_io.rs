@@ -119,7 +119,9 @@ pub fn open(disk: &Arc<DiskImage>, kind: EngineKind) -> io::Result<Box<dyn IoEng
         EngineKind::Auto => match Uring::new(disk) {
             Ok(uring) => Ok(Box::new(uring)),
             Err(e) => {
-                log::info!("virtio-blk: io_uring unavailable ({e}); using a pool of {POOL_THREADS} I/O threads");
+                log::info!(
+                    "virtio-blk: io_uring unavailable ({e}); using a pool of {POOL_THREADS} I/O threads"
+                );
                 Ok(Box::new(ThreadPool::new(disk, POOL_THREADS)?))
             }
         },
@@ -235,7 +237,10 @@ impl Drop for Uring {
         while self.outstanding > 0 {
             done.clear();
             if let Err(e) = self.wait(&mut done) {
-                log::error!("virtio-blk: io_uring wait failed with {} transfers in flight: {e}", self.outstanding);
+                log::error!(
+                    "virtio-blk: io_uring wait failed with {} transfers in flight: {e}",
+                    self.outstanding
+                );
                 break;
             }
         }
@@ -338,7 +343,11 @@ fn run(fd: i32, transfer: &Transfer) -> i64 {
         // SAFETY: fdatasync takes only the fd.
         IoOp::Sync => unsafe { libc::fdatasync(fd) as isize },
     };
-    if result < 0 { -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)) } else { result as i64 }
+    if result < 0 {
+        -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    } else {
+        result as i64
+    }
 }
 
 impl IoEngine for ThreadPool {
@@ -420,8 +429,13 @@ mod tests {
         let mut data: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i.wrapping_mul(17) | 1; 512]).collect();
         let iovecs: Vec<libc::iovec> = data.iter_mut().map(|d| iovec(d)).collect();
         for (tag, iov) in iovecs.iter().enumerate() {
-            let transfer =
-                Transfer { tag: tag as u16, op: IoOp::Write, offset: 512 * tag as u64, iovecs: iov, count: 1 };
+            let transfer = Transfer {
+                tag: tag as u16,
+                op: IoOp::Write,
+                offset: 512 * tag as u64,
+                iovecs: iov,
+                count: 1,
+            };
             // SAFETY: `data` and `iovecs` outlive the waits below.
             unsafe { engine.push(transfer) }.unwrap();
         }
