@@ -140,6 +140,11 @@ pub struct BlkArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "WHAT", hide = true)]
     pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
+    /// Test hook: move data on an engine that completes one transfer every MS
+    /// milliseconds, the last pushed first. Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, value_name = "MS", hide = true)]
+    pub test_slow_reversed_io: Option<u64>,
 }
 
 fn parse_engine(text: &str) -> Result<EngineKind, String> {
@@ -272,9 +277,12 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let sectors = image.sectors();
             let listener = listen(socket)?;
-            let device = Arc::new(
-                BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine),
-            );
+            let device =
+                BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
+            #[cfg(feature = "test-hooks")]
+            let device =
+                device.with_slow_reversed_engine(args.test_slow_reversed_io.map(std::time::Duration::from_millis));
+            let device = Arc::new(device);
             let keep = [listener.as_raw_fd(), device.image_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserBlk, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(

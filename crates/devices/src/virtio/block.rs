@@ -1626,9 +1626,9 @@ impl BlockRequests {
         used_len: u32,
         journal: &mut dyn RequestJournal,
     ) -> Result<(), QueueError> {
-        journal.completing(head);
         queue.add_used(&self.mem, head, used_len).map_err(QueueError::Broken)?;
         journal.completed(head, queue.next_used());
+        journal.completing(head);
         self.unsignalled = true;
         Ok(())
     }

@@ -20,6 +20,9 @@ pub struct BlockDevice {
     id: [u8; block::ID_BYTES],
     queues: u16,
     engine: EngineKind,
+    /// Test hook: each queue runs on [`testing::SlowReversed`] with this delay.
+    #[cfg(feature = "test-hooks")]
+    slow_reversed: Option<std::time::Duration>,
     /// Test hook: tried when the first request arrives (the sandbox must kill us).
     #[cfg(feature = "test-hooks")]
     attempt: std::sync::Mutex<Option<crate::sandbox::testing::Forbidden>>,
@@ -34,6 +37,8 @@ impl BlockDevice {
             queues: 1,
             engine: EngineKind::Auto,
             #[cfg(feature = "test-hooks")]
+            slow_reversed: None,
+            #[cfg(feature = "test-hooks")]
             attempt: std::sync::Mutex::new(None),
         }
     }
@@ -47,6 +52,15 @@ impl BlockDevice {
     /// Each queue moves data with the engine `kind`.
     pub fn with_engine(mut self, kind: EngineKind) -> Self {
         self.engine = kind;
+        self
+    }
+
+    /// Test hook: every queue moves data on an engine that holds each batch, completes
+    /// one transfer per `delay`, the last pushed first: many requests are in flight, and
+    /// complete out of order, whenever a test kills the process.
+    #[cfg(feature = "test-hooks")]
+    pub fn with_slow_reversed_engine(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.slow_reversed = delay;
         self
     }
 
@@ -83,6 +97,17 @@ impl VhostUserDevice for BlockDevice {
     }
 
     fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
+        #[cfg(feature = "test-hooks")]
+        let mut requests = match self.slow_reversed {
+            Some(delay) => BlockRequests::with_io_engine(
+                memory,
+                self.disk.clone(),
+                self.id,
+                Some(Box::new(testing::SlowReversed::new(&self.disk, delay))),
+            ),
+            None => BlockRequests::with_engine(memory, self.disk.clone(), self.id, self.engine),
+        };
+        #[cfg(not(feature = "test-hooks"))]
         let mut requests = BlockRequests::with_engine(memory, self.disk.clone(), self.id, self.engine);
         requests.set_features(features);
         Box::new(BlockQueue {
@@ -123,5 +148,61 @@ impl QueueServer for BlockQueue {
 
     fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
         self.requests.set_notifier(notify);
+    }
+}
+
+/// Test engines (only in builds with the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+pub mod testing {
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use splitvisor_devices::virtio::block::DiskImage;
+    use splitvisor_devices::virtio::block_io::{self, Completion, IoEngine, Transfer};
+
+    /// Holds the transfers pushed to it and, at each wait, sleeps `delay` and then runs
+    /// the one pushed last: requests stay in flight long and complete in reverse order.
+    pub struct SlowReversed {
+        disk: Arc<DiskImage>,
+        queued: Vec<Transfer>,
+        delay: Duration,
+    }
+
+    impl SlowReversed {
+        /// An engine on `disk` completing one transfer per `delay`.
+        pub fn new(disk: &Arc<DiskImage>, delay: Duration) -> Self {
+            Self { disk: disk.clone(), queued: Vec::with_capacity(block_io::MAX_IN_FLIGHT), delay }
+        }
+    }
+
+    impl IoEngine for SlowReversed {
+        fn name(&self) -> &'static str {
+            "slow-reversed"
+        }
+
+        unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+            self.queued.push(transfer);
+            Ok(())
+        }
+
+        fn submit(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+            let Some(transfer) = self.queued.pop() else { return Ok(()) };
+            std::thread::sleep(self.delay);
+            // SAFETY: the engine's caller keeps the transfer's buffers valid until its
+            // completion, which is returned here.
+            let result = unsafe { block_io::execute(self.disk.file().as_raw_fd(), &transfer) };
+            done.push(Completion { tag: transfer.tag, result });
+            Ok(())
+        }
+
+        fn outstanding(&self) -> usize {
+            self.queued.len()
+        }
     }
 }
