@@ -69,23 +69,32 @@ pub struct HandStartedDriver {
     child: std::process::Child,
     disk: std::path::PathBuf,
     pub socket: std::path::PathBuf,
+    /// More arguments for `splitvisor-driver blk`.
+    extra: Vec<String>,
 }
 
 impl HandStartedDriver {
     /// Starts it and waits (bounded) for its "serving" line.
     pub fn start(name: &str, disk: &std::path::Path) -> Self {
-        let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
-        let child = Self::spawn(&socket, disk);
-        Self { child, disk: disk.to_path_buf(), socket }
+        Self::start_with(name, disk, &[])
     }
 
-    fn spawn(socket: &std::path::Path, disk: &std::path::Path) -> std::process::Child {
+    /// Starts it with `extra` arguments (every restart gets them too).
+    pub fn start_with(name: &str, disk: &std::path::Path, extra: &[&str]) -> Self {
+        let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&socket, disk, &extra);
+        Self { child, disk: disk.to_path_buf(), socket, extra }
+    }
+
+    fn spawn(socket: &std::path::Path, disk: &std::path::Path, extra: &[String]) -> std::process::Child {
         use std::io::{BufRead, Read};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
             .args(["blk", "--socket"])
             .arg(socket)
             .arg("--disk")
             .arg(disk)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -128,7 +137,7 @@ impl HandStartedDriver {
 
     /// Starts it again on the same socket and image.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.socket, &self.disk);
+        self.child = Self::spawn(&self.socket, &self.disk, &self.extra);
     }
 }
 

@@ -517,6 +517,9 @@ pub fn virtio_blk(data: &[u8]) {
         PATTERN.get_or_init(|| (0..DISK_SECTORS * SECTOR_SIZE).map(disk_pattern).collect()).clone();
     image.write_all_at(&model_disk, 0).expect("fill the disk");
     let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("fuzz"));
+    // The oracle models requests executed one after the other, in ring order (overlapping
+    // requests in flight together may complete in any order, which it cannot predict).
+    requests.set_depth(1);
     let indirect = if input.indirect { features::RING_INDIRECT_DESC } else { 0 };
     requests.set_features(features::VERSION_1 | indirect);
     let mut queue = driver.device_queue();

@@ -3,7 +3,8 @@
 //! Started by hand, it is a vhost-user-blk backend for any frontend (splitvisor, QEMU):
 //!
 //! ```text
-//! splitvisor-driver blk --socket PATH --disk IMAGE [--read-only] [--serial ID] [--no-sandbox]
+//! splitvisor-driver blk --socket PATH --disk IMAGE [--read-only] [--serial ID] [--queues N]
+//!                       [--cache writeback|none] [--io-engine auto|io-uring|threads] [--no-sandbox]
 //! splitvisor-driver net --socket PATH --tap NAME [--mac MAC] [--mtu N] [--no-sandbox]
 //! ```
 //!
@@ -17,7 +18,7 @@
 //! before touching guest data, and serves the one connection it was given:
 //!
 //! ```text
-//! splitvisor-driver blk --fd 3 --disk-fd 4 [--read-only] [--serial ID]
+//! splitvisor-driver blk --fd 3 --disk-fd 4 [--read-only] [--serial ID] [--queues N]
 //! splitvisor-driver net --fd 3 --tap-fd 4 --mac MAC [--mtu N]
 //! splitvisor-driver serial --fd 3 [--irq-fd 4]
 //! splitvisor-driver i8042 --fd 3
@@ -35,6 +36,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use splitvisor_devices::virtio::block::{self, DiskImage};
+use splitvisor_devices::virtio::block_io::EngineKind;
 
 use splitvisor_devices::virtio::net::{self as virtio_net, NetParams};
 use splitvisor_devices::virtio::tap::{Tap, TapError};
@@ -116,6 +118,17 @@ pub struct BlkArgs {
     /// from the image's identity, the same whichever splitvisor placement serves it.
     #[arg(long, value_name = "ID")]
     pub serial: Option<String>,
+    /// Request queues offered (VIRTIO_BLK_F_MQ above 1), each served on its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=block::MAX_QUEUES as i64))]
+    pub queues: u16,
+    /// How data reaches the image: `writeback` (the host's page cache) or `none`
+    /// (O_DIRECT). An inherited image fd keeps the mode it was opened with.
+    #[arg(long, value_name = "MODE", default_value = "writeback", conflicts_with = "disk_fd")]
+    pub cache: block::CacheMode,
+    /// The I/O engine: `auto` (io_uring where the kernel has it, else a thread pool),
+    /// `io-uring` or `threads`.
+    #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
+    pub io_engine: EngineKind,
     /// Do not sandbox this process (for debugging only).
     #[arg(long)]
     pub no_sandbox: bool,
@@ -141,6 +154,20 @@ pub struct BlkArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "WHAT", hide = true)]
     pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
+    /// Test hook: move data on an engine that completes one transfer every MS
+    /// milliseconds, the last pushed first. Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, value_name = "MS", hide = true)]
+    pub test_slow_reversed_io: Option<u64>,
+}
+
+fn parse_engine(text: &str) -> Result<EngineKind, String> {
+    match text {
+        "auto" => Ok(EngineKind::Auto),
+        "io-uring" => Ok(EngineKind::IoUring),
+        "threads" => Ok(EngineKind::Threads),
+        other => Err(format!("{other}: use auto, io-uring or threads")),
+    }
 }
 
 /// `splitvisor-driver net`.
@@ -309,11 +336,16 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
     match args.source()? {
         BlkSource::Paths { socket, disk } => {
             let (socket, disk) = (&socket, &disk);
-            let image = DiskImage::open(disk, args.read_only)?;
+            let image = DiskImage::open_with(disk, args.read_only, args.cache)?;
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let sectors = image.sectors();
             let listener = listen(socket)?;
-            let device = Arc::new(BlockDevice::new(image, &serial));
+            let device =
+                BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
+            #[cfg(feature = "test-hooks")]
+            let device = device
+                .with_slow_reversed_engine(args.test_slow_reversed_io.map(std::time::Duration::from_millis));
+            let device = Arc::new(device);
             let keep = [listener.as_raw_fd(), device.image_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserBlk, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
@@ -343,7 +375,8 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
                 config = config.ready_fd(ready);
             }
             sandbox::apply(&config)?;
-            let device = BlockDevice::new(image, &serial);
+            let device =
+                BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
             #[cfg(feature = "test-hooks")]
             let device = device.with_attempt(args.test_attempt);
             backend::serve(stream, Arc::new(device), faults)?;

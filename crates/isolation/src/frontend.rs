@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use splitvisor_devices::virtio::block;
 use splitvisor_devices::virtio::{
     ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type,
 };
@@ -65,8 +66,8 @@ impl DeviceShape {
     pub fn block() -> Self {
         Self {
             device_type: device_type::BLOCK,
-            queue_sizes: vec![splitvisor_devices::virtio::block::QUEUE_SIZE],
-            config_size: 24,
+            queue_sizes: vec![block::QUEUE_SIZE],
+            config_size: block::CONFIG_SIZE as u32,
             watched: vec![true],
         }
     }
@@ -174,7 +175,13 @@ impl Handshake {
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
         let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
-        let mut frontend = Frontend::from_stream(stream, shape.queue_sizes.len() as u64);
+        // Queue indices are checked against the device's own queue count (a block device's
+        // backend says how many it has only in its configuration space, read below).
+        let max_queues = match shape.device_type {
+            device_type::BLOCK => usize::from(block::MAX_QUEUES),
+            _ => shape.queue_sizes.len(),
+        };
+        let mut frontend = Frontend::from_stream(stream, max_queues as u64);
         handshake_request("SET_OWNER", frontend.set_owner())?;
         let features = handshake_request("GET_FEATURES", frontend.get_features())?;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -187,7 +194,8 @@ impl Handshake {
         let protocol = offered
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::MQ);
         request("SET_PROTOCOL_FEATURES", frontend.set_protocol_features(protocol))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every request is acknowledged: a backend's refusal is seen where it happens,
@@ -211,6 +219,17 @@ impl Handshake {
     /// The virtio features the backend offers.
     pub fn features(&self) -> u64 {
         self.features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// The request queues a virtio-blk backend's device has: `num_queues` of its
+    /// configuration space if it offers VIRTIO_BLK_F_MQ (at most [`block::MAX_QUEUES`]),
+    /// else one.
+    pub fn block_queues(&self) -> u16 {
+        if self.features & block::feature::MQ == 0 {
+            return 1;
+        }
+        let num_queues = self.config.get(34..36).map_or(1, |b| u16::from_le_bytes([b[0], b[1]]));
+        num_queues.clamp(1, block::MAX_QUEUES)
     }
 }
 
@@ -317,7 +336,13 @@ impl VhostUserVirtio {
     }
 
     /// A `shape` device, served by the backend of `handshake` (made for that shape).
-    pub fn with_shape(handshake: Handshake, shape: DeviceShape) -> Result<Self, FrontendError> {
+    pub fn with_shape(handshake: Handshake, mut shape: DeviceShape) -> Result<Self, FrontendError> {
+        if shape.device_type == device_type::BLOCK {
+            // As many request queues as the backend's device says it has.
+            let queues = usize::from(handshake.block_queues());
+            shape.queue_sizes = vec![block::QUEUE_SIZE; queues];
+            shape.watched = vec![true; queues];
+        }
         Ok(Self {
             features: handshake.features,
             config: handshake.config.clone(),
@@ -465,7 +490,9 @@ impl VhostUserVirtio {
         if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             if inflight.is_none() {
                 let max = activation.queues.iter().map(|q| q.max_size).max().unwrap_or(1);
-                let asked = VhostUserInflight::new(0, 0, activation.queues.len() as u16, max);
+                // Every queue the device has: the region is indexed by queue index.
+                let queues = activation.queues.iter().map(|q| q.index + 1).max().unwrap_or(1) as u16;
+                let asked = VhostUserInflight::new(0, 0, queues, max);
                 let (shape, file) = request("GET_INFLIGHT_FD", frontend.get_inflight_fd(&asked))?;
                 *inflight = Some(Inflight { file, shape });
             }
@@ -524,7 +551,9 @@ impl VhostUserVirtio {
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
         let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
-        for index in 0..self.shape.queue_sizes.len() {
+        let started: Vec<usize> =
+            self.activation.as_ref().map(|a| a.queues.iter().map(|q| q.index).collect()).unwrap_or_default();
+        for index in started {
             // GET_VRING_BASE stops the ring; the backend answers once it no longer uses it.
             let stopped = backend
                 .frontend

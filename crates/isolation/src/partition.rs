@@ -101,6 +101,8 @@ pub struct BlockOptions {
     /// The guest's RAM size: the partition maps all of it; its address-space limit is
     /// sized from it.
     pub guest_ram: u64,
+    /// Request queues the device offers (VIRTIO_BLK_F_MQ above 1).
+    pub queues: u16,
     /// Test hook: the partition tries this when its first request arrives (and must die).
     #[cfg(feature = "test-hooks")]
     pub attempt: Option<crate::sandbox::testing::Forbidden>,
@@ -147,6 +149,9 @@ impl Partition {
         }
         if options.guest_ram > 0 {
             args.extend(["--guest-ram".to_string(), options.guest_ram.to_string()]);
+        }
+        if options.queues > 1 {
+            args.extend(["--queues".to_string(), options.queues.to_string()]);
         }
         #[cfg(feature = "test-hooks")]
         if let Some(what) = &options.attempt {

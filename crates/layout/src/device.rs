@@ -16,7 +16,7 @@ use splitvisor_devices::acpi::{self as power, AcpiPower};
 use splitvisor_devices::fault::{FaultPlan, InjectInThread};
 use splitvisor_devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use splitvisor_devices::serial::{COM1_IRQ, COM1_PORT, SERIAL_PORT_COUNT, Serial};
-use splitvisor_devices::virtio::block::{Block, DiskImage};
+use splitvisor_devices::virtio::block::{Block, CacheMode, DiskImage, MAX_QUEUES};
 use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice, reg};
 use splitvisor_isolation::driver::default_serial;
 use splitvisor_isolation::frontend::{DeviceShape, FrontendError, Handshake, VhostUserVirtio};
@@ -34,15 +34,20 @@ use crate::placement::{FaultPolicy, Layout, Placement};
 
 /// A virtio-blk disk.
 ///
-/// On the command line: `PATH` or `path=PATH`, then any of `ro=on|off` and `serial=ID`,
-/// comma-separated, a comma inside a value written twice (`path=a,,b.img` is `a,b.img`);
+/// On the command line: `PATH` or `path=PATH`, then any of `ro=on|off`, `serial=ID`,
+/// `queues=N` (request queues, each served by its own thread; by default one per vCPU)
+/// and `cache=writeback|none` (none: O_DIRECT), comma-separated, a comma inside a value
+/// written twice (`path=a,,b.img` is `a,b.img`);
 /// or `socket=PATH` for an external vhost-user-blk backend.
 ///
 /// ```
+/// use splitvisor_devices::virtio::block::CacheMode;
 /// use splitvisor_layout::DiskConfig;
 ///
 /// let disk: DiskConfig = "path=with,,comma.img,ro=on,serial=data".parse().unwrap();
 /// assert_eq!(disk, DiskConfig::image("with,comma.img").read_only().serial("data"));
+/// let fast: DiskConfig = "a.img,queues=2,cache=none".parse().unwrap();
+/// assert_eq!(fast, DiskConfig::image("a.img").queues(2).cache(CacheMode::None));
 /// let external: DiskConfig = "socket=/run/blk.sock".parse().unwrap();
 /// assert_eq!(external, DiskConfig::VhostUser { socket: "/run/blk.sock".into() });
 /// ```
@@ -56,6 +61,10 @@ pub enum DiskConfig {
         read_only: bool,
         /// The ID the guest reads (GET_ID); by default one derived from the image's identity.
         serial: Option<String>,
+        /// Request queues (VIRTIO_BLK_F_MQ above 1); by default one per vCPU.
+        queues: Option<u16>,
+        /// How data reaches the image on the host.
+        cache: CacheMode,
     },
     /// An external vhost-user-blk backend listening on `socket` (splitvisor-driver started
     /// by hand, qemu-storage-daemon, ...).
@@ -68,13 +77,21 @@ pub enum DiskConfig {
 impl DiskConfig {
     /// A read-write image with the default ID.
     pub fn image(path: impl Into<PathBuf>) -> Self {
-        Self::Image { path: path.into(), read_only: false, serial: None }
+        Self::Image {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            queues: None,
+            cache: CacheMode::Writeback,
+        }
     }
 
     /// The same disk, read-only.
     pub fn read_only(self) -> Self {
         match self {
-            Self::Image { path, serial, .. } => Self::Image { path, read_only: true, serial },
+            Self::Image { path, serial, queues, cache, .. } => {
+                Self::Image { path, read_only: true, serial, queues, cache }
+            }
             other => other,
         }
     }
@@ -82,8 +99,28 @@ impl DiskConfig {
     /// The same disk, with the ID `serial`.
     pub fn serial(self, serial: &str) -> Self {
         match self {
-            Self::Image { path, read_only, .. } => {
-                Self::Image { path, read_only, serial: Some(serial.into()) }
+            Self::Image { path, read_only, queues, cache, .. } => {
+                Self::Image { path, read_only, serial: Some(serial.into()), queues, cache }
+            }
+            other => other,
+        }
+    }
+
+    /// The same disk, with `queues` request queues (1 to [`MAX_QUEUES`]).
+    pub fn queues(self, queues: u16) -> Self {
+        match self {
+            Self::Image { path, read_only, serial, cache, .. } => {
+                Self::Image { path, read_only, serial, queues: Some(queues.clamp(1, MAX_QUEUES)), cache }
+            }
+            other => other,
+        }
+    }
+
+    /// The same disk, with the host cache mode `cache`.
+    pub fn cache(self, cache: CacheMode) -> Self {
+        match self {
+            Self::Image { path, read_only, serial, queues, .. } => {
+                Self::Image { path, read_only, serial, queues, cache }
             }
             other => other,
         }
@@ -122,6 +159,7 @@ impl FromStr for DiskConfig {
 
     fn from_str(text: &str) -> Result<Self, String> {
         let (mut path, mut socket, mut read_only, mut serial) = (None, None, false, None);
+        let (mut queues, mut cache) = (None, None);
         for (index, part) in split_options(text).into_iter().enumerate() {
             match part.split_once('=') {
                 None if index == 0 && !part.is_empty() => path = Some(PathBuf::from(part)),
@@ -134,19 +172,27 @@ impl FromStr for DiskConfig {
                     }
                     serial = Some(value.to_string());
                 }
+                Some(("queues", value)) => match value.parse::<u16>() {
+                    Ok(n) if (1..=MAX_QUEUES).contains(&n) => queues = Some(n),
+                    _ => return Err(format!("queues={value}: a number from 1 to {MAX_QUEUES}")),
+                },
+                Some(("cache", value)) => cache = Some(value.parse::<CacheMode>()?),
                 _ => {
                     return Err(format!(
-                        "'{part}' is not a disk option (use PATH or path=PATH, ro=on|off, serial=ID, or socket=PATH; write a comma in a path as ,,)"
+                        "'{part}' is not a disk option (use PATH or path=PATH, ro=on|off, serial=ID, queues=N, cache=writeback|none, or socket=PATH; write a comma in a path as ,,)"
                     ));
                 }
             }
         }
         match (path, socket) {
-            (Some(path), None) if !path.as_os_str().is_empty() => Ok(Self::Image { path, read_only, serial }),
+            (Some(path), None) if !path.as_os_str().is_empty() => {
+                Ok(Self::Image { path, read_only, serial, queues, cache: cache.unwrap_or_default() })
+            }
             (None, Some(socket)) if !socket.as_os_str().is_empty() => {
-                if read_only || serial.is_some() {
+                if read_only || serial.is_some() || queues.is_some() || cache.is_some() {
                     return Err(
-                        "ro= and serial= belong to the external backend (set them where it runs)".into()
+                        "ro=, serial=, queues= and cache= belong to the external backend (set them where it runs)"
+                            .into(),
                     );
                 }
                 Ok(Self::VhostUser { socket })
@@ -178,6 +224,8 @@ pub(crate) struct Assembly<'a> {
     pub log: Arc<EventLog>,
     /// Faults to inject, by device.
     pub faults: &'a [(String, String)],
+    /// The VM's vCPUs (a disk has one request queue per vCPU by default).
+    pub vcpus: u32,
     /// Test hook: every disk partition tries this when its first request arrives.
     #[cfg(feature = "test-hooks")]
     pub attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
@@ -480,9 +528,12 @@ impl DeviceRecipe for DiskRecipe {
         let slot = vm.virtio_slot()?;
         let mem = vm.ram.memory().clone();
         match self.config {
-            DiskConfig::Image { path, read_only, serial } => {
-                // Opened (and locked) here in either placement: a partition gets the fd.
-                let image = DiskImage::open(&path, read_only)?;
+            DiskConfig::Image { path, read_only, serial, queues, cache } => {
+                // Opened (and locked) here in either placement: a partition gets the fd
+                // (with O_DIRECT for cache=none: a flag of the open file, so it goes along).
+                let image = DiskImage::open_with(&path, read_only, cache)?;
+                let vcpus = u16::try_from(vm.vcpus).unwrap_or(MAX_QUEUES);
+                let queues = queues.unwrap_or(vcpus).clamp(1, MAX_QUEUES);
                 let serial = serial.unwrap_or_else(|| default_serial(image.file()));
                 let ro = if read_only { ", ro" } else { "" };
                 match placement {
@@ -492,6 +543,7 @@ impl DeviceRecipe for DiskRecipe {
                         }
                         let panicked = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
                         let mut block = Block::new(image, &serial)
+                            .with_queues(queues)
                             .with_panic_signal(panicked.try_clone().map_err(Error::EventFd)?);
                         if let Some(fault) = vm.fault(&device) {
                             let plan = Arc::new(FaultPlan::parse(&fault).map_err(Error::Fault)?);
@@ -516,6 +568,7 @@ impl DeviceRecipe for DiskRecipe {
                             serial,
                             fault: None,
                             guest_ram: vm.ram.size(),
+                            queues,
                             #[cfg(feature = "test-hooks")]
                             attempt: vm.attempt.clone(),
                         };
@@ -618,7 +671,18 @@ mod tests {
         assert_eq!("path=b,,c.img,ro=off,serial=x1".parse(), Ok(DiskConfig::image("b,c.img").serial("x1")));
         assert_eq!("with,,comma.img".parse(), Ok(DiskConfig::image("with,comma.img")));
         assert_eq!("socket=/run/s".parse(), Ok(DiskConfig::VhostUser { socket: "/run/s".into() }));
+        assert_eq!(
+            "a.img,queues=4,cache=none".parse(),
+            Ok(DiskConfig::image("a.img").queues(4).cache(CacheMode::None))
+        );
+        assert_eq!("a.img,cache=writeback".parse(), Ok(DiskConfig::image("a.img")));
         for bad in [
+            "a.img,queues=0",
+            "a.img,queues=17",
+            "a.img,queues=two",
+            "a.img,cache=unsafe",
+            "socket=/s,queues=2",
+            "socket=/s,cache=none",
             "",
             ",ro=on",
             "a.img,rx",

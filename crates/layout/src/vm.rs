@@ -420,6 +420,7 @@ impl VmBuilder {
                 stop: control.stop_handle(),
                 log: log.clone(),
                 faults: &this.faults,
+                vcpus: this.vcpus,
                 #[cfg(feature = "test-hooks")]
                 attempt: this.partition_attempt.clone(),
             };

@@ -7,13 +7,18 @@
 //!
 //! # The request engine
 //!
-//! * **One chain at a time.** A head is taken off the available ring, its chain walked into
-//!   a bounded list of buffers (at most the queue size for a direct chain, [`SEG_MAX`] + 2
-//!   for an indirect table), executed and returned before the next head is read. The
-//!   engine holds no memory proportional to anything the guest controls: its buffers keep a
-//!   capacity of at most [`MAX_CHAIN_SEGMENTS`] segments and [`MAX_IOVECS`] iovecs. One
-//!   call serves at most the queue size of chains, and says so ([`Processed::pending`]) when
-//!   more are waiting. [`BlockRequests::stats`] counts the work of the last call.
+//! * **Many requests in flight, bounded.** Every request available at a kick is taken off
+//!   the ring, its chain walked into a bounded list of buffers (at most the queue size for
+//!   a direct chain, [`SEG_MAX`] + 2 for an indirect table) and parsed; its transfer goes
+//!   to an I/O engine ([`super::block_io`]: io_uring, or a thread pool where io_uring is
+//!   missing), all of them start with one submission, and each request goes in the used
+//!   ring as soon as its own transfer completed, in whatever order. At most
+//!   [`MAX_IN_FLIGHT`] requests are in flight per queue, and their data in at most
+//!   [`MAX_IOVECS`] memory pieces in all (a request that does not fit waits for the others).
+//!   The engine holds no memory proportional to anything the guest controls, and allocates
+//!   nothing per request. One call takes at most the queue size of chains, and says so
+//!   ([`Processed::pending`]) when more are waiting; it returns only once nothing is in
+//!   flight. [`BlockRequests::stats`] counts the work of the last call.
 //! * **Indirect descriptors** are followed only when VIRTIO_F_INDIRECT_DESC was negotiated
 //!   ([`BlockRequests::set_features`]), only at the head of a chain, never nested, and only
 //!   for tables of a multiple of 16 bytes and at most [`MAX_CHAIN_SEGMENTS`] entries.
@@ -22,11 +27,17 @@
 //!   device-writable byte; an IN request's data is every device-writable byte before it (so
 //!   data and status may share a descriptor), an OUT request's every device-readable byte
 //!   after the header. The used length is what the device wrote: data and status.
-//! * **No copy**: data moves between the image and guest memory with one `preadv` or
-//!   `pwritev` per request on iovecs of the guest buffers.
+//! * **No copy**: data moves between the image and guest memory with one read or write
+//!   (readv/writev on io_uring, `preadv`/`pwritev` in the pool) per request on iovecs of
+//!   the guest buffers.
 //! * **Durability**: a request is put in the used ring only after its data reached the
-//!   image file (the page cache for writes); FLUSH `fdatasync`s before its status is
-//!   written, and a failing `fdatasync` answers IOERR.
+//!   image file (the page cache for writes, the device with cache=none); FLUSH waits for
+//!   every request taken before it, then `fdatasync`s before its status is written, and a
+//!   failing `fdatasync` answers IOERR.
+//! * **The journal** ([`RequestJournal`]) hears `fetched` when a request leaves the
+//!   available ring and `completing`/`completed` around its own entry in the used ring,
+//!   one request at a time whatever the order of completion: a vhost-user backend's
+//!   inflight region stays exact.
 //!
 //! ## Malformed chains
 //! * A chain that cannot be walked to its end (a loop, too long, a `next` or head beyond the
@@ -41,7 +52,8 @@
 //!   space), a device-writable buffer overlapping
 //!   the descriptor table, the available ring or the used ring (the device never writes the
 //!   driver's rings, which also keeps a chain from feeding the ring it is served from),
-//!   more than [`MAX_IOVECS`] memory pieces, or a failed file operation; UNSUPP for an
+//!   more than [`MAX_IOVECS`] memory pieces, a buffer off the alignment O_DIRECT needs
+//!   (cache=none), or a failed file operation; UNSUPP for an
 //!   unknown request type.
 //! * The used ring overlapping the descriptor table or the available ring, an available
 //!   index more than the queue size ahead, or a head beyond the queue break the queue
@@ -62,6 +74,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::block_io::{self, Completion, EngineKind, IoEngine, IoOp, MAX_IN_FLIGHT, Transfer};
 use super::chain::{self, ChainLimits, Segment};
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type, features,
@@ -70,8 +83,13 @@ use super::{
 
 /// Bytes per sector: the unit of `sector` and `capacity`, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
-/// Size of the one request queue.
+/// Size of each request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most request queues of one device (VIRTIO_BLK_F_MQ): bounded so that the threads a
+/// guest's device costs are bounded too.
+pub const MAX_QUEUES: u16 = 16;
+/// Bytes of the configuration space (virtio_blk_config up to num_queues).
+pub const CONFIG_SIZE: usize = 36;
 /// Largest data segment the driver is told to use (`size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Most data segments per request (`seg_max`: the queue size less header and status).
@@ -98,6 +116,8 @@ pub mod feature {
     pub const BLK_SIZE: u64 = 1 << 6;
     /// FLUSH is supported.
     pub const FLUSH: u64 = 1 << 9;
+    /// More than one request queue (`num_queues` is valid).
+    pub const MQ: u64 = 1 << 12;
 }
 
 /// Request types.
@@ -185,6 +205,15 @@ pub enum BlockError {
         /// Who holds it, if known: "pid N, COMMAND".
         holder: Option<String>,
     },
+    /// `cache=none` on a file whose file system or device cannot do O_DIRECT, or only with
+    /// an alignment virtio-blk cannot offer (above 4096 bytes).
+    #[error("disk image {path} cannot be used with cache=none (O_DIRECT): {why}")]
+    DirectIo {
+        /// The image.
+        path: PathBuf,
+        /// What the host said.
+        why: String,
+    },
     /// Taking the image lock failed for another reason.
     #[error("cannot lock disk image {path}: {source}")]
     Lock {
@@ -212,11 +241,62 @@ pub struct DiskImage {
     read_only: bool,
     sectors: u64,
     name: PathBuf,
+    /// Opened with O_DIRECT (cache=none): the alignment the kernel wants.
+    direct: Option<DirectAlignment>,
+}
+
+/// How data reaches a disk image on the host (the `cache=` option of a disk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the host's page cache: a write is acknowledged once it is in the page
+    /// cache, and FLUSH (fdatasync) makes it durable.
+    #[default]
+    Writeback,
+    /// O_DIRECT: the page cache is bypassed; each request's guest buffers must be aligned
+    /// as the host's file system or device wants (those that are not fail with IOERR: a
+    /// Linux guest aligns them, as its block layer does for any O_DIRECT device). FLUSH
+    /// still fdatasyncs (the device's own cache).
+    None,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "writeback" => Ok(Self::Writeback),
+            "none" => Ok(Self::None),
+            other => Err(format!("cache={other}: use writeback or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Writeback => "writeback",
+            Self::None => "none",
+        })
+    }
+}
+
+/// What O_DIRECT asks of transfers on an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectAlignment {
+    /// Buffers start at a multiple of this in memory.
+    pub memory: usize,
+    /// Offsets and every buffer's length are multiples of this.
+    pub offset: usize,
 }
 
 impl DiskImage {
     /// Opens `path`, read-only if `read_only`, and locks it (see [`DiskImage::from_file`]).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        Self::open_with(path, read_only, CacheMode::Writeback)
+    }
+
+    /// Opens `path` as [`DiskImage::open`] does, with O_DIRECT for [`CacheMode::None`].
+    pub fn open_with(path: &Path, read_only: bool, cache: CacheMode) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
         // Look before opening: opening a FIFO for reading blocks until a writer comes.
         let kind = std::fs::metadata(path).map_err(open_error)?.file_type();
@@ -226,9 +306,14 @@ impl DiskImage {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | if cache == CacheMode::None { libc::O_DIRECT } else { 0 })
             .open(path)
-            .map_err(open_error)?;
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EINVAL) if cache == CacheMode::None => {
+                    BlockError::DirectIo { path: path.to_path_buf(), why: source.to_string() }
+                }
+                _ => open_error(source),
+            })?;
         Self::from_file(file, read_only, path)
     }
 
@@ -243,7 +328,8 @@ impl DiskImage {
         if let Some(kind) = not_a_disk(meta.file_type()) {
             return Err(BlockError::NotADisk { path, kind });
         }
-        check_access_mode(&file, read_only, &path)?;
+        let direct = check_access_mode(&file, read_only, &path)?;
+        let direct = if direct { Some(direct_alignment(&file, &path)?) } else { None };
         let size = if meta.file_type().is_file() {
             meta.len()
         } else {
@@ -272,7 +358,7 @@ impl DiskImage {
             }
             Err(image_lock::LockError::Os(source)) => return Err(BlockError::Lock { path, source }),
         }
-        Ok(Self { file, read_only, sectors: size / SECTOR_SIZE, name: path })
+        Ok(Self { file, read_only, sectors: size / SECTOR_SIZE, name: path, direct })
     }
 
     /// Capacity in 512-byte sectors.
@@ -294,6 +380,57 @@ impl DiskImage {
     pub fn name(&self) -> &Path {
         &self.name
     }
+
+    /// How data reaches the image: [`CacheMode::None`] when its file was opened with
+    /// O_DIRECT (a partition learns it from the fd it is handed).
+    pub fn cache(&self) -> CacheMode {
+        if self.direct.is_some() { CacheMode::None } else { CacheMode::Writeback }
+    }
+
+    /// What O_DIRECT asks of transfers, with cache=none.
+    pub fn direct_io(&self) -> Option<DirectAlignment> {
+        self.direct
+    }
+
+    /// The block size the guest is told (`blk_size`): 512, or O_DIRECT's offset alignment
+    /// if that is larger, so that the guest's requests are aligned as the host needs.
+    pub fn block_size(&self) -> u32 {
+        self.direct.map_or(SECTOR_SIZE as u32, |d| (d.offset as u32).max(SECTOR_SIZE as u32))
+    }
+}
+
+/// The alignment O_DIRECT needs on `file` (statx's STATX_DIOALIGN; for a block device
+/// without it, its logical block size; otherwise 512).
+fn direct_alignment(file: &File, path: &Path) -> Result<DirectAlignment, BlockError> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stat: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx of the open fd itself (empty path, AT_EMPTY_PATH) into `stat`.
+    let done = unsafe {
+        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stat)
+    };
+    let sector = SECTOR_SIZE as usize;
+    let (memory, offset) = if done == 0 && stat.stx_mask & libc::STATX_DIOALIGN != 0 {
+        if stat.stx_dio_mem_align == 0 {
+            return Err(BlockError::DirectIo { path: path.to_path_buf(), why: "not supported here".into() });
+        }
+        (stat.stx_dio_mem_align as usize, stat.stx_dio_offset_align as usize)
+    } else if file.metadata().is_ok_and(|m| m.file_type().is_block_device()) {
+        let mut size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes the logical sector size into the int.
+        let ok = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) } == 0;
+        let size = if ok { usize::try_from(size).unwrap_or(sector) } else { sector };
+        (size, size)
+    } else {
+        (sector, sector)
+    };
+    let offset = offset.max(1);
+    if offset > 4096 || !offset.is_power_of_two() || !memory.is_power_of_two() || memory > 4096 {
+        return Err(BlockError::DirectIo {
+            path: path.to_path_buf(),
+            why: format!("alignment of {memory} bytes in memory and {offset} in the file"),
+        });
+    }
+    Ok(DirectAlignment { memory, offset })
 }
 
 /// Why a file of this type cannot be a disk, or `None` if it can.
@@ -313,19 +450,22 @@ fn not_a_disk(kind: std::fs::FileType) -> Option<&'static str> {
     }
 }
 
-fn check_access_mode(file: &File, read_only: bool, path: &Path) -> Result<(), BlockError> {
+/// Checks the file was opened for the access `read_only` asks; says whether it was opened
+/// with O_DIRECT.
+fn check_access_mode(file: &File, read_only: bool, path: &Path) -> Result<bool, BlockError> {
     // SAFETY: F_GETFL only reads the file's status flags.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags < 0 {
         return Err(BlockError::Open { path: path.to_path_buf(), source: io::Error::last_os_error() });
     }
     let wanted = if read_only { "read-only" } else { "read-write" };
+    let direct = flags & libc::O_DIRECT != 0;
     let mode = if flags & libc::O_PATH != 0 {
         "O_PATH (for no I/O)"
     } else {
         match flags & libc::O_ACCMODE {
-            libc::O_RDWR => return Ok(()),
-            libc::O_RDONLY if read_only => return Ok(()),
+            libc::O_RDWR => return Ok(direct),
+            libc::O_RDONLY if read_only => return Ok(direct),
             libc::O_RDONLY => "read-only",
             _ => "write-only",
         }
@@ -340,9 +480,10 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     u64::try_from(end).map_err(|_| io::Error::last_os_error())
 }
 
-/// The features a virtio-blk device on `disk` offers.
-pub fn device_features(disk: &DiskImage) -> u64 {
+/// The features a virtio-blk device on `disk` with `queues` request queues offers.
+pub fn device_features(disk: &DiskImage, queues: u16) -> u64 {
     let ro = if disk.read_only { feature::RO } else { 0 };
+    let mq = if queues > 1 { feature::MQ } else { 0 };
     features::VERSION_1
         | features::RING_EVENT_IDX
         | features::RING_INDIRECT_DESC
@@ -351,27 +492,34 @@ pub fn device_features(disk: &DiskImage) -> u64 {
         | feature::BLK_SIZE
         | feature::FLUSH
         | ro
+        | mq
 }
 
-/// The configuration space of a virtio-blk device on `disk` (virtio_blk_config up to
-/// blk_size: capacity, size_max, seg_max, geometry (not offered), blk_size).
-pub fn config_space(disk: &DiskImage) -> [u8; 24] {
-    let mut config = [0u8; 24];
+/// The configuration space of a virtio-blk device on `disk` with `queues` request queues
+/// (virtio_blk_config up to num_queues: capacity, size_max, seg_max, geometry (not
+/// offered), blk_size, topology (not offered), writeback (not offered), num_queues).
+pub fn config_space(disk: &DiskImage, queues: u16) -> [u8; CONFIG_SIZE] {
+    let mut config = [0u8; CONFIG_SIZE];
     config[0..8].copy_from_slice(&disk.sectors.to_le_bytes());
     config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
     config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-    config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    config[20..24].copy_from_slice(&disk.block_size().to_le_bytes());
+    config[34..36].copy_from_slice(&queues.to_le_bytes());
     config
 }
 
 /// Longest the device waits for its worker to stop (a reset, the VM's end).
 const WORKER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The virtio-blk device: configuration space and features; workers serve the queue.
+/// The virtio-blk device: configuration space and features; a worker thread serves each
+/// request queue the driver set up.
 pub struct Block {
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
-    worker: Option<WorkerHandle>,
+    /// The size of each queue offered (their number is the device's `num_queues`).
+    queue_sizes: Vec<u16>,
+    engine: EngineKind,
+    workers: Vec<WorkerHandle>,
     /// The first panic of a worker thread, kept for whoever checks (tests, fuzzers).
     worker_panic: Arc<Mutex<Option<String>>>,
     /// Written when a worker panics, for a supervisor to hear at once.
@@ -386,16 +534,33 @@ struct WorkerHandle {
 }
 
 impl Block {
-    /// A block device on `disk`, answering GET_ID with `id` (truncated to 20 bytes).
+    /// A block device on `disk` with one request queue, answering GET_ID with `id`
+    /// (truncated to 20 bytes).
     pub fn new(disk: DiskImage, id: &str) -> Self {
         Self {
             disk: Arc::new(disk),
             id: id_bytes(id),
-            worker: None,
+            queue_sizes: vec![QUEUE_SIZE],
+            engine: EngineKind::Auto,
+            workers: Vec::new(),
             worker_panic: Arc::default(),
             panicked: None,
             journal: None,
         }
+    }
+
+    /// The device offers `queues` request queues (1 to [`MAX_QUEUES`]; VIRTIO_BLK_F_MQ
+    /// above 1), each served by its own worker thread.
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(queues.clamp(1, MAX_QUEUES))];
+        self
+    }
+
+    /// The workers move data with the engine `kind` (by default io_uring where the kernel
+    /// has it, a thread pool otherwise).
+    pub fn with_engine(mut self, kind: EngineKind) -> Self {
+        self.engine = kind;
+        self
     }
 
     /// Each worker tells a journal from `journal` about every request it serves (fault
@@ -412,8 +577,8 @@ impl Block {
         self
     }
 
-    fn config(&self) -> [u8; 24] {
-        config_space(&self.disk)
+    fn queues(&self) -> u16 {
+        self.queue_sizes.len() as u16
     }
 
     /// What a worker thread's panic said, if one panicked since the device was created. A
@@ -423,25 +588,73 @@ impl Block {
         self.worker_panic.lock().map_or_else(|poisoned| poisoned.into_inner().clone(), |slot| slot.clone())
     }
 
-    /// Stops the worker; waits (bounded) for it. A worker that does not stop (hung in the
-    /// kernel, or by an injected fault) is left behind rather than hanging the caller.
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
+    /// Stops the workers; waits (bounded) for them. A worker that does not stop (hung in
+    /// the kernel, or by an injected fault) is left behind rather than hanging the caller.
+    fn stop_workers(&mut self) {
+        for worker in &self.workers {
             let _ = worker.stop.write(1);
-            let deadline = std::time::Instant::now() + WORKER_STOP_TIMEOUT;
+        }
+        let deadline = std::time::Instant::now() + WORKER_STOP_TIMEOUT;
+        for worker in self.workers.drain(..) {
             while !worker.thread.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             if !worker.thread.is_finished() {
                 log::error!(
-                    "virtio-blk: the queue worker did not stop within {WORKER_STOP_TIMEOUT:?}; left behind"
+                    "virtio-blk: a queue worker did not stop within {WORKER_STOP_TIMEOUT:?}; left behind"
                 );
-                return;
+                continue;
             }
             if worker.thread.join().is_err() {
                 record_panic(&self.worker_panic, "the worker thread ended in a panic".into());
             }
         }
+    }
+
+    fn start_worker(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: &VirtioInterrupt,
+        active: ActiveQueue,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let journal = self.journal.as_ref().map(|journal| journal());
+        let (disk, id, engine, queue) = (self.disk.clone(), self.id, self.engine, active.queue);
+        let worker_interrupt = interrupt.clone();
+        // The worker (and its I/O engine: an io_uring, or the pool's threads) is set up on
+        // its own thread, whose seccomp filter allows that, not on the vCPU that activated
+        // the device.
+        let make_worker = move || {
+            let worker = BlockWorker::with_engine(mem, queue, worker_interrupt, disk, id, engine)
+                .with_features(features);
+            match journal {
+                Some(journal) => worker.with_journal(journal),
+                None => worker,
+            }
+        };
+        let panicked = self.panicked.clone();
+        let kick = active.kick;
+        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
+        let panic_slot = self.worker_panic.clone();
+        let interrupt = interrupt.clone();
+        let name =
+            if self.queues() > 1 { format!("virtio-blk-q{}", active.index) } else { "virtio-blk".into() };
+        let thread = threads::spawn(ThreadKind::DeviceWorker, &name, move || {
+            let run = std::panic::AssertUnwindSafe(|| make_worker().run(&kick, &stop_worker));
+            if let Err(payload) = std::panic::catch_unwind(run) {
+                record_panic(&panic_slot, panic_message(payload.as_ref()));
+                if let Err(e) = interrupt.request_reset() {
+                    log::warn!("virtio-blk: cannot signal the driver: {e}");
+                }
+                if let Some(panicked) = &panicked {
+                    let _ = panicked.write(1);
+                }
+            }
+        })
+        .map_err(ActivateError::Worker)?;
+        self.workers.push(WorkerHandle { stop, thread });
+        Ok(())
     }
 }
 
@@ -465,15 +678,15 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn device_features(&self) -> u64 {
-        device_features(&self.disk)
+        device_features(&self.disk, self.queues())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::copy_config(&self.config(), offset, data);
+        super::copy_config(&config_space(&self.disk, self.queues()), offset, data);
     }
 
     fn activate(
@@ -483,43 +696,28 @@ impl VirtioDevice for Block {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        self.stop_worker();
-        let active = queues.into_iter().next().ok_or(ActivateError::MissingQueue(0))?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let mut worker = BlockWorker::new(mem, active.queue, interrupt.clone(), self.disk.clone(), self.id)
-            .with_features(features);
-        if let Some(journal) = &self.journal {
-            worker = worker.with_journal(journal());
+        self.stop_workers();
+        if queues.is_empty() {
+            return Err(ActivateError::MissingQueue(0));
         }
-        let panicked = self.panicked.clone();
-        let kick = active.kick;
-        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
-        let panic_slot = self.worker_panic.clone();
-        let thread = threads::spawn(ThreadKind::DeviceWorker, "virtio-blk", move || {
-            let run = std::panic::AssertUnwindSafe(|| worker.run(&kick, &stop_worker));
-            if let Err(payload) = std::panic::catch_unwind(run) {
-                record_panic(&panic_slot, panic_message(payload.as_ref()));
-                if let Err(e) = interrupt.request_reset() {
-                    log::warn!("virtio-blk: cannot signal the driver: {e}");
-                }
-                if let Some(panicked) = &panicked {
-                    let _ = panicked.write(1);
-                }
+        // The driver may use fewer queues than offered (Linux: at most one per CPU).
+        for active in queues {
+            if let Err(e) = self.start_worker(mem.clone(), &interrupt, active, features) {
+                self.stop_workers();
+                return Err(e);
             }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle { stop, thread });
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.stop_workers();
     }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.stop_workers();
     }
 }
 
@@ -537,6 +735,9 @@ pub enum QueueError {
         /// The used ring's address.
         used: u64,
     },
+    /// The I/O engine failed (not a request's transfer: the engine itself).
+    #[error("the I/O engine failed: {0}")]
+    Engine(#[source] io::Error),
     /// More heads to resubmit than the queue holds, or one twice.
     #[error("cannot resubmit {count} requests on a queue of {size} (or a head twice)")]
     Resubmit {
@@ -620,14 +821,27 @@ impl BlockWorker {
         disk: Arc<DiskImage>,
         id: [u8; ID_BYTES],
     ) -> Self {
-        Self {
-            requests: BlockRequests::new(mem, disk, id),
-            queue,
-            interrupt,
-            broken: false,
-            pending: false,
-            journal: Box::new(NoJournal),
-        }
+        Self::with_engine(mem, queue, interrupt, disk, id, EngineKind::Auto)
+    }
+
+    /// As [`BlockWorker::new`], moving data with the engine `kind`.
+    pub fn with_engine(
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        interrupt: VirtioInterrupt,
+        disk: Arc<DiskImage>,
+        id: [u8; ID_BYTES],
+        kind: EngineKind,
+    ) -> Self {
+        let mut requests = BlockRequests::with_engine(mem, disk, id, kind);
+        // Completions reach the driver as they happen, not only when a batch is done.
+        let notifier = interrupt.clone();
+        requests.set_notifier(Box::new(move || {
+            if let Err(e) = notifier.signal_used_buffer() {
+                log::warn!("virtio-blk: cannot interrupt the driver: {e}");
+            }
+        }));
+        Self { requests, queue, interrupt, broken: false, pending: false, journal: Box::new(NoJournal) }
     }
 
     /// Tells `journal` about every request (fault injection, say).
@@ -733,16 +947,28 @@ impl BlockWorker {
     }
 }
 
-/// iovecs into guest memory, rebuilt for each request.
-struct IoVecs(Vec<libc::iovec>);
+/// The iovecs of the requests in flight: one arena of [`MAX_IOVECS`] entries, filled from
+/// the start while requests are in flight and emptied once none is. It is never
+/// reallocated: the kernel holds pointers into it while transfers run.
+struct IoVecs {
+    entries: Vec<libc::iovec>,
+    used: usize,
+}
 
 // SAFETY: the pointers are host addresses of guest memory mapped by the engine's
 // `GuestMemoryMmap`; they are handed to the kernel only while the request that built them
-// runs, never dereferenced by Rust code, and cleared before the request ends, so the
-// vector may move to and be shared with other threads.
+// is in flight, never dereferenced by Rust code, so the arena may move to and be shared
+// with other threads.
 unsafe impl Send for IoVecs {}
 // SAFETY: as above; `&IoVecs` gives no access to the pointed-to memory.
 unsafe impl Sync for IoVecs {}
+
+impl IoVecs {
+    fn new() -> Self {
+        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        Self { entries: vec![empty; MAX_IOVECS], used: 0 }
+    }
+}
 
 /// The guest ranges the device must never write as request data: the descriptor table,
 /// the available ring (with used_event) and the used ring (with avail_event).
@@ -790,34 +1016,157 @@ impl Outcome {
     }
 }
 
+/// What a parsed request needs next.
+enum Prepared {
+    /// Finished without a transfer (refused, GET_ID, UNSUPP): the used length.
+    Done(u32),
+    /// Data to move between guest memory and the image.
+    Transfer {
+        op: IoOp,
+        /// The status byte's address.
+        status: u64,
+        /// Byte offset in the image.
+        offset: u64,
+        /// Data bytes.
+        len: u64,
+        /// Where the data is in the chain: device-writable buffers (IN) or readable ones
+        /// after the header (OUT).
+        writable: bool,
+        skip: u64,
+    },
+    /// FLUSH: after every earlier request, an fdatasync.
+    Flush {
+        /// The status byte's address.
+        status: u64,
+    },
+}
+
+/// A request in flight.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    head: u16,
+    status: u64,
+    op: IoOp,
+    /// Where the rest of the transfer goes in the image.
+    offset: u64,
+    /// The rest of the transfer's iovecs in the arena.
+    iov: usize,
+    iov_end: usize,
+    /// Bytes moved so far, of `len`.
+    moved: u64,
+    len: u64,
+}
+
+/// Why a request's data could not be pointed at.
+enum MapError {
+    /// Not in guest memory, over a ring, misaligned for O_DIRECT, or more than
+    /// [`MAX_IOVECS`] pieces: the request fails.
+    Refused,
+    /// The arena is full of other requests' iovecs: retry once they completed.
+    Full,
+}
+
 /// The request engine of virtio-blk: takes requests off a queue, executes them on the
 /// image and returns them. Shared by the in-process [`BlockWorker`] and the vhost-user
 /// backend of a driver partition, which owns its queues differently.
+///
+/// Up to [`BlockRequests::set_depth`] requests (at most [`MAX_IN_FLIGHT`]) are in flight
+/// at once on an [`IoEngine`]: every request available at a kick is parsed and its
+/// transfer pushed, all of them start with one submission, and each is put in the used
+/// ring as soon as its own transfer completed, in whatever order that happens. A call
+/// returns once nothing is in flight, so the queue's state can be handed over between
+/// calls.
 pub struct BlockRequests {
     mem: GuestMemoryMmap,
     disk: Arc<DiskImage>,
     id: [u8; ID_BYTES],
     features: u64,
-    /// The chain being served; capacity at most MAX_CHAIN_SEGMENTS.
+    /// The chain being parsed; capacity at most MAX_CHAIN_SEGMENTS.
     segments: Vec<Segment>,
-    /// Its data as memory pieces; capacity at most MAX_IOVECS.
+    /// The data of the requests in flight as memory pieces.
     iovecs: IoVecs,
+    /// Requests in flight by tag, and the free tags.
+    slots: Vec<Option<Slot>>,
+    free: Vec<u16>,
+    /// Completions of one wait; capacity MAX_IN_FLIGHT.
+    done: Vec<Completion>,
+    engine: Option<Box<dyn IoEngine>>,
+    depth: usize,
+    notifier: Option<Box<dyn Fn() + Send>>,
+    /// Requests put in the used ring since the driver was last interrupted.
+    unsignalled: bool,
     stats: EngineStats,
 }
 
 impl BlockRequests {
-    /// Requests on `disk` in guest memory `mem`, answering GET_ID with `id`. No optional
-    /// feature is negotiated until [`BlockRequests::set_features`].
+    /// Requests on `disk` in guest memory `mem`, answering GET_ID with `id`, on io_uring
+    /// where the kernel offers it and a thread pool otherwise. No optional feature is
+    /// negotiated until [`BlockRequests::set_features`].
     pub fn new(mem: GuestMemoryMmap, disk: Arc<DiskImage>, id: [u8; ID_BYTES]) -> Self {
+        Self::with_engine(mem, disk, id, EngineKind::Auto)
+    }
+
+    /// As [`BlockRequests::new`], on the engine `kind`. If that engine cannot be set up,
+    /// every transfer fails with IOERR (and the reason is logged).
+    pub fn with_engine(
+        mem: GuestMemoryMmap,
+        disk: Arc<DiskImage>,
+        id: [u8; ID_BYTES],
+        kind: EngineKind,
+    ) -> Self {
+        let engine = match block_io::open(&disk, kind) {
+            Ok(engine) => Some(engine),
+            Err(e) => {
+                log::error!("virtio-blk: no I/O engine for {}: {e}", disk.name.display());
+                None
+            }
+        };
+        Self::with_io_engine(mem, disk, id, engine)
+    }
+
+    /// As [`BlockRequests::new`], on `engine` (which must move data to and from `disk`;
+    /// `None`: every transfer fails with IOERR). Tests and fuzzers plug in engines that
+    /// complete in an order they choose.
+    pub fn with_io_engine(
+        mem: GuestMemoryMmap,
+        disk: Arc<DiskImage>,
+        id: [u8; ID_BYTES],
+        engine: Option<Box<dyn IoEngine>>,
+    ) -> Self {
         Self {
             mem,
             disk,
             id,
             features: 0,
             segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS as usize),
-            iovecs: IoVecs(Vec::with_capacity(MAX_IOVECS)),
+            iovecs: IoVecs::new(),
+            slots: vec![None; MAX_IN_FLIGHT],
+            free: (0..MAX_IN_FLIGHT as u16).rev().collect(),
+            done: Vec::with_capacity(MAX_IN_FLIGHT),
+            engine,
+            depth: MAX_IN_FLIGHT,
+            notifier: None,
+            unsignalled: false,
             stats: EngineStats::default(),
         }
+    }
+
+    /// The I/O engine's name ("io_uring", "threads"), or `None` if none could be set up.
+    pub fn engine_name(&self) -> Option<&'static str> {
+        self.engine.as_ref().map(|engine| engine.name())
+    }
+
+    /// At most `depth` requests in flight (1 to [`MAX_IN_FLIGHT`]); 1 executes requests
+    /// one after the other, in ring order.
+    pub fn set_depth(&mut self, depth: usize) {
+        self.depth = depth.clamp(1, MAX_IN_FLIGHT);
+    }
+
+    /// `notify` interrupts the driver: called as soon as completions the driver wants to
+    /// hear about are in the used ring while others are still in flight (without it, the
+    /// caller interrupts once per call, from [`Processed::notify`]).
+    pub fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
+        self.notifier = Some(notify);
     }
 
     /// Guest memory changed (a vhost-user frontend sent a new memory table).
@@ -839,7 +1188,10 @@ impl BlockRequests {
     /// Bytes of heap the engine holds for its working lists: bounded, whatever the guest.
     pub fn heap_bytes(&self) -> usize {
         self.segments.capacity() * std::mem::size_of::<Segment>()
-            + self.iovecs.0.capacity() * std::mem::size_of::<libc::iovec>()
+            + self.iovecs.entries.capacity() * std::mem::size_of::<libc::iovec>()
+            + self.slots.capacity() * std::mem::size_of::<Option<Slot>>()
+            + self.free.capacity() * std::mem::size_of::<u16>()
+            + self.done.capacity() * std::mem::size_of::<Completion>()
     }
 
     /// Handles available requests of `queue` (at most its size); says whether the driver
@@ -855,26 +1207,50 @@ impl BlockRequests {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.stats = EngineStats::default();
+        self.unsignalled = false;
         let rings = Rings::of(queue)?;
         let limits = self.limits(queue);
+        let result = self.pump(queue, &rings, &limits, journal);
+        if result.is_err() {
+            self.abandon();
+        }
+        result
+    }
+
+    fn pump(
+        &mut self,
+        queue: &mut Queue,
+        rings: &Rings,
+        limits: &ChainLimits,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<Processed, QueueError> {
         let budget = usize::from(queue.size());
-        let mut completed = 0;
+        let (mut fetched, mut completed) = (0, 0);
         let mut pending = false;
-        'passes: loop {
+        loop {
             if queue.event_idx_enabled() {
                 queue.disable_notification(&self.mem).map_err(QueueError::Broken)?;
             }
             loop {
-                if completed == budget {
-                    pending = self.available(queue)? > 0;
-                    break 'passes;
+                // Take what the driver offers while there is room ...
+                while self.in_flight() < self.depth && fetched < budget {
+                    let Some(head) = self.pop_head(queue)? else {
+                        break;
+                    };
+                    journal.fetched(head);
+                    fetched += 1;
+                    completed += self.begin(queue, rings, limits, head, journal)?;
                 }
-                let Some(head) = self.pop_head(queue)? else {
+                // ... start it all at once, and return each request as it completes.
+                self.submit();
+                if self.in_flight() == 0 {
                     break;
-                };
-                journal.fetched(head);
-                self.complete(queue, &rings, &limits, head, journal)?;
-                completed += 1;
+                }
+                completed += self.reap(queue, journal)?;
+            }
+            if fetched == budget {
+                pending = self.available(queue)? > 0;
+                break;
             }
             if !queue.event_idx_enabled()
                 || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
@@ -882,14 +1258,14 @@ impl BlockRequests {
                 break;
             }
         }
-        let notify = completed > 0 && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
         Ok(Processed { completed, notify, pending })
     }
 
     /// Re-executes requests that were in flight when a previous backend died, in this
-    /// order, by the head index of their chain (they are no longer in the available ring
-    /// window), and puts each in the used ring. `journal` hears `completing` and
-    /// `completed` for each (not `fetched`: they were fetched before).
+    /// order and one at a time, by the head index of their chain (they are no longer in the
+    /// available ring window), and puts each in the used ring. `journal` hears `completing`
+    /// and `completed` for each (not `fetched`: they were fetched before).
     pub fn resubmit(
         &mut self,
         queue: &mut Queue,
@@ -897,6 +1273,7 @@ impl BlockRequests {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.stats = EngineStats::default();
+        self.unsignalled = false;
         let size = queue.size();
         let mut seen = [0u64; 1024];
         for &head in heads {
@@ -911,11 +1288,17 @@ impl BlockRequests {
         }
         let rings = Rings::of(queue)?;
         let limits = self.limits(queue);
-        for &head in heads {
-            self.complete(queue, &rings, &limits, head, journal)?;
+        let result = heads.iter().try_for_each(|&head| {
+            self.begin(queue, &rings, &limits, head, journal)?;
+            self.submit();
+            self.drain(queue, journal).map(drop)
+        });
+        if let Err(e) = result {
+            self.abandon();
+            return Err(e);
         }
         let completed = heads.len();
-        let notify = completed > 0 && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
         Ok(Processed { completed, notify, pending: false })
     }
 
@@ -928,19 +1311,325 @@ impl BlockRequests {
         }
     }
 
-    /// Executes the chain at `head` and puts it in the used ring.
-    fn complete(
+    fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.free.len()
+    }
+
+    /// Parses the chain at `head` and finishes it or starts its transfer; returns how many
+    /// requests it put in the used ring (it may have to wait for others first).
+    fn begin(
         &mut self,
         queue: &mut Queue,
         rings: &Rings,
         limits: &ChainLimits,
         head: u16,
         journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
+        match self.prepare(rings, limits, head) {
+            Prepared::Done(used_len) => {
+                self.publish(queue, head, used_len, journal)?;
+                Ok(1)
+            }
+            Prepared::Flush { status } => {
+                // Every request taken before it completes (and so reached the file) first.
+                let mut completed = self.drain(queue, journal)?;
+                self.stats.syncs += 1;
+                let slot =
+                    Slot { head, status, op: IoOp::Sync, offset: 0, iov: 0, iov_end: 0, moved: 0, len: 0 };
+                completed += self.start(queue, slot, journal)?;
+                self.submit();
+                completed += self.drain(queue, journal)?;
+                Ok(completed)
+            }
+            Prepared::Transfer { op, status, offset, len, writable, skip } => {
+                let mut completed = 0;
+                let range = loop {
+                    match self.map_data(writable, skip, len, rings) {
+                        Ok(range) => break Some(range),
+                        Err(MapError::Full) if self.in_flight() > 0 => {
+                            completed += self.drain(queue, journal)?
+                        }
+                        Err(_) => break None,
+                    }
+                };
+                let Some((iov, iov_end)) = range else {
+                    self.finish(queue, head, status, Outcome::status(request_status::IOERR), journal)?;
+                    return Ok(completed + 1);
+                };
+                if len == 0 {
+                    self.finish(queue, head, status, Outcome::status(request_status::OK), journal)?;
+                    return Ok(completed + 1);
+                }
+                let slot = Slot { head, status, op, offset, iov, iov_end, moved: 0, len };
+                Ok(completed + self.start(queue, slot, journal)?)
+            }
+        }
+    }
+
+    /// Hands `slot`'s transfer to the engine; if it cannot take it, the request fails at
+    /// once (returns 1).
+    fn start(
+        &mut self,
+        queue: &mut Queue,
+        slot: Slot,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
+        let Some(tag) = self.free.pop() else {
+            // `begin` is called only with a free slot.
+            self.finish(queue, slot.head, slot.status, Outcome::status(request_status::IOERR), journal)?;
+            return Ok(1);
+        };
+        self.slots[usize::from(tag)] = Some(slot);
+        if self.push(tag).is_err() {
+            self.slots[usize::from(tag)] = None;
+            self.free.push(tag);
+            self.finish(queue, slot.head, slot.status, Outcome::status(request_status::IOERR), journal)?;
+            return Ok(1);
+        }
+        Ok(0)
+    }
+
+    /// Pushes the (rest of the) transfer of the request in `tag`.
+    fn push(&mut self, tag: u16) -> io::Result<()> {
+        let slot = self.slots[usize::from(tag)].ok_or_else(|| io::Error::other("no request in this slot"))?;
+        let engine = self.engine.as_mut().ok_or_else(|| io::Error::other("no I/O engine"))?;
+        let iovecs = &self.iovecs.entries[slot.iov..slot.iov_end];
+        if slot.op != IoOp::Sync {
+            self.stats.transfers += 1;
+        }
+        let transfer = Transfer {
+            tag,
+            op: slot.op,
+            offset: slot.offset,
+            iovecs: iovecs.as_ptr(),
+            count: iovecs.len() as u32,
+        };
+        // SAFETY: the iovecs are in the arena, which is neither moved nor rewritten while
+        // a request uses them (it is emptied only once nothing is in flight), and they
+        // point into guest memory that `self.mem` keeps mapped; every call that starts a
+        // transfer waits for all of them before it returns, and dropping the engine waits
+        // too.
+        let pushed = unsafe { engine.push(transfer) };
+        if let Err(e) = &pushed {
+            log::warn!("virtio-blk: cannot start a transfer: {e}");
+        }
+        pushed
+    }
+
+    fn submit(&mut self) {
+        if let Some(engine) = self.engine.as_mut() {
+            if let Err(e) = engine.submit() {
+                // The transfers stay queued: the next wait submits them.
+                log::warn!("virtio-blk: submitting transfers failed: {e}");
+            }
+        }
+    }
+
+    /// Waits for at least one transfer, and puts every request whose transfer is complete
+    /// in the used ring; returns how many.
+    fn reap(&mut self, queue: &mut Queue, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(0);
+        };
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
+        if let Err(e) = engine.wait(&mut done) {
+            self.done = done;
+            return Err(QueueError::Engine(e));
+        }
+        let mut completed = 0;
+        let mut result = Ok(());
+        for &completion in &done {
+            match self.complete_transfer(queue, completion, journal) {
+                Ok(n) => completed += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.done = done;
+        result?;
+        // Short transfers pushed their rest.
+        self.submit();
+        if completed > 0 {
+            if let Some(notify) = &self.notifier {
+                if queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
+                    notify();
+                }
+                self.unsignalled = false;
+            }
+        }
+        Ok(completed)
+    }
+
+    /// Waits until nothing is in flight; returns how many requests it put in the used ring.
+    fn drain(&mut self, queue: &mut Queue, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
+        let mut completed = 0;
+        while self.in_flight() > 0 {
+            completed += self.reap(queue, journal)?;
+        }
+        Ok(completed)
+    }
+
+    /// The queue broke with requests in flight: waits for their transfers (the kernel may
+    /// still write guest memory) and drops them; the device needs a reset anyway.
+    fn abandon(&mut self) {
+        if let Some(engine) = self.engine.as_mut() {
+            let mut done = std::mem::take(&mut self.done);
+            while engine.outstanding() > 0 {
+                done.clear();
+                if let Err(e) = engine.wait(&mut done) {
+                    log::error!("virtio-blk: waiting for abandoned transfers failed: {e}");
+                    break;
+                }
+            }
+            self.done = done;
+        }
+        for (tag, slot) in self.slots.iter_mut().enumerate() {
+            if slot.take().is_some() {
+                self.free.push(tag as u16);
+            }
+        }
+        self.iovecs.used = 0;
+    }
+
+    /// One transfer finished: the request completes, or pushes the rest of a short
+    /// transfer. Returns how many requests it put in the used ring (0 or 1).
+    fn complete_transfer(
+        &mut self,
+        queue: &mut Queue,
+        completion: Completion,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
+        let tag = completion.tag;
+        let Some(mut slot) = self.slots.get_mut(usize::from(tag)).and_then(Option::take) else {
+            log::error!("virtio-blk: a completion for no request in flight (tag {tag})");
+            return Ok(0);
+        };
+        let result = completion.result;
+        let outcome = match slot.op {
+            IoOp::Sync if result == 0 => Outcome::status(request_status::OK),
+            IoOp::Sync => {
+                log::warn!(
+                    "virtio-blk: fdatasync of {} failed: {}",
+                    self.disk.name.display(),
+                    io::Error::from_raw_os_error(-result as i32)
+                );
+                Outcome::status(request_status::IOERR)
+            }
+            _ if result > 0 => {
+                let moved = (result as u64).min(slot.len - slot.moved);
+                slot.moved += moved;
+                if slot.moved < slot.len {
+                    // A short transfer: the rest goes on from where it stopped.
+                    self.advance(&mut slot, moved);
+                    self.slots[usize::from(tag)] = Some(slot);
+                    return self.retry(queue, tag, journal);
+                }
+                let written = if slot.op == IoOp::Read { slot.moved } else { 0 };
+                Outcome { status: request_status::OK, written }
+            }
+            _ if result == -i64::from(libc::EINTR) || result == -i64::from(libc::EAGAIN) => {
+                self.slots[usize::from(tag)] = Some(slot);
+                return self.retry(queue, tag, journal);
+            }
+            _ => {
+                let error = if result == 0 {
+                    io::Error::from(io::ErrorKind::UnexpectedEof)
+                } else {
+                    io::Error::from_raw_os_error(-result as i32)
+                };
+                let what = if slot.op == IoOp::Read { "read" } else { "write" };
+                log::warn!(
+                    "virtio-blk: {what} of {} bytes at {} failed: {error}",
+                    slot.len,
+                    slot.offset - slot.moved
+                );
+                let written = if slot.op == IoOp::Read { slot.moved } else { 0 };
+                Outcome { status: request_status::IOERR, written }
+            }
+        };
+        self.free.push(tag);
+        if self.in_flight() == 0 {
+            self.iovecs.used = 0;
+        }
+        self.finish(queue, slot.head, slot.status, outcome, journal)?;
+        Ok(1)
+    }
+
+    /// Pushes the rest of the request in `tag` again; if the engine refuses, it fails.
+    fn retry(
+        &mut self,
+        queue: &mut Queue,
+        tag: u16,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<usize, QueueError> {
+        if self.push(tag).is_ok() {
+            return Ok(0);
+        }
+        let Some(slot) = self.slots[usize::from(tag)].take() else {
+            return Ok(0);
+        };
+        self.free.push(tag);
+        let written = if slot.op == IoOp::Read { slot.moved } else { 0 };
+        self.finish(
+            queue,
+            slot.head,
+            slot.status,
+            Outcome { status: request_status::IOERR, written },
+            journal,
+        )?;
+        Ok(1)
+    }
+
+    /// Drops `moved` bytes from the front of `slot`'s iovecs.
+    fn advance(&mut self, slot: &mut Slot, moved: u64) {
+        slot.offset += moved;
+        let mut left = moved;
+        while slot.iov < slot.iov_end {
+            let first = &mut self.iovecs.entries[slot.iov];
+            let len = first.iov_len as u64;
+            if left < len {
+                first.iov_base = first.iov_base.cast::<u8>().wrapping_add(left as usize).cast();
+                first.iov_len -= left as usize;
+                break;
+            }
+            left -= len;
+            slot.iov += 1;
+        }
+    }
+
+    /// Writes the status byte and puts the request in the used ring.
+    fn finish(
+        &mut self,
+        queue: &mut Queue,
+        head: u16,
+        status: u64,
+        outcome: Outcome,
+        journal: &mut dyn RequestJournal,
     ) -> Result<(), QueueError> {
-        let used_len = self.handle(rings, limits, head);
-        journal.completing(head);
+        let used_len = if self.mem.write_obj(outcome.status, GuestAddress(status)).is_err() {
+            // Checked when the request was parsed; memory does not shrink under a call.
+            0
+        } else {
+            u32::try_from(outcome.written + 1).unwrap_or(u32::MAX)
+        };
+        self.publish(queue, head, used_len, journal)
+    }
+
+    /// Puts `head` in the used ring.
+    fn publish(
+        &mut self,
+        queue: &mut Queue,
+        head: u16,
+        used_len: u32,
+        journal: &mut dyn RequestJournal,
+    ) -> Result<(), QueueError> {
         queue.add_used(&self.mem, head, used_len).map_err(QueueError::Broken)?;
         journal.completed(head, queue.next_used());
+        journal.completing(head);
+        self.unsignalled = true;
         Ok(())
     }
 
@@ -977,8 +1666,8 @@ impl BlockRequests {
         Ok(Some(head))
     }
 
-    /// Executes one request; returns the length for the used ring.
-    fn handle(&mut self, rings: &Rings, limits: &ChainLimits, head: u16) -> u32 {
+    /// Parses one request: finishes what needs no transfer, says what the rest needs.
+    fn prepare(&mut self, rings: &Rings, limits: &ChainLimits, head: u16) -> Prepared {
         self.stats.chains += 1;
         let mut walked = 0;
         let walk = chain::walk(&self.mem, limits, head, &mut self.segments, &mut walked);
@@ -986,19 +1675,21 @@ impl BlockRequests {
         self.stats.max_chain_descriptors = self.stats.max_chain_descriptors.max(walked);
         if let Err(e) = walk {
             log::debug!("virtio-blk: chain {head} refused: {e}");
-            return 0;
+            return Prepared::Done(0);
         }
         let Some(status) = self.status_byte(rings) else {
             log::debug!("virtio-blk: chain {head} has no usable status byte");
-            return 0;
+            return Prepared::Done(0);
         };
-        let outcome = self.execute(rings);
-        self.iovecs.0.clear();
+        let outcome = match self.parse(status, rings) {
+            Ok(prepared) => return prepared,
+            Err(outcome) => outcome,
+        };
         if self.mem.write_obj(outcome.status, GuestAddress(status)).is_err() {
             // Checked by status_byte; memory does not shrink under a call.
-            return 0;
+            return Prepared::Done(0);
         }
-        u32::try_from(outcome.written + 1).unwrap_or(u32::MAX)
+        Prepared::Done(u32::try_from(outcome.written + 1).unwrap_or(u32::MAX))
     }
 
     /// Bytes the chain offers in one direction.
@@ -1026,29 +1717,52 @@ impl BlockRequests {
             skip -= skipped;
             let take = (seg_len - skipped).min(left);
             left -= take;
-            // `execute` refused buffers that wrap the address space.
+            // `parse` refused buffers that wrap the address space.
             (take > 0).then(|| (s.addr + skipped, take))
         })
     }
 
-    fn execute(&mut self, rings: &Rings) -> Outcome {
+    /// What the request is: a transfer to start, a flush, or (as the error) an outcome
+    /// known without a transfer.
+    fn parse(&mut self, status: u64, rings: &Rings) -> Result<Prepared, Outcome> {
         if self.segments.iter().any(|s| s.addr.checked_add(u64::from(s.len)).is_none()) {
             // A buffer past the end of the address space is not in guest memory.
-            return Outcome::status(request_status::IOERR);
+            return Err(Outcome::status(request_status::IOERR));
         }
         let Some(header) = self.read_header() else {
-            return Outcome::status(request_status::IOERR);
+            return Err(Outcome::status(request_status::IOERR));
         };
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes([
             header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
         ]);
+        let ioerr = || Outcome::status(request_status::IOERR);
         match kind {
-            request_type::IN => self.read(sector, rings),
-            request_type::OUT => self.write(sector, rings),
-            request_type::FLUSH => self.flush(),
-            request_type::GET_ID => self.get_id(rings),
-            _ => Outcome::status(request_status::UNSUPP),
+            request_type::IN => {
+                // Every device-writable byte before the status byte.
+                let len = self.bytes(true) - 1;
+                let offset = self.disk_offset(sector, len).ok_or_else(ioerr)?;
+                Ok(Prepared::Transfer { op: IoOp::Read, status, offset, len, writable: true, skip: 0 })
+            }
+            request_type::OUT => {
+                if self.disk.read_only {
+                    return Err(ioerr());
+                }
+                // Every device-readable byte after the header.
+                let len = self.bytes(false) - HEADER_SIZE;
+                let offset = self.disk_offset(sector, len).ok_or_else(ioerr)?;
+                Ok(Prepared::Transfer {
+                    op: IoOp::Write,
+                    status,
+                    offset,
+                    len,
+                    writable: false,
+                    skip: HEADER_SIZE,
+                })
+            }
+            request_type::FLUSH => Ok(Prepared::Flush { status }),
+            request_type::GET_ID => Err(self.get_id(rings)),
+            _ => Err(Outcome::status(request_status::UNSUPP)),
         }
     }
 
@@ -1076,83 +1790,57 @@ impl BlockRequests {
         (end <= self.disk.sectors).then(|| sector * SECTOR_SIZE)
     }
 
-    /// Fills `self.iovecs` with the pieces of guest memory behind `len` bytes of the chain's
-    /// buffers in one direction, after `skip`.
-    fn map_data(&mut self, writable: bool, skip: u64, len: u64, rings: &Rings) -> Option<()> {
-        let mut iovecs = std::mem::take(&mut self.iovecs.0);
-        iovecs.clear();
+    /// Appends to the arena the pieces of guest memory behind `len` bytes of the chain's
+    /// buffers in one direction, after `skip`; returns their range in the arena.
+    fn map_data(
+        &mut self,
+        writable: bool,
+        skip: u64,
+        len: u64,
+        rings: &Rings,
+    ) -> Result<(usize, usize), MapError> {
+        let start = self.iovecs.used;
+        let mut end = start;
+        let align = self.disk.direct;
+        let mut entries = std::mem::take(&mut self.iovecs.entries);
         let mapped = self.pieces(writable, skip, len).try_for_each(|(addr, len)| {
             if writable && rings.overlaps_any(addr, len) {
-                return None;
+                return Err(MapError::Refused);
             }
-            let len = usize::try_from(len).ok()?;
+            let len = usize::try_from(len).map_err(|_| MapError::Refused)?;
             for slice in GuestMemoryBackend::get_slices(&self.mem, GuestAddress(addr), len) {
-                let slice = slice.ok()?;
-                if iovecs.len() == MAX_IOVECS {
-                    return None;
+                let slice = slice.map_err(|_| MapError::Refused)?;
+                if end == MAX_IOVECS {
+                    return Err(if start == 0 { MapError::Refused } else { MapError::Full });
                 }
                 let base = slice.ptr_guard_mut().as_ptr();
-                iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: slice.len() });
+                if let Some(align) = align {
+                    // O_DIRECT: the kernel refuses buffers off the device's alignment.
+                    if base as usize & (align.memory - 1) != 0 || slice.len() & (align.offset - 1) != 0 {
+                        return Err(MapError::Refused);
+                    }
+                }
+                entries[end] = libc::iovec { iov_base: base.cast(), iov_len: slice.len() };
+                end += 1;
             }
-            Some(())
+            Ok(())
         });
-        self.iovecs.0 = iovecs;
-        mapped
-    }
-
-    fn read(&mut self, sector: u64, rings: &Rings) -> Outcome {
-        // Every device-writable byte before the status byte.
-        let len = self.bytes(true) - 1;
-        let Some(offset) = self.disk_offset(sector, len) else {
-            return Outcome::status(request_status::IOERR);
-        };
-        if self.map_data(true, 0, len, rings).is_none() {
-            return Outcome::status(request_status::IOERR);
-        }
-        match self.transfer(offset, Direction::FromImage) {
-            Ok(written) => Outcome { status: request_status::OK, written },
-            Err((e, written)) => {
-                log::warn!("virtio-blk: read of {len} bytes at {offset} failed: {e}");
-                Outcome { status: request_status::IOERR, written }
-            }
-        }
-    }
-
-    fn write(&mut self, sector: u64, rings: &Rings) -> Outcome {
-        if self.disk.read_only {
-            return Outcome::status(request_status::IOERR);
-        }
-        // Every device-readable byte after the header.
-        let len = self.bytes(false) - HEADER_SIZE;
-        let Some(offset) = self.disk_offset(sector, len) else {
-            return Outcome::status(request_status::IOERR);
-        };
-        if self.map_data(false, HEADER_SIZE, len, rings).is_none() {
-            return Outcome::status(request_status::IOERR);
-        }
-        match self.transfer(offset, Direction::ToImage) {
-            Ok(_) => Outcome::status(request_status::OK),
-            Err((e, _)) => {
-                log::warn!("virtio-blk: write of {len} bytes at {offset} failed: {e}");
-                Outcome::status(request_status::IOERR)
-            }
-        }
-    }
-
-    fn flush(&mut self) -> Outcome {
-        self.stats.syncs += 1;
-        match self.disk.file.sync_data() {
-            Ok(()) => Outcome::status(request_status::OK),
-            Err(e) => {
-                log::warn!("virtio-blk: fdatasync of {} failed: {e}", self.disk.name.display());
-                Outcome::status(request_status::IOERR)
-            }
-        }
+        self.iovecs.entries = entries;
+        mapped?;
+        self.iovecs.used = end;
+        Ok((start, end))
     }
 
     fn get_id(&mut self, rings: &Rings) -> Outcome {
         let len = ID_BYTES as u64;
-        if self.bytes(true) - 1 < len || self.map_data(true, 0, len, rings).is_none() {
+        if self.bytes(true) - 1 < len {
+            return Outcome::status(request_status::IOERR);
+        }
+        // The same checks as a read's data: in guest memory, not over a ring.
+        let usable = self.pieces(true, 0, len).all(|(addr, piece)| {
+            !rings.overlaps_any(addr, piece) && self.mem.check_range(GuestAddress(addr), piece as usize)
+        });
+        if !usable {
             return Outcome::status(request_status::IOERR);
         }
         let mut at = 0usize;
@@ -1165,64 +1853,6 @@ impl BlockRequests {
         }
         Outcome { status: request_status::OK, written: len }
     }
-
-    /// Moves the bytes behind `self.iovecs` from or to the image at `offset`: one system
-    /// call unless the kernel transfers less. Returns the bytes moved, or the error with
-    /// the bytes moved before it.
-    fn transfer(&mut self, mut offset: u64, direction: Direction) -> Result<u64, (io::Error, u64)> {
-        let fd = self.disk.file.as_raw_fd();
-        let mut done = 0u64;
-        let mut iovecs = &mut self.iovecs.0[..];
-        while let Some(first) = iovecs.first() {
-            if first.iov_len == 0 {
-                iovecs = &mut iovecs[1..];
-                continue;
-            }
-            self.stats.transfers += 1;
-            let count = iovecs.len() as libc::c_int;
-            let at = libc::off_t::try_from(offset)
-                .map_err(|_| (io::Error::from(io::ErrorKind::InvalidInput), done))?;
-            let moved = match direction {
-                // SAFETY: every iovec covers guest memory mapped for as long as `self.mem`
-                // lives (a whole call); the kernel writes only into those ranges.
-                Direction::FromImage => unsafe { libc::preadv(fd, iovecs.as_ptr(), count, at) },
-                // SAFETY: as above; the kernel only reads those ranges.
-                Direction::ToImage => unsafe { libc::pwritev(fd, iovecs.as_ptr(), count, at) },
-            };
-            let moved = match moved {
-                n if n > 0 => n as u64,
-                0 => return Err((io::Error::from(io::ErrorKind::UnexpectedEof), done)),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err((e, done));
-                }
-            };
-            done += moved;
-            offset += moved;
-            // Drop what was moved from the front of the list.
-            let mut left = moved;
-            while let Some(first) = iovecs.first_mut() {
-                let len = first.iov_len as u64;
-                if left < len {
-                    first.iov_base = first.iov_base.cast::<u8>().wrapping_add(left as usize).cast();
-                    first.iov_len -= left as usize;
-                    break;
-                }
-                left -= len;
-                iovecs = &mut iovecs[1..];
-            }
-        }
-        Ok(done)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Direction {
-    FromImage,
-    ToImage,
 }
 
 #[cfg(test)]
@@ -1359,7 +1989,8 @@ mod tests {
         let hdr = HDR + 0x100 * u64::from(head);
         write_blk_header(mem, hdr, kind, sector);
         let first = 3 * head;
-        let data_flags = if kind == request_type::IN { DESC_F_WRITE } else { 0 };
+        let data_flags =
+            if matches!(kind, request_type::IN | request_type::GET_ID) { DESC_F_WRITE } else { 0 };
         driver.write_descriptor(first, hdr, 16, DESC_F_NEXT, first + 1);
         driver.write_descriptor(
             first + 1,
@@ -1492,5 +2123,364 @@ mod tests {
         assert_ne!(block.device_features() & features::RING_EVENT_IDX, 0);
         assert_ne!(block.device_features() & features::RING_INDIRECT_DESC, 0);
         assert_eq!(block.device_features() & feature::RO, 0);
+    }
+
+    /// An engine that runs the transfers pushed since the last wait when waited for, the
+    /// last pushed first, moving at most `chunk` bytes each; it logs what it did.
+    struct Reversing {
+        disk: Arc<DiskImage>,
+        queued: Vec<Transfer>,
+        chunk: Option<usize>,
+        log: Arc<Mutex<Vec<String>>>,
+        outstanding: usize,
+    }
+
+    impl Reversing {
+        fn boxed(
+            disk: &Arc<DiskImage>,
+            chunk: Option<usize>,
+            log: &Arc<Mutex<Vec<String>>>,
+        ) -> Box<dyn IoEngine> {
+            Box::new(Self { disk: disk.clone(), queued: Vec::new(), chunk, log: log.clone(), outstanding: 0 })
+        }
+    }
+
+    impl IoEngine for Reversing {
+        fn name(&self) -> &'static str {
+            "reversing"
+        }
+
+        unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+            self.log.lock().unwrap().push(format!("push {:?} {}", transfer.op, transfer.tag));
+            self.queued.push(transfer);
+            self.outstanding += 1;
+            Ok(())
+        }
+
+        fn submit(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+            while let Some(mut transfer) = self.queued.pop() {
+                let mut short = Vec::new();
+                if let (Some(chunk), true) = (self.chunk, transfer.op != IoOp::Sync) {
+                    // SAFETY: the engine's caller keeps the iovecs valid until completion.
+                    let iovecs =
+                        unsafe { std::slice::from_raw_parts(transfer.iovecs, transfer.count as usize) };
+                    let mut left = chunk;
+                    for iov in iovecs {
+                        if left == 0 {
+                            break;
+                        }
+                        let len = iov.iov_len.min(left);
+                        short.push(libc::iovec { iov_base: iov.iov_base, iov_len: len });
+                        left -= len;
+                    }
+                    transfer.iovecs = short.as_ptr();
+                    transfer.count = short.len() as u32;
+                }
+                // SAFETY: as above; `short` lives until after the call.
+                let result = unsafe { block_io::execute(self.disk.file().as_raw_fd(), &transfer) };
+                self.log.lock().unwrap().push(format!("done {:?} {}", transfer.op, transfer.tag));
+                done.push(Completion { tag: transfer.tag, result });
+                self.outstanding -= 1;
+            }
+            Ok(())
+        }
+
+        fn outstanding(&self) -> usize {
+            self.outstanding
+        }
+    }
+
+    fn reversing_engine(
+        mem: &GuestMemoryMmap,
+        chunk: Option<usize>,
+    ) -> (BlockRequests, File, Arc<Mutex<Vec<String>>>) {
+        let (disk, inspect) = memory_disk(64, false);
+        let disk = Arc::new(disk);
+        let log = Arc::default();
+        let engine = Reversing::boxed(&disk, chunk, &log);
+        (BlockRequests::with_io_engine(mem.clone(), disk, id_bytes("o"), Some(engine)), inspect, log)
+    }
+
+    #[test]
+    fn requests_of_one_kick_complete_out_of_order_and_the_journal_follows_each() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect, log) = reversing_engine(&mem, None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        for head in 1..=3u16 {
+            chain(&mem, &driver, head, request_type::OUT, 2 * u64::from(head));
+            mem.write_slice(&[0x10 * head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head)))
+                .unwrap();
+            driver.publish(3 * head);
+        }
+        let mut journal = Recorder::default();
+        let processed = requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(processed.completed, 3);
+        assert_eq!(
+            journal.0,
+            [
+                "fetched 3",
+                "fetched 6",
+                "fetched 9",
+                "completing 9",
+                "completed 9 at 1",
+                "completing 6",
+                "completed 6 at 2",
+                "completing 3",
+                "completed 3 at 3"
+            ],
+            "all three in flight at once, each returned on its own as it completes"
+        );
+        assert_eq!(log.lock().unwrap()[..3], ["push Write 0", "push Write 1", "push Write 2"]);
+        assert_eq!([driver.used_elem(0), driver.used_elem(1), driver.used_elem(2)], [(9, 1), (6, 1), (3, 1)]);
+        for head in 1..=3u16 {
+            let mut sector = [0u8; 512];
+            inspect.read_exact_at(&mut sector, 2 * u64::from(head) * 512).unwrap();
+            assert_eq!(sector, [0x10 * head as u8; 512]);
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(),
+                request_status::OK
+            );
+        }
+        assert_eq!(requests.stats().transfers, 3);
+    }
+
+    #[test]
+    fn requests_one_at_a_time_with_depth_one() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _, _) = reversing_engine(&mem, None);
+        requests.set_depth(1);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        for head in 1..=2u16 {
+            chain(&mem, &driver, head, request_type::IN, 0);
+            driver.publish(3 * head);
+        }
+        let mut journal = Recorder::default();
+        requests.process_queue_with(&mut queue, &mut journal).unwrap();
+        assert_eq!(
+            journal.0,
+            [
+                "fetched 3",
+                "completing 3",
+                "completed 3 at 1",
+                "fetched 6",
+                "completing 6",
+                "completed 6 at 2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_short_transfer_goes_on_where_it_stopped() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, inspect, _) = reversing_engine(&mem, Some(512));
+        let pattern: Vec<u8> = (0..2048u32).map(|i| (i * 13 % 251) as u8).collect();
+        inspect.write_all_at(&pattern, 5 * 512).unwrap();
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        write_blk_header(&mem, HDR, request_type::IN, 5);
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, DATA, 1024, DESC_F_WRITE | DESC_F_NEXT, 2);
+        driver.write_descriptor(2, DATA + 0x1000, 1024, DESC_F_WRITE | DESC_F_NEXT, 3);
+        driver.write_descriptor(3, STATUS, 1, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 1);
+        assert_eq!(requests.stats().transfers, 4, "four transfers of 512 bytes");
+        assert_eq!(driver.used_elem(0), (0, 2049));
+        let mut read = vec![0u8; 2048];
+        mem.read_slice(&mut read[..1024], GuestAddress(DATA)).unwrap();
+        mem.read_slice(&mut read[1024..], GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(read, pattern);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), request_status::OK);
+    }
+
+    #[test]
+    fn flush_waits_for_every_earlier_request() {
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _, log) = reversing_engine(&mem, None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::OUT, 0);
+        chain(&mem, &driver, 2, request_type::OUT, 1);
+        chain(&mem, &driver, 3, request_type::FLUSH, 0);
+        for head in [3, 6, 9] {
+            driver.publish(head);
+        }
+        let mut journal = Recorder::default();
+        assert_eq!(requests.process_queue_with(&mut queue, &mut journal).unwrap().completed, 3);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["push Write 0", "push Write 1", "done Write 1", "done Write 0", "push Sync 0", "done Sync 0"],
+            "the sync starts once both writes reached the file"
+        );
+        assert_eq!(journal.0[7..], ["completing 9", "completed 9 at 3"]);
+        assert_eq!(requests.stats().syncs, 1);
+    }
+
+    /// 15 writes in one kick, then 15 reads of them in another, on the engine `kind`.
+    fn batch_through(kind: EngineKind) {
+        let mem = guest_memory(0x10_0000);
+        let (disk, inspect) = memory_disk(64, false);
+        let mut requests = BlockRequests::with_engine(mem.clone(), Arc::new(disk), id_bytes("b"), kind);
+        let name = if kind == EngineKind::Threads { "threads" } else { "io_uring" };
+        assert_eq!(requests.engine_name(), Some(name));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 64);
+        let mut queue = driver.device_queue();
+        for head in 1..=15u16 {
+            chain(&mem, &driver, head, request_type::OUT, u64::from(head));
+            mem.write_slice(&[head as u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            driver.publish(3 * head);
+        }
+        let processed = requests.process_queue(&mut queue).unwrap();
+        assert_eq!((processed.completed, requests.stats().transfers), (15, 15));
+        for head in 1..=15u16 {
+            let mut sector = [0u8; 512];
+            inspect.read_exact_at(&mut sector, u64::from(head) * 512).unwrap();
+            assert_eq!(sector, [head as u8; 512], "{name}: sector {head}");
+            mem.write_slice(&[0u8; 512], GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            chain(&mem, &driver, head, request_type::IN, u64::from(head));
+            driver.publish(3 * head);
+        }
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 15);
+        for head in 1..=15u16 {
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(DATA + 0x1000 * u64::from(head))).unwrap();
+            assert_eq!(data, [head as u8; 512], "{name}: read back {head}");
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS + u64::from(head))).unwrap(),
+                request_status::OK
+            );
+        }
+        assert_eq!(driver.used_idx(), 30);
+    }
+
+    #[test]
+    fn a_batch_goes_through_io_uring() {
+        batch_through(EngineKind::IoUring);
+    }
+
+    #[test]
+    fn a_batch_goes_through_the_thread_pool_fallback() {
+        batch_through(EngineKind::Threads);
+    }
+
+    #[test]
+    fn without_an_engine_transfers_fail_and_the_queue_goes_on() {
+        let mem = guest_memory(0x10_0000);
+        let (disk, _) = memory_disk(64, false);
+        let mut requests = BlockRequests::with_io_engine(mem.clone(), Arc::new(disk), id_bytes("n"), None);
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        chain(&mem, &driver, 1, request_type::IN, 0);
+        chain(&mem, &driver, 2, request_type::GET_ID, 0);
+        driver.publish(3);
+        driver.publish(6);
+        assert_eq!(requests.process_queue(&mut queue).unwrap().completed, 2);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), request_status::IOERR);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 2)).unwrap(), request_status::OK);
+    }
+
+    #[test]
+    fn several_queues_are_offered_with_mq() {
+        let (disk, _) = memory_disk(64, false);
+        let block = Block::new(disk, "x").with_queues(4);
+        assert_eq!(block.queue_max_sizes(), [QUEUE_SIZE; 4]);
+        assert_ne!(block.device_features() & feature::MQ, 0);
+        let mut num_queues = [0u8; 2];
+        block.read_config(34, &mut num_queues);
+        assert_eq!(u16::from_le_bytes(num_queues), 4);
+        let (disk, _) = memory_disk(64, false);
+        let single = Block::new(disk, "x");
+        assert_eq!(single.queue_max_sizes(), [QUEUE_SIZE]);
+        assert_eq!(single.device_features() & feature::MQ, 0);
+        let (disk, _) = memory_disk(64, false);
+        assert_eq!(Block::new(disk, "x").with_queues(1000).queue_max_sizes().len(), usize::from(MAX_QUEUES));
+    }
+
+    /// A 64-sector image file in the temporary directory (O_DIRECT needs a real file
+    /// system), removed on drop.
+    struct TempImage(PathBuf);
+
+    impl TempImage {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("splitvisor-blk-{}-{name}.img", std::process::id()));
+            File::create(&path).unwrap().set_len(64 * 512).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn cache_none_moves_aligned_buffers_and_refuses_the_others() {
+        let image = TempImage::new("direct");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::None).unwrap();
+        assert_eq!(disk.cache(), CacheMode::None);
+        let align = disk.direct_io().unwrap();
+        assert!(align.memory.is_power_of_two() && align.offset.is_power_of_two(), "{align:?}");
+        assert_eq!(disk.block_size(), (align.offset as u32).max(512));
+        let mem = guest_memory(0x10_0000);
+        let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("d"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        assert_eq!(direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA, 8), request_status::OK);
+        let mut on_disk = vec![0u8; 4096];
+        File::open(&image.0).unwrap().read_exact_at(&mut on_disk, 8 * 512).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0x5a), "the write reached the file");
+        // Guest memory is page-aligned on the host: a buffer one byte in is not aligned.
+        assert_eq!(
+            direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16),
+            request_status::IOERR
+        );
+
+        // The same request through the page cache is fine.
+        let image = TempImage::new("cached");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::Writeback).unwrap();
+        assert_eq!((disk.cache(), disk.direct_io(), disk.block_size()), (CacheMode::Writeback, None, 512));
+        let mut requests = BlockRequests::new(mem.clone(), Arc::new(disk), id_bytes("c"));
+        let mut driver = DriverQueue::new(&mem, 0x1000, 16);
+        let mut queue = driver.device_queue();
+        assert_eq!(
+            direct_write(&mem, &mut requests, &mut driver, &mut queue, DATA + 1, 16),
+            request_status::OK
+        );
+    }
+
+    /// A 4 KiB write of 0x5a bytes from `data` to `sector`; its status.
+    fn direct_write(
+        mem: &GuestMemoryMmap,
+        requests: &mut BlockRequests,
+        driver: &mut DriverQueue<'_>,
+        queue: &mut Queue,
+        data: u64,
+        sector: u64,
+    ) -> u8 {
+        write_blk_header(mem, HDR, request_type::OUT, sector);
+        mem.write_slice(&[0x5a; 4096], GuestAddress(data)).unwrap();
+        driver.write_descriptor(0, HDR, 16, DESC_F_NEXT, 1);
+        driver.write_descriptor(1, data, 4096, DESC_F_NEXT, 2);
+        driver.write_descriptor(2, STATUS, 1, DESC_F_WRITE, 0);
+        driver.publish(0);
+        assert_eq!(requests.process_queue(queue).unwrap().completed, 1);
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn a_cache_none_image_handed_over_as_an_fd_keeps_o_direct() {
+        let image = TempImage::new("handed");
+        let disk = DiskImage::open_with(&image.0, false, CacheMode::None).unwrap();
+        let fd = disk.file().try_clone().unwrap();
+        drop(disk);
+        let received = DiskImage::from_file(fd, false, "fd").unwrap();
+        assert_eq!(received.cache(), CacheMode::None);
     }
 }

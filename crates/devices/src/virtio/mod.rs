@@ -11,6 +11,7 @@
 //!   another process.
 
 pub mod block;
+pub mod block_io;
 pub mod chain;
 mod image_lock;
 mod interrupt;

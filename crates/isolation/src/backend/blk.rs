@@ -1,12 +1,15 @@
 //! virtio-blk over vhost-user: the very request engine ([`BlockRequests`]) the monolithic
-//! layout runs in the hypervisor, served from a driver partition.
+//! layout runs in the hypervisor, served from a driver partition. With more than one
+//! queue the device offers VIRTIO_BLK_F_MQ (and vhost-user's MQ protocol feature), and
+//! each queue is served on its own thread with its own I/O engine.
 
 use std::sync::Arc;
 
 use splitvisor_devices::virtio::GuestMemoryMmap;
 use splitvisor_devices::virtio::block::{
-    self, BlockRequests, DiskImage, Processed, QUEUE_SIZE, QueueError, RequestJournal,
+    self, BlockRequests, DiskImage, MAX_QUEUES, Processed, QUEUE_SIZE, QueueError, RequestJournal,
 };
+use splitvisor_devices::virtio::block_io::EngineKind;
 use virtio_queue::Queue;
 
 use super::{QueueServer, VhostUserDevice};
@@ -15,6 +18,11 @@ use super::{QueueServer, VhostUserDevice};
 pub struct BlockDevice {
     disk: Arc<DiskImage>,
     id: [u8; block::ID_BYTES],
+    queues: u16,
+    engine: EngineKind,
+    /// Test hook: each queue runs on [`testing::SlowReversed`] with this delay.
+    #[cfg(feature = "test-hooks")]
+    slow_reversed: Option<std::time::Duration>,
     /// Test hook: tried when the first request arrives (the sandbox must kill us).
     #[cfg(feature = "test-hooks")]
     attempt: std::sync::Mutex<Option<crate::sandbox::testing::Forbidden>>,
@@ -26,9 +34,34 @@ impl BlockDevice {
         Self {
             disk: Arc::new(disk),
             id: block::id_bytes(id),
+            queues: 1,
+            engine: EngineKind::Auto,
+            #[cfg(feature = "test-hooks")]
+            slow_reversed: None,
             #[cfg(feature = "test-hooks")]
             attempt: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The device offers `queues` request queues (1 to [`MAX_QUEUES`]).
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        self.queues = queues.clamp(1, MAX_QUEUES);
+        self
+    }
+
+    /// Each queue moves data with the engine `kind`.
+    pub fn with_engine(mut self, kind: EngineKind) -> Self {
+        self.engine = kind;
+        self
+    }
+
+    /// Test hook: every queue moves data on an engine that holds each batch, completes
+    /// one transfer per `delay`, the last pushed first: many requests are in flight, and
+    /// complete out of order, whenever a test kills the process.
+    #[cfg(feature = "test-hooks")]
+    pub fn with_slow_reversed_engine(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.slow_reversed = delay;
+        self
     }
 
     /// The image's fd (kept open across the sandbox).
@@ -48,7 +81,7 @@ impl BlockDevice {
 
 impl VhostUserDevice for BlockDevice {
     fn num_queues(&self) -> u16 {
-        1
+        self.queues
     }
 
     fn max_queue_size(&self) -> u16 {
@@ -56,15 +89,26 @@ impl VhostUserDevice for BlockDevice {
     }
 
     fn features(&self) -> u64 {
-        block::device_features(&self.disk)
+        block::device_features(&self.disk, self.queues)
     }
 
     fn config(&self) -> Vec<u8> {
-        block::config_space(&self.disk).to_vec()
+        block::config_space(&self.disk, self.queues).to_vec()
     }
 
     fn queue_server(&self, _index: u16, memory: GuestMemoryMmap, features: u64) -> Box<dyn QueueServer> {
-        let mut requests = BlockRequests::new(memory, self.disk.clone(), self.id);
+        #[cfg(feature = "test-hooks")]
+        let mut requests = match self.slow_reversed {
+            Some(delay) => BlockRequests::with_io_engine(
+                memory,
+                self.disk.clone(),
+                self.id,
+                Some(Box::new(testing::SlowReversed::new(&self.disk, delay))),
+            ),
+            None => BlockRequests::with_engine(memory, self.disk.clone(), self.id, self.engine),
+        };
+        #[cfg(not(feature = "test-hooks"))]
+        let mut requests = BlockRequests::with_engine(memory, self.disk.clone(), self.id, self.engine);
         requests.set_features(features);
         Box::new(BlockQueue {
             requests,
@@ -109,5 +153,65 @@ impl QueueServer for BlockQueue {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.requests.resubmit(queue, heads, journal)
+    }
+
+    fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
+        self.requests.set_notifier(notify);
+    }
+}
+
+/// Test engines (only in builds with the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+pub mod testing {
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use splitvisor_devices::virtio::block::DiskImage;
+    use splitvisor_devices::virtio::block_io::{self, Completion, IoEngine, Transfer};
+
+    /// Holds the transfers pushed to it and, at each wait, sleeps `delay` and then runs
+    /// the one pushed last: requests stay in flight long and complete in reverse order.
+    pub struct SlowReversed {
+        disk: Arc<DiskImage>,
+        queued: Vec<Transfer>,
+        delay: Duration,
+    }
+
+    impl SlowReversed {
+        /// An engine on `disk` completing one transfer per `delay`.
+        pub fn new(disk: &Arc<DiskImage>, delay: Duration) -> Self {
+            Self { disk: disk.clone(), queued: Vec::with_capacity(block_io::MAX_IN_FLIGHT), delay }
+        }
+    }
+
+    impl IoEngine for SlowReversed {
+        fn name(&self) -> &'static str {
+            "slow-reversed"
+        }
+
+        unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+            self.queued.push(transfer);
+            Ok(())
+        }
+
+        fn submit(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+            let Some(transfer) = self.queued.pop() else { return Ok(()) };
+            std::thread::sleep(self.delay);
+            // SAFETY: the engine's caller keeps the transfer's buffers valid until its
+            // completion, which is returned here.
+            let result = unsafe { block_io::execute(self.disk.file().as_raw_fd(), &transfer) };
+            done.push(Completion { tag: transfer.tag, result });
+            Ok(())
+        }
+
+        fn outstanding(&self) -> usize {
+            self.queued.len()
+        }
     }
 }

@@ -285,6 +285,47 @@ mod tests {
     }
 
     #[test]
+    fn out_of_order_completions_leave_exactly_the_rest_owed() {
+        let (region, file) = InflightRegion::allocate(1, 16).unwrap();
+        let mut queue = region.queue(0, 16).unwrap();
+        queue.recover(0, 0);
+        // Four requests in flight at once; they complete 9, 3 and then 12 is published
+        // (used index 3) when the backend dies, before it clears the entry.
+        for head in [3, 6, 9, 12] {
+            queue.fetched(head);
+        }
+        queue.completing(9);
+        queue.completed(9, 1);
+        queue.completing(3);
+        queue.completed(3, 2);
+        queue.completing(12);
+        let _ = queue;
+        drop(region);
+        let region = InflightRegion::map(&file, 0, file.metadata().unwrap().len(), 1, 16).unwrap();
+        // Only 6 is owed; the ring resumes after the four fetched.
+        assert_eq!(
+            region.queue(0, 16).unwrap().recover(3, 0),
+            Recovery { resubmit: vec![6], next_avail: 4, next_used: 3 }
+        );
+        // Had the death come before 12 was published, 6 and 12 would be owed, oldest first.
+        let (region, _) = InflightRegion::allocate(1, 16).unwrap();
+        let mut queue = region.queue(0, 16).unwrap();
+        queue.recover(0, 0);
+        for head in [3, 6, 9, 12] {
+            queue.fetched(head);
+        }
+        queue.completing(9);
+        queue.completed(9, 1);
+        queue.completing(3);
+        queue.completed(3, 2);
+        queue.completing(12);
+        assert_eq!(
+            region.queue(0, 16).unwrap().recover(2, 0),
+            Recovery { resubmit: vec![6, 12], next_avail: 4, next_used: 2 }
+        );
+    }
+
+    #[test]
     fn bad_shapes_are_refused() {
         assert!(InflightRegion::allocate(0, 8).is_err());
         assert!(InflightRegion::allocate(1, 0).is_err());

@@ -96,6 +96,12 @@ pub trait QueueServer: Send {
     fn more(&self) -> bool {
         false
     }
+    /// `notify` interrupts the driver; a server that completes requests while others are
+    /// still in flight calls it as they complete (by default completions are announced
+    /// once per [`QueueServer::serve`], through [`Processed::notify`]).
+    fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
+        let _ = notify;
+    }
 }
 
 pub use splitvisor_devices::fault::FaultPlan;
@@ -401,9 +407,19 @@ impl<D: VhostUserDevice> Connection<D> {
                 return;
             }
         };
+        let mut server = self.device.queue_server(index as u16, memory.memory.clone(), self.acked_features);
+        match call.try_clone() {
+            // Completions reach the driver as they happen, not only once a batch is done.
+            Ok(notify) => server.set_notifier(Box::new(move || {
+                if let Err(e) = notify.write(1) {
+                    log::warn!("vhost-user queue {index}: cannot signal the driver: {e}");
+                }
+            })),
+            Err(e) => log::warn!("vhost-user queue {index}: completions announced per batch only: {e}"),
+        }
         let worker = QueueWorker {
             index: index as u16,
-            server: self.device.queue_server(index as u16, memory.memory.clone(), self.acked_features),
+            server,
             memory: memory.memory,
             kick,
             call,

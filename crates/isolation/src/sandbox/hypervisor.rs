@@ -422,6 +422,9 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
                     libc::SYS_fdatasync,
                 ],
             );
+            // The I/O engine: io_uring where the kernel has it (else a pool of threads of
+            // this kind, making the calls above, started through the launcher).
+            seccomp::io_uring(&mut rules)?;
         }
         ThreadKind::Supervisor => {
             // Waits on pidfds, sockets and eventfds; reads its wake eventfd.

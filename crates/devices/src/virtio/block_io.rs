@@ -1,0 +1,527 @@
+//! The I/O engines of virtio-blk: how the transfers of the requests in flight reach the
+//! image.
+//!
+//! The request engine ([`super::block::BlockRequests`]) parses a request, points iovecs
+//! at the guest's buffers and hands the transfer to an [`IoEngine`] under a *tag* (its
+//! slot). The transfers of one kick are pushed, then started together with one
+//! [`IoEngine::submit`]; [`IoEngine::wait`] returns completions in whatever order the
+//! kernel finishes them.
+//!
+//! * [`Uring`]: io_uring. The ring is created disabled, the image is its only registered
+//!   file, and a restriction set allows only READV, WRITEV and FSYNC on registered files
+//!   before the ring is enabled: whatever writes to the ring's memory (a bug, or a
+//!   compromised partition) can make the ring do nothing else, on no other file.
+//! * [`ThreadPool`]: where io_uring is missing or refused (an old kernel, a container
+//!   whose seccomp profile blocks it, `io_uring_disabled`), a few threads run `preadv`,
+//!   `pwritev` and `fdatasync`.
+//!
+//! [`open`] probes io_uring and falls back to the thread pool ([`EngineKind::Auto`]).
+//! Neither engine allocates per request: their queues are sized at creation for
+//! [`MAX_IN_FLIGHT`] transfers.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use io_uring::{IoUring, opcode, register::Restriction, squeue, types};
+use splitvisor_bus::threads::{self, ThreadKind};
+
+use super::block::DiskImage;
+
+/// Most transfers one queue has in flight (the tags are `0..MAX_IN_FLIGHT`).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Threads of the fallback engine, per queue.
+pub const POOL_THREADS: usize = 4;
+
+/// Which engine to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring where the kernel offers it, the thread pool otherwise.
+    #[default]
+    Auto,
+    /// io_uring, or an error.
+    IoUring,
+    /// The thread pool.
+    Threads,
+}
+
+/// What a transfer does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// `preadv` into the iovecs.
+    Read,
+    /// `pwritev` from the iovecs.
+    Write,
+    /// `fdatasync` of the image.
+    Sync,
+}
+
+/// One transfer handed to an engine.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    /// Returned with its completion; below [`MAX_IN_FLIGHT`].
+    pub tag: u16,
+    /// What to do.
+    pub op: IoOp,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// The buffers (unused for [`IoOp::Sync`]).
+    pub iovecs: *const libc::iovec,
+    /// How many iovecs.
+    pub count: u32,
+}
+
+// SAFETY: a transfer carries pointers for the kernel only; whoever pushes it keeps what
+// they point to valid until its completion (the contract of `IoEngine::push`).
+unsafe impl Send for Transfer {}
+
+/// A finished transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The transfer's tag.
+    pub tag: u16,
+    /// Bytes moved (0 for a sync), or a negative errno.
+    pub result: i64,
+}
+
+/// Moves the transfers of the requests in flight.
+pub trait IoEngine: Send {
+    /// The engine's name, for logs and benchmarks ("io_uring", "threads").
+    fn name(&self) -> &'static str;
+
+    /// Queues `transfer`; it starts at the next [`IoEngine::submit`] (or earlier). At most
+    /// [`MAX_IN_FLIGHT`] transfers may be outstanding, one per tag.
+    ///
+    /// # Safety
+    /// The iovec array and the memory it describes must stay valid, and not be used by
+    /// anyone else, until `wait` has returned this tag's completion.
+    unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()>;
+
+    /// Starts every queued transfer (one system call for io_uring).
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// Waits until at least one transfer finished (returns at once if none is
+    /// outstanding) and appends every finished one to `done`.
+    fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()>;
+
+    /// Transfers pushed and not yet returned by `wait`.
+    fn outstanding(&self) -> usize;
+}
+
+/// The engine `kind` for `disk`; [`EngineKind::Auto`] falls back to the thread pool where
+/// io_uring cannot be set up.
+pub fn open(disk: &Arc<DiskImage>, kind: EngineKind) -> io::Result<Box<dyn IoEngine>> {
+    match kind {
+        EngineKind::IoUring => Ok(Box::new(Uring::new(disk)?)),
+        EngineKind::Threads => Ok(Box::new(ThreadPool::new(disk, POOL_THREADS)?)),
+        EngineKind::Auto => match Uring::new(disk) {
+            Ok(uring) => Ok(Box::new(uring)),
+            Err(e) => {
+                log::info!(
+                    "virtio-blk: io_uring unavailable ({e}); using a pool of {POOL_THREADS} I/O threads"
+                );
+                Ok(Box::new(ThreadPool::new(disk, POOL_THREADS)?))
+            }
+        },
+    }
+}
+
+/// The io_uring engine (see the [module docs](self)).
+pub struct Uring {
+    ring: IoUring,
+    /// Keeps the registered file's image (and its lock) alive as long as the ring.
+    _disk: Arc<DiskImage>,
+    outstanding: usize,
+}
+
+impl Uring {
+    /// A ring for the transfers of `disk`, restricted to READV, WRITEV and FSYNC on it.
+    pub fn new(disk: &Arc<DiskImage>) -> io::Result<Self> {
+        let entries = MAX_IN_FLIGHT as u32;
+        let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+        let submitter = ring.submitter();
+        submitter.register_files(&[disk.file().as_raw_fd()])?;
+        let fixed = squeue::Flags::FIXED_FILE.bits();
+        submitter.register_restrictions(&mut [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_allowed(fixed),
+            Restriction::sqe_flags_required(fixed),
+        ])?;
+        submitter.register_enable_rings()?;
+        Ok(Self { ring, _disk: disk.clone(), outstanding: 0 })
+    }
+
+    fn enter(&mut self, wait_for: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(wait_for) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The completion queue is full: reap, then try again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl IoEngine for Uring {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+        if usize::from(transfer.tag) >= MAX_IN_FLIGHT || self.outstanding >= MAX_IN_FLIGHT {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many transfers in flight"));
+        }
+        let file = types::Fixed(0);
+        let entry = match transfer.op {
+            IoOp::Read => {
+                opcode::Readv::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
+            }
+            IoOp::Write => {
+                opcode::Writev::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
+            }
+            IoOp::Sync => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
+        }
+        .user_data(u64::from(transfer.tag));
+        if self.ring.submission().is_full() {
+            self.enter(0)?;
+        }
+        // SAFETY: the caller keeps the iovecs and their buffers valid until the completion
+        // (this function's contract); the entry names only the registered image.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.enter(0)
+    }
+
+    fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+        if self.outstanding == 0 {
+            return Ok(());
+        }
+        loop {
+            let before = done.len();
+            for entry in self.ring.completion() {
+                done.push(Completion { tag: entry.user_data() as u16, result: i64::from(entry.result()) });
+            }
+            let reaped = done.len() - before;
+            self.outstanding = self.outstanding.saturating_sub(reaped);
+            if reaped > 0 {
+                return Ok(());
+            }
+            self.enter(1)?;
+        }
+    }
+
+    fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory for a transfer in flight: wait for
+        // every one before the caller can unmap it.
+        let mut done = Vec::with_capacity(MAX_IN_FLIGHT);
+        while self.outstanding > 0 {
+            done.clear();
+            if let Err(e) = self.wait(&mut done) {
+                log::error!(
+                    "virtio-blk: io_uring wait failed with {} transfers in flight: {e}",
+                    self.outstanding
+                );
+                break;
+            }
+        }
+    }
+}
+
+struct PoolState {
+    jobs: VecDeque<Transfer>,
+    done: Vec<Completion>,
+    closing: bool,
+}
+
+struct PoolShared {
+    state: Mutex<PoolState>,
+    /// Signalled when jobs are queued or the pool closes.
+    work: Condvar,
+    /// Signalled when a job finished.
+    finished: Condvar,
+}
+
+impl PoolShared {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The fallback engine: [`POOL_THREADS`] threads running one system call per transfer.
+pub struct ThreadPool {
+    shared: Arc<PoolShared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Pushed since the last submit: the workers are woken once for all of them.
+    queued: usize,
+    outstanding: usize,
+}
+
+impl ThreadPool {
+    /// `threads` threads serving transfers on `disk`.
+    pub fn new(disk: &Arc<DiskImage>, threads: usize) -> io::Result<Self> {
+        let shared = Arc::new(PoolShared {
+            state: Mutex::new(PoolState {
+                jobs: VecDeque::with_capacity(MAX_IN_FLIGHT),
+                done: Vec::with_capacity(MAX_IN_FLIGHT),
+                closing: false,
+            }),
+            work: Condvar::new(),
+            finished: Condvar::new(),
+        });
+        let mut pool = Self { shared, threads: Vec::with_capacity(threads), queued: 0, outstanding: 0 };
+        for _ in 0..threads.max(1) {
+            let (shared, disk) = (pool.shared.clone(), disk.clone());
+            let thread = threads::spawn(ThreadKind::DeviceWorker, "virtio-blk-io", move || {
+                pool_worker(&shared, &disk);
+            })?;
+            pool.threads.push(thread);
+        }
+        Ok(pool)
+    }
+}
+
+fn pool_worker(shared: &PoolShared, disk: &DiskImage) {
+    let fd = disk.file().as_raw_fd();
+    let mut state = shared.lock();
+    loop {
+        if let Some(transfer) = state.jobs.pop_front() {
+            drop(state);
+            let result = run(fd, &transfer);
+            state = shared.lock();
+            state.done.push(Completion { tag: transfer.tag, result });
+            shared.finished.notify_one();
+        } else if state.closing {
+            return;
+        } else {
+            state = shared.work.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// Runs `transfer` on `fd` with one system call (what the pool's threads do): the bytes
+/// moved, or a negative errno.
+///
+/// # Safety
+/// The transfer's iovecs must describe memory valid for the kernel to write (a read) or
+/// read (a write) for the duration of the call.
+pub unsafe fn execute(fd: i32, transfer: &Transfer) -> i64 {
+    run(fd, transfer)
+}
+
+/// One system call for `transfer`: bytes moved or a negative errno.
+fn run(fd: i32, transfer: &Transfer) -> i64 {
+    let Ok(offset) = libc::off_t::try_from(transfer.offset) else {
+        return -i64::from(libc::EINVAL);
+    };
+    let count = transfer.count as libc::c_int;
+    let result = match transfer.op {
+        // SAFETY: the pusher keeps the iovecs and their buffers valid until the completion;
+        // the kernel writes only into them.
+        IoOp::Read => unsafe { libc::preadv(fd, transfer.iovecs, count, offset) },
+        // SAFETY: as above; the kernel only reads them.
+        IoOp::Write => unsafe { libc::pwritev(fd, transfer.iovecs, count, offset) },
+        // SAFETY: fdatasync takes only the fd.
+        IoOp::Sync => unsafe { libc::fdatasync(fd) as isize },
+    };
+    if result < 0 {
+        -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    } else {
+        result as i64
+    }
+}
+
+impl IoEngine for ThreadPool {
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+
+    unsafe fn push(&mut self, transfer: Transfer) -> io::Result<()> {
+        if usize::from(transfer.tag) >= MAX_IN_FLIGHT || self.outstanding >= MAX_IN_FLIGHT {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many transfers in flight"));
+        }
+        // Capacity for MAX_IN_FLIGHT jobs was reserved: this never allocates.
+        self.shared.lock().jobs.push_back(transfer);
+        self.queued += 1;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        match self.queued {
+            0 => {}
+            1 => self.shared.work.notify_one(),
+            _ => self.shared.work.notify_all(),
+        }
+        self.queued = 0;
+        Ok(())
+    }
+
+    fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+        self.submit()?;
+        if self.outstanding == 0 {
+            return Ok(());
+        }
+        let mut state = self.shared.lock();
+        while state.done.is_empty() {
+            state = self.shared.finished.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        self.outstanding = self.outstanding.saturating_sub(state.done.len());
+        done.extend(state.done.drain(..));
+        Ok(())
+    }
+
+    fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        let mut done = Vec::with_capacity(MAX_IN_FLIGHT);
+        while self.outstanding > 0 {
+            done.clear();
+            let _ = self.wait(&mut done);
+        }
+        self.shared.lock().closing = true;
+        self.shared.work.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::virtio::testing::memory_disk;
+
+    fn iovec(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
+    }
+
+    /// Writes 16 sectors as 16 transfers in one batch, syncs, reads them back in one batch.
+    fn batch_round_trip(kind: EngineKind) {
+        let (disk, inspect) = memory_disk(64, false);
+        let disk = Arc::new(disk);
+        let mut engine = open(&disk, kind).unwrap();
+        let mut data: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i.wrapping_mul(17) | 1; 512]).collect();
+        let iovecs: Vec<libc::iovec> = data.iter_mut().map(|d| iovec(d)).collect();
+        for (tag, iov) in iovecs.iter().enumerate() {
+            let transfer = Transfer {
+                tag: tag as u16,
+                op: IoOp::Write,
+                offset: 512 * tag as u64,
+                iovecs: iov,
+                count: 1,
+            };
+            // SAFETY: `data` and `iovecs` outlive the waits below.
+            unsafe { engine.push(transfer) }.unwrap();
+        }
+        assert_eq!(engine.outstanding(), 16);
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        let mut tags: Vec<u16> = done.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..16).collect::<Vec<_>>());
+        assert!(done.iter().all(|c| c.result == 512), "{done:?}");
+        // SAFETY: a sync has no buffers.
+        unsafe {
+            engine.push(Transfer { tag: 3, op: IoOp::Sync, offset: 0, iovecs: std::ptr::null(), count: 0 })
+        }
+        .unwrap();
+        done.clear();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 3, result: 0 }]);
+        for (tag, expected) in data.iter().enumerate() {
+            let mut on_disk = [0u8; 512];
+            inspect.read_exact_at(&mut on_disk, 512 * tag as u64).unwrap();
+            assert_eq!(&on_disk[..], &expected[..], "sector {tag}");
+        }
+
+        let mut back = vec![0u8; 16 * 512];
+        let iovecs: Vec<libc::iovec> = back.chunks_mut(512).map(iovec).collect();
+        for (tag, iov) in iovecs.iter().enumerate() {
+            let transfer =
+                Transfer { tag: tag as u16, op: IoOp::Read, offset: 512 * tag as u64, iovecs: iov, count: 1 };
+            // SAFETY: `back` and `iovecs` outlive the waits below.
+            unsafe { engine.push(transfer) }.unwrap();
+        }
+        done.clear();
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        assert_eq!(done.len(), 16);
+        assert!(back.chunks(512).zip(&data).all(|(a, b)| a == &b[..]));
+        // A read past the end of the image moves nothing.
+        let mut beyond = [0u8; 512];
+        let iov = iovec(&mut beyond);
+        // SAFETY: `beyond` outlives the wait.
+        unsafe { engine.push(Transfer { tag: 0, op: IoOp::Read, offset: 64 * 512, iovecs: &iov, count: 1 }) }
+            .unwrap();
+        done.clear();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 0, result: 0 }]);
+        // Tags are bounded.
+        // SAFETY: refused before anything is queued.
+        let refused = unsafe {
+            engine.push(Transfer {
+                tag: MAX_IN_FLIGHT as u16,
+                op: IoOp::Sync,
+                offset: 0,
+                iovecs: std::ptr::null(),
+                count: 0,
+            })
+        };
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn io_uring_moves_a_batch_and_completes_every_tag() {
+        batch_round_trip(EngineKind::IoUring);
+    }
+
+    #[test]
+    fn the_thread_pool_moves_a_batch_and_completes_every_tag() {
+        batch_round_trip(EngineKind::Threads);
+    }
+
+    #[test]
+    fn the_io_uring_ring_refuses_other_operations() {
+        let (disk, _) = memory_disk(8, false);
+        let mut engine = Uring::new(&Arc::new(disk)).unwrap();
+        // A NOP is not on the restriction list: the kernel answers EACCES.
+        let entry = opcode::Nop::new().build().user_data(7);
+        // SAFETY: a NOP has no buffers.
+        unsafe { engine.ring.submission().push(&entry) }.unwrap();
+        engine.outstanding += 1;
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 7, result: -i64::from(libc::EACCES) }]);
+    }
+}
