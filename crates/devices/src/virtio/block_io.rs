@@ -386,7 +386,7 @@ impl IoEngine for ThreadPool {
             state = self.shared.finished.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         self.outstanding = self.outstanding.saturating_sub(state.done.len());
-        done.extend(state.done.drain(..));
+        done.append(&mut state.done);
         Ok(())
     }
 
