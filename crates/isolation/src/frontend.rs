@@ -54,6 +54,9 @@ pub struct DeviceShape {
     pub device_type: u32,
     /// The largest size of each queue.
     pub queue_sizes: Vec<u16>,
+    /// How many of the first queues a driver must set up before it starts the device (a
+    /// multi-queue block device works with fewer than it has; a NIC needs both).
+    pub required_queues: u16,
     /// Bytes of configuration space to read from the backend (GET_CONFIG).
     pub config_size: u32,
     /// Per queue, whether the watchdog may take requests that wait without progress as a
@@ -67,6 +70,7 @@ impl DeviceShape {
         Self {
             device_type: device_type::BLOCK,
             queue_sizes: vec![block::QUEUE_SIZE],
+            required_queues: 1,
             config_size: block::CONFIG_SIZE as u32,
             watched: vec![true],
         }
@@ -78,6 +82,7 @@ impl DeviceShape {
         Self {
             device_type: device_type::NET,
             queue_sizes: vec![net::QUEUE_SIZE, net::QUEUE_SIZE],
+            required_queues: 2,
             config_size: net::CONFIG_SIZE as u32,
             watched: vec![false, true],
         }
@@ -604,8 +609,9 @@ impl VirtioDevice for VhostUserVirtio {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        let count = self.shape.queue_sizes.len() as u16;
-        if let Some(missing) = (0..count).find(|index| !queues.iter().any(|q| q.index == *index)) {
+        if let Some(missing) =
+            (0..self.shape.required_queues).find(|index| !queues.iter().any(|q| q.index == *index))
+        {
             return Err(ActivateError::MissingQueue(missing));
         }
         let call = interrupt

@@ -154,6 +154,15 @@ impl Profile {
         }
     }
 
+    /// Locked memory (RLIMIT_MEMLOCK): the kernel charges an io_uring's rings to it (a
+    /// block partition runs one per queue); nothing else in a partition locks memory.
+    fn locked_memory(self) -> u64 {
+        match self {
+            Self::VhostUserBlk => IO_URING_LOCKED_MEMORY,
+            Self::VhostUserNet | Self::BusProxy => 0,
+        }
+    }
+
     /// The default address-space budget (RLIMIT_AS).
     fn default_address_space(self) -> Option<u64> {
         match self {
@@ -163,6 +172,10 @@ impl Profile {
         }
     }
 }
+
+/// RLIMIT_MEMLOCK of a block partition: room for the rings of an io_uring per queue
+/// (about 24 KiB each at the engine's depth), with a margin.
+pub const IO_URING_LOCKED_MEMORY: u64 = 2 << 20;
 
 /// Address space of a partition that maps no guest RAM: the program and a small heap
 /// (about 8 MiB are mapped at start).
@@ -456,7 +469,7 @@ fn lower_limit(resource: libc::__rlimit_resource_t, limit: u64) -> Result<(), Sa
 fn limit_resources(config: &SandboxConfig) -> Result<(), SandboxError> {
     lower_limit(libc::RLIMIT_NOFILE, 64)?;
     lower_limit(libc::RLIMIT_CORE, 0)?;
-    lower_limit(libc::RLIMIT_MEMLOCK, 0)?;
+    lower_limit(libc::RLIMIT_MEMLOCK, config.profile.locked_memory())?;
     lower_limit(libc::RLIMIT_NPROC, config.max_tasks)?;
     if let Some(bytes) = config.address_space {
         lower_limit(libc::RLIMIT_AS, bytes)?;

@@ -1626,9 +1626,12 @@ impl BlockRequests {
         used_len: u32,
         journal: &mut dyn RequestJournal,
     ) -> Result<(), QueueError> {
+        // The journal's order is the inflight region's: the head is marked as being
+        // completed before the used ring changes, and as done once it has; a backend that
+        // dies in between leaves a record the next one can finish from.
+        journal.completing(head);
         queue.add_used(&self.mem, head, used_len).map_err(QueueError::Broken)?;
         journal.completed(head, queue.next_used());
-        journal.completing(head);
         self.unsignalled = true;
         Ok(())
     }

@@ -150,6 +150,8 @@ impl Uring {
             Restriction::sqe_op(opcode::Fsync::CODE),
             Restriction::sqe_flags_allowed(fixed),
             Restriction::sqe_flags_required(fixed),
+            // Only for Drop (a restricted ring refuses every register operation not listed).
+            Restriction::register_op(IORING_UNREGISTER_FILES),
         ])?;
         submitter.register_enable_rings()?;
         Ok(Self { ring, _disk: disk.clone(), outstanding: 0 })
@@ -167,6 +169,9 @@ impl Uring {
         }
     }
 }
+
+/// `IORING_UNREGISTER_FILES` of the kernel's io_uring ABI.
+pub const IORING_UNREGISTER_FILES: u8 = 3;
 
 impl IoEngine for Uring {
     fn name(&self) -> &'static str {
@@ -243,6 +248,13 @@ impl Drop for Uring {
                 );
                 break;
             }
+        }
+        // A ring's registered files are released by its deferred teardown, which the kernel
+        // may run after this process has exited: the image's lock would outlive the VM, and
+        // a VM started again at once would find its image locked. Unregistering waits for
+        // the file's last use and releases it now.
+        if let Err(e) = self.ring.submitter().unregister_files() {
+            log::warn!("io_uring: cannot release the image's registered file: {e}");
         }
     }
 }

@@ -127,16 +127,17 @@ fn common(rules: &mut Rules, own_pid: libc::pid_t) -> Result<(), SandboxError> {
 
 /// io_uring for a disk's I/O engine, as narrowly as the engine uses it: a ring of
 /// [`MAX_IN_FLIGHT`] entries, entered to submit and to wait (no SQPOLL wake-up, no
-/// extended arguments), registered with the image as its one file, a restriction set and
-/// then enabled. The restriction set (READV, WRITEV and FSYNC on the registered file only,
+/// extended arguments), registered with the image as its one file (unregistered when dropped), a restriction
+/// set and then enabled. The restriction set (READV, WRITEV and FSYNC on the registered file only,
 /// registered by the engine before the ring runs) bounds what the ring itself can do:
 /// seccomp does not see the operations a ring carries out.
 pub(super) fn io_uring(rules: &mut Rules) -> Result<(), SandboxError> {
     arg_in(rules, libc::SYS_io_uring_setup, 0, Len::Dword, &[MAX_IN_FLIGHT as u64])?;
     // IORING_ENTER_GETEVENTS or nothing.
     arg_in(rules, libc::SYS_io_uring_enter, 3, Len::Dword, &[0, 1])?;
-    // IORING_REGISTER_FILES, IORING_REGISTER_RESTRICTIONS, IORING_REGISTER_ENABLE_RINGS.
-    arg_in(rules, libc::SYS_io_uring_register, 1, Len::Dword, &[2, 11, 12])
+    // IORING_REGISTER_FILES, IORING_UNREGISTER_FILES (when the engine is dropped),
+    // IORING_REGISTER_RESTRICTIONS, IORING_REGISTER_ENABLE_RINGS.
+    arg_in(rules, libc::SYS_io_uring_register, 1, Len::Dword, &[2, 3, 11, 12])
 }
 
 /// The partition's filters, to install in this order: the first answers clone3 with ENOSYS
