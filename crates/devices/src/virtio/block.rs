@@ -1249,7 +1249,14 @@ impl BlockRequests {
                 completed += self.reap(queue, journal)?;
             }
             if fetched == budget {
-                pending = self.available(queue)? > 0;
+                // Stop for now, but with notifications on again (with EVENT_IDX: avail_event
+                // brought up to date), or the driver would not kick for its next request
+                // and wait for ever; whatever is already waiting makes another call.
+                pending = if queue.event_idx_enabled() {
+                    queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
+                } else {
+                    self.available(queue)? > 0
+                };
                 break;
             }
             if !queue.event_idx_enabled()

@@ -90,11 +90,25 @@ fn permissions(read_only: bool) -> (u32, u32) {
     }
 }
 
+/// How long a lock may linger with no holder before it counts as held.
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the image's locks on `file`'s open file description, or says who is in the way.
 /// A filesystem without OFD locks (ENOLCK, EOPNOTSUPP, EINVAL) is used unlocked, with a
 /// warning, as QEMU's `locking=auto` does.
 pub(crate) fn lock(file: &File, read_only: bool) -> Result<(), LockError> {
-    match try_lock(file, read_only) {
+    let deadline = std::time::Instant::now() + RELEASE_GRACE;
+    let mut result = try_lock(file, read_only);
+    // A lock that no open file holds is being released: the kernel tears down the io_uring
+    // of a process that died (a driver killed while serving the image) after the process,
+    // and its registered files with it. Wait for that, a bounded time.
+    while matches!(&result, Err(LockError::Conflict { holders, .. }) if holders.is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        result = try_lock(file, read_only);
+    }
+    match result {
         Err(LockError::Os(e))
             if matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::EINVAL)) =>
         {

@@ -662,6 +662,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Connection<D> {
     fn set_features(&mut self, features: u64) -> ProtocolResult<()> {
         let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if features & !offered != 0 {
+            log::warn!(
+                "vhost-user: the frontend acked features {:#x} this device does not offer",
+                features & !offered
+            );
             return Err(ProtocolError::InvalidParam);
         }
         self.reconfigure(|this| {

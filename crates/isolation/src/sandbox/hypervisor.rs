@@ -261,6 +261,9 @@ fn base(rules: &mut Rules, own_pid: libc::pid_t) -> Result<(), SandboxError> {
             libc::SYS_rt_sigreturn,
             libc::SYS_rt_sigprocmask,
             libc::SYS_sigaltstack,
+            // An interrupted sleep or poll with a timeout goes on through restart_syscall
+            // (an io_uring's completion work and a stop and continue interrupt them).
+            libc::SYS_restart_syscall,
             libc::SYS_getpid,
             libc::SYS_gettid,
             // Clocks (when the vDSO falls back to the kernel), sleeps, HashMap seeds.

@@ -104,6 +104,10 @@ fn common(rules: &mut Rules, own_pid: libc::pid_t) -> Result<(), SandboxError> {
             libc::SYS_mremap,
             // Returning from a signal handler (Rust's stack-overflow handler).
             libc::SYS_rt_sigreturn,
+            // A sleep or a poll with a timeout that something interrupted goes on through
+            // restart_syscall: an io_uring's completion work interrupts the other threads
+            // of its process that way, and so do a stop and a continue.
+            libc::SYS_restart_syscall,
             // Rust tears down the thread's alternate signal stack at exit.
             libc::SYS_sigaltstack,
             // abort() (an allocation failure under RLIMIT_AS, a panic in a drop) blocks
