@@ -14,6 +14,8 @@ use virtio_queue::Queue;
 
 use super::{QueueServer, VhostUserDevice};
 
+pub mod fuzzing;
+
 /// A virtio-blk device on a disk image.
 pub struct BlockDevice {
     disk: Arc<DiskImage>,

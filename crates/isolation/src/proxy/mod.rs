@@ -14,6 +14,7 @@
 //! is lost. Without a link, or once the supervisor gives up, the proxy answers reads with
 //! all ones and ignores writes, so no vCPU ever waits on a dead partition again.
 
+pub mod fuzzing;
 pub mod wire;
 
 use std::io::{self, Write};
@@ -277,8 +278,9 @@ impl ProxyDevice {
     fn exchange(&mut self, stream: &mut UnixStream, request: &Request) -> Result<Response, ProxyError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
+        let mut stream = WithinDeadline { stream, deadline: Instant::now() + PROXY_TIMEOUT };
         stream.write_all(&request.encode(seq))?;
-        let body = wire::read_frame(stream)??;
+        let body = wire::read_frame(&mut stream)??;
         let Frame { seq: got, message } = Response::decode(&body)?;
         if got != seq {
             return Err(ProxyError::OutOfOrder { expected: seq, got });
@@ -325,6 +327,12 @@ impl ProxyDevice {
     /// Moves to a new partition: it takes up the last state the old one reported.
     fn adopt(&mut self, generation: u64, mut stream: UnixStream) {
         self.generation = generation;
+        // The supervisor replaced the old partition (it ends when its connection closes):
+        // if the new one proves unusable, that is this generation's failure to report,
+        // never a reason to go back to the old one.
+        if let Some(old) = self.stream.take() {
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
         if let Err(e) = set_timeouts(&stream) {
             log::warn!("{}: new partition unusable: {e}", self.name);
             return;
@@ -362,6 +370,42 @@ impl ProxyDevice {
         if let Some(on_dead) = self.on_dead.take() {
             on_dead(why);
         }
+    }
+}
+
+/// A partition's connection for one exchange, which must end by `deadline`: a socket
+/// timeout bounds each read or write, not the exchange, and a partition that dribbles its
+/// answer a byte at a time would otherwise hold the vCPU for as long as it likes.
+struct WithinDeadline<'a> {
+    stream: &'a mut UnixStream,
+    deadline: Instant,
+}
+
+impl WithinDeadline<'_> {
+    /// Bounds the next socket operation by what is left of the deadline.
+    fn time_left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the partition did not answer in time"));
+        }
+        Ok(left)
+    }
+}
+
+impl io::Read for WithinDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.time_left()?))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for WithinDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.time_left()?))?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 
