@@ -592,12 +592,10 @@ fn the_console_partition_killed_and_stopped_during_output_loses_no_byte() {
             dealt
         });
         assert_eq!(dealt, BLOWS.map(|(_, blow)| blow), "{extra}: the guest finished first");
-        assert_eq!(
-            restarts_of(&report, "com1") as usize,
-            BLOWS.len(),
-            "{extra}: {:#?}",
-            report.device_events
-        );
+        // (More restarts than blows only if a partition starved of CPU missed the proxy's
+        // deadline: that is replaced the same way.)
+        let restarts = restarts_of(&report, "com1") as usize;
+        assert!(restarts >= BLOWS.len(), "{extra}: {restarts} restarts: {:#?}", report.device_events);
         eprintln!("{extra}: {} blows to com1, every line arrived once", dealt.len());
     }
 }
@@ -636,8 +634,8 @@ fn the_i8042_partition_killed_and_stopped_during_output_still_resets_the_vm() {
     });
     assert_eq!(dealt.len(), 7, "the guest finished first: {dealt:?}");
     // Every kill was replaced, and so was the stopped partition, at the reset.
-    assert_eq!(restarts_of(&report, "i8042"), 5, "{:#?}", report.device_events);
-    assert_eq!(restarts_of(&report, "com1"), 2, "{:#?}", report.device_events);
+    assert!(restarts_of(&report, "i8042") >= 5, "{:#?}", report.device_events);
+    assert!(restarts_of(&report, "com1") >= 2, "{:#?}", report.device_events);
     let stopped = report
         .device_events
         .iter()
