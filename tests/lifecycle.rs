@@ -642,6 +642,9 @@ fn the_i8042_partition_killed_and_stopped_during_output_still_resets_the_vm() {
         .filter(|e| e.device == "i8042")
         .any(|e| e.what.contains("stopped answering"));
     assert!(stopped, "the stopped i8042 was not taken as failed: {:#?}", report.device_events);
+    for event in &report.device_events {
+        eprintln!("{:>8.3} s {}: {}", event.at.as_secs_f64(), event.device, event.what);
+    }
 }
 
 #[test]

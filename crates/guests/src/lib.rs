@@ -9,8 +9,9 @@
 //!
 //! The I/O programs (`blk-bench`, `blk-stress`) run their loops in ring 3, which runs
 //! natively even on a KVM that emulates guest ring 0; `blk-stress` writes blocks in the
-//! format of [`stress`], and [`blk_stress_check`] checks an image after it. The guest table,
-//! with each program's command-line keys, is in this crate's README.
+//! format of [`stress`], and [`blk_stress_check`] checks an image after it; `console-flood`
+//! writes the lines of [`flood`], and [`console_flood_check`] checks a console after it. The
+//! guest table, with each program's command-line keys, is in this crate's README.
 //!
 //! Depending on this crate from crates.io needs nothing beyond the Rust toolchain that
 //! builds the depending crate: the build script compiles the kit (`kit/`, shipped in the
