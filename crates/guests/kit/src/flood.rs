@@ -68,7 +68,7 @@ pub fn format(n: u64, line: &mut [u8; LINE_LEN]) {
     line[LINE_LEN - 1] = b'\n';
 }
 
-/// The number of `line` (without its newline) if it is exactly a line [`format`] writes.
+/// The number of `line` (without its newline) if it is exactly a line [`format()`] writes.
 pub fn parse(line: &[u8]) -> Option<u64> {
     if line.len() != LINE_LEN - 1 || !line.starts_with(PREFIX) {
         return None;
