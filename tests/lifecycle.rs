@@ -464,3 +464,194 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(bad.is_empty(), "{} sectors lost", bad.len());
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
+
+/// Lines `console-flood` writes in the lifecycle tests: about 117 KiB of output, several
+/// seconds of a debug build's proxied console on the build machines.
+const FLOOD_LINES: u64 = 3000;
+
+/// The share of `console-flood`'s lines that have reached `console`, in percent.
+fn flood_progress(console: &Capture) -> u64 {
+    let text = console.text();
+    let lines = text.lines().filter(|line| line.starts_with("flood ")).count() as u64;
+    lines * 100 / FLOOD_LINES
+}
+
+/// Runs `console-flood` (`extra` appended to its command line) while `chaos` runs on
+/// another thread with the VM's driver control and its console; returns the report, the
+/// console and what `chaos` returned, once the console has been checked line by line.
+fn console_flood_under<T: Send + 'static>(
+    layout: Layout,
+    extra: &str,
+    chaos: impl FnOnce(DriverControl, Capture, Arc<AtomicBool>) -> T + Send + 'static,
+) -> (VmReport, String, T) {
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find("console-flood").unwrap().elf)
+        .layout(layout)
+        .driver(driver())
+        .cmdline(&format!("console_flood.lines={FLOOD_LINES} {extra}"))
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(300)))
+        .build()
+        .unwrap();
+    let control = vm.driver_control();
+    let done = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let (done, console) = (done.clone(), console.clone());
+        std::thread::spawn(move || chaos(control, console, done))
+    };
+    let report = vm.run();
+    done.store(true, Ordering::Release);
+    let outcome = chaos.join().unwrap();
+    let text = console.text();
+    let report = report.unwrap_or_else(|e| panic!("the VM failed: {e}; its console ends:\n{}", tail(&text)));
+    // The run ended by the guest's own i8042 reset, after its result line.
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{}\n{:#?}", tail(&text), report.device_events);
+    assert_eq!(report.end, VmEnd::GuestReset, "{:#?}", report.device_events);
+    if let Err(problems) = guests::console_flood_check(&text, FLOOD_LINES) {
+        panic!("console bytes lost or duplicated:\n{}\n{:#?}", problems.join("\n"), report.device_events);
+    }
+    (report, text, outcome)
+}
+
+/// The last lines of a console.
+fn tail(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Waits (bounded) until `console-flood` is `percent` done; false if the VM ended first.
+fn wait_progress(console: &Capture, percent: u64, done: &AtomicBool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && !done.load(Ordering::Acquire) {
+        if flood_progress(console) >= percent {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// How the lifecycle tests take a partition down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blow {
+    /// SIGKILL of the process the hypervisor watches.
+    KillWatched,
+    /// SIGKILL of the process that serves (PID 1 of the partition's PID namespace).
+    KillServing,
+    /// SIGSTOP of the process that serves: only a request that gets no answer tells.
+    StopServing,
+}
+
+impl Blow {
+    fn deal(self, pid: u32) {
+        match self {
+            Blow::KillWatched => signal(pid, libc::SIGKILL),
+            Blow::KillServing => signal(serving_process(pid), libc::SIGKILL),
+            Blow::StopServing => signal(serving_process(pid), libc::SIGSTOP),
+        }
+    }
+}
+
+fn restarts_of(report: &VmReport, device: &str) -> u32 {
+    report.drivers.iter().find(|d| d.device == device).unwrap().restarts
+}
+
+#[test]
+fn the_console_partition_killed_and_stopped_during_output_loses_no_byte() {
+    if !support::kvm() {
+        return;
+    }
+    let layout = Layout::microkernel().with_fault_policy("com1", restart_without_limit());
+    // Blows at fixed points of the output, so their number does not depend on speed.
+    const BLOWS: [(u64, Blow); 8] = [
+        (5, Blow::KillWatched),
+        (15, Blow::KillServing),
+        (25, Blow::KillWatched),
+        (35, Blow::StopServing),
+        (45, Blow::KillWatched),
+        (55, Blow::KillServing),
+        (65, Blow::StopServing),
+        (75, Blow::KillWatched),
+    ];
+    // FIFO mode and THRE before every byte: a blow lands in a string write, or between
+    // the status read and the byte.
+    for extra in ["console_flood.fifo=1", "console_flood.fifo=0"] {
+        let (report, _, dealt) = console_flood_under(layout.clone(), extra, |control, console, done| {
+            let mut dealt = Vec::new();
+            for (percent, blow) in BLOWS {
+                if !wait_progress(&console, percent, &done) {
+                    break;
+                }
+                let Some(pid) = control.driver("com1").and_then(|d| d.pid) else { break };
+                blow.deal(pid);
+                dealt.push(blow);
+                if !wait_replaced(&control, "com1", pid, &done) {
+                    break;
+                }
+            }
+            dealt
+        });
+        assert_eq!(dealt, BLOWS.map(|(_, blow)| blow), "{extra}: the guest finished first");
+        // (More restarts than blows only if a partition starved of CPU missed the proxy's
+        // deadline: that is replaced the same way.)
+        let restarts = restarts_of(&report, "com1") as usize;
+        assert!(restarts >= BLOWS.len(), "{extra}: {restarts} restarts: {:#?}", report.device_events);
+        eprintln!("{extra}: {} blows to com1, every line arrived once", dealt.len());
+    }
+}
+
+#[test]
+fn the_i8042_partition_killed_and_stopped_during_output_still_resets_the_vm() {
+    if !support::kvm() {
+        return;
+    }
+    // The default fault policy (restart, at most 10 within a minute, with a back-off).
+    let (report, _, dealt) = console_flood_under(Layout::microkernel(), "", |control, console, done| {
+        let mut dealt = Vec::new();
+        for (percent, device, blow) in [
+            (10, "i8042", Blow::KillWatched),
+            (20, "com1", Blow::KillWatched),
+            (30, "i8042", Blow::KillServing),
+            (40, "i8042", Blow::KillWatched),
+            (50, "com1", Blow::KillServing),
+            (60, "i8042", Blow::KillWatched),
+            // Stopped, the i8042 partition is noticed only at the guest's reset, which must
+            // still end the VM: the proxy hears nothing, the supervisor replaces the
+            // partition, and the new one takes the write.
+            (80, "i8042", Blow::StopServing),
+        ] {
+            if !wait_progress(&console, percent, &done) {
+                break;
+            }
+            let Some(pid) = control.driver(device).and_then(|d| d.pid) else { break };
+            blow.deal(pid);
+            dealt.push((device, blow));
+            if blow != Blow::StopServing && !wait_replaced(&control, device, pid, &done) {
+                break;
+            }
+        }
+        dealt
+    });
+    assert_eq!(dealt.len(), 7, "the guest finished first: {dealt:?}");
+    // Every kill was replaced, and so was the stopped partition, at the reset.
+    assert!(restarts_of(&report, "i8042") >= 5, "{:#?}", report.device_events);
+    assert!(restarts_of(&report, "com1") >= 2, "{:#?}", report.device_events);
+    let stopped = report
+        .device_events
+        .iter()
+        .filter(|e| e.device == "i8042")
+        .any(|e| e.what.contains("stopped answering"));
+    assert!(stopped, "the stopped i8042 was not taken as failed: {:#?}", report.device_events);
+    for event in &report.device_events {
+        eprintln!("{:>8.3} s {}: {}", event.at.as_secs_f64(), event.device, event.what);
+    }
+}
+
+#[test]
+fn console_flood_passes_in_the_monolithic_layout() {
+    if !support::kvm() {
+        return;
+    }
+    let (report, _, ()) = console_flood_under(Layout::monolithic(), "", |_, _, _| ());
+    assert!(report.device_events.is_empty(), "{:#?}", report.device_events);
+}

@@ -26,6 +26,7 @@ const PROGRAMS: &[&str] = &[
     "triple-fault",
     "idle",
     "echo",
+    "console-flood",
     "blk-verify",
     "blk-bench",
     "blk-stress",

@@ -9,8 +9,9 @@
 //!
 //! The I/O programs (`blk-bench`, `blk-stress`) run their loops in ring 3, which runs
 //! natively even on a KVM that emulates guest ring 0; `blk-stress` writes blocks in the
-//! format of [`stress`], and [`blk_stress_check`] checks an image after it. The guest table,
-//! with each program's command-line keys, is in this crate's README.
+//! format of [`stress`], and [`blk_stress_check`] checks an image after it; `console-flood`
+//! writes the lines of [`flood`], and [`console_flood_check`] checks a console after it. The
+//! guest table, with each program's command-line keys, is in this crate's README.
 //!
 //! Depending on this crate from crates.io needs nothing beyond the Rust toolchain that
 //! builds the depending crate: the build script compiles the kit (`kit/`, shipped in the
@@ -67,6 +68,11 @@ pub const GUESTS: &[Guest] = &[
         name: "echo",
         summary: "reads a line of host input from the console and prints it back",
         elf: include_bytes!(env!("SPLITVISOR_GUEST_ECHO")),
+    },
+    Guest {
+        name: "console-flood",
+        summary: "writes numbered, self-checking lines to COM1 as fast as the UART takes them, then passes",
+        elf: include_bytes!(env!("SPLITVISOR_GUEST_CONSOLE_FLOOD")),
     },
     Guest {
         name: "blk-verify",
@@ -218,6 +224,97 @@ pub fn blk_stress_check(image: &[u8], generation: u64, blocks: u64) -> Result<()
         problems.push(format!("... {bad} bad blocks of {blocks} in all (expected generation {generation})"));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+#[path = "../kit/src/flood.rs"]
+pub mod flood;
+
+/// The line `console-flood` prints before its numbered lines (followed by the count).
+const FLOOD_HEADER: &str = "console-flood: writing ";
+/// The line `console-flood` prints after them.
+const FLOOD_FOOTER: &str = "console-flood: done: ";
+
+/// Checks the console of a `console-flood` run that wrote `lines` lines: every line from 0
+/// to `lines - 1` arrived exactly once, in order, and intact, between the program's first
+/// and last line (a damaged one of those counts too: a byte lost there is a byte lost).
+///
+/// Returns one line per problem (the first few, then a count): a line that is not a
+/// well-formed flood line (a lost, duplicated or changed byte; quoted), lines lost (a gap
+/// in the numbers), a line that came again or out of order, output that ends early.
+///
+/// ```
+/// use splitvisor_guests::{console_flood_check, flood};
+///
+/// let mut console = String::from("console-flood: writing 3 lines of 39 bytes\n");
+/// for n in 0..3 {
+///     let mut line = [0u8; flood::LINE_LEN];
+///     flood::format(n, &mut line);
+///     console.push_str(std::str::from_utf8(&line).unwrap());
+/// }
+/// console.push_str("console-flood: done: 3 lines\nSPLITVISOR-RESULT: PASS\n");
+/// assert_eq!(console_flood_check(&console, 3), Ok(()));
+/// let lost_byte = console.replacen("flood 000001 ", "flood 00001 ", 1);
+/// assert_eq!(console_flood_check(&lost_byte, 3).unwrap_err().len(), 2); // damaged, so lost
+/// ```
+pub fn console_flood_check(console: &str, lines: u64) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut bad = 0u64;
+    let mut note = |problem: String| {
+        bad += 1;
+        if problems.len() < MAX_LISTED_PROBLEMS {
+            problems.push(problem);
+        }
+    };
+    let mut rows = console.lines();
+    match rows.by_ref().find(|row| row.starts_with(FLOOD_HEADER)) {
+        Some(header) => {
+            let said = header[FLOOD_HEADER.len()..].split(' ').next().and_then(|n| n.parse::<u64>().ok());
+            if said != Some(lines) {
+                note(format!("the program says it writes {header:?}, expected {lines} lines"));
+            }
+        }
+        None => note(format!("no {FLOOD_HEADER:?} line: the program did not start its lines")),
+    }
+    let mut expected = 0u64;
+    let mut ended = false;
+    for row in rows {
+        if row.starts_with(FLOOD_FOOTER) {
+            ended = true;
+            break;
+        }
+        match flood::parse(row.as_bytes()) {
+            Some(n) if n == expected => expected += 1,
+            Some(n) if n > expected => {
+                note(format!("lines {expected}..={} lost (line {n} came next)", n - 1));
+                expected = n + 1;
+            }
+            Some(n) => note(format!("line {n} again (or out of order), {}", after(expected))),
+            None => {
+                let quoted: String = row.chars().take(80).collect();
+                note(format!("a damaged line {}: {quoted:?}", after(expected)));
+            }
+        }
+    }
+    if expected < lines {
+        note(format!("lines {expected}..={} lost (none came {})", lines - 1, after(expected)));
+    } else if expected > lines {
+        note(format!("lines up to {} arrived, {lines} were written", expected - 1));
+    }
+    if !ended {
+        note(format!("no {FLOOD_FOOTER:?} line: the output ends early or it was damaged"));
+    }
+    if bad as usize > problems.len() {
+        problems.push(format!("... {bad} problems in all"));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+/// Where the next expected flood line `expected` stands, in words.
+fn after(expected: u64) -> String {
+    match expected {
+        0 => "before line 0".into(),
+        n => format!("after line {}", n - 1),
+    }
 }
 
 /// What starts the line a guest program ends with.
@@ -423,6 +520,83 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), names.len(), "program names are unique");
+    }
+
+    /// A console as `console-flood` writes it: the lines `numbers`, in that order.
+    fn flood_console(lines: u64, numbers: impl Iterator<Item = u64>) -> String {
+        let mut console = format!("hello\n{FLOOD_HEADER}{lines} lines of {} bytes\n", flood::LINE_LEN);
+        for n in numbers {
+            let mut line = [0u8; flood::LINE_LEN];
+            flood::format(n, &mut line);
+            console.push_str(std::str::from_utf8(&line).unwrap());
+        }
+        console + FLOOD_FOOTER + &format!("{lines} lines\nSPLITVISOR-RESULT: PASS\n")
+    }
+
+    #[test]
+    fn flood_lines_round_trip_and_refuse_any_damage() {
+        let mut line = [0u8; flood::LINE_LEN];
+        flood::format(123, &mut line);
+        assert!(line.starts_with(b"flood 000123 "), "{:?}", std::str::from_utf8(&line));
+        assert_eq!(line[flood::LINE_LEN - 1], b'\n');
+        let text = &line[..flood::LINE_LEN - 1];
+        assert_eq!(flood::parse(text), Some(123));
+        for at in 0..text.len() {
+            let mut changed = text.to_vec();
+            changed[at] ^= 0x01;
+            assert_eq!(flood::parse(&changed), None, "a changed byte {at}");
+            let mut lost = text.to_vec();
+            lost.remove(at);
+            assert_eq!(flood::parse(&lost), None, "a lost byte {at}");
+            let mut doubled = text.to_vec();
+            doubled.insert(at, text[at]);
+            assert_eq!(flood::parse(&doubled), None, "a doubled byte {at}");
+        }
+        let mut other = [0u8; flood::LINE_LEN];
+        flood::format(124, &mut other);
+        assert_ne!(line[13..], other[13..], "neighbouring lines differ beyond their numbers");
+    }
+
+    #[test]
+    fn console_flood_check_finds_lost_duplicated_and_damaged_lines() {
+        assert_eq!(console_flood_check(&flood_console(50, 0..50), 50), Ok(()));
+        // Carriage returns (a terminal's) are fine.
+        assert_eq!(console_flood_check(&flood_console(50, 0..50).replace('\n', "\r\n"), 50), Ok(()));
+
+        let lost = console_flood_check(&flood_console(50, (0..50).filter(|&n| n != 17)), 50).unwrap_err();
+        assert_eq!(lost, ["lines 17..=17 lost (line 18 came next)"]);
+        let tail = console_flood_check(&flood_console(50, 0..40), 50).unwrap_err();
+        assert_eq!(tail, ["lines 40..=49 lost (none came after line 39)"]);
+        let again = console_flood_check(&flood_console(50, (0..30).chain(29..50)), 50).unwrap_err();
+        assert_eq!(again, ["line 29 again (or out of order), after line 29"]);
+
+        let console = flood_console(50, 0..50);
+        let mut bytes = console.clone().into_bytes();
+        let at = console.find("flood 000020").unwrap() + 20;
+        bytes[at] ^= 0x20;
+        let damaged = console_flood_check(&String::from_utf8(bytes).unwrap(), 50).unwrap_err();
+        assert_eq!(damaged.len(), 2, "{damaged:?}");
+        assert!(damaged[0].starts_with("a damaged line after line 19: \"flood 000020 "), "{damaged:?}");
+        assert_eq!(damaged[1], "lines 20..=20 lost (line 21 came next)");
+        // A lost newline joins two lines: both are gone.
+        let at = console.find("flood 000031").unwrap() - 1;
+        let joined =
+            console_flood_check(&format!("{}{}", &console[..at], &console[at + 1..]), 50).unwrap_err();
+        assert_eq!(joined.len(), 2, "{joined:?}");
+        assert_eq!(joined[1], "lines 30..=31 lost (line 32 came next)");
+        // The output stops: no footer.
+        let at = console.find(FLOOD_FOOTER).unwrap();
+        let cut = console_flood_check(&console[..at], 50).unwrap_err();
+        assert!(cut[0].contains("no \"console-flood: done: \" line"), "{cut:?}");
+        // No header, or another count.
+        assert!(
+            console_flood_check("SPLITVISOR-RESULT: PASS\n", 1).unwrap_err()[0].contains("did not start")
+        );
+        assert!(console_flood_check(&console, 51).unwrap_err()[0].contains("expected 51 lines"));
+        // Many problems: listed, then counted.
+        let sparse = console_flood_check(&flood_console(100, (0..100).step_by(2)), 100).unwrap_err();
+        assert_eq!(sparse.len(), MAX_LISTED_PROBLEMS + 1);
+        assert_eq!(sparse[MAX_LISTED_PROBLEMS], "... 50 problems in all");
     }
 
     #[test]

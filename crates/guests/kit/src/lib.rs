@@ -16,7 +16,8 @@
 //!
 //! * [`user`]: user mode, to run a program's work in ring 3,
 //! * a virtio-mmio and virtio-blk driver ([`virtio`]) that works from either ring,
-//! * [`stress`]: the on-disk block format of `blk-stress`, shared with the host's checker.
+//! * [`stress`]: the on-disk block format of `blk-stress`, shared with the host's checker,
+//! * [`flood`]: the console lines of `console-flood`, shared with the host's checker.
 //!
 //! Ring 0 is what the build machines' software KVM emulates one instruction at a time and
 //! without SSE; the whole kit is therefore compiled without SSE and avoids `core::fmt` (its
@@ -30,6 +31,7 @@ pub mod boot;
 pub mod clock;
 pub mod console;
 pub mod cpu;
+pub mod flood;
 pub mod mem;
 pub mod start_info;
 pub mod stress;
