@@ -385,6 +385,13 @@ impl ManagedDriver {
                 self.fail(inner, description);
             }
             FaultPolicy::Restart { max, window, backoff } => {
+                if inner.restart_at.is_some() {
+                    // The driver that failed is already being replaced: this is another
+                    // report of the same failure (a proxy that stopped getting answers,
+                    // then the exit of its process), not a second one to back off for.
+                    log::debug!("{}: {description}: a restart is already pending", self.name);
+                    return;
+                }
                 while inner.recent.front().is_some_and(|at| now.duration_since(*at) > window) {
                     inner.recent.pop_front();
                 }
@@ -445,6 +452,8 @@ impl ManagedDriver {
             }
             Err(RestartError::Failed(why)) => {
                 inner.recent.push_back(now);
+                // A new failure, with its own back-off.
+                inner.restart_at = None;
                 self.fault(inner, Fault::Failed(format!("restart failed: {why}")), now);
             }
         }
@@ -589,6 +598,63 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver that reports the faults it is given and counts its restarts.
+    struct FakeSlot {
+        faults: Arc<Mutex<VecDeque<Fault>>>,
+        restarts: Arc<Mutex<u32>>,
+    }
+
+    impl DriverSlot for FakeSlot {
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn watches(&self, _watch: &mut dyn FnMut(Watch<'_>)) {}
+        fn event(&mut self, _token: u32) -> Option<SlotEvent> {
+            self.faults.lock().unwrap().pop_front().map(SlotEvent::Fault)
+        }
+        fn restart(&mut self) -> Result<(), RestartError> {
+            *self.restarts.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn two_reports_of_one_failure_make_one_restart_with_one_back_off() {
+        let faults = Arc::new(Mutex::new(VecDeque::new()));
+        let restarts = Arc::new(Mutex::new(0));
+        let log = EventLog::new();
+        let backoff = Duration::from_millis(50);
+        let driver = ManagedDriver::new(
+            "com1",
+            "8250",
+            Placement::Partition,
+            FaultPolicy::Restart { max: 10, window: Duration::from_secs(60), backoff },
+            Duration::from_secs(1),
+            splitvisor_vcpu::VmControl::new().stop_handle(),
+            log.clone(),
+            Box::new(FakeSlot { faults: faults.clone(), restarts: restarts.clone() }),
+        );
+        // A first failure is restarted at once; the second, soon after, waits the back-off.
+        faults.lock().unwrap().push_back(Fault::Exited("killed".into()));
+        driver.ready(0);
+        assert_eq!(*restarts.lock().unwrap(), 1);
+        faults.lock().unwrap().push_back(Fault::Failed("no answer".into()));
+        driver.ready(0);
+        assert_eq!(*restarts.lock().unwrap(), 1, "backing off");
+        // The same dead driver reported again (its process's exit) changes nothing.
+        faults.lock().unwrap().push_back(Fault::Exited("killed".into()));
+        driver.ready(0);
+        let restarting = log.all().iter().filter(|event| event.what.ends_with("restarting")).count();
+        assert_eq!(restarting, 2, "{:?}", log.all());
+        driver.tick(Instant::now() + backoff);
+        assert_eq!(*restarts.lock().unwrap(), 2);
+        assert_eq!(driver.lock().restarts, 2);
+    }
 
     #[test]
     fn the_watchdog_fires_only_when_waiting_requests_see_no_progress() {
