@@ -385,7 +385,7 @@ impl ManagedDriver {
                 self.fail(inner, description);
             }
             FaultPolicy::Restart { max, window, backoff } => {
-                if inner.restart_at.is_some() {
+                if inner.health == Health::Restarting && inner.restart_at.is_some() {
                     // The driver that failed is already being replaced: this is another
                     // report of the same failure (a proxy that stopped getting answers,
                     // then the exit of its process), not a second one to back off for.
