@@ -65,7 +65,8 @@ pub struct DeviceShape {
 }
 
 impl DeviceShape {
-    /// virtio-blk: one queue.
+    /// virtio-blk: one request queue, or as many as the backend's configuration says
+    /// (VIRTIO_BLK_F_MQ; [`VhostUserVirtio::with_shape`] counts them).
     pub fn block() -> Self {
         Self {
             device_type: device_type::BLOCK,
