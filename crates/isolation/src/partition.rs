@@ -9,7 +9,7 @@
 //! A partition never outlives the hypervisor, even when the hypervisor is killed with
 //! SIGKILL: it is started with a parent-death signal, and the kernel sends that signal when
 //! the *thread* that started the child ends. Every partition is therefore started from one
-//! thread that lives as long as the process ([`spawn`] hands the work to it), never from a
+//! thread that lives as long as the process ([`Partition::spawn`] hands the work to it), never from a
 //! thread that may end before the VM (a supervisor, a vCPU, a short-lived builder).
 
 use std::fs::File;

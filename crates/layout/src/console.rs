@@ -10,7 +10,7 @@ use splitvisor_guests::GuestResult;
 /// Longest console line kept while looking for the result line; longer lines are cut.
 const MAX_LINE: usize = 4096;
 
-/// What Linux prints when it panics (`panic()`: "Kernel panic - not syncing: <why>").
+/// What Linux prints when it panics (`panic()`: `Kernel panic - not syncing: <why>`).
 pub const LINUX_PANIC_MARKER: &str = "Kernel panic - not syncing";
 
 /// What the console has shown so far. Shared between the UART's writer and the VM owner.
