@@ -11,35 +11,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use support::images::Image;
+use support::linux_guest::base64;
 
 fn linux_guest() -> Option<PathBuf> {
-    let dir = std::env::var_os("SPLITVISOR_LINUX_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/linux-guest"));
-    let present = dir.join("vmlinuz").is_file() && dir.join("initrd.cpio.gz").is_file();
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
-    let why = match (present, qemu) {
-        (true, true) => Ok(()),
-        (false, _) => Err(format!("{} is missing: run bash .ci/build-linux-guest", dir.display())),
-        (_, false) => Err("qemu-system-x86_64 is not installed".to_string()),
-    };
-    support::require("the Linux guest (Debian kernel + busybox initramfs) and QEMU", why).then_some(dir)
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
+    support::linux_guest::directory(None)
 }
 
 #[test]

@@ -15,39 +15,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::KillOnDrop;
+use support::linux_guest::base64;
 use support::netns::{GUEST_IP, HOST_IP, NetNs};
 
 const TAP: &str = "svtap0";
 
 fn linux_guest() -> Option<PathBuf> {
-    let dir = std::env::var_os("SPLITVISOR_LINUX_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/linux-guest"));
-    let present = dir.join("vmlinuz").is_file() && dir.join("initrd.cpio.gz").is_file();
-    let has_net = std::fs::read_to_string(dir.join("contents")).is_ok_and(|c| c.contains("virtio-net"));
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
-    let why = match (present && has_net, qemu) {
-        (true, true) => Ok(()),
-        (false, _) => Err(format!("{} lacks virtio-net: run bash .ci/build-linux-guest", dir.display())),
-        (_, false) => Err("qemu-system-x86_64 is not installed".to_string()),
-    };
-    support::require("the Linux guest (with virtio_net) and QEMU", why).then_some(dir)
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
+    support::linux_guest::directory(Some("virtio-net"))
 }
 
 /// `splitvisor-driver net --socket ... --tap TAP`, started in the namespace; waits (bounded)

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod linux_guest;
 pub mod netns;
 
 /// True under CI, where a missing prerequisite is a failure.
