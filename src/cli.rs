@@ -37,11 +37,12 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// A virtio-blk disk: `PATH` or `path=PATH`, with `ro=on` (read-only) and `serial=ID`
-    /// (what the guest reads as the disk's ID) comma-separated, a comma in a path written
-    /// twice (`path=a,,b.img`); or `socket=PATH` for an external vhost-user-blk backend.
-    /// Repeatable: disk0, disk1, ...
-    #[arg(long = "disk", value_name = "PATH[,ro=on][,serial=ID]|socket=PATH")]
+    /// A virtio-blk disk: `PATH` or `path=PATH`, with `ro=on` (read-only), `serial=ID`
+    /// (what the guest reads as the disk's ID), `queues=N` (request queues; one per vCPU by
+    /// default) and `cache=writeback|none` (`none`: O_DIRECT) comma-separated, a comma in a
+    /// path written twice (`path=a,,b.img`); or `socket=PATH` for an external vhost-user-blk
+    /// backend. Repeatable: disk0, disk1, ...
+    #[arg(long = "disk", value_name = "PATH[,ro=on][,serial=ID][,queues=N][,cache=MODE]|socket=PATH")]
     pub disks: Vec<DiskConfig>,
     /// A virtio-net NIC: `tap=NAME` (a TAP interface the hypervisor opens; `mac=MAC` and
     /// `mtu=N` optional), or `socket=PATH` for an external vhost-user-net backend.
