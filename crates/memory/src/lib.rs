@@ -21,7 +21,7 @@
 pub mod layout;
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -66,6 +66,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Sealing the memfd's size failed.
+    #[error("cannot seal the size of the guest memory file: {0}")]
+    SealMemfd(#[source] std::io::Error),
     /// Mapping a region failed.
     #[error("cannot map {size} bytes of guest memory: {source}")]
     Map {
@@ -245,15 +248,24 @@ impl GuestRam {
     }
 }
 
+/// Creates the memfd of `size` bytes and seals its size: a driver partition handed the fd
+/// could otherwise shrink it, and every access of the hypervisor (and of KVM) to the pages
+/// cut off would fault.
 fn create_memfd(size: u64) -> Result<File> {
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"splitvisor-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"splitvisor-guest-ram".as_ptr(), flags) };
     if fd < 0 {
         return Err(Error::CreateMemfd(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|source| Error::SizeMemfd { size, source })?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd this function owns; it only changes the file's seals.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::SealMemfd(std::io::Error::last_os_error()));
+    }
     Ok(file)
 }
 
@@ -331,5 +343,17 @@ mod tests {
         assert_eq!(u16::from_le_bytes(buf), 0xabcd);
     }
 
-    use std::os::fd::AsRawFd;
+    #[test]
+    fn nobody_holding_the_memfd_can_resize_it() {
+        let ram = GuestRam::new(16 * MIB).unwrap();
+        let handed = File::from(ram.memfd().try_clone_to_owned().unwrap());
+        for size in [4096, 32 * MIB] {
+            let error = handed.set_len(size).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::EPERM), "resize to {size}");
+        }
+        // SAFETY: F_GET_SEALS only reads the file's seals.
+        let seals = unsafe { libc::fcntl(handed.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL, "the seals themselves are sealed");
+    }
+
 }
