@@ -15,6 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
+use splitvisor::isolation::proxy::ProxyConnection;
 use splitvisor::isolation::sandbox::testing::{Forbidden, Outcome, survived_exit_code};
 use splitvisor::isolation::sandbox::{self, ReadySignal};
 use splitvisor::layout::{
@@ -222,25 +223,27 @@ fn dup_high(fd: RawFd) -> OwnedFd {
 /// its readiness pipe.
 struct ProxyPartition {
     child: Child,
-    /// Our end of the proxy socket (the partition exits when it closes).
-    _socket: UnixStream,
+    /// Our end of the proxy connection (the partition exits when it closes).
+    _connection: ProxyConnection,
     ready: std::io::Result<()>,
 }
 
-/// Starts `splitvisor-driver DEVICE --fd 3 --ready-fd 4 ARGS..`; `before_exec` runs in the
-/// child just before the driver (async-signal-safe calls only).
+/// Starts `splitvisor-driver DEVICE --fd 3 --ready-fd 4 --page-fd 5 ARGS..`; `before_exec`
+/// runs in the child just before the driver (async-signal-safe calls only).
 fn start_proxy(
     device: &str,
     args: &[String],
     before_exec: Option<fn() -> std::io::Result<()>>,
 ) -> ProxyPartition {
     let (ours, theirs) = UnixStream::pair().unwrap();
+    let ours = ProxyConnection::new(ours).unwrap();
     let ready = ReadySignal::new().unwrap();
-    let sources = [dup_high(theirs.as_raw_fd()), dup_high(ready.partition_fd())];
+    let sources =
+        [dup_high(theirs.as_raw_fd()), dup_high(ready.partition_fd()), dup_high(ours.page_fd().as_raw_fd())];
     let moves: Vec<(RawFd, RawFd)> = sources.iter().zip(3..).map(|(fd, to)| (fd.as_raw_fd(), to)).collect();
     let mut command = Command::new(driver_path());
     command
-        .args([device, "--fd", "3", "--ready-fd", "4"])
+        .args([device, "--fd", "3", "--ready-fd", "4", "--page-fd", "5"])
         .args(args)
         .env_clear()
         .stdin(Stdio::null())
@@ -260,7 +263,7 @@ fn start_proxy(
     let child = command.spawn().unwrap();
     drop((sources, theirs));
     let ready = ready.wait(PATIENCE);
-    ProxyPartition { child, _socket: ours, ready }
+    ProxyPartition { child, _connection: ours, ready }
 }
 
 /// Waits, at most [`PATIENCE`], for `child` to end; returns how, and what it logged.
@@ -310,7 +313,7 @@ fn proxy_partitions_are_sandboxed_as_seen_from_outside() {
             handed: |target| target.starts_with("socket:"),
         };
         assert_sandboxed(device, partition.child.id(), &expected);
-        drop(partition._socket);
+        drop(partition._connection);
         // Its connection closed: it ends on its own.
         let (status, log) = wait_exit(&mut partition.child);
         assert!(status.success(), "{device}: {status}: {log}");

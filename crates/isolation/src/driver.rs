@@ -227,6 +227,9 @@ pub struct ProxyArgs {
     /// The connected proxy socket, inherited.
     #[arg(long, value_name = "N")]
     pub fd: i32,
+    /// The shared page of the proxy connection (a memfd), inherited.
+    #[arg(long, value_name = "N")]
+    pub page_fd: i32,
     /// The interrupt's eventfd (an irqfd), inherited.
     #[arg(long, value_name = "N")]
     pub irq_fd: Option<i32>,
@@ -485,7 +488,13 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     use crate::proxy::{self, Effects, NoInput, ProxiedPower, ProxiedSerial};
 
     // SAFETY: the spawner handed these fds over to this process alone.
-    let mut stream = unsafe { UnixStream::from_raw_fd(args.fd) };
+    let stream = unsafe { UnixStream::from_raw_fd(args.fd) };
+    // SAFETY: as above.
+    let page = unsafe { std::os::fd::OwnedFd::from_raw_fd(args.page_fd) };
+    // Mapped before the sandbox; the fd itself is not kept.
+    let mut end = proxy::PartitionEnd::new(stream, std::os::fd::AsFd::as_fd(&page))
+        .map_err(|e| DriverError::Proxy(format!("cannot map the proxy page: {e}")))?;
+    drop(page);
     let interrupt: Arc<dyn Interrupt> = match args.irq_fd {
         // SAFETY: as above.
         Some(fd) => Arc::new(EventFdInterrupt::from_eventfd(unsafe { EventFd::from_raw_fd(fd) })),
@@ -503,9 +512,9 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     }
     let effects = Effects::default();
     let result = match device {
-        "serial" => proxy::serve(&mut ProxiedSerial::new(interrupt, &effects), &effects, &mut stream),
-        "acpi-power" => proxy::serve(&mut ProxiedPower::new(&effects), &effects, &mut stream),
-        _ => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut stream),
+        "serial" => proxy::serve(&mut ProxiedSerial::new(interrupt, &effects), &effects, &mut end),
+        "acpi-power" => proxy::serve(&mut ProxiedPower::new(&effects), &effects, &mut end),
+        _ => proxy::serve(&mut NoInput(I8042::new(effects.reset_line())), &effects, &mut end),
     };
     result.map_err(|e| DriverError::Proxy(e.to_string()))
 }
@@ -546,7 +555,8 @@ mod tests {
         );
         let DeviceArgs::Net(net) = parse("net --fd 3 --tap-fd 4").unwrap().device else { panic!("not net") };
         assert_eq!((net.fd, net.tap_fd), (Some(3), Some(4)));
-        assert!(matches!(parse("acpi-power --fd 3").unwrap().device, DeviceArgs::AcpiPower(_)));
+        assert!(matches!(parse("acpi-power --fd 3 --page-fd 4").unwrap().device, DeviceArgs::AcpiPower(_)));
+        assert!(parse("serial --fd 3").is_err(), "a proxy partition needs its page");
         assert!(parse("blk --disk a.img").is_err());
         assert!(parse("blk --socket").is_err());
         assert!(parse("blk --socket s --disk a.img --inject-fault explode=3").is_err());

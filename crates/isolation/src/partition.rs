@@ -26,6 +26,7 @@ use std::time::Duration;
 use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::proxy::ProxyConnection;
 use crate::sandbox::ReadySignal;
 
 /// Longest a partition may take from its start to its sandbox being in place.
@@ -199,12 +200,14 @@ impl Partition {
         driver: &DriverProgram,
         device: &str,
         irqfd: Option<&EventFd>,
-    ) -> Result<(Self, UnixStream), PartitionError> {
+    ) -> Result<(Self, ProxyConnection), PartitionError> {
         let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket pair"))?;
-        let mut args = vec![device.to_string(), "--fd".to_string(), "3".to_string()];
-        let mut fds = vec![theirs.as_fd()];
+        let ours = ProxyConnection::new(ours).map_err(setup("create the proxy's shared page"))?;
+        let mut args: Vec<String> =
+            [device, "--fd", "3", "--page-fd", "4"].iter().map(|s| s.to_string()).collect();
+        let mut fds = vec![theirs.as_fd(), ours.page_fd()];
         if let Some(irqfd) = irqfd {
-            args.extend(["--irq-fd".to_string(), "4".to_string()]);
+            args.extend(["--irq-fd".to_string(), "5".to_string()]);
             // SAFETY: the eventfd outlives this call, which only duplicates it.
             fds.push(unsafe { BorrowedFd::borrow_raw(irqfd.as_raw_fd()) });
         }

@@ -1,5 +1,5 @@
 //! A malicious driver partition against the hypervisor's side of the seams: garbage,
-//! oversized, truncated, out-of-order, late, absent and flooding answers. Each time the
+//! oversized, truncated, out-of-order, late and absent answers, and a flood of wake-ups. Each time the
 //! hypervisor drops the partition with a logged reason, within a bounded wait, and the
 //! device then reads as an empty bus instead of blocking a vCPU again.
 
@@ -14,19 +14,23 @@ use std::time::{Duration, Instant};
 use splitvisor_bus::BusDevice;
 use splitvisor_isolation::frontend::{REPLY_TIMEOUT, VhostUserBlk};
 use splitvisor_isolation::proxy::wire::{self, Request, Response};
-use splitvisor_isolation::proxy::{PROXY_TIMEOUT, ProxyDevice};
+use splitvisor_isolation::proxy::{PROXY_TIMEOUT, PartitionEnd, ProxyConnection, ProxyDevice};
 
-/// A proxy whose partition end is played by `partition`; returns the proxy, the reason it
-/// was dropped (once), and the partition thread.
+/// A proxy whose partition end is played by `partition`, which also gets its raw socket
+/// (the doorbell); returns the proxy, the reason it was dropped (once), and the partition
+/// thread.
 fn proxy_against(
-    partition: impl FnOnce(UnixStream) + Send + 'static,
+    partition: impl FnOnce(PartitionEnd, UnixStream) + Send + 'static,
 ) -> (ProxyDevice, Arc<Mutex<Option<String>>>, JoinHandle<()>) {
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let thread = std::thread::spawn(move || partition(theirs));
+    let ours = ProxyConnection::new(ours).unwrap();
+    let raw = theirs.try_clone().unwrap();
+    let end = PartitionEnd::new(theirs, ours.page_fd()).unwrap();
+    let thread = std::thread::spawn(move || partition(end, raw));
     let reason = Arc::new(Mutex::new(None));
     let seen = reason.clone();
     let on_dead = Box::new(move |why: String| *seen.lock().unwrap() = Some(why));
-    let proxy = ProxyDevice::new("evil", ours, Box::new(std::io::sink()), None, Some(on_dead)).unwrap();
+    let proxy = ProxyDevice::new("evil", ours, Box::new(std::io::sink()), None, Some(on_dead));
     (proxy, reason, thread)
 }
 
@@ -49,16 +53,17 @@ fn assert_dropped(proxy: &mut ProxyDevice, reason: &Arc<Mutex<Option<String>>>, 
     assert!(proxy.is_dead());
 }
 
-fn read_request(stream: &mut UnixStream) -> Option<u32> {
-    let body = wire::read_frame(stream).ok()?.ok()?;
+fn read_request(end: &mut PartitionEnd) -> Option<u32> {
+    let request = end.next_request().ok()??;
+    let body = wire::read_frame(&mut request.as_slice()).ok()?.ok()?;
     Request::decode(&body).ok().map(|frame| frame.seq)
 }
 
 #[test]
 fn an_honest_partition_answers() {
-    let (mut proxy, reason, thread) = proxy_against(|mut s| {
-        while let Some(seq) = read_request(&mut s) {
-            s.write_all(&Response::ReadDone { data: vec![0x60], state: vec![] }.encode(seq)).unwrap();
+    let (mut proxy, reason, thread) = proxy_against(|mut end, _| {
+        while let Some(seq) = read_request(&mut end) {
+            end.answer(&Response::ReadDone { data: vec![0x60], state: vec![] }.encode(seq)).unwrap();
         }
     });
     let mut data = [0u8; 1];
@@ -72,18 +77,18 @@ fn an_honest_partition_answers() {
 
 #[test]
 fn garbage_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        read_request(&mut s);
-        let _ = s.write_all(&[12, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8]);
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        read_request(&mut end);
+        let _ = end.answer(&[12, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8]);
     });
     assert_dropped(&mut proxy, &reason, "protocol version");
 }
 
 #[test]
-fn an_oversized_frame_is_dropped_before_it_is_read() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        read_request(&mut s);
-        let _ = s.write_all(&u32::MAX.to_le_bytes());
+fn an_oversized_frame_is_dropped() {
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        read_request(&mut end);
+        let _ = end.answer(&u32::MAX.to_le_bytes());
         std::thread::sleep(Duration::from_secs(1));
     });
     assert_dropped(&mut proxy, &reason, "out of bounds");
@@ -91,10 +96,10 @@ fn an_oversized_frame_is_dropped_before_it_is_read() {
 
 #[test]
 fn a_truncated_frame_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let seq = read_request(&mut s).unwrap();
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        let seq = read_request(&mut end).unwrap();
         let frame = Response::ReadDone { data: vec![1], state: vec![] }.encode(seq);
-        let _ = s.write_all(&frame[..frame.len() - 1]);
+        let _ = end.answer(&frame[..frame.len() - 1]);
         std::thread::sleep(Duration::from_secs(1));
     });
     assert_dropped(&mut proxy, &reason, "connection");
@@ -102,18 +107,18 @@ fn a_truncated_frame_is_dropped() {
 
 #[test]
 fn an_out_of_order_answer_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let seq = read_request(&mut s).unwrap();
-        let _ = s.write_all(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq + 7));
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        let seq = read_request(&mut end).unwrap();
+        let _ = end.answer(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq + 7));
     });
     assert_dropped(&mut proxy, &reason, "answered request");
 }
 
 #[test]
 fn the_wrong_kind_of_answer_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let seq = read_request(&mut s).unwrap();
-        let _ = s.write_all(
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        let seq = read_request(&mut end).unwrap();
+        let _ = end.answer(
             &Response::Done { accepted: 0, output: vec![], reset: false, power_off: false, state: vec![] }
                 .encode(seq),
         );
@@ -123,37 +128,37 @@ fn the_wrong_kind_of_answer_is_dropped() {
 
 #[test]
 fn a_late_answer_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let seq = read_request(&mut s).unwrap();
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        let seq = read_request(&mut end).unwrap();
         std::thread::sleep(PROXY_TIMEOUT * 2);
-        let _ = s.write_all(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq));
+        let _ = end.answer(&Response::ReadDone { data: vec![1], state: vec![] }.encode(seq));
     });
     assert_dropped(&mut proxy, &reason, "connection");
 }
 
 #[test]
 fn no_answer_at_all_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        read_request(&mut s);
+    let (mut proxy, reason, _t) = proxy_against(|mut end, _| {
+        read_request(&mut end);
         std::thread::sleep(Duration::from_secs(2));
     });
     assert_dropped(&mut proxy, &reason, "connection");
 }
 
 #[test]
-fn a_flood_of_unasked_answers_is_dropped() {
-    let (mut proxy, reason, _t) = proxy_against(|mut s| {
-        let frame = Response::ReadDone { data: vec![1], state: vec![] }.encode(1000);
+fn a_flood_of_wake_ups_without_an_answer_is_dropped_in_time() {
+    let (mut proxy, reason, _t) = proxy_against(|_end, mut raw| {
+        // Tokens on the doorbell, never an answer in the page.
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(1) && s.write_all(&frame).is_ok() {}
+        while start.elapsed() < Duration::from_secs(1) && raw.write_all(&[1; 512]).is_ok() {}
     });
     std::thread::sleep(Duration::from_millis(50));
-    assert_dropped(&mut proxy, &reason, "answered request");
+    assert_dropped(&mut proxy, &reason, "in time");
 }
 
 #[test]
 fn a_dead_partition_is_dropped() {
-    let (mut proxy, reason, thread) = proxy_against(drop);
+    let (mut proxy, reason, thread) = proxy_against(|end, raw| drop((end, raw)));
     thread.join().unwrap();
     assert_dropped(&mut proxy, &reason, "connection");
 }

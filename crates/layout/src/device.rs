@@ -447,8 +447,7 @@ fn proxied_with(
     let driver = vm.driver(device)?;
     let (partition, stream) = Partition::spawn_proxy(&driver, kind, irqfd.as_ref())?;
     let link = ProxyLink::new().map_err(Error::EventFd)?;
-    let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None).map_err(Error::EventFd)?)
-        .with_link(link.clone());
+    let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
     let slot = ProxySlot::new(link, driver, kind, irqfd, partition, vm.layout.standby());
     let managed = vm.manage(device, device_kind, Placement::Partition, Box::new(slot));
     Ok((Arc::new(Mutex::new(proxy)), managed))

@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
 use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
-use splitvisor_isolation::proxy::ProxyLink;
+use splitvisor_isolation::proxy::{ProxyConnection, ProxyLink};
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -373,7 +372,7 @@ pub(crate) struct ProxySlot {
     kind: &'static str,
     irqfd: Option<EventFd>,
     active: Option<Partition>,
-    spare: Option<(Partition, UnixStream)>,
+    spare: Option<(Partition, ProxyConnection)>,
     keep_spare: bool,
     spare_retry: Option<Instant>,
 }
@@ -390,7 +389,7 @@ impl ProxySlot {
         Self { link, driver, kind, irqfd, active: Some(active), spare: None, keep_spare, spare_retry: None }
     }
 
-    fn start_partition(&self) -> Result<(Partition, UnixStream), String> {
+    fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
         Partition::spawn_proxy(&self.driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())
     }
 }

@@ -355,5 +355,4 @@ mod tests {
         let seals = unsafe { libc::fcntl(handed.as_raw_fd(), libc::F_GET_SEALS) };
         assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL, "the seals themselves are sealed");
     }
-
 }

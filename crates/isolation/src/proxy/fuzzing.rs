@@ -1,9 +1,9 @@
 //! Fuzz harness for [`ProxyDevice`] against a hostile partition: the hypervisor side of
 //! the proxy protocol, driven by bus accesses, while fake partitions at the other end of
-//! socketpairs answer as the fuzz input scripts (well-formed answers, wrong sequence
-//! numbers, kinds, widths or versions, truncated or oversized frames, any bytes, answers
-//! dribbled out slowly, silence, hang-ups), possibly across replacement partitions offered
-//! through a [`ProxyLink`].
+//! [`mailbox`](super::mailbox) connections answer as the fuzz input scripts (well-formed
+//! answers, wrong sequence numbers, kinds, widths or versions, truncated or oversized
+//! frames, lying area lengths, any bytes, slow answers, silence, hang-ups), possibly across
+//! replacement partitions offered through a [`ProxyLink`].
 //!
 //! The oracle, per access:
 //! * each answer is classified from the bytes the partition sent: one a correct proxy must
@@ -20,8 +20,7 @@
 //!   whatever the partition does, and allocates at most [`ACCESS_HEAP_BOUND`] bytes.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,6 +30,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use splitvisor_bus::{BusDevice, CountingInterrupt};
 use splitvisor_devices::fuzzing::heap;
 
+use super::mailbox::{AREA, PartitionEnd, ProxyConnection};
 use super::wire::{self, MAX_ACCESS, MAX_INPUT, MAX_STATE, Request, Response};
 use super::{PROXY_TIMEOUT, ProxyDevice, ProxyLink};
 
@@ -77,16 +77,19 @@ enum Fault {
     Width(u8),
     /// Another protocol version.
     Version(u16),
-    /// Sends this many bytes of the frame, then hangs up.
+    /// Publishes this many bytes of the frame, then hangs up.
     Truncate(u16),
     /// Replaces the length word, then hangs up.
     Length(u32),
-    /// Sends the frame in `chunks % 6 + 2` pieces, `pause_ms % 150` apart.
+    /// Publishes the frame with this length in the page's length field (whatever the
+    /// page holds past the frame is read too).
+    AreaLength(u32),
+    /// Answers after `chunks % 6 + 2` pauses of `pause_ms % 150`.
     Dribble {
         chunks: u8,
         pause_ms: u8,
     },
-    /// Sends these bytes instead of an answer, then hangs up.
+    /// Publishes these bytes instead of an answer, then hangs up.
     Raw(Vec<u8>),
     /// Reads the request and never answers.
     Stall,
@@ -175,18 +178,24 @@ fn judge(bytes: &[u8], request: &Request, seq: u32) -> (Verdict, Option<Response
     (verdict, Some(frame.message))
 }
 
-/// A partition that answers requests on `stream` as `script` says, logging each.
-fn fake_partition(partition: usize, mut stream: UnixStream, script: Vec<Step>, log: Log) -> JoinHandle<()> {
+/// A partition that answers requests on `end` as `script` says, logging each.
+fn fake_partition(partition: usize, mut end: PartitionEnd, script: Vec<Step>, log: Log) -> JoinHandle<()> {
     std::thread::spawn(move || {
+        // What the page's answer area holds: what the proxy reads past a short frame.
+        let mut area = vec![0u8; AREA];
         for step in script {
-            let body = match wire::read_frame(&mut stream) {
-                Ok(body) => body.expect("the proxy sent a frame of a bad length"),
-                Err(_) => return, // the proxy hung up
+            let request = match end.next_request() {
+                Ok(Some(request)) => request,
+                Ok(None) | Err(_) => return, // the proxy hung up
             };
+            let body = wire::read_frame(&mut request.as_slice())
+                .expect("the proxy sent a truncated frame")
+                .expect("the proxy sent a frame of a bad length");
             let frame = Request::decode(&body).expect("the proxy sent a malformed request");
             let (seq, request) = (frame.seq, frame.message);
             let good = answer(&step, &request);
             let mut bytes = good.encode(seq);
+            let mut claimed = None;
             let mut hang_up = false;
             let mut dribble = None;
             match &step.fault {
@@ -224,6 +233,7 @@ fn fake_partition(partition: usize, mut stream: UnixStream, script: Vec<Step>, l
                     bytes[0..4].copy_from_slice(&len.to_le_bytes());
                     hang_up = true;
                 }
+                Fault::AreaLength(len) => claimed = Some(*len),
                 Fault::Dribble { chunks, pause_ms } => {
                     dribble =
                         Some((usize::from(chunks % 6) + 2, Duration::from_millis(u64::from(pause_ms % 150))));
@@ -234,7 +244,11 @@ fn fake_partition(partition: usize, mut stream: UnixStream, script: Vec<Step>, l
                 }
                 Fault::Stall | Fault::HangUp => bytes.clear(),
             }
-            let (mut verdict, decoded) = judge(&bytes, &request, seq);
+            let stored = bytes.len().min(AREA);
+            area[..stored].copy_from_slice(&bytes[..stored]);
+            let claimed = claimed.unwrap_or(bytes.len() as u32);
+            let seen = &area[..(claimed as usize).min(AREA)];
+            let (mut verdict, decoded) = judge(seen, &request, seq);
             if dribble.is_some() && verdict == Verdict::Accept {
                 verdict = Verdict::Either;
             }
@@ -243,30 +257,24 @@ fn fake_partition(partition: usize, mut stream: UnixStream, script: Vec<Step>, l
             match (&step.fault, dribble) {
                 (Fault::Stall, _) => {
                     // Silent until the proxy gives up on us and hangs up.
-                    let _ = stream.read(&mut [0u8; 64]);
+                    end.wait_hang_up(Duration::from_secs(60));
                     return;
                 }
                 (Fault::HangUp, _) => return,
-                (_, Some((chunks, pause))) => {
-                    for piece in bytes.chunks(bytes.len().div_ceil(chunks)) {
-                        std::thread::sleep(pause);
-                        if stream.write_all(piece).is_err() {
-                            return;
-                        }
-                    }
-                }
-                _ => {
-                    if stream.write_all(&bytes).is_err() {
-                        return;
-                    }
-                }
+                (_, Some((chunks, pause))) => std::thread::sleep(pause * chunks as u32),
+                _ => {}
+            }
+            if end.publish(&bytes, claimed).is_err() {
+                return;
             }
             if hang_up {
                 return;
             }
         }
         // Out of script: the next request meets a hang-up (logged as refused).
-        if let Ok(Ok(body)) = wire::read_frame(&mut stream) {
+        if let Ok(Some(request)) = end.next_request()
+            && let Ok(Ok(body)) = wire::read_frame(&mut request.as_slice())
+        {
             if let Ok(frame) = Request::decode(&body) {
                 lock(&log).push(Exchange {
                     partition,
@@ -316,7 +324,7 @@ pub fn proxy_device(data: &[u8]) {
         .collect();
     let log: Log = Arc::default();
     let mut partitions = Vec::new();
-    let (ours, theirs) = UnixStream::pair().expect("a socketpair");
+    let (ours, theirs) = ProxyConnection::pair().expect("a proxy connection");
     partitions.push(fake_partition(0, theirs, scripts.pop_front().unwrap_or_default(), log.clone()));
 
     let output = Arc::new(Mutex::new(Vec::new()));
@@ -330,7 +338,6 @@ pub fn proxy_device(data: &[u8]) {
     };
     let mut proxy =
         ProxyDevice::new("fuzz", ours, Box::new(Output(output.clone())), Some(reset.clone()), Some(on_dead))
-            .expect("a proxy on a socketpair")
             .with_power_off(power_off.clone());
     let link = input.linked.then(|| ProxyLink::new().expect("a link"));
     if let Some(link) = &link {
@@ -344,7 +351,7 @@ pub fn proxy_device(data: &[u8]) {
     for access in input.accesses.into_iter().take(MAX_ACCESSES) {
         if let Access::Offer = access {
             let (Some(link), Some(script)) = (&link, scripts.pop_front()) else { continue };
-            let (ours, theirs) = UnixStream::pair().expect("a socketpair");
+            let (ours, theirs) = ProxyConnection::pair().expect("a proxy connection");
             let partition = partitions.len();
             partitions.push(fake_partition(partition, theirs, script, log.clone()));
             link.offer(ours);

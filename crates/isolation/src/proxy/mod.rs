@@ -2,7 +2,8 @@
 //! partition, behind a proxy.
 //!
 //! [`ProxyDevice`] is a [`BusDevice`] in the hypervisor that forwards each register access
-//! to the partition over a unix socket ([`wire`]) and waits, for at most
+//! to the partition as a [`wire`] frame in a page of shared memory ([`mailbox`]: spinning
+//! briefly on both sides, a socket as doorbell and liveness) and waits, for at most
 //! [`PROXY_TIMEOUT`], for the answer. The partition runs the very same emulator
 //! ([`serve`]). Interrupts bypass the proxy: the partition holds the irqfd.
 //!
@@ -15,11 +16,11 @@
 //! all ones and ignores writes, so no vCPU ever waits on a dead partition again.
 
 pub mod fuzzing;
+pub mod mailbox;
 pub mod wire;
 
 use std::io::{self, Write};
 use std::os::fd::BorrowedFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use splitvisor_bus::{BusDevice, Interrupt};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub use mailbox::{PartitionEnd, ProxyConnection};
 use wire::{DecodeError, Frame, MAX_INPUT, MAX_STATE, Request, Response};
 
 /// Longest a register access waits for a partition.
@@ -41,7 +43,7 @@ const MAX_ATTEMPTS: usize = 4;
 /// Why a partition was dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The socket failed, hung up or timed out.
+    /// The connection failed, hung up or timed out.
     #[error("partition connection: {0}")]
     Io(#[from] io::Error),
     /// The partition sent a malformed frame.
@@ -83,14 +85,14 @@ pub struct ProxyLink {
 struct LinkState {
     /// Bumped at every offer.
     generation: u64,
-    offered: Option<UnixStream>,
+    offered: Option<ProxyConnection>,
     gave_up: bool,
     /// The generation whose partition the proxy found failed, not yet replaced.
     reported: Option<u64>,
 }
 
 impl ProxyLink {
-    /// A link whose first partition is generation 0 (the proxy's initial stream).
+    /// A link whose first partition is generation 0 (the proxy's initial connection).
     pub fn new() -> io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             state: Mutex::new(LinkState::default()),
@@ -122,10 +124,10 @@ impl ProxyLink {
     }
 
     /// Offers a new partition's connection; the proxy moves to it at its next access.
-    pub fn offer(&self, stream: UnixStream) -> u64 {
+    pub fn offer(&self, connection: ProxyConnection) -> u64 {
         let mut state = self.lock();
         state.generation += 1;
-        state.offered = Some(stream);
+        state.offered = Some(connection);
         state.reported = None;
         self.changed.notify_all();
         state.generation
@@ -138,7 +140,7 @@ impl ProxyLink {
     }
 
     /// Proxy side: reports `generation` failed and waits for what comes next.
-    fn report_and_wait(&self, generation: u64) -> Option<(u64, UnixStream)> {
+    fn report_and_wait(&self, generation: u64) -> Option<(u64, ProxyConnection)> {
         let deadline = Instant::now() + REPLACEMENT_TIMEOUT;
         let mut state = self.lock();
         if state.generation == generation && !state.gave_up {
@@ -150,7 +152,7 @@ impl ProxyLink {
                 return None;
             }
             if state.generation > generation {
-                return state.offered.take().map(|stream| (state.generation, stream));
+                return state.offered.take().map(|connection| (state.generation, connection));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -162,10 +164,10 @@ impl ProxyLink {
     }
 
     /// Proxy side: a partition newer than `generation`, if one was offered.
-    fn take_offer(&self, generation: u64) -> Option<(u64, UnixStream)> {
+    fn take_offer(&self, generation: u64) -> Option<(u64, ProxyConnection)> {
         let mut state = self.lock();
         if state.generation > generation {
-            state.offered.take().map(|stream| (state.generation, stream))
+            state.offered.take().map(|connection| (state.generation, connection))
         } else {
             None
         }
@@ -175,7 +177,7 @@ impl ProxyLink {
 /// The hypervisor's stand-in for a device that runs in a partition.
 pub struct ProxyDevice {
     name: String,
-    stream: Option<UnixStream>,
+    connection: Option<ProxyConnection>,
     generation: u64,
     seq: u32,
     dead: bool,
@@ -189,20 +191,19 @@ pub struct ProxyDevice {
 }
 
 impl ProxyDevice {
-    /// A proxy to the partition at the other end of `stream`. Output the device produces
-    /// goes to `output`; a reset it asks for raises `reset`; `on_dead` hears once if the
-    /// partition has to be dropped for good.
+    /// A proxy to the partition at the other end of `connection`. Output the device
+    /// produces goes to `output`; a reset it asks for raises `reset`; `on_dead` hears once
+    /// if the partition has to be dropped for good.
     pub fn new(
         name: &str,
-        stream: UnixStream,
+        connection: ProxyConnection,
         output: Box<dyn Write + Send>,
         reset: Option<Arc<dyn Interrupt>>,
         on_dead: Option<Box<dyn FnOnce(String) + Send>>,
-    ) -> io::Result<Self> {
-        set_timeouts(&stream)?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             name: name.to_string(),
-            stream: Some(stream),
+            connection: Some(connection),
             generation: 0,
             seq: 0,
             dead: false,
@@ -212,7 +213,7 @@ impl ProxyDevice {
             power_off: None,
             on_dead,
             link: None,
-        })
+        }
     }
 
     /// A power-off the device asks for (the ACPI power device's S5) raises `line`.
@@ -253,18 +254,18 @@ impl ProxyDevice {
                 return None;
             }
             if let Some(link) = &self.link {
-                if let Some((generation, stream)) = link.take_offer(self.generation) {
-                    self.adopt(generation, stream);
+                if let Some((generation, connection)) = link.take_offer(self.generation) {
+                    self.adopt(generation, connection);
                     continue;
                 }
             }
-            let Some(mut stream) = self.stream.take() else {
+            let Some(mut connection) = self.connection.take() else {
                 self.replace(None);
                 continue;
             };
-            match self.exchange(&mut stream, &request) {
+            match self.exchange(&mut connection, &request) {
                 Ok(response) => {
-                    self.stream = Some(stream);
+                    self.connection = Some(connection);
                     return Some(response);
                 }
                 Err(e) => self.replace(Some(e)),
@@ -275,12 +276,15 @@ impl ProxyDevice {
     }
 
     /// One request and its checked answer; keeps the state it carries.
-    fn exchange(&mut self, stream: &mut UnixStream, request: &Request) -> Result<Response, ProxyError> {
+    fn exchange(
+        &mut self,
+        connection: &mut ProxyConnection,
+        request: &Request,
+    ) -> Result<Response, ProxyError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let mut stream = WithinDeadline { stream, deadline: Instant::now() + PROXY_TIMEOUT };
-        stream.write_all(&request.encode(seq))?;
-        let body = wire::read_frame(&mut stream)??;
+        let answer = connection.call(&request.encode(seq), Instant::now() + PROXY_TIMEOUT)?;
+        let body = wire::read_frame(&mut answer.as_slice())??;
         let Frame { seq: got, message } = Response::decode(&body)?;
         if got != seq {
             return Err(ProxyError::OutOfOrder { expected: seq, got });
@@ -319,29 +323,25 @@ impl ProxyDevice {
             return;
         };
         match link.report_and_wait(self.generation) {
-            Some((generation, stream)) => self.adopt(generation, stream),
+            Some((generation, connection)) => self.adopt(generation, connection),
             None => self.drop_partition("the supervisor gave no replacement partition".to_string()),
         }
     }
 
     /// Moves to a new partition: it takes up the last state the old one reported.
-    fn adopt(&mut self, generation: u64, mut stream: UnixStream) {
+    fn adopt(&mut self, generation: u64, mut connection: ProxyConnection) {
         self.generation = generation;
         // The supervisor replaced the old partition (it ends when its connection closes):
         // if the new one proves unusable, that is this generation's failure to report,
         // never a reason to go back to the old one.
-        if let Some(old) = self.stream.take() {
-            let _ = old.shutdown(std::net::Shutdown::Both);
-        }
-        if let Err(e) = set_timeouts(&stream) {
-            log::warn!("{}: new partition unusable: {e}", self.name);
-            return;
+        if let Some(old) = self.connection.take() {
+            old.hang_up();
         }
         let restore = Request::Restore { state: self.state.clone() };
-        match self.exchange(&mut stream, &restore) {
+        match self.exchange(&mut connection, &restore) {
             Ok(_) => {
                 log::info!("{}: a new driver partition took over (generation {generation})", self.name);
-                self.stream = Some(stream);
+                self.connection = Some(connection);
             }
             Err(e) => log::warn!("{}: new partition refused the state: {e}", self.name),
         }
@@ -364,54 +364,13 @@ impl ProxyDevice {
         }
         log::warn!("{}: dropping its driver partition: {why}", self.name);
         self.dead = true;
-        if let Some(stream) = self.stream.take() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Some(connection) = self.connection.take() {
+            connection.hang_up();
         }
         if let Some(on_dead) = self.on_dead.take() {
             on_dead(why);
         }
     }
-}
-
-/// A partition's connection for one exchange, which must end by `deadline`: a socket
-/// timeout bounds each read or write, not the exchange, and a partition that dribbles its
-/// answer a byte at a time would otherwise hold the vCPU for as long as it likes.
-struct WithinDeadline<'a> {
-    stream: &'a mut UnixStream,
-    deadline: Instant,
-}
-
-impl WithinDeadline<'_> {
-    /// Bounds the next socket operation by what is left of the deadline.
-    fn time_left(&self) -> io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the partition did not answer in time"));
-        }
-        Ok(left)
-    }
-}
-
-impl io::Read for WithinDeadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.time_left()?))?;
-        self.stream.read(buf)
-    }
-}
-
-impl Write for WithinDeadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.time_left()?))?;
-        self.stream.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
-    }
-}
-
-fn set_timeouts(stream: &UnixStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(PROXY_TIMEOUT))?;
-    stream.set_write_timeout(Some(PROXY_TIMEOUT))
 }
 
 impl BusDevice for ProxyDevice {
@@ -697,19 +656,18 @@ impl ProxiedDevice for ProxiedPower {
     }
 }
 
-/// The partition side: serves `device` on `stream` until the hypervisor hangs up or sends
+/// The partition side: serves `device` on `end` until the hypervisor hangs up or sends
 /// a malformed frame.
 pub fn serve<D: ProxiedDevice>(
     device: &mut D,
     effects: &Effects,
-    stream: &mut UnixStream,
+    end: &mut PartitionEnd,
 ) -> Result<(), ProxyError> {
     loop {
-        let body = match wire::read_frame(stream) {
-            Ok(body) => body?,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let Some(request) = end.next_request()? else {
+            return Ok(());
         };
+        let body = wire::read_frame(&mut request.as_slice())??;
         let Frame { seq, message } = Request::decode(&body)?;
         let response = match message {
             Request::Read { offset, len } => {
@@ -741,7 +699,7 @@ pub fn serve<D: ProxiedDevice>(
                 }
             }
         };
-        stream.write_all(&response.encode(seq))?;
+        end.answer(&response.encode(seq))?;
     }
 }
 
@@ -784,12 +742,13 @@ mod tests {
     }
 
     /// A partition that answers `answered` requests, then reads one more and dies.
-    fn dying_partition(mut stream: UnixStream, answered: usize) -> std::thread::JoinHandle<()> {
+    fn dying_partition(mut end: PartitionEnd, answered: usize) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let effects = Effects::default();
             let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
             for _ in 0..answered {
-                let body = wire::read_frame(&mut stream).unwrap().unwrap();
+                let request = end.next_request().unwrap().unwrap();
+                let body = wire::read_frame(&mut request.as_slice()).unwrap().unwrap();
                 let Frame { seq, message } = Request::decode(&body).unwrap();
                 let response = match message {
                     Request::Write { offset, data } => {
@@ -799,19 +758,18 @@ mod tests {
                     }
                     other => panic!("unexpected {other:?}"),
                 };
-                stream.write_all(&response.encode(seq)).unwrap();
+                end.answer(&response.encode(seq)).unwrap();
             }
-            let _ = wire::read_frame(&mut stream);
+            let _ = end.next_request();
         })
     }
 
     #[test]
     fn a_replacement_partition_gets_the_state_and_the_unanswered_access() {
         let link = ProxyLink::new().unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (ours, theirs) = ProxyConnection::pair().unwrap();
         let output = Arc::new(Mutex::new(Vec::new()));
         let mut proxy = ProxyDevice::new("com1", ours, Box::new(SharedSink(output.clone())), None, None)
-            .unwrap()
             .with_link(link.clone());
         let first = dying_partition(theirs, 2);
 
@@ -826,7 +784,7 @@ mod tests {
             // SAFETY: one valid pollfd, bounded wait.
             assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
             assert_eq!(supervisor_link.reported_fault(), Some(0));
-            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let (ours, mut theirs) = ProxyConnection::pair().unwrap();
             supervisor_link.offer(ours);
             let effects = Effects::default();
             let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
@@ -850,9 +808,9 @@ mod tests {
     #[test]
     fn without_a_replacement_the_device_reads_as_an_empty_bus() {
         let link = ProxyLink::new().unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (ours, theirs) = ProxyConnection::pair().unwrap();
         let mut proxy =
-            ProxyDevice::new("com1", ours, Box::new(io::sink()), None, None).unwrap().with_link(link.clone());
+            ProxyDevice::new("com1", ours, Box::new(io::sink()), None, None).with_link(link.clone());
         drop(theirs);
         link.give_up();
         let mut byte = [0u8];
@@ -866,7 +824,7 @@ mod tests {
         use splitvisor_devices::acpi::{
             RESET_OFFSET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_OFFSET, SLP_EN,
         };
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (ours, mut theirs) = ProxyConnection::pair().unwrap();
         let partition = std::thread::spawn(move || {
             let effects = Effects::default();
             let mut power = ProxiedPower::new(&effects);
@@ -874,7 +832,6 @@ mod tests {
         });
         let (power_off, reset) = (Arc::new(CountingInterrupt::new()), Arc::new(CountingInterrupt::new()));
         let mut proxy = ProxyDevice::new("power", ours, Box::new(io::sink()), Some(reset.clone()), None)
-            .unwrap()
             .with_power_off(power_off.clone());
         proxy.write(SLEEP_CONTROL_OFFSET, &[S5_SLEEP_TYPE << 2]);
         assert_eq!((power_off.count(), reset.count()), (0, 0), "no SLP_EN, no power-off");

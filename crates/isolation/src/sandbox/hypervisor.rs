@@ -340,10 +340,16 @@ fn partition_reaping(rules: &mut Rules) -> Result<(), SandboxError> {
 }
 
 /// What the fds a new partition gets are made of: socket pairs (never a socket that can
-/// reach anything else), eventfds.
+/// reach anything else), eventfds, and a proxy's shared page (a memfd, sized and sealed).
 fn partition_setup(rules: &mut Rules) -> Result<(), SandboxError> {
     arg_in(rules, libc::SYS_socketpair, 0, Len::Dword, &[libc::AF_UNIX as u64])?;
-    any(rules, &[libc::SYS_eventfd2]);
+    any(rules, &[libc::SYS_eventfd2, libc::SYS_ftruncate]);
+    // Added to what the thread may already do with these calls.
+    let mut page = Rules::new();
+    let sealable = (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64;
+    arg_in(&mut page, libc::SYS_memfd_create, 1, Len::Dword, &[sealable])?;
+    arg_in(&mut page, libc::SYS_fcntl, 1, Len::Dword, &[libc::F_ADD_SEALS as u64])?;
+    merge(rules, page);
     Ok(())
 }
 

@@ -176,10 +176,15 @@ pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<
             any(
                 &mut rules,
                 &[
-                    // The proxy socket: std's UnixStream reads with recv and writes with
-                    // send (recvfrom and sendto).
+                    // The proxy socket, the shared page's doorbell: wake-up tokens are
+                    // sent and received (sendto, recvfrom), and awaited with poll.
                     libc::SYS_recvfrom,
                     libc::SYS_sendto,
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    // The bounded spin on the page reads the clock (the vDSO's, unless
+                    // the host's clock source makes it fall back to the call).
+                    libc::SYS_clock_gettime,
                 ],
             );
             // Rust's debug builds check an fd is open before closing it.
