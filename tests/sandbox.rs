@@ -228,8 +228,9 @@ struct ProxyPartition {
     ready: std::io::Result<()>,
 }
 
-/// Starts `splitvisor-driver DEVICE --fd 3 --ready-fd 4 --page-fd 5 ARGS..`; `before_exec`
-/// runs in the child just before the driver (async-signal-safe calls only).
+/// Starts `splitvisor-driver DEVICE --fd 3 --ready-fd 4 --page-fd 5 ..` (the proxy
+/// connection's fds) `ARGS..`; `before_exec` runs in the child just before the driver
+/// (async-signal-safe calls only).
 fn start_proxy(
     device: &str,
     args: &[String],
@@ -238,12 +239,19 @@ fn start_proxy(
     let (ours, theirs) = UnixStream::pair().unwrap();
     let ours = ProxyConnection::new(ours).unwrap();
     let ready = ReadySignal::new().unwrap();
-    let sources =
-        [dup_high(theirs.as_raw_fd()), dup_high(ready.partition_fd()), dup_high(ours.page_fd().as_raw_fd())];
+    let [page, doorbell, hypervisor_doorbell] = ours.partition_fds();
+    let sources = [
+        dup_high(theirs.as_raw_fd()),
+        dup_high(ready.partition_fd()),
+        dup_high(page.as_raw_fd()),
+        dup_high(doorbell.as_raw_fd()),
+        dup_high(hypervisor_doorbell.as_raw_fd()),
+    ];
     let moves: Vec<(RawFd, RawFd)> = sources.iter().zip(3..).map(|(fd, to)| (fd.as_raw_fd(), to)).collect();
     let mut command = Command::new(driver_path());
     command
-        .args([device, "--fd", "3", "--ready-fd", "4", "--page-fd", "5"])
+        .args([device, "--fd", "3", "--ready-fd", "4", "--page-fd", "5", "--doorbell-fd", "6"])
+        .args(["--hypervisor-doorbell-fd", "7"])
         .args(args)
         .env_clear()
         .stdin(Stdio::null())
@@ -310,7 +318,8 @@ fn proxy_partitions_are_sandboxed_as_seen_from_outside() {
         let expected = Expected {
             max_tasks: 2,
             address_space: sandbox::PROXY_ADDRESS_SPACE,
-            handed: |target| target.starts_with("socket:"),
+            // Its socket and its two doorbells; the shared page is mapped, its fd closed.
+            handed: |target| target.starts_with("socket:") || target == "anon_inode:[eventfd]",
         };
         assert_sandboxed(device, partition.child.id(), &expected);
         drop(partition._connection);

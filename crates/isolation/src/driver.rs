@@ -230,6 +230,12 @@ pub struct ProxyArgs {
     /// The shared page of the proxy connection (a memfd), inherited.
     #[arg(long, value_name = "N")]
     pub page_fd: i32,
+    /// The eventfd that wakes this partition (the hypervisor published a request).
+    #[arg(long, value_name = "N")]
+    pub doorbell_fd: i32,
+    /// The eventfd that wakes the hypervisor (the partition published an answer).
+    #[arg(long, value_name = "N")]
+    pub hypervisor_doorbell_fd: i32,
     /// The interrupt's eventfd (an irqfd), inherited.
     #[arg(long, value_name = "N")]
     pub irq_fd: Option<i32>,
@@ -491,16 +497,25 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     let stream = unsafe { UnixStream::from_raw_fd(args.fd) };
     // SAFETY: as above.
     let page = unsafe { std::os::fd::OwnedFd::from_raw_fd(args.page_fd) };
-    // Mapped before the sandbox; the fd itself is not kept.
-    let mut end = proxy::PartitionEnd::new(stream, std::os::fd::AsFd::as_fd(&page))
-        .map_err(|e| DriverError::Proxy(format!("cannot map the proxy page: {e}")))?;
+    // SAFETY: as above.
+    let doorbell = unsafe { EventFd::from_raw_fd(args.doorbell_fd) };
+    // SAFETY: as above.
+    let hypervisor_doorbell = unsafe { EventFd::from_raw_fd(args.hypervisor_doorbell_fd) };
+    // Mapped before the sandbox; the page's fd itself is not kept.
+    let mut end =
+        proxy::PartitionEnd::new(stream, std::os::fd::AsFd::as_fd(&page), doorbell, hypervisor_doorbell)
+            .map_err(|e| DriverError::Proxy(format!("cannot map the proxy page: {e}")))?;
     drop(page);
     let interrupt: Arc<dyn Interrupt> = match args.irq_fd {
         // SAFETY: as above.
         Some(fd) => Arc::new(EventFdInterrupt::from_eventfd(unsafe { EventFd::from_raw_fd(fd) })),
         None => Arc::new(CountingInterrupt::new()),
     };
-    let keep: Vec<i32> = [Some(args.fd), args.irq_fd].into_iter().flatten().collect();
+    let keep: Vec<i32> =
+        [Some(args.fd), Some(args.doorbell_fd), Some(args.hypervisor_doorbell_fd), args.irq_fd]
+            .into_iter()
+            .flatten()
+            .collect();
     let mut config = SandboxConfig::new(Profile::BusProxy, &keep);
     if let Some(ready) = args.ready_fd {
         config = config.ready_fd(ready);
@@ -555,7 +570,10 @@ mod tests {
         );
         let DeviceArgs::Net(net) = parse("net --fd 3 --tap-fd 4").unwrap().device else { panic!("not net") };
         assert_eq!((net.fd, net.tap_fd), (Some(3), Some(4)));
-        assert!(matches!(parse("acpi-power --fd 3 --page-fd 4").unwrap().device, DeviceArgs::AcpiPower(_)));
+        assert!(matches!(
+            parse("acpi-power --fd 3 --page-fd 4 --doorbell-fd 5 --hypervisor-doorbell-fd 6").unwrap().device,
+            DeviceArgs::AcpiPower(_)
+        ));
         assert!(parse("serial --fd 3").is_err(), "a proxy partition needs its page");
         assert!(parse("blk --disk a.img").is_err());
         assert!(parse("blk --socket").is_err());

@@ -204,10 +204,14 @@ impl Partition {
         let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket pair"))?;
         let ours = ProxyConnection::new(ours).map_err(setup("create the proxy's shared page"))?;
         let mut args: Vec<String> =
-            [device, "--fd", "3", "--page-fd", "4"].iter().map(|s| s.to_string()).collect();
-        let mut fds = vec![theirs.as_fd(), ours.page_fd()];
+            [device, "--fd", "3", "--page-fd", "4", "--doorbell-fd", "5", "--hypervisor-doorbell-fd", "6"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let mut fds = vec![theirs.as_fd()];
+        fds.extend(ours.partition_fds());
         if let Some(irqfd) = irqfd {
-            args.extend(["--irq-fd".to_string(), "5".to_string()]);
+            args.extend(["--irq-fd".to_string(), "7".to_string()]);
             // SAFETY: the eventfd outlives this call, which only duplicates it.
             fds.push(unsafe { BorrowedFd::borrow_raw(irqfd.as_raw_fd()) });
         }

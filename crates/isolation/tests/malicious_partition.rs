@@ -25,7 +25,7 @@ fn proxy_against(
     let (ours, theirs) = UnixStream::pair().unwrap();
     let ours = ProxyConnection::new(ours).unwrap();
     let raw = theirs.try_clone().unwrap();
-    let end = PartitionEnd::new(theirs, ours.page_fd()).unwrap();
+    let end = ours.partition_end(theirs).unwrap();
     let thread = std::thread::spawn(move || partition(end, raw));
     let reason = Arc::new(Mutex::new(None));
     let seen = reason.clone();

@@ -1,5 +1,5 @@
-//! The proxy's transport: one page of shared memory per partition, with the proxy socket
-//! as its doorbell.
+//! The proxy's transport: one page of shared memory per partition, two eventfds as its
+//! doorbells, and the proxy socket for liveness.
 //!
 //! A register access forwarded over a socket costs a send, a wake-up of the partition, its
 //! answer and a wake-up of the vCPU: two trips through the scheduler, which on a quiet
@@ -10,9 +10,16 @@
 //! write per byte) is served without a wake-up, at the cost of a partition spinning for
 //! at most [`PARTITION_SPIN`] after its last request.
 //!
-//! A side that sleeps says so in the page and waits for a one-byte token on the socket;
-//! the other sends one when it publishes and sees it asleep. The socket also carries
-//! liveness: a partition that dies hangs up, and the hypervisor's wait ends at once.
+//! A side that sleeps says so in the page and waits on its doorbell, an eventfd the other
+//! side writes when it publishes and sees it asleep. The socket carries liveness: a
+//! partition that dies hangs up, and the hypervisor's wait ends at once.
+//!
+//! Spinning only pays when the two sides run on different CPUs. The scheduler may well
+//! wake the partition on the CPU of the vCPU that woke it, and then keep them there
+//! (the other CPU idle, each waiting for the other to stop spinning); on a two-CPU host
+//! that happened in about one run in three, and made an access ten times slower. So the
+//! hypervisor writes the CPU it runs on into the page with each request, and a partition
+//! that finds itself on that CPU moves off it ([`PartitionEnd::next_request`]).
 //!
 //! The hypervisor creates the page (a sealed memfd: nobody can shrink it under the other)
 //! and trusts nothing in it: an answer is copied out (bounded by the area) before it is
@@ -25,10 +32,12 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
 use super::wire::MAX_FRAME;
 
 /// How long the hypervisor spins for an answer from a partition that was awake.
-pub const ANSWER_SPIN: Duration = Duration::from_micros(100);
+pub const ANSWER_SPIN: Duration = Duration::from_micros(20);
 
 /// How long a partition spins for the next request after serving one, before it sleeps.
 pub const PARTITION_SPIN: Duration = Duration::from_micros(200);
@@ -47,14 +56,17 @@ struct Page {
     request_seq: AtomicU32,
     /// Bytes of the frame in `request`.
     request_len: AtomicU32,
-    /// Written by the partition: it sleeps and needs a token to see the next request.
+    /// Written by the partition: it sleeps and needs its doorbell rung to see the next
+    /// request.
     partition_asleep: AtomicU32,
-    _hypervisor_line: [u32; 13],
+    /// Written by the hypervisor: the CPU the request was published from.
+    hypervisor_cpu: AtomicU32,
+    _hypervisor_line: [u32; 12],
     /// Written by the partition: the number of the request `answer` answers.
     answer_seq: AtomicU32,
     /// Bytes of the frame in `answer`.
     answer_len: AtomicU32,
-    /// Written by the hypervisor: it sleeps and needs a token to see the answer.
+    /// Written by the hypervisor: it sleeps and needs its doorbell rung to see the answer.
     hypervisor_asleep: AtomicU32,
     _partition_line: [u32; 13],
     request: [AtomicU8; AREA],
@@ -139,40 +151,45 @@ fn load_bytes(area: &[AtomicU8; AREA], len: u32) -> Vec<u8> {
     area[..len].iter().map(|cell| cell.load(Ordering::Relaxed)).collect()
 }
 
-/// Sends a wake-up token; a full socket already holds one.
-fn send_token(stream: &UnixStream) -> io::Result<()> {
-    // SAFETY: sends one byte from a valid buffer on a valid socket, without blocking.
-    let sent = unsafe {
-        libc::send(stream.as_raw_fd(), [1u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    };
-    if sent < 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::WouldBlock {
-            return Err(error);
-        }
+/// Rings a doorbell.
+fn ring(doorbell: &EventFd) -> io::Result<()> {
+    match doorbell.write(1) {
+        // The counter is full: it is rung already.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other,
     }
-    Ok(())
 }
 
-/// Waits until the socket has tokens (and drains them), at most `timeout` (`None`: for as
-/// long as it takes). An error when the peer hung up.
-fn wait_token(stream: &UnixStream, timeout: Option<Duration>) -> io::Result<()> {
+/// Waits until `doorbell` rings (and resets it) or `peer` hangs up, at most `timeout`
+/// (`None`: for as long as it takes). An error when the peer hung up.
+fn wait(doorbell: &EventFd, peer: &UnixStream, timeout: Option<Duration>) -> io::Result<()> {
     let millis = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
-    let mut fd = [libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-    // SAFETY: one valid pollfd, a bounded (or, for a partition, hang-up-ended) wait.
-    let ready = unsafe { libc::poll(fd.as_mut_ptr(), 1, millis) };
+    let mut fds = [
+        libc::pollfd { fd: doorbell.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: peer.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: two valid pollfds, a bounded (or, for a partition, hang-up-ended) wait.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
     if ready < 0 {
         let error = io::Error::last_os_error();
         return if error.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(error) };
     }
-    if ready == 0 {
-        return Ok(());
+    if fds[0].revents != 0 {
+        let _ = doorbell.read();
     }
-    let mut tokens = [0u8; 64];
+    if fds[1].revents != 0 {
+        check_alive(peer)?;
+    }
+    Ok(())
+}
+
+/// Nothing travels on the socket but its end: any bytes a peer sends are dropped (a
+/// bounded number per call), its hang-up is an error.
+fn check_alive(peer: &UnixStream) -> io::Result<()> {
+    let mut junk = [0u8; 256];
     // SAFETY: receives into a valid buffer of its length, without blocking.
-    let got = unsafe {
-        libc::recv(stream.as_raw_fd(), tokens.as_mut_ptr().cast(), tokens.len(), libc::MSG_DONTWAIT)
-    };
+    let got =
+        unsafe { libc::recv(peer.as_raw_fd(), junk.as_mut_ptr().cast(), junk.len(), libc::MSG_DONTWAIT) };
     match got {
         0 => Err(io::ErrorKind::UnexpectedEof.into()),
         n if n > 0 => Ok(()),
@@ -186,11 +203,15 @@ fn wait_token(stream: &UnixStream, timeout: Option<Duration>) -> io::Result<()> 
     }
 }
 
-/// The hypervisor's end: the proxy socket and the page, for one partition.
+/// The hypervisor's end: the proxy socket, the page and the doorbells, for one partition.
 pub struct ProxyConnection {
     stream: UnixStream,
     page_fd: OwnedFd,
     mapping: Mapping,
+    /// Rung by the hypervisor for a sleeping partition.
+    to_partition: EventFd,
+    /// Rung by the partition for a sleeping hypervisor.
+    to_hypervisor: EventFd,
     seq: u32,
 }
 
@@ -201,12 +222,14 @@ impl std::fmt::Debug for ProxyConnection {
 }
 
 impl ProxyConnection {
-    /// A connection over `stream` with a new page; hand [`page_fd`](Self::page_fd) and the
-    /// other end of `stream` to the partition.
+    /// A connection over `stream` with a new page and doorbells; hand the other end of
+    /// `stream` and [`partition_fds`](Self::partition_fds) to the partition.
     pub fn new(stream: UnixStream) -> io::Result<Self> {
         let page_fd = create_page()?;
         let mapping = Mapping::new(page_fd.as_fd())?;
-        Ok(Self { stream, page_fd, mapping, seq: 0 })
+        let to_partition = EventFd::new(EFD_NONBLOCK)?;
+        let to_hypervisor = EventFd::new(EFD_NONBLOCK)?;
+        Ok(Self { stream, page_fd, mapping, to_partition, to_hypervisor, seq: 0 })
     }
 
     /// A connected pair: the hypervisor's end and the partition's (in one process, for
@@ -214,13 +237,24 @@ impl ProxyConnection {
     pub fn pair() -> io::Result<(Self, PartitionEnd)> {
         let (ours, theirs) = UnixStream::pair()?;
         let connection = Self::new(ours)?;
-        let partition = PartitionEnd::new(theirs, connection.page_fd.as_fd())?;
+        let partition = connection.partition_end(theirs)?;
         Ok((connection, partition))
     }
 
-    /// The page's memfd, for the partition.
-    pub fn page_fd(&self) -> BorrowedFd<'_> {
-        self.page_fd.as_fd()
+    /// What the partition needs besides its end of the socket, in the order
+    /// [`PartitionEnd::new`] takes them: the page's memfd, its doorbell, the hypervisor's.
+    pub fn partition_fds(&self) -> [BorrowedFd<'_>; 3] {
+        [self.page_fd.as_fd(), eventfd_fd(&self.to_partition), eventfd_fd(&self.to_hypervisor)]
+    }
+
+    /// The partition's end of this connection over `stream`, in this process.
+    pub fn partition_end(&self, stream: UnixStream) -> io::Result<PartitionEnd> {
+        PartitionEnd::new(
+            stream,
+            self.page_fd.as_fd(),
+            self.to_partition.try_clone()?,
+            self.to_hypervisor.try_clone()?,
+        )
     }
 
     /// Ends the connection: the partition sees the hang-up.
@@ -239,10 +273,11 @@ impl ProxyConnection {
         let seq = self.seq;
         store_bytes(&page.request, request);
         page.request_len.store(request.len() as u32, Ordering::Relaxed);
+        page.hypervisor_cpu.store(current_cpu(), Ordering::Relaxed);
         page.request_seq.store(seq, Ordering::SeqCst);
         let partition_asleep = page.partition_asleep.load(Ordering::SeqCst) != 0;
         if partition_asleep {
-            send_token(&self.stream)?;
+            ring(&self.to_partition)?;
         }
         let answered = || page.answer_seq.load(Ordering::Acquire) == seq;
         // A partition that was awake answers within microseconds; one that sleeps needs
@@ -269,24 +304,82 @@ impl ProxyConnection {
             if left.is_zero() {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the partition did not answer in time"));
             }
-            wait_token(&self.stream, Some(left))?;
+            if let Err(e) = wait(&self.to_hypervisor, &self.stream, Some(left)) {
+                // An answer published just before the partition hung up still counts.
+                return if page.answer_seq.load(Ordering::SeqCst) == seq { Ok(()) } else { Err(e) };
+            }
         }
         Ok(())
     }
+}
+
+/// The CPU the calling thread runs on (`u32::MAX` when unknown).
+fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu takes nothing and returns a CPU number or -1 (glibc reads it
+    // from the thread's rseq area or the vDSO).
+    let cpu = unsafe { libc::sched_getcpu() };
+    u32::try_from(cpu).unwrap_or(u32::MAX)
+}
+
+/// Moves the calling thread off `cpu`, onto the rest of `allowed`, if that leaves it
+/// anywhere to run; whether it moved.
+fn move_off(allowed: &libc::cpu_set_t, cpu: u32) -> bool {
+    let index = cpu as usize;
+    if index >= libc::CPU_SETSIZE as usize {
+        return false;
+    }
+    // SAFETY: `index` is below CPU_SETSIZE, the bits a set holds.
+    if !unsafe { libc::CPU_ISSET(index, allowed) } {
+        return false;
+    }
+    let mut set = *allowed;
+    // SAFETY: as above.
+    unsafe { libc::CPU_CLR(index, &mut set) };
+    // SAFETY: counts the bits of a valid set.
+    if unsafe { libc::CPU_COUNT(&set) } == 0 {
+        return false;
+    }
+    // SAFETY: sets the calling thread's affinity to a valid, non-empty set of its size.
+    unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// The CPUs the calling thread may run on, if it can tell.
+fn allowed_cpus() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: fills `set`, whose size is passed, for the calling thread.
+    let got = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    (got == 0).then_some(set)
+}
+
+fn eventfd_fd(eventfd: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the eventfd owns its fd, which stays open as long as the borrow.
+    unsafe { BorrowedFd::borrow_raw(eventfd.as_raw_fd()) }
 }
 
 /// The partition's end: takes requests from the page and publishes answers.
 pub struct PartitionEnd {
     stream: UnixStream,
     mapping: Mapping,
+    own_doorbell: EventFd,
+    hypervisor_doorbell: EventFd,
     /// The number of the last request taken.
     seq: u32,
+    /// The CPUs the partition was started on, and the one it keeps off (the vCPU's).
+    allowed: Option<libc::cpu_set_t>,
+    kept_off: Option<u32>,
 }
 
 impl PartitionEnd {
     /// The end over `stream`, mapping the page `page_fd` (which may be closed afterwards:
-    /// the mapping stays).
-    pub fn new(stream: UnixStream, page_fd: BorrowedFd<'_>) -> io::Result<Self> {
+    /// the mapping stays), woken by `own_doorbell`, waking the hypervisor with
+    /// `hypervisor_doorbell`.
+    pub fn new(
+        stream: UnixStream,
+        page_fd: BorrowedFd<'_>,
+        own_doorbell: EventFd,
+        hypervisor_doorbell: EventFd,
+    ) -> io::Result<Self> {
         // SAFETY: fstat fills a stat buffer for a valid fd.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above; `stat` is a valid, writable buffer.
@@ -298,7 +391,8 @@ impl PartitionEnd {
         }
         let mapping = Mapping::new(page_fd)?;
         let seq = mapping.page().request_seq.load(Ordering::Acquire);
-        Ok(Self { stream, mapping, seq })
+        let allowed = allowed_cpus();
+        Ok(Self { stream, mapping, own_doorbell, hypervisor_doorbell, seq, allowed, kept_off: None })
     }
 
     /// The next request's frame bytes: spins for [`PARTITION_SPIN`], then sleeps until
@@ -311,6 +405,13 @@ impl PartitionEnd {
             if seq != self.seq {
                 page.partition_asleep.store(0, Ordering::Relaxed);
                 self.seq = seq;
+                let theirs = page.hypervisor_cpu.load(Ordering::Relaxed);
+                if theirs == current_cpu()
+                    && self.kept_off != Some(theirs)
+                    && self.allowed.as_ref().is_some_and(|allowed| move_off(allowed, theirs))
+                {
+                    self.kept_off = Some(theirs);
+                }
                 return Ok(Some(load_bytes(&page.request, page.request_len.load(Ordering::Relaxed))));
             }
             if Instant::now() < spin_end {
@@ -321,7 +422,7 @@ impl PartitionEnd {
             if page.request_seq.load(Ordering::SeqCst) != self.seq {
                 continue;
             }
-            match wait_token(&self.stream, None) {
+            match wait(&self.own_doorbell, &self.stream, None) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
                 Err(e) => return Err(e),
@@ -342,7 +443,7 @@ impl PartitionEnd {
         page.answer_len.store(claimed_len, Ordering::Relaxed);
         page.answer_seq.store(self.seq, Ordering::SeqCst);
         if page.hypervisor_asleep.load(Ordering::SeqCst) != 0 {
-            send_token(&self.stream)?;
+            ring(&self.hypervisor_doorbell)?;
         }
         Ok(())
     }
@@ -351,7 +452,7 @@ impl PartitionEnd {
     pub(crate) fn wait_hang_up(&self, timeout: Duration) {
         let end = Instant::now() + timeout;
         while let Some(left) = end.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
-            if wait_token(&self.stream, Some(left)).is_err() {
+            if wait(&self.own_doorbell, &self.stream, Some(left)).is_err() {
                 return;
             }
         }
@@ -420,7 +521,7 @@ mod tests {
     #[test]
     fn the_partition_cannot_resize_the_page() {
         let (hypervisor, _partition) = ProxyConnection::pair().unwrap();
-        let handed = std::fs::File::from(hypervisor.page_fd().try_clone_to_owned().unwrap());
+        let handed = std::fs::File::from(hypervisor.partition_fds()[0].try_clone_to_owned().unwrap());
         assert_eq!(handed.set_len(0).unwrap_err().raw_os_error(), Some(libc::EPERM));
     }
 }

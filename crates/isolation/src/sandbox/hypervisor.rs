@@ -270,6 +270,8 @@ fn base(rules: &mut Rules, own_pid: libc::pid_t) -> Result<(), SandboxError> {
             libc::SYS_clock_gettime,
             libc::SYS_clock_nanosleep,
             libc::SYS_getrandom,
+            // The CPU a thread runs on (a proxy publishes it), where the vDSO falls back.
+            libc::SYS_getcpu,
             libc::SYS_exit,
             libc::SYS_exit_group,
             // Let clone3 reach the first filter's ENOSYS (glibc then uses clone).

@@ -176,17 +176,21 @@ pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<
             any(
                 &mut rules,
                 &[
-                    // The proxy socket, the shared page's doorbell: wake-up tokens are
-                    // sent and received (sendto, recvfrom), and awaited with poll.
+                    // The proxy connection: the doorbells (eventfds, read; written with
+                    // the common write) awaited with poll together with the socket, whose
+                    // hang-up ends the partition (recvfrom tells it from stray bytes).
+                    libc::SYS_read,
                     libc::SYS_recvfrom,
-                    libc::SYS_sendto,
                     libc::SYS_poll,
                     libc::SYS_ppoll,
-                    // The bounded spin on the page reads the clock (the vDSO's, unless
-                    // the host's clock source makes it fall back to the call).
+                    // The bounded spin on the page reads the clock and the CPU it runs
+                    // on (the vDSO's, unless the host makes them fall back to the calls).
                     libc::SYS_clock_gettime,
+                    libc::SYS_getcpu,
                 ],
             );
+            // Moving itself off the vCPU's CPU (its own thread only).
+            arg_in(&mut rules, libc::SYS_sched_setaffinity, 0, Len::Dword, &[0])?;
             // Rust's debug builds check an fd is open before closing it.
             arg_in(&mut rules, libc::SYS_fcntl, 1, Len::Dword, &[libc::F_GETFD as u64])?;
         }
