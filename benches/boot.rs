@@ -10,7 +10,19 @@
 //!    TSC-timed, median of 101), under both, plus the bus dispatch alone on the host, and
 //!    a COM1 read forwarded to a driver partition against the same read in the hypervisor
 //!    (target ≤ 1.2x);
-//! 3. peak RSS of each hypervisor process with a 128 MiB guest.
+//! 3. peak RSS of each hypervisor process with a 128 MiB guest, and of each driver
+//!    partition of the microkernel layout (com1, i8042 with `hello`; a disk with
+//!    `blk-verify` on a 1 MiB image, counted beyond the guest RAM it maps), with the
+//!    issue's targets (≤ 4 MiB, ≤ 2 MiB, ≤ 3 MiB) as pass/fail columns.
+//!
+//! Peak RSS is read from the process itself (`VmHWM` in /proc/PID/status, sampled every
+//! millisecond until it exits), not from wait4's `ru_maxrss`: Linux folds into that the
+//! high-water mark of the address space the child had *before* its exec, which for a
+//! child started with vfork (posix_spawn, as `Command` does) is this bench's own. A
+//! partition is the process the hypervisor started (which, once sandboxed, only waits)
+//! plus its child that serves in a PID namespace of its own: its figure is the sum of
+//! the two (their shared pages counted twice, as two processes' RSS are), less the guest
+//! RAM they map (RssShmem), sampled.
 //!
 //! The splitvisor process is this very binary, re-run with `--hypervisor`: it then behaves
 //! exactly as `examples/monolithic` (or `microkernel`, with `--microkernel-layout`; it is also
@@ -32,18 +44,93 @@ struct Run {
     first_output: Option<Duration>,
     exit: Duration,
     max_rss_kib: i64,
+    /// Peak RSS beyond guest RAM of each driver partition it started, by what it serves
+    /// (`serial`, `i8042`, `blk`, ...), KiB.
+    partitions: Vec<(String, u64)>,
     stdout: String,
     success: bool,
 }
 
-/// Spawns `cmd`, timing its first stdout byte and its exit, and reading its peak RSS
-/// (reaped with wait4 for its rusage, not with `Child::wait`).
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
+}
+
+/// The children of `pid` (its threads' children included).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// What a partition process serves: the driver's sub-command on its command line.
+fn partition_kind(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    ["serial", "i8042", "acpi-power", "blk", "net"]
+        .iter()
+        .find(|k| args.iter().any(|a| a == *k))
+        .map(|k| k.to_string())
+}
+
+/// Peak RSS beyond guest RAM of `pid` as far as one look tells: its high-water mark less
+/// the guest RAM it maps now, or what it maps now beyond guest RAM (each a lower bound).
+fn peak_beyond_shmem_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let shmem = status_kib(&status, "RssShmem:").unwrap_or(0);
+    let now = status_kib(&status, "VmRSS:")?.saturating_sub(shmem);
+    Some(now.max(status_kib(&status, "VmHWM:")?.saturating_sub(shmem)))
+}
+
+/// Samples the peak RSS of process `pid` and of its driver partitions until `done`,
+/// once `begin` is set (the first output: sampling then cannot delay the start measured)
+/// or 50 ms have passed.
+fn sample_rss(
+    pid: u32,
+    begin: &std::sync::atomic::AtomicBool,
+    done: &std::sync::atomic::AtomicBool,
+) -> (i64, Vec<(String, u64)>) {
+    use std::sync::atomic::Ordering;
+    let started = Instant::now();
+    let mut own = 0;
+    let mut partitions: std::collections::BTreeMap<u32, (String, u64)> = Default::default();
+    while !done.load(Ordering::Acquire) {
+        if !begin.load(Ordering::Acquire) && started.elapsed() < Duration::from_millis(50) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if let Some(hwm) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| status_kib(&status, "VmHWM:"))
+        {
+            own = own.max(hwm as i64);
+        }
+        for partition in children(pid) {
+            let Some(kind) = partition_kind(partition) else { continue };
+            let total: u64 =
+                std::iter::once(partition).chain(children(partition)).filter_map(peak_beyond_shmem_kib).sum();
+            let entry = partitions.entry(partition).or_insert((kind, 0));
+            entry.1 = entry.1.max(total);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (own, partitions.into_values().collect())
+}
+
+/// Spawns `cmd`, timing its first stdout byte and its exit, and sampling its peak RSS and
+/// its partitions' (reaped with wait4, not with `Child::wait`).
 #[allow(clippy::zombie_processes)]
 fn measure(mut cmd: Command) -> Run {
     let start = Instant::now();
     let mut child =
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
     let mut stdout = child.stdout.take().unwrap();
+    let begin = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let output_began = begin.clone();
     let reader = std::thread::spawn(move || {
         let mut first = None;
         let mut all = Vec::new();
@@ -53,24 +140,38 @@ fn measure(mut cmd: Command) -> Run {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     first.get_or_insert_with(|| start.elapsed());
+                    output_began.store(true, std::sync::atomic::Ordering::Release);
                     all.extend_from_slice(&buf[..n]);
                 }
             }
         }
         (first, String::from_utf8_lossy(&all).into_owned())
     });
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled in by wait4.
-    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, writing into the two locals.
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut rusage) };
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, pid) = (done.clone(), child.id());
+        std::thread::spawn(move || sample_rss(pid, &begin, &done))
+    };
+    // Waits until the child has exited, leaving it a zombie (its /proc entry stays, so the
+    // sampler never reads another process's), then stops the sampler and reaps it.
+    // SAFETY: siginfo_t is plain data, filled in by waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child without reaping it, writing into `info`.
+    let waited = unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOWAIT) };
+    assert_eq!(waited, 0, "waitid failed");
     let exit = start.elapsed();
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (max_rss_kib, partitions) = sampler.join().unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child, writing into `status`.
+    let pid = unsafe { libc::waitpid(child.id() as libc::pid_t, &mut status, 0) };
+    assert_eq!(pid, child.id() as libc::pid_t, "waitpid failed");
     let (first_output, stdout) = reader.join().unwrap();
     Run {
         first_output,
         exit,
-        max_rss_kib: rusage.ru_maxrss,
+        max_rss_kib,
+        partitions,
         stdout,
         success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
     }
@@ -166,6 +267,7 @@ fn main() -> ExitCode {
             theirs.push(run);
         }
     }
+    let verdict = |value: f64, target: f64| if value <= target { "pass" } else { "FAIL" };
     let first = |runs: &[Run]| median(runs.iter().map(|r| ms(r.first_output.unwrap())).collect());
     let exit = |runs: &[Run]| median(runs.iter().map(|r| ms(r.exit)).collect());
     let rss = |runs: &[Run]| median(runs.iter().map(|r| r.max_rss_kib as f64 / 1024.0).collect());
@@ -194,6 +296,43 @@ fn main() -> ExitCode {
         );
     }
 
+    // 1a. The driver partitions' own peak RSS: com1 and i8042 from the hello runs above, a
+    // disk from blk-verify runs on a small image.
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let disk_arg = image.to_str().unwrap().replace(',', ",,");
+    let disk_runs: Vec<Run> = (0..runs.min(5))
+        .map(|_| {
+            let run = measure(splitvisor("blk-verify", &["--microkernel-layout", "--disk", &disk_arg]));
+            assert!(run.success && run.stdout.contains("PASS"), "blk-verify run failed:\n{}", run.stdout);
+            run
+        })
+        .collect();
+    // Per run, the largest partition of a kind (spares included); the median over runs.
+    let partition_mib = |runs: &[Run], kind: &str| {
+        median(
+            runs.iter()
+                .filter_map(|r| r.partitions.iter().filter(|(k, _)| k == kind).map(|(_, kib)| *kib).max())
+                .map(|kib| kib as f64 / 1024.0)
+                .collect(),
+        )
+    };
+    println!("\n## driver partitions: peak RSS beyond guest RAM (microkernel layout, median, MiB)\n");
+    println!("| partition | guest | runs | peak RSS | target | |");
+    println!("|---|---|---:|---:|---:|:---:|");
+    for (name, kind, guest, runs, target) in [
+        ("com1 (8250)", "serial", "hello", &microkernel, 2.0),
+        ("i8042", "i8042", "hello", &microkernel, 2.0),
+        ("disk0 (virtio-blk, 1 MiB image)", "blk", "blk-verify", &disk_runs, 3.0),
+    ] {
+        let peak = partition_mib(runs, kind);
+        println!(
+            "| {name} | {guest} | {} | {peak:.1} | ≤ {target} | {} |",
+            runs.len(),
+            verdict(peak, target)
+        );
+    }
+
     // 1b. The VMM alone: the marker guest writes COM1 before anything else it does.
     let marker = elf_path("marker");
     let (mut ours_marker, mut micro_marker, mut theirs_marker) = (Vec::new(), Vec::new(), Vec::new());
@@ -208,7 +347,6 @@ fn main() -> ExitCode {
             theirs_marker.push(measure(qemu(&marker, None)));
         }
     }
-    let verdict = |value: f64, target: f64| if value <= target { "pass" } else { "FAIL" };
     println!("\n## marker: process start to the guest's first byte (median of {runs} runs, ms)\n");
     println!("| hypervisor | first byte | ≤ 3 ms | peak RSS (MiB) | ≤ 4 MiB |");
     println!("|---|---:|:---:|---:|:---:|");

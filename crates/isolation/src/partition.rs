@@ -137,6 +137,17 @@ impl Partition {
         disk: &File,
         options: &BlockOptions,
     ) -> Result<(Self, UnixStream), PartitionError> {
+        let (starting, ours) = Self::start_block(driver, disk, options)?;
+        Ok((starting.wait()?, ours))
+    }
+
+    /// [`spawn_block`](Self::spawn_block) without waiting for the partition's sandbox: it
+    /// sets itself up while the caller goes on; [`StartingPartition::wait`] waits for it.
+    pub fn start_block(
+        driver: &DriverProgram,
+        disk: &File,
+        options: &BlockOptions,
+    ) -> Result<(StartingPartition, UnixStream), PartitionError> {
         let (ours, theirs) = UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
         let mut args: Vec<String> = ["blk", "--fd", "3", "--disk-fd", "4", "--serial", &options.serial]
             .iter()
@@ -158,8 +169,8 @@ impl Partition {
         if let Some(what) = &options.attempt {
             args.extend(["--test-attempt".to_string(), what.to_string()]);
         }
-        let partition = Self::spawn(driver, &args, &[theirs.as_fd(), disk.as_fd()])?;
-        Ok((partition, ours))
+        let starting = Self::start(driver, &args, &[theirs.as_fd(), disk.as_fd()])?;
+        Ok((starting, ours))
     }
 
     /// Starts `driver` serving a virtio-net device on the open TAP device `tap` over
@@ -201,6 +212,17 @@ impl Partition {
         device: &str,
         irqfd: Option<&EventFd>,
     ) -> Result<(Self, ProxyConnection), PartitionError> {
+        let (starting, ours) = Self::start_proxy(driver, device, irqfd)?;
+        Ok((starting.wait()?, ours))
+    }
+
+    /// [`spawn_proxy`](Self::spawn_proxy) without waiting for the partition's sandbox: it
+    /// sets itself up while the caller goes on; [`StartingPartition::wait`] waits for it.
+    pub fn start_proxy(
+        driver: &DriverProgram,
+        device: &str,
+        irqfd: Option<&EventFd>,
+    ) -> Result<(StartingPartition, ProxyConnection), PartitionError> {
         let (ours, theirs) = UnixStream::pair().map_err(setup("create the proxy socket pair"))?;
         let ours = ProxyConnection::new(ours).map_err(setup("create the proxy's shared page"))?;
         let mut args: Vec<String> =
@@ -215,8 +237,8 @@ impl Partition {
             // SAFETY: the eventfd outlives this call, which only duplicates it.
             fds.push(unsafe { BorrowedFd::borrow_raw(irqfd.as_raw_fd()) });
         }
-        let partition = Self::spawn(driver, &args, &fds)?;
-        Ok((partition, ours))
+        let starting = Self::start(driver, &args, &fds)?;
+        Ok((starting, ours))
     }
 
     /// Runs `driver prefix.. args.. --ready-fd N` with `fds` as its fds 3, 4, ... (and the
@@ -227,6 +249,18 @@ impl Partition {
         args: &[String],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Self, PartitionError> {
+        Self::start(driver, args, fds)?.wait()
+    }
+
+    /// [`spawn`](Self::spawn) without waiting for the sandbox: returns once the process
+    /// runs the driver program, which then sets itself up while the caller goes on. Several
+    /// partitions started one after the other set themselves up side by side; each
+    /// [`StartingPartition::wait`] then waits for its own.
+    pub fn start(
+        driver: &DriverProgram,
+        args: &[String],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<StartingPartition, PartitionError> {
         let fds = fds
             .iter()
             .map(|fd| fd.try_clone_to_owned().map_err(setup("duplicate an fd")))
@@ -283,13 +317,43 @@ impl Drop for Partition {
     }
 }
 
+/// A partition whose process runs but whose sandbox may not be in place yet
+/// ([`Partition::start`]). Dropping it kills and reaps the process.
+#[derive(Debug)]
+pub struct StartingPartition {
+    partition: Partition,
+    ready: ReadySignal,
+    /// The command line, for the log.
+    command: String,
+}
+
+impl StartingPartition {
+    /// The partition's process ID.
+    pub fn pid(&self) -> u32 {
+        self.partition.pid()
+    }
+
+    /// Waits (at most 30 s) until the partition's sandbox is in place in every process of
+    /// it; then nothing it does can reach beyond it. A partition that exits first, or
+    /// takes longer, is killed, and the error says which.
+    pub fn wait(self) -> Result<Partition, PartitionError> {
+        let Self { mut partition, ready, command } = self;
+        if let Err(e) = ready.wait(READY_TIMEOUT) {
+            partition.kill();
+            return Err(setup("wait for the partition's sandbox")(e));
+        }
+        log::debug!("driver partition {} started: {command}", partition.pid());
+        Ok(partition)
+    }
+}
+
 struct SpawnRequest {
     driver: DriverProgram,
     args: Vec<String>,
     fds: Vec<OwnedFd>,
 }
 
-type SpawnReply = mpsc::Sender<Result<Partition, PartitionError>>;
+type SpawnReply = mpsc::Sender<Result<StartingPartition, PartitionError>>;
 
 /// Starts the process-wide thread that starts partitions, if it is not running yet. It
 /// starts by itself at the first partition; a hypervisor that sandboxes itself starts it
@@ -317,8 +381,8 @@ fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
     })
 }
 
-/// Starts one partition (on the spawner thread), and waits for its sandbox.
-fn start(request: SpawnRequest) -> Result<Partition, PartitionError> {
+/// Starts one partition's process (on the spawner thread), without waiting for its sandbox.
+fn start(request: SpawnRequest) -> Result<StartingPartition, PartitionError> {
     let SpawnRequest { driver, mut args, mut fds } = request;
     let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
     args.extend(["--ready-fd".to_string(), (3 + fds.len()).to_string()]);
@@ -377,13 +441,9 @@ fn start(request: SpawnRequest) -> Result<Partition, PartitionError> {
     }
     // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    let mut partition = Partition { child, pidfd };
-    if let Err(e) = ready.wait(READY_TIMEOUT) {
-        partition.kill();
-        return Err(setup("wait for the partition's sandbox")(e));
-    }
-    log::debug!("driver partition {} started: {} {}", partition.pid(), driver.path.display(), args.join(" "));
-    Ok(partition)
+    let partition = Partition { child, pidfd };
+    let command = format!("{} {}", driver.path.display(), args.join(" "));
+    Ok(StartingPartition { partition, ready, command })
 }
 
 /// Duplicates `fd` to a number of at least 10, close-on-exec.

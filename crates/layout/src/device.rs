@@ -5,6 +5,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,8 @@ use splitvisor_devices::virtio::block::{Block, CacheMode, DiskImage, MAX_QUEUES}
 use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice, reg};
 use splitvisor_isolation::driver::default_serial;
 use splitvisor_isolation::frontend::{DeviceShape, FrontendError, Handshake, VhostUserVirtio};
-use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition};
-use splitvisor_isolation::proxy::{InputSink, ProxyDevice, ProxyLink};
+use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition, StartingPartition};
+use splitvisor_isolation::proxy::{InputSink, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_memory::GuestRam;
 use splitvisor_vcpu::acpi::{AcpiDevice, AcpiPlatform, AcpiPowerRegisters, AcpiResource, HID_VIRTIO_MMIO};
 use splitvisor_vcpu::{KvmVm, StopHandle};
@@ -231,10 +232,47 @@ pub(crate) struct Assembly<'a> {
     pub attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
 }
 
+/// What a device may start before the VM exists ([`DeviceRecipe::start`]).
+pub(crate) struct Early<'a> {
+    pub driver: Option<&'a DriverProgram>,
+    /// Bytes of guest RAM (a vhost-user partition's address-space limit depends on it).
+    pub guest_ram: u64,
+    /// The VM's vCPUs (a disk has one request queue per vCPU by default).
+    pub vcpus: u32,
+    /// Faults to inject, by device.
+    pub faults: &'a [(String, String)],
+    /// Test hook: every disk partition tries this when its first request arrives.
+    #[cfg(feature = "test-hooks")]
+    pub attempt: Option<splitvisor_isolation::sandbox::testing::Forbidden>,
+}
+
+impl Early<'_> {
+    /// The partition program, or why there is none.
+    pub(crate) fn driver(&self, device: &str) -> Result<DriverProgram, Error> {
+        self.driver.cloned().ok_or_else(|| Error::NoDriverProgram(device.to_string()))
+    }
+
+    pub(crate) fn fault(&self, device: &str) -> Option<String> {
+        self.faults.iter().find(|(name, _)| name == device).map(|(_, fault)| fault.clone())
+    }
+}
+
 impl Assembly<'_> {
     /// The partition program, or why there is none.
     pub(crate) fn driver(&self, device: &str) -> Result<DriverProgram, Error> {
         self.driver.clone().ok_or_else(|| Error::NoDriverProgram(device.to_string()))
+    }
+
+    /// What a device that did not start early sees of the VM ([`DeviceRecipe::start`]).
+    pub(crate) fn early(&self) -> Early<'_> {
+        Early {
+            driver: self.driver.as_ref(),
+            guest_ram: self.ram.size(),
+            vcpus: self.vcpus,
+            faults: self.faults,
+            #[cfg(feature = "test-hooks")]
+            attempt: self.attempt.clone(),
+        }
     }
 
     /// Puts `driver` under supervision with `device`'s fault policy.
@@ -335,6 +373,14 @@ pub(crate) trait DeviceRecipe {
     fn name(&self) -> String;
     /// What it is: `8250`, `i8042`, `virtio-blk`.
     fn kind(&self) -> &'static str;
+    /// Starts, before the VM exists, the part of the device that takes long to start and
+    /// needs no VM: a driver partition's process, which then sets up its sandbox while the
+    /// hypervisor sets up the VM and starts the other partitions ([`place`](Self::place)
+    /// waits for it). By default nothing; a recipe whose `place` finds nothing started
+    /// starts it then.
+    fn start(&mut self, _placement: Placement, _vm: &Early<'_>) -> Result<(), Error> {
+        Ok(())
+    }
     /// Builds it where `placement` says.
     fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error>;
 }
@@ -342,7 +388,39 @@ pub(crate) trait DeviceRecipe {
 /// COM1, the guest console.
 pub(crate) struct ConsoleRecipe {
     pub output: Box<dyn Write + Send>,
+    /// What [`DeviceRecipe::start`] made, if it ran.
+    pub started: Option<ConsoleStart>,
 }
+
+/// COM1's interrupt line, and its partition if it has one.
+pub(crate) enum ConsoleStart {
+    InHypervisor(Arc<EventFdInterrupt>),
+    Partition(Arc<EventFdInterrupt>, StartedProxy),
+}
+
+impl ConsoleStart {
+    fn new(placement: Placement, vm: &Early<'_>) -> Result<Self, Error> {
+        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+        Ok(match placement {
+            Placement::InHypervisor => Self::InHypervisor(line),
+            Placement::Partition => {
+                let driver = vm.driver("com1")?;
+                let started = Partition::start_proxy(&driver, "serial", Some(line.irqfd()))?;
+                Self::Partition(line, started)
+            }
+        })
+    }
+
+    fn line(&self) -> &Arc<EventFdInterrupt> {
+        match self {
+            Self::InHypervisor(line) | Self::Partition(line, _) => line,
+        }
+    }
+}
+
+/// A proxied device's partition, started ahead of the VM, and the hypervisor's end of its
+/// connection.
+pub(crate) type StartedProxy = (StartingPartition, ProxyConnection);
 
 impl DeviceRecipe for ConsoleRecipe {
     fn name(&self) -> String {
@@ -353,8 +431,17 @@ impl DeviceRecipe for ConsoleRecipe {
         "8250"
     }
 
-    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
-        let line = Arc::new(EventFdInterrupt::new().map_err(Error::EventFd)?);
+    fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
+        self.started = Some(ConsoleStart::new(placement, vm)?);
+        Ok(())
+    }
+
+    fn place(mut self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+        let started = match self.started.take() {
+            Some(started) => started,
+            None => ConsoleStart::new(placement, &vm.early())?,
+        };
+        let line = started.line().clone();
         vm.kvm.register_irqfd(line.irqfd(), COM1_IRQ)?;
         let range = BusRange::new(COM1_PORT, SERIAL_PORT_COUNT)?;
         vm.describe(
@@ -362,16 +449,24 @@ impl DeviceRecipe for ConsoleRecipe {
             AcpiResource::Pio { base: COM1_PORT as u16, len: SERIAL_PORT_COUNT as u16 },
             Some(COM1_IRQ),
         );
-        match placement {
-            Placement::InHypervisor => {
+        match started {
+            ConsoleStart::InHypervisor(_) => {
                 let serial = Arc::new(Mutex::new(Serial::new(line, self.output)));
                 vm.pio.insert(range, "com1 (8250)", serial.clone())?;
                 Ok(Placed { note: None, driver: None, input: Some(serial) })
             }
-            Placement::Partition => {
+            ConsoleStart::Partition(_, started) => {
                 let irqfd = line.irqfd().try_clone().map_err(Error::EventFd)?;
-                let (proxy, driver) =
-                    proxied(vm, &self.name(), self.kind(), "serial", Some(irqfd), self.output, None)?;
+                let (proxy, driver) = proxied(
+                    vm,
+                    &self.name(),
+                    self.kind(),
+                    "serial",
+                    Some(irqfd),
+                    self.output,
+                    None,
+                    started,
+                )?;
                 vm.pio.insert(range, "com1 (8250, partition)", proxy.clone())?;
                 Ok(Placed { note: None, driver: Some(driver), input: Some(proxy) })
             }
@@ -382,6 +477,8 @@ impl DeviceRecipe for ConsoleRecipe {
 /// The i8042, for its CPU reset line.
 pub(crate) struct I8042Recipe {
     pub reset: Arc<dyn Interrupt>,
+    /// Its partition, if [`DeviceRecipe::start`] started one.
+    pub started: Option<StartedProxy>,
 }
 
 impl DeviceRecipe for I8042Recipe {
@@ -393,7 +490,15 @@ impl DeviceRecipe for I8042Recipe {
         "i8042"
     }
 
-    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+    fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
+        if placement == Placement::Partition {
+            let driver = vm.driver(&self.name())?;
+            self.started = Some(Partition::start_proxy(&driver, "i8042", None)?);
+        }
+        Ok(())
+    }
+
+    fn place(mut self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
         let range = BusRange::new(I8042_PORT, I8042_PORT_COUNT)?;
         // The FADT says there is one: its reset line is the guest's fallback reboot path.
         vm.acpi.i8042 = true;
@@ -403,6 +508,10 @@ impl DeviceRecipe for I8042Recipe {
                 Ok(Placed { note: None, driver: None, input: None })
             }
             Placement::Partition => {
+                let started = match self.started.take() {
+                    Some(started) => started,
+                    None => Partition::start_proxy(&vm.driver(&self.name())?, "i8042", None)?,
+                };
                 let (proxy, driver) = proxied(
                     vm,
                     &self.name(),
@@ -411,6 +520,7 @@ impl DeviceRecipe for I8042Recipe {
                     None,
                     Box::new(io::sink()),
                     Some(self.reset),
+                    started,
                 )?;
                 vm.pio.insert(range, "i8042 (partition)", proxy)?;
                 Ok(Placed { note: None, driver: Some(driver), input: None })
@@ -419,7 +529,8 @@ impl DeviceRecipe for I8042Recipe {
     }
 }
 
-/// Starts `kind` in a supervised partition behind a proxy.
+/// Puts `kind`, whose partition was `started`, behind a proxy and under supervision.
+#[allow(clippy::too_many_arguments)]
 fn proxied(
     vm: &Assembly<'_>,
     device: &str,
@@ -428,8 +539,9 @@ fn proxied(
     irqfd: Option<EventFd>,
     output: Box<dyn Write + Send>,
     reset: Option<Arc<dyn Interrupt>>,
+    started: StartedProxy,
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
-    proxied_with(vm, device, device_kind, kind, irqfd, output, reset, |proxy| proxy)
+    proxied_with(vm, device, device_kind, kind, irqfd, output, reset, started, |proxy| proxy)
 }
 
 /// [`proxied`], with `adapt` finishing the proxy (more request lines).
@@ -442,10 +554,12 @@ fn proxied_with(
     irqfd: Option<EventFd>,
     output: Box<dyn Write + Send>,
     reset: Option<Arc<dyn Interrupt>>,
+    started: StartedProxy,
     adapt: impl FnOnce(ProxyDevice) -> ProxyDevice,
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
     let driver = vm.driver(device)?;
-    let (partition, stream) = Partition::spawn_proxy(&driver, kind, irqfd.as_ref())?;
+    let (starting, stream) = started;
+    let partition = starting.wait()?;
     let link = ProxyLink::new().map_err(Error::EventFd)?;
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
     let slot = ProxySlot::new(link, driver, kind, irqfd, partition, vm.layout.standby());
@@ -460,6 +574,8 @@ pub(crate) struct PowerRecipe {
     pub power_off: Arc<dyn Interrupt>,
     /// Raised by the guest's write of the reset value.
     pub reset: Arc<dyn Interrupt>,
+    /// Its partition, if [`DeviceRecipe::start`] started one.
+    pub started: Option<StartedProxy>,
 }
 
 impl DeviceRecipe for PowerRecipe {
@@ -471,7 +587,15 @@ impl DeviceRecipe for PowerRecipe {
         "acpi-power"
     }
 
-    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+    fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
+        if placement == Placement::Partition {
+            let driver = vm.driver(&self.name())?;
+            self.started = Some(Partition::start_proxy(&driver, "acpi-power", None)?);
+        }
+        Ok(())
+    }
+
+    fn place(mut self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
         let range = BusRange::new(power::ACPI_POWER_PORT, power::ACPI_POWER_PORT_COUNT)?;
         let port = |offset: u64| (power::ACPI_POWER_PORT + offset) as u16;
         vm.acpi.power = Some(AcpiPowerRegisters {
@@ -489,6 +613,10 @@ impl DeviceRecipe for PowerRecipe {
             }
             Placement::Partition => {
                 let (name, kind) = (self.name(), self.kind());
+                let started = match self.started.take() {
+                    Some(started) => started,
+                    None => Partition::start_proxy(&vm.driver(&name)?, "acpi-power", None)?,
+                };
                 let power_off = self.power_off;
                 let (proxy, driver) = proxied_with(
                     vm,
@@ -498,6 +626,7 @@ impl DeviceRecipe for PowerRecipe {
                     None,
                     Box::new(io::sink()),
                     Some(self.reset),
+                    started,
                     |proxy| proxy.with_power_off(power_off),
                 )?;
                 vm.pio.insert(range, "power (acpi, partition)", proxy)?;
@@ -511,6 +640,48 @@ impl DeviceRecipe for PowerRecipe {
 pub(crate) struct DiskRecipe {
     pub index: usize,
     pub config: DiskConfig,
+    /// Its partition, if [`DeviceRecipe::start`] started one.
+    pub started: Option<StartedDisk>,
+}
+
+/// A disk's image, opened (and locked) ahead of the VM, and the partition started to serve
+/// it with the hypervisor's end of its vhost-user connection.
+pub(crate) struct StartedDisk {
+    image: std::fs::File,
+    options: BlockOptions,
+    partition: StartingPartition,
+    stream: UnixStream,
+}
+
+impl StartedDisk {
+    /// Opens the image of `config` (an image served by a partition) and starts the partition.
+    fn new(device: &str, config: &DiskConfig, vm: &Early<'_>) -> Result<Option<Self>, Error> {
+        let DiskConfig::Image { path, read_only, serial, queues, cache } = config else {
+            return Ok(None);
+        };
+        // With O_DIRECT for cache=none: a flag of the open file, so the partition's fd has it.
+        let image = DiskImage::open_with(path, *read_only, *cache)?;
+        let driver = vm.driver(device)?;
+        let options = BlockOptions {
+            read_only: *read_only,
+            serial: serial.clone().unwrap_or_else(|| default_serial(image.file())),
+            fault: None,
+            guest_ram: vm.guest_ram,
+            queues: disk_queues(*queues, vm.vcpus),
+            #[cfg(feature = "test-hooks")]
+            attempt: vm.attempt.clone(),
+        };
+        let image = image.file().try_clone().map_err(Error::EventFd)?;
+        let first = BlockOptions { fault: vm.fault(device), ..options.clone() };
+        let (partition, stream) = Partition::start_block(&driver, &image, &first)?;
+        Ok(Some(Self { image, options, partition, stream }))
+    }
+}
+
+/// A disk's request queues: as configured, else one per vCPU.
+fn disk_queues(configured: Option<u16>, vcpus: u32) -> u16 {
+    let vcpus = u16::try_from(vcpus).unwrap_or(MAX_QUEUES);
+    configured.unwrap_or(vcpus).clamp(1, MAX_QUEUES)
 }
 
 impl DeviceRecipe for DiskRecipe {
@@ -522,21 +693,34 @@ impl DeviceRecipe for DiskRecipe {
         "virtio-blk"
     }
 
-    fn place(self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
+    fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
+        if placement == Placement::Partition {
+            self.started = StartedDisk::new(&self.name(), &self.config, vm)?;
+        }
+        Ok(())
+    }
+
+    fn place(mut self: Box<Self>, placement: Placement, vm: &mut Assembly<'_>) -> Result<Placed, Error> {
         let device = self.name();
         let slot = vm.virtio_slot()?;
         let mem = vm.ram.memory().clone();
+        let started = match self.started.take() {
+            Some(started) => Some(started),
+            None if placement == Placement::Partition => {
+                StartedDisk::new(&device, &self.config, &vm.early())?
+            }
+            None => None,
+        };
         match self.config {
             DiskConfig::Image { path, read_only, serial, queues, cache } => {
-                // Opened (and locked) here in either placement: a partition gets the fd
-                // (with O_DIRECT for cache=none: a flag of the open file, so it goes along).
-                let image = DiskImage::open_with(&path, read_only, cache)?;
-                let vcpus = u16::try_from(vm.vcpus).unwrap_or(MAX_QUEUES);
-                let queues = queues.unwrap_or(vcpus).clamp(1, MAX_QUEUES);
-                let serial = serial.unwrap_or_else(|| default_serial(image.file()));
                 let ro = if read_only { ", ro" } else { "" };
-                match placement {
-                    Placement::InHypervisor => {
+                match started {
+                    None => {
+                        // Opened (and locked) here in either placement: a partition is
+                        // handed the fd (see `StartedDisk`).
+                        let image = DiskImage::open_with(&path, read_only, cache)?;
+                        let queues = disk_queues(queues, vm.vcpus);
+                        let serial = serial.unwrap_or_else(|| default_serial(image.file()));
                         if let FaultPolicy::Restart { .. } = vm.layout.fault_policy(&device) {
                             return Err(Error::RestartInHypervisor(device));
                         }
@@ -559,20 +743,9 @@ impl DeviceRecipe for DiskRecipe {
                             vm.manage(&device, "virtio-blk", Placement::InHypervisor, Box::new(slot));
                         Ok(Placed { note: None, driver: Some(driver), input: None })
                     }
-                    Placement::Partition => {
+                    Some(StartedDisk { image, options, partition, stream }) => {
                         let driver = vm.driver(&device)?;
-                        let image = image.file().try_clone().map_err(Error::EventFd)?;
-                        let options = BlockOptions {
-                            read_only,
-                            serial,
-                            fault: None,
-                            guest_ram: vm.ram.size(),
-                            queues,
-                            #[cfg(feature = "test-hooks")]
-                            attempt: vm.attempt.clone(),
-                        };
-                        let first = BlockOptions { fault: vm.fault(&device), ..options.clone() };
-                        let (partition, stream) = Partition::spawn_block(&driver, &image, &first)?;
+                        let partition = partition.wait()?;
                         let handshake = handshake(&device, stream)?;
                         let name = format!("{device} ({}{ro}, partition)", path.display());
                         let backend = Backend::Spawned {

@@ -19,7 +19,8 @@ use splitvisor_vcpu::acpi::{AcpiPlatform, AcpiTables};
 use splitvisor_vcpu::boot::BootState;
 use splitvisor_vcpu::stats::VcpuStats;
 use splitvisor_vcpu::{
-    Buses, IrqchipReset, KvmVm, RestartError, StopHandle, Vcpu, VcpuSetup, VmControl, VmEnd, VmError,
+    Buses, IrqchipReset, KvmVm, PendingSetup, RestartError, StopHandle, Vcpu, VcpuSetup, VmControl, VmEnd,
+    VmError,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -28,8 +29,8 @@ use crate::api::ApiListener;
 use crate::boot::{BootImage, BootPlan, Loaded, OnReboot};
 use crate::console::{ConsoleState, ConsoleTap};
 use crate::device::{
-    Assembly, ConsoleRecipe, DeviceRecipe, DeviceReset, DiskConfig, DiskRecipe, ExtraDevice, I8042Recipe,
-    PowerRecipe,
+    Assembly, ConsoleRecipe, DeviceRecipe, DeviceReset, DiskConfig, DiskRecipe, Early, ExtraDevice,
+    I8042Recipe, PowerRecipe,
 };
 use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
@@ -292,13 +293,15 @@ impl VmBuilder {
         reset: Arc<dyn Interrupt>,
         power_off: Arc<dyn Interrupt>,
     ) -> Vec<Box<dyn DeviceRecipe>> {
-        let mut recipes: Vec<Box<dyn DeviceRecipe>> =
-            vec![Box::new(ConsoleRecipe { output }), Box::new(I8042Recipe { reset: reset.clone() })];
+        let mut recipes: Vec<Box<dyn DeviceRecipe>> = vec![
+            Box::new(ConsoleRecipe { output, started: None }),
+            Box::new(I8042Recipe { reset: reset.clone(), started: None }),
+        ];
         if self.acpi_enabled() {
-            recipes.push(Box::new(PowerRecipe { power_off, reset }));
+            recipes.push(Box::new(PowerRecipe { power_off, reset, started: None }));
         }
         for (index, config) in self.disks.iter().enumerate() {
-            recipes.push(Box::new(DiskRecipe { index, config: config.clone() }));
+            recipes.push(Box::new(DiskRecipe { index, config: config.clone(), started: None }));
         }
         for (index, config) in self.nics.iter().enumerate() {
             recipes.push(Box::new(NetRecipe { index, config: config.clone() }));
@@ -349,9 +352,6 @@ impl VmBuilder {
             acpi: None,
         };
         let loaded = plan.load_images(&ram)?;
-        let kvm = KvmVm::new()?;
-        kvm.register_memory(&ram)?;
-        let vcpus = kvm.create_vcpus(self.vcpus)?;
 
         let control = VmControl::new();
         let console = Arc::new(ConsoleState::default());
@@ -372,9 +372,29 @@ impl VmBuilder {
         let reset_line: Arc<dyn Interrupt> =
             Arc::new(ResetLine { stop: control.stop_handle(), console: console.clone() });
         let power_off_line: Arc<dyn Interrupt> = Arc::new(PowerOffLine(control.stop_handle()));
-        let recipes = this.recipes(console_tap, reset_line, power_off_line);
+        let mut recipes = this.recipes(console_tap, reset_line, power_off_line);
         let needs_driver = recipes.iter().any(|r| this.layout.placement(&r.name()) == Placement::Partition);
         let driver = this.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
+        // Every partition is started first, all at once: each sets up its sandbox while
+        // the others do and while the VM is set up; placing a device waits for its own.
+        {
+            let early = Early {
+                driver: driver.as_ref(),
+                guest_ram: ram.size(),
+                vcpus: this.vcpus,
+                faults: &this.faults,
+                #[cfg(feature = "test-hooks")]
+                attempt: this.partition_attempt.clone(),
+            };
+            for recipe in &mut recipes {
+                recipe.start(this.layout.placement(&recipe.name()), &early)?;
+            }
+        }
+        // Guest memory and the PIT are registered on a thread of their own (KVM makes
+        // each wait a few milliseconds) while the vCPUs and devices are set up; the vCPUs
+        // wait for them before they run.
+        let (kvm, pending) = KvmVm::new_with_memory(&ram)?;
+        let vcpus = kvm.create_vcpus(this.vcpus)?;
 
         let pio = Bus::new(BusKind::Pio);
         let mmio = Bus::new(BusKind::Mmio);
@@ -470,8 +490,16 @@ impl VmBuilder {
         let vcpu_stats = vcpus.iter().filter_map(Vcpu::stats).collect();
         // The control socket is bound now: a jailed hypervisor cannot reach its path later.
         let api = this.api_socket.as_deref().map(ApiListener::bind).transpose()?;
+        // The jail wants this thread alone in the process.
+        let pending = if this.sandbox.jail_enabled() {
+            pending.finish()?;
+            None
+        } else {
+            Some(pending)
+        };
         hypervisor_sandbox::after_build(&this.sandbox, needs_driver)?;
         Ok(Vm {
+            pending,
             kvm,
             ram,
             vcpus,
@@ -593,6 +621,8 @@ pub struct Vm {
     // Field order is drop order: vCPUs go before the VM fd, the VM before its memory, the
     // buses (whose devices close their drivers' connections) before the drivers (whose
     // partitions are then killed and reaped).
+    /// Guest memory and the PIT being registered, until [`Vm::run`] waits for them.
+    pending: Option<PendingSetup>,
     vcpus: Vec<Vcpu>,
     // Holds a duplicate of the VM fd (the interrupt controllers' reset): before the VM.
     reboot: Reboot,
@@ -739,6 +769,9 @@ impl Vm {
             None => None,
         };
         hypervisor_sandbox::before_vcpus(&self.sandbox)?;
+        if let Some(pending) = self.pending.take() {
+            pending.finish()?;
+        }
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);

@@ -221,31 +221,53 @@ impl GuestRam {
         map
     }
 
+    /// The KVM memory slots of this RAM, one per region (slots 0, 1, ...): what
+    /// [`register`](Self::register) hands KVM. Whoever registers them must keep this
+    /// `GuestRam` (its mapping) alive for as long as the VM may use them.
+    pub fn kvm_slots(&self) -> Result<Vec<kvm_userspace_memory_region>> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let host = self.memory.get_host_address(region.start_addr()).map_err(|_| Error::Map {
+                    size: region.len(),
+                    source: vm_memory::mmap::MmapRegionError::InvalidPointer,
+                })?;
+                Ok(kvm_userspace_memory_region {
+                    slot: slot as u32,
+                    flags: 0,
+                    guest_phys_addr: region.start_addr().0,
+                    memory_size: region.len(),
+                    userspace_addr: host as u64,
+                })
+            })
+            .collect()
+    }
+
     /// Registers every region as a KVM memory slot (slots 0, 1, ...).
     pub fn register(&self, vm: &VmFd) -> Result<()> {
-        for (slot, region) in self.memory.iter().enumerate() {
-            let slot = slot as u32;
-            let host = self.memory.get_host_address(region.start_addr()).map_err(|_| Error::Map {
-                size: region.len(),
-                source: vm_memory::mmap::MmapRegionError::InvalidPointer,
-            })?;
-            let kvm_region = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
+        for slot in self.kvm_slots()? {
             // SAFETY: the mapping is owned by `self.memory` and outlives the VM: the VM holds
             // the `GuestRam` for as long as it runs (see splitvisor-vcpu's `Vm`).
-            unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| Error::Register {
-                slot,
-                guest_addr: kvm_region.guest_phys_addr,
-                source,
-            })?;
+            unsafe { register_slot(vm, slot) }?;
         }
         Ok(())
     }
+}
+
+/// Registers one slot of [`GuestRam::kvm_slots`] with KVM (KVM_SET_USER_MEMORY_REGION).
+///
+/// # Safety
+///
+/// The slot's host mapping must stay mapped for as long as the VM may use the slot: the
+/// `GuestRam` it came from outlives the VM.
+pub unsafe fn register_slot(vm: &VmFd, slot: kvm_userspace_memory_region) -> Result<()> {
+    // SAFETY: the caller keeps the mapping alive for the VM's life.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(|source| Error::Register {
+        slot: slot.slot,
+        guest_addr: slot.guest_phys_addr,
+        source,
+    })
 }
 
 /// Creates the memfd of `size` bytes and seals its size: a driver partition handed the fd

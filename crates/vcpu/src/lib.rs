@@ -39,8 +39,8 @@ use std::fmt;
 
 pub use vcpu::{Buses, Vcpu};
 pub use vm::{
-    ExitCounts, IrqchipReset, KvmVm, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup, VmControl,
-    VmEnd,
+    ExitCounts, IrqchipReset, KvmVm, PendingSetup, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup,
+    VmControl, VmEnd,
 };
 
 /// Errors creating and setting up the VM.
@@ -99,6 +99,9 @@ pub enum VmError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The thread that registers guest memory could not be started, or it panicked.
+    #[error("cannot set the VM up: {0}")]
+    SetupThread(#[source] std::io::Error),
     /// A vCPU could not be read or set up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),

@@ -35,16 +35,59 @@ pub struct KvmVm {
 impl KvmVm {
     /// Opens /dev/kvm and creates the VM with its in-kernel irqchip and PIT.
     pub fn new() -> Result<Self, VmError> {
+        let vm = Self::without_pit()?;
+        create_pit(&vm.fd)?;
+        Ok(vm)
+    }
+
+    /// Creates the VM as [`new`](Self::new) does and registers `ram`, but leaves the two
+    /// steps that only wait in the kernel to a thread of their own: the memory slots and the
+    /// PIT (each waits there for the VM's other users to let go of its memory map, a few
+    /// milliseconds whatever the size). The caller creates and sets up vCPUs and devices
+    /// meanwhile, and calls [`PendingSetup::finish`] before any vCPU runs.
+    ///
+    /// The thread makes those ioctls on its own duplicate of the VM fd, and nothing else;
+    /// it is a plain thread, not one of the sandbox's kinds: it ends before the VM runs.
+    pub fn new_with_memory(ram: &GuestRam) -> Result<(Self, PendingSetup), VmError> {
+        let vm = Self::without_pit()?;
+        let slots = ram.kvm_slots()?;
+        let fd = vm.duplicate_fd()?;
+        let thread = std::thread::Builder::new()
+            .name("vm-setup".into())
+            .spawn(move || {
+                for slot in slots {
+                    // SAFETY: the caller's `GuestRam` outlives the VM (the VM is built and
+                    // run holding it); the slot is its mapping.
+                    unsafe { splitvisor_memory::register_slot(&fd, slot) }?;
+                }
+                create_pit(&fd)
+            })
+            .map_err(VmError::SetupThread)?;
+        Ok((vm, PendingSetup { thread: Some(thread) }))
+    }
+
+    /// The VM with its irqchip, no PIT yet.
+    fn without_pit() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Setup("set the TSS address", e))?;
         fd.create_irq_chip().map_err(|e| VmError::Setup("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(|e| VmError::Setup("create the in-kernel PIT", e))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Setup("read the supported CPUID", e))?;
         Ok(Self { kvm, fd, supported_cpuid })
+    }
+
+    /// A duplicate of the VM fd, owned by the result.
+    fn duplicate_fd(&self) -> Result<VmFd, VmError> {
+        // SAFETY: duplicating an fd this VmFd owns; the new fd is owned by the result.
+        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(VmError::Setup("duplicate the VM fd", kvm_ioctls::Error::last()));
+        }
+        // SAFETY: `fd` is a fresh duplicate of a KVM VM fd, owned by nothing else.
+        unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(|e| VmError::Setup("wrap the duplicated VM fd", e))
     }
 
     /// Most vCPUs KVM allows in one VM.
@@ -109,15 +152,41 @@ impl KvmVm {
     /// state from any thread (a vCPU thread, at a restart). It holds its own duplicate of
     /// the VM fd.
     pub fn irqchip_reset(&self) -> Result<IrqchipReset, VmError> {
-        // SAFETY: duplicating an fd this VmFd owns; the new fd is owned by the result.
-        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(VmError::Setup("duplicate the VM fd", kvm_ioctls::Error::last()));
+        Ok(IrqchipReset { vm: Arc::new(self.duplicate_fd()?) })
+    }
+}
+
+/// Creates the in-kernel PIT (speaker port ignored).
+fn create_pit(fd: &VmFd) -> Result<(), VmError> {
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    fd.create_pit2(pit).map_err(|e| VmError::Setup("create the in-kernel PIT", e))
+}
+
+/// The memory slots and the PIT of a VM being set up on a thread of their own
+/// ([`KvmVm::new_with_memory`]). Dropping it waits for the thread.
+#[derive(Debug)]
+pub struct PendingSetup {
+    thread: Option<JoinHandle<Result<(), VmError>>>,
+}
+
+impl PendingSetup {
+    /// Waits until guest memory is registered and the PIT exists: then vCPUs may run.
+    pub fn finish(mut self) -> Result<(), VmError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), VmError> {
+        match self.thread.take().map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(VmError::SetupThread(std::io::Error::other("the VM set-up thread panicked"))),
         }
-        // SAFETY: `fd` is a fresh duplicate of a KVM VM fd, owned by nothing else.
-        let vm = unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
-            .map_err(|e| VmError::Setup("wrap the duplicated VM fd", e))?;
-        Ok(IrqchipReset { vm: Arc::new(vm) })
+    }
+}
+
+impl Drop for PendingSetup {
+    fn drop(&mut self) {
+        let _ = self.join();
     }
 }
 
