@@ -185,13 +185,11 @@ fn fake_partition(partition: usize, mut end: PartitionEnd, script: Vec<Step>, lo
         let mut area = vec![0u8; AREA];
         for step in script {
             let request = match end.next_request() {
-                Ok(Some(request)) => request,
+                Ok(Some(request)) => request.to_vec(),
                 Ok(None) | Err(_) => return, // the proxy hung up
             };
-            let body = wire::read_frame(&mut request.as_slice())
-                .expect("the proxy sent a truncated frame")
-                .expect("the proxy sent a frame of a bad length");
-            let frame = Request::decode(&body).expect("the proxy sent a malformed request");
+            let body = wire::frame_body(&request).expect("the proxy sent a malformed frame");
+            let frame = Request::decode(body).expect("the proxy sent a malformed request");
             let (seq, request) = (frame.seq, frame.message);
             let good = answer(&step, &request);
             let mut bytes = good.encode(seq);
@@ -273,9 +271,9 @@ fn fake_partition(partition: usize, mut end: PartitionEnd, script: Vec<Step>, lo
         }
         // Out of script: the next request meets a hang-up (logged as refused).
         if let Ok(Some(request)) = end.next_request()
-            && let Ok(Ok(body)) = wire::read_frame(&mut request.as_slice())
+            && let Ok(body) = wire::frame_body(request)
         {
-            if let Ok(frame) = Request::decode(&body) {
+            if let Ok(frame) = Request::decode(body) {
                 lock(&log).push(Exchange {
                     partition,
                     request: frame.message,

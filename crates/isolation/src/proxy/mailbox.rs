@@ -146,9 +146,11 @@ fn store_bytes(area: &[AtomicU8; AREA], bytes: &[u8]) {
     }
 }
 
-fn load_bytes(area: &[AtomicU8; AREA], len: u32) -> Vec<u8> {
+/// Copies the first `len` bytes of `area` (at most all of it) into `into`.
+fn load_bytes(area: &[AtomicU8; AREA], len: u32, into: &mut Vec<u8>) {
     let len = (len as usize).min(AREA);
-    area[..len].iter().map(|cell| cell.load(Ordering::Relaxed)).collect()
+    into.clear();
+    into.extend(area[..len].iter().map(|cell| cell.load(Ordering::Relaxed)));
 }
 
 /// Rings a doorbell.
@@ -213,6 +215,8 @@ pub struct ProxyConnection {
     /// Rung by the partition for a sleeping hypervisor.
     to_hypervisor: EventFd,
     seq: u32,
+    /// The last answer, copied out of the page (kept to save an allocation per access).
+    answer: Vec<u8>,
 }
 
 impl std::fmt::Debug for ProxyConnection {
@@ -229,7 +233,15 @@ impl ProxyConnection {
         let mapping = Mapping::new(page_fd.as_fd())?;
         let to_partition = EventFd::new(EFD_NONBLOCK)?;
         let to_hypervisor = EventFd::new(EFD_NONBLOCK)?;
-        Ok(Self { stream, page_fd, mapping, to_partition, to_hypervisor, seq: 0 })
+        Ok(Self {
+            stream,
+            page_fd,
+            mapping,
+            to_partition,
+            to_hypervisor,
+            seq: 0,
+            answer: Vec::with_capacity(AREA),
+        })
     }
 
     /// A connected pair: the hypervisor's end and the partition's (in one process, for
@@ -263,8 +275,9 @@ impl ProxyConnection {
     }
 
     /// Publishes the frame `request` and returns the answer's bytes (at most one frame
-    /// area, not yet decoded), or an error when the partition hung up or `deadline` passed.
-    pub fn call(&mut self, request: &[u8], deadline: Instant) -> io::Result<Vec<u8>> {
+    /// area, copied out of the page, not yet decoded), or an error when the partition hung
+    /// up or `deadline` passed.
+    pub fn call(&mut self, request: &[u8], deadline: Instant) -> io::Result<&[u8]> {
         if request.len() > AREA {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "request larger than the frame area"));
         }
@@ -293,7 +306,8 @@ impl ProxyConnection {
             page.hypervisor_asleep.store(0, Ordering::Relaxed);
             result?;
         }
-        Ok(load_bytes(&page.answer, page.answer_len.load(Ordering::Relaxed)))
+        load_bytes(&page.answer, page.answer_len.load(Ordering::Relaxed), &mut self.answer);
+        Ok(&self.answer)
     }
 
     fn sleep_until(&self, seq: u32, deadline: Instant) -> io::Result<()> {
@@ -365,6 +379,8 @@ pub struct PartitionEnd {
     hypervisor_doorbell: EventFd,
     /// The number of the last request taken.
     seq: u32,
+    /// The last request, copied out of the page.
+    request: Vec<u8>,
     /// The CPUs the partition was started on, and the one it keeps off (the vCPU's).
     allowed: Option<libc::cpu_set_t>,
     kept_off: Option<u32>,
@@ -392,12 +408,13 @@ impl PartitionEnd {
         let mapping = Mapping::new(page_fd)?;
         let seq = mapping.page().request_seq.load(Ordering::Acquire);
         let allowed = allowed_cpus();
-        Ok(Self { stream, mapping, own_doorbell, hypervisor_doorbell, seq, allowed, kept_off: None })
+        let request = Vec::with_capacity(AREA);
+        Ok(Self { stream, mapping, own_doorbell, hypervisor_doorbell, seq, request, allowed, kept_off: None })
     }
 
-    /// The next request's frame bytes: spins for [`PARTITION_SPIN`], then sleeps until
-    /// woken. `None` once the hypervisor hung up.
-    pub fn next_request(&mut self) -> io::Result<Option<Vec<u8>>> {
+    /// The next request's frame bytes (copied out of the page): spins for
+    /// [`PARTITION_SPIN`], then sleeps until woken. `None` once the hypervisor hung up.
+    pub fn next_request(&mut self) -> io::Result<Option<&[u8]>> {
         let page = self.mapping.page();
         let spin_end = Instant::now() + PARTITION_SPIN;
         loop {
@@ -412,7 +429,8 @@ impl PartitionEnd {
                 {
                     self.kept_off = Some(theirs);
                 }
-                return Ok(Some(load_bytes(&page.request, page.request_len.load(Ordering::Relaxed))));
+                load_bytes(&page.request, page.request_len.load(Ordering::Relaxed), &mut self.request);
+                return Ok(Some(&self.request));
             }
             if Instant::now() < spin_end {
                 std::hint::spin_loop();
@@ -469,7 +487,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             let mut served = 0;
             while let Some(request) = partition.next_request().unwrap() {
-                let mut answer = request.clone();
+                let mut answer = request.to_vec();
                 answer.reverse();
                 partition.answer(&answer).unwrap();
                 served += 1;

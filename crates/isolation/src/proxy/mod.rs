@@ -284,8 +284,8 @@ impl ProxyDevice {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let answer = connection.call(&request.encode(seq), Instant::now() + PROXY_TIMEOUT)?;
-        let body = wire::read_frame(&mut answer.as_slice())??;
-        let Frame { seq: got, message } = Response::decode(&body)?;
+        let body = wire::frame_body(answer)?;
+        let Frame { seq: got, message } = Response::decode(body)?;
         if got != seq {
             return Err(ProxyError::OutOfOrder { expected: seq, got });
         }
@@ -667,8 +667,7 @@ pub fn serve<D: ProxiedDevice>(
         let Some(request) = end.next_request()? else {
             return Ok(());
         };
-        let body = wire::read_frame(&mut request.as_slice())??;
-        let Frame { seq, message } = Request::decode(&body)?;
+        let Frame { seq, message } = Request::decode(wire::frame_body(request)?)?;
         let response = match message {
             Request::Read { offset, len } => {
                 let mut data = vec![0u8; usize::from(len)];
@@ -748,7 +747,7 @@ mod tests {
             let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
             for _ in 0..answered {
                 let request = end.next_request().unwrap().unwrap();
-                let body = wire::read_frame(&mut request.as_slice()).unwrap().unwrap();
+                let body = wire::frame_body(request).unwrap().to_vec();
                 let Frame { seq, message } = Request::decode(&body).unwrap();
                 let response = match message {
                     Request::Write { offset, data } => {

@@ -329,6 +329,17 @@ impl Response {
     }
 }
 
+/// The body of the one frame at the start of `bytes` (what [`read_frame`] reads from a
+/// stream), without copying it.
+pub fn frame_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    let (len, rest) = bytes.split_first_chunk::<4>().ok_or(DecodeError::Truncated)?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if !(8..=MAX_FRAME).contains(&len) {
+        return Err(DecodeError::BadLength(len));
+    }
+    rest.get(..len).ok_or(DecodeError::Truncated)
+}
+
 /// Reads one frame body from `stream`: the length word, bounded, then the body.
 pub fn read_frame(stream: &mut impl std::io::Read) -> std::io::Result<Result<Vec<u8>, DecodeError>> {
     let mut len = [0u8; 4];
