@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::supervisor::eventfd_fd;
+
 use super::wire::MAX_FRAME;
 
 /// How long the hypervisor spins for an answer from a partition that was awake.
@@ -364,11 +366,6 @@ fn allowed_cpus() -> Option<libc::cpu_set_t> {
     // SAFETY: fills `set`, whose size is passed, for the calling thread.
     let got = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
     (got == 0).then_some(set)
-}
-
-fn eventfd_fd(eventfd: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the eventfd owns its fd, which stays open as long as the borrow.
-    unsafe { BorrowedFd::borrow_raw(eventfd.as_raw_fd()) }
 }
 
 /// The partition's end: takes requests from the page and publishes answers.
