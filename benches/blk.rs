@@ -7,7 +7,8 @@
 //! `cargo bench --bench blk`. Environment: BLK_BENCH_MIB (MiB per 1 MiB workload, default
 //! 128), BLK_BENCH_OPS (requests per 4 KiB workload, default 8000), BLK_BENCH_IMAGE_MIB
 //! (default 256), BLK_BENCH_CACHE (`writeback`, `none` or both, comma-separated; default
-//! both), BLK_BENCH_VCPUS (default `1,2`).
+//! both), BLK_BENCH_VCPUS (default `1,2`), BLK_BENCH_REPEAT (runs per row, default 3: each
+//! cell is the median; the rows take turns, and the image is written back before each).
 //!
 //! Cache modes: `writeback` is splitvisor's `cache=writeback`, QEMU's and
 //! qemu-storage-daemon's `cache.direct=off`, fio's `--direct=0`; `none` is O_DIRECT
@@ -182,12 +183,22 @@ fn json_number(json: &str, after: &str, key: &str) -> Option<f64> {
     section[at..].split([',', '\n']).next()?.trim().parse().ok()
 }
 
+/// Writes back whatever the last row left dirty in the page cache, so that the kernel's
+/// writeback of one row's writes does not run during the next row (the first splitvisor
+/// row after fio's buffered writes ran up to 10x slow before this).
+fn settle(image: &Path) {
+    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(image) {
+        let _ = file.sync_all();
+    }
+}
+
 /// fio on the image at the same cache mode and queue depth, each workload for two seconds
 /// (short runs would time fio's start-up).
 fn fio_run(image: &Path, image_bytes: u64, cache: CacheMode) -> Option<Figures> {
     let mut figures = Figures::new();
     let direct = if cache == CacheMode::None { 1 } else { 0 };
     for (name, rw, bs, depth) in WORKLOADS {
+        settle(image);
         let engine = if depth == 1 { "psync" } else { "io_uring" };
         let output = Command::new("fio")
             .args(["--name=bench", "--output-format=json", "--randrepeat=1"])
@@ -254,6 +265,20 @@ struct Rows {
     qsd: Option<Figures>,
     qemu: Option<Figures>,
     fio: Option<Figures>,
+}
+
+/// Per workload, the figures of the run with the median IOPS.
+fn median_figures(runs: Vec<Figures>) -> Figures {
+    let mut merged = Figures::new();
+    let names: std::collections::BTreeSet<String> = runs.iter().flat_map(|run| run.keys().cloned()).collect();
+    for name in names {
+        let mut cells: Vec<(f64, f64)> = runs.iter().filter_map(|run| run.get(&name).copied()).collect();
+        cells.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(&cell) = cells.get(cells.len() / 2) {
+            merged.insert(name, cell);
+        }
+    }
+    merged
 }
 
 fn iops(figures: Option<&Figures>, name: &str) -> Option<f64> {
@@ -367,43 +392,65 @@ fn main() -> ExitCode {
     };
     println!("blk bench: {cmdline}, image {image_mib} MiB, I/O engine {engine}, load before: {}", load());
 
+    let repeats = env_u64("BLK_BENCH_REPEAT", 3).max(1);
     let mut partition_rss = Vec::new();
     let mut exits = None;
     for &cache in &caches {
+        settle(&image);
         let fio = fio_run(&image, image_mib << 20, cache);
         if fio.is_none() {
             eprintln!("blk bench: fio row missing (is fio installed?)");
         }
         for &vcpus in &vcpu_counts {
-            let disk = DiskConfig::image(&image).cache(cache);
-            let (report, console, _) = splitvisor_run(Layout::monolithic(), disk.clone(), vcpus, &cmdline);
-            let tsc_khz = report.tsc_khz.map(f64::from);
-            if exits.is_none() {
-                let (baseline, ..) = splitvisor_run(
-                    Layout::monolithic(),
-                    disk.clone(),
-                    vcpus,
-                    "blk_bench.mib=1 blk_bench.ops=1",
-                );
-                exits = Some((report.clone(), baseline));
+            // Every row REPEAT times, the rows taking turns; each cell is the median.
+            let (mut monolithic, mut microkernel, mut qsd, mut qemu) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..repeats {
+                let disk = DiskConfig::image(&image).cache(cache);
+                settle(&image);
+                let (report, console, _) =
+                    splitvisor_run(Layout::monolithic(), disk.clone(), vcpus, &cmdline);
+                let tsc_khz = report.tsc_khz.map(f64::from);
+                if exits.is_none() {
+                    let (baseline, ..) = splitvisor_run(
+                        Layout::monolithic(),
+                        disk.clone(),
+                        vcpus,
+                        "blk_bench.mib=1 blk_bench.ops=1",
+                    );
+                    exits = Some((report.clone(), baseline));
+                }
+                monolithic.push(parse(&console, tsc_khz));
+                settle(&image);
+                let (_, console, rss) = splitvisor_run(Layout::microkernel(), disk, vcpus, &cmdline);
+                partition_rss.extend(rss);
+                microkernel.push(parse(&console, tsc_khz));
+                settle(&image);
+                let daemon_run = StorageDaemon::start(&image, &dir, cache, vcpus).map(|daemon| {
+                    let socket = DiskConfig::VhostUser { socket: daemon.socket.clone() };
+                    let (_, text, _) = splitvisor_run(Layout::microkernel(), socket, vcpus, &cmdline);
+                    parse(&text, tsc_khz)
+                });
+                match daemon_run {
+                    Some(figures) => qsd.push(figures),
+                    None => eprintln!(
+                        "blk bench: qemu-storage-daemon row missing (is qemu-system-common installed?)"
+                    ),
+                }
+                settle(&image);
+                match qemu_run(&elf, &image, cache, vcpus, &cmdline).map(|text| parse(&text, tsc_khz)) {
+                    Some(figures) => qemu.push(figures),
+                    None => eprintln!("blk bench: QEMU row missing (is qemu-system-x86 installed?)"),
+                }
             }
-            let monolithic = parse(&console, tsc_khz);
-            let (_, console, rss) = splitvisor_run(Layout::microkernel(), disk, vcpus, &cmdline);
-            partition_rss.extend(rss);
-            let microkernel = parse(&console, tsc_khz);
-            let qsd = StorageDaemon::start(&image, &dir, cache, vcpus).map(|daemon| {
-                let socket = DiskConfig::VhostUser { socket: daemon.socket.clone() };
-                let (_, text, _) = splitvisor_run(Layout::microkernel(), socket, vcpus, &cmdline);
-                parse(&text, tsc_khz)
-            });
-            if qsd.is_none() {
-                eprintln!("blk bench: qemu-storage-daemon row missing (is qemu-system-common installed?)");
-            }
-            let qemu = qemu_run(&elf, &image, cache, vcpus, &cmdline).map(|text| parse(&text, tsc_khz));
-            if qemu.is_none() {
-                eprintln!("blk bench: QEMU row missing (is qemu-system-x86 installed?)");
-            }
-            print_rows(&Rows { monolithic, microkernel, qsd, qemu, fio: fio.clone() }, cache, vcpus);
+            let rows = Rows {
+                monolithic: median_figures(monolithic),
+                microkernel: median_figures(microkernel),
+                qsd: (!qsd.is_empty()).then(|| median_figures(qsd)),
+                qemu: (!qemu.is_empty()).then(|| median_figures(qemu)),
+                fio: fio.clone(),
+            };
+            print_rows(&rows, cache, vcpus);
         }
     }
 
