@@ -342,10 +342,11 @@ fn partition_reaping(rules: &mut Rules) -> Result<(), SandboxError> {
 }
 
 /// What the fds a new partition gets are made of: socket pairs (never a socket that can
-/// reach anything else), eventfds, and a proxy's shared page (a memfd, sized and sealed).
+/// reach anything else), eventfds, and a proxy's shared page (a memfd, sized by a write,
+/// then sealed).
 fn partition_setup(rules: &mut Rules) -> Result<(), SandboxError> {
     arg_in(rules, libc::SYS_socketpair, 0, Len::Dword, &[libc::AF_UNIX as u64])?;
-    any(rules, &[libc::SYS_eventfd2, libc::SYS_ftruncate]);
+    any(rules, &[libc::SYS_eventfd2]);
     // Added to what the thread may already do with these calls.
     let mut page = Rules::new();
     let sealable = (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64;
