@@ -581,7 +581,8 @@ fn check_kick(
         .collect();
     let ring_broken = waiting > size;
     let first_bad_head = offered.iter().position(|&head| head >= size);
-    let snapshot = snapshot(mem, layout);
+    let regions: Vec<(u64, u64)> = layout.regions.iter().map(|&(start, size)| (start, size as u64)).collect();
+    let snapshot = snapshot(mem, &regions);
     let first_used = queue.next_used();
     let mut oracle = BlkOracle {
         mem,
@@ -632,7 +633,7 @@ fn check_kick(
     // Guest memory changed only where the device writes, and in the used ring.
     let mut allowed = std::mem::take(&mut oracle.allowed);
     allowed.push((rings[2].0, rings[2].1 - rings[2].0));
-    check_memory(mem, layout, &snapshot, &allowed);
+    check_memory(mem, &regions, &snapshot, &allowed);
     // The image is the model's disk.
     let mut on_disk = vec![0u8; model_disk.len()];
     image.read_exact_at(&mut on_disk, 0).expect("read the disk back");
@@ -640,19 +641,27 @@ fn check_kick(
     still_works
 }
 
-fn snapshot(mem: &GuestMemoryMmap, layout: &MemoryModel) -> Vec<Vec<u8>> {
-    layout
-        .regions
+/// The bytes of each (start, size) region of `mem`, for [`check_memory`].
+pub fn snapshot(mem: &GuestMemoryMmap, regions: &[(u64, u64)]) -> Vec<Vec<u8>> {
+    regions
         .iter()
         .map(|&(start, size)| {
-            let mut bytes = vec![0u8; size];
+            let mut bytes = vec![0u8; size as usize];
             mem.read_slice(&mut bytes, GuestAddress(start)).expect("a region reads");
             bytes
         })
         .collect()
 }
 
-fn check_memory(mem: &GuestMemoryMmap, layout: &MemoryModel, before: &[Vec<u8>], allowed: &[(u64, u64)]) {
+/// Panics unless guest memory changed, since `before` was taken of `regions`, only inside
+/// the (address, length) ranges in `allowed`: the oracle of every harness that lets a
+/// device write guest memory.
+pub fn check_memory(
+    mem: &GuestMemoryMmap,
+    regions: &[(u64, u64)],
+    before: &[Vec<u8>],
+    allowed: &[(u64, u64)],
+) {
     // The ranges the device may write, sorted and merged.
     let mut ranges: Vec<(u64, u64)> =
         allowed.iter().map(|&(addr, len)| (addr, addr.saturating_add(len))).collect();
@@ -664,14 +673,14 @@ fn check_memory(mem: &GuestMemoryMmap, layout: &MemoryModel, before: &[Vec<u8>],
             _ => merged.push((start, end)),
         }
     }
-    for (&(start, size), old) in layout.regions.iter().zip(before) {
-        let mut now = vec![0u8; size];
+    for (&(start, size), old) in regions.iter().zip(before) {
+        let mut now = vec![0u8; size as usize];
         mem.read_slice(&mut now, GuestAddress(start)).expect("a region reads");
         if now == *old {
             continue;
         }
         // Compare the gaps between the ranges the device may write.
-        let end = start + size as u64;
+        let end = start + size;
         let mut at = start;
         for &(from, to) in merged.iter().chain(std::iter::once(&(end, end))) {
             let gap_end = from.clamp(start, end);

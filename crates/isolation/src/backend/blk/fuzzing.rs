@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
-use splitvisor_devices::fuzzing::heap;
+use splitvisor_devices::fuzzing::{check_memory, heap, snapshot};
 use splitvisor_devices::virtio::GuestMemoryMmap;
 use splitvisor_devices::virtio::block::{
     BlockRequests, DiskImage, MAX_CHAIN_SEGMENTS, QUEUE_SIZE, RequestJournal, request_type,
@@ -444,45 +444,5 @@ impl RequestJournal for Oracle<'_> {
                 });
             self.in_flight.swap_remove(position);
         });
-    }
-}
-
-fn snapshot(mem: &GuestMemoryMmap, regions: &[(u64, u64)]) -> Vec<Vec<u8>> {
-    regions
-        .iter()
-        .map(|&(start, size)| {
-            let mut bytes = vec![0u8; size as usize];
-            mem.read_slice(&mut bytes, GuestAddress(start)).expect("a region reads");
-            bytes
-        })
-        .collect()
-}
-
-/// Guest memory changed only inside `allowed` (address, length) ranges.
-fn check_memory(mem: &GuestMemoryMmap, regions: &[(u64, u64)], before: &[Vec<u8>], allowed: &[(u64, u64)]) {
-    for (&(start, size), old) in regions.iter().zip(before) {
-        let mut now = vec![0u8; size as usize];
-        mem.read_slice(&mut now, GuestAddress(start)).expect("a region reads");
-        if now == *old {
-            continue;
-        }
-        // Chunk by chunk (one memcmp each), then byte by byte where a chunk changed.
-        const CHUNK: usize = 256;
-        for (c, (old, now)) in old.chunks(CHUNK).zip(now.chunks(CHUNK)).enumerate() {
-            if old == now {
-                continue;
-            }
-            for (i, (a, b)) in old.iter().zip(now).enumerate() {
-                if a == b {
-                    continue;
-                }
-                let at = start + (c * CHUNK + i) as u64;
-                let inside = allowed.iter().any(|&(addr, len)| at >= addr && at - addr < len);
-                assert!(
-                    inside,
-                    "the device wrote {at:#x} ({a:#x} -> {b:#x}), outside every buffer it may write"
-                );
-            }
-        }
     }
 }
