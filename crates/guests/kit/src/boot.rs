@@ -152,9 +152,12 @@ BOOT_PD_LOW:
     .zero 4096
 BOOT_PD_HIGH:
     .zero 4096
+    /* Not zeroed (guest.ld): a stack needs no initial value. */
+    .section .bss.noinit, "aw", @nobits
+    .balign 16
     .global BOOT_STACK
 BOOT_STACK:
-    .zero {boot_stack_size}
+    .skip {boot_stack_size}
     .global BOOT_PML4
     .text
 "#,

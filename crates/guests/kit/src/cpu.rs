@@ -125,6 +125,8 @@ static mut GDT: [u64; GDT_ENTRIES] = [0; GDT_ENTRIES];
 static mut TSS: [Tss; MAX_CPUS] = [const {
     Tss { reserved0: 0, rsp: [0; 3], reserved1: 0, ist: [0; 7], reserved2: 0, reserved3: 0, iomap_base: 104 }
 }; MAX_CPUS];
+// Not zeroed by the entry (guest.ld's .noinit): a stack needs no initial value.
+#[unsafe(link_section = ".bss.noinit")]
 static mut IST_STACKS: [Stack; MAX_CPUS] = [const { Stack([0; IST_STACK_SIZE]) }; MAX_CPUS];
 static mut IDT: [IdtEntry; 256] = [IdtEntry {
     offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0,
