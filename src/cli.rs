@@ -80,7 +80,8 @@ pub struct VmArgs {
     #[arg(long = "fault-policy", value_name = "DEVICE=POLICY", value_parser = parse_fault_policy)]
     pub fault_policies: Vec<(String, FaultPolicy)>,
     /// How long a driver may leave requests waiting without completing any before it is
-    /// taken as hung and replaced.
+    /// taken as hung and replaced; a partition of a plain device (COM1, the i8042) that
+    /// the guest left alone this long is probed, and replaced if it does not answer.
     #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000)]
     pub watchdog: u64,
     /// Do not keep a spare partition started for each device (restarts then start one).

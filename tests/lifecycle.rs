@@ -615,9 +615,10 @@ fn the_i8042_partition_killed_and_stopped_during_output_still_resets_the_vm() {
             (40, "i8042", Blow::KillWatched),
             (50, "com1", Blow::KillServing),
             (60, "i8042", Blow::KillWatched),
-            // Stopped, the i8042 partition is noticed only at the guest's reset, which must
-            // still end the VM: the proxy hears nothing, the supervisor replaces the
-            // partition, and the new one takes the write.
+            // Stopped, the i8042 partition is noticed by the supervisor's liveness probe or
+            // at the guest's reset, whichever comes first; the reset must still end the VM:
+            // the proxy hears nothing, the supervisor replaces the partition, and the new
+            // one takes the write.
             (80, "i8042", Blow::StopServing),
         ] {
             if !wait_progress(&console, percent, &done) {
@@ -640,10 +641,58 @@ fn the_i8042_partition_killed_and_stopped_during_output_still_resets_the_vm() {
         .device_events
         .iter()
         .filter(|e| e.device == "i8042")
-        .any(|e| e.what.contains("stopped answering"));
+        .any(|e| e.what.contains("stopped answering") || e.what.contains("liveness probe"));
     assert!(stopped, "the stopped i8042 was not taken as failed: {:#?}", report.device_events);
     for event in &report.device_events {
         eprintln!("{:>8.3} s {}: {}", event.at.as_secs_f64(), event.device, event.what);
+    }
+}
+
+#[test]
+fn stopped_partitions_of_devices_the_guest_leaves_alone_are_replaced_all_the_same() {
+    if !support::kvm() {
+        return;
+    }
+    // `idle` halts with interrupts off after its first line: it never touches COM1 or the
+    // i8042 again, so no access can find their partitions stopped; only the supervisor's
+    // liveness probe can.
+    let console = Capture::default();
+    let vm = VmBuilder::new(guests::find("idle").unwrap().elf)
+        .layout(Layout::microkernel().with_watchdog(Duration::from_millis(300)))
+        .driver(driver())
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap();
+    let (control, stop) = (vm.driver_control(), vm.stop_handle());
+    let done = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let (done, console) = (done.clone(), console.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !console.text().contains("halting") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let halted = console.text().contains("halting");
+            let mut replaced = Vec::new();
+            for device in ["com1", "i8042"] {
+                let Some(pid) = control.driver(device).and_then(|d| d.pid) else { break };
+                signal(serving_process(pid), libc::SIGSTOP);
+                replaced.push((device, wait_replaced(&control, device, pid, &done)));
+            }
+            stop.stop();
+            (halted, replaced)
+        })
+    };
+    let report = vm.run().unwrap();
+    done.store(true, Ordering::Release);
+    let (halted, replaced) = chaos.join().unwrap();
+    assert!(halted, "the guest never halted: {}", console.text());
+    assert_eq!(replaced, [("com1", true), ("i8042", true)], "{:#?}", report.device_events);
+    for device in ["com1", "i8042"] {
+        let probed =
+            report.device_events.iter().any(|e| e.device == device && e.what.contains("liveness probe"));
+        assert!(probed, "{device}: not found by a probe: {:#?}", report.device_events);
     }
 }
 

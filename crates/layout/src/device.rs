@@ -562,9 +562,10 @@ fn proxied_with(
     let partition = starting.wait()?;
     let link = ProxyLink::new().map_err(Error::EventFd)?;
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
-    let slot = ProxySlot::new(link, driver, kind, irqfd, partition, vm.layout.standby());
+    let proxy = Arc::new(Mutex::new(proxy));
+    let slot = ProxySlot::new(link, proxy.clone(), driver, kind, irqfd, partition, vm.layout.standby());
     let managed = vm.manage(device, device_kind, Placement::Partition, Box::new(slot));
-    Ok((Arc::new(Mutex::new(proxy)), managed))
+    Ok((proxy, managed))
 }
 
 /// The ACPI power registers (sleep control, sleep status, reset) of a hardware-reduced

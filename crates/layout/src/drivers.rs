@@ -9,14 +9,14 @@
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
 use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
-use splitvisor_isolation::proxy::{ProxyConnection, ProxyLink};
+use splitvisor_isolation::proxy::{Probe, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -368,6 +368,8 @@ impl DriverSlot for VhostUserSlot {
 /// A plain bus device (8250, i8042) served by a partition behind the proxy.
 pub(crate) struct ProxySlot {
     link: Arc<ProxyLink>,
+    /// The proxy, to probe the partition while the guest leaves the device alone.
+    device: Arc<Mutex<ProxyDevice>>,
     driver: DriverProgram,
     kind: &'static str,
     irqfd: Option<EventFd>,
@@ -380,13 +382,24 @@ pub(crate) struct ProxySlot {
 impl ProxySlot {
     pub(crate) fn new(
         link: Arc<ProxyLink>,
+        device: Arc<Mutex<ProxyDevice>>,
         driver: DriverProgram,
         kind: &'static str,
         irqfd: Option<EventFd>,
         active: Partition,
         keep_spare: bool,
     ) -> Self {
-        Self { link, driver, kind, irqfd, active: Some(active), spare: None, keep_spare, spare_retry: None }
+        Self {
+            link,
+            device,
+            driver,
+            kind,
+            irqfd,
+            active: Some(active),
+            spare: None,
+            keep_spare,
+            spare_retry: None,
+        }
     }
 
     fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
@@ -430,6 +443,23 @@ impl DriverSlot for ProxySlot {
                 None
             }
             _ => None,
+        }
+    }
+
+    /// A partition that hangs while the guest leaves its device alone is found here, within
+    /// the watchdog's time plus the proxy's deadline, not at the guest's next access (which
+    /// would wait out the deadline first).
+    fn check(&mut self, _now: Instant, watchdog: Duration) -> Option<Fault> {
+        self.active.as_ref()?;
+        let mut device = match self.device.try_lock() {
+            Ok(device) => device,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // A vCPU is in the middle of an access, which has its own deadline.
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        match device.probe(watchdog) {
+            Probe::Failed(e) => Some(Fault::Failed(format!("the partition failed a liveness probe: {e}"))),
+            Probe::Recent | Probe::Answered | Probe::NoPartition => None,
         }
     }
 

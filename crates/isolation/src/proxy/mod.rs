@@ -14,6 +14,11 @@
 //! access again, so the guest sees every access served exactly once and no console byte
 //! is lost. Without a link, or once the supervisor gives up, the proxy answers reads with
 //! all ones and ignores writes, so no vCPU ever waits on a dead partition again.
+//!
+//! A partition of a device the guest leaves alone would fail unseen until the guest's next
+//! access, which would then wait out [`PROXY_TIMEOUT`]. So the supervisor
+//! [probes](ProxyDevice::probe) an idle device: an empty input, a no-op for every device,
+//! which a live partition answers within the same deadline.
 
 pub mod fuzzing;
 pub mod mailbox;
@@ -188,6 +193,23 @@ pub struct ProxyDevice {
     power_off: Option<Arc<dyn Interrupt>>,
     on_dead: Option<Box<dyn FnOnce(String) + Send>>,
     link: Option<Arc<ProxyLink>>,
+    /// When the partition last answered anything.
+    last_answer: Instant,
+}
+
+/// What a liveness probe ([`ProxyDevice::probe`]) found.
+#[derive(Debug)]
+pub enum Probe {
+    /// The partition answered within the idle time asked for: nothing was sent.
+    Recent,
+    /// The partition answered the probe.
+    Answered,
+    /// There is no partition to probe: a replacement is under way, or the device was
+    /// dropped for good.
+    NoPartition,
+    /// The partition did not answer properly. It was hung up; the next access moves to
+    /// the partition the supervisor offers (it must replace this one).
+    Failed(ProxyError),
 }
 
 impl ProxyDevice {
@@ -213,6 +235,7 @@ impl ProxyDevice {
             power_off: None,
             on_dead,
             link: None,
+            last_answer: Instant::now(),
         }
     }
 
@@ -243,6 +266,38 @@ impl ProxyDevice {
                 usize::from(accepted).min(bytes.len())
             }
             _ => 0,
+        }
+    }
+
+    /// Proves the partition alive if it has not answered anything for `idle`: an empty
+    /// input, which changes nothing in any device, must be answered within
+    /// [`PROXY_TIMEOUT`]. Unlike an access, a failed probe never waits for a replacement
+    /// (the caller is the one to provide it): the partition is hung up, and the next
+    /// access moves to whichever partition the supervisor offers.
+    pub fn probe(&mut self, idle: Duration) -> Probe {
+        if self.last_answer.elapsed() < idle {
+            return Probe::Recent;
+        }
+        let offered = self.link.as_ref().is_some_and(|link| link.generation() > self.generation);
+        if self.dead || offered {
+            return Probe::NoPartition;
+        }
+        let Some(mut connection) = self.connection.take() else {
+            return Probe::NoPartition;
+        };
+        match self.exchange(&mut connection, &Request::Input { bytes: Vec::new() }) {
+            Ok(response) => {
+                self.connection = Some(connection);
+                if let Response::Done { output, reset, power_off, .. } = response {
+                    self.apply(&output, reset, power_off);
+                }
+                Probe::Answered
+            }
+            Err(e) => {
+                log::warn!("{}: driver partition failed a liveness probe: {e}", self.name);
+                connection.hang_up();
+                Probe::Failed(e)
+            }
         }
     }
 
@@ -310,6 +365,7 @@ impl ProxyDevice {
             }
         };
         self.state.clone_from(state);
+        self.last_answer = Instant::now();
         Ok(message)
     }
 
@@ -802,6 +858,53 @@ mod tests {
         drop(proxy);
         first.join().unwrap();
         supervisor.join().unwrap();
+    }
+
+    #[test]
+    fn a_probe_proves_an_idle_partition_alive_and_hands_over_a_silent_one_without_waiting() {
+        let link = ProxyLink::new().unwrap();
+        let (ours, mut theirs) = ProxyConnection::pair().unwrap();
+        let mut proxy =
+            ProxyDevice::new("com1", ours, Box::new(io::sink()), None, None).with_link(link.clone());
+        let partition = std::thread::spawn(move || {
+            let effects = Effects::default();
+            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+            let _ = serve(&mut serial, &effects, &mut theirs);
+        });
+        proxy.write(SCR, &[0x5a]);
+        assert!(matches!(proxy.probe(Duration::from_secs(60)), Probe::Recent), "an access just answered");
+        assert!(matches!(proxy.probe(Duration::ZERO), Probe::Answered));
+        let mut scratch = [0u8];
+        proxy.read(SCR, &mut scratch);
+        assert_eq!(scratch, [0x5a], "the probe changed nothing");
+        drop(proxy);
+        partition.join().unwrap();
+
+        // A partition that never answers (stopped): the probe fails within the access
+        // deadline, waits for no replacement (its caller is the supervisor, who provides
+        // one), and leaves the next access to move to whatever partition is offered.
+        let (ours, silent) = ProxyConnection::pair().unwrap();
+        let mut proxy =
+            ProxyDevice::new("com1", ours, Box::new(io::sink()), None, None).with_link(link.clone());
+        let started = Instant::now();
+        let probe = proxy.probe(Duration::ZERO);
+        assert!(matches!(probe, Probe::Failed(_)), "{probe:?}");
+        assert!(started.elapsed() < REPLACEMENT_TIMEOUT, "the probe waited for a replacement");
+        assert!(matches!(proxy.probe(Duration::ZERO), Probe::NoPartition));
+        assert!(!proxy.is_dead());
+        assert_eq!(link.reported_fault(), None, "the probe's caller reports, not the proxy");
+        let (ours, mut theirs) = ProxyConnection::pair().unwrap();
+        link.offer(ours);
+        let replacement = std::thread::spawn(move || {
+            let effects = Effects::default();
+            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+            let _ = serve(&mut serial, &effects, &mut theirs);
+        });
+        proxy.write(SCR, &[0xa5]);
+        proxy.read(SCR, &mut scratch);
+        assert_eq!(scratch, [0xa5], "the next accesses went to the replacement");
+        drop((proxy, silent));
+        replacement.join().unwrap();
     }
 
     #[test]
