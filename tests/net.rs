@@ -155,8 +155,9 @@ fn net_echo_answers_the_hosts_ping_and_tcp_in_both_placements() {
     }
 }
 
-/// The process that serves a partition's device: the child, PID 1 of the partition's PID
-/// namespace, of the process the hypervisor started (or that process, if it has none).
+/// The process that serves a partition's device: the process the hypervisor started (PID 1
+/// of the partition's PID namespace), or its child if it has one (a driver that forked into
+/// its PID namespace).
 fn serving_process(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .ok()
