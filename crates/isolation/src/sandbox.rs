@@ -630,10 +630,13 @@ fn watch(config: &SandboxConfig, child: libc::pid_t, gate_read: OwnedFd, gate_wr
 /// place in it (and in its watcher, if it forked), and readiness signalled.
 pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
     close_other_fds(&config.kept_fds())?;
+    // Started as PID 1 of a PID namespace of its own (as the spawner starts partitions),
+    // the process serves as that init, sandboxed or not; otherwise it forks into a new one.
+    let init = is_init();
+    if init {
+        report_aborts()?;
+    }
     if config.enabled {
-        // Started as PID 1 of a PID namespace of its own (as the spawner starts partitions),
-        // the process serves as that init; otherwise it forks into a new one.
-        let init = is_init();
         let namespaces = if init { NAMESPACES & !libc::CLONE_NEWPID } else { NAMESPACES };
         let ids = if running_as_root() {
             // Namespaces and the empty root while still root (they belong to the host's
@@ -666,9 +669,7 @@ pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
         check("set no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
         // SAFETY: PR_SET_DUMPABLE takes plain integers.
         check("become non-dumpable", unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
-        if init {
-            report_aborts()?;
-        } else {
+        if !init {
             serve_from_new_pid_namespace(config)?;
         }
         // SAFETY: getpid has no preconditions (1 here, in the new PID namespace).
