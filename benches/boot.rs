@@ -20,10 +20,11 @@
 //! millisecond until it exits), not from wait4's `ru_maxrss`: Linux folds into that the
 //! high-water mark of the address space the child had *before* its exec, which for a
 //! child started with vfork (posix_spawn, as `Command` does) is this bench's own. A
-//! partition is the process the hypervisor started (which, once sandboxed, only waits)
-//! plus its child that serves in a PID namespace of its own: its figure is the sum of
-//! the two (their shared pages counted twice, as two processes' RSS are), less the guest
-//! RAM they map (RssShmem), sampled.
+//! partition is the process the hypervisor started (PID 1 of a PID namespace of its own,
+//! which serves) plus any children it has (none today; a driver that forks into its PID
+//! namespace serves from a child): its figure is the sum over them (shared pages counted
+//! once per process, as processes' RSS are), less the guest RAM they map (RssShmem),
+//! sampled.
 //!
 //! The splitvisor process is this very binary, re-run with `--hypervisor`: it then behaves
 //! exactly as `examples/monolithic` (or `microkernel`, with `--microkernel-layout`; it is also

@@ -155,8 +155,9 @@ fn net_echo_answers_the_hosts_ping_and_tcp_in_both_placements() {
     }
 }
 
-/// The process that serves a partition's device: the child, PID 1 of the partition's PID
-/// namespace, of the process the hypervisor started (or that process, if it has none).
+/// The process that serves a partition's device: the process the hypervisor started (PID 1
+/// of the partition's PID namespace), or its child if it has one (a driver that forked into
+/// its PID namespace).
 fn serving_process(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .ok()
@@ -302,7 +303,9 @@ fn the_network_partition_is_sandboxed_and_holds_only_what_it_was_handed() {
             .unwrap();
         let pid = vm.driver_control().driver("net0").and_then(|d| d.pid).unwrap();
         let child = serving_process(pid);
-        assert_ne!(child, pid, "the partition serves from a child in its own PID namespace");
+        assert_eq!(child, pid, "the partition is one process");
+        let nspid = status_field(child, "NSpid:");
+        assert_eq!(nspid.split_whitespace().last(), Some("1"), "PID 1 of its own PID namespace");
         assert_eq!(status_field(child, "Seccomp:"), "2", "seccomp filter mode");
         assert_eq!(status_field(child, "NoNewPrivs:"), "1");
         assert_eq!(status_field(child, "CapEff:"), "0000000000000000");

@@ -167,7 +167,7 @@ fn a_read_only_disk_in_a_partition_is_opened_read_only_and_refuses_writes() {
         .unwrap();
     // The process that serves the disk holds the image open for reading only.
     let watched = vm.drivers().iter().find(|d| d.device == "disk0").unwrap().pid.unwrap();
-    let serving = support::descendants(watched);
+    let serving = std::iter::once(watched).chain(support::descendants(watched));
     let name = disk.0.file_name().unwrap().to_string_lossy().into_owned();
     let mut image_fds = 0;
     for pid in serving {

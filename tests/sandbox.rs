@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -15,6 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use splitvisor::guests::{self, GuestResult};
+use splitvisor::isolation::partition::{Partition, PartitionError};
 use splitvisor::isolation::proxy::ProxyConnection;
 use splitvisor::isolation::sandbox::testing::{Forbidden, Outcome, survived_exit_code};
 use splitvisor::isolation::sandbox::{self, ReadySignal};
@@ -91,11 +92,35 @@ struct Expected {
     handed: fn(&str) -> bool,
 }
 
-/// Checks the watcher `watched` and its serving child from outside.
-fn assert_sandboxed(name: &str, watched: u32, expected: &Expected) {
-    let child = serving_child(watched);
+/// What processes a partition is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// One process, PID 1 of its own PID namespace, with no child: a partition the
+    /// spawner started.
+    OneProcess,
+    /// The process that was started, which only waits, and its serving child, PID 1 of a
+    /// PID namespace it forked into: a driver started by hand, not in a PID namespace.
+    Watched,
+}
+
+/// Checks the partition whose process is `started` from outside: that process and, for a
+/// [`Shape::Watched`] one, its serving child.
+fn assert_sandboxed(name: &str, started: u32, shape: Shape, expected: &Expected) {
+    let (child, processes) = match shape {
+        Shape::OneProcess => {
+            assert_eq!(status_field(started, "NSpid:").split_whitespace().last(), Some("1"), "{name}: PID 1");
+            let children =
+                std::fs::read_to_string(format!("/proc/{started}/task/{started}/children")).unwrap();
+            assert_eq!(children.trim(), "", "{name}: the partition is one process");
+            (started, vec![(started, "2")])
+        }
+        Shape::Watched => {
+            let child = serving_child(started);
+            (child, vec![(started, "1"), (child, "2")])
+        }
+    };
     let (uid, gid) = expected_ids();
-    for (pid, filters) in [(watched, "1"), (child, "2")] {
+    for (pid, filters) in processes {
         let what = |field: &str| format!("{name} pid {pid}: {field}");
         assert_eq!(status_field(pid, "Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"), "{}", what("uid"));
         assert_eq!(status_field(pid, "Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"), "{}", what("gid"));
@@ -146,10 +171,12 @@ fn assert_sandboxed(name: &str, watched: u32, expected: &Expected) {
     }
     let ours = std::fs::read_link("/proc/self/ns/pid").unwrap();
     assert_ne!(std::fs::read_link(format!("/proc/{child}/ns/pid")).unwrap(), ours, "{name}: pid namespace");
-    // The watcher holds nothing; the child only what it was handed: stdin and stdout on
-    // /dev/null, stderr (inherited, for its log), then its own.
-    let watcher_fds: BTreeSet<u32> = fd_targets(watched).into_iter().map(|(fd, _)| fd).collect();
-    assert_eq!(watcher_fds, BTreeSet::from([0, 1, 2]), "{name}: the watcher's fds");
+    // A watcher holds nothing; the serving process only what it was handed: stdin and
+    // stdout on /dev/null, stderr (inherited, for its log), then its own.
+    if shape == Shape::Watched {
+        let watcher_fds: BTreeSet<u32> = fd_targets(started).into_iter().map(|(fd, _)| fd).collect();
+        assert_eq!(watcher_fds, BTreeSet::from([0, 1, 2]), "{name}: the watcher's fds");
+    }
     for (fd, target) in fd_targets(child) {
         assert!(!target.contains("kvm"), "{name} holds {target}");
         let allowed = match fd {
@@ -177,11 +204,11 @@ fn partitions_are_sandboxed_as_seen_from_outside() {
         .timeout(Some(Duration::from_millis(200)))
         .build()
         .unwrap();
-    // build() returned: every partition said its sandbox is in place, in both of its
-    // processes. Nothing below may change from now on.
+    // build() returned: every partition said its sandbox is in place. Nothing below may
+    // change from now on.
     // Three partitions run as the same host uid with a task budget of 2 or 16 each: the
-    // budget counts each partition's own tasks (per user namespace), or the later ones
-    // could not even have forked their serving child.
+    // budget counts each partition's own tasks (per user namespace), or the disk's could
+    // not even have started its threads.
     let proxy = Expected {
         max_tasks: 2,
         address_space: sandbox::PROXY_ADDRESS_SPACE,
@@ -199,10 +226,10 @@ fn partitions_are_sandboxed_as_seen_from_outside() {
     };
     let mut seen = Vec::new();
     for placed in vm.placements() {
-        let watched: u32 =
+        let started: u32 =
             placed.partition.as_deref().unwrap().strip_prefix("pid ").unwrap().parse().unwrap();
         let expected = if placed.device == "disk0" { &blk } else { &proxy };
-        assert_sandboxed(&placed.device, watched, expected);
+        assert_sandboxed(&placed.device, started, Shape::OneProcess, expected);
         seen.push(placed.device.clone());
     }
     assert_eq!(seen, ["com1", "i8042", "disk0"]);
@@ -309,19 +336,66 @@ fn outcome_matches(what: &Forbidden, exit: &str, status: Option<ExitStatus>) -> 
     }
 }
 
+/// What a proxy partition should look like.
+const PROXY: Expected = Expected {
+    max_tasks: 2,
+    address_space: sandbox::PROXY_ADDRESS_SPACE,
+    // Its socket and its two doorbells; the shared page is mapped, its fd closed.
+    handed: |target| target.starts_with("socket:") || target == "anon_inode:[eventfd]",
+};
+
+/// Starts `splitvisor-driver DEVICE` serving a proxy connection, with `args`, through the
+/// hypervisor's partition spawner (no KVM needed).
+fn spawn_proxy(device: &str, args: &[String]) -> (Result<Partition, PartitionError>, ProxyConnection) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let ours = ProxyConnection::new(ours).unwrap();
+    let mut fds = vec![theirs.as_fd()];
+    fds.extend(ours.partition_fds());
+    let mut all: Vec<String> =
+        [device, "--fd", "3", "--page-fd", "4", "--doorbell-fd", "5", "--hypervisor-doorbell-fd", "6"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    all.extend_from_slice(args);
+    let started = Partition::start(&DriverProgram::at(driver_path()), &all, &fds).unwrap();
+    (started.wait(), ours)
+}
+
 #[test]
-fn proxy_partitions_are_sandboxed_as_seen_from_outside() {
-    // No KVM needed: the partitions are started by hand, as the spawner does.
+fn a_spawned_partition_is_one_process_pid_1_of_its_own_namespace() {
+    for device in ["serial", "i8042"] {
+        let (partition, connection) = spawn_proxy(device, &[]);
+        let mut partition = partition.unwrap();
+        assert_sandboxed(device, partition.pid(), Shape::OneProcess, &PROXY);
+        drop(connection);
+        // Its connection closed: it ends on its own.
+        let status = partition.wait_exit(PATIENCE).expect("the partition ended");
+        assert!(status.success(), "{device}: {status}");
+    }
+}
+
+#[test]
+fn the_spawner_sees_how_a_spawned_partition_died() {
+    // Twice the address-space budget: aborts inside the sandbox. An init cannot die of its
+    // own SIGABRT; the spawner still reports that it aborted.
+    let too_much = Forbidden::Allocate(2 * sandbox::PROXY_ADDRESS_SPACE);
+    for what in Forbidden::all().into_iter().chain([too_much]) {
+        let (partition, _connection) = spawn_proxy("serial", &["--test-attempt".into(), what.to_string()]);
+        // The attempt comes after the sandbox is in place.
+        let mut partition = partition.unwrap();
+        let status = partition.wait_exit(PATIENCE).expect("the partition ended");
+        assert!(outcome_matches(&what, "", Some(status)), "{what}: {status}");
+    }
+}
+
+#[test]
+fn proxy_partitions_started_by_hand_are_sandboxed_as_seen_from_outside() {
+    // A driver started by hand (not as PID 1 of a PID namespace of its own, as a hand-started
+    // vhost-user backend is) forks into one.
     for device in ["serial", "i8042"] {
         let mut partition = start_proxy(device, &[], None);
         partition.ready.as_ref().unwrap();
-        let expected = Expected {
-            max_tasks: 2,
-            address_space: sandbox::PROXY_ADDRESS_SPACE,
-            // Its socket and its two doorbells; the shared page is mapped, its fd closed.
-            handed: |target| target.starts_with("socket:") || target == "anon_inode:[eventfd]",
-        };
-        assert_sandboxed(device, partition.child.id(), &expected);
+        assert_sandboxed(device, partition.child.id(), Shape::Watched, &PROXY);
         drop(partition._connection);
         // Its connection closed: it ends on its own.
         let (status, log) = wait_exit(&mut partition.child);

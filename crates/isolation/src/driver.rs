@@ -249,6 +249,123 @@ pub struct ProxyArgs {
     pub test_attempt: Option<crate::sandbox::testing::Forbidden>,
 }
 
+/// The argument forms the spawner passes ([`crate::partition`]: inherited fds, and the
+/// options it sets), parsed without clap: building clap's command tree touches much of its
+/// code, and every code page a partition touches stays in its resident set. Returns `None`
+/// for anything else (a flag the spawner never passes, a test hook, a value out of range,
+/// `--help`), which clap then parses (and reports, if wrong): the result is the same as
+/// clap's for every form this accepts (a test checks).
+fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
+    let words: Vec<&str> = args.iter().skip(1).map(|a| a.to_str()).collect::<Option<_>>()?;
+    let (device, rest) = words.split_first()?;
+    let mut read_only = false;
+    let mut values: Vec<(&str, &str)> = Vec::new();
+    let mut rest = rest.iter();
+    while let Some(&flag) = rest.next() {
+        if flag == "--read-only" && *device == "blk" && !read_only {
+            read_only = true;
+            continue;
+        }
+        let value = *rest.next()?;
+        if !flag.starts_with("--") || value.starts_with('-') || values.iter().any(|(f, _)| *f == flag) {
+            return None;
+        }
+        values.push((flag, value));
+    }
+    let allowed: &[&str] = match *device {
+        "serial" | "i8042" | "acpi-power" => {
+            &["--fd", "--page-fd", "--doorbell-fd", "--hypervisor-doorbell-fd", "--irq-fd", "--ready-fd"]
+        }
+        "blk" => {
+            &["--fd", "--disk-fd", "--serial", "--inject-fault", "--guest-ram", "--queues", "--ready-fd"]
+        }
+        "net" => &["--fd", "--tap-fd", "--mac", "--mtu", "--inject-fault", "--guest-ram", "--ready-fd"],
+        _ => return None,
+    };
+    if values.iter().any(|(flag, _)| !allowed.contains(flag)) {
+        return None;
+    }
+    let text = |flag: &str| values.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v);
+    // Absent: Some(None); present and valid: Some(Some(n)); invalid: None.
+    fn number<T: std::str::FromStr>(text: Option<&str>) -> Option<Option<T>> {
+        match text {
+            None => Some(None),
+            Some(text) => text.parse().ok().map(Some),
+        }
+    }
+    let fault = match text("--inject-fault") {
+        Some(fault) => Some(parse_fault(fault).ok()?),
+        None => None,
+    };
+    let device = match *device {
+        "blk" => {
+            let queues = number::<u16>(text("--queues"))?.unwrap_or(1);
+            if !(1..=block::MAX_QUEUES).contains(&queues) {
+                return None;
+            }
+            DeviceArgs::Blk(BlkArgs {
+                socket: None,
+                disk: None,
+                read_only,
+                serial: text("--serial").map(str::to_string),
+                queues,
+                cache: block::CacheMode::default(),
+                io_engine: EngineKind::Auto,
+                no_sandbox: false,
+                inject_fault: fault,
+                fd: Some(number(text("--fd"))??),
+                disk_fd: Some(number(text("--disk-fd"))??),
+                guest_ram: number(text("--guest-ram"))?,
+                ready_fd: number(text("--ready-fd"))?,
+                #[cfg(feature = "test-hooks")]
+                test_attempt: None,
+                #[cfg(feature = "test-hooks")]
+                test_slow_reversed_io: None,
+            })
+        }
+        "net" => {
+            let mtu = number::<u16>(text("--mtu"))?.unwrap_or(virtio_net::DEFAULT_MTU);
+            if !(68..=65_000).contains(&mtu) {
+                return None;
+            }
+            let mac = match text("--mac") {
+                Some(mac) => Some(virtio_net::parse_mac(mac).ok()?),
+                None => None,
+            };
+            DeviceArgs::Net(NetArgs {
+                socket: None,
+                tap: None,
+                tap_fd: Some(number(text("--tap-fd"))??),
+                mac,
+                mtu,
+                no_sandbox: false,
+                inject_fault: fault,
+                fd: Some(number(text("--fd"))??),
+                guest_ram: number(text("--guest-ram"))?,
+                ready_fd: number(text("--ready-fd"))?,
+            })
+        }
+        proxy => {
+            let args = ProxyArgs {
+                fd: number(text("--fd"))??,
+                page_fd: number(text("--page-fd"))??,
+                doorbell_fd: number(text("--doorbell-fd"))??,
+                hypervisor_doorbell_fd: number(text("--hypervisor-doorbell-fd"))??,
+                irq_fd: number(text("--irq-fd"))?,
+                ready_fd: number(text("--ready-fd"))?,
+                #[cfg(feature = "test-hooks")]
+                test_attempt: None,
+            };
+            match proxy {
+                "serial" => DeviceArgs::Serial(args),
+                "i8042" => DeviceArgs::I8042(args),
+                _ => DeviceArgs::AcpiPower(args),
+            }
+        }
+    };
+    Some(DriverArgs { device })
+}
+
 /// The program: parses `args` (argv\[0\] included), serves, and returns the exit status
 /// (0 served until the frontend left, 2 bad arguments or setup, 1 a failure while serving).
 /// `program` names it in messages.
@@ -257,7 +374,12 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args = match DriverArgs::try_parse_from(args) {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let parsed = match parse_spawned(&args) {
+        Some(args) => Ok(args),
+        None => DriverArgs::try_parse_from(args),
+    };
+    let args = match parsed {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
             let _ = e.print();
@@ -579,6 +701,83 @@ mod tests {
         assert!(parse("blk --socket").is_err());
         assert!(parse("blk --socket s --disk a.img --inject-fault explode=3").is_err());
         assert!(parse("").is_err());
+    }
+
+    fn words(args: &[&str]) -> Vec<std::ffi::OsString> {
+        std::iter::once("splitvisor-driver").chain(args.iter().copied()).map(Into::into).collect()
+    }
+
+    #[test]
+    fn the_spawners_forms_parse_without_clap_as_clap_parses_them() {
+        let proxy = ["--fd", "3", "--page-fd", "4", "--doorbell-fd", "5", "--hypervisor-doorbell-fd", "6"];
+        let mut forms: Vec<Vec<&str>> = Vec::new();
+        for device in ["serial", "i8042", "acpi-power"] {
+            forms.push([&[device][..], &proxy, &["--ready-fd", "7"]].concat());
+            forms.push([&[device][..], &proxy, &["--irq-fd", "7", "--ready-fd", "8"]].concat());
+        }
+        forms.push(vec!["blk", "--fd", "3", "--disk-fd", "4", "--serial", "", "--ready-fd", "5"]);
+        forms.push(vec![
+            "blk",
+            "--fd",
+            "3",
+            "--disk-fd",
+            "4",
+            "--serial",
+            "splitvisor-0123abcd",
+            "--read-only",
+            "--inject-fault",
+            "crash-after=3",
+            "--guest-ram",
+            "134217728",
+            "--queues",
+            "2",
+            "--ready-fd",
+            "5",
+        ]);
+        forms.push(vec![
+            "net",
+            "--fd",
+            "3",
+            "--tap-fd",
+            "4",
+            "--mac",
+            "52:54:00:12:34:56",
+            "--mtu",
+            "1500",
+            "--inject-fault",
+            "hang-after=2",
+            "--guest-ram",
+            "1048576",
+            "--ready-fd",
+            "5",
+        ]);
+        for form in forms {
+            let args = words(&form);
+            let fast = parse_spawned(&args).unwrap_or_else(|| panic!("not parsed without clap: {form:?}"));
+            let clap = DriverArgs::try_parse_from(&args).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{clap:?}"), "{form:?}");
+        }
+        // Everything else is left to clap, which parses or reports it.
+        for other in [
+            "blk --socket s --disk d.img",
+            "serial --fd 3",
+            "serial --fd 3 --page-fd 4 --doorbell-fd 5 --hypervisor-doorbell-fd 6 --read-only",
+            "serial --fd 3 --fd 4 --page-fd 4 --doorbell-fd 5 --hypervisor-doorbell-fd 6",
+            "serial --fd x --page-fd 4 --doorbell-fd 5 --hypervisor-doorbell-fd 6",
+            "blk --fd 3 --disk-fd 4 --queues 0",
+            "blk --fd 3 --disk-fd 4 --serial -x",
+            "blk --fd 3 --disk-fd 4 --inject-fault explode=3",
+            "blk --fd 3 --disk-fd 4 --cache none",
+            "blk --fd 3 --disk-fd 4 --test-attempt socket",
+            "net --fd 3 --tap-fd 4 --mtu 20",
+            "net --fd 3 --tap-fd 4 --mac 01:00:00:00:00:01",
+            "blk --help",
+            "--version",
+            "",
+        ] {
+            let args = words(&other.split_whitespace().collect::<Vec<_>>());
+            assert!(parse_spawned(&args).is_none(), "{other}");
+        }
     }
 
     #[test]

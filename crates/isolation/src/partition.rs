@@ -6,19 +6,27 @@
 //! ever appears in the filesystem, and the disk image is opened (and locked) here, so the
 //! partition never needs to open a file.
 //!
+//! A partition is one process, created as PID 1 of a PID namespace of its own (with a user
+//! namespace of its own too when the hypervisor is not root), which then sandboxes itself
+//! ([`crate::sandbox`]) and serves as that namespace's init: no second process waits to keep
+//! the namespace alive. Between the clone and the exec of the driver the child only makes
+//! system calls on data prepared beforehand (the hypervisor has threads).
+//!
 //! A partition never outlives the hypervisor, even when the hypervisor is killed with
 //! SIGKILL: it is started with a parent-death signal, and the kernel sends that signal when
 //! the *thread* that started the child ends. Every partition is therefore started from one
 //! thread that lives as long as the process ([`Partition::spawn`] hands the work to it), never from a
 //! thread that may end before the VM (a supervisor, a vCPU, a short-lived builder).
 
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -27,7 +35,7 @@ use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::proxy::ProxyConnection;
-use crate::sandbox::ReadySignal;
+use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 
 /// Longest a partition may take from its start to its sandbox being in place.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,10 +131,18 @@ pub struct NetOptions {
 }
 
 /// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
+///
+/// The process is PID 1 of a PID namespace of its own and the partition's only process
+/// (unless the kernel refused the spawner the namespaces, see [`Partition::start`]).
 #[derive(Debug)]
 pub struct Partition {
-    child: Child,
+    pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// Its exit status, once reaped.
+    status: Option<ExitStatus>,
+    /// Whether it was created as PID 1 of its own PID namespace: it then reports an abort
+    /// by [`ABORTED_EXIT_CODE`] (an init cannot die of its own SIGABRT).
+    own_pid_namespace: bool,
 }
 
 impl Partition {
@@ -277,7 +293,7 @@ impl Partition {
 
     /// The partition's process ID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid as u32
     }
 
     /// The pidfd: readable once the process has ended.
@@ -285,24 +301,56 @@ impl Partition {
         self.pidfd.as_fd()
     }
 
-    /// The exit status, if the process has ended (reaps it).
+    /// The exit status, if the process has ended (reaps it). A partition that aborted is
+    /// reported as killed by SIGABRT, as it would be if it were not an init.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        self.reap(libc::WNOHANG)
+    }
+
+    /// Reaps the process with waitpid `options`; its status if it has ended.
+    fn reap(&mut self, options: libc::c_int) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let mut status = 0;
+            let reaped = loop {
+                // SAFETY: waits for our own child, writing into `status`.
+                let reaped = unsafe { libc::waitpid(self.pid, &mut status, options) };
+                if reaped >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    break reaped;
+                }
+            };
+            if reaped == self.pid {
+                self.status = Some(self.decode(status));
+            }
+        }
+        self.status
+    }
+
+    /// The status the supervisor sees for the wait status `raw`.
+    fn decode(&self, raw: libc::c_int) -> ExitStatus {
+        if self.own_pid_namespace && libc::WIFEXITED(raw) && libc::WEXITSTATUS(raw) == ABORTED_EXIT_CODE {
+            return ExitStatus::from_raw(libc::SIGABRT);
+        }
+        ExitStatus::from_raw(raw)
     }
 
     /// Waits at most `timeout` for the partition to end by itself; its status if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut pidfd = [libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-        let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, bounded wait.
-        unsafe { libc::poll(pidfd.as_mut_ptr(), 1, millis) };
+        if self.status.is_none() {
+            let mut pidfd = [libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, bounded wait.
+            unsafe { libc::poll(pidfd.as_mut_ptr(), 1, millis) };
+        }
         self.try_wait()
     }
 
     /// Kills the partition with SIGKILL (a stopped process dies too) and reaps it.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        let _ = self.child.kill();
-        self.child.wait().ok()
+        if self.status.is_none() {
+            // SAFETY: a signal to our own child, not reaped yet (so its pid is still its own).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        self.reap(0)
     }
 
     /// Waits at most `timeout` for the partition to end by itself, then kills it.
@@ -382,6 +430,12 @@ fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
 }
 
 /// Starts one partition's process (on the spawner thread), without waiting for its sandbox.
+///
+/// The process is created as PID 1 of a PID namespace of its own ([`namespace_clone_flags`]):
+/// it serves as that namespace's init itself, so a partition is one process. Only if the
+/// kernel refuses the namespaces is it started as a plain child; the driver then tries to
+/// create them itself, and refuses to run when that fails too (unless it was told to run
+/// without its sandbox).
 fn start(request: SpawnRequest) -> Result<StartingPartition, PartitionError> {
     let SpawnRequest { driver, mut args, mut fds } = request;
     let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
@@ -389,69 +443,313 @@ fn start(request: SpawnRequest) -> Result<StartingPartition, PartitionError> {
     // SAFETY: the readiness pipe's end lives until this function returns.
     let ready_end = unsafe { BorrowedFd::borrow_raw(ready.partition_fd()) };
     fds.push(ready_end.try_clone_to_owned().map_err(setup("duplicate an fd"))?);
-    // Moved out of the way first (to 10 and up, close-on-exec), so that moving them to 3, 4,
-    // ... never clobbers one not moved yet.
-    let high = fds.iter().map(|fd| dup_high(fd.as_raw_fd())).collect::<Result<Vec<_>, _>>()?;
+    // Moved out of the way first (above every target, close-on-exec), so that moving them to
+    // 3, 4, ... never clobbers one not moved yet, nor another fd the child still needs.
+    let floor = 10.max(3 + fds.len() as RawFd);
+    let high = fds
+        .iter()
+        .map(|fd| dup_above(fd.as_raw_fd(), floor))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(setup("duplicate an fd"))?;
     drop(fds);
     let moves: Vec<(RawFd, RawFd)> =
         high.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as RawFd)).collect();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let mut command = Command::new(&driver.path);
-    command
-        .args(&driver.prefix)
-        .args(&args)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    let low_dev_null =
+        File::options().read(true).write(true).open("/dev/null").map_err(setup("open /dev/null"))?;
+    let dev_null = dup_above(low_dev_null.as_raw_fd(), floor).map_err(setup("duplicate an fd"))?;
+    drop(low_dev_null);
+
+    let mut strings = vec![c_string(driver.path.as_os_str())?];
+    for arg in driver.prefix.iter().chain(&args) {
+        strings.push(c_string(arg.as_ref())?);
+    }
+    let argc = strings.len();
     if let Ok(log) = std::env::var("RUST_LOG") {
-        command.env("RUST_LOG", log);
+        strings.push(c_string(format!("RUST_LOG={log}").as_ref())?);
     }
-    let before_exec = move || {
-        // SAFETY: prctl with plain integers; async-signal-safe, as required between fork and exec.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // The hypervisor may have died before the signal was armed.
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
-            return Err(io::Error::other("the hypervisor is gone"));
-        }
-        for (from, to) in &moves {
-            // SAFETY: dup2 on fds this process owns; async-signal-safe.
-            if unsafe { libc::dup2(*from, *to) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
+    let pointers: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+    let argv: Vec<_> = pointers[..argc].iter().copied().chain([std::ptr::null()]).collect();
+    let envp: Vec<_> = pointers[argc..].iter().copied().chain([std::ptr::null()]).collect();
+    let flags = namespace_clone_flags();
+    let id_maps = own_id_maps()?;
+    let mut plan = ExecPlan {
+        path: &strings[0],
+        argv: &argv,
+        envp: &envp,
+        moves: &moves,
+        dev_null: dev_null.as_raw_fd(),
+        ready_read: ready.read_fd(),
+        ready_write: ready.partition_fd(),
+        id_maps: if flags & libc::CLONE_NEWUSER as libc::c_ulong != 0 { &id_maps } else { &[] },
     };
-    // SAFETY: the closure only calls prctl, getppid and dup2, which are async-signal-safe.
-    unsafe { command.pre_exec(before_exec) };
-    let mut child =
-        command.spawn().map_err(|source| PartitionError::Spawn { driver: driver.path.clone(), source })?;
-    drop(high);
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    if pidfd < 0 {
-        let error = io::Error::last_os_error();
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(setup("open a pidfd")(error));
-    }
-    // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    let partition = Partition { child, pidfd };
+    let spawn_error = |source| PartitionError::Spawn { driver: driver.path.clone(), source };
+    let (pid, pidfd, own_pid_namespace) = match clone_and_exec(&plan, PARTITION_CLONE_FLAGS | flags, floor) {
+        Ok(child) => (child.0, child.1, true),
+        Err(CloneError::Refused(error)) => {
+            log::debug!("the kernel refused the partition's namespaces ({error}); the driver tries itself");
+            plan.id_maps = &[];
+            let (pid, pidfd) =
+                clone_and_exec(&plan, PARTITION_CLONE_FLAGS, floor).map_err(|e| spawn_error(e.into()))?;
+            (pid, pidfd, false)
+        }
+        Err(error) => return Err(spawn_error(error.into())),
+    };
+    drop((high, dev_null));
+    let partition = Partition { pid, pidfd, status: None, own_pid_namespace };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
     Ok(StartingPartition { partition, ready, command })
 }
 
-/// Duplicates `fd` to a number of at least 10, close-on-exec.
-fn dup_high(fd: RawFd) -> Result<OwnedFd, PartitionError> {
+fn c_string(text: &std::ffi::OsStr) -> Result<CString, PartitionError> {
+    CString::new(text.as_bytes()).map_err(|e| setup("pass an argument")(io::Error::other(e)))
+}
+
+/// The namespaces a partition is born into: a PID namespace, and for a hypervisor that is
+/// not root a user namespace too (an unprivileged process needs one to create the other).
+/// Created by root, the PID namespace belongs to the host's user namespace, as the ones the
+/// partition creates itself do.
+fn namespace_clone_flags() -> libc::c_ulong {
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 { 0 } else { libc::CLONE_NEWUSER };
+    (libc::CLONE_NEWPID | user) as libc::c_ulong
+}
+
+/// The clone flags of a partition's process besides its namespaces: a plain child (nothing
+/// shared, like a fork) that reports its end with SIGCHLD, and a pidfd for the parent.
+pub(crate) const PARTITION_CLONE_FLAGS: libc::c_ulong = (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+
+/// The lines that map this process's own ids in a user namespace it creates: no
+/// supplementary groups (which an unprivileged map requires), the uid and the gid to
+/// themselves. The driver then creates the rest of its sandbox inside.
+fn own_id_maps() -> Result<[(&'static CStr, CString); 3], PartitionError> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: getegid has no preconditions.
+    let gid = unsafe { libc::getegid() };
+    let line = |text: String| c_string(text.as_ref());
+    Ok([
+        (c"/proc/self/setgroups", line("deny".into())?),
+        (c"/proc/self/uid_map", line(format!("{uid} {uid} 1"))?),
+        (c"/proc/self/gid_map", line(format!("{gid} {gid} 1"))?),
+    ])
+}
+
+/// Everything the new process needs between clone and exec, prepared beforehand: the child
+/// of a multithreaded process may not allocate, so it only reads this and makes system calls.
+struct ExecPlan<'a> {
+    path: &'a CStr,
+    /// NULL-terminated.
+    argv: &'a [*const libc::c_char],
+    /// NULL-terminated.
+    envp: &'a [*const libc::c_char],
+    /// (from, to): the partition's fds moved into place.
+    moves: &'a [(RawFd, RawFd)],
+    /// /dev/null, for stdin and stdout.
+    dev_null: RawFd,
+    /// The readiness pipe: the hypervisor's end (closed in the child) and the partition's.
+    ready_read: RawFd,
+    ready_write: RawFd,
+    /// For a new user namespace: the files and lines that map the process's own ids.
+    id_maps: &'a [(&'static CStr, CString)],
+}
+
+/// The step of [`exec_child`] that failed, reported with the errno.
+#[derive(Clone, Copy, Debug)]
+enum ExecStep {
+    DeathSignal = 1,
+    MapIds = 2,
+    MoveFds = 3,
+    Exec = 4,
+}
+
+impl ExecStep {
+    fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::DeathSignal,
+            2 => Self::MapIds,
+            3 => Self::MoveFds,
+            _ => Self::Exec,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::DeathSignal => "set the parent-death signal",
+            Self::MapIds => "map the ids of its user namespace",
+            Self::MoveFds => "move its fds into place",
+            Self::Exec => "exec",
+        }
+    }
+}
+
+/// The child between clone and exec: only async-signal-safe system calls on data prepared by
+/// the parent; a failure is reported on `report` as the step and the errno. Never returns.
+fn exec_child(plan: &ExecPlan<'_>, report: RawFd) -> ! {
+    let fail = |step: ExecStep| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        bytes[4..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: writes from a live buffer.
+        unsafe { libc::write(report, bytes.as_ptr().cast(), bytes.len()) };
+        // SAFETY: ends the process without running anything else.
+        unsafe { libc::_exit(127) }
+    };
+    // The partition dies with the thread that started it, which lives as long as the
+    // hypervisor.
+    // SAFETY: plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
+        fail(ExecStep::DeathSignal);
+    }
+    // The hypervisor may have died before the signal was armed. getppid cannot tell (the
+    // parent is outside the new PID namespace), the readiness pipe can: with this copy of
+    // the hypervisor's end closed, it has no reader left once the hypervisor's last thread
+    // released its fds, which a thread does before it hands its children on (and sends them
+    // their parent-death signal).
+    // SAFETY: closes this process's copy of an fd it never uses.
+    unsafe { libc::close(plan.ready_read) };
+    let mut pollfd = libc::pollfd { fd: plan.ready_write, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    if unsafe { libc::poll(&mut pollfd, 1, 0) } < 0 || pollfd.revents & libc::POLLERR != 0 {
+        // SAFETY: ends the process; nobody is left to tell.
+        unsafe { libc::_exit(1) };
+    }
+    // A clean signal state for the program: nothing blocked, SIGPIPE back to its default.
+    // SAFETY: a zeroed sigset_t is a valid empty set, which sigemptyset makes sure of.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: initialises the set above.
+    unsafe { libc::sigemptyset(&mut none) };
+    // SAFETY: reads the set; the old mask is not asked for.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) };
+    // SAFETY: restores a default disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    for (file, line) in plan.id_maps {
+        // SAFETY: a NUL-terminated path; the fd is closed below.
+        let fd = unsafe { libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            fail(ExecStep::MapIds);
+        }
+        let bytes = line.as_bytes();
+        // SAFETY: writes from a live buffer to the fd just opened.
+        if unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) } != bytes.len() as isize {
+            fail(ExecStep::MapIds);
+        }
+        // SAFETY: the fd was opened above.
+        unsafe { libc::close(fd) };
+    }
+    for &(from, to) in plan.moves.iter().chain(&[(plan.dev_null, 0), (plan.dev_null, 1)]) {
+        // SAFETY: dup2 on fds this process owns.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            fail(ExecStep::MoveFds);
+        }
+    }
+    // SAFETY: a NUL-terminated path and NULL-terminated arrays of NUL-terminated strings,
+    // all alive in this process's copy of the parent's memory.
+    unsafe { libc::execve(plan.path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
+    fail(ExecStep::Exec)
+}
+
+/// Why [`clone_and_exec`] failed.
+#[derive(Debug)]
+enum CloneError {
+    /// The kernel refused the namespaces.
+    Refused(io::Error),
+    /// Anything else.
+    Failed(io::Error),
+}
+
+impl From<CloneError> for io::Error {
+    fn from(error: CloneError) -> Self {
+        match error {
+            CloneError::Refused(e) | CloneError::Failed(e) => e,
+        }
+    }
+}
+
+/// Creates a process with `flags` and execs `plan` in it; returns its pid and pidfd once
+/// the exec happened. Fds the parent creates for it are put at `floor` or above.
+fn clone_and_exec(
+    plan: &ExecPlan<'_>,
+    flags: libc::c_ulong,
+    floor: RawFd,
+) -> Result<(libc::pid_t, OwnedFd), CloneError> {
+    let (report_read, low_report_write) = pipe_cloexec().map_err(CloneError::Failed)?;
+    let report_write = dup_above(low_report_write.as_raw_fd(), floor).map_err(CloneError::Failed)?;
+    drop(low_report_write);
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: a clone without CLONE_VM: the child runs on a copy of this memory, like a
+    // fork, and only runs exec_child, which never returns and allocates nothing. CLONE_PIDFD
+    // stores the pidfd through the third argument.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, &raw mut pidfd, 0usize, 0usize) };
+    if pid == 0 {
+        exec_child(plan, report_write.as_raw_fd());
+    }
+    if pid < 0 {
+        let error = io::Error::last_os_error();
+        let refused =
+            matches!(error.raw_os_error(), Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS));
+        return Err(if refused && flags & NAMESPACE_FLAGS != 0 {
+            CloneError::Refused(error)
+        } else {
+            CloneError::Failed(error)
+        });
+    }
+    let pid = pid as libc::pid_t;
+    // SAFETY: CLONE_PIDFD returned a new fd, owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // The child's copy is closed by its exec: end of file then means it runs the program.
+    drop(report_write);
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        // SAFETY: reads into the unfilled part of a live buffer.
+        let read = unsafe {
+            libc::read(report_read.as_raw_fd(), report[got..].as_mut_ptr().cast(), report.len() - got)
+        };
+        match read {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    if got == 0 {
+        return Ok((pid, pidfd));
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child, which exits right after its report.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let step = ExecStep::from_code(u32::from_ne_bytes([report[0], report[1], report[2], report[3]]));
+    let error =
+        io::Error::from_raw_os_error(i32::from_ne_bytes([report[4], report[5], report[6], report[7]]));
+    Err(CloneError::Failed(match step {
+        ExecStep::Exec => error,
+        _ => io::Error::new(error.kind(), format!("cannot {}: {error}", step.describe())),
+    }))
+}
+
+/// Every namespace flag [`namespace_clone_flags`] may give.
+const NAMESPACE_FLAGS: libc::c_ulong = (libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as libc::c_ulong;
+
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((read, write))
+}
+
+/// Duplicates `fd` to a number of at least `floor`, close-on-exec.
+fn dup_above(fd: RawFd, floor: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd and returns a new one or -1.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
     if new < 0 {
-        return Err(setup("duplicate an fd")(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: `new` was just created and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })

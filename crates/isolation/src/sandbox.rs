@@ -10,6 +10,11 @@
 //!    but a down loopback, no System V IPC of the host's, no view of host processes.
 //!    Started as root, the partition creates them while still root: they belong to the
 //!    host's user namespace, and a process of the partition's uid gains no power over them.
+//!    The PID namespace is usually there already: the spawner ([`crate::partition`])
+//!    creates the partition's process as PID 1 of a PID namespace of its own (as root, so
+//!    it too belongs to the host's user namespace; an unprivileged spawner creates it with
+//!    a user namespace that maps only its own ids, inside which the partition then creates
+//!    its own as below).
 //! 3. **An empty root**: a read-only, empty tmpfs becomes the root (`pivot_root`) and the
 //!    host's whole mount tree is detached from the partition's mount namespace. No path
 //!    names a host file, and there is no directory to escape through.
@@ -39,19 +44,22 @@
 //!    proxy partitions).
 //! 8. **`no_new_privs` and not dumpable**: no privilege through exec (there is no exec
 //!    anyway), no ptrace or /proc access from other processes of its uid.
-//! 9. **A process that serves in a new PID namespace**: a fork; the child is PID 1 of the
-//!    new PID namespace and serves the device, while the process the hypervisor started
-//!    (and watches through its pidfd) holds nothing, waits, and dies the way its child
-//!    died (SIGSYS for a seccomp violation, SIGABRT for an abort, such as an allocation
-//!    beyond the address-space budget: an init process cannot die of its own SIGABRT, so
-//!    PID 1 reports it by an exit status the watcher turns back into the signal).
-//! 10. **A seccomp allowlist per kind of process** ([`Profile`]; the watcher gets the
+//! 9. **One process, PID 1 of its PID namespace**: a partition the spawner started is PID 1
+//!    already and serves as it is; one started otherwise (a vhost-user backend started by
+//!    hand) forks, its child is PID 1 of the new PID namespace and serves, while the
+//!    process that was started holds nothing, waits, and dies the way its child died (a
+//!    "watcher"). PID 1 cannot die of a signal it sends itself, so an abort (an allocation
+//!    beyond the address-space budget, a panic in a drop) ends it with exit status
+//!    [`ABORTED_EXIT_CODE`], which the spawner ([`crate::partition::Partition`]) or the
+//!    watcher turns back into a death by SIGABRT. A seccomp kill (SIGSYS) ends it as it
+//!    would any process.
+//! 10. **A seccomp allowlist per kind of process** ([`Profile`]; a watcher gets the
 //!     smallest): any other system call, or an allowed one with other arguments (a clone
 //!     that is not a thread, a prctl other than naming a thread, executable mappings, ...),
-//!     kills the process. The watcher installs its filter before its child may install its
-//!     own, and the child installs its filter before it tells the spawner it is ready
-//!     ([`ReadySignal`]): once the spawner has heard that, the sandbox is final in every
-//!     process of the partition, before any request is served.
+//!     kills the process. A watcher installs its filter before its child may install its
+//!     own, and the serving process installs its filter before it tells the spawner it is
+//!     ready ([`ReadySignal`]): once the spawner has heard that, the sandbox is final in
+//!     every process of the partition, before any request is served.
 //!
 //! A partition never holds /dev/kvm or the VM fd: it is never given them.
 
@@ -144,9 +152,9 @@ pub enum Profile {
 }
 
 impl Profile {
-    /// The default task budget (RLIMIT_NPROC): the watcher and the serving process, plus
-    /// for vhost-user its connection thread and one worker per queue, with room for more
-    /// queues and a reconnecting frontend.
+    /// The default task budget (RLIMIT_NPROC): the serving process and a watcher (if it
+    /// forked into its PID namespace), plus for vhost-user its connection thread and one
+    /// worker per queue, with room for more queues and a reconnecting frontend.
     fn default_max_tasks(self) -> u64 {
         match self {
             Self::VhostUserBlk | Self::VhostUserNet => 16,
@@ -352,6 +360,22 @@ const NAMESPACES: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWPID;
 
+/// Whether this process is PID 1 of its PID namespace: the spawner created the namespace
+/// with it ([`crate::partition`]).
+fn is_init() -> bool {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() == 1 }
+}
+
+/// Whether the read end of the pipe whose write end is `fd` is closed everywhere (the
+/// process that started this one, which holds it, is gone).
+fn nobody_listens(fd: RawFd) -> bool {
+    let mut pollfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ready == 1 && pollfd.revents & libc::POLLERR != 0
+}
+
 fn unshare(flags: libc::c_int) -> Result<(), SandboxError> {
     // SAFETY: unshare only changes this process's namespaces (the PID one: its children's).
     if unsafe { libc::unshare(flags) } < 0 {
@@ -361,9 +385,9 @@ fn unshare(flags: libc::c_int) -> Result<(), SandboxError> {
 }
 
 /// For a process that is not root: a user namespace of its own, its ids mapped to
-/// themselves, which owns the other new namespaces.
-fn enter_namespaces_unprivileged(ids: Ids) -> Result<(), SandboxError> {
-    unshare(libc::CLONE_NEWUSER | NAMESPACES)?;
+/// themselves, which owns the other new `namespaces`.
+fn enter_namespaces_unprivileged(ids: Ids, namespaces: libc::c_int) -> Result<(), SandboxError> {
+    unshare(libc::CLONE_NEWUSER | namespaces)?;
     let write = |path: &str, text: String| {
         std::fs::write(path, text).map_err(|source| SandboxError::Setup { what: "map ids", source })
     };
@@ -480,9 +504,10 @@ fn limit_resources(config: &SandboxConfig) -> Result<(), SandboxError> {
 /// The exit status by which PID 1 of the partition's PID namespace reports that it
 /// aborted: the kernel ignores the signals an init process sends itself without a handler,
 /// so abort()'s SIGABRT would be lost (and glibc would go on to other ways of dying). The
-/// watcher, which is no init, turns it back into a death by SIGABRT. No other code of a
-/// partition exits with it.
-const ABORTED_EXIT_CODE: libc::c_int = 128 + libc::SIGABRT;
+/// spawner (for a partition that is PID 1 from its start) or the watcher (for one that
+/// forked into its PID namespace) turns it back into a death by SIGABRT. No other code of
+/// a partition exits with it.
+pub const ABORTED_EXIT_CODE: libc::c_int = 128 + libc::SIGABRT;
 
 extern "C" fn exit_as_aborted(_signal: libc::c_int) {
     // SAFETY: _exit is async-signal-safe and ends the process.
@@ -600,20 +625,32 @@ fn watch(config: &SandboxConfig, child: libc::pid_t, gate_read: OwnedFd, gate_wr
 }
 
 /// Applies every step described in the [module docs](self). Call it while the process has
-/// one thread: it forks into a new PID namespace, and seccomp applies to the calling thread
-/// and the ones it creates. Returns in the process that serves, with the sandbox in place
-/// in it and in its watcher, and readiness signalled.
+/// one thread: it may fork into a new PID namespace, and seccomp applies to the calling
+/// thread and the ones it creates. Returns in the process that serves, with the sandbox in
+/// place in it (and in its watcher, if it forked), and readiness signalled.
 pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
     close_other_fds(&config.kept_fds())?;
+    // Started as PID 1 of a PID namespace of its own (as the spawner starts partitions),
+    // the process serves as that init, sandboxed or not; otherwise it forks into a new one.
+    let init = is_init();
+    if init {
+        report_aborts()?;
+    }
     if config.enabled {
+        let namespaces = if init { NAMESPACES & !libc::CLONE_NEWPID } else { NAMESPACES };
         let ids = if running_as_root() {
             // Namespaces and the empty root while still root (they belong to the host's
             // user namespace, so a process of the partition's uid gains no power over
             // them), then the ids for good: the process is non-dumpable from that moment
             // and never dumpable again.
-            unshare(NAMESPACES)?;
+            unshare(namespaces)?;
             pivot_into_empty_root()?;
             drop_host_ids(config.run_as)?;
+            // The uid change cleared the parent-death signal for a moment; getppid cannot
+            // tell an init whether the hypervisor died meanwhile, its readiness pipe can.
+            if config.ready.is_some_and(nobody_listens) {
+                return Err(SandboxError::ParentGone);
+            }
             // A user namespace of its own, created unprivileged and owning nothing, with
             // no ids mapped (nothing needs them): RLIMIT_NPROC counts the tasks of one
             // (user namespace, uid), so the partition's budget covers its own tasks.
@@ -622,7 +659,7 @@ pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
         } else {
             // No id to change; a user namespace to be allowed the others at all.
             let ids = own_ids();
-            enter_namespaces_unprivileged(ids)?;
+            enter_namespaces_unprivileged(ids, namespaces)?;
             pivot_into_empty_root()?;
             ids
         };
@@ -632,7 +669,9 @@ pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
         check("set no_new_privs", unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
         // SAFETY: PR_SET_DUMPABLE takes plain integers.
         check("become non-dumpable", unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
-        serve_from_new_pid_namespace(config)?;
+        if !init {
+            serve_from_new_pid_namespace(config)?;
+        }
         // SAFETY: getpid has no preconditions (1 here, in the new PID namespace).
         let own = unsafe { libc::getpid() };
         for program in seccomp::partition_filters(config.profile, own)? {
@@ -680,6 +719,12 @@ impl ReadySignal {
     /// The end to hand to the partition (as one of its fds).
     pub fn partition_fd(&self) -> RawFd {
         self.write.as_raw_fd()
+    }
+
+    /// This process's end, which a child closes before it checks whether anybody still
+    /// listens (see [`crate::partition`]).
+    pub(crate) fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
     }
 
     /// Waits at most `timeout` for the partition to say it is sandboxed: its byte, then

@@ -41,15 +41,17 @@
 //!
 //! # The partition spawner
 //!
-//! The spawner forks and execs `splitvisor-driver`, and a filter is inherited through fork
-//! *and* exec: a partition runs under the spawner's filter as well as its own, from its
-//! first instruction (the dynamic loader) to its last. So the spawner's allowlist is the
-//! widest here: its own calls, what the forked child does before exec, what the driver
+//! The spawner clones (a child born as PID 1 of a PID namespace of its own) and execs
+//! `splitvisor-driver`, and a filter is inherited through clone *and* exec: a partition runs
+//! under the spawner's filter as well as its own, from its first instruction (the dynamic
+//! loader) to its last. So the spawner's allowlist is the widest here: its own calls, what
+//! the cloned child does before exec, what the driver
 //! does until its own sandbox is final (namespaces, mounts, ids, capabilities, rlimits,
 //! seccomp) and, merged in from the partitions' own allowlists, everything a partition
 //! does while it serves. It still allows no socket creation (but a socket pair), no
 //! connect, bind or listen, no ptrace, no process_vm_*, no bpf, no module or kexec calls,
-//! and a clone only as a thread or as a plain fork.
+//! and a clone only as a thread or as a new partition (a plain child, in a new PID
+//! namespace, and a new user namespace when the hypervisor is not root).
 //!
 //! # The jail
 //!
@@ -84,9 +86,9 @@ use splitvisor_bus::threads::{self, ThreadKind};
 
 use super::seccomp::{
     self, Rules, THREAD_CLONE_FLAGS, any, arg_in, arg_without, clone3_enosys, compile, partition_rules,
-    watcher_rules,
 };
 use super::{Profile, SandboxError};
+use crate::partition::PARTITION_CLONE_FLAGS;
 
 /// The exit status of a hypervisor whose thread made a forbidden system call.
 pub const FORBIDDEN_SYSCALL_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
@@ -530,20 +532,16 @@ fn merge(rules: &mut Rules, more: Rules) {
     }
 }
 
-/// The flags glibc's fork passes to clone.
-const FORK_CLONE_FLAGS: u64 = (libc::CLONE_CHILD_CLEARTID | libc::CLONE_CHILD_SETTID | libc::SIGCHLD) as u64;
-
-/// The spawner, the child it forks and the driver that child becomes (see the [module
+/// The spawner, the child it clones and the driver that child becomes (see the [module
 /// docs](self)).
 fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, SandboxError> {
-    // The spawner itself: the readiness pipe, the socket pair std's Command reports
-    // through, the fork, the child's pidfd, the wait for readiness, the child killed and
-    // reaped on failure, /dev/null for the child's stdin and stdout.
+    // The spawner itself: the readiness pipe and the one the child reports a failed exec
+    // on, the clone (below), the wait for readiness, the child killed and reaped on
+    // failure, /dev/null for the child's stdin and stdout.
     any(
         &mut rules,
         &[
             libc::SYS_pipe2,
-            libc::SYS_pidfd_open,
             libc::SYS_poll,
             libc::SYS_ppoll,
             libc::SYS_read,
@@ -555,8 +553,8 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     partition_setup(&mut rules)?;
     partition_reaping(&mut rules)?;
     thread_creation(&mut rules)?;
-    // The forked child before exec: the parent-death signal, its fds moved into place,
-    // signal dispositions and mask reset, exec.
+    // The cloned child before exec: the parent-death signal, its fds moved into place, its
+    // ids mapped (a new user namespace), signal dispositions and mask reset, exec.
     any(
         &mut rules,
         &[libc::SYS_getppid, libc::SYS_dup2, libc::SYS_dup3, libc::SYS_rt_sigaction, libc::SYS_execve],
@@ -564,7 +562,7 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     // The driver until its own sandbox is final: the dynamic loader (opens, maps and
     // protects its libraries, executable mappings included), std's start-up, the
     // sandbox's own steps (fds closed, namespaces, the empty root, ids, capabilities,
-    // rlimits, the fork into its PID namespace, seccomp), and its log.
+    // rlimits, seccomp), and its log.
     any(
         &mut rules,
         &[
@@ -613,19 +611,20 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
         libc::PR_CAP_AMBIENT,
     ];
     arg_in(&mut rules, libc::SYS_prctl, 0, Len::Dword, &options.map(|option| option as u64))?;
-    // Namespaces: exactly the driver's sets (as root; unprivileged, with a user namespace).
+    // Namespaces: exactly the driver's sets (as root; unprivileged, with a user namespace),
+    // without the PID namespace when it was born in one.
     let namespaces = (libc::CLONE_NEWNS
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP
-        | libc::CLONE_NEWPID) as u64;
+        | libc::CLONE_NEWCGROUP) as u64;
+    let (pid, user) = (libc::CLONE_NEWPID as u64, libc::CLONE_NEWUSER as u64);
     arg_in(
         &mut rules,
         libc::SYS_unshare,
         0,
         Len::Dword,
-        &[namespaces, libc::CLONE_NEWUSER as u64, namespaces | libc::CLONE_NEWUSER as u64],
+        &[namespaces, namespaces | pid, user, namespaces | user, namespaces | pid | user],
     )?;
     // Mounts: making the tree private, and the empty read-only tmpfs.
     let private = libc::MS_REC | libc::MS_PRIVATE;
@@ -633,15 +632,30 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     arg_in(&mut rules, libc::SYS_mount, 3, Len::Qword, &[private, empty])?;
     // isatty (env_logger) and nothing else.
     arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &[libc::TCGETS])?;
-    // A clone is a thread or a plain fork (into the driver's PID namespace).
-    arg_in(&mut rules, libc::SYS_clone, 0, Len::Qword, &[THREAD_CLONE_FLAGS, FORK_CLONE_FLAGS])?;
+    // A clone is a thread or a new partition: a plain child, born as PID 1 of a PID
+    // namespace of its own (and, unprivileged, in a user namespace of its own), or in the
+    // spawner's namespaces if the kernel refuses those (the driver then refuses to run).
+    let partition = PARTITION_CLONE_FLAGS;
+    let pid_namespace = libc::CLONE_NEWPID as u64;
+    let user_namespace = libc::CLONE_NEWUSER as u64;
+    arg_in(
+        &mut rules,
+        libc::SYS_clone,
+        0,
+        Len::Qword,
+        &[
+            THREAD_CLONE_FLAGS,
+            partition,
+            partition | pid_namespace,
+            partition | pid_namespace | user_namespace,
+        ],
+    )?;
     // Whatever a partition does while it serves: its own allowlists, merged. Arguments
-    // that name one process or fd (its pid, its child, its gate pipe) are checked by the
-    // partition's own filters; here they are allowed for any.
+    // that name one process (its pid) are checked by the partition's own filters; here
+    // they are allowed for any.
     for profile in [Profile::VhostUserBlk, Profile::BusProxy] {
         merge(&mut rules, partition_rules(profile, own_pid)?);
     }
-    merge(&mut rules, watcher_rules(own_pid, own_pid, 0)?);
     any(&mut rules, &[libc::SYS_tgkill, libc::SYS_wait4, libc::SYS_kill, libc::SYS_write, libc::SYS_close]);
     // The merged partition lists refuse executable mappings; the loader needs them.
     any(&mut rules, &[libc::SYS_mmap, libc::SYS_mprotect, libc::SYS_fcntl]);
