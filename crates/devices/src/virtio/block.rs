@@ -1082,7 +1082,7 @@ enum MapError {
 /// [`Self::limit`]), one that found nothing halves it (down to [`Self::FLOOR`]), so a
 /// driver that waits for interrupts, or is idle, costs little CPU.
 #[derive(Clone, Copy, Debug, Default)]
-struct RingPoll {
+pub(crate) struct RingPoll {
     /// Longest window; zero: never look.
     limit: Duration,
     /// The window now.
@@ -1094,15 +1094,22 @@ impl RingPoll {
     /// completion and offer its next request, so that a found request can grow it again.
     const FLOOR: Duration = Duration::from_micros(4);
 
-    fn new(limit: Duration) -> Self {
+    pub(crate) fn new(limit: Duration) -> Self {
         Self { limit, window: limit }
     }
 
-    fn found(&mut self) {
+    /// The window now.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// A look found what it looked for: look longer next time.
+    pub(crate) fn found(&mut self) {
         self.window = (self.window * 2).min(self.limit);
     }
 
-    fn missed(&mut self) {
+    /// A look found nothing: look shorter next time.
+    pub(crate) fn missed(&mut self) {
         self.window = (self.window / 2).max(Self::FLOOR.min(self.limit));
     }
 }
@@ -1216,9 +1223,15 @@ impl BlockRequests {
     /// soon the driver's requests follow each other; zero, the default, never looks)
     /// before returning, with the driver's notifications still suppressed. Needs a
     /// notifier ([`BlockRequests::set_notifier`]): completions are announced before the
-    /// engine looks.
+    /// engine looks. The I/O engine then also looks for completions before it sleeps (up to
+    /// [`block_io::COMPLETION_POLL_LIMIT`]).
     pub fn set_poll_limit(&mut self, limit: Duration) {
         self.poll = RingPoll::new(limit);
+        // The engine looks for completions the same way, with its own bound.
+        if let Some(engine) = self.engine.as_mut() {
+            let engine_limit = if limit.is_zero() { limit } else { block_io::COMPLETION_POLL_LIMIT };
+            engine.set_poll_limit(engine_limit);
+        }
     }
 
     /// Guest memory changed (a vhost-user frontend sent a new memory table).
