@@ -27,6 +27,13 @@
 //!   device-writable byte; an IN request's data is every device-writable byte before it (so
 //!   data and status may share a descriptor), an OUT request's every device-readable byte
 //!   after the header. The used length is what the device wrote: data and status.
+//! * **Looking before sleeping.** The workers of both placements
+//!   ([`BlockRequests::set_poll_limit`]) look at the available ring for a while after a
+//!   batch, with the driver's notifications still suppressed, and the I/O engine looks at
+//!   its completion ring before it sleeps; both windows adapt (doubled when the look found
+//!   something, halved when not) and are bounded ([`POLL_LIMIT`],
+//!   [`super::block_io::COMPLETION_POLL_LIMIT`]). A driver that keeps one request in flight
+//!   then costs no kick and the worker no wake-up per request.
 //! * **No copy**: data moves between the image and guest memory with one read or write
 //!   (readv/writev on io_uring, `preadv`/`pwritev` in the pool) per request on iovecs of
 //!   the guest buffers.
@@ -1335,7 +1342,6 @@ impl BlockRequests {
                 break;
             }
         }
-
         let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
         Ok(Processed { completed, notify, pending })
     }
