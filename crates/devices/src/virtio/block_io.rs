@@ -38,8 +38,8 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Threads of the fallback engine, per queue.
 pub const POOL_THREADS: usize = 4;
 /// Longest the io_uring engine looks at its completion ring before it sleeps until a
-/// transfer completes ([`IoEngine::set_poll_limit`]): about the time of a 4 KiB O_DIRECT
-/// transfer on a fast disk.
+/// transfer completes ([`IoEngine::set_poll_limit`]; with cache=none only): about the time
+/// of a 4 KiB O_DIRECT transfer on a fast disk.
 pub const COMPLETION_POLL_LIMIT: Duration = Duration::from_micros(200);
 
 /// Which engine to use.
@@ -309,7 +309,12 @@ impl IoEngine for Uring {
     }
 
     fn set_poll_limit(&mut self, limit: Duration) {
-        self.poll = RingPoll::new(limit);
+        // Only O_DIRECT transfers complete without a CPU: a buffered one io_uring could not
+        // finish in the submission runs on a kernel worker, which the look would starve
+        // of a CPU on a small host.
+        if self.disk.cache() == CacheMode::None {
+            self.poll = RingPoll::new(limit);
+        }
     }
 
     fn outstanding(&self) -> usize {
