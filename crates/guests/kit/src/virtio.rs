@@ -555,7 +555,7 @@ impl BlockDevice {
             // few slow requests shrink the poll to where no completion is ever found in it,
             // and every later request waits for an interrupt.
             if self.poll_ticks > 0 && crate::rdtsc().saturating_sub(halted) <= self.poll_ticks {
-                self.poll_now = self.poll_now.saturating_mul(2).clamp(MIN_POLL_TICKS, self.poll_ticks);
+                self.poll_now = self.poll_now.saturating_mul(2).max(MIN_POLL_TICKS).min(self.poll_ticks);
             }
         }
     }
