@@ -27,6 +27,13 @@
 //!   device-writable byte; an IN request's data is every device-writable byte before it (so
 //!   data and status may share a descriptor), an OUT request's every device-readable byte
 //!   after the header. The used length is what the device wrote: data and status.
+//! * **Looking before sleeping.** The workers of both placements
+//!   ([`BlockRequests::set_poll_limit`]) look at the available ring for a while after a
+//!   batch, with the driver's notifications still suppressed, and the I/O engine looks at
+//!   its completion ring before it sleeps; both windows adapt (doubled when the look found
+//!   something, halved when not) and are bounded ([`POLL_LIMIT`],
+//!   [`super::block_io::COMPLETION_POLL_LIMIT`]). A driver that keeps one request in flight
+//!   then costs no kick and the worker no wake-up per request.
 //! * **No copy**: data moves between the image and guest memory with one read or write
 //!   (readv/writev on io_uring, `preadv`/`pwritev` in the pool) per request on iovecs of
 //!   the guest buffers.
@@ -67,6 +74,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use splitvisor_bus::threads::{self, ThreadKind};
 use virtio_queue::{Queue, QueueT};
@@ -103,6 +111,9 @@ pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 pub const MAX_IOVECS: usize = 1024;
 /// Bytes of the device ID returned by GET_ID.
 pub const ID_BYTES: usize = 20;
+/// Longest a queue's worker looks at the available ring for the driver's next request
+/// after serving a batch ([`BlockRequests::set_poll_limit`]).
+pub const POLL_LIMIT: Duration = Duration::from_micros(50);
 
 /// virtio-blk feature bits.
 pub mod feature {
@@ -841,6 +852,7 @@ impl BlockWorker {
                 log::warn!("virtio-blk: cannot interrupt the driver: {e}");
             }
         }));
+        requests.set_poll_limit(POLL_LIMIT);
         Self { requests, queue, interrupt, broken: false, pending: false, journal: Box::new(NoJournal) }
     }
 
@@ -1066,6 +1078,49 @@ enum MapError {
     Full,
 }
 
+/// How long the engine keeps looking at the available ring after it served requests,
+/// before it lets the driver's notifications wake it again.
+///
+/// A driver that keeps one request in flight offers the next one a few microseconds after
+/// it saw the last one complete; finding it by looking costs the driver no notification
+/// (no exit to the host: notifications stay suppressed while the engine looks) and the
+/// worker no wake-up, which on a busy host costs more than the request itself. The window
+/// adapts as the guest kit's polling does: a look that found a request doubles it (up to
+/// [`Self::limit`]), one that found nothing halves it (down to [`Self::FLOOR`]), so a
+/// driver that waits for interrupts, or is idle, costs little CPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RingPoll {
+    /// Longest window; zero: never look.
+    limit: Duration,
+    /// The window now.
+    window: Duration,
+}
+
+impl RingPoll {
+    /// The shortest window: long enough for a driver that polls the used ring to see a
+    /// completion and offer its next request, so that a found request can grow it again.
+    const FLOOR: Duration = Duration::from_micros(4);
+
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self { limit, window: limit }
+    }
+
+    /// The window now.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// A look found what it looked for: look longer next time.
+    pub(crate) fn found(&mut self) {
+        self.window = (self.window * 2).min(self.limit);
+    }
+
+    /// A look found nothing: look shorter next time.
+    pub(crate) fn missed(&mut self) {
+        self.window = (self.window / 2).max(Self::FLOOR.min(self.limit));
+    }
+}
+
 /// The request engine of virtio-blk: takes requests off a queue, executes them on the
 /// image and returns them. Shared by the in-process [`BlockWorker`] and the vhost-user
 /// backend of a driver partition, which owns its queues differently.
@@ -1096,6 +1151,7 @@ pub struct BlockRequests {
     /// Requests put in the used ring since the driver was last interrupted.
     unsignalled: bool,
     stats: EngineStats,
+    poll: RingPoll,
 }
 
 impl BlockRequests {
@@ -1148,6 +1204,7 @@ impl BlockRequests {
             notifier: None,
             unsignalled: false,
             stats: EngineStats::default(),
+            poll: RingPoll::default(),
         }
     }
 
@@ -1167,6 +1224,21 @@ impl BlockRequests {
     /// caller interrupts once per call, from [`Processed::notify`]).
     pub fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
         self.notifier = Some(notify);
+    }
+
+    /// After serving requests, look at the available ring for up to `limit` (adapted to how
+    /// soon the driver's requests follow each other; zero, the default, never looks)
+    /// before returning, with the driver's notifications still suppressed. Needs a
+    /// notifier ([`BlockRequests::set_notifier`]): completions are announced before the
+    /// engine looks. The I/O engine then also looks for completions before it sleeps (up to
+    /// [`block_io::COMPLETION_POLL_LIMIT`]).
+    pub fn set_poll_limit(&mut self, limit: Duration) {
+        self.poll = RingPoll::new(limit);
+        // The engine looks for completions the same way, with its own bound.
+        if let Some(engine) = self.engine.as_mut() {
+            let engine_limit = if limit.is_zero() { limit } else { block_io::COMPLETION_POLL_LIMIT };
+            engine.set_poll_limit(engine_limit);
+        }
     }
 
     /// Guest memory changed (a vhost-user frontend sent a new memory table).
@@ -1259,6 +1331,11 @@ impl BlockRequests {
                 };
                 break;
             }
+            // Notifications are still suppressed: the driver's next request, if it comes
+            // soon, is found without a kick and without a wake-up.
+            if fetched > 0 && self.look_for_more(queue)? {
+                continue;
+            }
             if !queue.event_idx_enabled()
                 || !queue.enable_notification(&self.mem).map_err(QueueError::Broken)?
             {
@@ -1267,6 +1344,34 @@ impl BlockRequests {
         }
         let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
         Ok(Processed { completed, notify, pending })
+    }
+
+    /// Announces what is in the used ring, then looks at the available ring for the
+    /// poll window ([`RingPoll`]); true if a request arrived.
+    fn look_for_more(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
+        let window = self.poll.window;
+        let Some(notify) = self.notifier.as_ref().filter(|_| !window.is_zero()) else {
+            return Ok(false);
+        };
+        // A driver waiting for an interrupt must not wait for the look as well.
+        if self.unsignalled {
+            if queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
+                notify();
+            }
+            self.unsignalled = false;
+        }
+        let start = Instant::now();
+        loop {
+            if self.available(queue)? > 0 {
+                self.poll.found();
+                return Ok(true);
+            }
+            if start.elapsed() >= window {
+                self.poll.missed();
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Re-executes requests that were in flight when a previous backend died, in this
@@ -2046,6 +2151,75 @@ mod tests {
         );
         assert_eq!(driver.used_idx(), 0);
         assert_eq!(driver.used_elem(0xffff), (6, 513));
+    }
+
+    /// A driver that keeps one request in flight offers the next only once it saw the last
+    /// complete. With a poll limit the engine looks for it before it returns: one call
+    /// serves the whole budget (the queue size) of such requests, without a kick between
+    /// them. Without the look the call would end after the first.
+    #[test]
+    fn requests_offered_one_after_the_other_are_found_by_looking_at_the_ring() {
+        const SIZE: u16 = 8;
+        let mem = guest_memory(0x10_0000);
+        let (mut requests, _) = engine(&mem);
+        let mut driver = DriverQueue::new(&mem, 0x1000, SIZE);
+        let mut queue = driver.device_queue();
+        // Two chains, used in turn: a request's chain is free again once it completed.
+        chain(&mem, &driver, 1, request_type::IN, 0);
+        chain(&mem, &driver, 2, request_type::OUT, 8);
+        let (_, avail, used) = driver.addresses();
+        let announced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = announced.clone();
+        requests.set_notifier(Box::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }));
+        // Far longer than the driver thread can take to answer: the test does not depend on
+        // how fast this machine schedules it.
+        requests.set_poll_limit(Duration::from_secs(30));
+        driver.publish(3);
+        let driver_mem = mem.clone();
+        let offering = std::thread::spawn(move || {
+            let give_up = Instant::now() + Duration::from_secs(60);
+            for k in 1..SIZE {
+                // Wait for the k-th completion ...
+                while driver_mem.read_obj::<u16>(GuestAddress(used + 2)).map(u16::from_le).ok() != Some(k) {
+                    assert!(Instant::now() < give_up, "request {k} never completed");
+                    std::thread::yield_now();
+                }
+                // ... then offer the next request, with no kick.
+                let head: u16 = if k % 2 == 0 { 3 } else { 6 };
+                let slot = avail + 4 + 2 * u64::from(k % SIZE);
+                driver_mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+                driver_mem.write_obj((k + 1).to_le(), GuestAddress(avail + 2)).unwrap();
+            }
+        });
+        let processed = requests.process_queue(&mut queue).unwrap();
+        offering.join().unwrap();
+        assert_eq!(processed.completed, usize::from(SIZE));
+        assert_eq!(driver.used_idx(), SIZE);
+        // Each completion was announced before the engine looked for the next request.
+        assert!(announced.load(Ordering::Relaxed) >= usize::from(SIZE) - 1);
+    }
+
+    #[test]
+    fn the_poll_window_grows_on_a_find_and_shrinks_on_a_miss_within_its_bounds() {
+        let mut poll = RingPoll::new(Duration::from_micros(64));
+        assert_eq!(poll.window, Duration::from_micros(64));
+        for _ in 0..10 {
+            poll.missed();
+        }
+        assert_eq!(poll.window, RingPoll::FLOOR);
+        poll.found();
+        assert_eq!(poll.window, 2 * RingPoll::FLOOR);
+        for _ in 0..10 {
+            poll.found();
+        }
+        assert_eq!(poll.window, Duration::from_micros(64));
+        // No limit: never looks.
+        let mut off = RingPoll::default();
+        off.missed();
+        off.found();
+        assert!(off.window.is_zero());
     }
 
     #[test]

@@ -297,7 +297,8 @@ pub struct BlockDevice {
     /// Most TSC ticks [`Self::wait`] polls the used ring before it waits for an interrupt.
     poll_ticks: u64,
     /// What it polls now: halved after a poll that found nothing, doubled (up to
-    /// `poll_ticks`) after one that found a completion, as KVM's halt polling adapts.
+    /// `poll_ticks`) after one that found a completion or a halt that lasted less than
+    /// `poll_ticks`, as KVM's halt polling adapts.
     poll_now: u64,
     /// Used entries that named no request in flight.
     stray_completions: u64,
@@ -416,7 +417,8 @@ impl BlockDevice {
     /// for an interrupt (0, the default, polls once). Polling pays in ring 3, which runs
     /// natively, where an interrupt costs a trip through emulated ring 0; but a vCPU that
     /// polls takes a host CPU from the device. So the time adapts: a poll that ends without a
-    /// completion halves the next one, a poll that finds one doubles it again, up to `ticks`.
+    /// completion halves the next one; a poll that finds one, or an interrupt that comes
+    /// within `ticks` of the halt, doubles it again, up to `ticks`.
     pub fn set_poll_ticks(&mut self, ticks: u64) {
         self.poll_ticks = ticks;
         self.poll_now = ticks;
@@ -542,10 +544,18 @@ impl BlockDevice {
             if self.needs_reset() {
                 return Err("device needs reset");
             }
+            let halted = crate::rdtsc();
             if self.timeout_ticks == 0 {
                 cpu::wait_for_interrupt_since(seen);
             } else {
                 self.wait_bounded(seen)?;
+            }
+            // A completion that came within the longest poll would have been found by a
+            // longer one: poll longer next time (KVM's rule for halt polling). Without it a
+            // few slow requests shrink the poll to where no completion is ever found in it,
+            // and every later request waits for an interrupt.
+            if self.poll_ticks > 0 && crate::rdtsc().saturating_sub(halted) <= self.poll_ticks {
+                self.poll_now = self.poll_now.saturating_mul(2).max(MIN_POLL_TICKS).min(self.poll_ticks);
             }
         }
     }

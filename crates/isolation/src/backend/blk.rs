@@ -159,6 +159,9 @@ impl QueueServer for BlockQueue {
 
     fn set_notifier(&mut self, notify: Box<dyn Fn() + Send>) {
         self.requests.set_notifier(notify);
+        // Completions are announced as they happen: the queue may look for the driver's
+        // next request after a batch (the very behaviour of the in-hypervisor worker).
+        self.requests.set_poll_limit(block::POLL_LIMIT);
     }
 }
 
