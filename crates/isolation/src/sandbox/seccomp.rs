@@ -240,6 +240,10 @@ pub(super) fn partition_rules(profile: Profile, own_pid: libc::pid_t) -> Result<
                     libc::SYS_ftruncate,
                     // An injected hang (--inject-fault hang-after=N) sleeps for ever.
                     libc::SYS_clock_nanosleep,
+                    // The workers' bounded looks at the rings before they sleep read the
+                    // clock: the vDSO here, the system call where the kernel's clock
+                    // source has no vDSO path.
+                    libc::SYS_clock_gettime,
                 ],
             );
             // The I/O engine: io_uring (where the kernel has it; else the same threads
