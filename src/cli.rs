@@ -82,7 +82,9 @@ pub struct VmArgs {
     /// How long a driver may leave requests waiting without completing any before it is
     /// taken as hung and replaced; a partition of a plain device (COM1, the i8042) that
     /// the guest left alone this long is probed, and replaced if it does not answer.
-    #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000)]
+    /// 10 to 600000 (shorter would take a driver that is merely slow for a hung one).
+    #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub watchdog: u64,
     /// Do not keep a spare partition started for each device (restarts then start one).
     #[arg(long)]

@@ -47,6 +47,9 @@ fn bad_sizes_and_counts_are_one_line_errors() {
     assert_one_line_error(&["--mem", "17000001"], "4 KiB");
     assert_one_line_error(&["--vcpus", "0"], "at least one vCPU");
     assert_one_line_error(&["--guest", "nope"], "unknown guest 'nope'");
+    // A watchdog of 0 ms would take every driver with a request in flight for a hung one.
+    assert_one_line_error(&["--watchdog", "0"], "--watchdog");
+    assert_one_line_error(&["--watchdog", "600001"], "--watchdog");
 }
 
 #[test]
