@@ -70,7 +70,15 @@ fn several_disks_each_get_their_own_device() {
     let a = Image::new("multi-a", MIB);
     let b = Image::new("multi-b", 2 * MIB);
     let (report, console) = run_blk_verify(&[(&a, false), (&b, false)], "blk_verify.generation=5");
-    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+    let report = report.unwrap();
+    // How the VM ended and what its devices reported, should it end without a result.
+    assert_eq!(
+        report.guest_result,
+        Some(GuestResult::Pass),
+        "{console}\nended: {:?}\n{:#?}",
+        report.end,
+        report.device_events
+    );
     assert!(pattern_mismatches(&a.bytes(), 2048, 5).is_empty());
     assert!(pattern_mismatches(&b.bytes(), 4096, 5).is_empty());
 }
