@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! splitvisor-ctl --api-socket /run/vm.sock list
-//! splitvisor-ctl --api-socket /run/vm.sock upgrade disk0 --driver ./target/release/splitvisor-driver
+//! splitvisor-ctl --api-socket /run/vm.sock upgrade disk0 --driver ./target/x86_64-unknown-linux-gnu/release/splitvisor-driver
 //! ```
 //!
 //! The protocol is one line of JSON per request and per answer (see
