@@ -10,12 +10,16 @@
 //!   accept (a frame that decodes, with the request's sequence number and the right kind
 //!   and width), must refuse, or may do either (an answer dribbled out close to the
 //!   deadline); which exchanges the proxy accepted follows from what happened next (a
-//!   later exchange on the same partition, or the device still alive after the access);
+//!   later exchange on the same partition, or the device still alive after the access; for
+//!   a liveness probe, what the probe reported);
 //! * an accepted read returns the answer's data (zeros past the protocol's widest access);
 //!   a read that ends with a refused answer returns all ones and the device reports the
 //!   failure ([`ProxyDevice::is_dead`], and `on_dead` hears it once);
 //! * output, reset and power-off requests reach the machine from accepted answers only;
 //! * a replacement partition is handed exactly the state the last accepted answer carried;
+//! * a liveness probe sends at most one empty input, never waits for a replacement, reports
+//!   `Answered` exactly when the partition's answer was taken, and a failed probe leaves the
+//!   device alive (the next access moves on to a replacement, or ends the device);
 //! * every access returns within [`PROXY_TIMEOUT`] per exchange (plus scheduling slack),
 //!   whatever the partition does, and allocates at most [`ACCESS_HEAP_BOUND`] bytes.
 
@@ -32,7 +36,7 @@ use splitvisor_devices::fuzzing::heap;
 
 use super::mailbox::{AREA, PartitionEnd, ProxyConnection};
 use super::wire::{self, MAX_ACCESS, MAX_INPUT, MAX_STATE, Request, Response};
-use super::{PROXY_TIMEOUT, ProxyDevice, ProxyLink};
+use super::{PROXY_TIMEOUT, Probe, ProxyDevice, ProxyLink};
 
 /// Most heap one access may allocate: a request, a frame, its decoding and the kept state,
 /// with room to spare.
@@ -63,6 +67,8 @@ enum Access {
     Input { bytes: Vec<u8> },
     /// The supervisor offers the next of the input's partitions as a replacement.
     Offer,
+    /// The supervisor's liveness probe, for a partition silent for `idle_ms % 4 * 10` ms.
+    Probe { idle_ms: u8 },
 }
 
 /// How a partition deviates from a well-formed answer.
@@ -375,6 +381,10 @@ pub fn proxy_device(data: &[u8]) {
         if was_dead {
             assert!(exchanges.is_empty(), "a dead device still talks to a partition");
         }
+        if let Outcome::Probe(_) = outcome {
+            assert!(exchanges.len() <= 1, "a probe sent {} requests", exchanges.len());
+            assert!(alive || was_dead, "a failed probe ended the device itself");
+        }
         model.check(&access, &exchanges, alive, took, &outcome, &output, &reset, &power_off);
         assert_eq!(deaths.load(Ordering::SeqCst), usize::from(!alive), "on_dead heard the failure once");
     }
@@ -393,6 +403,7 @@ enum Outcome {
     Read(Vec<u8>),
     Done,
     Input(usize),
+    Probe(Probe),
 }
 
 /// What the device should have done so far.
@@ -419,6 +430,9 @@ impl Model {
                 Outcome::Done
             }
             Access::Input { bytes } => Outcome::Input(proxy.input(&bytes[..bytes.len().min(2 * MAX_INPUT)])),
+            Access::Probe { idle_ms } => {
+                Outcome::Probe(proxy.probe(Duration::from_millis(u64::from(idle_ms % 4) * 10)))
+            }
             Access::Offer => Outcome::Done,
         }
     }
@@ -443,8 +457,12 @@ impl Model {
         let mut served = None;
         for (i, exchange) in exchanges.iter().enumerate() {
             // An exchange was accepted if another followed it, or if it was the last and
-            // the device is alive.
-            let accepted = i + 1 < exchanges.len() || alive;
+            // the device is alive; a probe says itself whether it took the answer (a
+            // failed one leaves the device alive, the replacement to the next access).
+            let accepted = match outcome {
+                Outcome::Probe(probe) => matches!(probe, Probe::Answered),
+                _ => i + 1 < exchanges.len() || alive,
+            };
             match exchange.verdict {
                 // A partition thread the scheduler kept off the CPU past the deadline
                 // is rightly given up on.
@@ -474,7 +492,13 @@ impl Model {
                 }
             }
         }
-        if alive {
+        if let Outcome::Probe(probe) = outcome {
+            let sent = !exchanges.is_empty();
+            match probe {
+                Probe::Recent | Probe::NoPartition => assert!(!sent, "{probe:?} after sending a request"),
+                Probe::Answered | Probe::Failed(_) => assert!(sent, "{probe:?} without sending a request"),
+            }
+        } else if alive {
             assert!(served.is_some(), "{access:?} returned without an accepted answer");
         }
         match (outcome, served) {
@@ -496,6 +520,10 @@ impl Model {
                 self.effects(output, *reset, *power_off);
             }
             (Outcome::Input(taken), None) => assert_eq!(*taken, 0, "a failed input was taken"),
+            (Outcome::Probe(_), Some(Response::Done { output, reset, power_off, .. })) => {
+                self.effects(output, *reset, *power_off);
+            }
+            (Outcome::Probe(_), None) => {}
             (Outcome::Done, None) => {}
             (outcome, served) => panic!("{outcome:?} served by {served:?}"),
         }
@@ -525,6 +553,7 @@ fn request_matches(request: &Request, access: &Access) -> bool {
             *offset == u64::from(*o) && data == d
         }
         (Request::Input { bytes }, Access::Input { bytes: b }) => bytes == &b[..b.len().min(MAX_INPUT)],
+        (Request::Input { bytes }, Access::Probe { .. }) => bytes.is_empty(),
         _ => false,
     }
 }
