@@ -450,6 +450,14 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(out.contains("paused"), "{out}");
     let (status, out) = ctl(&["upgrade", "com1"]);
     assert_eq!(status, Some(0), "{out}");
+    // An upgrade to a driver that cannot start leaves the device as it was: the program
+    // its partitions run is still the old one, so a restart works.
+    for device in ["disk0", "com1"] {
+        let (status, out) = ctl(&["upgrade", device, "--driver", "/bin/true"]);
+        assert_eq!(status, Some(1), "{device}: {out}");
+        let (status, out) = ctl(&["restart", device]);
+        assert_eq!(status, Some(0), "{device}: a restart after a failed upgrade: {out}");
+    }
     let (status, out) = ctl(&["restart", "disk9"]);
     assert_eq!(status, Some(1), "{out}");
     assert!(out.contains("unknown device 'disk9'"), "{out}");
@@ -458,7 +466,7 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
     let disk0 =
         answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "disk0").unwrap().clone();
-    assert_eq!(disk0["restarts"], 1, "{disk0}");
+    assert_eq!(disk0["restarts"], 2, "{disk0}");
     let out = vm.0.wait_with_output_bounded();
     assert_eq!(out.0, Some(0), "{}", out.1);
     let bad = pattern_mismatches(&disk.bytes(), (32 * MIB / 512) as usize, 76);

@@ -292,16 +292,20 @@ impl DriverSlot for VhostUserSlot {
         let Backend::Spawned { driver, served, active, spare, .. } = &mut self.backend else {
             return Err("an external backend is upgraded by whoever runs it (splitvisor reconnects)".into());
         };
-        if let Some(program) = program {
-            if program != driver {
+        // The new partition is ready before the old one stops serving. Another program is
+        // adopted (and the spare, which runs the old one, dropped) only once a partition
+        // of it is up: one that cannot start leaves the device as it was.
+        let (partition, handshake) = match program.filter(|program| *program != driver) {
+            Some(program) => {
+                let started = Self::start_partition(program, served, &self.shape)?;
                 *driver = program.clone();
-                *spare = None; // spares run the old program
+                *spare = None;
+                started
             }
-        }
-        // The new partition is ready before the old one stops serving.
-        let (partition, handshake) = match spare.take() {
-            Some(spare) => spare,
-            None => Self::start_partition(driver, served, &self.shape)?,
+            None => match spare.take() {
+                Some(spare) => spare,
+                None => Self::start_partition(driver, served, &self.shape)?,
+            },
         };
         let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
         let paused = Instant::now();
@@ -403,7 +407,11 @@ impl ProxySlot {
     }
 
     fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
-        Partition::spawn_proxy(&self.driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())
+        self.start_partition_of(&self.driver)
+    }
+
+    fn start_partition_of(&self, driver: &DriverProgram) -> Result<(Partition, ProxyConnection), String> {
+        Partition::spawn_proxy(driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())
     }
 }
 
@@ -477,15 +485,19 @@ impl DriverSlot for ProxySlot {
     }
 
     fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
-        if let Some(program) = program {
-            if *program != self.driver {
+        // Another program is adopted (and the spare, which runs the old one, dropped) only
+        // once a partition of it is up: one that cannot start leaves the device as it was.
+        let (partition, stream) = match program.filter(|program| **program != self.driver) {
+            Some(program) => {
+                let started = self.start_partition_of(program)?;
                 self.driver = program.clone();
                 self.spare = None;
+                started
             }
-        }
-        let (partition, stream) = match self.spare.take() {
-            Some(spare) => spare,
-            None => self.start_partition()?,
+            None => match self.spare.take() {
+                Some(spare) => spare,
+                None => self.start_partition()?,
+            },
         };
         // The proxy moves to the new partition at its next access, handing it the state;
         // the old one ends when its connection closes.

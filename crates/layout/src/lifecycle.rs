@@ -86,7 +86,8 @@ pub(crate) trait DriverSlot: Send {
     /// A new driver takes over the device, state and owed requests included.
     fn restart(&mut self) -> Result<(), RestartError>;
     /// A new driver (`program`, or the same one) takes over a working device; returns how
-    /// long the device did not serve.
+    /// long the device did not serve. A `program` that cannot start a partition leaves the
+    /// device with the program it had: later restarts and spares still run that one.
     fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
         let _ = program;
         Err("this device's driver cannot be upgraded".into())
