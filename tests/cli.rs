@@ -1,4 +1,5 @@
-//! The `monolithic` example as a user runs it: exit statuses and one-line errors.
+//! The `monolithic` example and the `splitvisor-ctl` and `splitvisor-driver` tools as a user
+//! runs them: exit statuses and one-line errors.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -276,4 +277,34 @@ fn the_microkernel_example_is_its_own_driver_when_no_splitvisor_driver_is_around
         stderr.lines().filter(|l| l.contains("driver partition") && l.contains("pid ")).count() >= 2,
         "{stderr}"
     );
+}
+
+#[test]
+fn the_tools_say_what_they_are_and_what_is_missing() {
+    let tool = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().expect("run the tool");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (program, about, usage) in [
+        (env!("CARGO_BIN_EXE_splitvisor-ctl"), "control socket", "--api-socket <PATH> <COMMAND>"),
+        (env!("CARGO_BIN_EXE_splitvisor-driver"), "device driver", "<COMMAND>"),
+    ] {
+        let (status, help, _) = tool(program, &["--help"]);
+        assert_eq!(status, Some(0), "{program} --help");
+        assert!(help.lines().next().is_some_and(|line| line.contains(about)), "{program} --help: {help}");
+        // Nothing given: one line with the usage, not the whole help or the crate's blurb.
+        let (status, _, stderr) = tool(program, &[]);
+        assert_eq!(status, Some(2), "{program}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{program}: {stderr}");
+        assert!(stderr.contains("nothing to do") && stderr.contains(usage), "{program}: {stderr}");
+    }
+    // Missing arguments are named on the one line.
+    let (status, _, stderr) = tool(env!("CARGO_BIN_EXE_splitvisor-driver"), &["blk"]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--socket") && stderr.contains("--disk"), "{stderr}");
 }

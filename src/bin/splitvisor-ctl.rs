@@ -15,11 +15,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Drive a running splitvisor VM's drivers through its control socket.
 #[derive(Debug, Parser)]
-#[command(name = "splitvisor-ctl", version, about, long_about = None)]
+#[command(name = "splitvisor-ctl", version)]
 struct Args {
     /// The VM's control socket (its `--api-socket`).
     #[arg(long, value_name = "PATH")]
@@ -63,9 +64,18 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Nothing given: what to give, not clap's whole help.
+            eprintln!("splitvisor-ctl: nothing to do. {} (see --help)", Args::command().render_usage());
+            return ExitCode::from(2);
+        }
         Err(e) => {
+            // One line: clap's first paragraph (a list of missing arguments follows its
+            // line), joined.
             let rendered = e.render().to_string();
-            eprintln!("splitvisor-ctl: {} (see --help)", rendered.lines().next().unwrap_or_default());
+            let first: Vec<&str> =
+                rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+            eprintln!("splitvisor-ctl: {} (see --help)", first.join(" "));
             return ExitCode::from(2);
         }
     };

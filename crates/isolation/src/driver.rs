@@ -34,7 +34,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use splitvisor_devices::virtio::block::{self, DiskImage};
 use splitvisor_devices::virtio::block_io::EngineKind;
 
@@ -77,9 +78,11 @@ pub enum DriverError {
     Tap(#[from] TapError),
 }
 
-/// `splitvisor-driver`: a splitvisor device driver, in a process of its own.
+/// A splitvisor device driver in a process of its own: a disk or a NIC over vhost-user (for
+/// splitvisor, QEMU or any vhost-user frontend), or a console or an i8042 for a splitvisor
+/// hypervisor.
 #[derive(Debug, Parser)]
-#[command(name = "splitvisor-driver", version, about, long_about = None)]
+#[command(name = "splitvisor-driver", version)]
 pub struct DriverArgs {
     /// The device to serve.
     #[command(subcommand)]
@@ -385,9 +388,18 @@ where
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Nothing given: what to give, not clap's whole help.
+            eprintln!("{program}: nothing to do. {} (see --help)", DriverArgs::command().render_usage());
+            return ExitCode::from(2);
+        }
         Err(e) => {
+            // One line: clap's first paragraph (a list of missing arguments follows its
+            // line), joined.
             let rendered = e.render().to_string();
-            eprintln!("{program}: {} (see --help)", rendered.lines().next().unwrap_or_default());
+            let first: Vec<&str> =
+                rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+            eprintln!("{program}: {} (see --help)", first.join(" "));
             return ExitCode::from(2);
         }
     };
