@@ -58,7 +58,7 @@ pub struct VmArgs {
     #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Stop the VM after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub timeout: Option<Duration>,
     /// Print the time from process start to VM created, first guest output and VM end.
     #[arg(long)]
@@ -309,7 +309,8 @@ mod tests {
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "-1"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--vcpus", "many"]).is_err());
         assert!(VmArgs::try_parse_from(["m", "--mem", "lots"]).is_err());
-        assert!(VmArgs::try_parse_from(["m", "--timeout", "-3"]).is_err());
+        let negative = VmArgs::try_parse_from(["m", "--timeout", "-3"]).unwrap_err().to_string();
+        assert!(negative.contains("'-3' is not a valid timeout"), "{negative}");
         assert!(VmArgs::try_parse_from(["m", "--bogus"]).is_err());
     }
 }

@@ -9,13 +9,12 @@
 //! The protocol is one line of JSON per request and per answer (see
 //! `splitvisor::layout::api`); `--json` prints the answer as it came.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// Drive a running splitvisor VM's drivers through its control socket.
@@ -28,6 +27,11 @@ struct Args {
     /// Print the answer as the JSON line it came as.
     #[arg(long)]
     json: bool,
+    /// Wait up to this long for the control socket to appear (a VM started just before
+    /// is still setting up); by default a missing socket is an error at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    wait: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,7 +68,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // Nothing given: what to give, not clap's whole help.
             eprintln!("splitvisor-ctl: nothing to do. {} (see --help)", Args::command().render_usage());
             return ExitCode::from(2);
@@ -88,6 +92,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connects to `socket`, retrying for up to `wait` while nobody listens there yet.
+fn connect(socket: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e)
+                if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 fn run(args: &Args) -> Result<(), String> {
     let request = match &args.command {
         Command::List => serde_json::json!({"op": "list"}),
@@ -102,8 +122,8 @@ fn run(args: &Args) -> Result<(), String> {
         },
     };
     let socket = &args.api_socket;
-    let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("cannot reach {}: {e}", socket.display()))?;
+    let mut stream = connect(socket, Duration::from_secs(args.wait))
+        .map_err(|e| format!("cannot reach {}: {e}", socket.display()))?;
     let io = |e: std::io::Error| format!("{}: {e}", socket.display());
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
     writeln!(stream, "{request}").map_err(io)?;
