@@ -451,6 +451,7 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     for device in ["disk0", "com1"] {
         let (status, out) = ctl(&["upgrade", device, "--driver", "/bin/true"]);
         assert_eq!(status, Some(1), "{device}: {out}");
+        assert!(out.contains("the device keeps its driver"), "{device}: {out}");
         let (status, out) = ctl(&["restart", device]);
         assert_eq!(status, Some(0), "{device}: a restart after a failed upgrade: {out}");
     }

@@ -170,6 +170,11 @@ impl VhostUserSlot {
     }
 }
 
+/// An upgrade's error when the new program's partition did not start.
+fn kept_driver(error: String) -> String {
+    format!("{error} (the device keeps its driver)")
+}
+
 impl DriverSlot for VhostUserSlot {
     fn describe(&self) -> String {
         match &self.backend {
@@ -297,7 +302,7 @@ impl DriverSlot for VhostUserSlot {
         // of it is up: one that cannot start leaves the device as it was.
         let (partition, handshake) = match program.filter(|program| *program != driver) {
             Some(program) => {
-                let started = Self::start_partition(program, served, &self.shape)?;
+                let started = Self::start_partition(program, served, &self.shape).map_err(kept_driver)?;
                 *driver = program.clone();
                 *spare = None;
                 started
@@ -489,7 +494,7 @@ impl DriverSlot for ProxySlot {
         // once a partition of it is up: one that cannot start leaves the device as it was.
         let (partition, stream) = match program.filter(|program| **program != self.driver) {
             Some(program) => {
-                let started = self.start_partition_of(program)?;
+                let started = self.start_partition_of(program).map_err(kept_driver)?;
                 self.driver = program.clone();
                 self.spare = None;
                 started
