@@ -12,7 +12,8 @@
 //!   before the ring is enabled: whatever writes to the ring's memory (a bug, or a
 //!   compromised partition) can make the ring do nothing else, on no other file.
 //!   Writes through the page cache (cache=writeback) do not go through the ring: the
-//!   engine runs them at once with `pwritev` (see [`Uring`]).
+//!   engine runs them at once with `pwritev`; nor does a small transfer that is alone in
+//!   flight (a driver at queue depth 1), which runs with one system call (see [`Uring`]).
 //! * [`ThreadPool`]: where io_uring is missing or refused (an old kernel, a container
 //!   whose seccomp profile blocks it, `io_uring_disabled`), a few threads run `preadv`,
 //!   `pwritev` and `fdatasync`.
@@ -150,14 +151,25 @@ pub fn open(disk: &Arc<DiskImage>, kind: EngineKind) -> io::Result<Box<dyn IoEng
 /// (ext4 among them), and hands every one to a kernel worker thread, which cost 13-23 µs
 /// per 4 KiB write where `pwritev` takes 5 µs on the machines this project is measured
 /// on. Reads, O_DIRECT writes and syncs go through the ring.
+///
+/// A transfer that arrives alone while nothing is in flight (a driver at queue depth 1)
+/// runs with one `preadv`/`pwritev` in [`IoEngine::submit`] instead: the worker sleeps in
+/// the system call and the disk's interrupt wakes it, where a completion through the ring
+/// is posted by task work that must first interrupt the worker (an IPI, costly on a
+/// virtualised host). Only a small transfer is held this way, so that a request arriving
+/// behind it waits at most one small transfer; a sync always goes through the ring.
 pub struct Uring {
     ring: IoUring,
     /// The registered file's image (its lock lives as long as the ring).
     disk: Arc<DiskImage>,
     /// Writes go through the page cache: run them in `push`.
     writes_inline: bool,
-    /// Transfers finished in `push`, returned by the next `wait`; capacity MAX_IN_FLIGHT.
+    /// Transfers finished in `push` or `submit`, returned by the next `wait`; capacity
+    /// MAX_IN_FLIGHT.
     finished: Vec<Completion>,
+    /// A small transfer pushed while nothing was in flight: run in `submit` if it is still
+    /// alone then, put on the ring when another one is pushed.
+    held: Option<Transfer>,
     outstanding: usize,
     /// How long `wait` looks at the completion ring before it sleeps.
     poll: RingPoll,
@@ -186,6 +198,7 @@ impl Uring {
             disk: disk.clone(),
             writes_inline: disk.cache() == CacheMode::Writeback,
             finished: Vec::with_capacity(MAX_IN_FLIGHT),
+            held: None,
             outstanding: 0,
             poll: RingPoll::default(),
         })
@@ -205,6 +218,31 @@ impl Uring {
 }
 
 impl Uring {
+    /// Puts `transfer` on the submission ring (started by the next `enter`).
+    ///
+    /// # Safety
+    /// As for [`IoEngine::push`].
+    unsafe fn queue(&mut self, transfer: Transfer) -> io::Result<()> {
+        let file = types::Fixed(0);
+        let entry = match transfer.op {
+            IoOp::Read => {
+                opcode::Readv::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
+            }
+            IoOp::Write => {
+                opcode::Writev::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
+            }
+            IoOp::Sync => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
+        }
+        .user_data(u64::from(transfer.tag));
+        if self.ring.submission().is_full() {
+            self.enter(0)?;
+        }
+        // SAFETY: the pusher keeps the iovecs and their buffers valid until the completion
+        // (`IoEngine::push`'s contract); the entry names only the registered image.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("the io_uring submission queue is full"))
+    }
+
     /// Looks at the completion ring for the poll window; true if a completion arrived.
     fn look_for_completion(&mut self) -> bool {
         let window = self.poll.window();
@@ -226,6 +264,21 @@ impl Uring {
     }
 }
 
+/// Largest transfer [`Uring`] runs with one system call when it is alone: a request
+/// that arrives behind it waits for it.
+const HELD_TRANSFER_MAX: u64 = 64 << 10;
+
+/// The bytes `transfer` moves.
+fn bytes(transfer: &Transfer) -> u64 {
+    if transfer.iovecs.is_null() {
+        return 0;
+    }
+    // SAFETY: the pusher keeps the iovec array valid until the transfer's completion
+    // (`IoEngine::push`'s contract), and this is called from `push`.
+    let iovecs = unsafe { std::slice::from_raw_parts(transfer.iovecs, transfer.count as usize) };
+    iovecs.iter().map(|iovec| iovec.iov_len as u64).sum()
+}
+
 /// `IORING_UNREGISTER_FILES` of the kernel's io_uring ABI.
 pub const IORING_UNREGISTER_FILES: u8 = 3;
 
@@ -245,29 +298,27 @@ impl IoEngine for Uring {
             self.outstanding += 1;
             return Ok(());
         }
-        let file = types::Fixed(0);
-        let entry = match transfer.op {
-            IoOp::Read => {
-                opcode::Readv::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
-            }
-            IoOp::Write => {
-                opcode::Writev::new(file, transfer.iovecs, transfer.count).offset(transfer.offset).build()
-            }
-            IoOp::Sync => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
+        if self.outstanding == 0 && transfer.op != IoOp::Sync && bytes(&transfer) <= HELD_TRANSFER_MAX {
+            self.held = Some(transfer);
+            self.outstanding += 1;
+            return Ok(());
         }
-        .user_data(u64::from(transfer.tag));
-        if self.ring.submission().is_full() {
-            self.enter(0)?;
+        if let Some(held) = self.held.take() {
+            // Not alone after all: it starts on the ring with the others.
+            // SAFETY: pushed under this function's contract, which still holds.
+            unsafe { self.queue(held) }?;
         }
-        // SAFETY: the caller keeps the iovecs and their buffers valid until the completion
-        // (this function's contract); the entry names only the registered image.
-        unsafe { self.ring.submission().push(&entry) }
-            .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
+        // SAFETY: this function's contract.
+        unsafe { self.queue(transfer) }?;
         self.outstanding += 1;
         Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        if let Some(held) = self.held.take() {
+            let result = run(self.disk.file().as_raw_fd(), &held);
+            self.finished.push(Completion { tag: held.tag, result });
+        }
         if self.ring.submission().is_empty() {
             return Ok(());
         }
@@ -278,8 +329,12 @@ impl IoEngine for Uring {
         if self.outstanding == 0 {
             return Ok(());
         }
+        if self.held.is_some() {
+            self.submit()?;
+        }
         let mut looked = false;
-        // Writes finished in `push` are returned at once, with whatever the ring finished.
+        // Transfers finished in `push` or `submit` are returned at once, with whatever the
+        // ring finished.
         let finished = self.finished.len();
         if finished > 0 {
             self.outstanding -= finished;
@@ -633,6 +688,77 @@ mod tests {
         engine.wait(&mut done).unwrap();
         assert_eq!(done, [Completion { tag: 9, result: 1024 }]);
         assert_eq!(engine.outstanding(), 0);
+    }
+
+    /// A small transfer pushed while nothing is in flight waits in `push` and runs with one
+    /// system call in `submit` (or `wait`); one pushed behind it sends both to the ring; a
+    /// large transfer and a sync always go through the ring.
+    #[test]
+    fn io_uring_runs_a_lone_small_transfer_in_submit_and_rings_the_rest() {
+        let (disk, inspect) = memory_disk(512, false);
+        let pattern: Vec<u8> = (0..512 * 512).map(|i| (i % 251) as u8).collect();
+        inspect.write_all_at(&pattern, 0).unwrap();
+        let mut engine = Uring::new(&Arc::new(disk)).unwrap();
+        let mut bufs = vec![vec![0u8; 512]; 4];
+        let iovecs: Vec<libc::iovec> = bufs.iter_mut().map(|b| iovec(b)).collect();
+        let read = |tag: usize| Transfer {
+            tag: tag as u16,
+            op: IoOp::Read,
+            offset: 512 * tag as u64,
+            iovecs: &iovecs[tag],
+            count: 1,
+        };
+        let mut done = Vec::new();
+
+        // SAFETY: `bufs` and `iovecs` outlive every wait below.
+        unsafe { engine.push(read(0)) }.unwrap();
+        assert!(engine.ring.submission().is_empty(), "a lone transfer is held");
+        engine.submit().unwrap();
+        assert_eq!(engine.finished, [Completion { tag: 0, result: 512 }], "it ran in submit");
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 0, result: 512 }]);
+
+        // SAFETY: as above.
+        unsafe { engine.push(read(1)) }.unwrap();
+        // SAFETY: as above.
+        unsafe { engine.push(read(2)) }.unwrap();
+        assert_eq!(engine.ring.submission().len(), 2, "the held transfer joins the second");
+        assert!(engine.held.is_none());
+        engine.submit().unwrap();
+        done.clear();
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        done.sort_unstable_by_key(|c| c.tag);
+        assert_eq!(done, [Completion { tag: 1, result: 512 }, Completion { tag: 2, result: 512 }]);
+
+        // Waited for without a submit, a held transfer still runs.
+        // SAFETY: as above.
+        unsafe { engine.push(read(3)) }.unwrap();
+        done.clear();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 3, result: 512 }]);
+        assert!(bufs.iter().enumerate().all(|(tag, b)| b[..] == pattern[512 * tag..512 * (tag + 1)]));
+
+        let mut large = vec![0u8; (HELD_TRANSFER_MAX as usize) * 2];
+        let iov = iovec(&mut large);
+        // SAFETY: `large` outlives the wait below.
+        unsafe { engine.push(Transfer { tag: 5, op: IoOp::Read, offset: 0, iovecs: &iov, count: 1 }) }
+            .unwrap();
+        assert_eq!(engine.ring.submission().len(), 1, "a large transfer is not held");
+        done.clear();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 5, result: large.len() as i64 }]);
+        assert_eq!(large[..], pattern[..large.len()]);
+        // SAFETY: a sync has no buffers.
+        unsafe {
+            engine.push(Transfer { tag: 6, op: IoOp::Sync, offset: 0, iovecs: std::ptr::null(), count: 0 })
+        }
+        .unwrap();
+        assert_eq!(engine.ring.submission().len(), 1, "a sync is not held");
+        done.clear();
+        engine.wait(&mut done).unwrap();
+        assert_eq!(done, [Completion { tag: 6, result: 0 }]);
     }
 
     #[test]
