@@ -7,8 +7,13 @@
 //! `cargo bench --bench blk`. Environment: BLK_BENCH_MIB (MiB per 1 MiB workload, default
 //! 128), BLK_BENCH_OPS (requests per 4 KiB workload, default 8000), BLK_BENCH_IMAGE_MIB
 //! (default 256), BLK_BENCH_CACHE (`writeback`, `none` or both, comma-separated; default
-//! both), BLK_BENCH_VCPUS (default `1,2`), BLK_BENCH_REPEAT (runs per row, default 3: each
-//! cell is the median; the rows take turns, and the image is written back before each).
+//! both), BLK_BENCH_VCPUS (default `1,2`), BLK_BENCH_REPEAT (rounds, default 3).
+//!
+//! A round runs every row once, back to back, fio included, with the image written back
+//! before each. An IOPS cell is the median of its rounds; a ratio is the median of the
+//! rounds' own ratios, so that the load of this shared machine, which drifts by minutes
+//! (host fio has moved 3x within an hour on one file), weighs on both sides of a ratio
+//! alike.
 //!
 //! Cache modes: `writeback` is splitvisor's `cache=writeback`, QEMU's and
 //! qemu-storage-daemon's `cache.direct=off`, fio's `--direct=0`; `none` is O_DIRECT
@@ -269,8 +274,9 @@ impl Drop for StorageDaemon {
     }
 }
 
-/// The rows of one configuration (cache mode, vCPUs).
-struct Rows {
+/// The rows of one round: every row run once, back to back.
+#[derive(Default)]
+struct Round {
     monolithic: Figures,
     microkernel: Figures,
     qsd: Option<Figures>,
@@ -278,22 +284,46 @@ struct Rows {
     fio: Option<Figures>,
 }
 
-/// Per workload, the figures of the run with the median IOPS.
-fn median_figures(runs: Vec<Figures>) -> Figures {
-    let mut merged = Figures::new();
-    let names: std::collections::BTreeSet<String> = runs.iter().flat_map(|run| run.keys().cloned()).collect();
-    for name in names {
-        let mut cells: Vec<(f64, f64)> = runs.iter().filter_map(|run| run.get(&name).copied()).collect();
-        cells.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if let Some(&cell) = cells.get(cells.len() / 2) {
-            merged.insert(name, cell);
-        }
-    }
-    merged
+/// Which row of a round.
+#[derive(Clone, Copy)]
+enum Row {
+    Monolithic,
+    Microkernel,
+    Qsd,
+    Qemu,
+    Fio,
 }
 
-fn iops(figures: Option<&Figures>, name: &str) -> Option<f64> {
-    figures.and_then(|f| f.get(name)).map(|(iops, _)| *iops)
+impl Round {
+    fn row(&self, row: Row) -> Option<&Figures> {
+        match row {
+            Row::Monolithic => Some(&self.monolithic),
+            Row::Microkernel => Some(&self.microkernel),
+            Row::Qsd => self.qsd.as_ref(),
+            Row::Qemu => self.qemu.as_ref(),
+            Row::Fio => self.fio.as_ref(),
+        }
+    }
+}
+
+/// The median over the rounds of one row's figures of `workload`: (IOPS, MB/s) of the
+/// round with the median IOPS.
+fn median_cell(rounds: &[Round], row: Row, workload: &str) -> Option<(f64, f64)> {
+    let mut cells: Vec<(f64, f64)> =
+        rounds.iter().filter_map(|round| round.row(row)?.get(workload).copied()).collect();
+    cells.sort_by(|a, b| a.0.total_cmp(&b.0));
+    cells.get(cells.len() / 2).copied()
+}
+
+/// The median over the rounds of `a`'s IOPS over `b`'s on `workload`, each round's ratio
+/// taken within that round.
+fn median_ratio(rounds: &[Round], a: Row, b: Row, workload: &str) -> Option<f64> {
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|round| Some(round.row(a)?.get(workload)?.0 / round.row(b)?.get(workload)?.0))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied()
 }
 
 fn verdict(pass: Option<bool>) -> &'static str {
@@ -304,55 +334,58 @@ fn verdict(pass: Option<bool>) -> &'static str {
     }
 }
 
-fn print_rows(rows: &Rows, cache: CacheMode, vcpus: u32) {
-    println!("\n## cache={cache}, {vcpus} vCPU(s): IOPS / MB/s\n");
+fn print_rows(rounds: &[Round], cache: CacheMode, vcpus: u32) {
+    println!("\n## cache={cache}, {vcpus} vCPU(s): IOPS / MB/s, medians of {} rounds\n", rounds.len());
     println!(
         "| workload | monolithic | microkernel, splitvisor-driver | microkernel, qemu-storage-daemon | QEMU microvm | fio (host) |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    let cell =
-        |f: Option<&(f64, f64)>| f.map_or("n/a".to_string(), |(iops, mbps)| format!("{iops:.0} / {mbps:.1}"));
+    let cell = |row: Row, name: &str| {
+        median_cell(rounds, row, name)
+            .map_or("n/a".to_string(), |(iops, mbps)| format!("{iops:.0} / {mbps:.1}"))
+    };
     for (name, ..) in WORKLOADS {
         println!(
             "| {name} | {} | {} | {} | {} | {} |",
-            cell(rows.monolithic.get(name)),
-            cell(rows.microkernel.get(name)),
-            cell(rows.qsd.as_ref().and_then(|q| q.get(name))),
-            cell(rows.qemu.as_ref().and_then(|q| q.get(name))),
-            cell(rows.fio.as_ref().and_then(|f| f.get(name)))
+            cell(Row::Monolithic, name),
+            cell(Row::Microkernel, name),
+            cell(Row::Qsd, name),
+            cell(Row::Qemu, name),
+            cell(Row::Fio, name)
         );
     }
-    println!("\n## cache={cache}, {vcpus} vCPU(s): ratios of IOPS and the targets\n");
+    println!(
+        "\n## cache={cache}, {vcpus} vCPU(s): ratios of IOPS (medians of the rounds' ratios) and the targets\n"
+    );
     println!(
         "| workload | mono / fio | micro / fio | guest ≥ 0.85x (QD1) / 0.90x (QD16) fio, 4K | micro / mono | ≥ 0.97x | mono / QEMU | micro / QEMU | ahead of QEMU | micro / qsd | ahead of qsd |"
     );
     println!("|---|---:|---:|:---:|---:|:---:|---:|---:|:---:|---:|:---:|");
-    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.3}"));
     for (name, _, bs, depth) in WORKLOADS {
-        let mono = iops(Some(&rows.monolithic), name);
-        let micro = iops(Some(&rows.microkernel), name);
-        let fio = iops(rows.fio.as_ref(), name);
-        let qemu = iops(rows.qemu.as_ref(), name);
-        let qsd = iops(rows.qsd.as_ref(), name);
+        let ratio = |a: Row, b: Row| median_ratio(rounds, a, b, name);
+        let mono_fio = ratio(Row::Monolithic, Row::Fio);
+        let micro_fio = ratio(Row::Microkernel, Row::Fio);
+        let micro_mono = ratio(Row::Microkernel, Row::Monolithic);
+        let mono_qemu = ratio(Row::Monolithic, Row::Qemu);
+        let micro_qemu = ratio(Row::Microkernel, Row::Qemu);
+        let micro_qsd = ratio(Row::Microkernel, Row::Qsd);
         let fio_target = if depth == 1 { 0.85 } else { 0.90 };
-        let guest_vs_fio = (bs == "4k")
-            .then(|| Some(ratio(mono, fio)? >= fio_target && ratio(micro, fio)? >= fio_target))
-            .flatten();
+        let guest_vs_fio = (|| Some(mono_fio? >= fio_target && micro_fio? >= fio_target))();
         let fio_cell = if bs == "4k" { verdict(guest_vs_fio) } else { "-" };
-        let isolation = ratio(micro, mono).map(|r| r >= 0.97);
-        let ahead_of_qemu = (|| Some(mono? > qemu? && micro? > qemu?))();
-        let ahead_of_qsd = (|| Some(micro? > qsd?))();
+        let isolation = micro_mono.map(|r| r >= 0.97);
+        let ahead_of_qemu = (|| Some(mono_qemu? > 1.0 && micro_qemu? > 1.0))();
+        let ahead_of_qsd = micro_qsd.map(|r| r > 1.0);
         println!(
             "| {name} | {} | {} | {fio_cell} | {} | {} | {} | {} | {} | {} | {} |",
-            show(ratio(mono, fio)),
-            show(ratio(micro, fio)),
-            show(ratio(micro, mono)),
+            show(mono_fio),
+            show(micro_fio),
+            show(micro_mono),
             verdict(isolation),
-            show(ratio(mono, qemu)),
-            show(ratio(micro, qemu)),
+            show(mono_qemu),
+            show(micro_qemu),
             verdict(ahead_of_qemu),
-            show(ratio(micro, qsd)),
+            show(micro_qsd),
             verdict(ahead_of_qsd),
         );
     }
@@ -407,16 +440,10 @@ fn main() -> ExitCode {
     let mut partition_rss = Vec::new();
     let mut exits = None;
     for &cache in &caches {
-        settle(&image);
-        let fio = fio_run(&image, image_mib << 20, cache);
-        if fio.is_none() {
-            eprintln!("blk bench: fio row missing (is fio installed?)");
-        }
         for &vcpus in &vcpu_counts {
-            // Every row REPEAT times, the rows taking turns; each cell is the median.
-            let (mut monolithic, mut microkernel, mut qsd, mut qemu) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut rounds = Vec::new();
             for _ in 0..repeats {
+                let mut round = Round::default();
                 let disk = DiskConfig::image(&image).cache(cache);
                 settle(&image);
                 let (report, console, _) =
@@ -431,37 +458,35 @@ fn main() -> ExitCode {
                     );
                     exits = Some((report.clone(), baseline));
                 }
-                monolithic.push(parse(&console, tsc_khz));
+                round.monolithic = parse(&console, tsc_khz);
                 settle(&image);
                 let (_, console, rss) = splitvisor_run(Layout::microkernel(), disk, vcpus, &cmdline);
                 partition_rss.extend(rss);
-                microkernel.push(parse(&console, tsc_khz));
+                round.microkernel = parse(&console, tsc_khz);
                 settle(&image);
                 let daemon_run = StorageDaemon::start(&image, &dir, cache, vcpus).map(|daemon| {
                     let socket = DiskConfig::VhostUser { socket: daemon.socket.clone() };
                     let (_, text, _) = splitvisor_run(Layout::microkernel(), socket, vcpus, &cmdline);
                     parse(&text, tsc_khz)
                 });
-                match daemon_run {
-                    Some(figures) => qsd.push(figures),
-                    None => eprintln!(
+                round.qsd = daemon_run;
+                if round.qsd.is_none() {
+                    eprintln!(
                         "blk bench: qemu-storage-daemon row missing (is qemu-system-common installed?)"
-                    ),
+                    );
                 }
                 settle(&image);
-                match qemu_run(&elf, &image, cache, vcpus, &cmdline).map(|text| parse(&text, tsc_khz)) {
-                    Some(figures) => qemu.push(figures),
-                    None => eprintln!("blk bench: QEMU row missing (is qemu-system-x86 installed?)"),
+                round.qemu = qemu_run(&elf, &image, cache, vcpus, &cmdline).map(|text| parse(&text, tsc_khz));
+                if round.qemu.is_none() {
+                    eprintln!("blk bench: QEMU row missing (is qemu-system-x86 installed?)");
                 }
+                round.fio = fio_run(&image, image_mib << 20, cache);
+                if round.fio.is_none() {
+                    eprintln!("blk bench: fio row missing (is fio installed?)");
+                }
+                rounds.push(round);
             }
-            let rows = Rows {
-                monolithic: median_figures(monolithic),
-                microkernel: median_figures(microkernel),
-                qsd: (!qsd.is_empty()).then(|| median_figures(qsd)),
-                qemu: (!qemu.is_empty()).then(|| median_figures(qemu)),
-                fio: fio.clone(),
-            };
-            print_rows(&rows, cache, vcpus);
+            print_rows(&rounds, cache, vcpus);
         }
     }
 
