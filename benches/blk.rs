@@ -217,7 +217,10 @@ fn fio_run(image: &Path, image_bytes: u64, cache: CacheMode) -> Option<Figures> 
         settle(image);
         let engine = if depth == 1 { "psync" } else { "io_uring" };
         let output = Command::new("fio")
-            .args(["--name=bench", "--output-format=json", "--randrepeat=1"])
+            // fio drops the file's page cache before a job by default: with writeback its
+            // reads would come from the disk while every VMM's come from the page cache,
+            // and the next row would start cold.
+            .args(["--name=bench", "--output-format=json", "--randrepeat=1", "--invalidate=0"])
             .arg(format!("--direct={direct}"))
             .arg(format!("--filename={}", image.display()))
             .arg(format!("--rw={rw}"))
