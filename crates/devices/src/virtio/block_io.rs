@@ -306,7 +306,11 @@ impl IoEngine for Uring {
         if let Some(held) = self.held.take() {
             // Not alone after all: it starts on the ring with the others.
             // SAFETY: pushed under this function's contract, which still holds.
-            unsafe { self.queue(held) }?;
+            if let Err(e) = unsafe { self.queue(held) } {
+                // Still owed: `submit` or `wait` runs it.
+                self.held = Some(held);
+                return Err(e);
+            }
         }
         // SAFETY: this function's contract.
         unsafe { self.queue(transfer) }?;
