@@ -155,9 +155,10 @@ pub fn open(disk: &Arc<DiskImage>, kind: EngineKind) -> io::Result<Box<dyn IoEng
 /// A transfer that arrives alone while nothing is in flight (a driver at queue depth 1)
 /// runs with one `preadv`/`pwritev` in [`IoEngine::submit`] instead: the worker sleeps in
 /// the system call and the disk's interrupt wakes it, where a completion through the ring
-/// is posted by task work that must first interrupt the worker (an IPI, costly on a
-/// virtualised host). Only a small transfer is held this way, so that a request arriving
-/// behind it waits at most one small transfer; a sync always goes through the ring.
+/// is posted by task work that must first reach the worker (an IPI while it looks at the
+/// ring, a wake-up while it sleeps), which on a virtualised host costs more than the
+/// transfer. Only a small transfer is held this way, so that a request arriving behind it
+/// waits at most one small transfer; a sync always goes through the ring.
 pub struct Uring {
     ring: IoUring,
     /// The registered file's image (its lock lives as long as the ring).
