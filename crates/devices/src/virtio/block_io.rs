@@ -219,6 +219,13 @@ impl Uring {
 }
 
 impl Uring {
+    /// Runs `transfer` with one system call; `wait` returns its completion.
+    fn run_now(&mut self, transfer: &Transfer) {
+        // Capacity for MAX_IN_FLIGHT completions was reserved: this never allocates.
+        let result = run(self.disk.file().as_raw_fd(), transfer);
+        self.finished.push(Completion { tag: transfer.tag, result });
+    }
+
     /// Puts `transfer` on the submission ring (started by the next `enter`).
     ///
     /// # Safety
@@ -293,9 +300,7 @@ impl IoEngine for Uring {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many transfers in flight"));
         }
         if transfer.op == IoOp::Write && self.writes_inline {
-            // Capacity for MAX_IN_FLIGHT completions was reserved: this never allocates.
-            let result = run(self.disk.file().as_raw_fd(), &transfer);
-            self.finished.push(Completion { tag: transfer.tag, result });
+            self.run_now(&transfer);
             self.outstanding += 1;
             return Ok(());
         }
@@ -321,8 +326,7 @@ impl IoEngine for Uring {
 
     fn submit(&mut self) -> io::Result<()> {
         if let Some(held) = self.held.take() {
-            let result = run(self.disk.file().as_raw_fd(), &held);
-            self.finished.push(Completion { tag: held.tag, result });
+            self.run_now(&held);
         }
         if self.ring.submission().is_empty() {
             return Ok(());
@@ -334,8 +338,8 @@ impl IoEngine for Uring {
         if self.outstanding == 0 {
             return Ok(());
         }
-        if self.held.is_some() {
-            self.submit()?;
+        if let Some(held) = self.held.take() {
+            self.run_now(&held);
         }
         let mut looked = false;
         // Transfers finished in `push` or `submit` are returned at once, with whatever the
