@@ -675,11 +675,15 @@ fn stopped_partitions_of_devices_the_guest_leaves_alone_are_replaced_all_the_sam
     let chaos = {
         let (done, console) = (done.clone(), console.clone());
         std::thread::spawn(move || {
+            // The whole line, its newline included: the guest's last COM1 access. A part of
+            // it may show while the vCPU still writes the rest, and that access, not the
+            // probe, would then find the partition stopped.
+            const LAST_LINE: &str = "halting until the host stops the VM\n";
             let deadline = Instant::now() + Duration::from_secs(60);
-            while !console.text().contains("halting") && Instant::now() < deadline {
+            while !console.text().contains(LAST_LINE) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let halted = console.text().contains("halting");
+            let halted = console.text().contains(LAST_LINE);
             let mut replaced = Vec::new();
             for device in ["com1", "i8042"] {
                 let Some(pid) = control.driver(device).and_then(|d| d.pid) else { break };
