@@ -19,8 +19,7 @@ use splitvisor_vcpu::acpi::{AcpiPlatform, AcpiTables};
 use splitvisor_vcpu::boot::BootState;
 use splitvisor_vcpu::stats::VcpuStats;
 use splitvisor_vcpu::{
-    Buses, IrqchipReset, KvmVm, PendingSetup, RestartError, StopHandle, Vcpu, VcpuSetup, VmControl, VmEnd,
-    VmError,
+    Buses, IrqchipReset, KvmVm, RestartError, StopHandle, Vcpu, VcpuSetup, VmControl, VmEnd, VmError,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -390,10 +389,7 @@ impl VmBuilder {
                 recipe.start(this.layout.placement(&recipe.name()), &early)?;
             }
         }
-        // Guest memory and the PIT are registered on a thread of their own (KVM makes
-        // each wait a few milliseconds) while the vCPUs and devices are set up; the vCPUs
-        // wait for them before they run.
-        let (kvm, pending) = KvmVm::new_with_memory(&ram)?;
+        let kvm = KvmVm::with_memory(&ram)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
 
         let pio = Bus::new(BusKind::Pio);
@@ -490,16 +486,8 @@ impl VmBuilder {
         let vcpu_stats = vcpus.iter().filter_map(Vcpu::stats).collect();
         // The control socket is bound now: a jailed hypervisor cannot reach its path later.
         let api = this.api_socket.as_deref().map(ApiListener::bind).transpose()?;
-        // The jail wants this thread alone in the process.
-        let pending = if this.sandbox.jail_enabled() {
-            pending.finish()?;
-            None
-        } else {
-            Some(pending)
-        };
         hypervisor_sandbox::after_build(&this.sandbox, needs_driver)?;
         Ok(Vm {
-            pending,
             kvm,
             ram,
             vcpus,
@@ -621,8 +609,6 @@ pub struct Vm {
     // Field order is drop order: vCPUs go before the VM fd, the VM before its memory, the
     // buses (whose devices close their drivers' connections) before the drivers (whose
     // partitions are then killed and reaped).
-    /// Guest memory and the PIT being registered, until [`Vm::run`] waits for them.
-    pending: Option<PendingSetup>,
     vcpus: Vec<Vcpu>,
     // Holds a duplicate of the VM fd (the interrupt controllers' reset): before the VM.
     reboot: Reboot,
@@ -769,9 +755,6 @@ impl Vm {
             None => None,
         };
         hypervisor_sandbox::before_vcpus(&self.sandbox)?;
-        if let Some(pending) = self.pending.take() {
-            pending.finish()?;
-        }
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);

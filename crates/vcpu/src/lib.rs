@@ -17,8 +17,7 @@
 //! use splitvisor_vcpu::{boot::BootState, Buses, KvmVm, VmControl};
 //!
 //! let ram = GuestRam::new(64 << 20)?;
-//! let vm = KvmVm::new()?;
-//! vm.register_memory(&ram)?;
+//! let vm = KvmVm::with_memory(&ram)?;
 //! // ... load a guest, then:
 //! let vcpus = vm.create_vcpus(1)?;
 //! vcpus[0].configure(vm.supported_cpuid(), Some(&BootState::Pvh { entry: 0x10_0000, start_info: 0x6000 }))?;
@@ -39,8 +38,8 @@ use std::fmt;
 
 pub use vcpu::{Buses, Vcpu};
 pub use vm::{
-    ExitCounts, IrqchipReset, KvmVm, PendingSetup, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup,
-    VmControl, VmEnd,
+    ExitCounts, IrqchipReset, KvmVm, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup, VmControl,
+    VmEnd,
 };
 
 /// Errors creating and setting up the VM.
@@ -99,9 +98,6 @@ pub enum VmError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
-    /// The thread that registers guest memory could not be started, or it panicked.
-    #[error("cannot set the VM up: {0}")]
-    SetupThread(#[source] std::io::Error),
     /// A vCPU could not be read or set up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
