@@ -268,9 +268,9 @@ impl Partition {
         Self::start(driver, args, fds)?.wait()
     }
 
-    /// [`spawn`](Self::spawn) without waiting for the sandbox: returns once the process
-    /// runs the driver program, which then sets itself up while the caller goes on. Several
-    /// partitions started one after the other set themselves up side by side; each
+    /// [`spawn`](Self::spawn) without waiting: returns once the spawner thread has the
+    /// request. The process starts and sets itself up while the caller goes on; several
+    /// partitions started one after the other start side by side, and each
     /// [`StartingPartition::wait`] then waits for its own.
     pub fn start(
         driver: &DriverProgram,
@@ -282,13 +282,11 @@ impl Partition {
             .map(|fd| fd.try_clone_to_owned().map_err(setup("duplicate an fd")))
             .collect::<Result<Vec<_>, _>>()?;
         let request = SpawnRequest { driver: driver.clone(), args: args.to_vec(), fds };
-        let (reply, result) = mpsc::channel();
+        let (reply, spawned) = mpsc::channel();
         spawner().lock().unwrap_or_else(|e| e.into_inner()).send((request, reply)).map_err(|_| {
             setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
         })?;
-        result
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into()))?
+        Ok(StartingPartition { spawned })
     }
 
     /// The partition's process ID.
@@ -365,10 +363,17 @@ impl Drop for Partition {
     }
 }
 
-/// A partition whose process runs but whose sandbox may not be in place yet
-/// ([`Partition::start`]). Dropping it kills and reaps the process.
+/// A partition being started ([`Partition::start`]): its process may not run the driver
+/// program yet, nor its sandbox be in place. Dropping it kills and reaps the process.
 #[derive(Debug)]
 pub struct StartingPartition {
+    /// The spawner's answer: the process running the driver program, or why there is none.
+    spawned: mpsc::Receiver<Result<Spawned, PartitionError>>,
+}
+
+/// A partition's process, running the driver program, its sandbox perhaps not in place.
+#[derive(Debug)]
+struct Spawned {
     partition: Partition,
     ready: ReadySignal,
     /// The command line, for the log.
@@ -376,16 +381,19 @@ pub struct StartingPartition {
 }
 
 impl StartingPartition {
-    /// The partition's process ID.
-    pub fn pid(&self) -> u32 {
-        self.partition.pid()
-    }
-
-    /// Waits (at most 30 s) until the partition's sandbox is in place in every process of
-    /// it; then nothing it does can reach beyond it. A partition that exits first, or
-    /// takes longer, is killed, and the error says which.
+    /// Waits (at most 30 s each) until the partition's process runs the driver program and
+    /// then until its sandbox is in place in every process of it; then nothing it does can
+    /// reach beyond it. A partition that exits first, or takes longer, is killed, and the
+    /// error says which.
     pub fn wait(self) -> Result<Partition, PartitionError> {
-        let Self { mut partition, ready, command } = self;
+        let Spawned { mut partition, ready, command } =
+            self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| {
+                let kind = match e {
+                    mpsc::RecvTimeoutError::Timeout => io::ErrorKind::TimedOut,
+                    mpsc::RecvTimeoutError::Disconnected => io::ErrorKind::BrokenPipe,
+                };
+                setup("hear from the partition spawner")(kind.into())
+            })??;
         if let Err(e) = ready.wait(READY_TIMEOUT) {
             partition.kill();
             return Err(setup("wait for the partition's sandbox")(e));
@@ -395,13 +403,18 @@ impl StartingPartition {
     }
 }
 
+/// The longest wait for the spawner to start a partition's process.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct SpawnRequest {
     driver: DriverProgram,
     args: Vec<String>,
     fds: Vec<OwnedFd>,
 }
 
-type SpawnReply = mpsc::Sender<Result<StartingPartition, PartitionError>>;
+/// Where the spawner answers. If the [`StartingPartition`] is gone by then, the answer is
+/// dropped on the spawner's thread, and with it the process (killed and reaped).
+type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 
 /// Starts the process-wide thread that starts partitions, if it is not running yet. It
 /// starts by itself at the first partition; a hypervisor that sandboxes itself starts it
@@ -436,7 +449,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
 /// kernel refuses the namespaces is it started as a plain child; the driver then tries to
 /// create them itself, and refuses to run when that fails too (unless it was told to run
 /// without its sandbox).
-fn start(request: SpawnRequest) -> Result<StartingPartition, PartitionError> {
+fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
     let SpawnRequest { driver, mut args, mut fds } = request;
     let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
     args.extend(["--ready-fd".to_string(), (3 + fds.len()).to_string()]);
@@ -497,7 +510,7 @@ fn start(request: SpawnRequest) -> Result<StartingPartition, PartitionError> {
     drop((high, dev_null));
     let partition = Partition { pid, pidfd, status: None, own_pid_namespace };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
-    Ok(StartingPartition { partition, ready, command })
+    Ok(Spawned { partition, ready, command })
 }
 
 fn c_string(text: &std::ffi::OsStr) -> Result<CString, PartitionError> {
