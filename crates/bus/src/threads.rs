@@ -112,6 +112,8 @@ type Job = Box<dyn FnOnce() + Send>;
 
 static HOOK: OnceLock<Box<ThreadHook>> = OnceLock::new();
 static LAUNCHER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+/// Why the launcher could not start, once it could not.
+static LAUNCHER_FAILURE: OnceLock<String> = OnceLock::new();
 
 thread_local! {
     /// The kind the hook ran for on this thread, if it ran.
@@ -156,27 +158,46 @@ pub fn enter(kind: ThreadKind) -> io::Result<()> {
 /// ask for (see the [module docs](self)). Call it from a thread that has not entered
 /// (its filter would be the launcher's too), after [`set_hook`]. Once is enough; later
 /// calls do nothing.
+///
+/// Unlike [`spawn`], this does not wait for the hook to run in the launcher: what is asked
+/// of it meanwhile waits in its queue, so the caller can go on at once (a VM's vCPUs start
+/// while the launcher installs its filter). If the hook fails there, the launcher logs why
+/// and ends, and every [`spawn`] that needs it fails with that reason.
 pub fn start_launcher() -> io::Result<()> {
     let Some(hook) = HOOK.get() else {
         return Err(io::Error::other("no thread hook is registered: there is nothing to launch for"));
     };
-    if LAUNCHER.get().is_some() {
-        return Ok(());
-    }
     if let Some(kind) = current() {
         return Err(io::Error::other(format!(
             "the launcher must be started by a thread that is not sandboxed (this one is a {kind} thread)"
         )));
     }
     let (jobs, incoming) = mpsc::channel::<Job>();
-    start_hooked(hook.as_ref(), ThreadKind::Launcher, "thread-launcher".into(), move || {
+    if LAUNCHER.set(jobs).is_err() {
+        return Ok(()); // started already
+    }
+    let started = std::thread::Builder::new().name("thread-launcher".into()).spawn(move || {
+        if let Err(e) = hook(ThreadKind::Launcher) {
+            log::error!("the thread launcher cannot start: {e}");
+            let _ = LAUNCHER_FAILURE.set(e.to_string());
+            return; // drops the queue: whoever waits on a job hears that it is gone
+        }
+        ENTERED.with(|cell| cell.set(Some(ThreadKind::Launcher)));
         for job in incoming {
             job();
         }
-    })?;
-    // Two racing callers: the loser's launcher ends when its sender is dropped here.
-    let _ = LAUNCHER.set(jobs);
+    });
+    if let Err(e) = started {
+        let _ = LAUNCHER_FAILURE.set(e.to_string());
+        return Err(e);
+    }
     Ok(())
+}
+
+/// Why the launcher is gone: the error of a [`spawn`] that needed it.
+fn launcher_gone() -> io::Error {
+    let why = LAUNCHER_FAILURE.get().map_or("", String::as_str);
+    io::Error::other(format!("the thread launcher is gone: {why}"))
 }
 
 /// Starts a thread of kind `kind` named `name` running `f`. With a hook registered, the
@@ -203,10 +224,13 @@ where
     let job: Job = Box::new(move || {
         let _ = reply.send(start_hooked(hook.as_ref(), kind, name, f));
     });
-    launcher.send(job).map_err(|_| io::Error::other("the thread launcher is gone"))?;
-    result
-        .recv_timeout(START_TIMEOUT * 2)
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the thread launcher did not answer"))?
+    launcher.send(job).map_err(|_| launcher_gone())?;
+    result.recv_timeout(START_TIMEOUT * 2).map_err(|e| match e {
+        mpsc::RecvTimeoutError::Timeout => {
+            io::Error::new(io::ErrorKind::TimedOut, "the thread launcher did not answer")
+        }
+        mpsc::RecvTimeoutError::Disconnected => launcher_gone(),
+    })?
 }
 
 /// The hook failed in the new thread: it ends without running its work. (Unwound with

@@ -49,15 +49,16 @@ fn the_hook_runs_in_each_thread_before_its_work_and_sandboxed_threads_go_through
     let refused = nested.join().unwrap().unwrap_err();
     assert!(refused.contains("before the launcher"), "{refused}");
 
-    // ... and with it, the launcher creates the thread: its creator is the launcher.
+    // ... and with it, the launcher creates the thread: its creator is the launcher. Its
+    // start is not waited for; what is asked of it meanwhile waits for it.
     threads::start_launcher().unwrap();
-    assert_eq!(seen("thread-launcher"), vec![ThreadKind::Launcher]);
     let nested = threads::spawn(ThreadKind::Vcpu, "vcpu-later", || {
         threads::spawn(ThreadKind::DeviceWorker, "worker-later", threads::current).unwrap().join().unwrap()
     })
     .unwrap();
     assert_eq!(nested.join().unwrap(), Some(ThreadKind::DeviceWorker));
     assert_eq!(seen("worker-later"), vec![ThreadKind::DeviceWorker]);
+    assert_eq!(seen("thread-launcher"), vec![ThreadKind::Launcher]);
 
     // The calling thread enters once; again as the same kind is a no-op, as another an error.
     threads::enter(ThreadKind::Main).unwrap();
