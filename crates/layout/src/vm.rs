@@ -24,7 +24,7 @@ use splitvisor_vcpu::{
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::api::ApiListener;
+use crate::api::{ApiListener, ApiServer};
 use crate::boot::{BootImage, BootPlan, Loaded, OnReboot};
 use crate::console::{ConsoleState, ConsoleTap};
 use crate::device::{
@@ -739,9 +739,9 @@ impl Vm {
         self.created
     }
 
-    /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
-    /// driver's fault policy ends it, or a vCPU fails (the error).
-    pub fn run(mut self) -> Result<VmReport, Error> {
+    /// The threads that serve a running VM: the drivers' supervisor, the control socket
+    /// (if asked for) and the console's input (if asked for).
+    fn start_services(&mut self) -> Result<(Supervisor, Option<ApiServer>, Option<ConsoleInput>), Error> {
         let supervisor = Supervisor::start(
             self.drivers.iter().map(|d| d.clone() as Arc<dyn Supervised>).collect(),
             SUPERVISOR_TICK,
@@ -754,22 +754,47 @@ impl Vm {
             Some(listener) => Some(listener.serve(self.driver_control(), self.placements.clone())?),
             None => None,
         };
-        hypervisor_sandbox::before_vcpus(&self.sandbox)?;
-        let vcpus = std::mem::take(&mut self.vcpus);
-        let stop_handle = self.control.stop_handle();
-        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
-        let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         let input = match (&self.console_device, self.console_input) {
             (Some(device), true) => Some(ConsoleInput::start(device.clone())?),
             _ => None,
         };
-        // Everything this thread starts itself runs: from here on it only waits, tears
-        // down and reports.
-        if let Err(e) = hypervisor_sandbox::main_thread(&self.sandbox) {
-            stop_handle.stop();
-            let _ = running.wait(None);
-            return Err(e.into());
-        }
+        Ok((supervisor, api, input))
+    }
+
+    /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
+    /// driver's fault policy ends it, or a vCPU fails (the error).
+    pub fn run(self) -> Result<VmReport, Error> {
+        self.run_with(|| Ok(()))
+    }
+
+    /// [`run`](Self::run), calling `running_hook` on this thread once the vCPUs and the VM's own
+    /// threads run: the place for set-up that need not delay the guest's first instruction,
+    /// such as a Ctrl-C handler (a thread started there is started before this thread
+    /// sandboxes itself). If it fails, the VM is stopped and its error returned.
+    pub fn run_with(mut self, running_hook: impl FnOnce() -> io::Result<()>) -> Result<VmReport, Error> {
+        hypervisor_sandbox::before_vcpus(&self.sandbox)?;
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let stop_handle = self.control.stop_handle();
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
+        // The vCPUs first: nothing else started here is needed before the guest's first
+        // instruction (each thread's start waits for its filter to be installed, a few
+        // hundred microseconds on some hosts).
+        let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
+        let services = self.start_services().and_then(|services| {
+            running_hook().map_err(Error::WhenRunning)?;
+            // Everything this thread starts itself runs: from here on it only waits,
+            // tears down and reports.
+            hypervisor_sandbox::main_thread(&self.sandbox)?;
+            Ok(services)
+        });
+        let (supervisor, api, input) = match services {
+            Ok(services) => services,
+            Err(e) => {
+                stop_handle.stop();
+                let _ = running.wait(None);
+                return Err(e);
+            }
+        };
         let mut restart_error = None;
         let end = loop {
             let stopped = running.wait_until(deadline);
