@@ -8,17 +8,18 @@
 //!
 //! # How threads get their filter
 //!
-//! [`enable`] compiles every filter, installs the report of a forbidden call (below) and
-//! registers a hook with the thread seam ([`splitvisor_bus::threads`]): from then on every
-//! thread a splitvisor crate starts installs its kind's filter before it does its work.
+//! [`enable`] installs the report of a forbidden call (below) and registers a hook with the
+//! thread seam ([`splitvisor_bus::threads`]): from then on every thread a splitvisor crate
+//! starts installs its kind's filter before it does its work (the first thread of a kind
+//! compiles it).
 //! seccomp applies to the calling thread only (this module never uses TSYNC, which would
 //! give every thread one filter), and a thread inherits its creator's filter, so:
 //!
 //! * `enable` is called before the VM is built ([`VmBuilder`] does it first thing): the
 //!   partition spawner, started while partitions are set up, gets its filter at its start;
 //! * the main thread builds the VM unfiltered (it opens /dev/kvm, images, sockets), starts
-//!   the vCPUs, the supervisor, the control socket and console threads (each gets its own
-//!   filter), starts the seam's launcher, and only then installs its own filter, the
+//!   the seam's launcher, the vCPUs, the supervisor, the control socket and console
+//!   threads (each gets its own filter), and only then installs its own filter, the
 //!   smallest of all: wait, tear down, report;
 //! * threads started later by filtered threads (a virtio device's worker, which the vCPU
 //!   activating the device asks for) are created by the launcher, whose filter is the
@@ -160,8 +161,15 @@ impl HypervisorSandbox {
     }
 }
 
-/// Every kind's filters, compiled once by [`enable`].
-static FILTERS: OnceLock<HashMap<ThreadKind, [BpfProgram; 2]>> = OnceLock::new();
+/// Every kind's filters, each compiled by the first thread of its kind: a kind no thread
+/// has is never compiled, and none is compiled while the VM is set up.
+struct Filters {
+    /// The process the filters are for.
+    own_pid: libc::pid_t,
+    by_kind: HashMap<ThreadKind, OnceLock<[BpfProgram; 2]>>,
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
 static JAILED: AtomicBool = AtomicBool::new(false);
 
 /// Registers the per-kind filters with the thread seam and installs the report of a
@@ -175,14 +183,10 @@ pub fn enable() -> Result<(), HypervisorSandboxError> {
     }
     // SAFETY: getpid has no preconditions.
     let own_pid = unsafe { libc::getpid() };
-    let mut filters = HashMap::new();
-    for kind in ThreadKind::ALL {
-        let allowlist = compile(rules(kind, own_pid)?, SeccompAction::Trap, SeccompAction::Allow)?;
-        filters.insert(kind, [clone3_enosys()?, allowlist]);
-    }
+    let by_kind = ThreadKind::ALL.iter().map(|&kind| (kind, OnceLock::new())).collect();
     install_report()?;
     install_panic_report();
-    if FILTERS.set(filters).is_err() {
+    if FILTERS.set(Filters { own_pid, by_kind }).is_err() {
         return Ok(()); // another thread enabled it meanwhile
     }
     if !threads::set_hook(Box::new(install_filters)) {
@@ -190,6 +194,26 @@ pub fn enable() -> Result<(), HypervisorSandboxError> {
     }
     log::debug!("hypervisor threads are sandboxed from now on");
     Ok(())
+}
+
+/// The filters of `kind`: the shared one that makes clone3 fail with ENOSYS, and the kind's
+/// allowlist. Compiled at the first call for the kind.
+fn filters(kind: ThreadKind) -> io::Result<&'static [BpfProgram; 2]> {
+    let filters =
+        FILTERS.get().ok_or_else(|| io::Error::other("the hypervisor's filters are not enabled"))?;
+    let cell = filters
+        .by_kind
+        .get(&kind)
+        .ok_or_else(|| io::Error::other(format!("no filter for {kind} threads")))?;
+    if let Some(programs) = cell.get() {
+        return Ok(programs);
+    }
+    let compiled = rules(kind, filters.own_pid)
+        .and_then(|rules| compile(rules, SeccompAction::Trap, SeccompAction::Allow))
+        .and_then(|allowlist| Ok([clone3_enosys()?, allowlist]))
+        .map_err(|e| io::Error::other(format!("cannot compile the {kind} filter: {e}")))?;
+    // Two threads of a kind starting at once compile it twice: the first one kept wins.
+    Ok(cell.get_or_init(|| compiled))
 }
 
 /// Reports a panic in one line, without a backtrace: capturing one reads the executable
@@ -224,10 +248,7 @@ pub fn jailed() -> bool {
 
 /// The seam's hook: records the thread for the report, installs its kind's filters.
 fn install_filters(kind: ThreadKind) -> io::Result<()> {
-    let filters =
-        FILTERS.get().ok_or_else(|| io::Error::other("the hypervisor's filters are not compiled"))?;
-    let programs =
-        filters.get(&kind).ok_or_else(|| io::Error::other(format!("no filter for {kind} threads")))?;
+    let programs = filters(kind)?;
     let mut name = [0u8; 16];
     let current = std::thread::current();
     let own = current.name().unwrap_or("").as_bytes();
