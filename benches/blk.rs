@@ -10,10 +10,10 @@
 //! both), BLK_BENCH_VCPUS (default `1,2`), BLK_BENCH_REPEAT (rounds, default 3).
 //!
 //! A round runs every row once, back to back, fio included, with the image written back
-//! before each. An IOPS cell is the median of its rounds; a ratio is the median of the
-//! rounds' own ratios, so that the load of this shared machine, which drifts by minutes
-//! (host fio has moved 3x within an hour on one file), weighs on both sides of a ratio
-//! alike.
+//! before each; the two placements take turns going first. An IOPS cell is the median of
+//! its rounds; a ratio is the median of the rounds' own ratios, so that the load of this
+//! shared machine, which drifts by minutes (host fio has moved 3x within an hour on one
+//! file), weighs on both sides of a ratio alike.
 //!
 //! Cache modes: `writeback` is splitvisor's `cache=writeback`, QEMU's and
 //! qemu-storage-daemon's `cache.direct=off`, fio's `--direct=0`; `none` is O_DIRECT
@@ -445,27 +445,34 @@ fn main() -> ExitCode {
     for &cache in &caches {
         for &vcpus in &vcpu_counts {
             let mut rounds = Vec::new();
-            for _ in 0..repeats {
+            for index in 0..repeats {
                 let mut round = Round::default();
                 let disk = DiskConfig::image(&image).cache(cache);
-                settle(&image);
-                let (report, console, _) =
-                    splitvisor_run(Layout::monolithic(), disk.clone(), vcpus, &cmdline);
-                let tsc_khz = report.tsc_khz.map(f64::from);
-                if exits.is_none() {
-                    let (baseline, ..) = splitvisor_run(
-                        Layout::monolithic(),
-                        disk.clone(),
-                        vcpus,
-                        "blk_bench.mib=1 blk_bench.ops=1",
-                    );
-                    exits = Some((report.clone(), baseline));
+                // The placements take turns going first: what a run leaves behind (the
+                // writeback of its writes) then weighs on each alike.
+                let mut tsc_khz = None;
+                for microkernel in [index % 2 == 1, index % 2 == 0] {
+                    settle(&image);
+                    let layout = if microkernel { Layout::microkernel() } else { Layout::monolithic() };
+                    let (report, console, rss) = splitvisor_run(layout, disk.clone(), vcpus, &cmdline);
+                    tsc_khz = report.tsc_khz.map(f64::from);
+                    let figures = parse(&console, tsc_khz);
+                    if microkernel {
+                        partition_rss.extend(rss);
+                        round.microkernel = figures;
+                        continue;
+                    }
+                    round.monolithic = figures;
+                    if exits.is_none() {
+                        let (baseline, ..) = splitvisor_run(
+                            Layout::monolithic(),
+                            disk.clone(),
+                            vcpus,
+                            "blk_bench.mib=1 blk_bench.ops=1",
+                        );
+                        exits = Some((report, baseline));
+                    }
                 }
-                round.monolithic = parse(&console, tsc_khz);
-                settle(&image);
-                let (_, console, rss) = splitvisor_run(Layout::microkernel(), disk, vcpus, &cmdline);
-                partition_rss.extend(rss);
-                round.microkernel = parse(&console, tsc_khz);
                 settle(&image);
                 let daemon_run = StorageDaemon::start(&image, &dir, cache, vcpus).map(|daemon| {
                     let socket = DiskConfig::VhostUser { socket: daemon.socket.clone() };
