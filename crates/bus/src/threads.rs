@@ -24,7 +24,8 @@
 //!   it starts directly.
 //!
 //! [`spawn`] returns only once the hook has run in the new thread: if it fails, the
-//! thread never runs its work and `spawn` returns the hook's error.
+//! thread never runs its work and `spawn` returns the hook's error. [`start`] returns at
+//! once, and its [`StartingThread::started`] waits for the hook later.
 //!
 //! Without a hook, [`spawn`] is `std::thread::Builder::new().name(name).spawn(f)`.
 //!
@@ -233,6 +234,22 @@ where
     })?
 }
 
+/// [`spawn`], without waiting for the hook: the thread installs its filter while the
+/// caller goes on, and [`StartingThread::started`] waits for it (a VM's vCPU threads are
+/// started while the VM is set up). From a thread already sandboxed, the launcher creates
+/// the thread, and this waits for it as [`spawn`] does.
+pub fn start<F, T>(kind: ThreadKind, name: impl Into<String>, f: F) -> io::Result<StartingThread<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let name = name.into();
+    match HOOK.get() {
+        Some(hook) if current().is_none() => start_unwaited(hook.as_ref(), kind, name, f),
+        _ => Ok(StartingThread { thread: spawn(kind, name, f)?, hooked: None }),
+    }
+}
+
 /// The hook failed in the new thread: it ends without running its work. (Unwound with
 /// `resume_unwind`, which does not print a panic message: the caller reports the error.)
 struct HookFailed;
@@ -244,6 +261,21 @@ fn start_hooked<F, T>(
     name: String,
     f: F,
 ) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    start_unwaited(hook, kind, name, f)?.started()
+}
+
+/// Creates the thread from the calling thread; the hook runs in it before `f`, and the
+/// result says when it has.
+fn start_unwaited<F, T>(
+    hook: &'static ThreadHook,
+    kind: ThreadKind,
+    name: String,
+    f: F,
+) -> io::Result<StartingThread<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -261,16 +293,36 @@ where
         }
         f()
     })?;
-    match hooked.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(e)
+    Ok(StartingThread { thread, hooked: Some((kind, hooked)) })
+}
+
+/// A thread [`start`]ed, whose hook may still be running in it.
+#[derive(Debug)]
+pub struct StartingThread<T> {
+    thread: JoinHandle<T>,
+    /// The thread's kind and where its hook reports; `None`: nothing to wait for.
+    hooked: Option<(ThreadKind, mpsc::Receiver<io::Result<()>>)>,
+}
+
+impl<T> StartingThread<T> {
+    /// Waits until the hook has run in the thread: its handle, or the hook's error (the
+    /// thread then never runs its work).
+    pub fn started(self) -> io::Result<JoinHandle<T>> {
+        let Self { thread, hooked } = self;
+        let Some((kind, hooked)) = hooked else {
+            return Ok(thread);
+        };
+        match hooked.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the {kind} thread did not finish its start within {START_TIMEOUT:?}"),
+            )),
         }
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the {kind} thread did not finish its start within {START_TIMEOUT:?}"),
-        )),
     }
 }
 

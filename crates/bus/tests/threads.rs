@@ -41,6 +41,14 @@ fn the_hook_runs_in_each_thread_before_its_work_and_sandboxed_threads_go_through
     let error = threads::spawn(ThreadKind::Signals, "signals-test", || panic!("must not run")).unwrap_err();
     assert!(error.to_string().contains("no signals thread"), "{error}");
 
+    // Started without waiting: the same, once asked whether it started.
+    let starting = threads::start(ThreadKind::Vcpu, "vcpu-start", threads::current).unwrap();
+    assert_eq!(starting.started().unwrap().join().unwrap(), Some(ThreadKind::Vcpu));
+    assert_eq!(seen("vcpu-start"), vec![ThreadKind::Vcpu]);
+    let starting = threads::start(ThreadKind::Signals, "signals-start", || panic!("must not run")).unwrap();
+    let error = starting.started().unwrap_err();
+    assert!(error.to_string().contains("no signals thread"), "{error}");
+
     // A sandboxed thread cannot start threads itself before the launcher runs ...
     let nested = threads::spawn(ThreadKind::Vcpu, "vcpu-nested", || {
         threads::spawn(ThreadKind::DeviceWorker, "worker-early", || ()).map(drop).map_err(|e| e.to_string())

@@ -352,7 +352,7 @@ impl VmBuilder {
         };
         let loaded = plan.load_images(&ram)?;
 
-        let control = VmControl::new();
+        let mut control = VmControl::new();
         let console = Arc::new(ConsoleState::default());
         let output: Box<dyn Write + Send> = match &self.console {
             ConsoleOutput::Stdout => Box::new(io::stdout()),
@@ -391,6 +391,11 @@ impl VmBuilder {
         }
         let kvm = KvmVm::with_memory(&ram)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
+        // Their threads start (and install their filters) while the VM is set up; a jailed
+        // hypervisor starts them in its jail, which wants no other thread when it enters.
+        if !this.sandbox.jail_enabled() {
+            control.prepare_threads(this.vcpus)?;
+        }
 
         let pio = Bus::new(BusKind::Pio);
         let mmio = Bus::new(BusKind::Mmio);

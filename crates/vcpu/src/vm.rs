@@ -1,18 +1,18 @@
 //! The KVM VM and its running vCPU threads.
 
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use splitvisor_bus::threads::{self, ThreadKind};
+use splitvisor_bus::threads::{self, StartingThread, ThreadKind};
 use splitvisor_memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -353,7 +353,8 @@ pub struct ExitCounts {
 #[derive(Debug)]
 pub struct RunningVm {
     control: Arc<Control>,
-    threads: Vec<(u32, JoinHandle<Vcpu>)>,
+    /// Each vCPU's thread; it ends with its vCPU, or with none if it never got one.
+    threads: Vec<(u32, JoinHandle<Option<Vcpu>>)>,
 }
 
 /// Work a vCPU thread does on its own vCPU before it runs it (at a restart: its reset).
@@ -442,7 +443,7 @@ impl StoppedVm {
             ends.reported = false;
             self.control.stopping.store(false, Ordering::Release);
         }
-        VmControl { control: self.control }
+        VmControl { control: self.control, ready: Vec::new() }
             .start_with(self.vcpus, buses, Some(setup))
             .map_err(RestartError::Vm)
     }
@@ -467,11 +468,23 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-/// A stop handle and exit counters, created before the devices that need them.
+/// A stop handle and exit counters, created before the devices that need them; and the
+/// vCPU threads, if they were started ahead of their vCPUs.
 #[derive(Debug, Default)]
 pub struct VmControl {
     control: Arc<Control>,
+    /// Threads started by [`VmControl::prepare_threads`], by vCPU index.
+    ready: Vec<ReadyThread>,
 }
+
+/// A vCPU thread started ahead of its vCPU: it waits for its work (run the vCPU, return it).
+#[derive(Debug)]
+struct ReadyThread {
+    thread: StartingThread<Option<Vcpu>>,
+    work: mpsc::Sender<VcpuWork>,
+}
+
+type VcpuWork = Box<dyn FnOnce() -> Vcpu + Send>;
 
 impl VmControl {
     /// New, not yet running.
@@ -484,7 +497,25 @@ impl VmControl {
         StopHandle { control: self.control.clone() }
     }
 
-    /// Starts one thread per vCPU, each dispatching its exits to `buses`.
+    /// Starts the threads of vCPUs `0..count` now, before the vCPUs exist: a thread's start
+    /// (with a sandbox, installing its seccomp filter: a few hundred microseconds on some
+    /// hosts) then overlaps the rest of the VM's set-up instead of delaying its first
+    /// instruction. [`start`](Self::start) hands each thread its vCPU; a thread that never
+    /// gets one ends when this is dropped.
+    pub fn prepare_threads(&mut self, count: u32) -> Result<(), VmError> {
+        for index in self.ready.len() as u32..count {
+            let (work, incoming) = mpsc::channel::<VcpuWork>();
+            let thread = threads::start(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
+                incoming.recv().ok().map(|work| work())
+            })
+            .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source })?;
+            self.ready.push(ReadyThread { thread, work });
+        }
+        Ok(())
+    }
+
+    /// Starts one thread per vCPU (or hands it to the thread prepared for it), each
+    /// dispatching its exits to `buses`.
     pub fn start(self, vcpus: Vec<Vcpu>, buses: Buses) -> Result<RunningVm, VmError> {
         self.start_with(vcpus, buses, None)
     }
@@ -504,6 +535,7 @@ impl VmControl {
 
         let count = vcpus.len() as u32;
         let gate = Arc::new(SetupGate::default());
+        let mut ready: Vec<Option<ReadyThread>> = self.ready.into_iter().map(Some).collect();
         let mut running = RunningVm { control: self.control, threads: Vec::new() };
         for mut vcpu in vcpus {
             let index = vcpu.index();
@@ -511,7 +543,7 @@ impl VmControl {
             let buses = buses.clone();
             let setup = setup.clone();
             let gate = gate.clone();
-            let thread = threads::spawn(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
+            let work: VcpuWork = Box::new(move || {
                 if let Some(setup) = setup {
                     if let Err(e) = setup(&vcpu) {
                         control.finish(Err(e));
@@ -530,7 +562,16 @@ impl VmControl {
                     control.finish(Err(e));
                 }
                 vcpu
-            })
+            });
+            let thread = match ready.get_mut(index as usize).and_then(Option::take) {
+                Some(ReadyThread { thread, work: handoff }) => thread.started().and_then(|thread| {
+                    handoff
+                        .send(work)
+                        .map_err(|_| io::Error::other("the vCPU thread ended before its vCPU came"))?;
+                    Ok(thread)
+                }),
+                None => threads::spawn(ThreadKind::Vcpu, format!("vcpu{index}"), move || Some(work())),
+            }
             .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source });
             match thread {
                 Ok(thread) => running.threads.push((index, thread)),
@@ -597,7 +638,7 @@ impl RunningVm {
                 std::thread::sleep(Duration::from_millis(1));
             }
             match thread.join() {
-                Ok(vcpu) => vcpus.push(vcpu),
+                Ok(vcpu) => vcpus.extend(vcpu),
                 Err(_) => self.control.finish(Err(VcpuError::Panicked { vcpu: index })),
             }
         }
