@@ -433,6 +433,12 @@ pub enum RunError {
     /// Building or running the VM failed.
     #[error(transparent)]
     Vm(#[from] splitvisor_layout::Error),
+    /// The Ctrl-C handler could not be installed.
+    #[error("cannot install the Ctrl-C handler: {0}")]
+    CtrlC(#[from] ctrlc::Error),
+    /// A thread of the example could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`,
@@ -502,18 +508,17 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
         print_layout(vm.placements());
     }
     let stop = vm.stop_handle();
-    // Once the guest runs (it need not wait for this), from a thread of the seam's Signals
-    // kind: the thread the ctrlc crate starts inherits its filter (and, under --jail, the
-    // jail).
-    let report = vm.run_with(move || {
-        let handler = splitvisor_bus::threads::spawn(ThreadKind::Signals, "ctrl-c-setup", move || {
-            ctrlc::set_handler(move || stop.stop())
-        })?;
-        handler
-            .join()
-            .map_err(|_| std::io::Error::other("the Ctrl-C set-up thread panicked"))?
-            .map_err(|e| std::io::Error::other(format!("cannot install the Ctrl-C handler: {e}")))
-    })?;
+    // Before the guest runs: once it has written anything, Ctrl-C stops it cleanly. From a
+    // thread of the seam's Signals kind: the thread the ctrlc crate starts inherits its
+    // filter (and, under --jail, the jail).
+    let handler = splitvisor_bus::threads::spawn(ThreadKind::Signals, "ctrl-c-setup", move || {
+        ctrlc::set_handler(move || stop.stop())
+    })
+    .map_err(RunError::Thread)?;
+    handler
+        .join()
+        .map_err(|_| RunError::Thread(std::io::Error::other("the Ctrl-C set-up thread panicked")))??;
+    let report = vm.run()?;
     for event in &report.device_events {
         eprintln!("{program}: {:>8.3} s  {}: {}", event.at.as_secs_f64(), event.device, event.what);
     }

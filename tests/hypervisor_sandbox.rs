@@ -173,6 +173,11 @@ fn socket_path(name: &str) -> PathBuf {
 
 /// One request on the control socket.
 fn api(socket: &Path, request: &str) -> serde_json::Value {
+    try_api(socket, request).unwrap()
+}
+
+/// One request on the control socket; what went wrong if there was no answer.
+fn try_api(socket: &Path, request: &str) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + DEADLINE;
     let stream = loop {
         match UnixStream::connect(socket) {
@@ -187,8 +192,8 @@ fn api(socket: &Path, request: &str) -> serde_json::Value {
     let mut writer = stream.try_clone().unwrap();
     writeln!(writer, "{request}").unwrap();
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    BufReader::new(stream).read_line(&mut line).map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|e| format!("{e} in {line:?}"))
 }
 
 /// The disk partition's pid (none while it is being replaced).
@@ -304,6 +309,11 @@ fn a_jailed_hypervisor_has_an_empty_root_its_own_namespaces_and_still_restarts_a
         |_| {},
     );
     let pid = vm.pid();
+    // The first answer from inside the jail; if there is none, the hypervisor says why.
+    if let Err(e) = try_api(&socket, r#"{"op":"list"}"#) {
+        let (code, output) = vm.finish();
+        panic!("no answer on the control socket ({e}); the hypervisor ended with {code:?}:\n{output}");
+    }
     let old = disk_pid(&socket).expect("a disk partition");
 
     // Every thread but the partition spawner sees an empty root; the process has its own

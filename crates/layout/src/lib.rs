@@ -165,9 +165,6 @@ pub enum Error {
     /// A fault to inject is not one.
     #[error("fault injection: {0}")]
     Fault(String),
-    /// What [`Vm::run_with`] was given to do once the VM runs failed.
-    #[error("once the VM ran: {0}")]
-    WhenRunning(#[source] std::io::Error),
     /// The supervisor thread could not be started.
     #[error("cannot start the driver supervisor: {0}")]
     Supervisor(#[source] std::io::Error),

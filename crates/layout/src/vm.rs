@@ -768,15 +768,7 @@ impl Vm {
 
     /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
     /// driver's fault policy ends it, or a vCPU fails (the error).
-    pub fn run(self) -> Result<VmReport, Error> {
-        self.run_with(|| Ok(()))
-    }
-
-    /// [`run`](Self::run), calling `running_hook` on this thread once the vCPUs and the VM's own
-    /// threads run: the place for set-up that need not delay the guest's first instruction,
-    /// such as a Ctrl-C handler (a thread started there is started before this thread
-    /// sandboxes itself). If it fails, the VM is stopped and its error returned.
-    pub fn run_with(mut self, running_hook: impl FnOnce() -> io::Result<()>) -> Result<VmReport, Error> {
+    pub fn run(mut self) -> Result<VmReport, Error> {
         hypervisor_sandbox::before_vcpus(&self.sandbox)?;
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
@@ -786,7 +778,6 @@ impl Vm {
         // hundred microseconds on some hosts).
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         let services = self.start_services().and_then(|services| {
-            running_hook().map_err(Error::WhenRunning)?;
             // Everything this thread starts itself runs: from here on it only waits,
             // tears down and reports.
             hypervisor_sandbox::main_thread(&self.sandbox)?;
