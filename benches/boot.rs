@@ -5,7 +5,8 @@
 //!    splitvisor's monolithic hypervisor vs `qemu-system-x86_64 -M microvm -enable-kvm`;
 //!    then process start to the first byte of the `marker` guest, written by its very first
 //!    instructions (the VMM's own start), with issue 11's targets (≤ 3 ms, ≤ 4 MiB) as
-//!    pass/fail columns;
+//!    pass/fail columns, beside the same binary started only to write a byte (what
+//!    starting a process costs here);
 //! 2. the round trip of one PIO exit and one MMIO exit as the guest sees it (`exit-bench`,
 //!    TSC-timed, median of 101 per run, median over BOOT_BENCH_EXIT_RUNS runs, default 9),
 //!    under both, plus the bus dispatch alone on the host, and
@@ -220,6 +221,11 @@ fn main() -> ExitCode {
     if let Some(status) = splitvisor::cli::driver_subcommand("bench") {
         return status;
     }
+    // The marker table's baseline: this process, started only to write one byte.
+    if args.iter().any(|a| a == "--write-a-byte") {
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), b"M");
+        return ExitCode::SUCCESS;
+    }
     if args.iter().any(|a| a == "--hypervisor") {
         let layout = if args.iter().any(|a| a == "--microkernel-layout") {
             splitvisor::layout::Layout::microkernel()
@@ -338,7 +344,11 @@ fn main() -> ExitCode {
     // 1b. The VMM alone: the marker guest writes COM1 before anything else it does.
     let marker = elf_path("marker");
     let (mut ours_marker, mut micro_marker, mut theirs_marker) = (Vec::new(), Vec::new(), Vec::new());
+    let mut baseline = Vec::new();
     for _ in 0..runs {
+        let mut write_a_byte = Command::new(std::env::current_exe().unwrap());
+        write_a_byte.arg("--write-a-byte");
+        baseline.push(measure(write_a_byte));
         let run = measure(splitvisor("marker", &[]));
         assert!(run.success && run.stdout.starts_with('M'), "splitvisor marker run failed:\n{}", run.stdout);
         ours_marker.push(run);
@@ -359,6 +369,7 @@ fn main() -> ExitCode {
     if have_qemu {
         println!("| QEMU microvm (KVM) | {:.2} | | {:.1} | |", first(&theirs_marker), rss(&theirs_marker));
     }
+    println!("| for scale: this binary, started only to write one byte | {:.2} | | | |", first(&baseline));
 
     // 2. Exit round trips as the guest sees them: each run reports the median of its 101
     // accesses; the table shows the median over the runs, the three hypervisors taking
