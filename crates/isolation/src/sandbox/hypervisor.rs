@@ -17,10 +17,10 @@
 //!
 //! * `enable` is called before the VM is built ([`VmBuilder`] does it first thing): the
 //!   partition spawner, started while partitions are set up, gets its filter at its start;
-//! * the main thread builds the VM unfiltered (it opens /dev/kvm, images, sockets), starts
-//!   the seam's launcher, the vCPUs, the supervisor, the control socket and console
-//!   threads (each gets its own filter), and only then installs its own filter, the
-//!   smallest of all: wait, tear down, report;
+//! * the main thread builds the VM unfiltered (it opens /dev/kvm, images, sockets) and
+//!   starts the vCPU threads meanwhile, then starts the seam's launcher, the supervisor, the
+//!   control socket and console threads (each gets its own filter), and only then installs
+//!   its own filter, the smallest of all: wait, tear down, report;
 //! * threads started later by filtered threads (a virtio device's worker, which the vCPU
 //!   activating the device asks for) are created by the launcher, whose filter is the
 //!   union of every kind it may start, so each still gets exactly its own.
