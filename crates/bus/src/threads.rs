@@ -27,7 +27,9 @@
 //! thread never runs its work and `spawn` returns the hook's error. [`start`] returns at
 //! once, and its [`StartingThread::started`] waits for the hook later.
 //!
-//! Without a hook, [`spawn`] is `std::thread::Builder::new().name(name).spawn(f)`.
+//! Without a hook, [`spawn`] is `std::thread::Builder::new().name(name).spawn(f)` that
+//! returns once the thread runs under its name (a jail that lists the process's threads
+//! by name must not see a new one under the process's name).
 //!
 //! ```
 //! use splitvisor_bus::threads::{self, ThreadKind};
@@ -211,10 +213,10 @@ where
 {
     let name = name.into();
     let Some(hook) = HOOK.get() else {
-        return std::thread::Builder::new().name(name).spawn(f);
+        return start_unwaited(None, kind, name, f)?.started();
     };
     if current().is_none() {
-        return start_hooked(hook.as_ref(), kind, name, f);
+        return start_unwaited(Some(hook.as_ref()), kind, name, f)?.started();
     }
     let Some(launcher) = LAUNCHER.get() else {
         return Err(io::Error::other(format!(
@@ -223,7 +225,8 @@ where
     };
     let (reply, result) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
-        let _ = reply.send(start_hooked(hook.as_ref(), kind, name, f));
+        let _ =
+            reply.send(start_unwaited(Some(hook.as_ref()), kind, name, f).and_then(StartingThread::started));
     });
     launcher.send(job).map_err(|_| launcher_gone())?;
     result.recv_timeout(START_TIMEOUT * 2).map_err(|e| match e {
@@ -245,8 +248,9 @@ where
 {
     let name = name.into();
     match HOOK.get() {
-        Some(hook) if current().is_none() => start_unwaited(hook.as_ref(), kind, name, f),
-        _ => Ok(StartingThread { thread: spawn(kind, name, f)?, hooked: None }),
+        None => start_unwaited(None, kind, name, f),
+        Some(hook) if current().is_none() => start_unwaited(Some(hook.as_ref()), kind, name, f),
+        Some(_) => Ok(StartingThread { thread: spawn(kind, name, f)?, hooked: None }),
     }
 }
 
@@ -254,24 +258,10 @@ where
 /// `resume_unwind`, which does not print a panic message: the caller reports the error.)
 struct HookFailed;
 
-/// Creates the thread from the calling thread; the hook runs in it before `f`.
-fn start_hooked<F, T>(
-    hook: &'static ThreadHook,
-    kind: ThreadKind,
-    name: String,
-    f: F,
-) -> io::Result<JoinHandle<T>>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    start_unwaited(hook, kind, name, f)?.started()
-}
-
-/// Creates the thread from the calling thread; the hook runs in it before `f`, and the
-/// result says when it has.
+/// Creates the thread from the calling thread; the hook, if any, runs in it before `f`,
+/// and the result says when it has (without a hook: when the thread runs, named).
 fn start_unwaited<F, T>(
-    hook: &'static ThreadHook,
+    hook: Option<&'static ThreadHook>,
     kind: ThreadKind,
     name: String,
     f: F,
@@ -282,6 +272,11 @@ where
 {
     let (started, hooked) = mpsc::sync_channel::<io::Result<()>>(1);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
+        // std named the thread before it runs this.
+        let Some(hook) = hook else {
+            let _ = started.send(Ok(()));
+            return f();
+        };
         let entered = hook(kind);
         let ok = entered.is_ok();
         if ok {
@@ -338,6 +333,28 @@ mod tests {
             .unwrap();
         assert_eq!(name.as_deref(), Some("plain"));
         assert_eq!(current(), None);
+    }
+
+    #[test]
+    fn without_a_hook_spawn_returns_once_the_thread_bears_its_name() {
+        let named = |name: &str| {
+            std::fs::read_dir("/proc/self/task").unwrap().flatten().any(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+            })
+        };
+        // The kernel learns the name from the new thread itself: a list of the process's
+        // threads taken right after an early return could show it under the process's name.
+        for round in 0..50 {
+            let name = format!("named-{round}");
+            let (release, wait) = mpsc::channel::<()>();
+            let thread = spawn(ThreadKind::DeviceWorker, name.as_str(), move || {
+                let _ = wait.recv();
+            })
+            .unwrap();
+            assert!(named(&name), "round {round}: the thread is not yet named");
+            drop(release);
+            thread.join().unwrap();
+        }
     }
 
     #[test]
