@@ -167,6 +167,46 @@ const HOLDER_ENV: &str = "SPLITVISOR_TEST_HOLD_IMAGE";
 
 /// Not a test: the other process of `locks_exclude_other_processes`. It holds the image
 /// named by the environment until its stdin closes.
+/// A handed-over fd shares its description's lock: the partition that receives it does not
+/// check the lock again, and so cannot trip over a second VM that tries the image at that
+/// moment (a user between taking its lock bytes and finding the conflict).
+#[test]
+fn a_handed_over_image_is_not_locked_again() {
+    use std::os::fd::AsRawFd;
+    let _serial = FORKS.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("handed-over");
+    let path = scratch.image("disk.img", 1 << 20);
+    let writer = DiskImage::open(&path, false).unwrap();
+    // A reader caught in the middle of its attempt: it holds QEMU's byte 201 ("does not
+    // share write") and has not yet seen the writer and let go.
+    let reader = std::fs::File::open(&path).unwrap();
+    // SAFETY: plain old data; all-zero is a valid value (pid 0, as OFD locks need).
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_RDLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 201;
+    lock.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads the flock above and nothing else.
+    assert_eq!(unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_OFD_SETLK, &lock) }, 0);
+
+    assert!(
+        matches!(
+            DiskImage::from_file(writer.file().try_clone().unwrap(), false, "fd"),
+            Err(BlockError::Locked { .. })
+        ),
+        "locking again sees the passing reader"
+    );
+    let partition_side =
+        DiskImage::from_locked_file(writer.file().try_clone().unwrap(), false, "disk fd").unwrap();
+    assert_eq!(partition_side.sectors(), writer.sectors());
+    // The checks are the same as from_file's.
+    let read_only_fd = std::fs::File::open(&path).unwrap();
+    assert!(matches!(
+        DiskImage::from_locked_file(read_only_fd, false, "fd"),
+        Err(BlockError::AccessMode { .. })
+    ));
+}
+
 #[test]
 #[ignore = "helper process of locks_exclude_other_processes"]
 fn lock_holder_process() {

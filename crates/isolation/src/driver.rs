@@ -507,7 +507,9 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             // SAFETY: as above.
             let file = unsafe { File::from_raw_fd(disk_fd) };
-            let image = DiskImage::from_file(file, args.read_only, format!("disk fd {disk_fd}"))?;
+            // The hypervisor locked the image on this open file description before it
+            // handed it over: the lock is ours already.
+            let image = DiskImage::from_locked_file(file, args.read_only, format!("disk fd {disk_fd}"))?;
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let mut config =
                 SandboxConfig::new(Profile::VhostUserBlk, &[fd, disk_fd]).enabled(!args.no_sandbox);

@@ -334,6 +334,21 @@ impl DiskImage {
     /// that shares its open file description with a [`DiskImage`] elsewhere (a duplicate
     /// handed over) shares its lock. `name` names the image in errors.
     pub fn from_file(file: File, read_only: bool, name: impl Into<PathBuf>) -> Result<Self, BlockError> {
+        let image = Self::from_locked_file(file, read_only, name)?;
+        image.lock()?;
+        Ok(image)
+    }
+
+    /// [`DiskImage::from_file`] for an fd whose open file description holds the image's
+    /// lock already: one that the process which opened and locked the image handed over
+    /// (a driver partition's disk). The checks are the same; the lock is not taken again.
+    /// (Taking it again would add nothing, and could fail for a moment while a second VM
+    /// tries the image and is refused.)
+    pub fn from_locked_file(
+        file: File,
+        read_only: bool,
+        name: impl Into<PathBuf>,
+    ) -> Result<Self, BlockError> {
         let path = name.into();
         let meta = file.metadata().map_err(|source| BlockError::Open { path: path.clone(), source })?;
         if let Some(kind) = not_a_disk(meta.file_type()) {
@@ -352,8 +367,14 @@ impl DiskImage {
         if size % SECTOR_SIZE != 0 {
             return Err(BlockError::Unaligned { path, size });
         }
-        match image_lock::lock(&file, read_only) {
-            Ok(()) => {}
+        Ok(Self { file, read_only, sectors: size / SECTOR_SIZE, name: path, direct })
+    }
+
+    /// Takes the image's lock (see [`DiskImage::from_file`]), or says who holds it.
+    fn lock(&self) -> Result<(), BlockError> {
+        let path = self.name.clone();
+        match image_lock::lock(&self.file, self.read_only) {
+            Ok(()) => Ok(()),
             Err(image_lock::LockError::Conflict { permission, holders }) => {
                 let holder = (!holders.is_empty()).then(|| {
                     holders
@@ -365,11 +386,10 @@ impl DiskImage {
                         .collect::<Vec<_>>()
                         .join("; ")
                 });
-                return Err(BlockError::Locked { path, permission, holder });
+                Err(BlockError::Locked { path, permission, holder })
             }
-            Err(image_lock::LockError::Os(source)) => return Err(BlockError::Lock { path, source }),
+            Err(image_lock::LockError::Os(source)) => Err(BlockError::Lock { path, source }),
         }
-        Ok(Self { file, read_only, sectors: size / SECTOR_SIZE, name: path, direct })
     }
 
     /// Capacity in 512-byte sectors.
