@@ -326,7 +326,7 @@ pub mod exit_status {
     pub const GUEST_FAILED: u8 = 1;
     /// Bad arguments or the VM could not be set up (no /dev/kvm, bad sizes, ...).
     pub const SETUP_ERROR: u8 = 2;
-    /// Stopped by the host (Ctrl-C or --timeout) before the guest reported.
+    /// Stopped by the host (Ctrl-C, SIGTERM, SIGHUP or --timeout) before the guest reported.
     pub const STOPPED: u8 = 3;
     /// A hypervisor thread made a system call its seccomp filter forbids (one line on
     /// stderr names the thread and the call). 128 + SIGSYS.
@@ -336,7 +336,6 @@ pub mod exit_status {
 use std::process::ExitCode;
 use std::time::Instant;
 
-use splitvisor_bus::threads::ThreadKind;
 use splitvisor_guests::GuestResult;
 use splitvisor_layout::{ConsoleOutput, HypervisorSandbox, VmBuilder, VmReport};
 use splitvisor_vcpu::VmEnd;
@@ -354,10 +353,15 @@ pub fn main(program: &str, layout: Layout, process_start: Instant) -> ExitCode {
         return status;
     }
     // First thing (a driver partition, above, keeps the fds it was handed): nothing this
-    // process inherited stays open in the hypervisor. Neither the logger nor the Ctrl-C
-    // handler holds an fd of its own (the handler posts a semaphore).
+    // process inherited stays open in the hypervisor (the logger holds no fd of its own).
     if let Err(e) = splitvisor_isolation::sandbox::hypervisor::close_inherited_fds() {
         eprintln!("{program}: error: cannot close inherited file descriptors: {e}");
+        return ExitCode::from(exit_status::SETUP_ERROR);
+    }
+    // Before any thread starts: Ctrl-C, SIGTERM or SIGHUP sent while the VM is built waits
+    // for it to run, and then stops it cleanly (see VmBuilder::stop_on_host_signals).
+    if let Err(e) = splitvisor_layout::host_signals::block_stop_signals() {
+        eprintln!("{program}: error: cannot block the stop signals: {e}");
         return ExitCode::from(exit_status::SETUP_ERROR);
     }
     main_from(program, layout, std::env::args_os(), process_start)
@@ -433,12 +437,6 @@ pub enum RunError {
     /// Building or running the VM failed.
     #[error(transparent)]
     Vm(#[from] splitvisor_layout::Error),
-    /// The Ctrl-C handler could not be installed.
-    #[error("cannot install the Ctrl-C handler: {0}")]
-    CtrlC(#[from] ctrlc::Error),
-    /// A thread of the example could not be started.
-    #[error("cannot start a thread: {0}")]
-    Thread(#[source] std::io::Error),
 }
 
 /// Builds and runs the VM `args` describe, devices placed by `layout` (and `--place`,
@@ -502,22 +500,12 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
         .cmdline(&args.cmdline)
         .console(console)
         .console_input(true)
+        .stop_on_host_signals(true)
         .timeout(args.timeout)
         .build()?;
     if args.layout {
         print_layout(vm.placements());
     }
-    let stop = vm.stop_handle();
-    // Before the guest runs: once it has written anything, Ctrl-C stops it cleanly. From a
-    // thread of the seam's Signals kind: the thread the ctrlc crate starts inherits its
-    // filter (and, under --jail, the jail).
-    let handler = splitvisor_bus::threads::spawn(ThreadKind::Signals, "ctrl-c-setup", move || {
-        ctrlc::set_handler(move || stop.stop())
-    })
-    .map_err(RunError::Thread)?;
-    handler
-        .join()
-        .map_err(|_| RunError::Thread(std::io::Error::other("the Ctrl-C set-up thread panicked")))??;
     let report = vm.run()?;
     for event in &report.device_events {
         eprintln!("{program}: {:>8.3} s  {}: {}", event.at.as_secs_f64(), event.device, event.what);

@@ -190,6 +190,44 @@ fn ctrl_c_stops_the_vm_and_every_vcpu_thread() {
     assert!(stderr.contains("monolithic: VM stopped by the host"), "{stderr}");
 }
 
+/// Whether process `pid` blocks `signal` on its main thread (/proc/PID/status, SigBlk).
+fn blocks(pid: u32, signal: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigBlk:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+#[test]
+fn sigterm_and_sighup_stop_the_vm_even_while_it_is_built() {
+    if !support::kvm() {
+        return;
+    }
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        let child = Command::new(example())
+            .args(["--guest", "idle", "--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // As soon as the hypervisor has blocked the stop signals (its first step), whatever
+        // it is doing then: usually still building the VM.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !blocks(child.id(), signal) {
+            assert!(std::time::Instant::now() < deadline, "signal {signal} is never blocked");
+            std::thread::yield_now();
+        }
+        // SAFETY: signals our own child, which is still running (not yet waited for).
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "signal {signal}: {stderr}");
+        assert!(stderr.contains("monolithic: VM stopped by the host"), "signal {signal}: {stderr}");
+    }
+}
+
 #[test]
 fn unknown_device_names_are_errors_that_list_the_known_ones() {
     for args in [

@@ -123,7 +123,7 @@ fn kind_of(name: &str, program: &str) -> Option<&'static str> {
         "api" => "control socket",
         "console-input" => "console input",
         "partition-spawn" => "partition spawner",
-        "ctrl-c" => "signals",
+        "host-signals" => "signals",
         "thread-launcher" => "launcher",
         _ => return None,
     })
@@ -145,8 +145,8 @@ fn assert_every_thread_filtered(pid: u32, program: &str, expected: &[&str]) {
         let all_there = expected.iter().all(|kind| filtered.iter().any(|(k, on)| k == kind && *on));
         if all_there {
             for (tid, name) in &threads {
-                // A thread that ended since the listing (the Ctrl-C set-up thread, which
-                // lives while the guest starts) has nothing left to check.
+                // A thread that ended since the listing (a device worker whose guest reset
+                // its device) has nothing left to check.
                 let ended = || !Path::new(&format!("/proc/{pid}/task/{tid}")).exists();
                 if status_field(pid, tid, "Seccomp").is_empty() && ended() {
                     continue;
@@ -322,8 +322,7 @@ fn a_jailed_hypervisor_has_an_empty_root_its_own_namespaces_and_still_restarts_a
         if kernel_worker(pid, &tid) {
             continue;
         }
-        // A thread that ended since the listing (the Ctrl-C set-up thread, short-lived)
-        // has nothing left to check.
+        // A thread that ended since the listing has nothing left to check.
         let root: Vec<_> = match std::fs::read_dir(format!("/proc/{pid}/task/{tid}/root")) {
             Ok(entries) => entries.flatten().collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,

@@ -62,7 +62,7 @@ pub enum ThreadKind {
     ConsoleInput,
     /// Starts driver partitions (fork and exec of the driver program).
     PartitionSpawner,
-    /// Handles host signals (Ctrl-C) for a program.
+    /// Watches for the host's stop signals (Ctrl-C, SIGTERM, SIGHUP) and stops the VM.
     Signals,
     /// Creates the threads that filtered threads ask for (see the [module docs](self)).
     Launcher,

@@ -38,6 +38,7 @@ mod boot;
 pub mod console;
 mod device;
 mod drivers;
+pub mod host_signals;
 mod hypervisor_sandbox;
 mod lifecycle;
 mod net;
@@ -165,6 +166,9 @@ pub enum Error {
     /// A fault to inject is not one.
     #[error("fault injection: {0}")]
     Fault(String),
+    /// The host's stop signals cannot be blocked or watched.
+    #[error("cannot watch the host's stop signals (SIGINT, SIGTERM, SIGHUP): {0}")]
+    HostSignals(#[source] std::io::Error),
     /// The supervisor thread could not be started.
     #[error("cannot start the driver supervisor: {0}")]
     Supervisor(#[source] std::io::Error),

@@ -31,6 +31,7 @@ use crate::device::{
     Assembly, ConsoleRecipe, DeviceRecipe, DeviceReset, DiskConfig, DiskRecipe, Early, ExtraDevice,
     I8042Recipe, PowerRecipe,
 };
+use crate::host_signals::{self, SignalWatcher};
 use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
 use crate::net::{NetConfig, NetRecipe};
@@ -82,6 +83,7 @@ pub struct VmBuilder {
     cmdline: String,
     console: ConsoleOutput,
     console_input: bool,
+    stop_on_signals: bool,
     timeout: Option<Duration>,
     extra: Vec<ExtraDevice>,
     disks: Vec<DiskConfig>,
@@ -111,6 +113,7 @@ impl VmBuilder {
             cmdline: String::new(),
             console: ConsoleOutput::Stdout,
             console_input: false,
+            stop_on_signals: false,
             timeout: None,
             extra: Vec::new(),
             disks: Vec::new(),
@@ -267,6 +270,15 @@ impl VmBuilder {
         self
     }
 
+    /// Stops the VM (as [`Vm::stop_handle`] does) when this process gets SIGINT, SIGTERM
+    /// or SIGHUP. [`build`](Self::build) blocks them on its thread, and so in every thread
+    /// the VM starts; a signal sent before the vCPUs run waits for them (see
+    /// [`host_signals`](crate::host_signals)).
+    pub fn stop_on_host_signals(mut self, enabled: bool) -> Self {
+        self.stop_on_signals = enabled;
+        self
+    }
+
     /// Ends the VM with [`VmEnd::TimedOut`] if it runs longer than `timeout`.
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout;
@@ -332,6 +344,10 @@ impl VmBuilder {
         unknown.extend(self.faults.iter().map(|(d, _)| d.as_str()).filter(|d| !known.iter().any(|k| k == d)));
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
+        }
+        if self.stop_on_signals {
+            // Before this thread starts any: they inherit the mask.
+            host_signals::block_stop_signals().map_err(Error::HostSignals)?;
         }
         hypervisor_sandbox::before_build(&self.sandbox)?;
         #[cfg(feature = "test-hooks")]
@@ -504,6 +520,7 @@ impl VmBuilder {
             console,
             console_device: console_input,
             console_input: this.console_input,
+            stop_on_signals: this.stop_on_signals,
             timeout: this.timeout,
             created: Instant::now(),
             tsc_khz,
@@ -627,6 +644,7 @@ pub struct Vm {
     console: Arc<ConsoleState>,
     console_device: Option<Arc<Mutex<dyn InputSink>>>,
     console_input: bool,
+    stop_on_signals: bool,
     timeout: Option<Duration>,
     created: Instant,
     tsc_khz: Option<u32>,
@@ -747,9 +765,10 @@ impl Vm {
         self.created
     }
 
-    /// The threads that serve a running VM: the drivers' supervisor, the control socket
-    /// (if asked for) and the console's input (if asked for).
-    fn start_services(&mut self) -> Result<(Supervisor, Option<ApiServer>, Option<ConsoleInput>), Error> {
+    /// The threads that serve a running VM: the drivers' supervisor, and if asked for, the
+    /// control socket, the console's input and the watch for the host's stop signals. If
+    /// one cannot start, those started already are stopped.
+    fn start_services(&mut self, stop: &StopHandle) -> Result<Services, Error> {
         let supervisor = Supervisor::start(
             self.drivers.iter().map(|d| d.clone() as Arc<dyn Supervised>).collect(),
             SUPERVISOR_TICK,
@@ -758,15 +777,17 @@ impl Vm {
         for driver in &self.drivers {
             driver.attach(supervisor.handle());
         }
-        let api = match self.api.take() {
-            Some(listener) => Some(listener.serve(self.driver_control(), self.placements.clone())?),
-            None => None,
-        };
-        let input = match (&self.console_device, self.console_input) {
-            (Some(device), true) => Some(ConsoleInput::start(device.clone())?),
-            _ => None,
-        };
-        Ok((supervisor, api, input))
+        let mut services = Services { _supervisor: supervisor, api: None, input: None, signals: None };
+        if let Some(listener) = self.api.take() {
+            services.api = Some(listener.serve(self.driver_control(), self.placements.clone())?);
+        }
+        if let (Some(device), true) = (&self.console_device, self.console_input) {
+            services.input = Some(ConsoleInput::start(device.clone())?);
+        }
+        if self.stop_on_signals {
+            services.signals = Some(SignalWatcher::start(stop.clone()).map_err(Error::HostSignals)?);
+        }
+        Ok(services)
     }
 
     /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
@@ -780,13 +801,13 @@ impl Vm {
         // instruction (each thread's start waits for its filter to be installed, a few
         // hundred microseconds on some hosts).
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
-        let services = self.start_services().and_then(|services| {
+        let services = self.start_services(&stop_handle).and_then(|services| {
             // Everything this thread starts itself runs: from here on it only waits,
             // tears down and reports.
             hypervisor_sandbox::main_thread(&self.sandbox)?;
             Ok(services)
         });
-        let (supervisor, api, input) = match services {
+        let services = match services {
             Ok(services) => services,
             Err(e) => {
                 stop_handle.stop();
@@ -819,11 +840,7 @@ impl Vm {
             self.restarts += 1;
         };
         let ended = Instant::now();
-        drop(api);
-        drop(supervisor);
-        if let Some(input) = input {
-            input.stop();
-        }
+        drop(services);
         if let Some(e) = restart_error {
             return Err(e);
         }
@@ -858,6 +875,26 @@ impl Vm {
                 .map(|name| (name.to_string(), self.vcpu_stats.iter().filter_map(|s| s.get(name)).sum()))
                 .collect(),
         })
+    }
+}
+
+/// What runs beside the vCPUs while the VM runs; dropped, each is stopped.
+struct Services {
+    // Stopped when dropped, after the control socket (fields drop in order).
+    api: Option<ApiServer>,
+    _supervisor: Supervisor,
+    input: Option<ConsoleInput>,
+    signals: Option<SignalWatcher>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        if let Some(input) = self.input.take() {
+            input.stop();
+        }
+        if let Some(signals) = self.signals.take() {
+            signals.stop();
+        }
     }
 }
 

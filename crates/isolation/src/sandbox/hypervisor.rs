@@ -498,10 +498,9 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
             partition_messages(&mut rules)?;
         }
         ThreadKind::Signals => {
-            // Installs the Ctrl-C handlers, starts the thread that waits for them (which
-            // inherits this filter) and wakes the VM's waiter.
-            any(&mut rules, &[libc::SYS_rt_sigaction]);
-            thread_creation(&mut rules)?;
+            // Waits on a signalfd (and the eventfd that ends it), reads the signal and
+            // stops the VM (the base's writes and kicks).
+            any(&mut rules, &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll]);
         }
         ThreadKind::Main => {
             // Waiting for the VM's end, then tearing it down: stop events, the partitions
