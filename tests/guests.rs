@@ -1,5 +1,6 @@
 //! The guest kit's programs that measure the VMM and stress the disk path, on KVM: `marker`,
-//! `blk-stress` (its image checked on the host) and `blk-bench` with its loop in ring 3.
+//! `hello` with every vCPU splitvisor starts, `blk-stress` (its image checked on the host)
+//! and `blk-bench` with its loop in ring 3.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -53,6 +54,27 @@ fn marker_writes_its_byte_first_then_passes() {
     assert!(console.starts_with("M\n"), "the marker byte is the first console output: {console:?}");
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
     assert!(report.first_output.is_some_and(|first| first >= report.created));
+}
+
+#[test]
+fn hello_brings_up_as_many_vcpus_as_splitvisor_starts() {
+    if !support::kvm() {
+        return;
+    }
+    // The most vCPUs splitvisor starts: one more than the application processors' stacks.
+    let most = splitvisor::memory::layout::MAX_AP_STACKS as u32 + 1;
+    let console = Capture::default();
+    let report = VmBuilder::new(guests::find("hello").unwrap().elf)
+        .vcpus(most)
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(TIMEOUT))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    let console = console.text();
+    assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(console.contains(&format!("vcpus={most} ")), "{console}");
 }
 
 #[test]

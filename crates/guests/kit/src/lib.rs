@@ -45,8 +45,9 @@ use core::sync::atomic::{AtomicU32, Ordering};
 pub use console::Line;
 pub use start_info::StartInfo;
 
-/// Most CPUs the runtime brings up.
-pub const MAX_CPUS: usize = 16;
+/// Most CPUs the runtime brings up: at least as many as splitvisor starts (56, the
+/// application processors' stacks below the EBDA and the bootstrap processor).
+pub const MAX_CPUS: usize = 64;
 
 /// What a program's `main` gets.
 pub struct Boot {
