@@ -165,8 +165,6 @@ fn a_writer_excludes_everyone_and_readers_share_within_a_process() {
 
 const HOLDER_ENV: &str = "SPLITVISOR_TEST_HOLD_IMAGE";
 
-/// Not a test: the other process of `locks_exclude_other_processes`. It holds the image
-/// named by the environment until its stdin closes.
 /// A handed-over fd shares its description's lock: the partition that receives it does not
 /// check the lock again, and so cannot trip over a second VM that tries the image at that
 /// moment (a user between taking its lock bytes and finding the conflict).
@@ -207,6 +205,8 @@ fn a_handed_over_image_is_not_locked_again() {
     ));
 }
 
+/// Not a test: the other process of `locks_exclude_other_processes`. It holds the image
+/// named by the environment until its stdin closes.
 #[test]
 #[ignore = "helper process of locks_exclude_other_processes"]
 fn lock_holder_process() {

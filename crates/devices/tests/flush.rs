@@ -1,7 +1,8 @@
 //! FLUSH reaches `fdatasync`, and a failing `fdatasync` answers IOERR, for the in-process
 //! device's request engine, on real block devices: loop devices whose writeback succeeds
 //! (the backing file then holds the data) or fails (a backing file on a full tmpfs, whose
-//! errors surface only when the page cache is written back, i.e. at `fdatasync`).
+//! errors surface only when the page cache is written back, i.e. at `fdatasync`). And a
+//! sync that io_uring cannot hand to a worker thread (no thread may be created) still runs.
 //!
 //! Needs root, `losetup`, `unshare` and `mount` (present on the project's machines; under
 //! CI=true their absence fails the test).
@@ -184,4 +185,74 @@ fn a_failing_fdatasync_answers_ioerr() {
         );
     }
     assert_eq!(rig.request(&mut avail, request_type::FLUSH, 0, None), request_status::IOERR);
+}
+
+const NO_THREADS_ENV: &str = "SPLITVISOR_TEST_SYNC_WITHOUT_THREADS";
+
+/// A FLUSH whose `fdatasync` io_uring hands to a kernel worker thread it then cannot
+/// create (a pids limit, RLIMIT_NPROC: the kernel cancels the transfer) is run by the
+/// engine itself: the guest's FLUSH must not fail for the host's lack of a thread.
+#[test]
+fn a_sync_the_kernel_cannot_start_a_thread_for_still_runs() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !require(
+        "root, to run a process under another uid",
+        if root { Ok(()) } else { Err("not root".into()) },
+    ) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("splitvisor-sync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // A uid of its own, so that RLIMIT_NPROC counts only the helper's threads.
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sync_without_threads_process", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(NO_THREADS_ENV, &image)
+        .uid(64_999)
+        .gid(64_999)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // (The harness may have printed the test's name on the same line.)
+    let result = stdout.lines().find_map(|line| line.split_once("SYNC RESULT ").map(|(_, result)| result));
+    if result == Some("no io_uring") {
+        eprintln!("SKIPPED: io_uring is not available here");
+        return;
+    }
+    assert_eq!(result, Some("0"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Not a test: the process of `a_sync_the_kernel_cannot_start_a_thread_for_still_runs`.
+#[test]
+#[ignore = "helper process of a_sync_the_kernel_cannot_start_a_thread_for_still_runs"]
+fn sync_without_threads_process() {
+    use splitvisor_devices::virtio::block_io::{self, EngineKind, IoOp, Transfer};
+    let Ok(path) = std::env::var(NO_THREADS_ENV) else {
+        return;
+    };
+    let disk = Arc::new(DiskImage::open(Path::new(&path), false).unwrap());
+    let Ok(mut engine) = block_io::open(&disk, EngineKind::IoUring) else {
+        println!("SYNC RESULT no io_uring");
+        return;
+    };
+    // No new thread from here on, the kernel's io_uring workers included.
+    let none = libc::rlimit { rlim_cur: 1, rlim_max: 1 };
+    // SAFETY: sets a limit from a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &none) }, 0);
+    let sync = Transfer { tag: 0, op: IoOp::Sync, offset: 0, iovecs: std::ptr::null(), count: 0 };
+    // SAFETY: a sync carries no buffers.
+    unsafe { engine.push(sync) }.unwrap();
+    engine.submit().unwrap();
+    let mut done = Vec::new();
+    while done.is_empty() {
+        engine.wait(&mut done).unwrap();
+    }
+    println!("SYNC RESULT {}", done[0].result);
 }

@@ -174,6 +174,8 @@ pub struct Uring {
     outstanding: usize,
     /// How long `wait` looks at the completion ring before it sleeps.
     poll: RingPoll,
+    /// What each tag on the ring does, to run it here if the kernel cancels it.
+    on_ring: [Option<Transfer>; MAX_IN_FLIGHT],
 }
 
 impl Uring {
@@ -202,6 +204,7 @@ impl Uring {
             held: None,
             outstanding: 0,
             poll: RingPoll::default(),
+            on_ring: [None; MAX_IN_FLIGHT],
         })
     }
 
@@ -248,7 +251,26 @@ impl Uring {
         // SAFETY: the pusher keeps the iovecs and their buffers valid until the completion
         // (`IoEngine::push`'s contract); the entry names only the registered image.
         unsafe { self.ring.submission().push(&entry) }
-            .map_err(|_| io::Error::other("the io_uring submission queue is full"))
+            .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
+        self.on_ring[usize::from(transfer.tag)] = Some(transfer);
+        Ok(())
+    }
+
+    /// The completion of `tag` whose ring result is `result`. The kernel cancels a
+    /// transfer it hands to a worker thread when it cannot create one (a pids limit,
+    /// RLIMIT_NPROC): nothing of it ran, and this engine never cancels, so it runs here,
+    /// as the guest's request must not fail for the host's lack of a thread.
+    fn completion(&mut self, tag: u16, result: i32) -> Completion {
+        let transfer = self.on_ring.get_mut(usize::from(tag)).and_then(Option::take);
+        match transfer {
+            Some(transfer) if result == -libc::ECANCELED => {
+                log::debug!(
+                    "virtio-blk: the kernel cancelled a transfer (no worker thread?); running it here"
+                );
+                Completion { tag, result: run(self.disk.file().as_raw_fd(), &transfer) }
+            }
+            _ => Completion { tag, result: i64::from(result) },
+        }
     }
 
     /// Looks at the completion ring for the poll window; true if a completion arrived.
@@ -352,8 +374,11 @@ impl IoEngine for Uring {
         }
         loop {
             let before = done.len();
-            for entry in self.ring.completion() {
-                done.push(Completion { tag: entry.user_data() as u16, result: i64::from(entry.result()) });
+            loop {
+                // One entry at a time: a cancelled one runs here before the next is taken.
+                let entry = self.ring.completion().next();
+                let Some(entry) = entry else { break };
+                done.push(self.completion(entry.user_data() as u16, entry.result()));
             }
             let reaped = done.len() - before;
             self.outstanding = self.outstanding.saturating_sub(reaped);
