@@ -104,6 +104,58 @@ fn the_host_stops_a_halted_guest_and_joins_every_vcpu() {
     assert_eq!(report.guest_result, None);
 }
 
+/// Whether the calling thread blocks `signal`.
+fn blocked_here(signal: libc::c_int) -> bool {
+    // SAFETY: a zeroed sigset_t is valid storage; pthread_sigmask fills it.
+    let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reads this thread's mask into `mask`; no new mask.
+    assert_eq!(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) }, 0);
+    // SAFETY: `mask` was filled above.
+    unsafe { libc::sigismember(&mask, signal) == 1 }
+}
+
+#[test]
+fn a_vm_that_stops_on_host_signals_blocks_them_from_build_to_the_end_of_run() {
+    if !support::kvm() {
+        return;
+    }
+    // On a thread of its own: the mask is per thread.
+    std::thread::spawn(|| {
+        let stop = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+        assert!(stop.iter().all(|&s| !blocked_here(s)));
+        let vm = VmBuilder::new(guests::find("hello").unwrap().elf)
+            .console(ConsoleOutput::Discard)
+            .stop_on_host_signals(true)
+            .timeout(Some(TIMEOUT))
+            .build()
+            .unwrap();
+        assert!(stop.iter().all(|&s| blocked_here(s)), "a signal sent now must wait for the VM");
+        let report = vm.run().unwrap();
+        assert_eq!(report.guest_result, Some(GuestResult::Pass));
+        assert!(stop.iter().all(|&s| !blocked_here(s)), "the caller's mask is as it was");
+
+        // A mask the caller set itself stays.
+        // SAFETY: a zeroed sigset_t is valid storage; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is valid storage for a signal set.
+        unsafe { libc::sigemptyset(&mut set) };
+        // SAFETY: `set` is initialised; SIGTERM is a valid signal.
+        unsafe { libc::sigaddset(&mut set, libc::SIGTERM) };
+        // SAFETY: a valid set; the old mask is not asked for.
+        assert_eq!(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) }, 0);
+        let vm = VmBuilder::new(guests::find("hello").unwrap().elf)
+            .console(ConsoleOutput::Discard)
+            .stop_on_host_signals(true)
+            .timeout(Some(TIMEOUT))
+            .build()
+            .unwrap();
+        vm.run().unwrap();
+        assert!(blocked_here(libc::SIGTERM) && !blocked_here(libc::SIGINT));
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn a_timeout_ends_a_guest_that_never_reports() {
     if !support::kvm() {

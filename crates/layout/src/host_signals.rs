@@ -38,17 +38,54 @@ fn stop_set() -> libc::sigset_t {
 }
 
 /// Blocks the [`STOP_SIGNALS`] on the calling thread, and so in every thread it starts
-/// afterwards. A program that stops its VM on them calls this first thing in `main`, before
-/// any thread exists, so that a signal that comes while the VM is being built waits for the
-/// VM instead of ending the process. ([`VmBuilder::build`](crate::VmBuilder::build) calls it
-/// too, for the threads it starts.)
+/// afterwards, for good. A program that stops its VM on them calls this first thing in
+/// `main`, before any thread exists, so that a signal that comes before the VM is built
+/// waits for it instead of ending the process. (Without it, a VM built with
+/// [`VmBuilder::stop_on_host_signals`](crate::VmBuilder::stop_on_host_signals) blocks them
+/// from the start of `build` to the end of `run`.)
 pub fn block_stop_signals() -> io::Result<()> {
+    block_on_this_thread().map(std::mem::forget)
+}
+
+/// The stop signals blocked on one thread by [`block_on_this_thread`]. Dropped on that
+/// thread, it unblocks those that were not blocked before; elsewhere it does nothing (a
+/// mask belongs to its thread).
+pub(crate) struct BlockedHere {
+    newly_blocked: libc::sigset_t,
+    thread: std::thread::ThreadId,
+}
+
+/// Blocks the [`STOP_SIGNALS`] on the calling thread until the result is dropped.
+pub(crate) fn block_on_this_thread() -> io::Result<BlockedHere> {
     let set = stop_set();
-    // SAFETY: `set` is a valid signal set; the old mask is not asked for.
-    let result = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    match result {
-        0 => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
+    // SAFETY: a zeroed sigset_t is valid storage; pthread_sigmask fills it.
+    let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid signal set and `before` valid storage for the old mask.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut before) };
+    if result != 0 {
+        return Err(io::Error::from_raw_os_error(result));
+    }
+    // SAFETY: a zeroed sigset_t is valid storage; sigemptyset initialises it.
+    let mut newly_blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `newly_blocked` is valid storage for a signal set.
+    unsafe { libc::sigemptyset(&mut newly_blocked) };
+    for signal in STOP_SIGNALS {
+        // SAFETY: `before` was filled by pthread_sigmask; `signal` is a valid number.
+        if unsafe { libc::sigismember(&before, signal) } == 0 {
+            // SAFETY: `newly_blocked` is initialised; `signal` is a valid number.
+            unsafe { libc::sigaddset(&mut newly_blocked, signal) };
+        }
+    }
+    Ok(BlockedHere { newly_blocked, thread: std::thread::current().id() })
+}
+
+impl Drop for BlockedHere {
+    fn drop(&mut self) {
+        if std::thread::current().id() == self.thread {
+            // SAFETY: a valid signal set; the old mask is not asked for. A stop signal
+            // still pending is delivered now, with its default effect.
+            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.newly_blocked, std::ptr::null_mut()) };
+        }
     }
 }
 
@@ -69,10 +106,9 @@ pub(crate) struct SignalWatcher {
 }
 
 impl SignalWatcher {
-    /// Blocks the stop signals on the calling thread (if they were not yet), then starts
-    /// the thread that reads them and stops the VM through `stop`.
+    /// Starts the thread that reads the stop signals (blocked on the calling thread) and
+    /// stops the VM through `stop`.
     pub(crate) fn start(stop: StopHandle) -> io::Result<Self> {
-        block_stop_signals()?;
         let set = stop_set();
         // SAFETY: a new signalfd for a valid set; the fd returned is owned below.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };

@@ -31,7 +31,7 @@ use crate::device::{
     Assembly, ConsoleRecipe, DeviceRecipe, DeviceReset, DiskConfig, DiskRecipe, Early, ExtraDevice,
     I8042Recipe, PowerRecipe,
 };
-use crate::host_signals::{self, SignalWatcher};
+use crate::host_signals::{self, BlockedHere, SignalWatcher};
 use crate::hypervisor_sandbox;
 use crate::lifecycle::{DeviceEvent, DriverControl, DriverStatus, EventLog, ManagedDriver};
 use crate::net::{NetConfig, NetRecipe};
@@ -345,10 +345,12 @@ impl VmBuilder {
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
         }
-        if self.stop_on_signals {
-            // Before this thread starts any: they inherit the mask.
-            host_signals::block_stop_signals().map_err(Error::HostSignals)?;
-        }
+        // Before this thread starts any: they inherit the mask. Kept blocked here until the
+        // VM has run.
+        let blocked_signals = match self.stop_on_signals {
+            true => Some(host_signals::block_on_this_thread().map_err(Error::HostSignals)?),
+            false => None,
+        };
         hypervisor_sandbox::before_build(&self.sandbox)?;
         #[cfg(feature = "test-hooks")]
         if let Some((range, device)) = hypervisor_sandbox::forbidden_call::device() {
@@ -521,6 +523,7 @@ impl VmBuilder {
             console_device: console_input,
             console_input: this.console_input,
             stop_on_signals: this.stop_on_signals,
+            blocked_signals: blocked_signals.into_iter().collect(),
             timeout: this.timeout,
             created: Instant::now(),
             tsc_khz,
@@ -645,6 +648,8 @@ pub struct Vm {
     console_device: Option<Arc<Mutex<dyn InputSink>>>,
     console_input: bool,
     stop_on_signals: bool,
+    /// The stop signals blocked on the threads that built and run the VM, until it ends.
+    blocked_signals: Vec<BlockedHere>,
     timeout: Option<Duration>,
     created: Instant,
     tsc_khz: Option<u32>,
@@ -793,6 +798,11 @@ impl Vm {
     /// Runs the VM until the guest resets it, the host stops it, the timeout passes, a
     /// driver's fault policy ends it, or a vCPU fails (the error).
     pub fn run(mut self) -> Result<VmReport, Error> {
+        if self.stop_on_signals {
+            // Run from another thread than the one that built it: threads started here
+            // inherit this one's mask.
+            self.blocked_signals.push(host_signals::block_on_this_thread().map_err(Error::HostSignals)?);
+        }
         hypervisor_sandbox::before_vcpus(&self.sandbox)?;
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
@@ -841,6 +851,8 @@ impl Vm {
         };
         let ended = Instant::now();
         drop(services);
+        // Every thread of the VM is gone: this thread's mask is as it was before.
+        self.blocked_signals.clear();
         if let Some(e) = restart_error {
             return Err(e);
         }
@@ -880,8 +892,8 @@ impl Vm {
 
 /// What runs beside the vCPUs while the VM runs; dropped, each is stopped.
 struct Services {
-    // Stopped when dropped, after the control socket (fields drop in order).
     api: Option<ApiServer>,
+    /// Stopped when dropped, after the control socket (fields drop in order).
     _supervisor: Supervisor,
     input: Option<ConsoleInput>,
     signals: Option<SignalWatcher>,
