@@ -527,9 +527,17 @@ fn namespace_clone_flags() -> libc::c_ulong {
     (libc::CLONE_NEWPID | user) as libc::c_ulong
 }
 
-/// The clone flags of a partition's process besides its namespaces: a plain child (nothing
-/// shared, like a fork) that reports its end with SIGCHLD, and a pidfd for the parent.
-pub(crate) const PARTITION_CLONE_FLAGS: libc::c_ulong = (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+/// The clone flags of a partition's process besides its namespaces: a child that shares
+/// the hypervisor's memory until its exec, while the spawner waits (as `posix_spawn` does):
+/// nothing is copied, and the hypervisor's pages are not made copy-on-write under its
+/// running threads, as a fork would. It reports its end with SIGCHLD; the parent gets a
+/// pidfd.
+pub(crate) const PARTITION_CLONE_FLAGS: libc::c_ulong =
+    (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+
+/// Bytes of stack for the child between clone and exec (it runs [`exec_child`], a few
+/// system calls on data prepared beforehand).
+const CHILD_STACK_SIZE: usize = 64 << 10;
 
 /// The lines that map this process's own ids in a user namespace it creates: no
 /// supplementary groups (which an unprivileged map requires), the uid and the gid to
@@ -595,8 +603,23 @@ impl ExecStep {
     }
 }
 
-/// The child between clone and exec: only async-signal-safe system calls on data prepared by
-/// the parent; a failure is reported on `report` as the step and the errno. Never returns.
+/// What [`child_main`] gets.
+struct ChildArgs<'a> {
+    plan: &'a ExecPlan<'a>,
+    report: RawFd,
+}
+
+/// The child's entry from `clone`, on its own stack.
+extern "C" fn child_main(args: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `clone_and_exec` passes a ChildArgs that outlives the child's use of it (the
+    // parent waits, CLONE_VFORK, until the child has exec'd or exited).
+    let args = unsafe { &*args.cast::<ChildArgs<'_>>() };
+    exec_child(args.plan, args.report)
+}
+
+/// The child between clone and exec, in the hypervisor's memory (CLONE_VM): only
+/// async-signal-safe system calls on data prepared by the parent, no allocation, no lock; a
+/// failure is reported on `report` as the step and the errno. Never returns.
 fn exec_child(plan: &ExecPlan<'_>, report: RawFd) -> ! {
     let fail = |step: ExecStep| -> ! {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -690,13 +713,25 @@ fn clone_and_exec(
     let report_write = dup_above(low_report_write.as_raw_fd(), floor).map_err(CloneError::Failed)?;
     drop(low_report_write);
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: a clone without CLONE_VM: the child runs on a copy of this memory, like a
-    // fork, and only runs exec_child, which never returns and allocates nothing. CLONE_PIDFD
-    // stores the pidfd through the third argument.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, &raw mut pidfd, 0usize, 0usize) };
-    if pid == 0 {
-        exec_child(plan, report_write.as_raw_fd());
-    }
+    // The child's stack: with CLONE_VM it must not run on this thread's.
+    let mut stack = vec![0u8; CHILD_STACK_SIZE];
+    let top = stack.as_mut_ptr().wrapping_add(CHILD_STACK_SIZE);
+    let top = top.wrapping_sub(top as usize % 16); // the ABI's alignment
+    let args = ChildArgs { plan, report: report_write.as_raw_fd() };
+    // SAFETY: the child runs child_main on its own stack in this memory and only execs or
+    // exits (exec_child); with CLONE_VFORK this thread waits for that, so `args`, `plan`
+    // and `stack` outlive it. The flags fit a c_int (no clone flag above bit 30 is used).
+    // CLONE_PIDFD stores the pidfd through the parent-tid argument.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top.cast(),
+            flags as libc::c_int,
+            (&raw const args).cast_mut().cast(),
+            &raw mut pidfd,
+        )
+    };
+    drop(stack);
     if pid < 0 {
         let error = io::Error::last_os_error();
         let refused =
