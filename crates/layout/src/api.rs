@@ -90,7 +90,7 @@ impl ApiListener {
             Ok(thread) => thread,
             Err(e) => {
                 let _ = std::fs::remove_file(&self.path);
-                return Err(Error::EventFd(e));
+                return Err(Error::Thread { name: "api", source: e });
             }
         };
         Ok(ApiServer { stop, thread: Some(thread), path: std::mem::take(&mut self.path) })

@@ -672,7 +672,11 @@ impl StartedDisk {
             #[cfg(feature = "test-hooks")]
             attempt: vm.attempt.clone(),
         };
-        let image = image.file().try_clone().map_err(Error::EventFd)?;
+        let image = image.file().try_clone().map_err(|source| Error::DuplicateFd {
+            device: device.to_string(),
+            what: "image",
+            source,
+        })?;
         let first = BlockOptions { fault: vm.fault(device), ..options.clone() };
         let (partition, stream) = Partition::start_block(&driver, &image, &first)?;
         Ok(Some(Self { image, options, partition, stream }))
@@ -814,7 +818,11 @@ pub(crate) fn virtio_vhost_user(
         .hangup_fd()
         .ok_or_else(|| Error::VhostUser { device: device.to_string(), source: FrontendError::NotConnected })?
         .try_clone_to_owned()
-        .map_err(Error::EventFd)?;
+        .map_err(|source| Error::DuplicateFd {
+            device: device.to_string(),
+            what: "vhost-user connection",
+            source,
+        })?;
     let request_failed = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let frontend = frontend.with_fault_signal(request_failed.try_clone().map_err(Error::EventFd)?);
     let transport =

@@ -149,6 +149,26 @@ pub enum Error {
     /// Creating an eventfd (or another small kernel object) failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A thread of the VM could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An fd a device hands on (to a partition, to a watcher) could not be duplicated.
+    #[error("{device}: cannot duplicate the fd of its {what}: {source}")]
+    DuplicateFd {
+        /// The device.
+        device: String,
+        /// What the fd is: `image`, `TAP`, `vhost-user connection`.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A placement, fault policy or fault names a device the VM does not have.
     #[error("unknown device '{name}' (devices: {known})")]
     UnknownDevice {

@@ -905,7 +905,7 @@ impl ConsoleInput {
                 }
             }
         })
-        .map_err(Error::EventFd)?;
+        .map_err(|source| Error::Thread { name: "console-input", source })?;
         Ok(Self { stop, thread })
     }
 
