@@ -18,8 +18,10 @@
 //! `restart` replaces the driver as after a crash; `upgrade` starts the new driver
 //! (optionally another `splitvisor-driver` binary) before the old one stops, and hands
 //! the device over with its queues stopped only for the switch; `fail` fails the device
-//! as its fault policy would. Devices whose driver runs in the hypervisor (nothing to
-//! restart) are listed with `"driver":"in hypervisor"`.
+//! as its fault policy would. Devices whose driver runs in the hypervisor are listed with
+//! `"driver":"in hypervisor"` and no pid; there is no partition to restart, upgrade or fail,
+//! so those commands are refused for them (`"disk0 runs in the hypervisor: ..."`) and the
+//! device goes on as it was.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -193,13 +195,14 @@ impl Api {
             ),
             other => return Err(format!("unknown op '{other}' (use list, restart, upgrade or fail)")),
         };
-        let result = match self.control.command(device, command, COMMAND_TIMEOUT)? {
-            CommandOutcome::Restarted(driver) => json!({"driver": driver}),
-            CommandOutcome::Upgraded { driver, paused } => {
-                json!({"driver": driver, "paused_us": paused.as_micros() as u64})
-            }
-            CommandOutcome::Failed => json!("failed"),
-        };
+        let result =
+            match self.control.command(device, command, COMMAND_TIMEOUT).map_err(|e| e.to_string())? {
+                CommandOutcome::Restarted(driver) => json!({"driver": driver}),
+                CommandOutcome::Upgraded { driver, paused } => {
+                    json!({"driver": driver, "paused_us": paused.as_micros() as u64})
+                }
+                CommandOutcome::Failed => json!("failed"),
+            };
         Ok(json!({"ok": true, "result": result}))
     }
 

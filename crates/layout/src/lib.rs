@@ -47,7 +47,9 @@ mod vm;
 pub use boot::{BootImage, OnReboot};
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
-pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
+pub use lifecycle::{
+    Command, CommandError, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health,
+};
 pub use net::NetConfig;
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 pub use splitvisor_isolation::sandbox::hypervisor::{FORBIDDEN_SYSCALL_EXIT_STATUS, HypervisorSandbox};
