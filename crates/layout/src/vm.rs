@@ -333,6 +333,8 @@ impl VmBuilder {
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
         }
+        let guest = self.kernel.is_none().then_some(&self.elf[..]);
+        crate::boot::check_vcpus(self.vcpus, guest, self.acpi_enabled())?;
         hypervisor_sandbox::before_build(&self.sandbox)?;
         #[cfg(feature = "test-hooks")]
         if let Some((range, device)) = hypervisor_sandbox::forbidden_call::device() {
