@@ -100,7 +100,9 @@ pub enum Error {
     #[error(transparent)]
     Allocator(#[from] AllocatorError),
     /// More vCPUs than the guest program's long-mode start supports.
-    #[error("{requested} vCPUs asked for, but at most {max} can be started in long mode")]
+    #[error(
+        "{requested} vCPUs asked for, but at most {max} can be started in long mode (the guest's application processors each need a stack below 640 KiB)"
+    )]
     TooManyApStacks {
         /// Asked for.
         requested: u32,
