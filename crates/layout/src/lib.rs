@@ -133,9 +133,15 @@ pub enum Error {
         #[source]
         source: splitvisor_devices::virtio::tap::TapError,
     },
-    /// A driver partition could not be started.
-    #[error(transparent)]
-    Partition(#[from] splitvisor_isolation::partition::PartitionError),
+    /// A device's driver partition could not be started.
+    #[error("{device}: {source}")]
+    Partition {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        #[source]
+        source: splitvisor_isolation::partition::PartitionError,
+    },
     /// A vhost-user backend could not be reached or refused us.
     #[error("{device}: {source}")]
     VhostUser {
@@ -203,4 +209,13 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+}
+
+impl Error {
+    /// Names `device` in its partition's start error.
+    pub(crate) fn partition(
+        device: &str,
+    ) -> impl FnOnce(splitvisor_isolation::partition::PartitionError) -> Self {
+        move |source| Self::Partition { device: device.to_string(), source }
+    }
 }
