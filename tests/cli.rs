@@ -346,3 +346,38 @@ fn the_tools_say_what_they_are_and_what_is_missing() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--socket") && stderr.contains("--disk"), "{stderr}");
 }
+
+#[test]
+fn a_driver_partition_that_cannot_start_is_one_line_naming_the_device_the_program_and_why() {
+    if !support::kvm() {
+        return;
+    }
+    let image = support::images::Image::new("cli-bad-driver", 1 << 20);
+    let not_executable = std::env::temp_dir().join(format!("splitvisor-{}-not-a-driver", std::process::id()));
+    std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+    let not_executable = not_executable.to_str().unwrap().to_string();
+    for (driver, why) in [
+        (
+            "/nonexistent",
+            "disk0: cannot start the blk driver partition: /nonexistent: No such file".to_string(),
+        ),
+        (
+            &not_executable,
+            format!("disk0: cannot start the blk driver partition: {not_executable}: not executable"),
+        ),
+        ("/bin/false", "disk0: the blk driver partition (/bin/false, pid ".to_string()),
+    ] {
+        let out = Command::new(example())
+            .args(["--timeout", "300", "--place", "disk0=partition", "--disk"])
+            .arg(&image.0)
+            .env("SPLITVISOR_DRIVER", driver)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{driver}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{driver}: {stderr}");
+        assert!(stderr.contains(&why), "{driver}: {stderr}");
+    }
+    let _ = std::fs::remove_file(&not_executable);
+    let _ = std::fs::remove_file(&image.0);
+}

@@ -361,7 +361,10 @@ fn a_jailed_hypervisor_has_an_empty_root_its_own_namespaces_and_still_restarts_a
     let (code, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("disk0: a new driver took over"), "{stderr}");
+    // Removed from inside the jail, where its path leads nowhere.
+    let left = socket.exists();
     let _ = std::fs::remove_file(&socket);
+    assert!(!left, "the control socket {} was left behind", socket.display());
 }
 
 fn is_root() -> bool {

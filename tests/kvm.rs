@@ -7,8 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use splitvisor::guests::{self, GuestResult};
-use splitvisor::layout::{ConsoleOutput, Error, VmBuilder, VmReport};
-use splitvisor::vcpu::{VcpuError, VmEnd};
+use splitvisor::layout::{ConsoleOutput, DiskConfig, Error, Layout, VmBuilder, VmReport};
+use splitvisor::vcpu::acpi::AcpiError;
+use splitvisor::vcpu::{KvmVm, VcpuError, VmEnd, VmError};
 use support::Capture;
 
 /// Generous: these guests take well under a second even on the emulating KVM.
@@ -179,6 +180,32 @@ fn too_many_vcpus_is_a_typed_error() {
     }
     let err = VmBuilder::new(guests::find("hello").unwrap().elf).vcpus(100_000).build().unwrap_err();
     assert!(matches!(err, Error::Vm(splitvisor::vcpu::VmError::TooManyVcpus { .. })), "{err}");
+}
+
+#[test]
+fn more_vcpus_than_the_guest_can_start_are_refused_before_anything_is_created() {
+    if !support::kvm() {
+        return;
+    }
+    // A disk whose image does not exist: a build that got as far as the devices (its
+    // partitions started, KVM's VM and its vCPUs created) would fail on it instead.
+    let missing = std::env::temp_dir().join(format!("splitvisor-{}-no-such-image.img", std::process::id()));
+    let err = VmBuilder::new(guests::find("hello").unwrap().elf)
+        .vcpus(57)
+        .layout(Layout::microkernel())
+        .disk(DiskConfig::image(&missing))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::TooManyApStacks { requested: 57, max: 56 }), "{err}");
+    assert!(err.to_string().contains("at most 56"), "{err}");
+    // A kernel with ACPI tables: at most 255 local APICs, refused before the kernel file
+    // is even read (unless this host's KVM allows fewer, which is then the limit named).
+    let err = VmBuilder::new(&[]).kernel(missing.as_path()).vcpus(256).build().unwrap_err();
+    if KvmVm::host_max_vcpus().unwrap() >= 256 {
+        assert!(matches!(err, Error::Acpi(AcpiError::TooManyVcpus(256))), "{err}");
+    } else {
+        assert!(matches!(err, Error::Vm(VmError::TooManyVcpus { requested: 256, .. })), "{err}");
+    }
 }
 
 #[test]

@@ -471,6 +471,71 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
 
+#[test]
+fn the_control_socket_refuses_to_restart_a_driver_inside_the_hypervisor_and_the_vm_goes_on() {
+    if !support::kvm() {
+        return;
+    }
+    let disk = Image::new("lifecycle-api-monolithic", MIB);
+    let socket = std::env::temp_dir().join(format!("splitvisor-{}-api-mono.sock", std::process::id()));
+    // The echo guest waits for a line on its console: the VM runs until the test is done.
+    let mut vm = support::KillOnDrop(
+        std::process::Command::new(support::example("monolithic"))
+            .args(["--guest", "echo", "--timeout", "300", "--disk"])
+            .arg(&disk.0)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-ctl"))
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (status, list) = ctl(&["--wait", "60", "--json", "list"]);
+    assert_eq!(status, Some(0), "{list}");
+    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
+    // Every device runs in the hypervisor, and the list says so alike for each.
+    for device in answer["devices"].as_array().unwrap() {
+        assert_eq!(device["placement"], "in hypervisor", "{device}");
+        assert_eq!(device["driver"], "in hypervisor", "{device}");
+        assert_eq!(device["pid"], serde_json::Value::Null, "{device}");
+        assert_eq!(device["health"], "running", "{device}");
+    }
+    for command in ["restart", "upgrade", "fail"] {
+        for device in ["disk0", "com1"] {
+            let (status, out) = ctl(&[command, device]);
+            assert_eq!(status, Some(1), "{command} {device}: {out}");
+            assert!(
+                out.contains(&format!("{device} runs in the hypervisor: it has no driver partition")),
+                "{command} {device}: {out}"
+            );
+        }
+    }
+    let (status, list) = ctl(&["list"]);
+    assert_eq!(status, Some(0), "the VM still answers: {list}");
+    let disk0 = list.lines().find(|l| l.starts_with("disk0")).unwrap_or_else(|| panic!("{list}"));
+    assert!(disk0.contains("running") && !disk0.contains("failed"), "{disk0}");
+    use std::io::Write;
+    let mut stdin = vm.0.stdin.take().unwrap();
+    writeln!(stdin, "still here").unwrap();
+    drop(stdin);
+    let (status, output) = vm.0.wait_with_output_bounded();
+    assert_eq!(status, Some(0), "{output}");
+    assert!(output.contains("still here") && output.contains("SPLITVISOR-RESULT: PASS"), "{output}");
+}
+
 /// Lines `console-flood` writes in the lifecycle tests: about 117 KiB of output, several
 /// seconds of a debug build's proxied console on the build machines.
 const FLOOD_LINES: u64 = 3000;

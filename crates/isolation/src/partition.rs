@@ -40,15 +40,49 @@ use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 /// Longest a partition may take from its start to its sandbox being in place.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Errors starting a partition.
+/// Errors starting a partition. Those about one partition name what it was to serve (the
+/// driver's sub-command: `blk`, `net`, `serial`, ...), the program and what happened.
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
     /// The driver program cannot be started.
-    #[error("cannot start the driver partition {driver}: {source}")]
+    #[error("cannot start the {role} driver partition: {}: {source}", driver.display())]
     Spawn {
+        /// What it was to serve.
+        role: String,
         /// The program.
         driver: PathBuf,
-        /// The OS error.
+        /// Why (a file that is not there, or cannot be run, is said so).
+        #[source]
+        source: io::Error,
+    },
+    /// The partition's process ended before its sandbox was in place (the driver's own
+    /// message, if it wrote one, went to the hypervisor's standard error before).
+    #[error(
+        "the {role} driver partition ({}, pid {pid}) ended before its sandbox was in place: {status}{}",
+        driver.display(),
+        forbidden_call_hint(*status)
+    )]
+    Ended {
+        /// What it was to serve.
+        role: String,
+        /// The program.
+        driver: PathBuf,
+        /// Its process ID.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// The partition did not get its sandbox in place (in time, or said something else);
+    /// it was killed.
+    #[error("the {role} driver partition ({}, pid {pid}) was killed: {source}", driver.display())]
+    NotReady {
+        /// What it was to serve.
+        role: String,
+        /// The program.
+        driver: PathBuf,
+        /// Its process ID.
+        pid: u32,
+        /// What went wrong.
         #[source]
         source: io::Error,
     },
@@ -61,6 +95,15 @@ pub enum PartitionError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a partition killed by SIGSYS before its sandbox was in place most likely means.
+fn forbidden_call_hint(status: ExitStatus) -> &'static str {
+    if status.signal() == Some(libc::SIGSYS) {
+        " (a system call its seccomp filter forbids: is the program splitvisor-driver?)"
+    } else {
+        ""
+    }
 }
 
 fn setup(what: &'static str) -> impl FnOnce(io::Error) -> PartitionError {
@@ -376,9 +419,17 @@ pub struct StartingPartition {
 struct Spawned {
     partition: Partition,
     ready: ReadySignal,
+    /// What it serves, for errors.
+    role: String,
+    /// The program, for errors.
+    driver: PathBuf,
     /// The command line, for the log.
     command: String,
 }
+
+/// How long a partition that closed its readiness pipe before its byte may take to be seen
+/// ended (its exit status is the better report).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 impl StartingPartition {
     /// Waits (at most 30 s each) until the partition's process runs the driver program and
@@ -386,7 +437,7 @@ impl StartingPartition {
     /// reach beyond it. A partition that exits first, or takes longer, is killed, and the
     /// error says which.
     pub fn wait(self) -> Result<Partition, PartitionError> {
-        let Spawned { mut partition, ready, command } =
+        let Spawned { mut partition, ready, role, driver, command } =
             self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| {
                 let kind = match e {
                     mpsc::RecvTimeoutError::Timeout => io::ErrorKind::TimedOut,
@@ -394,9 +445,16 @@ impl StartingPartition {
                 };
                 setup("hear from the partition spawner")(kind.into())
             })??;
-        if let Err(e) = ready.wait(READY_TIMEOUT) {
+        if let Err(source) = ready.wait(READY_TIMEOUT) {
+            let pid = partition.pid();
+            // A partition that closed its end before its byte has usually ended: say how.
+            if source.kind() == io::ErrorKind::UnexpectedEof {
+                if let Some(status) = partition.wait_exit(EXIT_GRACE) {
+                    return Err(PartitionError::Ended { role, driver, pid, status });
+                }
+            }
             partition.kill();
-            return Err(setup("wait for the partition's sandbox")(e));
+            return Err(PartitionError::NotReady { role, driver, pid, source });
         }
         log::debug!("driver partition {} started: {command}", partition.pid());
         Ok(partition)
@@ -495,7 +553,12 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
         ready_write: ready.partition_fd(),
         id_maps: if flags & libc::CLONE_NEWUSER as libc::c_ulong != 0 { &id_maps } else { &[] },
     };
-    let spawn_error = |source| PartitionError::Spawn { driver: driver.path.clone(), source };
+    let role = args.first().cloned().unwrap_or_else(|| "driver".into());
+    let spawn_error = |source| PartitionError::Spawn {
+        role: role.clone(),
+        driver: driver.path.clone(),
+        source: explain_exec_error(&driver.path, source),
+    };
     let (pid, pidfd, own_pid_namespace) = match clone_and_exec(&plan, PARTITION_CLONE_FLAGS | flags, floor) {
         Ok(child) => (child.0, child.1, true),
         Err(CloneError::Refused(error)) => {
@@ -510,7 +573,24 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
     drop((high, dev_null));
     let partition = Partition { pid, pidfd, status: None, own_pid_namespace };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
-    Ok(Spawned { partition, ready, command })
+    Ok(Spawned { partition, ready, role, driver: driver.path, command })
+}
+
+/// `error` from exec'ing `program`, said plainly where the OS's word is vague: EACCES for a
+/// directory or a file without an execute bit.
+fn explain_exec_error(program: &Path, error: io::Error) -> io::Error {
+    use std::os::unix::fs::PermissionsExt;
+    if error.raw_os_error() != Some(libc::EACCES) {
+        return error;
+    }
+    match std::fs::metadata(program) {
+        Ok(meta) if meta.is_dir() => io::Error::new(error.kind(), "a directory, not a program"),
+        Ok(meta) if meta.permissions().mode() & 0o111 == 0 => io::Error::new(
+            error.kind(),
+            format!("not executable (mode {:o})", meta.permissions().mode() & 0o7777),
+        ),
+        _ => error,
+    }
 }
 
 fn c_string(text: &std::ffi::OsStr) -> Result<CString, PartitionError> {
@@ -801,4 +881,50 @@ fn dup_above(fd: RawFd, floor: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: `new` was just created and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Starts `program` as a blk partition with no fds; how that failed.
+    fn start_failure(program: &Path) -> PartitionError {
+        let args = ["blk", "--fd", "3"].map(String::from);
+        Partition::spawn(&DriverProgram::at(program), &args, &[]).unwrap_err()
+    }
+
+    #[test]
+    fn a_partition_that_ends_before_its_sandbox_is_in_place_says_how_it_ended() {
+        let error = start_failure(Path::new("/bin/false"));
+        assert!(
+            matches!(&error, PartitionError::Ended { role, status, .. } if role == "blk" && status.code() == Some(1)),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(text.contains("the blk driver partition (/bin/false, pid "), "{text}");
+        assert!(text.ends_with("ended before its sandbox was in place: exit status: 1"), "{text}");
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_run_is_named_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("splitvisor-partition-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_executable = dir.join("not-executable");
+        std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for (program, why) in [
+            (dir.join("missing"), "No such file or directory"),
+            (not_executable, "not executable (mode 644)"),
+            (dir.clone(), "a directory, not a program"),
+        ] {
+            let error = start_failure(&program);
+            assert!(matches!(&error, PartitionError::Spawn { role, .. } if role == "blk"), "{error:?}");
+            let text = error.to_string();
+            let expected = format!("cannot start the blk driver partition: {}: {why}", program.display());
+            assert!(text.starts_with(&expected), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

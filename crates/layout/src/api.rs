@@ -18,12 +18,17 @@
 //! `restart` replaces the driver as after a crash; `upgrade` starts the new driver
 //! (optionally another `splitvisor-driver` binary) before the old one stops, and hands
 //! the device over with its queues stopped only for the switch; `fail` fails the device
-//! as its fault policy would. Devices whose driver runs in the hypervisor (nothing to
-//! restart) are listed with `"driver":"in hypervisor"`.
+//! as its fault policy would. Devices whose driver runs in the hypervisor are listed with
+//! `"driver":"in hypervisor"` and no pid; there is no partition to restart, upgrade or fail,
+//! so those commands are refused for them (`"disk0 runs in the hypervisor: ..."`) and the
+//! device goes on as it was.
 
+use std::ffi::CString;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -45,19 +50,85 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Longest a command may take (an upgrade starts a partition).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The socket file this process created, found again through an fd of its directory and
+/// known by its device and inode numbers: it is removed even from inside the jail, where
+/// its path leads nowhere, and a file someone else put at that path since is left alone.
+struct SocketFile {
+    /// The directory (`O_PATH`), opened before the socket was bound.
+    dir: File,
+    /// Its name in `dir`.
+    name: CString,
+    /// Its `(st_dev, st_ino)` once bound.
+    identity: (u64, u64),
+    /// The path, for the log.
+    path: PathBuf,
+}
+
+impl SocketFile {
+    /// The directory of `path`, to bind a socket in.
+    fn directory(path: &Path) -> Result<(File, CString), String> {
+        let name = path.file_name().ok_or("not a path to a file")?;
+        let name = CString::new(name.as_bytes()).map_err(|_| "contains a NUL byte")?;
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let dir = File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(dir)
+            .map_err(|e| format!("cannot open its directory: {e}"))?;
+        Ok((dir, name))
+    }
+
+    /// The `(st_dev, st_ino)` of `name` in `dir`, not following a symbolic link.
+    fn identity(dir: &File, name: &CString) -> std::io::Result<(u64, u64)> {
+        // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid directory fd, a NUL-terminated name and a `stat` to write into,
+        // all outliving the call.
+        let done =
+            unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) };
+        if done < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((stat.st_dev, stat.st_ino))
+    }
+}
+
+impl Drop for SocketFile {
+    /// Removes the socket if the file at its name is still the one this process bound.
+    fn drop(&mut self) {
+        match Self::identity(&self.dir, &self.name) {
+            Ok(identity) if identity == self.identity => {
+                // SAFETY: a valid directory fd and a NUL-terminated name.
+                if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } < 0 {
+                    let e = std::io::Error::last_os_error();
+                    log::warn!("cannot remove the control socket {}: {e}", self.path.display());
+                }
+            }
+            Ok(_) => log::warn!(
+                "the control socket {} was replaced by another file; leaving that in place",
+                self.path.display()
+            ),
+            Err(e) => log::debug!("the control socket {} is gone already ({e})", self.path.display()),
+        }
+    }
+}
+
 /// The control socket, bound and listening but not served yet (it is bound while the VM
 /// is set up, before a jailed hypervisor loses sight of the filesystem); dropping it
 /// removes the socket.
 pub(crate) struct ApiListener {
-    /// `None` once served: the server owns the socket then.
-    listener: Option<UnixListener>,
-    path: PathBuf,
+    listener: UnixListener,
+    file: SocketFile,
 }
 
 impl ApiListener {
     /// Listens at `path`, replacing only a stale socket.
     pub(crate) fn bind(path: &Path) -> Result<Self, Error> {
         let error = |why: String| Error::ApiSocket { path: path.to_path_buf(), why };
+        let (dir, name) = SocketFile::directory(path).map_err(error)?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(error("exists and is not a socket; refusing to replace it".into()));
@@ -70,38 +141,30 @@ impl ApiListener {
             Err(_) => {}
         }
         let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
-        Ok(Self { listener: Some(listener), path: path.to_path_buf() })
+        let identity = match SocketFile::identity(&dir, &name) {
+            Ok(identity) => identity,
+            Err(e) => {
+                // Whatever is at the path now is not known to be ours: left alone.
+                return Err(error(format!("cannot find the socket just bound: {e}")));
+            }
+        };
+        let file = SocketFile { dir, name, identity, path: path.to_path_buf() };
+        Ok(Self { listener, file })
     }
 
     /// Serves requests about `drivers` on a thread of its own.
     pub(crate) fn serve(
-        mut self,
+        self,
         control: DriverControl,
         placements: Vec<DevicePlacement>,
     ) -> Result<ApiServer, Error> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let stopped = stop.try_clone().map_err(Error::EventFd)?;
         let api = Api { control, placements };
-        let Some(listener) = self.listener.take() else {
-            return Err(Error::ApiSocket { path: self.path.clone(), why: "served twice".into() });
-        };
-        let thread = match threads::spawn(ThreadKind::Control, "api", move || api.serve(&listener, &stopped))
-        {
-            Ok(thread) => thread,
-            Err(e) => {
-                let _ = std::fs::remove_file(&self.path);
-                return Err(Error::EventFd(e));
-            }
-        };
-        Ok(ApiServer { stop, thread: Some(thread), path: std::mem::take(&mut self.path) })
-    }
-}
-
-impl Drop for ApiListener {
-    fn drop(&mut self) {
-        if self.listener.is_some() {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        let Self { listener, file } = self;
+        let thread = threads::spawn(ThreadKind::Control, "api", move || api.serve(&listener, &stopped))
+            .map_err(|source| Error::Thread { name: "api", source })?;
+        Ok(ApiServer { stop, thread: Some(thread), _file: file })
     }
 }
 
@@ -109,7 +172,8 @@ impl Drop for ApiListener {
 pub(crate) struct ApiServer {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
+    /// Removed once the thread has ended (fields drop after `drop`).
+    _file: SocketFile,
 }
 
 impl Drop for ApiServer {
@@ -118,7 +182,6 @@ impl Drop for ApiServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -193,13 +256,14 @@ impl Api {
             ),
             other => return Err(format!("unknown op '{other}' (use list, restart, upgrade or fail)")),
         };
-        let result = match self.control.command(device, command, COMMAND_TIMEOUT)? {
-            CommandOutcome::Restarted(driver) => json!({"driver": driver}),
-            CommandOutcome::Upgraded { driver, paused } => {
-                json!({"driver": driver, "paused_us": paused.as_micros() as u64})
-            }
-            CommandOutcome::Failed => json!("failed"),
-        };
+        let result =
+            match self.control.command(device, command, COMMAND_TIMEOUT).map_err(|e| e.to_string())? {
+                CommandOutcome::Restarted(driver) => json!({"driver": driver}),
+                CommandOutcome::Upgraded { driver, paused } => {
+                    json!({"driver": driver, "paused_us": paused.as_micros() as u64})
+                }
+                CommandOutcome::Failed => json!("failed"),
+            };
         Ok(json!({"ok": true, "result": result}))
     }
 
@@ -233,5 +297,57 @@ impl Api {
                 }),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory of this test's own under the temporary directory.
+    fn directory(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("splitvisor-api-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_socket_is_removed_even_once_its_path_leads_elsewhere() {
+        // What the jail does to the path (it no longer leads to the directory), done here
+        // by moving the directory.
+        for served in [false, true] {
+            let dir = directory(&format!("moved-{served}"));
+            let listener = ApiListener::bind(&dir.join("api.sock")).unwrap();
+            let moved = dir.with_extension("moved");
+            let _ = std::fs::remove_dir_all(&moved);
+            std::fs::rename(&dir, &moved).unwrap();
+            assert!(moved.join("api.sock").exists());
+            if served {
+                drop(listener.serve(DriverControl::new(Vec::new(), Vec::new()), Vec::new()).unwrap());
+            } else {
+                drop(listener);
+            }
+            assert!(!moved.join("api.sock").exists(), "served: {served}");
+            std::fs::remove_dir(&moved).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_file_put_at_the_path_since_is_left_alone() {
+        let dir = directory("replaced");
+        let path = dir.join("api.sock");
+        let listener = ApiListener::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(listener);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_with_no_file_name_is_refused() {
+        let error = ApiListener::bind(Path::new("/")).err().unwrap();
+        assert!(error.to_string().contains("not a path to a file"), "{error}");
     }
 }

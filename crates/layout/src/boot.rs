@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use splitvisor_memory::{GuestRam, layout};
-use splitvisor_vcpu::acpi::AcpiTables;
+use splitvisor_vcpu::acpi::{self, AcpiError, AcpiTables};
 use splitvisor_vcpu::boot::{self, BootState};
 use splitvisor_vcpu::loader::{self, BootConfig, LoadedInitrd, LoadedKernel};
+use splitvisor_vcpu::{KvmVm, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::Error;
@@ -172,6 +173,37 @@ impl BootPlan {
     }
 }
 
+/// Refuses more vCPUs than the VM could run, before anything of it exists (no partition
+/// started, no KVM VM created): KVM's limit on this host, then the guest's own (see
+/// [`guest_vcpu_limit`]). One vCPU is never refused (every KVM allows it): /dev/kvm is
+/// asked only for more.
+pub(crate) fn check_vcpus(vcpus: u32, guest: Option<&[u8]>, acpi: bool) -> Result<(), Error> {
+    if vcpus > 1 {
+        let max = KvmVm::host_max_vcpus()?;
+        if vcpus as usize > max {
+            return Err(VmError::TooManyVcpus { requested: vcpus, max }.into());
+        }
+    }
+    guest_vcpu_limit(vcpus, guest, acpi)
+}
+
+/// What the guest itself can start: `guest`, a program whose application processors the
+/// VMM starts in long mode (the guest kit's, known by its ELF note), needs one stack each
+/// below the EBDA; `acpi` tables describe at most [`acpi::MAX_VCPUS`] local APICs. (A
+/// kernel given as a file is checked once it is read, when its vCPUs' states are made.)
+pub(crate) fn guest_vcpu_limit(vcpus: u32, guest: Option<&[u8]>, acpi: bool) -> Result<(), Error> {
+    let ap_entry = guest.and_then(|elf| {
+        loader::find_note_u64(elf, loader::SPLITVISOR_NOTE_NAME, loader::SPLITVISOR_ELFNOTE_AP_ENTRY64)
+    });
+    if ap_entry.is_some() && u64::from(vcpus).saturating_sub(1) > layout::MAX_AP_STACKS {
+        return Err(Error::TooManyApStacks { requested: vcpus, max: layout::MAX_AP_STACKS + 1 });
+    }
+    if acpi && vcpus > acpi::MAX_VCPUS {
+        return Err(AcpiError::TooManyVcpus(vcpus).into());
+    }
+    Ok(())
+}
+
 /// The end of the RAM below the MMIO hole, where kernels and initrds go.
 pub(crate) fn low_ram_end(ram: &GuestRam) -> u64 {
     ram.regions()[0].size
@@ -190,6 +222,22 @@ mod tests {
         let mut bytes = vec![0u8; len];
         ram.memory().read_slice(&mut bytes, GuestAddress(addr)).expect("in RAM");
         bytes
+    }
+
+    #[test]
+    fn the_guest_kit_starts_at_most_one_vcpu_per_ap_stack_and_acpi_describes_at_most_255() {
+        let max = layout::MAX_AP_STACKS as u32 + 1;
+        assert_eq!(max, 56);
+        assert!(guest_vcpu_limit(max, Some(&hello()), false).is_ok());
+        assert!(matches!(
+            guest_vcpu_limit(max + 1, Some(&hello()), false),
+            Err(Error::TooManyApStacks { requested: 57, max: 56 })
+        ));
+        // A kernel starts its application processors itself: only ACPI's limit applies.
+        assert!(guest_vcpu_limit(255, None, true).is_ok());
+        assert!(guest_vcpu_limit(1000, None, false).is_ok());
+        assert!(matches!(guest_vcpu_limit(256, None, true), Err(Error::Acpi(AcpiError::TooManyVcpus(256)))));
+        assert!(matches!(guest_vcpu_limit(256, Some(&hello()), true), Err(Error::TooManyApStacks { .. })));
     }
 
     #[test]

@@ -405,7 +405,8 @@ impl ConsoleStart {
             Placement::InHypervisor => Self::InHypervisor(line),
             Placement::Partition => {
                 let driver = vm.driver("com1")?;
-                let started = Partition::start_proxy(&driver, "serial", Some(line.irqfd()))?;
+                let started = Partition::start_proxy(&driver, "serial", Some(line.irqfd()))
+                    .map_err(Error::partition("com1"))?;
                 Self::Partition(line, started)
             }
         })
@@ -493,7 +494,8 @@ impl DeviceRecipe for I8042Recipe {
     fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
         if placement == Placement::Partition {
             let driver = vm.driver(&self.name())?;
-            self.started = Some(Partition::start_proxy(&driver, "i8042", None)?);
+            self.started =
+                Some(Partition::start_proxy(&driver, "i8042", None).map_err(Error::partition(&self.name()))?);
         }
         Ok(())
     }
@@ -510,7 +512,8 @@ impl DeviceRecipe for I8042Recipe {
             Placement::Partition => {
                 let started = match self.started.take() {
                     Some(started) => started,
-                    None => Partition::start_proxy(&vm.driver(&self.name())?, "i8042", None)?,
+                    None => Partition::start_proxy(&vm.driver(&self.name())?, "i8042", None)
+                        .map_err(Error::partition(&self.name()))?,
                 };
                 let (proxy, driver) = proxied(
                     vm,
@@ -559,7 +562,7 @@ fn proxied_with(
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
     let driver = vm.driver(device)?;
     let (starting, stream) = started;
-    let partition = starting.wait()?;
+    let partition = starting.wait().map_err(Error::partition(device))?;
     let link = ProxyLink::new().map_err(Error::EventFd)?;
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
     let proxy = Arc::new(Mutex::new(proxy));
@@ -591,7 +594,10 @@ impl DeviceRecipe for PowerRecipe {
     fn start(&mut self, placement: Placement, vm: &Early<'_>) -> Result<(), Error> {
         if placement == Placement::Partition {
             let driver = vm.driver(&self.name())?;
-            self.started = Some(Partition::start_proxy(&driver, "acpi-power", None)?);
+            self.started = Some(
+                Partition::start_proxy(&driver, "acpi-power", None)
+                    .map_err(Error::partition(&self.name()))?,
+            );
         }
         Ok(())
     }
@@ -616,7 +622,8 @@ impl DeviceRecipe for PowerRecipe {
                 let (name, kind) = (self.name(), self.kind());
                 let started = match self.started.take() {
                     Some(started) => started,
-                    None => Partition::start_proxy(&vm.driver(&name)?, "acpi-power", None)?,
+                    None => Partition::start_proxy(&vm.driver(&name)?, "acpi-power", None)
+                        .map_err(Error::partition(&name))?,
                 };
                 let power_off = self.power_off;
                 let (proxy, driver) = proxied_with(
@@ -672,9 +679,14 @@ impl StartedDisk {
             #[cfg(feature = "test-hooks")]
             attempt: vm.attempt.clone(),
         };
-        let image = image.file().try_clone().map_err(Error::EventFd)?;
+        let image = image.file().try_clone().map_err(|source| Error::DuplicateFd {
+            device: device.to_string(),
+            what: "image",
+            source,
+        })?;
         let first = BlockOptions { fault: vm.fault(device), ..options.clone() };
-        let (partition, stream) = Partition::start_block(&driver, &image, &first)?;
+        let (partition, stream) =
+            Partition::start_block(&driver, &image, &first).map_err(Error::partition(device))?;
         Ok(Some(Self { image, options, partition, stream }))
     }
 }
@@ -746,7 +758,7 @@ impl DeviceRecipe for DiskRecipe {
                     }
                     Some(StartedDisk { image, options, partition, stream }) => {
                         let driver = vm.driver(&device)?;
-                        let partition = partition.wait()?;
+                        let partition = partition.wait().map_err(Error::partition(&device))?;
                         let handshake = handshake(&device, stream)?;
                         let name = format!("{device} ({}{ro}, partition)", path.display());
                         let backend = Backend::Spawned {
@@ -814,7 +826,11 @@ pub(crate) fn virtio_vhost_user(
         .hangup_fd()
         .ok_or_else(|| Error::VhostUser { device: device.to_string(), source: FrontendError::NotConnected })?
         .try_clone_to_owned()
-        .map_err(Error::EventFd)?;
+        .map_err(|source| Error::DuplicateFd {
+            device: device.to_string(),
+            what: "vhost-user connection",
+            source,
+        })?;
     let request_failed = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let frontend = frontend.with_fault_signal(request_failed.try_clone().map_err(Error::EventFd)?);
     let transport =

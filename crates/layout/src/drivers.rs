@@ -566,8 +566,9 @@ impl InHypervisorBlockSlot {
 }
 
 impl DriverSlot for InHypervisorBlockSlot {
+    /// As the control socket lists every device whose driver runs in the hypervisor.
     fn describe(&self) -> String {
-        "worker thread in the hypervisor".into()
+        "in hypervisor".into()
     }
 
     fn pid(&self) -> Option<u32> {

@@ -48,7 +48,9 @@ mod vm;
 pub use boot::{BootImage, OnReboot};
 pub use console::{ConsoleState, ConsoleTap, SharedBuffer};
 pub use device::DiskConfig;
-pub use lifecycle::{Command, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health};
+pub use lifecycle::{
+    Command, CommandError, CommandOutcome, DeviceEvent, DriverControl, DriverStatus, Fault, Health,
+};
 pub use net::NetConfig;
 pub use placement::{DevicePlacement, DriverProgram, FaultPolicy, Layout, Placement};
 pub use splitvisor_isolation::sandbox::hypervisor::{FORBIDDEN_SYSCALL_EXIT_STATUS, HypervisorSandbox};
@@ -99,7 +101,9 @@ pub enum Error {
     #[error(transparent)]
     Allocator(#[from] AllocatorError),
     /// More vCPUs than the guest program's long-mode start supports.
-    #[error("{requested} vCPUs asked for, but at most {max} can be started in long mode")]
+    #[error(
+        "{requested} vCPUs asked for, but at most {max} can be started in long mode (the guest's application processors each need a stack below 640 KiB)"
+    )]
     TooManyApStacks {
         /// Asked for.
         requested: u32,
@@ -130,9 +134,15 @@ pub enum Error {
         #[source]
         source: splitvisor_devices::virtio::tap::TapError,
     },
-    /// A driver partition could not be started.
-    #[error(transparent)]
-    Partition(#[from] splitvisor_isolation::partition::PartitionError),
+    /// A device's driver partition could not be started.
+    #[error("{device}: {source}")]
+    Partition {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        #[source]
+        source: splitvisor_isolation::partition::PartitionError,
+    },
     /// A vhost-user backend could not be reached or refused us.
     #[error("{device}: {source}")]
     VhostUser {
@@ -150,6 +160,26 @@ pub enum Error {
     /// Creating an eventfd (or another small kernel object) failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A thread of the VM could not be started.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An fd a device hands on (to a partition, to a watcher) could not be duplicated.
+    #[error("{device}: cannot duplicate the fd of its {what}: {source}")]
+    DuplicateFd {
+        /// The device.
+        device: String,
+        /// What the fd is: `image`, `TAP`, `vhost-user connection`.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A placement, fault policy or fault names a device the VM does not have.
     #[error("unknown device '{name}' (devices: {known})")]
     UnknownDevice {
@@ -183,4 +213,13 @@ pub enum Error {
         /// What is wrong.
         why: String,
     },
+}
+
+impl Error {
+    /// Names `device` in its partition's start error.
+    pub(crate) fn partition(
+        device: &str,
+    ) -> impl FnOnce(splitvisor_isolation::partition::PartitionError) -> Self {
+        move |source| Self::Partition { device: device.to_string(), source }
+    }
 }

@@ -203,21 +203,56 @@ impl DriverControl {
     }
 
     /// Carries out `command` on `device`'s driver, waiting at most `timeout`.
+    ///
+    /// Only a driver partition (or an external backend) can be restarted, upgraded or
+    /// failed: a device whose driver runs in the hypervisor is refused with
+    /// [`CommandError::InHypervisor`], whatever its fault policy, and goes on as it was.
     pub fn command(
         &self,
         device: &str,
         command: Command,
         timeout: Duration,
-    ) -> Result<CommandOutcome, String> {
+    ) -> Result<CommandOutcome, CommandError> {
         let Some(driver) = self.drivers.iter().find(|driver| driver.name() == device) else {
             return Err(if self.devices.iter().any(|known| known == device) {
-                format!("{device} runs in the hypervisor: it has no driver to restart, upgrade or fail")
+                CommandError::InHypervisor(device.to_string())
             } else {
-                format!("unknown device '{device}' (devices: {})", self.devices.join(", "))
+                CommandError::UnknownDevice { device: device.to_string(), known: self.devices.join(", ") }
             });
         };
         driver.command(command, timeout)
     }
+}
+
+/// Why a [`Command`] was not carried out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The VM has no such device.
+    #[error("unknown device '{device}' (devices: {known})")]
+    UnknownDevice {
+        /// The name given.
+        device: String,
+        /// The VM's devices.
+        known: String,
+    },
+    /// The device's driver runs inside the hypervisor: there is no partition to restart,
+    /// upgrade or fail (a fault of that driver is the hypervisor's own).
+    #[error("{0} runs in the hypervisor: it has no driver partition to restart, upgrade or fail")]
+    InHypervisor(String),
+    /// The VM is not running (yet, or any more): nothing carries out commands.
+    #[error("{0}: the VM is not running")]
+    NotRunning(String),
+    /// The supervisor did not answer in time.
+    #[error("{device}: no answer from the supervisor within {timeout:?}")]
+    NoAnswer {
+        /// The device.
+        device: String,
+        /// How long the caller waited.
+        timeout: Duration,
+    },
+    /// The command was carried out and failed; the device's state is as the message says.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl fmt::Debug for DriverControl {
@@ -242,7 +277,7 @@ pub enum CommandOutcome {
     Failed,
 }
 
-type Reply = mpsc::Sender<Result<CommandOutcome, String>>;
+type Reply = mpsc::Sender<Result<CommandOutcome, CommandError>>;
 
 /// One device's driver under supervision.
 pub(crate) struct ManagedDriver {
@@ -356,15 +391,27 @@ impl ManagedDriver {
     }
 
     /// Runs `command` on the supervisor thread and waits (at most `timeout`) for its outcome.
-    pub(crate) fn command(&self, command: Command, timeout: Duration) -> Result<CommandOutcome, String> {
+    pub(crate) fn command(
+        &self,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, CommandError> {
+        // Checked before the supervisor sees the command: restarting a driver inside the
+        // hypervisor fails, and that failure would be a fault, which its policy (halt, by
+        // default) turns into the end of the VM.
+        if self.placement == Placement::InHypervisor {
+            return Err(CommandError::InHypervisor(self.name.clone()));
+        }
         let supervisor = self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(supervisor) = supervisor else {
-            return Err("the VM is not running".into());
+            return Err(CommandError::NotRunning(self.name.clone()));
         };
         let (reply, outcome) = mpsc::channel();
         self.commands.lock().unwrap_or_else(|e| e.into_inner()).push((command, reply));
         supervisor.wake();
-        outcome.recv_timeout(timeout).unwrap_or_else(|_| Err("no answer from the supervisor".into()))
+        outcome
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| Err(CommandError::NoAnswer { device: self.name.clone(), timeout }))
     }
 
     /// A fault: what the policy says.
@@ -465,7 +512,11 @@ impl ManagedDriver {
         inner: &mut Inner,
         command: Command,
         now: Instant,
-    ) -> Result<CommandOutcome, String> {
+    ) -> Result<CommandOutcome, CommandError> {
+        self.carry_out(inner, command, now).map_err(CommandError::Failed)
+    }
+
+    fn carry_out(&self, inner: &mut Inner, command: Command, now: Instant) -> Result<CommandOutcome, String> {
         if let Health::Failed(why) = &inner.health {
             return Err(format!("{} has failed ({why})", self.name));
         }
@@ -655,6 +706,64 @@ mod tests {
         driver.tick(Instant::now() + backoff);
         assert_eq!(*restarts.lock().unwrap(), 2);
         assert_eq!(driver.lock().restarts, 2);
+    }
+
+    /// A driver inside the hypervisor: it cannot be restarted.
+    struct InHypervisorSlot;
+
+    impl DriverSlot for InHypervisorSlot {
+        fn describe(&self) -> String {
+            "in hypervisor".into()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn watches(&self, _watch: &mut dyn FnMut(Watch<'_>)) {}
+        fn event(&mut self, _token: u32) -> Option<SlotEvent> {
+            None
+        }
+        fn restart(&mut self) -> Result<(), RestartError> {
+            Err(RestartError::Failed("a driver inside the hypervisor cannot be restarted".into()))
+        }
+        fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn commands_for_a_driver_inside_the_hypervisor_are_refused_and_the_vm_goes_on() {
+        let vm = splitvisor_vcpu::VmControl::new();
+        let driver = ManagedDriver::new(
+            "disk0",
+            "virtio-blk",
+            Placement::InHypervisor,
+            FaultPolicy::HaltVm,
+            Duration::from_secs(1),
+            vm.stop_handle(),
+            EventLog::new(),
+            Box::new(InHypervisorSlot),
+        );
+        let supervisor = splitvisor_isolation::supervisor::Supervisor::start(
+            vec![driver.clone()],
+            Duration::from_millis(10),
+        )
+        .unwrap();
+        driver.attach(supervisor.handle());
+        let control = DriverControl::new(vec![driver.clone()], vec!["com1".into(), "disk0".into()]);
+        for command in [Command::Restart, Command::Upgrade(None), Command::Fail] {
+            let refused = control.command("disk0", command.clone(), Duration::from_secs(30));
+            assert_eq!(refused, Err(CommandError::InHypervisor("disk0".into())), "{command:?}");
+            assert!(refused.unwrap_err().to_string().contains("disk0 runs in the hypervisor"), "{command:?}");
+            assert!(!vm.stop_handle().has_ended(), "{command:?} ended the VM");
+            assert_eq!(driver.status().health, Health::Running, "{command:?}");
+        }
+        // A device that is not supervised at all (com1 in the hypervisor) says the same.
+        assert_eq!(
+            control.command("com1", Command::Restart, Duration::from_secs(30)),
+            Err(CommandError::InHypervisor("com1".into()))
+        );
+        assert!(matches!(
+            control.command("disk9", Command::Restart, Duration::from_secs(30)),
+            Err(CommandError::UnknownDevice { .. })
+        ));
     }
 
     #[test]

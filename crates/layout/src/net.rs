@@ -151,10 +151,15 @@ impl DeviceRecipe for NetRecipe {
                     }
                     Placement::Partition => {
                         let driver = vm.driver(&device)?;
-                        let tap = tap.file().try_clone().map_err(Error::EventFd)?;
+                        let tap = tap.file().try_clone().map_err(|source| Error::DuplicateFd {
+                            device: device.clone(),
+                            what: "TAP",
+                            source,
+                        })?;
                         let options = NetOptions { params, fault: None, guest_ram: vm.ram.size() };
                         let first = NetOptions { fault: vm.fault(&device), ..options.clone() };
-                        let (partition, stream) = Partition::spawn_net(&driver, &tap, &first)?;
+                        let (partition, stream) =
+                            Partition::spawn_net(&driver, &tap, &first).map_err(Error::partition(&device))?;
                         let handshake = Handshake::for_device(stream, &DeviceShape::net())
                             .map_err(|source| Error::VhostUser { device: device.clone(), source })?;
                         let frontend = frontend(&device, handshake, DeviceShape::net())?;

@@ -345,6 +345,8 @@ impl VmBuilder {
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
         }
+        let guest = self.kernel.is_none().then_some(&self.elf[..]);
+        crate::boot::check_vcpus(self.vcpus, guest, self.acpi_enabled())?;
         // Before this thread starts any: they inherit the mask. Kept blocked here until the
         // VM has run.
         let blocked_signals = match self.stop_on_signals {
@@ -954,7 +956,7 @@ impl ConsoleInput {
                 }
             }
         })
-        .map_err(Error::EventFd)?;
+        .map_err(|source| Error::Thread { name: "console-input", source })?;
         Ok(Self { stop, thread })
     }
 

@@ -95,6 +95,12 @@ impl KvmVm {
         self.kvm.get_max_vcpus()
     }
 
+    /// Most vCPUs KVM allows in one VM on this host (KVM_CAP_MAX_VCPUS), asked of
+    /// /dev/kvm without creating a VM: for refusing a VM before anything of it exists.
+    pub fn host_max_vcpus() -> Result<usize, VmError> {
+        Ok(Kvm::new().map_err(VmError::KvmUnavailable)?.get_max_vcpus())
+    }
+
     /// The VM fd, for irqfds, ioeventfds and the like.
     pub fn fd(&self) -> &VmFd {
         &self.fd

@@ -505,11 +505,14 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
         ThreadKind::Main => {
             // Waiting for the VM's end, then tearing it down: stop events, the partitions
             // killed and reaped, the vhost-user frontends' last words, KVM's statistics
-            // (pread of the stats fd), the control socket's path removed.
+            // (pread of the stats fd), the control socket removed: through an fd of its
+            // directory (its path is out of reach in the jail), once its device and inode
+            // show it is still the one bound.
             any(
                 &mut rules,
-                &[libc::SYS_read, libc::SYS_pread64, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_unlink],
+                &[libc::SYS_read, libc::SYS_pread64, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_newfstatat],
             );
+            arg_in(&mut rules, libc::SYS_unlinkat, 2, Len::Dword, &[0])?;
             partition_messages(&mut rules)?;
             partition_reaping(&mut rules)?;
         }
