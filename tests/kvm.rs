@@ -123,13 +123,16 @@ fn a_vm_that_stops_on_host_signals_blocks_them_from_build_to_the_end_of_run() {
     // On a thread of its own: the mask is per thread.
     std::thread::spawn(|| {
         let stop = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+        let build = || {
+            VmBuilder::new(guests::find("hello").unwrap().elf)
+                .console(ConsoleOutput::Discard)
+                .stop_on_host_signals(true)
+                .timeout(Some(TIMEOUT))
+                .build()
+                .unwrap()
+        };
         assert!(stop.iter().all(|&s| !blocked_here(s)));
-        let vm = VmBuilder::new(guests::find("hello").unwrap().elf)
-            .console(ConsoleOutput::Discard)
-            .stop_on_host_signals(true)
-            .timeout(Some(TIMEOUT))
-            .build()
-            .unwrap();
+        let vm = build();
         assert!(stop.iter().all(|&s| blocked_here(s)), "a signal sent now must wait for the VM");
         let report = vm.run().unwrap();
         assert_eq!(report.guest_result, Some(GuestResult::Pass));
@@ -144,13 +147,7 @@ fn a_vm_that_stops_on_host_signals_blocks_them_from_build_to_the_end_of_run() {
         unsafe { libc::sigaddset(&mut set, libc::SIGTERM) };
         // SAFETY: a valid set; the old mask is not asked for.
         assert_eq!(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) }, 0);
-        let vm = VmBuilder::new(guests::find("hello").unwrap().elf)
-            .console(ConsoleOutput::Discard)
-            .stop_on_host_signals(true)
-            .timeout(Some(TIMEOUT))
-            .build()
-            .unwrap();
-        vm.run().unwrap();
+        build().run().unwrap();
         assert!(blocked_here(libc::SIGTERM) && !blocked_here(libc::SIGINT));
     })
     .join()
