@@ -226,6 +226,17 @@ pub enum VcpuError {
         /// Where.
         rip: u64,
     },
+    /// KVM_RUN kept answering EAGAIN: the kernel could not create a thread the VM needs
+    /// (KVM's huge-page recovery worker, counted against a pids cgroup or a task limit).
+    #[error(
+        "vCPU {vcpu}: KVM_RUN kept failing with EAGAIN for {waited:?}: the kernel cannot start a thread for the VM (is a pids limit reached?)"
+    )]
+    RunRefused {
+        /// The vCPU.
+        vcpu: u32,
+        /// How long it was retried.
+        waited: std::time::Duration,
+    },
     /// KVM_RUN itself failed.
     #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
     Run {

@@ -97,6 +97,11 @@ struct PowerOnState {
     mp_state: kvm_mp_state,
 }
 
+/// How long KVM_RUN may answer EAGAIN before the vCPU fails (see [`VcpuError::RunRefused`]).
+const RUN_REFUSED_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The wait between two tries meanwhile.
+const RUN_REFUSED_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// What the run loop does after an exit, once the borrow of the exit data has ended.
 enum Step {
     Continue,
@@ -255,6 +260,8 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops or this vCPU fails.
     pub(crate) fn run(&mut self, buses: &Buses, control: &Control) -> Result<(), VcpuError> {
         let index = self.index;
+        // Since when KVM_RUN has answered EAGAIN without a break.
+        let mut refused_since: Option<std::time::Instant> = None;
         while !control.stopping() {
             let step = match self.fd.run() {
                 Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => Step::Pio,
@@ -279,14 +286,26 @@ impl Vcpu {
                 Ok(VcpuExit::FailEntry(reason, _cpu)) => Step::FailEntry(reason),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Step::SystemEvent(kind),
                 Ok(exit) => Step::Unexpected(format!("{exit:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Err(e) if e.errno() == libc::EINTR => {
                     // Kicked by `RunningVm` (or a stray signal): look at the stop flag.
                     Step::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => {
+                    // The kernel could not start a thread of the VM's (a pids limit): it
+                    // may free up, so retry, spaced out and for a bounded time, not in a
+                    // loop that burns a CPU for ever.
+                    let refused = *refused_since.get_or_insert_with(std::time::Instant::now);
+                    if refused.elapsed() >= RUN_REFUSED_LIMIT {
+                        return Err(VcpuError::RunRefused { vcpu: index, waited: refused.elapsed() });
+                    }
+                    std::thread::sleep(RUN_REFUSED_BACKOFF);
+                    continue;
                 }
                 Err(source) => {
                     return Err(VcpuError::Run { vcpu: index, source });
                 }
             };
+            refused_since = None;
             match step {
                 Step::Continue => {}
                 Step::Pio => {
