@@ -102,6 +102,21 @@ fn restart_without_limit() -> FaultPolicy {
     "restart:max=1000:backoff=0".parse().unwrap()
 }
 
+/// Runs `splitvisor-ctl --api-socket SOCKET ARGS`: its status and its output (stdout, then
+/// stderr).
+fn splitvisor_ctl(socket: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-ctl"))
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 #[test]
 fn twenty_kills_and_stops_of_the_disk_partition_go_unnoticed() {
     if !support::kvm() {
@@ -420,18 +435,7 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
             .spawn()
             .unwrap(),
     );
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-ctl"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let ctl = |args: &[&str]| splitvisor_ctl(&socket, args);
     // The VM is still setting up: splitvisor-ctl waits for its socket.
     let (status, list) = ctl(&["--wait", "60", "list"]);
     assert_eq!(status, Some(0), "{list}");
@@ -491,18 +495,7 @@ fn the_control_socket_refuses_to_restart_a_driver_inside_the_hypervisor_and_the_
             .spawn()
             .unwrap(),
     );
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-ctl"))
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let ctl = |args: &[&str]| splitvisor_ctl(&socket, args);
     let (status, list) = ctl(&["--wait", "60", "--json", "list"]);
     assert_eq!(status, Some(0), "{list}");
     let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
