@@ -125,7 +125,8 @@ impl SignalWatcher {
         Ok(Self { quit, thread })
     }
 
-    /// Ends the thread (the VM has ended); signals that come later stay pending.
+    /// Ends the thread (the VM has ended). A signal that comes later waits while it is
+    /// blocked, and has its default effect once the caller's mask is given back.
     pub(crate) fn stop(self) {
         let _ = self.quit.write(1);
         let _ = self.thread.join();
