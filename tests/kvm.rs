@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use splitvisor::guests::{self, GuestResult};
 use splitvisor::layout::{ConsoleOutput, DiskConfig, Error, Layout, VmBuilder, VmReport};
 use splitvisor::vcpu::acpi::AcpiError;
-use splitvisor::vcpu::{KvmVm, VcpuError, VmEnd, VmError};
+use std::sync::Arc;
+
+use splitvisor::vcpu::boot::BootState;
+use splitvisor::vcpu::{Buses, KvmVm, VcpuError, VcpuSetup, VmControl, VmEnd, VmError};
 use support::Capture;
 
 /// Generous: these guests take well under a second even on the emulating KVM.
@@ -103,6 +106,43 @@ fn the_host_stops_a_halted_guest_and_joins_every_vcpu() {
     stopper.join().unwrap();
     assert_eq!(report.end, VmEnd::Stopped);
     assert_eq!(report.guest_result, None);
+}
+
+/// Two vCPUs spinning on `jmp $`, straight on the vCPU API.
+fn spinning_vcpus() -> (splitvisor::memory::GuestRam, KvmVm, Vec<splitvisor::vcpu::Vcpu>, Buses) {
+    use splitvisor::bus::{Bus, BusKind};
+    use vm_memory::{Bytes, GuestAddress};
+
+    let ram = splitvisor::memory::GuestRam::new(64 << 20).unwrap();
+    ram.memory().write_slice(&[0xeb, 0xfe], GuestAddress(0x10_0000)).unwrap();
+    let vm = KvmVm::with_memory(&ram).unwrap();
+    let vcpus = vm.create_vcpus(2).unwrap();
+    let state = BootState::Pvh { entry: 0x10_0000, start_info: 0x6000 };
+    for vcpu in &vcpus {
+        vcpu.configure(vm.supported_cpuid(), Some(&state)).unwrap();
+    }
+    let buses = Buses { pio: Arc::new(Bus::new(BusKind::Pio)), mmio: Arc::new(Bus::new(BusKind::Mmio)) };
+    (ram, vm, vcpus, buses)
+}
+
+#[test]
+fn the_vcpu_threads_are_known_to_run_even_when_their_set_up_failed() {
+    if !support::kvm() {
+        return;
+    }
+    let (_ram, _vm, vcpus, buses) = spinning_vcpus();
+    let running = VmControl::new().start(vcpus, buses.clone()).unwrap();
+    assert!(running.wait_until_running(TIMEOUT), "both vCPU threads came to their run loop");
+    running.stop_handle().guest_reset();
+    let stopped = running.wait_until(None);
+    assert!(stopped.restartable());
+    // A restart whose set-up fails on every vCPU: no thread runs its vCPU, and whoever
+    // waits for them to run hears so at once rather than at its bound.
+    let failing: VcpuSetup = Arc::new(|vcpu| Err(VcpuError::SetupTimeout { vcpu: vcpu.index() }));
+    let running = stopped.restart(buses, failing).unwrap();
+    assert!(running.wait_until_running(TIMEOUT), "the threads that gave up were counted");
+    let end = running.wait(Some(TIMEOUT));
+    assert!(matches!(end, Err(VcpuError::SetupTimeout { .. })), "{end:?}");
 }
 
 /// Whether the calling thread blocks `signal`.

@@ -18,7 +18,7 @@
 //!   the VM up) is created directly and gets exactly its own kind's filter;
 //! * a thread started by a filtered thread (a virtio device's worker, started by the
 //!   vCPU thread on which the guest activates the device) is created by the *launcher*
-//!   ([`start_launcher`]), a thread whose own filter allows what every kind may do, so
+//!   ([`start_launcher`], or [`open_launcher`] and later [`LauncherQueue::start`]), a thread whose own filter allows what every kind may do, so
 //!   that the new thread ends up with exactly its own kind's filter, whoever asked for it;
 //! * the main thread installs its own filter last ([`enter`]), once it has started what
 //!   it starts directly.
@@ -158,18 +158,24 @@ pub fn enter(kind: ThreadKind) -> io::Result<()> {
 }
 
 /// Starts the launcher thread, which creates the threads that threads already sandboxed
-/// ask for (see the [module docs](self)). Call it from a thread that has not entered
-/// (its filter would be the launcher's too), after [`set_hook`]. Once is enough; later
-/// calls do nothing.
-///
-/// Unlike [`spawn`], this does not wait for the hook to run in the launcher: what is asked
-/// of it meanwhile waits in its queue, so the caller can go on at once (a VM's vCPUs start
-/// while the launcher installs its filter). If the hook fails there, the launcher logs why
-/// and ends, and every [`spawn`] that needs it fails with that reason.
+/// ask for (see the [module docs](self)): [`open_launcher`], then [`LauncherQueue::start`].
 pub fn start_launcher() -> io::Result<()> {
-    let Some(hook) = HOOK.get() else {
+    open_launcher()?.map_or(Ok(()), LauncherQueue::start)
+}
+
+/// Opens the launcher's queue without starting its thread yet: from here on a sandboxed
+/// thread's [`spawn`] is queued for the launcher instead of refused. Call it from a thread
+/// that has not entered (its filter would be the launcher's too), after [`set_hook`].
+/// `None` if the queue is open already (once is enough).
+///
+/// This lets a caller put the thread's start, and its filter's install, after work that
+/// must not wait for a CPU behind them (a VM's vCPUs, which may ask for threads as soon
+/// as they run). What is asked meanwhile waits in the queue; if the [`LauncherQueue`] is
+/// dropped unstarted, every [`spawn`] that waits on it fails.
+pub fn open_launcher() -> io::Result<Option<LauncherQueue>> {
+    if HOOK.get().is_none() {
         return Err(io::Error::other("no thread hook is registered: there is nothing to launch for"));
-    };
+    }
     if let Some(kind) = current() {
         return Err(io::Error::other(format!(
             "the launcher must be started by a thread that is not sandboxed (this one is a {kind} thread)"
@@ -177,24 +183,51 @@ pub fn start_launcher() -> io::Result<()> {
     }
     let (jobs, incoming) = mpsc::channel::<Job>();
     if LAUNCHER.set(jobs).is_err() {
-        return Ok(()); // started already
+        return Ok(None);
     }
-    let started = std::thread::Builder::new().name("thread-launcher".into()).spawn(move || {
-        if let Err(e) = hook(ThreadKind::Launcher) {
-            log::error!("the thread launcher cannot start: {e}");
+    Ok(Some(LauncherQueue { incoming: Some(incoming) }))
+}
+
+/// The launcher's open queue, whose thread is not started yet ([`open_launcher`]).
+#[derive(Debug)]
+pub struct LauncherQueue {
+    /// Taken by [`LauncherQueue::start`].
+    incoming: Option<mpsc::Receiver<Job>>,
+}
+
+impl LauncherQueue {
+    /// Starts the launcher thread, which serves the queue. This does not wait for the hook
+    /// to run in the launcher: the caller goes on at once. If the hook fails there, the
+    /// launcher logs why and ends, and every [`spawn`] that needs it fails with that reason.
+    pub fn start(mut self) -> io::Result<()> {
+        let (Some(hook), Some(incoming)) = (HOOK.get(), self.incoming.take()) else {
+            return Err(io::Error::other("no thread hook is registered: there is nothing to launch for"));
+        };
+        let started = std::thread::Builder::new().name("thread-launcher".into()).spawn(move || {
+            if let Err(e) = hook(ThreadKind::Launcher) {
+                log::error!("the thread launcher cannot start: {e}");
+                let _ = LAUNCHER_FAILURE.set(e.to_string());
+                return; // drops the queue: whoever waits on a job hears that it is gone
+            }
+            ENTERED.with(|cell| cell.set(Some(ThreadKind::Launcher)));
+            for job in incoming {
+                job();
+            }
+        });
+        if let Err(e) = started {
             let _ = LAUNCHER_FAILURE.set(e.to_string());
-            return; // drops the queue: whoever waits on a job hears that it is gone
+            return Err(e);
         }
-        ENTERED.with(|cell| cell.set(Some(ThreadKind::Launcher)));
-        for job in incoming {
-            job();
-        }
-    });
-    if let Err(e) = started {
-        let _ = LAUNCHER_FAILURE.set(e.to_string());
-        return Err(e);
+        Ok(())
     }
-    Ok(())
+}
+
+impl Drop for LauncherQueue {
+    fn drop(&mut self) {
+        if self.incoming.is_some() {
+            let _ = LAUNCHER_FAILURE.set("its queue was dropped before its thread started".to_string());
+        }
+    }
 }
 
 /// Why the launcher is gone: the error of a [`spawn`] that needed it.

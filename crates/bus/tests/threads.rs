@@ -57,13 +57,15 @@ fn the_hook_runs_in_each_thread_before_its_work_and_sandboxed_threads_go_through
     let refused = nested.join().unwrap().unwrap_err();
     assert!(refused.contains("before the launcher"), "{refused}");
 
-    // ... and with it, the launcher creates the thread: its creator is the launcher. Its
-    // start is not waited for; what is asked of it meanwhile waits for it.
-    threads::start_launcher().unwrap();
+    // ... and with it, the launcher creates the thread: its creator is the launcher. What
+    // is asked once its queue is open, before its thread starts, waits for it.
+    let queue = threads::open_launcher().unwrap().expect("the first opening");
+    assert!(threads::open_launcher().unwrap().is_none(), "the queue opens once");
     let nested = threads::spawn(ThreadKind::Vcpu, "vcpu-later", || {
         threads::spawn(ThreadKind::DeviceWorker, "worker-later", threads::current).unwrap().join().unwrap()
     })
     .unwrap();
+    queue.start().unwrap();
     assert_eq!(nested.join().unwrap(), Some(ThreadKind::DeviceWorker));
     assert_eq!(seen("worker-later"), vec![ThreadKind::DeviceWorker]);
     assert_eq!(seen("thread-launcher"), vec![ThreadKind::Launcher]);

@@ -37,13 +37,25 @@ pub(crate) fn after_build(
     Ok(())
 }
 
-/// The launcher, before any thread that may ask for one runs.
-pub(crate) fn before_vcpus(sandbox: &HypervisorSandbox) -> Result<(), HypervisorSandboxError> {
-    if sandbox.seccomp_enabled() {
-        threads::start_launcher()
-            .map_err(|source| HypervisorSandboxError::Thread { what: "start the thread launcher", source })?;
+/// The launcher's queue, opened before any thread that may ask for a thread runs (`None`
+/// without seccomp: every thread then starts its own).
+pub(crate) fn open_launcher(
+    sandbox: &HypervisorSandbox,
+) -> Result<Option<threads::LauncherQueue>, HypervisorSandboxError> {
+    if !sandbox.seccomp_enabled() {
+        return Ok(None);
     }
-    Ok(())
+    threads::open_launcher()
+        .map_err(|source| HypervisorSandboxError::Thread { what: "open the thread launcher's queue", source })
+}
+
+/// The launcher's thread, which serves the queue [`open_launcher`] opened.
+pub(crate) fn start_launcher(queue: Option<threads::LauncherQueue>) -> Result<(), HypervisorSandboxError> {
+    queue.map_or(Ok(()), |queue| {
+        queue
+            .start()
+            .map_err(|source| HypervisorSandboxError::Thread { what: "start the thread launcher", source })
+    })
 }
 
 /// The calling (main) thread's own filter.

@@ -45,6 +45,10 @@ const LAST_DEVICE_IRQ: u32 = 23;
 /// resolution is a fraction of its timeout, at most this).
 const SUPERVISOR_TICK: Duration = Duration::from_millis(50);
 
+/// Longest [`Vm::run`] holds the rest of its start for the vCPU threads to run: past it,
+/// they are late for a reason the rest does not cause.
+const VCPUS_RUNNING_WAIT: Duration = Duration::from_millis(20);
+
 /// Where the guest console goes.
 pub enum ConsoleOutput {
     /// This process's standard output.
@@ -805,20 +809,31 @@ impl Vm {
             // inherit this one's mask.
             self.blocked_signals.push(host_signals::block_on_this_thread().map_err(Error::HostSignals)?);
         }
-        hypervisor_sandbox::before_vcpus(&self.sandbox)?;
+        // A vCPU may ask for a thread as soon as it runs: the launcher's queue is open
+        // before, its thread started after.
+        let launcher = hypervisor_sandbox::open_launcher(&self.sandbox)?;
         let vcpus = std::mem::take(&mut self.vcpus);
         let stop_handle = self.control.stop_handle();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         // The vCPUs first: nothing else started here is needed before the guest's first
-        // instruction (each thread's start waits for its filter to be installed, a few
-        // hundred microseconds on some hosts).
+        // instruction. And nothing else is started until their threads run: each start
+        // installs a seccomp filter, which holds a CPU for hundreds of microseconds, and
+        // on a small host a vCPU thread woken meanwhile waits for a CPU behind them.
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
-        let services = self.start_services(&stop_handle).and_then(|services| {
-            // Everything this thread starts itself runs: from here on it only waits,
-            // tears down and reports.
-            hypervisor_sandbox::main_thread(&self.sandbox)?;
-            Ok(services)
-        });
+        if !running.wait_until_running(VCPUS_RUNNING_WAIT) {
+            log::debug!(
+                "the vCPU threads did not all run within {VCPUS_RUNNING_WAIT:?}: starting the services anyway"
+            );
+        }
+        let services = hypervisor_sandbox::start_launcher(launcher)
+            .map_err(Error::from)
+            .and_then(|()| self.start_services(&stop_handle))
+            .and_then(|services| {
+                // Everything this thread starts itself runs: from here on it only waits,
+                // tears down and reports.
+                hypervisor_sandbox::main_thread(&self.sandbox)?;
+                Ok(services)
+            });
         let services = match services {
             Ok(services) => services,
             Err(e) => {

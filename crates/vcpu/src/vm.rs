@@ -359,8 +359,25 @@ pub struct ExitCounts {
 #[derive(Debug)]
 pub struct RunningVm {
     control: Arc<Control>,
+    /// How many vCPU threads have come to their run loop (or given up before it).
+    arrived: Arc<Arrivals>,
     /// Each vCPU's thread; it ends with its vCPU, or with none if it never got one.
     threads: Vec<(u32, JoinHandle<Option<Vcpu>>)>,
+}
+
+/// Counts the vCPU threads that have come to their run loop, for
+/// [`RunningVm::wait_until_running`].
+#[derive(Debug, Default)]
+struct Arrivals {
+    count: Mutex<u32>,
+    changed: Condvar,
+}
+
+impl Arrivals {
+    fn arrive(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_all();
+    }
 }
 
 /// Work a vCPU thread does on its own vCPU before it runs it (at a restart: its reset).
@@ -466,6 +483,22 @@ pub enum RestartError {
     Vm(VmError),
 }
 
+/// A vCPU thread's work before it runs its vCPU: its `setup`, if any, then waiting for
+/// the other `count - 1` threads' set-up. Whether to run (false: the VM stopped meanwhile).
+fn prepare(
+    vcpu: &Vcpu,
+    setup: Option<VcpuSetup>,
+    gate: &SetupGate,
+    count: u32,
+    control: &Control,
+) -> Result<bool, VcpuError> {
+    let Some(setup) = setup else {
+        return Ok(true);
+    };
+    setup(vcpu)?;
+    gate.arrive_and_wait(count, control).map_err(|()| VcpuError::SetupTimeout { vcpu: vcpu.index() })
+}
+
 /// A no-op handler: the signal only has to interrupt KVM_RUN.
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -542,30 +575,28 @@ impl VmControl {
         let count = vcpus.len() as u32;
         let gate = Arc::new(SetupGate::default());
         let mut ready: Vec<Option<ReadyThread>> = self.ready.into_iter().map(Some).collect();
-        let mut running = RunningVm { control: self.control, threads: Vec::new() };
+        let mut running =
+            RunningVm { control: self.control, arrived: Arc::new(Arrivals::default()), threads: Vec::new() };
         for mut vcpu in vcpus {
             let index = vcpu.index();
             let control = running.control.clone();
             let buses = buses.clone();
             let setup = setup.clone();
             let gate = gate.clone();
+            let arrived = running.arrived.clone();
             let work: VcpuWork = Box::new(move || {
-                if let Some(setup) = setup {
-                    if let Err(e) = setup(&vcpu) {
-                        control.finish(Err(e));
-                        return vcpu;
-                    }
-                    match gate.arrive_and_wait(count, &control) {
-                        Ok(true) => {}
-                        Ok(false) => return vcpu,
-                        Err(()) => {
-                            control.finish(Err(VcpuError::SetupTimeout { vcpu: index }));
-                            return vcpu;
+                // Counted however it goes: whoever waits for the vCPUs to run is not kept
+                // waiting by one that never will.
+                let ready = prepare(&vcpu, setup, &gate, count, &control);
+                arrived.arrive();
+                match ready {
+                    Ok(true) => {
+                        if let Err(e) = vcpu.run(&buses, &control) {
+                            control.finish(Err(e));
                         }
                     }
-                }
-                if let Err(e) = vcpu.run(&buses, &control) {
-                    control.finish(Err(e));
+                    Ok(false) => {}
+                    Err(e) => control.finish(Err(e)),
                 }
                 vcpu
             });
@@ -596,6 +627,27 @@ impl RunningVm {
     /// A handle that ends the VM.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle { control: self.control.clone() }
+    }
+
+    /// Waits, at most `timeout`, until every vCPU thread has come to its run loop (or has
+    /// given up before it); false if `timeout` passed first.
+    ///
+    /// A caller with more threads to start waits for this first: on a host with few CPUs,
+    /// threads started while the vCPU threads are still waking take the CPUs from them
+    /// (installing a seccomp filter holds a CPU for hundreds of microseconds), and the
+    /// guest's first instruction waits behind that work.
+    pub fn wait_until_running(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let expected = self.threads.len() as u32;
+        let mut count = self.arrived.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            count = self.arrived.changed.wait_timeout(count, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
     }
 
     /// Waits until the VM ends (or `timeout` passes), stops every vCPU and joins its
