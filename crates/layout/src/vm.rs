@@ -362,6 +362,16 @@ impl VmBuilder {
         if let Some((range, device)) = hypervisor_sandbox::forbidden_call::device() {
             self = self.mmio_device(range, "test-forbidden-call", device);
         }
+        let mut control = VmControl::new();
+        // The bootstrap processor's thread starts first (its filter's install alone takes
+        // a few hundred microseconds on some hosts) and waits for its vCPU while the VM is
+        // set up. The others start at run, one after another: handed their vCPUs all at
+        // once, the guest kit's APs spin while the BSP sets up and starve it on few cores
+        // (56 vCPUs: first output 43 -> 382 ms). A jailed hypervisor starts every one in
+        // its jail, which wants no other thread when it enters.
+        if !self.sandbox.jail_enabled() {
+            control.prepare_threads(1)?;
+        }
         let ram = GuestRam::new(self.memory)?;
         // The images are read and checked (format, size, room in RAM) before KVM is
         // opened or any partition started.
@@ -376,7 +386,6 @@ impl VmBuilder {
         };
         let loaded = plan.load_images(&ram)?;
 
-        let mut control = VmControl::new();
         let console = Arc::new(ConsoleState::default());
         let output: Box<dyn Write + Send> = match &self.console {
             ConsoleOutput::Stdout => Box::new(io::stdout()),
@@ -415,14 +424,6 @@ impl VmBuilder {
         }
         let kvm = KvmVm::with_memory(&ram)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
-        // The bootstrap processor's thread starts (and installs its filter) while the VM is
-        // set up. The others start at run, one after another: handed their vCPUs all at
-        // once, the guest kit's APs spin while the BSP sets up and starve it on few cores
-        // (56 vCPUs: first output 43 -> 382 ms). A jailed hypervisor starts every one in
-        // its jail, which wants no other thread when it enters.
-        if !this.sandbox.jail_enabled() {
-            control.prepare_threads(1)?;
-        }
 
         let pio = Bus::new(BusKind::Pio);
         let mmio = Bus::new(BusKind::Mmio);

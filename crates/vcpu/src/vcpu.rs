@@ -197,12 +197,13 @@ impl Vcpu {
         if written != entries.len() {
             log::warn!("vCPU {}: KVM took {written} of {} boot MSRs", self.index, entries.len());
         }
-        // One at a time: KVM stops at the first MSR it does not know, and a KVM without
-        // some paravirtual feature does not know its MSR (nor offers it to the guest).
-        for (index, data) in msr::KVM_PARAVIRT {
-            if self.set_msrs(&[kvm_msr_entry { index, data, ..Default::default() }])? != 1 {
-                log::debug!("vCPU {}: KVM has no MSR {index:#x}", self.index);
-            }
+        // KVM stops at the first MSR it does not know, and a KVM without some paravirtual
+        // feature does not know its MSR (nor offers it to the guest): that one is skipped
+        // and the rest written again, so a KVM that knows them all takes one call.
+        let paravirt =
+            msr::KVM_PARAVIRT.map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
+        for unknown in write_known_msrs(&paravirt, |entries| self.set_msrs(entries))? {
+            log::debug!("vCPU {}: KVM has no MSR {unknown:#x}", self.index);
         }
 
         self.fd.set_fpu(&boot::fpu()).map_err(|e| self.setup_error("set the FPU", e))?;
@@ -243,7 +244,7 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Writes `entries`; returns how many KVM took.
+    /// Writes `entries`; returns how many KVM took (it stops at the first it refuses).
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<usize, VcpuError> {
         let msrs = Msrs::from_entries(entries).map_err(|_| VcpuError::Setup {
             vcpu: self.index,
@@ -377,9 +378,64 @@ fn unassigned(vcpu: u32, error: &BusError) {
     log::debug!("vCPU {vcpu}: {error}");
 }
 
+/// Writes `entries` with `write`, which, as KVM_SET_MSRS, takes them in order up to the
+/// first it refuses and returns how many it took: the refused one is skipped and the rest
+/// written again. Returns the indices refused.
+fn write_known_msrs<E>(
+    entries: &[kvm_msr_entry],
+    mut write: impl FnMut(&[kvm_msr_entry]) -> Result<usize, E>,
+) -> Result<Vec<u32>, E> {
+    let mut refused = Vec::new();
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let written = write(rest)?;
+        if let Some(entry) = rest.get(written) {
+            refused.push(entry.index);
+        }
+        rest = rest.get(written + 1..).unwrap_or_default();
+    }
+    Ok(refused)
+}
+
 /// Views the `i8`/`c_char` LAPIC register bytes as `u8`.
 fn lapic_bytes(regs: &mut [libc::c_char]) -> &mut [u8] {
     // SAFETY: c_char and u8 have the same size and alignment, and every bit pattern is
     // valid for both.
     unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr().cast::<u8>(), regs.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msrs_kvm_refuses_are_skipped_and_the_rest_still_written() {
+        let entries: Vec<kvm_msr_entry> =
+            (1..=6).map(|index| kvm_msr_entry { index, data: 0, ..Default::default() }).collect();
+        let known = |index: u32| index != 2 && index != 3 && index != 6;
+        let mut written = Vec::new();
+        let mut calls = 0;
+        let refused = write_known_msrs(&entries, |batch| {
+            calls += 1;
+            // As KVM_SET_MSRS: in order, up to the first unknown.
+            let taken = batch.iter().take_while(|e| known(e.index)).count();
+            written.extend(batch[..taken].iter().map(|e| e.index));
+            Ok::<_, ()>(taken)
+        })
+        .unwrap();
+        assert_eq!(written, [1, 4, 5]);
+        assert_eq!(refused, [2, 3, 6]);
+        assert_eq!(calls, 3);
+        // A KVM that knows them all takes one call.
+        let mut calls = 0;
+        let refused = write_known_msrs(&entries, |batch| {
+            calls += 1;
+            Ok::<_, ()>(batch.len())
+        })
+        .unwrap();
+        assert!(refused.is_empty());
+        assert_eq!(calls, 1);
+        // An error ends the writing.
+        assert_eq!(write_known_msrs(&entries, |_| Err::<usize, _>("refused")), Err("refused"));
+    }
 }
