@@ -563,7 +563,8 @@ fn proxied_with(
     let driver = vm.driver(device)?;
     let (starting, stream) = started;
     let partition = starting.wait().map_err(Error::partition(device))?;
-    let link = ProxyLink::new().map_err(Error::EventFd)?;
+    let stop = vm.stop.clone();
+    let link = ProxyLink::halted_when(move || stop.has_ended()).map_err(Error::EventFd)?;
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
     let proxy = Arc::new(Mutex::new(proxy));
     let slot = ProxySlot::new(link, proxy.clone(), driver, kind, irqfd, partition, vm.layout.standby());

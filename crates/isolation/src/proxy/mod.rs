@@ -79,12 +79,22 @@ pub enum ProxyError {
 /// [`give_up`](ProxyLink::give_up). The supervisor may also offer a new partition on its
 /// own (the old one died while idle, or for an upgrade); the proxy moves to it at its next
 /// access.
-#[derive(Debug)]
 pub struct ProxyLink {
     state: Mutex<LinkState>,
     changed: Condvar,
     fault: EventFd,
+    /// Whether the VM has stopped running (no replacement comes while it has).
+    halted: Box<dyn Fn() -> bool + Send + Sync>,
 }
+
+impl std::fmt::Debug for ProxyLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyLink").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+/// How often a proxy waiting for a replacement looks whether the VM has stopped.
+const HALT_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Default)]
 struct LinkState {
@@ -99,10 +109,20 @@ struct LinkState {
 impl ProxyLink {
     /// A link whose first partition is generation 0 (the proxy's initial connection).
     pub fn new() -> io::Result<Arc<Self>> {
+        Self::halted_when(|| false)
+    }
+
+    /// [`new`](Self::new), for a VM that can stop: while `halted` says it has, a proxy
+    /// whose partition fails waits for no replacement (the supervisor offers none to a
+    /// stopped VM, and the vCPU making the access is wanted back to end). That access
+    /// is dropped, as the VM's end drops it, but the device stays usable: if the VM runs
+    /// again (a guest reset restarts it), its next access reports the failure and waits.
+    pub fn halted_when(halted: impl Fn() -> bool + Send + Sync + 'static) -> io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             state: Mutex::new(LinkState::default()),
             changed: Condvar::new(),
             fault: EventFd::new(EFD_NONBLOCK)?,
+            halted: Box::new(halted),
         }))
     }
 
@@ -145,7 +165,7 @@ impl ProxyLink {
     }
 
     /// Proxy side: reports `generation` failed and waits for what comes next.
-    fn report_and_wait(&self, generation: u64) -> Option<(u64, ProxyConnection)> {
+    fn report_and_wait(&self, generation: u64) -> Replacement {
         let deadline = Instant::now() + REPLACEMENT_TIMEOUT;
         let mut state = self.lock();
         if state.generation == generation && !state.gave_up {
@@ -154,17 +174,24 @@ impl ProxyLink {
         }
         loop {
             if state.gave_up {
-                return None;
+                return Replacement::None;
             }
             if state.generation > generation {
-                return state.offered.take().map(|connection| (state.generation, connection));
+                return match state.offered.take() {
+                    Some(connection) => Replacement::Offered(state.generation, connection),
+                    None => Replacement::None,
+                };
+            }
+            if (self.halted)() {
+                return Replacement::Halted;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!("no replacement partition within {REPLACEMENT_TIMEOUT:?}");
-                return None;
+                return Replacement::None;
             }
-            state = self.changed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+            state =
+                self.changed.wait_timeout(state, left.min(HALT_POLL)).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -177,6 +204,16 @@ impl ProxyLink {
             None
         }
     }
+}
+
+/// What came of a proxy's wait for a new partition.
+enum Replacement {
+    /// This generation's connection.
+    Offered(u64, ProxyConnection),
+    /// None will come: the device fails.
+    None,
+    /// The VM stopped: this access is dropped, the device kept.
+    Halted,
 }
 
 /// The hypervisor's stand-in for a device that runs in a partition.
@@ -315,7 +352,9 @@ impl ProxyDevice {
                 }
             }
             let Some(mut connection) = self.connection.take() else {
-                self.replace(None);
+                if !self.replace(None) {
+                    return None;
+                }
                 continue;
             };
             match self.exchange(&mut connection, &request) {
@@ -323,7 +362,11 @@ impl ProxyDevice {
                     self.connection = Some(connection);
                     return Some(response);
                 }
-                Err(e) => self.replace(Some(e)),
+                Err(e) => {
+                    if !self.replace(Some(e)) {
+                        return None;
+                    }
+                }
             }
         }
         self.drop_partition(format!("no partition served the access after {MAX_ATTEMPTS} attempts"));
@@ -370,18 +413,26 @@ impl ProxyDevice {
     }
 
     /// The partition failed (or there is none): report it and wait for a replacement.
-    fn replace(&mut self, why: Option<ProxyError>) {
+    /// False if the VM stopped meanwhile: the access is given up, the device kept.
+    fn replace(&mut self, why: Option<ProxyError>) -> bool {
         if let Some(why) = &why {
             log::warn!("{}: driver partition failed: {why}", self.name);
         }
         let Some(link) = self.link.clone() else {
             self.drop_partition(why.map_or_else(|| "no partition".to_string(), |e| e.to_string()));
-            return;
+            return true;
         };
         match link.report_and_wait(self.generation) {
-            Some((generation, connection)) => self.adopt(generation, connection),
-            None => self.drop_partition("the supervisor gave no replacement partition".to_string()),
+            Replacement::Offered(generation, connection) => self.adopt(generation, connection),
+            Replacement::None => {
+                self.drop_partition("the supervisor gave no replacement partition".to_string())
+            }
+            Replacement::Halted => {
+                log::info!("{}: the VM stopped: the access waits for no replacement partition", self.name);
+                return false;
+            }
         }
+        true
     }
 
     /// Moves to a new partition: it takes up the last state the old one reported.
@@ -905,6 +956,65 @@ mod tests {
         assert_eq!(scratch, [0xa5], "the next accesses went to the replacement");
         drop((proxy, silent));
         replacement.join().unwrap();
+    }
+
+    #[test]
+    fn a_stopped_vm_waits_for_no_replacement_and_keeps_the_device() {
+        let halted = Arc::new(AtomicBool::new(false));
+        let link = {
+            let halted = halted.clone();
+            ProxyLink::halted_when(move || halted.load(Ordering::Acquire)).unwrap()
+        };
+        let (ours, theirs) = ProxyConnection::pair().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut proxy = ProxyDevice::new("com1", ours, Box::new(SharedSink(output.clone())), None, None)
+            .with_link(link.clone());
+        let first = dying_partition(theirs, 1);
+        proxy.write(THR, b"a");
+
+        // The partition dies on this access while the VM stops: nobody offers a
+        // replacement, and the vCPU is wanted back at once, not after the wait's bound.
+        let stopper = {
+            let (halted, link) = (halted.clone(), link.clone());
+            std::thread::spawn(move || {
+                let mut fd = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&link.fault_fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd, bounded wait.
+                assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
+                halted.store(true, Ordering::Release);
+            })
+        };
+        let started = Instant::now();
+        proxy.write(THR, b"b");
+        assert!(started.elapsed() < REPLACEMENT_TIMEOUT, "the access waited for a replacement");
+        stopper.join().unwrap();
+        first.join().unwrap();
+        assert!(!proxy.is_dead(), "the device outlives the stop");
+
+        // The VM runs again (a guest reset restarted it): the next access reports the
+        // failure, and the supervisor's replacement serves it.
+        halted.store(false, Ordering::Release);
+        let supervisor = std::thread::spawn(move || {
+            let mut fd = [libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&link.fault_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd, bounded wait.
+            assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
+            let (ours, mut theirs) = ProxyConnection::pair().unwrap();
+            link.offer(ours);
+            let effects = Effects::default();
+            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+            let _ = serve(&mut serial, &effects, &mut theirs);
+        });
+        proxy.write(THR, b"c");
+        assert_eq!(&*output.lock().unwrap(), b"ac", "the access made while the VM stopped was dropped");
+        drop(proxy);
+        supervisor.join().unwrap();
     }
 
     #[test]
