@@ -460,12 +460,6 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
         .fold(layout, |layout, (device, policy)| layout.with_fault_policy(device, *policy))
         .with_watchdog(Duration::from_millis(args.watchdog))
         .with_standby(!args.no_spare);
-    // Partitions run splitvisor-driver if it is around, else this very program as one.
-    let driver = DriverProgram::find().or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .map(|path| DriverProgram { path, prefix: vec![DRIVER_SUBCOMMAND.to_string()] })
-    });
     let mut builder = VmBuilder::new(guest.map_or(&[][..], |guest| guest.elf)).layout(layout);
     if let Some(kernel) = &args.kernel {
         builder = builder.kernel(kernel.as_path());
@@ -477,9 +471,14 @@ pub fn run(program: &str, args: &VmArgs, layout: Layout, process_start: Instant)
         builder = builder.acpi(acpi);
     }
     builder = builder.on_reboot(args.on_reboot);
-    if let Some(driver) = driver {
-        builder = builder.driver(driver);
-    }
+    // Partitions run splitvisor-driver if it is around, else this very program as one.
+    builder = builder.find_driver_with(|| {
+        DriverProgram::find().or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .map(|path| DriverProgram { path, prefix: vec![DRIVER_SUBCOMMAND.to_string()] })
+        })
+    });
     for nic in &args.nics {
         builder = builder.net(nic.clone());
     }

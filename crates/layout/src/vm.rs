@@ -94,6 +94,8 @@ pub struct VmBuilder {
     nics: Vec<NetConfig>,
     layout: Layout,
     driver: Option<DriverProgram>,
+    /// How to find the driver program when none was given, if one is needed.
+    find_driver: Option<Box<dyn FnOnce() -> Option<DriverProgram>>>,
     faults: Vec<(String, String)>,
     api_socket: Option<PathBuf>,
     sandbox: HypervisorSandbox,
@@ -124,6 +126,7 @@ impl VmBuilder {
             nics: Vec::new(),
             layout: Layout::monolithic(),
             driver: None,
+            find_driver: None,
             faults: Vec::new(),
             api_socket: None,
             sandbox: HypervisorSandbox::off(),
@@ -192,6 +195,14 @@ impl VmBuilder {
     /// The program driver partitions run (default: [`DriverProgram::find`]).
     pub fn driver(mut self, driver: DriverProgram) -> Self {
         self.driver = Some(driver);
+        self
+    }
+
+    /// How to find the program driver partitions run, when [`driver`](Self::driver) gave
+    /// none: asked only if a device is placed in a partition (a VM whose drivers all run
+    /// in the hypervisor starts without looking). Default: [`DriverProgram::find`].
+    pub fn find_driver_with(mut self, find: impl FnOnce() -> Option<DriverProgram> + 'static) -> Self {
+        self.find_driver = Some(Box::new(find));
         self
     }
 
@@ -406,7 +417,10 @@ impl VmBuilder {
         let power_off_line: Arc<dyn Interrupt> = Arc::new(PowerOffLine(control.stop_handle()));
         let mut recipes = this.recipes(console_tap, reset_line, power_off_line);
         let needs_driver = recipes.iter().any(|r| this.layout.placement(&r.name()) == Placement::Partition);
-        let driver = this.driver.clone().or_else(|| needs_driver.then(DriverProgram::find).flatten());
+        let find_driver = this.find_driver.take();
+        let driver = this.driver.clone().or_else(|| {
+            needs_driver.then(|| find_driver.map_or_else(DriverProgram::find, |find| find())).flatten()
+        });
         // Every partition is started first, all at once: each sets up its sandbox while
         // the others do and while the VM is set up; placing a device waits for its own.
         {
