@@ -145,6 +145,31 @@ fn the_vcpu_threads_are_known_to_run_even_when_their_set_up_failed() {
     assert!(matches!(end, Err(VcpuError::SetupTimeout { .. })), "{end:?}");
 }
 
+#[test]
+fn the_driver_program_is_looked_for_only_when_a_device_runs_in_a_partition() {
+    if !support::kvm() {
+        return;
+    }
+    let looked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let builder = |layout: Layout| {
+        let looked = looked.clone();
+        VmBuilder::new(guests::find("marker").unwrap().elf)
+            .layout(layout)
+            .console(ConsoleOutput::Discard)
+            .timeout(Some(TIMEOUT))
+            .find_driver_with(move || {
+                looked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                None
+            })
+    };
+    let vm = builder(Layout::monolithic()).build().unwrap();
+    assert_eq!(looked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(vm);
+    let refused = builder(Layout::microkernel()).build().map(drop).unwrap_err();
+    assert_eq!(looked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(matches!(refused, Error::NoDriverProgram(_)), "{refused}");
+}
+
 /// Whether the calling thread blocks `signal`.
 fn blocked_here(signal: libc::c_int) -> bool {
     // SAFETY: a zeroed sigset_t is valid storage; pthread_sigmask fills it.
