@@ -12,6 +12,7 @@ use splitvisor::isolation::sandbox::testing::Forbidden;
 use splitvisor::layout::{
     ConsoleOutput, DiskConfig, DriverProgram, FaultPolicy, Layout, Placement, VmBuilder, VmReport,
 };
+use splitvisor::vcpu::VmEnd;
 use support::Capture;
 use support::images::{Image, pattern_mismatches};
 
@@ -80,6 +81,44 @@ fn an_external_vhost_user_backend_serves_a_disk() {
         blk_verify(Layout::monolithic(), &[DiskConfig::VhostUser { socket: backend.socket.clone() }], 23);
     assert_eq!(report.guest_result, Some(GuestResult::Pass), "{console}");
     assert!(pattern_mismatches(&disk.bytes(), 4096, 23).is_empty());
+}
+
+#[test]
+fn a_backend_that_cannot_start_a_queue_thread_hangs_up_at_once() {
+    if !support::kvm() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !support::require(
+        "root, to run the backend under another uid",
+        root.then_some(()).ok_or("not root".into()),
+    ) {
+        return;
+    }
+    let disk = Image::new("no-threads", MIB);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&disk.0, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // Two tasks: the backend and the process it serves from, in its PID namespace. Its
+    // queue's thread would be a third.
+    let backend = support::HandStartedDriver::start_limited("no-threads", &disk.0, 64_998, 2);
+    let console = Capture::default();
+    let report = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
+        .disk(DiskConfig::VhostUser { socket: backend.socket.clone() })
+        .console(ConsoleOutput::Writer(Box::new(console.clone())))
+        .timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    // The backend ended the session as the queue was set up: the device failed for that,
+    // not after its watchdog found requests that were never served.
+    assert!(
+        matches!(&report.end, VmEnd::DeviceFault { device, reason } if device == "disk0" && reason.contains("hung up")),
+        "{:?}: {}",
+        report.end,
+        console.text()
+    );
 }
 
 #[test]

@@ -72,6 +72,8 @@ pub struct HandStartedDriver {
     pub socket: std::path::PathBuf,
     /// More arguments for `splitvisor-driver blk`.
     extra: Vec<String>,
+    /// The uid it runs as and the most tasks (processes and threads) that uid may have.
+    limit: Option<(u32, u64)>,
 }
 
 impl HandStartedDriver {
@@ -84,22 +86,48 @@ impl HandStartedDriver {
     pub fn start_with(name: &str, disk: &std::path::Path, extra: &[&str]) -> Self {
         let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Self::spawn(&socket, disk, &extra);
-        Self { child, disk: disk.to_path_buf(), socket, extra }
+        let child = Self::spawn(&socket, disk, &extra, None);
+        Self { child, disk: disk.to_path_buf(), socket, extra, limit: None }
     }
 
-    fn spawn(socket: &std::path::Path, disk: &std::path::Path, extra: &[String]) -> std::process::Child {
+    /// Starts it as `uid` (and gid), which may have at most `max_tasks` processes and
+    /// threads (RLIMIT_NPROC; the caller, root, makes sure nothing else runs as `uid`).
+    pub fn start_limited(name: &str, disk: &std::path::Path, uid: u32, max_tasks: u64) -> Self {
+        let socket = std::env::temp_dir().join(format!("splitvisor-{}-{name}.sock", std::process::id()));
+        let child = Self::spawn(&socket, disk, &[], Some((uid, max_tasks)));
+        Self { child, disk: disk.to_path_buf(), socket, extra: Vec::new(), limit: Some((uid, max_tasks)) }
+    }
+
+    fn spawn(
+        socket: &std::path::Path,
+        disk: &std::path::Path,
+        extra: &[String],
+        limit: Option<(u32, u64)>,
+    ) -> std::process::Child {
         use std::io::{BufRead, Read};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"));
+        command
             .args(["blk", "--socket"])
             .arg(socket)
             .arg("--disk")
             .arg(disk)
             .args(extra)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start splitvisor-driver");
+            .stderr(std::process::Stdio::piped());
+        if let Some((uid, max_tasks)) = limit {
+            command.uid(uid).gid(uid);
+            let tasks = libc::rlimit { rlim_cur: max_tasks, rlim_max: max_tasks };
+            // SAFETY: between fork and exec the child only calls setrlimit, which is
+            // async-signal-safe, on a struct it owns.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NPROC, &tasks) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start splitvisor-driver");
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
         let (ready, wait) = std::sync::mpsc::channel();
@@ -138,7 +166,7 @@ impl HandStartedDriver {
 
     /// Starts it again on the same socket and image.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.socket, &self.disk, &self.extra);
+        self.child = Self::spawn(&self.socket, &self.disk, &self.extra, self.limit);
     }
 }
 

@@ -115,6 +115,17 @@ pub enum BackendError {
     /// Waiting for the frontend failed.
     #[error("vhost-user socket: {0}")]
     Socket(#[source] io::Error),
+    /// A queue the frontend set up cannot be served: the host refused what its thread
+    /// needs (a thread, a descriptor). The session ends rather than leave the queue
+    /// unserved while the frontend believes it runs.
+    #[error("cannot start queue {queue}: {source}")]
+    QueueStart {
+        /// The queue.
+        queue: usize,
+        /// What the host refused.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Serves the frontend at the other end of `stream` until it hangs up. Every thread
@@ -153,15 +164,18 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
             }
         }
         match early_vring_enable(handler.as_raw_fd(), &connection) {
-            Ok(true) => continue,
-            Ok(false) => {}
+            Ok(true) => {}
+            Ok(false) => match handler.handle_request() {
+                Ok(()) => {}
+                Err(ProtocolError::Disconnected | ProtocolError::PartialMessage) => break Ok(()),
+                Err(ProtocolError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => break Ok(()),
+                Err(e) => break Err(BackendError::Protocol(e)),
+            },
             Err(e) => break Err(BackendError::Socket(e)),
         }
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(ProtocolError::Disconnected | ProtocolError::PartialMessage) => break Ok(()),
-            Err(ProtocolError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => break Ok(()),
-            Err(e) => break Err(BackendError::Protocol(e)),
+        if let Some((queue, source)) = connection.lock().unwrap_or_else(|e| e.into_inner()).unservable.take()
+        {
+            break Err(BackendError::QueueStart { queue, source });
         }
     };
     connection.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
@@ -288,6 +302,8 @@ struct Connection<D: VhostUserDevice> {
     memory: Option<MappedMemory>,
     inflight: Option<Arc<InflightRegion>>,
     vrings: Vec<Vring>,
+    /// A queue whose thread could not be started, and why: the session ends on it.
+    unservable: Option<(usize, io::Error)>,
 }
 
 fn invalid(why: &'static str) -> ProtocolError {
@@ -297,7 +313,16 @@ fn invalid(why: &'static str) -> ProtocolError {
 impl<D: VhostUserDevice> Connection<D> {
     fn new(device: Arc<D>, faults: Arc<FaultPlan>) -> Self {
         let vrings = (0..device.num_queues()).map(|_| Vring::default()).collect();
-        Self { device, faults, acked_features: 0, acked_protocol: 0, memory: None, inflight: None, vrings }
+        Self {
+            device,
+            faults,
+            acked_features: 0,
+            acked_protocol: 0,
+            memory: None,
+            inflight: None,
+            vrings,
+            unservable: None,
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -403,7 +428,7 @@ impl<D: VhostUserDevice> Connection<D> {
         let (kick, call, err, stop) = match duplicated {
             Ok(fds) => fds,
             Err(e) => {
-                log::error!("vhost-user: cannot start queue {index}: {e}");
+                self.unservable.get_or_insert((index, e));
                 return;
             }
         };
@@ -432,7 +457,7 @@ impl<D: VhostUserDevice> Connection<D> {
         let stop_thread = match stop.try_clone() {
             Ok(fd) => fd,
             Err(e) => {
-                log::error!("vhost-user: cannot start queue {index}: {e}");
+                self.unservable.get_or_insert((index, e));
                 return;
             }
         };
@@ -441,7 +466,9 @@ impl<D: VhostUserDevice> Connection<D> {
             .spawn(move || worker.run(queue, &stop_thread))
         {
             Ok(thread) => vring.worker = Some(Worker { stop, thread }),
-            Err(e) => log::error!("vhost-user: cannot start the thread of queue {index}: {e}"),
+            Err(e) => {
+                self.unservable.get_or_insert((index, io::Error::new(e.kind(), format!("its thread: {e}"))));
+            }
         }
     }
 }
