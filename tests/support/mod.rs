@@ -118,14 +118,16 @@ impl HandStartedDriver {
         if let Some((uid, max_tasks)) = limit {
             command.uid(uid).gid(uid);
             let tasks = libc::rlimit { rlim_cur: max_tasks, rlim_max: max_tasks };
-            // SAFETY: between fork and exec the child only calls setrlimit, which is
-            // async-signal-safe, on a struct it owns.
-            unsafe {
-                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NPROC, &tasks) {
+            let limit_tasks = move || {
+                // SAFETY: sets a limit from a struct the closure owns.
+                match unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &tasks) } {
                     0 => Ok(()),
                     _ => Err(std::io::Error::last_os_error()),
-                });
-            }
+                }
+            };
+            // SAFETY: between fork and exec the child only calls setrlimit, which is
+            // async-signal-safe.
+            unsafe { command.pre_exec(limit_tasks) };
         }
         let mut child = command.spawn().expect("start splitvisor-driver");
         let stdout = child.stdout.take().unwrap();
