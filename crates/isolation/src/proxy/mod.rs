@@ -847,6 +847,26 @@ mod tests {
         assert!(second.restore_state(&state[..5]).is_err());
     }
 
+    /// Waits (at most 10 s) until the proxy reports a failed partition on `link`.
+    fn wait_for_fault(link: &ProxyLink) {
+        let mut fd = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&link.fault_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, bounded wait.
+        assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1, "no fault reported");
+    }
+
+    /// The supervisor's part: offers a healthy partition on `link` and serves the UART there.
+    fn offer_and_serve(link: &ProxyLink) {
+        let (ours, mut theirs) = ProxyConnection::pair().unwrap();
+        link.offer(ours);
+        let effects = Effects::default();
+        let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
+        let _ = serve(&mut serial, &effects, &mut theirs);
+    }
+
     /// A partition that answers `answered` requests, then reads one more and dies.
     fn dying_partition(mut end: PartitionEnd, answered: usize) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
@@ -882,19 +902,9 @@ mod tests {
         // The supervisor's part: on a reported fault, offer a healthy partition.
         let supervisor_link = link.clone();
         let supervisor = std::thread::spawn(move || {
-            let mut fd = [libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&supervisor_link.fault_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: one valid pollfd, bounded wait.
-            assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
+            wait_for_fault(&supervisor_link);
             assert_eq!(supervisor_link.reported_fault(), Some(0));
-            let (ours, mut theirs) = ProxyConnection::pair().unwrap();
-            supervisor_link.offer(ours);
-            let effects = Effects::default();
-            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
-            let _ = serve(&mut serial, &effects, &mut theirs);
+            offer_and_serve(&supervisor_link);
         });
 
         proxy.write(SCR, &[0x77]);
@@ -977,13 +987,7 @@ mod tests {
         let stopper = {
             let (halted, link) = (halted.clone(), link.clone());
             std::thread::spawn(move || {
-                let mut fd = [libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&link.fault_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                }];
-                // SAFETY: one valid pollfd, bounded wait.
-                assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
+                wait_for_fault(&link);
                 halted.store(true, Ordering::Release);
             })
         };
@@ -998,18 +1002,8 @@ mod tests {
         // failure, and the supervisor's replacement serves it.
         halted.store(false, Ordering::Release);
         let supervisor = std::thread::spawn(move || {
-            let mut fd = [libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&link.fault_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: one valid pollfd, bounded wait.
-            assert_eq!(unsafe { libc::poll(fd.as_mut_ptr(), 1, 10_000) }, 1);
-            let (ours, mut theirs) = ProxyConnection::pair().unwrap();
-            link.offer(ours);
-            let effects = Effects::default();
-            let mut serial = ProxiedSerial::new(Arc::new(CountingInterrupt::new()), &effects);
-            let _ = serve(&mut serial, &effects, &mut theirs);
+            wait_for_fault(&link);
+            offer_and_serve(&link);
         });
         proxy.write(THR, b"c");
         assert_eq!(&*output.lock().unwrap(), b"ac", "the access made while the VM stopped was dropped");
