@@ -18,8 +18,9 @@
 //!   the VM up) is created directly and gets exactly its own kind's filter;
 //! * a thread started by a filtered thread (a virtio device's worker, started by the
 //!   vCPU thread on which the guest activates the device) is created by the *launcher*
-//!   ([`start_launcher`], or [`open_launcher`] and later [`LauncherQueue::start`]), a thread whose own filter allows what every kind may do, so
-//!   that the new thread ends up with exactly its own kind's filter, whoever asked for it;
+//!   ([`start_launcher`], or [`open_launcher`] and later [`LauncherQueue::start`]), a
+//!   thread whose own filter allows what every kind may do, so that the new thread ends
+//!   up with exactly its own kind's filter, whoever asked for it;
 //! * the main thread installs its own filter last ([`enter`]), once it has started what
 //!   it starts directly.
 //!
