@@ -458,15 +458,17 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Empties every capability set, the bounding and ambient sets included.
 fn drop_capabilities() -> Result<(), SandboxError> {
-    // PR_CAPBSET_READ answers EINVAL past the last capability this kernel knows.
-    let mut cap = 0;
-    // SAFETY: plain integers.
-    while unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } >= 0 {
+    // PR_CAPBSET_DROP answers EINVAL past the last capability this kernel knows (and
+    // dropping one already dropped succeeds): one call per capability, no reading first.
+    for cap in 0.. {
         // SAFETY: plain integers.
-        check("drop the capability bounding set", unsafe {
-            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0)
-        })?;
-        cap += 1;
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            let error = io::Error::last_os_error();
+            if cap > 0 && error.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(SandboxError::Setup { what: "drop the capability bounding set", source: error });
+        }
     }
     // SAFETY: plain integers.
     check("clear ambient capabilities", unsafe {
