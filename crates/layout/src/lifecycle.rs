@@ -554,7 +554,10 @@ impl ManagedDriver {
 impl Supervised for ManagedDriver {
     fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
         let inner = self.lock();
-        if !matches!(inner.health, Health::Failed(_)) {
+        // Nothing is handled for a VM that has ended (see `ready`): a dead partition's
+        // fds, which stay readable, would wake the supervisor again and again. If the VM
+        // runs again (a guest reset restarts it), they are watched again.
+        if !matches!(inner.health, Health::Failed(_)) && !self.stop.has_ended() {
             inner.slot.watches(watch);
         }
     }
@@ -706,6 +709,56 @@ mod tests {
         driver.tick(Instant::now() + backoff);
         assert_eq!(*restarts.lock().unwrap(), 2);
         assert_eq!(driver.lock().restarts, 2);
+    }
+
+    /// A driver that watches one eventfd.
+    struct WatchedSlot(vmm_sys_util::eventfd::EventFd);
+
+    impl DriverSlot for WatchedSlot {
+        fn describe(&self) -> String {
+            "watched".into()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+            watch(Watch {
+                fd: splitvisor_isolation::supervisor::eventfd_fd(&self.0),
+                interest: splitvisor_isolation::supervisor::Interest::Readable,
+                token: 0,
+            });
+        }
+        fn event(&mut self, _token: u32) -> Option<SlotEvent> {
+            None
+        }
+        fn restart(&mut self) -> Result<(), RestartError> {
+            Ok(())
+        }
+        fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn an_ended_vm_s_drivers_are_not_watched() {
+        let vm = splitvisor_vcpu::VmControl::new();
+        let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let driver = ManagedDriver::new(
+            "com1",
+            "8250",
+            Placement::Partition,
+            FaultPolicy::HaltVm,
+            Duration::from_secs(1),
+            vm.stop_handle(),
+            EventLog::new(),
+            Box::new(WatchedSlot(fd)),
+        );
+        let count = || {
+            let mut watched = 0;
+            driver.watches(&mut |_| watched += 1);
+            watched
+        };
+        assert_eq!(count(), 1);
+        vm.stop_handle().stop();
+        assert_eq!(count(), 0, "an ended VM's fds would wake the supervisor for nothing");
     }
 
     /// A driver inside the hypervisor: it cannot be restarted.
