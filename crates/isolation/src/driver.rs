@@ -152,6 +152,10 @@ pub struct BlkArgs {
     /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
     #[arg(long, value_name = "N", hide = true)]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error (splitvisor's spawned
+    /// partitions: the hypervisor reads it once the process has ended).
+    #[arg(long, value_name = "N", hide = true)]
+    pub report_fd: Option<i32>,
     /// Test hook: when the first request arrives, try this forbidden operation (the sandbox
     /// must kill the process). Only in builds with the `test-hooks` feature.
     #[cfg(feature = "test-hooks")]
@@ -209,6 +213,10 @@ pub struct NetArgs {
     /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
     #[arg(long, value_name = "N", hide = true)]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error (splitvisor's spawned
+    /// partitions: the hypervisor reads it once the process has ended).
+    #[arg(long, value_name = "N", hide = true)]
+    pub report_fd: Option<i32>,
 }
 
 /// The default MAC of a network device on the TAP `name`: stable for the name.
@@ -245,6 +253,9 @@ pub struct ProxyArgs {
     /// Where to say that the sandbox is in place.
     #[arg(long, value_name = "N")]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error.
+    #[arg(long, value_name = "N")]
+    pub report_fd: Option<i32>,
     /// Test hook: once sandboxed, try this forbidden operation (the sandbox must kill the
     /// process). Only in builds with the `test-hooks` feature.
     #[cfg(feature = "test-hooks")]
@@ -276,13 +287,35 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
         values.push((flag, value));
     }
     let allowed: &[&str] = match *device {
-        "serial" | "i8042" | "acpi-power" => {
-            &["--fd", "--page-fd", "--doorbell-fd", "--hypervisor-doorbell-fd", "--irq-fd", "--ready-fd"]
-        }
-        "blk" => {
-            &["--fd", "--disk-fd", "--serial", "--inject-fault", "--guest-ram", "--queues", "--ready-fd"]
-        }
-        "net" => &["--fd", "--tap-fd", "--mac", "--mtu", "--inject-fault", "--guest-ram", "--ready-fd"],
+        "serial" | "i8042" | "acpi-power" => &[
+            "--fd",
+            "--page-fd",
+            "--doorbell-fd",
+            "--hypervisor-doorbell-fd",
+            "--irq-fd",
+            "--ready-fd",
+            "--report-fd",
+        ],
+        "blk" => &[
+            "--fd",
+            "--disk-fd",
+            "--serial",
+            "--inject-fault",
+            "--guest-ram",
+            "--queues",
+            "--ready-fd",
+            "--report-fd",
+        ],
+        "net" => &[
+            "--fd",
+            "--tap-fd",
+            "--mac",
+            "--mtu",
+            "--inject-fault",
+            "--guest-ram",
+            "--ready-fd",
+            "--report-fd",
+        ],
         _ => return None,
     };
     if values.iter().any(|(flag, _)| !allowed.contains(flag)) {
@@ -320,6 +353,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 disk_fd: Some(number(text("--disk-fd"))??),
                 guest_ram: number(text("--guest-ram"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
                 #[cfg(feature = "test-hooks")]
                 test_attempt: None,
                 #[cfg(feature = "test-hooks")]
@@ -346,6 +380,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 fd: Some(number(text("--fd"))??),
                 guest_ram: number(text("--guest-ram"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
             })
         }
         proxy => {
@@ -356,6 +391,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 hypervisor_doorbell_fd: number(text("--hypervisor-doorbell-fd"))??,
                 irq_fd: number(text("--irq-fd"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
                 #[cfg(feature = "test-hooks")]
                 test_attempt: None,
             };
@@ -403,14 +439,46 @@ where
             return ExitCode::from(2);
         }
     };
+    let report = args.device.report_fd().map(|fd| {
+        // SAFETY: the spawner handed this fd over to this process for this one use.
+        unsafe { File::from_raw_fd(fd) }
+    });
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{program}: error: {e}");
+            if let Some(mut report) = report {
+                let _ = report.write_all(cause_report(&e.to_string()));
+            }
             ExitCode::from(match e {
                 DriverError::Serve(_) | DriverError::Proxy(_) => 1,
                 _ => 2,
             })
+        }
+    }
+}
+
+/// The longest cause a partition reports (less than PIPE_BUF: written at once, and into a
+/// pipe that holds at least a page, never blocking).
+pub const MAX_CAUSE_BYTES: usize = 512;
+
+/// `cause`, cut to at most [`MAX_CAUSE_BYTES`] on a character boundary.
+fn cause_report(cause: &str) -> &[u8] {
+    let mut end = cause.len().min(MAX_CAUSE_BYTES);
+    while !cause.is_char_boundary(end) {
+        end -= 1;
+    }
+    &cause.as_bytes()[..end]
+}
+
+impl DeviceArgs {
+    /// Where a spawned partition (one serving an inherited connection) says why it ends
+    /// (`--report-fd`); nowhere for a driver started by hand.
+    pub fn report_fd(&self) -> Option<i32> {
+        match self {
+            Self::Blk(blk) => blk.report_fd.filter(|_| blk.fd.is_some()),
+            Self::Net(net) => net.report_fd.filter(|_| net.fd.is_some()),
+            Self::Serial(proxy) | Self::I8042(proxy) | Self::AcpiPower(proxy) => proxy.report_fd,
         }
     }
 }
@@ -519,6 +587,9 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             if let Some(ready) = args.ready_fd {
                 config = config.ready_fd(ready);
             }
+            if let Some(report) = args.report_fd {
+                config = config.report_fd(report);
+            }
             sandbox::apply(&config)?;
             let device =
                 BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
@@ -570,6 +641,9 @@ fn run_net(args: NetArgs) -> Result<(), DriverError> {
             }
             if let Some(ready) = args.ready_fd {
                 config = config.ready_fd(ready);
+            }
+            if let Some(report) = args.report_fd {
+                config = config.report_fd(report);
             }
             sandbox::apply(&config)?;
             backend::serve(stream, device, faults)?;
@@ -656,6 +730,9 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     if let Some(ready) = args.ready_fd {
         config = config.ready_fd(ready);
     }
+    if let Some(report) = args.report_fd {
+        config = config.report_fd(report);
+    }
     sandbox::apply(&config)?;
     #[cfg(feature = "test-hooks")]
     if let Some(what) = &args.test_attempt {
@@ -727,7 +804,9 @@ mod tests {
         let mut forms: Vec<Vec<&str>> = Vec::new();
         for device in ["serial", "i8042", "acpi-power"] {
             forms.push([&[device][..], &proxy, &["--ready-fd", "7"]].concat());
-            forms.push([&[device][..], &proxy, &["--irq-fd", "7", "--ready-fd", "8"]].concat());
+            forms.push(
+                [&[device][..], &proxy, &["--irq-fd", "7", "--ready-fd", "8", "--report-fd", "9"]].concat(),
+            );
         }
         forms.push(vec!["blk", "--fd", "3", "--disk-fd", "4", "--serial", "", "--ready-fd", "5"]);
         forms.push(vec![
@@ -747,6 +826,8 @@ mod tests {
             "2",
             "--ready-fd",
             "5",
+            "--report-fd",
+            "6",
         ]);
         forms.push(vec![
             "net",
@@ -764,6 +845,8 @@ mod tests {
             "1048576",
             "--ready-fd",
             "5",
+            "--report-fd",
+            "6",
         ]);
         for form in forms {
             let args = words(&form);
@@ -792,6 +875,21 @@ mod tests {
             let args = words(&other.split_whitespace().collect::<Vec<_>>());
             assert!(parse_spawned(&args).is_none(), "{other}");
         }
+    }
+
+    #[test]
+    fn a_cause_is_cut_on_a_character_boundary() {
+        assert_eq!(cause_report("no thread"), b"no thread");
+        let long = "é".repeat(MAX_CAUSE_BYTES);
+        let cut = cause_report(&long);
+        assert_eq!(cut.len(), MAX_CAUSE_BYTES);
+        assert!(std::str::from_utf8(cut).is_ok());
+        let odd = format!("x{long}");
+        assert_eq!(cause_report(&odd).len(), MAX_CAUSE_BYTES - 1);
+        // Only a spawned partition reports (a hand-started driver's fd would be closed by
+        // its sandbox, and its number taken by another).
+        assert_eq!(parse("blk --socket s --disk d.img --report-fd 3").unwrap().device.report_fd(), None);
+        assert_eq!(parse("blk --fd 3 --disk-fd 4 --report-fd 5").unwrap().device.report_fd(), Some(5));
     }
 
     #[test]
