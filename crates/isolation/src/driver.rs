@@ -12,7 +12,10 @@
 //! socket nobody listens on), sandboxes itself, prints one line when it is ready, and then
 //! serves one frontend at a time: another frontend that connects meanwhile is refused,
 //! and once the frontend leaves (dropping every mapping of its memory) the next one is
-//! served.
+//! served. It ends, with status 1 and the cause, if the host refuses what a frontend's
+//! queue needs (a thread, a descriptor). The process started keeps PATH: it removes the
+//! socket when the driver is stopped (SIGINT, SIGTERM, SIGHUP) or ends, if the file there
+//! is still the socket it bound.
 //!
 //! Spawned by splitvisor, it gets its resources as inherited fds instead, sandboxes itself
 //! before touching guest data, and serves the one connection it was given:
@@ -46,6 +49,8 @@ use crate::backend::blk::BlockDevice;
 use crate::backend::net::NetDevice;
 use crate::backend::{self, FaultPlan, VhostUserDevice};
 use crate::sandbox::{self, Profile, SandboxConfig};
+
+mod keeper;
 
 /// Errors of the driver program.
 #[derive(Debug, thiserror::Error)]
@@ -550,13 +555,14 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let image = DiskImage::open_with(disk, args.read_only, args.cache)?;
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let sectors = image.sectors();
-            let listener = listen(socket)?;
+            let (listener, bound, blocked) = listen_kept(socket)?;
             let device =
                 BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
             #[cfg(feature = "test-hooks")]
             let device = device
                 .with_slow_reversed_engine(args.test_slow_reversed_io.map(std::time::Duration::from_millis));
             let device = Arc::new(device);
+            keep_socket(socket, bound, blocked)?;
             let keep = [listener.as_raw_fd(), device.image_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserBlk, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
@@ -618,7 +624,8 @@ fn run_net(args: NetArgs) -> Result<(), DriverError> {
     let device = Arc::new(NetDevice::new(params, Arc::new(tap)));
     match (&args.socket, args.fd) {
         (Some(socket), None) => {
-            let listener = listen(socket)?;
+            let (listener, bound, blocked) = listen_kept(socket)?;
+            keep_socket(socket, bound, blocked)?;
             let keep = [listener.as_raw_fd(), device.backend_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserNet, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
@@ -675,7 +682,42 @@ fn listen(path: &Path) -> Result<UnixListener, DriverError> {
     UnixListener::bind(path).map_err(|e| error(format!("cannot listen: {e}")))
 }
 
-/// Serves one frontend at a time, for ever.
+/// [`listen`], with the stop signals blocked first (a driver started by hand removes its
+/// socket when it stops: [`keeper`]); returns the listener, what identifies the socket and
+/// the signal mask to restore in the process that serves.
+fn listen_kept(
+    path: &Path,
+) -> Result<(UnixListener, keeper::BoundSocket, keeper::StopSignalsBlocked), DriverError> {
+    let error = |why: String| DriverError::Socket { path: path.to_path_buf(), why };
+    let blocked =
+        keeper::block_stop_signals().map_err(|e| error(format!("cannot block stop signals: {e}")))?;
+    let listener = listen(path)?;
+    match keeper::BoundSocket::at(path) {
+        Ok(bound) => Ok((listener, bound, blocked)),
+        Err(e) => {
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            Err(error(format!("cannot tell the socket just bound: {e}")))
+        }
+    }
+}
+
+/// Forks the keeper of the socket `path` ([`keeper::keep_socket`]); returns in the process
+/// that goes on to serve.
+fn keep_socket(
+    path: &Path,
+    bound: keeper::BoundSocket,
+    blocked: keeper::StopSignalsBlocked,
+) -> Result<(), DriverError> {
+    keeper::keep_socket(bound, blocked).map_err(|e| DriverError::Socket {
+        path: path.to_path_buf(),
+        why: format!("cannot start the process that keeps it: {e}"),
+    })
+}
+
+/// Serves one frontend at a time until the host refuses what a frontend's queue needs
+/// (the next frontend would meet the same refusal: the driver ends with that cause, and
+/// whoever runs it decides whether to start it again).
 fn serve_listener<D: VhostUserDevice>(
     listener: &UnixListener,
     device: Arc<D>,
@@ -690,6 +732,7 @@ fn serve_listener<D: VhostUserDevice>(
         log::info!("vhost-user: frontend connected");
         match backend::serve_refusing_others(stream, device.clone(), faults.clone(), Some(listener)) {
             Ok(()) => log::info!("vhost-user: frontend left; waiting for the next one"),
+            Err(e @ backend::BackendError::QueueStart { .. }) => return Err(DriverError::Serve(e)),
             Err(e) => log::warn!("vhost-user: frontend dropped: {e}; waiting for the next one"),
         }
     }
