@@ -208,8 +208,22 @@ fn read_cause(report: &OwnedFd) -> Option<String> {
     // SAFETY: reads at most `bytes.len()` bytes into a live buffer.
     let read = unsafe { libc::read(report.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
     let read = usize::try_from(read).ok()?;
-    let cause = String::from_utf8_lossy(&bytes[..read]).trim().to_string();
+    let cause = printable(String::from_utf8_lossy(&bytes[..read]).trim());
     (!cause.is_empty()).then_some(cause)
+}
+
+/// `text` with its control characters escaped: what a partition says goes into one line of
+/// the hypervisor's log, and must not make lines (or terminal sequences) of its own.
+fn printable(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 /// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
@@ -991,6 +1005,11 @@ mod tests {
         assert_eq!((status.code(), cause.as_deref()), (Some(1), Some("cannot start queue 0: no thread")));
         let text = error.to_string();
         assert!(text.ends_with("in place: exit status: 1: cannot start queue 0: no thread"), "{text}");
+    }
+
+    #[test]
+    fn a_cause_stays_on_one_line() {
+        assert_eq!(printable("queue 0\nfaked: line\u{1b}[31m"), "queue 0\\nfaked: line\\u{1b}[31m");
     }
 
     #[test]
