@@ -9,7 +9,9 @@
 //!   frontend's address space;
 //! * one thread per enabled queue, woken by the queue's kick eventfd, completing through its
 //!   call eventfd, and reporting a queue the guest broke through its error eventfd
-//!   (`SET_VRING_ERR`: the frontend then marks the device as needing a reset);
+//!   (`SET_VRING_ERR`: the frontend then marks the device as needing a reset); a queue
+//!   whose thread the host refuses (no thread, no descriptor left) ends the session with
+//!   that cause ([`BackendError::QueueStart`]) instead of going unserved;
 //! * the inflight region (`INFLIGHT_SHMFD`, [`inflight`]): every request is journaled in
 //!   memory the frontend keeps, so that the backend that replaces this one after a crash
 //!   completes each request that was in flight exactly once;
