@@ -381,3 +381,74 @@ fn a_driver_partition_that_cannot_start_is_one_line_naming_the_device_the_progra
     let _ = std::fs::remove_file(&not_executable);
     let _ = std::fs::remove_file(&image.0);
 }
+
+/// `splitvisor-driver blk --socket SOCKET --disk DISK`, started by hand; returns once it
+/// said it serves (bounded), with its stderr still to read.
+fn serving_driver(socket: &std::path::Path, disk: &std::path::Path) -> support::KillOnDrop {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
+        .args(["blk", "--socket"])
+        .arg(socket)
+        .arg("--disk")
+        .arg(disk)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (ready, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = ready.send(line);
+    });
+    let line = wait.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default();
+    let child = support::KillOnDrop(child);
+    assert!(line.contains("serving"), "splitvisor-driver did not get ready: {line}");
+    child
+}
+
+/// Sends `signal` to `driver` and waits (bounded) for it to end; how it ended and its stderr.
+fn stop(driver: &mut support::KillOnDrop, signal: libc::c_int) -> (std::process::ExitStatus, String) {
+    use support::WaitBounded;
+    // SAFETY: a signal to our own child, not reaped yet.
+    unsafe { libc::kill(driver.0.id() as libc::pid_t, signal) };
+    let (_, stderr) = driver.0.wait_with_output_bounded();
+    (driver.0.wait().unwrap(), stderr)
+}
+
+#[test]
+fn a_driver_stopped_by_a_signal_removes_its_socket() {
+    use std::os::unix::process::ExitStatusExt;
+    let disk = support::images::Image::new("cli-stopped-driver", 1 << 20);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let socket =
+            std::env::temp_dir().join(format!("splitvisor-{}-stopped-{signal}.sock", std::process::id()));
+        let mut driver = serving_driver(&socket, &disk.0);
+        assert!(socket.exists());
+        let (status, stderr) = stop(&mut driver, signal);
+        // It ends as the signal ends a program, with its socket gone.
+        assert_eq!(status.signal(), Some(signal), "{status:?}: {stderr}");
+        assert!(!socket.exists(), "signal {signal} left {} behind: {stderr}", socket.display());
+    }
+    let _ = std::fs::remove_file(&disk.0);
+}
+
+#[test]
+fn a_stopped_driver_leaves_a_socket_that_replaced_its_own() {
+    use std::os::unix::fs::MetadataExt;
+    let disk = support::images::Image::new("cli-replaced-socket", 1 << 20);
+    let socket = std::env::temp_dir().join(format!("splitvisor-{}-replaced.sock", std::process::id()));
+    let mut driver = serving_driver(&socket, &disk.0);
+    // Another program takes the path meanwhile.
+    std::fs::remove_file(&socket).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let theirs = std::fs::symlink_metadata(&socket).unwrap().ino();
+    let (_, stderr) = stop(&mut driver, libc::SIGTERM);
+    let now = std::fs::symlink_metadata(&socket).map(|meta| meta.ino());
+    assert_eq!(now.ok(), Some(theirs), "the driver removed a socket it did not bind: {stderr}");
+    assert!(stderr.contains("no longer the socket this driver bound"), "{stderr}");
+    drop(other);
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&disk.0);
+}

@@ -99,9 +99,9 @@ fn a_backend_that_cannot_start_a_queue_thread_hangs_up_at_once() {
     let disk = Image::new("no-threads", MIB);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&disk.0, std::fs::Permissions::from_mode(0o666)).unwrap();
-    // Two tasks: the backend and the process it serves from, in its PID namespace. Its
-    // queue's thread would be a third.
-    let backend = support::HandStartedDriver::start_limited("no-threads", &disk.0, 64_998, 2);
+    // Three tasks: the process started (which keeps the socket), the sandboxed backend and
+    // the process it serves from, in its PID namespace. Its queue's thread would be a fourth.
+    let backend = support::HandStartedDriver::start_limited("no-threads", &disk.0, 64_998, 3);
     let console = Capture::default();
     let report = VmBuilder::new(guests::find("blk-verify").unwrap().elf)
         .disk(DiskConfig::VhostUser { socket: backend.socket.clone() })

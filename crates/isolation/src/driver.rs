@@ -12,7 +12,10 @@
 //! socket nobody listens on), sandboxes itself, prints one line when it is ready, and then
 //! serves one frontend at a time: another frontend that connects meanwhile is refused,
 //! and once the frontend leaves (dropping every mapping of its memory) the next one is
-//! served.
+//! served. It ends, with status 1 and the cause, if the host refuses what a frontend's
+//! queue needs (a thread, a descriptor). The process started keeps PATH: it removes the
+//! socket when the driver is stopped (SIGINT, SIGTERM, SIGHUP) or ends, if the file there
+//! is still the socket it bound.
 //!
 //! Spawned by splitvisor, it gets its resources as inherited fds instead, sandboxes itself
 //! before touching guest data, and serves the one connection it was given:
@@ -46,6 +49,8 @@ use crate::backend::blk::BlockDevice;
 use crate::backend::net::NetDevice;
 use crate::backend::{self, FaultPlan, VhostUserDevice};
 use crate::sandbox::{self, Profile, SandboxConfig};
+
+mod keeper;
 
 /// Errors of the driver program.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +157,10 @@ pub struct BlkArgs {
     /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
     #[arg(long, value_name = "N", hide = true)]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error (splitvisor's spawned
+    /// partitions: the hypervisor reads it once the process has ended).
+    #[arg(long, value_name = "N", hide = true)]
+    pub report_fd: Option<i32>,
     /// Test hook: when the first request arrives, try this forbidden operation (the sandbox
     /// must kill the process). Only in builds with the `test-hooks` feature.
     #[cfg(feature = "test-hooks")]
@@ -209,6 +218,10 @@ pub struct NetArgs {
     /// Where to say that the sandbox is in place (splitvisor's spawned partitions).
     #[arg(long, value_name = "N", hide = true)]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error (splitvisor's spawned
+    /// partitions: the hypervisor reads it once the process has ended).
+    #[arg(long, value_name = "N", hide = true)]
+    pub report_fd: Option<i32>,
 }
 
 /// The default MAC of a network device on the TAP `name`: stable for the name.
@@ -245,6 +258,9 @@ pub struct ProxyArgs {
     /// Where to say that the sandbox is in place.
     #[arg(long, value_name = "N")]
     pub ready_fd: Option<i32>,
+    /// Where to say why the partition ends, if it ends on an error.
+    #[arg(long, value_name = "N")]
+    pub report_fd: Option<i32>,
     /// Test hook: once sandboxed, try this forbidden operation (the sandbox must kill the
     /// process). Only in builds with the `test-hooks` feature.
     #[cfg(feature = "test-hooks")]
@@ -276,13 +292,35 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
         values.push((flag, value));
     }
     let allowed: &[&str] = match *device {
-        "serial" | "i8042" | "acpi-power" => {
-            &["--fd", "--page-fd", "--doorbell-fd", "--hypervisor-doorbell-fd", "--irq-fd", "--ready-fd"]
-        }
-        "blk" => {
-            &["--fd", "--disk-fd", "--serial", "--inject-fault", "--guest-ram", "--queues", "--ready-fd"]
-        }
-        "net" => &["--fd", "--tap-fd", "--mac", "--mtu", "--inject-fault", "--guest-ram", "--ready-fd"],
+        "serial" | "i8042" | "acpi-power" => &[
+            "--fd",
+            "--page-fd",
+            "--doorbell-fd",
+            "--hypervisor-doorbell-fd",
+            "--irq-fd",
+            "--ready-fd",
+            "--report-fd",
+        ],
+        "blk" => &[
+            "--fd",
+            "--disk-fd",
+            "--serial",
+            "--inject-fault",
+            "--guest-ram",
+            "--queues",
+            "--ready-fd",
+            "--report-fd",
+        ],
+        "net" => &[
+            "--fd",
+            "--tap-fd",
+            "--mac",
+            "--mtu",
+            "--inject-fault",
+            "--guest-ram",
+            "--ready-fd",
+            "--report-fd",
+        ],
         _ => return None,
     };
     if values.iter().any(|(flag, _)| !allowed.contains(flag)) {
@@ -320,6 +358,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 disk_fd: Some(number(text("--disk-fd"))??),
                 guest_ram: number(text("--guest-ram"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
                 #[cfg(feature = "test-hooks")]
                 test_attempt: None,
                 #[cfg(feature = "test-hooks")]
@@ -346,6 +385,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 fd: Some(number(text("--fd"))??),
                 guest_ram: number(text("--guest-ram"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
             })
         }
         proxy => {
@@ -356,6 +396,7 @@ fn parse_spawned(args: &[std::ffi::OsString]) -> Option<DriverArgs> {
                 hypervisor_doorbell_fd: number(text("--hypervisor-doorbell-fd"))??,
                 irq_fd: number(text("--irq-fd"))?,
                 ready_fd: number(text("--ready-fd"))?,
+                report_fd: number(text("--report-fd"))?,
                 #[cfg(feature = "test-hooks")]
                 test_attempt: None,
             };
@@ -403,14 +444,46 @@ where
             return ExitCode::from(2);
         }
     };
+    let report = args.device.report_fd().map(|fd| {
+        // SAFETY: the spawner handed this fd over to this process for this one use.
+        unsafe { File::from_raw_fd(fd) }
+    });
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{program}: error: {e}");
+            if let Some(mut report) = report {
+                let _ = report.write_all(cause_report(&e.to_string()));
+            }
             ExitCode::from(match e {
                 DriverError::Serve(_) | DriverError::Proxy(_) => 1,
                 _ => 2,
             })
+        }
+    }
+}
+
+/// The longest cause a partition reports (less than PIPE_BUF: written at once, and into a
+/// pipe that holds at least a page, never blocking).
+pub const MAX_CAUSE_BYTES: usize = 512;
+
+/// `cause`, cut to at most [`MAX_CAUSE_BYTES`] on a character boundary.
+fn cause_report(cause: &str) -> &[u8] {
+    let mut end = cause.len().min(MAX_CAUSE_BYTES);
+    while !cause.is_char_boundary(end) {
+        end -= 1;
+    }
+    &cause.as_bytes()[..end]
+}
+
+impl DeviceArgs {
+    /// Where a spawned partition (one serving an inherited connection) says why it ends
+    /// (`--report-fd`); nowhere for a driver started by hand.
+    pub fn report_fd(&self) -> Option<i32> {
+        match self {
+            Self::Blk(blk) => blk.report_fd.filter(|_| blk.fd.is_some()),
+            Self::Net(net) => net.report_fd.filter(|_| net.fd.is_some()),
+            Self::Serial(proxy) | Self::I8042(proxy) | Self::AcpiPower(proxy) => proxy.report_fd,
         }
     }
 }
@@ -482,13 +555,14 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             let image = DiskImage::open_with(disk, args.read_only, args.cache)?;
             let serial = args.serial.clone().unwrap_or_else(|| default_serial(image.file()));
             let sectors = image.sectors();
-            let listener = listen(socket)?;
+            let (listener, bound, blocked) = listen_kept(socket)?;
             let device =
                 BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
             #[cfg(feature = "test-hooks")]
             let device = device
                 .with_slow_reversed_engine(args.test_slow_reversed_io.map(std::time::Duration::from_millis));
             let device = Arc::new(device);
+            keep_socket(socket, bound, blocked)?;
             let keep = [listener.as_raw_fd(), device.image_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserBlk, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
@@ -519,6 +593,9 @@ fn run_blk(args: BlkArgs) -> Result<(), DriverError> {
             if let Some(ready) = args.ready_fd {
                 config = config.ready_fd(ready);
             }
+            if let Some(report) = args.report_fd {
+                config = config.report_fd(report);
+            }
             sandbox::apply(&config)?;
             let device =
                 BlockDevice::new(image, &serial).with_queues(args.queues).with_engine(args.io_engine);
@@ -547,7 +624,8 @@ fn run_net(args: NetArgs) -> Result<(), DriverError> {
     let device = Arc::new(NetDevice::new(params, Arc::new(tap)));
     match (&args.socket, args.fd) {
         (Some(socket), None) => {
-            let listener = listen(socket)?;
+            let (listener, bound, blocked) = listen_kept(socket)?;
+            keep_socket(socket, bound, blocked)?;
             let keep = [listener.as_raw_fd(), device.backend_fd()];
             sandbox::apply(&SandboxConfig::new(Profile::VhostUserNet, &keep).enabled(!args.no_sandbox))?;
             let _ = writeln!(
@@ -570,6 +648,9 @@ fn run_net(args: NetArgs) -> Result<(), DriverError> {
             }
             if let Some(ready) = args.ready_fd {
                 config = config.ready_fd(ready);
+            }
+            if let Some(report) = args.report_fd {
+                config = config.report_fd(report);
             }
             sandbox::apply(&config)?;
             backend::serve(stream, device, faults)?;
@@ -601,7 +682,42 @@ fn listen(path: &Path) -> Result<UnixListener, DriverError> {
     UnixListener::bind(path).map_err(|e| error(format!("cannot listen: {e}")))
 }
 
-/// Serves one frontend at a time, for ever.
+/// [`listen`], with the stop signals blocked first (a driver started by hand removes its
+/// socket when it stops: [`keeper`]); returns the listener, what identifies the socket and
+/// the signal mask to restore in the process that serves.
+fn listen_kept(
+    path: &Path,
+) -> Result<(UnixListener, keeper::BoundSocket, keeper::StopSignalsBlocked), DriverError> {
+    let error = |why: String| DriverError::Socket { path: path.to_path_buf(), why };
+    let blocked =
+        keeper::block_stop_signals().map_err(|e| error(format!("cannot block stop signals: {e}")))?;
+    let listener = listen(path)?;
+    match keeper::BoundSocket::at(path) {
+        Ok(bound) => Ok((listener, bound, blocked)),
+        Err(e) => {
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            Err(error(format!("cannot tell the socket just bound: {e}")))
+        }
+    }
+}
+
+/// Forks the keeper of the socket `path` ([`keeper::keep_socket`]); returns in the process
+/// that goes on to serve.
+fn keep_socket(
+    path: &Path,
+    bound: keeper::BoundSocket,
+    blocked: keeper::StopSignalsBlocked,
+) -> Result<(), DriverError> {
+    keeper::keep_socket(bound, blocked).map_err(|e| DriverError::Socket {
+        path: path.to_path_buf(),
+        why: format!("cannot start the process that keeps it: {e}"),
+    })
+}
+
+/// Serves one frontend at a time until the host refuses what a frontend's queue needs
+/// (the next frontend would meet the same refusal: the driver ends with that cause, and
+/// whoever runs it decides whether to start it again).
 fn serve_listener<D: VhostUserDevice>(
     listener: &UnixListener,
     device: Arc<D>,
@@ -616,6 +732,7 @@ fn serve_listener<D: VhostUserDevice>(
         log::info!("vhost-user: frontend connected");
         match backend::serve_refusing_others(stream, device.clone(), faults.clone(), Some(listener)) {
             Ok(()) => log::info!("vhost-user: frontend left; waiting for the next one"),
+            Err(e @ backend::BackendError::QueueStart { .. }) => return Err(DriverError::Serve(e)),
             Err(e) => log::warn!("vhost-user: frontend dropped: {e}; waiting for the next one"),
         }
     }
@@ -655,6 +772,9 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     let mut config = SandboxConfig::new(Profile::BusProxy, &keep);
     if let Some(ready) = args.ready_fd {
         config = config.ready_fd(ready);
+    }
+    if let Some(report) = args.report_fd {
+        config = config.report_fd(report);
     }
     sandbox::apply(&config)?;
     #[cfg(feature = "test-hooks")]
@@ -727,7 +847,9 @@ mod tests {
         let mut forms: Vec<Vec<&str>> = Vec::new();
         for device in ["serial", "i8042", "acpi-power"] {
             forms.push([&[device][..], &proxy, &["--ready-fd", "7"]].concat());
-            forms.push([&[device][..], &proxy, &["--irq-fd", "7", "--ready-fd", "8"]].concat());
+            forms.push(
+                [&[device][..], &proxy, &["--irq-fd", "7", "--ready-fd", "8", "--report-fd", "9"]].concat(),
+            );
         }
         forms.push(vec!["blk", "--fd", "3", "--disk-fd", "4", "--serial", "", "--ready-fd", "5"]);
         forms.push(vec![
@@ -747,6 +869,8 @@ mod tests {
             "2",
             "--ready-fd",
             "5",
+            "--report-fd",
+            "6",
         ]);
         forms.push(vec![
             "net",
@@ -764,6 +888,8 @@ mod tests {
             "1048576",
             "--ready-fd",
             "5",
+            "--report-fd",
+            "6",
         ]);
         for form in forms {
             let args = words(&form);
@@ -792,6 +918,21 @@ mod tests {
             let args = words(&other.split_whitespace().collect::<Vec<_>>());
             assert!(parse_spawned(&args).is_none(), "{other}");
         }
+    }
+
+    #[test]
+    fn a_cause_is_cut_on_a_character_boundary() {
+        assert_eq!(cause_report("no thread"), b"no thread");
+        let long = "é".repeat(MAX_CAUSE_BYTES);
+        let cut = cause_report(&long);
+        assert_eq!(cut.len(), MAX_CAUSE_BYTES);
+        assert!(std::str::from_utf8(cut).is_ok());
+        let odd = format!("x{long}");
+        assert_eq!(cause_report(&odd).len(), MAX_CAUSE_BYTES - 1);
+        // Only a spawned partition reports (a hand-started driver's fd would be closed by
+        // its sandbox, and its number taken by another).
+        assert_eq!(parse("blk --socket s --disk d.img --report-fd 3").unwrap().device.report_fd(), None);
+        assert_eq!(parse("blk --fd 3 --disk-fd 4 --report-fd 5").unwrap().device.report_fd(), Some(5));
     }
 
     #[test]

@@ -56,10 +56,12 @@ pub enum PartitionError {
         source: io::Error,
     },
     /// The partition's process ended before its sandbox was in place (the driver's own
-    /// message, if it wrote one, went to the hypervisor's standard error before).
+    /// message, if it wrote one, went to the hypervisor's standard error before, and is the
+    /// cause if it reported one).
     #[error(
-        "the {role} driver partition ({}, pid {pid}) ended before its sandbox was in place: {status}{}",
+        "the {role} driver partition ({}, pid {pid}) ended before its sandbox was in place: {}{}",
         driver.display(),
+        PartitionEnd { status: *status, cause: cause.clone() },
         forbidden_call_hint(*status)
     )]
     Ended {
@@ -71,6 +73,8 @@ pub enum PartitionError {
         pid: u32,
         /// How it ended.
         status: ExitStatus,
+        /// Why, as the partition said ([`PartitionEnd::cause`]).
+        cause: Option<String>,
     },
     /// The partition did not get its sandbox in place (in time, or said something else);
     /// it was killed.
@@ -173,6 +177,55 @@ pub struct NetOptions {
     pub guest_ram: u64,
 }
 
+/// How a partition ended: its exit status and, if it ended on an error it could name (a
+/// queue whose thread the host refused, a sandbox it could not set up), that cause as the
+/// driver said it. Shown as `exit status: 1: cannot start queue 0: ...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionEnd {
+    /// The exit status (a partition that aborted shows as killed by SIGABRT).
+    pub status: ExitStatus,
+    /// What the driver said was the cause, at most [`MAX_CAUSE_BYTES`] of it.
+    pub cause: Option<String>,
+}
+
+impl std::fmt::Display for PartitionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.status)?;
+        match &self.cause {
+            Some(cause) => write!(f, ": {cause}"),
+            None => Ok(()),
+        }
+    }
+}
+
+pub use crate::driver::MAX_CAUSE_BYTES;
+
+/// Reads the cause a partition that has ended left in its report pipe, if any.
+fn read_cause(report: &OwnedFd) -> Option<String> {
+    let mut bytes = [0u8; MAX_CAUSE_BYTES];
+    // The pipe is non-blocking and every write end is closed once the process has ended:
+    // this returns what is there (a single write of at most MAX_CAUSE_BYTES), at once.
+    // SAFETY: reads at most `bytes.len()` bytes into a live buffer.
+    let read = unsafe { libc::read(report.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
+    let read = usize::try_from(read).ok()?;
+    let cause = printable(String::from_utf8_lossy(&bytes[..read]).trim());
+    (!cause.is_empty()).then_some(cause)
+}
+
+/// `text` with its control characters escaped: what a partition says goes into one line of
+/// the hypervisor's log, and must not make lines (or terminal sequences) of its own.
+fn printable(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
 /// A running driver partition: the process and its pidfd. Dropping it kills and reaps it.
 ///
 /// The process is PID 1 of a PID namespace of its own and the partition's only process
@@ -186,6 +239,11 @@ pub struct Partition {
     /// Whether it was created as PID 1 of its own PID namespace: it then reports an abort
     /// by [`ABORTED_EXIT_CODE`] (an init cannot die of its own SIGABRT).
     own_pid_namespace: bool,
+    /// The read end of the pipe where the driver says why it ended (`--report-fd`), until
+    /// it is read.
+    report: Option<OwnedFd>,
+    /// What was read from it.
+    cause: Option<String>,
 }
 
 impl Partition {
@@ -374,6 +432,16 @@ impl Partition {
         ExitStatus::from_raw(raw)
     }
 
+    /// How the partition ended, if it has (reaps it): the status and the cause the driver
+    /// gave, if it gave one.
+    pub fn end(&mut self) -> Option<PartitionEnd> {
+        let status = self.try_wait()?;
+        if let Some(report) = self.report.take() {
+            self.cause = read_cause(&report);
+        }
+        Some(PartitionEnd { status, cause: self.cause.clone() })
+    }
+
     /// Waits at most `timeout` for the partition to end by itself; its status if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_none() {
@@ -449,8 +517,10 @@ impl StartingPartition {
             let pid = partition.pid();
             // A partition that closed its end before its byte has usually ended: say how.
             if source.kind() == io::ErrorKind::UnexpectedEof {
-                if let Some(status) = partition.wait_exit(EXIT_GRACE) {
-                    return Err(PartitionError::Ended { role, driver, pid, status });
+                if let Some(PartitionEnd { status, cause }) =
+                    partition.wait_exit(EXIT_GRACE).and_then(|_| partition.end())
+                {
+                    return Err(PartitionError::Ended { role, driver, pid, status, cause });
                 }
             }
             partition.kill();
@@ -514,6 +584,12 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
     // SAFETY: the readiness pipe's end lives until this function returns.
     let ready_end = unsafe { BorrowedFd::borrow_raw(ready.partition_fd()) };
     fds.push(ready_end.try_clone_to_owned().map_err(setup("duplicate an fd"))?);
+    // Non-blocking at both ends: the partition's one write never waits, nor does the read
+    // of whatever it wrote once it has ended. This process keeps no copy of the write end.
+    let (report, report_end) =
+        pipe_flags(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(setup("create the report pipe"))?;
+    args.extend(["--report-fd".to_string(), (3 + fds.len()).to_string()]);
+    fds.push(report_end);
     // Moved out of the way first (above every target, close-on-exec), so that moving them to
     // 3, 4, ... never clobbers one not moved yet, nor another fd the child still needs.
     let floor = 10.max(3 + fds.len() as RawFd);
@@ -571,7 +647,8 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
         Err(error) => return Err(spawn_error(error.into())),
     };
     drop((high, dev_null));
-    let partition = Partition { pid, pidfd, status: None, own_pid_namespace };
+    let partition =
+        Partition { pid, pidfd, status: None, own_pid_namespace, report: Some(report), cause: None };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
     Ok(Spawned { partition, ready, role, driver: driver.path, command })
 }
@@ -860,9 +937,14 @@ fn clone_and_exec(
 const NAMESPACE_FLAGS: libc::c_ulong = (libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as libc::c_ulong;
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    pipe_flags(libc::O_CLOEXEC)
+}
+
+/// A pipe with `flags` (pipe2's) on both ends: (read end, write end).
+fn pipe_flags(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the fd was just created and is owned by nobody else.
@@ -905,6 +987,29 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("the blk driver partition (/bin/false, pid "), "{text}");
         assert!(text.ends_with("ended before its sandbox was in place: exit status: 1"), "{text}");
+    }
+
+    #[test]
+    fn a_partition_that_ends_on_an_error_says_why() {
+        let dir = std::env::temp_dir().join(format!("splitvisor-partition-cause-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("refused");
+        // Spawned as `refused blk --fd 3 --ready-fd 3 --report-fd 4`: it reports on fd 4 as
+        // the driver does, and ends before it is ready.
+        std::fs::write(&program, "#!/bin/sh\nprintf 'cannot start queue 0: no thread\\n' >&4\nexit 1\n")
+            .unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = start_failure(&program);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let PartitionError::Ended { status, cause, .. } = &error else { panic!("{error:?}") };
+        assert_eq!((status.code(), cause.as_deref()), (Some(1), Some("cannot start queue 0: no thread")));
+        let text = error.to_string();
+        assert!(text.ends_with("in place: exit status: 1: cannot start queue 0: no thread"), "{text}");
+    }
+
+    #[test]
+    fn a_cause_stays_on_one_line() {
+        assert_eq!(printable("queue 0\nfaked: line\u{1b}[31m"), "queue 0\\nfaked: line\\u{1b}[31m");
     }
 
     #[test]

@@ -214,6 +214,7 @@ pub struct SandboxConfig {
     address_space: Option<u64>,
     max_tasks: u64,
     ready: Option<RawFd>,
+    report: Option<RawFd>,
 }
 
 impl SandboxConfig {
@@ -229,6 +230,7 @@ impl SandboxConfig {
             address_space: profile.default_address_space(),
             max_tasks: profile.default_max_tasks(),
             ready: None,
+            report: None,
         }
     }
 
@@ -272,8 +274,15 @@ impl SandboxConfig {
         self
     }
 
+    /// The write end of the pipe where the partition says why it ends, if it ends on an
+    /// error ([`crate::partition::PartitionEnd`]): kept open in the process that serves.
+    pub fn report_fd(mut self, fd: RawFd) -> Self {
+        self.report = Some(fd);
+        self
+    }
+
     fn kept_fds(&self) -> Vec<RawFd> {
-        self.keep.iter().copied().chain(self.ready).collect()
+        self.keep.iter().copied().chain(self.ready).chain(self.report).collect()
     }
 }
 
@@ -805,7 +814,7 @@ mod tests {
         let blk = SandboxConfig::new(Profile::VhostUserBlk, &[3, 4]);
         assert_eq!(blk.address_space, None);
         assert_eq!(blk.run_as, NOBODY);
-        assert_eq!(blk.ready_fd(7).kept_fds(), vec![3, 4, 7]);
+        assert_eq!(blk.ready_fd(7).report_fd(8).kept_fds(), vec![3, 4, 7, 8]);
     }
 
     #[test]

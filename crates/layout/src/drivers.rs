@@ -35,12 +35,11 @@ const EXIT_GRACE: Duration = Duration::from_millis(200);
 /// How long to wait before trying again to start a spare partition that failed to start.
 const SPARE_RETRY: Duration = Duration::from_secs(1);
 
-/// The exit status of a partition, as text.
+/// How a partition ended (killed first if it had not), as text: its exit status and the
+/// cause it reported, if any.
 fn status(partition: &mut Partition) -> String {
-    partition
-        .try_wait()
-        .or_else(|| partition.kill())
-        .map_or_else(|| "unknown status".into(), |s| s.to_string())
+    partition.try_wait().or_else(|| partition.kill());
+    partition.end().map_or_else(|| "unknown status".into(), |end| end.to_string())
 }
 
 /// What a spawned partition serves, with the resources it is handed.
@@ -168,6 +167,17 @@ impl VhostUserSlot {
         let _ = self.request_failed.read();
         Ok(())
     }
+
+    /// `why` the active partition could not take over, with how it ended if it did (a
+    /// partition that cannot serve says why as it ends).
+    fn with_how_it_ended(&mut self, why: String) -> String {
+        if let Backend::Spawned { active: Some(partition), .. } = &mut self.backend {
+            if partition.wait_exit(EXIT_GRACE).is_some() {
+                return format!("{why}; its process ended ({})", status(partition));
+            }
+        }
+        why
+    }
 }
 
 /// An upgrade's error when the new program's partition did not start.
@@ -224,8 +234,8 @@ impl DriverSlot for VhostUserSlot {
                 // A partition that dies closes its connection first: say how it died.
                 if let Backend::Spawned { active, .. } = &mut self.backend {
                     if let Some(mut partition) = active.take() {
-                        if let Some(status) = partition.wait_exit(EXIT_GRACE) {
-                            return Some(SlotEvent::Fault(Fault::Exited(status.to_string())));
+                        if partition.wait_exit(EXIT_GRACE).is_some() {
+                            return Some(SlotEvent::Fault(Fault::Exited(status(&mut partition))));
                         }
                         *active = Some(partition);
                     }
@@ -283,7 +293,8 @@ impl DriverSlot for VhostUserSlot {
                     }
                 };
                 *active = Some(partition);
-                self.take_over(handshake, Resume::AfterCrash).map_err(RestartError::Failed)
+                let taken = self.take_over(handshake, Resume::AfterCrash);
+                taken.map_err(|why| RestartError::Failed(self.with_how_it_ended(why)))
             }
             Backend::External { socket } => {
                 let handshake = Handshake::connect_for(socket, &self.shape)

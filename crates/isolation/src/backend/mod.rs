@@ -9,7 +9,9 @@
 //!   frontend's address space;
 //! * one thread per enabled queue, woken by the queue's kick eventfd, completing through its
 //!   call eventfd, and reporting a queue the guest broke through its error eventfd
-//!   (`SET_VRING_ERR`: the frontend then marks the device as needing a reset);
+//!   (`SET_VRING_ERR`: the frontend then marks the device as needing a reset); a queue
+//!   whose thread the host refuses (no thread, no descriptor left) ends the session with
+//!   that cause ([`BackendError::QueueStart`]) instead of going unserved;
 //! * the inflight region (`INFLIGHT_SHMFD`, [`inflight`]): every request is journaled in
 //!   memory the frontend keeps, so that the backend that replaces this one after a crash
 //!   completes each request that was in flight exactly once;
@@ -116,13 +118,17 @@ pub enum BackendError {
     #[error("vhost-user socket: {0}")]
     Socket(#[source] io::Error),
     /// A queue the frontend set up cannot be served: the host refused what its thread
-    /// needs (a thread, a descriptor). The session ends rather than leave the queue
-    /// unserved while the frontend believes it runs.
-    #[error("cannot start queue {queue}: {source}")]
+    /// needs (the thread itself under a pids or RLIMIT_NPROC limit, a descriptor under
+    /// RLIMIT_NOFILE). The session ends with this cause rather than leave the queue
+    /// unserved while the frontend believes it runs; the message that started the queue
+    /// is answered with a failure if the frontend asked for an answer.
+    #[error("cannot start queue {queue}: cannot create {resource}: {source}")]
     QueueStart {
         /// The queue.
         queue: usize,
-        /// What the host refused.
+        /// What its thread needed: `its thread`, `its epoll`, ...
+        resource: &'static str,
+        /// What the host answered.
         #[source]
         source: io::Error,
     },
@@ -163,19 +169,26 @@ pub fn serve_refusing_others<D: VhostUserDevice>(
                 Err(e) => break Err(BackendError::Socket(e)),
             }
         }
-        match early_vring_enable(handler.as_raw_fd(), &connection) {
-            Ok(true) => {}
+        let ended = match early_vring_enable(handler.as_raw_fd(), &connection) {
+            Ok(true) => None,
             Ok(false) => match handler.handle_request() {
-                Ok(()) => {}
-                Err(ProtocolError::Disconnected | ProtocolError::PartialMessage) => break Ok(()),
-                Err(ProtocolError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => break Ok(()),
-                Err(e) => break Err(BackendError::Protocol(e)),
+                Ok(()) => None,
+                Err(ProtocolError::Disconnected | ProtocolError::PartialMessage) => Some(Ok(())),
+                Err(ProtocolError::SocketBroken(e)) if e.kind() != io::ErrorKind::InvalidData => Some(Ok(())),
+                Err(e) => Some(Err(BackendError::Protocol(e))),
             },
-            Err(e) => break Err(BackendError::Socket(e)),
+            Err(e) => Some(Err(BackendError::Socket(e))),
+        };
+        // A queue the host refused what its thread needs ends the session with that cause,
+        // whatever became of the message that started it (answered with a failure if the
+        // frontend asked for an answer). Hanging up is the one signal every frontend acts
+        // on: most send SET_VRING_KICK without asking for an answer, and QEMU disconnects
+        // on a failed start anyway.
+        if let Some(refused) = connection.lock().unwrap_or_else(|e| e.into_inner()).unservable.take() {
+            break Err(refused);
         }
-        if let Some((queue, source)) = connection.lock().unwrap_or_else(|e| e.into_inner()).unservable.take()
-        {
-            break Err(BackendError::QueueStart { queue, source });
+        if let Some(ended) = ended {
+            break ended;
         }
     };
     connection.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
@@ -303,7 +316,7 @@ struct Connection<D: VhostUserDevice> {
     inflight: Option<Arc<InflightRegion>>,
     vrings: Vec<Vring>,
     /// A queue whose thread could not be started, and why: the session ends on it.
-    unservable: Option<(usize, io::Error)>,
+    unservable: Option<BackendError>,
 }
 
 fn invalid(why: &'static str) -> ProtocolError {
@@ -370,22 +383,25 @@ impl<D: VhostUserDevice> Connection<D> {
         }
         let result = change(self);
         for index in running {
-            self.start_if_ready(index);
+            self.start_if_ready(index)?;
         }
         result
     }
 
-    /// Starts queue `index`'s thread once everything it needs is there.
-    fn start_if_ready(&mut self, index: usize) {
+    /// Starts queue `index`'s thread once everything it needs is there. Fails, and the
+    /// session ends ([`BackendError::QueueStart`]), if the host refuses the thread or a
+    /// descriptor it needs: everything the thread uses is obtained here, before the queue
+    /// counts as started, so that no queue the frontend believes running goes unserved.
+    fn start_if_ready(&mut self, index: usize) -> ProtocolResult<()> {
         let protocol = self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-        let Some(memory) = self.memory.clone() else { return };
+        let Some(memory) = self.memory.clone() else { return Ok(()) };
         let vring = &mut self.vrings[index];
         if vring.worker.is_some() || (protocol && !vring.enabled) || vring.size == 0 {
-            return;
+            return Ok(());
         }
         let (Some(kick), Some(call), Some((desc, avail, used))) = (&vring.kick, &vring.call, vring.addresses)
         else {
-            return;
+            return Ok(());
         };
         let translate = |va| memory.to_guest(va);
         let (Some(desc), Some(avail), Some(used)) = (translate(desc), translate(avail), translate(used))
@@ -394,7 +410,7 @@ impl<D: VhostUserDevice> Connection<D> {
             if let Some(err) = &vring.err {
                 let _ = err.write(1);
             }
-            return;
+            return Ok(());
         };
         let queue = match vring.paused.take() {
             Some(queue) => Ok((queue, false)),
@@ -410,66 +426,59 @@ impl<D: VhostUserDevice> Connection<D> {
                 if let Some(err) = &vring.err {
                     let _ = err.write(1);
                 }
-                return;
+                return Ok(());
             }
         };
         if recover {
             queue.set_next_avail(vring.base);
             queue.set_next_used(vring.base);
         }
-        let duplicated = (|| -> io::Result<_> {
-            Ok((
-                kick.try_clone()?,
-                call.try_clone()?,
-                vring.err.as_ref().map(EventFd::try_clone).transpose()?,
-                EventFd::new(EFD_NONBLOCK)?,
-            ))
-        })();
-        let (kick, call, err, stop) = match duplicated {
-            Ok(fds) => fds,
-            Err(e) => {
-                self.unservable.get_or_insert((index, e));
-                return;
+        let eventfds = QueueEventFds::duplicate(kick, call, vring.err.as_ref());
+        let started = eventfds.and_then(|eventfds| {
+            let server = self.device.queue_server(index as u16, memory.memory.clone(), self.acked_features);
+            let worker = QueueWorker {
+                index: index as u16,
+                server,
+                memory: memory.memory,
+                kick: eventfds.kick,
+                call: eventfds.call,
+                err: eventfds.err,
+                inflight: self.inflight.clone(),
+                faults: self.faults.clone(),
+                recover,
+                broken: false,
+            };
+            worker.start(queue)
+        });
+        match started {
+            Ok(worker) => {
+                vring.worker = Some(worker);
+                Ok(())
             }
-        };
-        let mut server = self.device.queue_server(index as u16, memory.memory.clone(), self.acked_features);
-        match call.try_clone() {
-            // Completions reach the driver as they happen, not only once a batch is done.
-            Ok(notify) => server.set_notifier(Box::new(move || {
-                if let Err(e) = notify.write(1) {
-                    log::warn!("vhost-user queue {index}: cannot signal the driver: {e}");
-                }
-            })),
-            Err(e) => log::warn!("vhost-user queue {index}: completions announced per batch only: {e}"),
-        }
-        let worker = QueueWorker {
-            index: index as u16,
-            server,
-            memory: memory.memory,
-            kick,
-            call,
-            err,
-            inflight: self.inflight.clone(),
-            faults: self.faults.clone(),
-            recover,
-            broken: false,
-        };
-        let stop_thread = match stop.try_clone() {
-            Ok(fd) => fd,
-            Err(e) => {
-                self.unservable.get_or_insert((index, e));
-                return;
-            }
-        };
-        match std::thread::Builder::new()
-            .name(format!("vhost-queue{index}"))
-            .spawn(move || worker.run(queue, &stop_thread))
-        {
-            Ok(thread) => vring.worker = Some(Worker { stop, thread }),
-            Err(e) => {
-                self.unservable.get_or_insert((index, io::Error::new(e.kind(), format!("its thread: {e}"))));
+            Err((resource, source)) => {
+                let answer = io::Error::new(source.kind(), format!("cannot start queue {index}"));
+                self.unservable.get_or_insert(BackendError::QueueStart { queue: index, resource, source });
+                Err(ProtocolError::ReqHandlerError(answer))
             }
         }
+    }
+}
+
+/// What the host refused a queue's thread: the resource, and its answer.
+type Refused = (&'static str, io::Error);
+
+/// A queue thread's own copies of the queue's eventfds (the frontend may replace the
+/// vring's while the thread runs).
+struct QueueEventFds {
+    kick: EventFd,
+    call: EventFd,
+    err: Option<EventFd>,
+}
+
+impl QueueEventFds {
+    fn duplicate(kick: &EventFd, call: &EventFd, err: Option<&EventFd>) -> Result<Self, Refused> {
+        let duplicate = |fd: &EventFd| fd.try_clone().map_err(|e| ("a copy of its eventfds", e));
+        Ok(Self { kick: duplicate(kick)?, call: duplicate(call)?, err: err.map(duplicate).transpose()? })
     }
 }
 
@@ -546,36 +555,58 @@ impl RequestJournal for Journal<'_, '_> {
     }
 }
 
+/// The epoll tokens of a queue thread.
+const KICK: u64 = 0;
+const STOP: u64 = 1;
+const WAKE: u64 = 2;
+
 impl QueueWorker {
-    fn run(mut self, mut queue: Queue, stop: &EventFd) -> Queue {
-        let region = self.inflight.clone();
-        let mut inflight = region.as_deref().and_then(|region| region.queue(self.index, queue.size()));
-        if self.recover {
-            if let Some(inflight) = inflight.as_mut() {
-                self.recover(&mut queue, inflight);
-            }
+    /// Obtains what the thread needs from the host (its stop eventfd, its epoll and what
+    /// it watches, the thread itself) and starts it serving `queue`. Nothing fails once the
+    /// thread runs but the wait itself.
+    fn start(mut self, queue: Queue) -> Result<Worker, Refused> {
+        let index = self.index;
+        match self.call.try_clone() {
+            // Completions reach the driver as they happen, not only once a batch is done.
+            Ok(notify) => self.server.set_notifier(Box::new(move || {
+                if let Err(e) = notify.write(1) {
+                    log::warn!("vhost-user queue {index}: cannot signal the driver: {e}");
+                }
+            })),
+            Err(e) => log::warn!("vhost-user queue {index}: completions announced per batch only: {e}"),
         }
-        const KICK: u64 = 0;
-        const STOP: u64 = 1;
-        const WAKE: u64 = 2;
-        let epoll = match Epoll::new() {
-            Ok(epoll) => epoll,
-            Err(e) => {
-                log::error!("vhost-user queue {}: cannot create an epoll: {e}", self.index);
-                return queue;
-            }
-        };
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| ("its stop eventfd", e))?;
+        let stop_watched = stop.try_clone().map_err(|e| ("its stop eventfd", e))?;
+        let epoll = Epoll::new().map_err(|e| ("its epoll", e))?;
         let mut watches =
-            vec![(self.kick.as_raw_fd(), KICK, EventSet::IN), (stop.as_raw_fd(), STOP, EventSet::IN)];
+            vec![(self.kick.as_raw_fd(), KICK, EventSet::IN), (stop_watched.as_raw_fd(), STOP, EventSet::IN)];
         if let Some(fd) = self.server.wake_fd() {
             // Edge-triggered: work the server leaves waiting (no buffers for a frame) must
             // not wake the thread again and again; the kick brings it back.
             watches.push((fd, WAKE, EventSet::IN | EventSet::EDGE_TRIGGERED));
         }
         for (fd, token, events) in watches {
-            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
-                log::error!("vhost-user queue {}: cannot watch fd {fd}: {e}", self.index);
-                return queue;
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+                .map_err(|e| ("its epoll", e))?;
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-queue{index}"))
+            .spawn(move || {
+                // Held for as long as the thread waits: the epoll watches this fd.
+                let _stop = stop_watched;
+                self.run(queue, &epoll)
+            })
+            .map_err(|e| ("its thread", e))?;
+        Ok(Worker { stop, thread })
+    }
+
+    fn run(mut self, mut queue: Queue, epoll: &Epoll) -> Queue {
+        let region = self.inflight.clone();
+        let mut inflight = region.as_deref().and_then(|region| region.queue(self.index, queue.size()));
+        if self.recover {
+            if let Some(inflight) = inflight.as_mut() {
+                self.recover(&mut queue, inflight);
             }
         }
         // Requests may be waiting already (a backend replacing another one).
@@ -766,8 +797,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Connection<D> {
             this.vring(index)?.kick = Some(eventfd(fd));
             Ok(())
         })?;
-        self.start_if_ready(index as usize);
-        Ok(())
+        self.start_if_ready(index as usize)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
@@ -776,8 +806,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Connection<D> {
             this.vring(index)?.call = fd.map(eventfd);
             Ok(())
         })?;
-        self.start_if_ready(index as usize);
-        Ok(())
+        self.start_if_ready(index as usize)
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
@@ -804,7 +833,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Connection<D> {
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtocolResult<()> {
         self.vring(index)?.enabled = enable;
         if enable {
-            self.start_if_ready(index as usize);
+            self.start_if_ready(index as usize)?;
         } else if let Some(queue) = self.stop_worker(index as usize) {
             self.vrings[index as usize].paused = Some(queue);
         }
