@@ -88,12 +88,7 @@ fn a_backend_that_cannot_start_a_queue_thread_hangs_up_at_once() {
     if !support::kvm() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !support::require(
-        "root, to run the backend under another uid",
-        root.then_some(()).ok_or("not root".into()),
-    ) {
+    if !support::root("to run the backend under another uid") {
         return;
     }
     let disk = Image::new("no-threads", MIB);

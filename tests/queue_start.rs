@@ -33,12 +33,7 @@ fn a_partition_refused_a_queue_thread_ends_at_once_and_the_hypervisor_says_why()
     if !support::kvm() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !support::require(
-        "root, whose hypervisor the task limit spares",
-        root.then_some(()).ok_or("not root".into()),
-    ) {
+    if !support::root("whose hypervisor the task limit spares") {
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
@@ -114,12 +109,7 @@ fn a_driver_started_by_hand_refused_a_queue_thread_ends_with_the_cause_and_remov
     if !support::kvm() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !support::require(
-        "root, to run the driver under a uid of its own",
-        root.then_some(()).ok_or("not root".into()),
-    ) {
+    if !support::root("to run the driver under a uid of its own") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("splitvisor-{}-hand-no-threads", std::process::id()));

@@ -28,6 +28,13 @@ pub fn require(what: &str, available: Result<(), String>) -> bool {
     }
 }
 
+/// Whether this process runs as root, which a test needs `for_what` (under CI=true it must).
+pub fn root(for_what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require(&format!("root, {for_what}"), root.then_some(()).ok_or_else(|| "not root".to_string()))
+}
+
 /// /dev/kvm can be opened read-write.
 pub fn kvm() -> bool {
     require(
