@@ -385,7 +385,6 @@ fn a_driver_partition_that_cannot_start_is_one_line_naming_the_device_the_progra
 /// `splitvisor-driver blk --socket SOCKET --disk DISK`, started by hand; returns once it
 /// said it serves (bounded), with its stderr still to read.
 fn serving_driver(socket: &std::path::Path, disk: &std::path::Path) -> support::KillOnDrop {
-    use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"))
         .args(["blk", "--socket"])
         .arg(socket)
@@ -395,14 +394,7 @@ fn serving_driver(socket: &std::path::Path, disk: &std::path::Path) -> support::
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (ready, wait) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = ready.send(line);
-    });
-    let line = wait.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default();
+    let line = support::first_line(child.stdout.take().unwrap());
     let child = support::KillOnDrop(child);
     assert!(line.contains("serving"), "splitvisor-driver did not get ready: {line}");
     child

@@ -111,7 +111,7 @@ impl HandStartedDriver {
         extra: &[String],
         limit: Option<(u32, u64)>,
     ) -> std::process::Child {
-        use std::io::{BufRead, Read};
+        use std::io::Read;
         use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_splitvisor-driver"));
         command
@@ -137,15 +137,8 @@ impl HandStartedDriver {
             unsafe { command.pre_exec(limit_tasks) };
         }
         let mut child = command.spawn().expect("start splitvisor-driver");
-        let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
-        let (ready, wait) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = ready.send(line);
-        });
-        let line = wait.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default();
+        let line = first_line(child.stdout.take().unwrap());
         if !line.contains("serving") {
             let _ = child.kill();
             let mut errors = String::new();
@@ -177,6 +170,18 @@ impl HandStartedDriver {
     pub fn restart(&mut self) {
         self.child = Self::spawn(&self.socket, &self.disk, &self.extra, self.limit);
     }
+}
+
+/// The first line `stdout` gives within 30 s (empty if none came).
+pub fn first_line(stdout: std::process::ChildStdout) -> String {
+    use std::io::BufRead;
+    let (ready, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = ready.send(line);
+    });
+    wait.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default()
 }
 
 /// Every process below `pid`.
