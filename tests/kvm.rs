@@ -110,13 +110,22 @@ fn the_host_stops_a_halted_guest_and_joins_every_vcpu() {
 
 /// Two vCPUs spinning on `jmp $`, straight on the vCPU API.
 fn spinning_vcpus() -> (splitvisor::memory::GuestRam, KvmVm, Vec<splitvisor::vcpu::Vcpu>, Buses) {
+    vcpus_running(2, &[0xeb, 0xfe])
+}
+
+/// `count` vCPUs that run `code` (32-bit, flat) from its first byte, straight on the vCPU
+/// API.
+fn vcpus_running(
+    count: u32,
+    code: &[u8],
+) -> (splitvisor::memory::GuestRam, KvmVm, Vec<splitvisor::vcpu::Vcpu>, Buses) {
     use splitvisor::bus::{Bus, BusKind};
     use vm_memory::{Bytes, GuestAddress};
 
     let ram = splitvisor::memory::GuestRam::new(64 << 20).unwrap();
-    ram.memory().write_slice(&[0xeb, 0xfe], GuestAddress(0x10_0000)).unwrap();
+    ram.memory().write_slice(code, GuestAddress(0x10_0000)).unwrap();
     let vm = KvmVm::with_memory(&ram).unwrap();
-    let vcpus = vm.create_vcpus(2).unwrap();
+    let vcpus = vm.create_vcpus(count).unwrap();
     let state = BootState::Pvh { entry: 0x10_0000, start_info: 0x6000 };
     for vcpu in &vcpus {
         vcpu.configure(vm.supported_cpuid(), Some(&state)).unwrap();
@@ -141,6 +150,35 @@ fn the_vcpu_threads_are_known_to_run_even_when_their_set_up_failed() {
     let failing: VcpuSetup = Arc::new(|vcpu| Err(VcpuError::SetupTimeout { vcpu: vcpu.index() }));
     let running = stopped.restart(buses, failing).unwrap();
     assert!(running.wait_until_running(TIMEOUT), "the threads that gave up were counted");
+    let end = running.wait(Some(TIMEOUT));
+    assert!(matches!(end, Err(VcpuError::SetupTimeout { .. })), "{end:?}");
+}
+
+#[test]
+fn the_boot_vcpu_is_known_to_have_run_once_its_first_kvm_run_returned() {
+    if !support::kvm() {
+        return;
+    }
+    // `out 0x80, al` then `jmp $`: the first KVM_RUN returns at the port write.
+    let (_ram, _vm, vcpus, buses) = vcpus_running(1, &[0xe6, 0x80, 0xeb, 0xfe]);
+    let running = VmControl::new().start(vcpus, buses).unwrap();
+    assert!(running.wait_until_boot_vcpu_returned(TIMEOUT));
+    running.stop_handle().stop();
+    running.wait(Some(TIMEOUT)).unwrap();
+
+    // A guest that spins from its first instruction makes no exit: the wait ends at its
+    // bound, saying so.
+    let (_ram, _vm, vcpus, buses) = spinning_vcpus();
+    let running = VmControl::new().start(vcpus, buses.clone()).unwrap();
+    let started = Instant::now();
+    assert!(!running.wait_until_boot_vcpu_returned(Duration::from_millis(100)));
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    running.stop_handle().guest_reset();
+    let stopped = running.wait_until(None);
+    // A boot vCPU whose set-up fails never enters KVM_RUN: the wait ends at once.
+    let failing: VcpuSetup = Arc::new(|vcpu| Err(VcpuError::SetupTimeout { vcpu: vcpu.index() }));
+    let running = stopped.restart(buses, failing).unwrap();
+    assert!(running.wait_until_boot_vcpu_returned(TIMEOUT), "the boot vCPU that gave up was counted");
     let end = running.wait(Some(TIMEOUT));
     assert!(matches!(end, Err(VcpuError::SetupTimeout { .. })), "{end:?}");
 }

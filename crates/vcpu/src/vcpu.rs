@@ -258,13 +258,24 @@ impl Vcpu {
         self.fd.get_regs().map(|regs| regs.rip).unwrap_or(u64::MAX)
     }
 
-    /// Runs the vCPU until the VM stops or this vCPU fails.
-    pub(crate) fn run(&mut self, buses: &Buses, control: &Control) -> Result<(), VcpuError> {
+    /// Runs the vCPU until the VM stops or this vCPU fails; `first_return` is called when
+    /// KVM_RUN first returns, whatever it returned.
+    pub(crate) fn run(
+        &mut self,
+        buses: &Buses,
+        control: &Control,
+        first_return: impl FnOnce(),
+    ) -> Result<(), VcpuError> {
         let index = self.index;
+        let mut first_return = Some(first_return);
         // Since when KVM_RUN has answered EAGAIN without a break.
         let mut refused_since: Option<std::time::Instant> = None;
         while !control.stopping() {
-            let step = match self.fd.run() {
+            let result = self.fd.run();
+            if let Some(first_return) = first_return.take() {
+                first_return();
+            }
+            let step = match result {
                 Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => Step::Pio,
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     control.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);

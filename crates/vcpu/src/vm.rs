@@ -359,23 +359,31 @@ pub struct ExitCounts {
 #[derive(Debug)]
 pub struct RunningVm {
     control: Arc<Control>,
-    /// How many vCPU threads have come to their run loop (or given up before it).
+    /// How far the vCPU threads have come.
     arrived: Arc<Arrivals>,
     /// Each vCPU's thread; it ends with its vCPU, or with none if it never got one.
     threads: Vec<(u32, JoinHandle<Option<Vcpu>>)>,
 }
 
-/// Counts the vCPU threads that have come to their run loop, for
-/// [`RunningVm::wait_until_running`].
+/// How far the vCPU threads have come, for [`RunningVm::wait_until_running`].
 #[derive(Debug, Default)]
 struct Arrivals {
-    count: Mutex<u32>,
+    state: Mutex<Arrived>,
     changed: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Arrived {
+    /// Threads that have come to their run loop (or given up before it).
+    threads: u32,
+    /// Whether the boot vCPU (index 0) has come back from its first KVM_RUN, or never
+    /// will enter one.
+    boot_ran: bool,
+}
+
 impl Arrivals {
-    fn arrive(&self) {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    fn update(&self, change: impl FnOnce(&mut Arrived)) {
+        change(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
         self.changed.notify_all();
     }
 }
@@ -588,16 +596,22 @@ impl VmControl {
                 // Counted however it goes: whoever waits for the vCPUs to run is not kept
                 // waiting by one that never will.
                 let ready = prepare(&vcpu, setup, &gate, count, &control);
-                arrived.arrive();
+                arrived.update(|a| a.threads += 1);
+                let boot_ran = || {
+                    if index == 0 {
+                        arrived.update(|a| a.boot_ran = true);
+                    }
+                };
                 match ready {
                     Ok(true) => {
-                        if let Err(e) = vcpu.run(&buses, &control) {
+                        if let Err(e) = vcpu.run(&buses, &control, boot_ran) {
                             control.finish(Err(e));
                         }
                     }
                     Ok(false) => {}
                     Err(e) => control.finish(Err(e)),
                 }
+                boot_ran();
                 vcpu
             });
             let thread = match ready.get_mut(index as usize).and_then(Option::take) {
@@ -637,15 +651,32 @@ impl RunningVm {
     /// (installing a seccomp filter holds a CPU for hundreds of microseconds), and the
     /// guest's first instruction waits behind that work.
     pub fn wait_until_running(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let expected = self.threads.len() as u32;
-        let mut count = self.arrived.count.lock().unwrap_or_else(|e| e.into_inner());
-        while *count < expected {
+        self.wait_for(timeout, |arrived| arrived.threads >= expected)
+    }
+
+    /// Waits, at most `timeout`, until the boot vCPU's (index 0) first KVM_RUN has
+    /// returned, or its thread will never enter one; false if `timeout` passed first (a
+    /// guest may well run that long without an exit).
+    ///
+    /// For the same reason as [`wait_until_running`](Self::wait_until_running): a thread
+    /// at its run loop has yet to enter the guest, and KVM's first KVM_RUN of a VM
+    /// starts a task of the VM's (its huge-page recovery worker) and waits for it, which,
+    /// too, has to find a CPU.
+    pub fn wait_until_boot_vcpu_returned(&self, timeout: Duration) -> bool {
+        let boot = self.threads.iter().any(|(index, _)| *index == 0);
+        self.wait_for(timeout, |arrived| !boot || arrived.boot_ran)
+    }
+
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Arrived) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut arrived = self.arrived.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !done(&arrived) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            count = self.arrived.changed.wait_timeout(count, left).unwrap_or_else(|e| e.into_inner()).0;
+            arrived = self.arrived.changed.wait_timeout(arrived, left).unwrap_or_else(|e| e.into_inner()).0;
         }
         true
     }
