@@ -184,6 +184,35 @@ fn the_boot_vcpu_is_known_to_have_run_once_its_first_kvm_run_returned() {
 }
 
 #[test]
+fn the_supported_cpuid_read_ahead_on_the_boot_vcpu_s_thread_is_the_one_kvm_gives() {
+    if !support::kvm() {
+        return;
+    }
+    let ram = splitvisor::memory::GuestRam::new(16 << 20).unwrap();
+    assert!(VmControl::new().read_supported_cpuid().is_none(), "no prepared thread to read it");
+    let mut control = VmControl::new();
+    control.prepare_threads(1).unwrap();
+    let ahead = control.read_supported_cpuid().expect("read on vCPU 0's thread");
+    let vm = KvmVm::with_memory_and_cpuid(&ram, Some(ahead)).unwrap();
+    let here = KvmVm::with_memory(&ram).unwrap();
+    // KVM answers with the APIC ID of the host CPU the reading thread ran on, which
+    // `Vcpu::configure` replaces with the vCPU's: the rest is the same.
+    let host_independent = |vm: &KvmVm| {
+        let mut entries = vm.supported_cpuid().as_slice().to_vec();
+        for entry in &mut entries {
+            match entry.function {
+                1 => entry.ebx &= 0x00ff_ffff,
+                0xb | 0x1f => entry.edx = 0,
+                _ => {}
+            }
+        }
+        entries
+    };
+    assert!(host_independent(&vm).len() > 1);
+    assert_eq!(host_independent(&vm), host_independent(&here));
+}
+
+#[test]
 fn the_driver_program_is_looked_for_only_when_a_device_runs_in_a_partition() {
     if !support::kvm() {
         return;

@@ -388,9 +388,10 @@ impl VmBuilder {
         if !self.sandbox.jail_enabled() {
             control.prepare_threads(1)?;
         }
+        let cpuid = control.read_supported_cpuid();
         let ram = GuestRam::new(self.memory)?;
-        // The images are read and checked (format, size, room in RAM) before KVM is
-        // opened or any partition started.
+        // The images are read and checked (format, size, room in RAM) before the VM is
+        // created or any partition started.
         let mut plan = BootPlan {
             kernel: match &self.kernel {
                 Some(kernel) => kernel.read("kernel", ram.size())?,
@@ -441,7 +442,7 @@ impl VmBuilder {
                 recipe.start(this.layout.placement(&recipe.name()), &early)?;
             }
         }
-        let kvm = KvmVm::with_memory(&ram)?;
+        let kvm = KvmVm::with_memory_and_cpuid(&ram, cpuid)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
 
         let pio = Bus::new(BusKind::Pio);

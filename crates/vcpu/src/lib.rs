@@ -38,8 +38,8 @@ use std::fmt;
 
 pub use vcpu::{Buses, Vcpu};
 pub use vm::{
-    ExitCounts, IrqchipReset, KvmVm, RestartError, RunningVm, StopHandle, StoppedVm, VcpuSetup, VmControl,
-    VmEnd,
+    ExitCounts, IrqchipReset, KvmVm, RestartError, RunningVm, StopHandle, StoppedVm, SupportedCpuid,
+    VcpuSetup, VmControl, VmEnd,
 };
 
 /// Errors creating and setting up the VM.

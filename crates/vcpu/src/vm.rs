@@ -49,6 +49,13 @@ impl KvmVm {
     /// kvm_pvm module: 5-9 ms, against 0.2 ms before it), that wait is most of a small
     /// VM's start.
     pub fn with_memory(ram: &GuestRam) -> Result<Self, VmError> {
+        Self::with_memory_and_cpuid(ram, None)
+    }
+
+    /// [`with_memory`](Self::with_memory), taking the CPUID KVM supports from a read
+    /// `ahead` if there is one ([`VmControl::read_supported_cpuid`]; read here if not, or
+    /// if that read did not come).
+    pub fn with_memory_and_cpuid(ram: &GuestRam, ahead: Option<SupportedCpuid>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         for slot in ram.kvm_slots()? {
@@ -56,7 +63,7 @@ impl KvmVm {
             // holding it); the slot is its mapping.
             unsafe { splitvisor_memory::register_slot(&fd, slot) }?;
         }
-        let vm = Self::with_irqchip(kvm, fd)?;
+        let vm = Self::with_irqchip(kvm, fd, ahead)?;
         create_pit(&vm.fd)?;
         Ok(vm)
     }
@@ -65,16 +72,19 @@ impl KvmVm {
     fn without_pit() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        Self::with_irqchip(kvm, fd)
+        Self::with_irqchip(kvm, fd, None)
     }
 
-    /// `fd` given its TSS region and in-kernel irqchip.
-    fn with_irqchip(kvm: Kvm, fd: VmFd) -> Result<Self, VmError> {
+    /// `fd` given its TSS region and in-kernel irqchip, and the CPUID KVM supports (read
+    /// `ahead`, or now if that read did not come).
+    fn with_irqchip(kvm: Kvm, fd: VmFd, ahead: Option<SupportedCpuid>) -> Result<Self, VmError> {
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Setup("set the TSS address", e))?;
         fd.create_irq_chip().map_err(|e| VmError::Setup("create the in-kernel irqchip", e))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Setup("read the supported CPUID", e))?;
+        let supported_cpuid = match ahead.and_then(SupportedCpuid::answer) {
+            Some(read) => read,
+            None => kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+        }
+        .map_err(|e| VmError::Setup("read the supported CPUID", e))?;
         Ok(Self { kvm, fd, supported_cpuid })
     }
 
@@ -160,6 +170,25 @@ impl KvmVm {
     /// the VM fd.
     pub fn irqchip_reset(&self) -> Result<IrqchipReset, VmError> {
         Ok(IrqchipReset { vm: Arc::new(self.duplicate_fd()?) })
+    }
+}
+
+/// The CPUID KVM supports, being read on another thread
+/// ([`VmControl::read_supported_cpuid`]).
+#[derive(Debug)]
+pub struct SupportedCpuid {
+    answer: mpsc::Receiver<Result<CpuId, kvm_ioctls::Error>>,
+}
+
+/// Longest [`KvmVm::with_memory_and_cpuid`] waits for a CPUID read ahead before it reads
+/// it itself.
+const CPUID_AHEAD_WAIT: Duration = Duration::from_secs(1);
+
+impl SupportedCpuid {
+    /// The read's result; `None` if it did not come in time (the thread that had it
+    /// ended, or is late).
+    fn answer(self) -> Option<Result<CpuId, kvm_ioctls::Error>> {
+        self.answer.recv_timeout(CPUID_AHEAD_WAIT).ok()
     }
 }
 
@@ -528,10 +557,18 @@ pub struct VmControl {
 #[derive(Debug)]
 struct ReadyThread {
     thread: StartingThread<Option<Vcpu>>,
-    work: mpsc::Sender<VcpuWork>,
+    work: mpsc::Sender<ThreadJob>,
 }
 
 type VcpuWork = Box<dyn FnOnce() -> Vcpu + Send>;
+
+/// What a prepared vCPU thread is handed.
+enum ThreadJob {
+    /// Work done while it waits for its vCPU.
+    Meanwhile(Box<dyn FnOnce() + Send>),
+    /// Its vCPU, to run: the thread's last job.
+    Run(VcpuWork),
+}
 
 impl VmControl {
     /// New, not yet running.
@@ -551,14 +588,36 @@ impl VmControl {
     /// gets one ends when this is dropped.
     pub fn prepare_threads(&mut self, count: u32) -> Result<(), VmError> {
         for index in self.ready.len() as u32..count {
-            let (work, incoming) = mpsc::channel::<VcpuWork>();
+            let (work, incoming) = mpsc::channel::<ThreadJob>();
             let thread = threads::start(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
-                incoming.recv().ok().map(|work| work())
+                loop {
+                    match incoming.recv().ok()? {
+                        ThreadJob::Meanwhile(job) => job(),
+                        ThreadJob::Run(work) => return Some(work()),
+                    }
+                }
             })
             .map_err(|source| VmError::SpawnVcpuThread { vcpu: index, source })?;
             self.ready.push(ReadyThread { thread, work });
         }
         Ok(())
+    }
+
+    /// Has vCPU 0's prepared thread ([`prepare_threads`](Self::prepare_threads)) read the
+    /// CPUID KVM supports while it waits for its vCPU; pass the result to
+    /// [`KvmVm::with_memory_and_cpuid`]. The read takes a few hundred microseconds where the host
+    /// is itself a VM (every CPUID instruction KVM runs to answer exits to the host's
+    /// hypervisor); ahead, it overlaps the VM's creation. `None` without a prepared
+    /// thread, or if /dev/kvm does not open (the VM's creation then says why).
+    pub fn read_supported_cpuid(&self) -> Option<SupportedCpuid> {
+        let thread = self.ready.first()?;
+        let kvm = Kvm::new().ok()?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        let read = move || {
+            let _ = reply.send(kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES));
+        };
+        thread.work.send(ThreadJob::Meanwhile(Box::new(read))).ok()?;
+        Some(SupportedCpuid { answer })
     }
 
     /// Starts one thread per vCPU (or hands it to the thread prepared for it), each
@@ -617,7 +676,7 @@ impl VmControl {
             let thread = match ready.get_mut(index as usize).and_then(Option::take) {
                 Some(ReadyThread { thread, work: handoff }) => thread.started().and_then(|thread| {
                     handoff
-                        .send(work)
+                        .send(ThreadJob::Run(work))
                         .map_err(|_| io::Error::other("the vCPU thread ended before its vCPU came"))?;
                     Ok(thread)
                 }),
