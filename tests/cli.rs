@@ -382,6 +382,25 @@ fn a_driver_partition_that_cannot_start_is_one_line_naming_the_device_the_progra
     let _ = std::fs::remove_file(&image.0);
 }
 
+#[test]
+fn a_partition_spawner_thread_the_host_refuses_is_one_line_with_the_os_error() {
+    if !support::kvm() || !support::root("to put the hypervisor in a pids cgroup") {
+        return;
+    }
+    // Two tasks: the hypervisor's main thread and vCPU 0's, started first. The partition
+    // spawner's thread would be a third.
+    let Some(cgroup) = support::pids_cgroup::PidsCgroup::new("spawner", 2) else { return };
+    let mut command = Command::new(support::example("microkernel"));
+    command.args(["--timeout", "300", "--guest", "marker"]);
+    cgroup.put_in(&mut command);
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("start the partition spawner thread: "), "{stderr}");
+    assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{stderr}");
+}
+
 /// `splitvisor-driver blk --socket SOCKET --disk DISK`, started by hand; returns once it
 /// said it serves (bounded), with its stderr still to read.
 fn serving_driver(socket: &std::path::Path, disk: &std::path::Path) -> support::KillOnDrop {

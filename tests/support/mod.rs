@@ -5,6 +5,7 @@
 pub mod images;
 pub mod linux_guest;
 pub mod netns;
+pub mod pids_cgroup;
 
 /// True under CI, where a missing prerequisite is a failure.
 pub fn in_ci() -> bool {

@@ -27,8 +27,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Mutex;
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use splitvisor_bus::threads::{self, ThreadKind};
@@ -384,9 +384,9 @@ impl Partition {
             .collect::<Result<Vec<_>, _>>()?;
         let request = SpawnRequest { driver: driver.clone(), args: args.to_vec(), fds };
         let (reply, spawned) = mpsc::channel();
-        spawner().lock().unwrap_or_else(|e| e.into_inner()).send((request, reply)).map_err(|_| {
-            setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
-        })?;
+        spawner().map_err(setup("start the partition spawner thread"))?.send((request, reply)).map_err(
+            |_| setup("reach the partition spawner")(io::Error::other("the spawner thread is gone")),
+        )?;
         Ok(StartingPartition { spawned })
     }
 
@@ -547,27 +547,28 @@ type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 /// Starts the process-wide thread that starts partitions, if it is not running yet. It
 /// starts by itself at the first partition; a hypervisor that sandboxes itself starts it
 /// before it enters its jail, which the spawner stays out of (see
-/// [`crate::sandbox::hypervisor`]).
-pub fn start_spawner() {
-    spawner();
+/// [`crate::sandbox::hypervisor`]). An error if the host refused the thread.
+pub fn start_spawner() -> io::Result<()> {
+    spawner().map(drop)
 }
 
-/// The process-wide spawner thread's queue. The thread never ends, so the parent-death
-/// signal of the partitions it starts fires only when the whole process dies.
-fn spawner() -> &'static Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<(SpawnRequest, SpawnReply)>>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
-        let started = threads::spawn(ThreadKind::PartitionSpawner, "partition-spawner", move || {
-            for (request, reply) in incoming {
-                let _ = reply.send(start(request));
-            }
-        });
-        if let Err(e) = started {
-            log::error!("cannot start the partition spawner thread: {e}");
+/// The process-wide spawner thread's queue, the thread started first if it is not running.
+/// A start the host refused (its task limit reached) is an error, and is tried again at the
+/// next call. The thread never ends, so the parent-death signal of the partitions it
+/// starts fires only when the whole process dies.
+fn spawner() -> io::Result<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
+    static SPAWNER: Mutex<Option<mpsc::Sender<(SpawnRequest, SpawnReply)>>> = Mutex::new(None);
+    let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(requests) = spawner.as_ref() {
+        return Ok(requests.clone());
+    }
+    let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
+    threads::spawn(ThreadKind::PartitionSpawner, "partition-spawner", move || {
+        for (request, reply) in incoming {
+            let _ = reply.send(start(request));
         }
-        Mutex::new(requests)
-    })
+    })?;
+    Ok(spawner.insert(requests).clone())
 }
 
 /// Starts one partition's process (on the spawner thread), without waiting for its sandbox.

@@ -30,7 +30,9 @@ pub(crate) fn after_build(
 ) -> Result<(), HypervisorSandboxError> {
     if sandbox.jail_enabled() {
         if partitions {
-            splitvisor_isolation::partition::start_spawner();
+            splitvisor_isolation::partition::start_spawner().map_err(|source| {
+                HypervisorSandboxError::Thread { what: "start the partition spawner thread", source }
+            })?;
         }
         hypervisor::enter_jail()?;
     }
