@@ -605,10 +605,10 @@ impl VmControl {
 
     /// Has vCPU 0's prepared thread ([`prepare_threads`](Self::prepare_threads)) read the
     /// CPUID KVM supports while it waits for its vCPU; pass the result to
-    /// [`KvmVm::with_memory_and_cpuid`]. The read takes a few hundred microseconds where the host
-    /// is itself a VM (every CPUID instruction KVM runs to answer exits to the host's
-    /// hypervisor); ahead, it overlaps the VM's creation. `None` without a prepared
-    /// thread, or if /dev/kvm does not open (the VM's creation then says why).
+    /// [`KvmVm::with_memory_and_cpuid`]. The read takes a few hundred microseconds where
+    /// the host is itself a VM (every CPUID instruction KVM runs to answer exits to the
+    /// host's hypervisor); ahead, it overlaps the VM's creation. `None` without a
+    /// prepared thread, or if /dev/kvm does not open (the VM's creation then says why).
     pub fn read_supported_cpuid(&self) -> Option<SupportedCpuid> {
         let thread = self.ready.first()?;
         let kvm = Kvm::new().ok()?;
