@@ -823,6 +823,27 @@ mod tests {
     }
 
     #[test]
+    fn a_cpuid_read_ahead_that_never_comes_is_given_up_at_once() {
+        let (reply, answer) = mpsc::sync_channel(1);
+        // The thread that had the read ended without it: no wait for the bound.
+        drop(reply);
+        let started = Instant::now();
+        assert!(SupportedCpuid { answer }.answer().is_none());
+        assert!(started.elapsed() < CPUID_AHEAD_WAIT);
+    }
+
+    #[test]
+    fn a_prepared_vcpu_thread_does_what_it_is_handed_while_it_waits_for_its_vcpu() {
+        let mut control = VmControl::new();
+        control.prepare_threads(1).unwrap();
+        let (done, on_thread) = mpsc::channel();
+        let job = move || done.send(std::thread::current().name().map(str::to_string)).unwrap();
+        control.ready[0].work.send(ThreadJob::Meanwhile(Box::new(job))).unwrap();
+        let name = on_thread.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(name.as_deref(), Some("vcpu0"));
+    }
+
+    #[test]
     fn stopping_kicks_every_vcpu_thread_before_waiting_for_any() {
         register_signal_handler(kick_signal(), kick_handler).unwrap();
         // The second thread ends only once kicked, the first only once the second has
