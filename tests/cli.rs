@@ -401,6 +401,28 @@ fn a_partition_spawner_thread_the_host_refuses_is_one_line_with_the_os_error() {
     assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{stderr}");
 }
 
+#[test]
+fn every_thread_the_host_refuses_while_a_jailed_vm_with_a_disk_starts_is_one_line_with_the_os_error() {
+    if !support::kvm() || !support::root("to put the hypervisor in a pids cgroup and jail it") {
+        return;
+    }
+    let image = support::images::Image::new("cli-task-limits", 1 << 20);
+    // Each limit refuses another of the start's threads and processes (vCPU 0's, the
+    // partition spawner's, the partitions, the deadline watcher's, the launcher's, ...).
+    for max in 1..=8 {
+        let Some(cgroup) = support::pids_cgroup::PidsCgroup::new(&format!("limit{max}"), max) else { return };
+        let mut command = Command::new(support::example("microkernel"));
+        command.args(["--timeout", "300", "--jail", "--guest", "blk-verify", "--disk"]).arg(&image.0);
+        cgroup.put_in(&mut command);
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{max} tasks: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{max} tasks: {stderr}");
+        assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{max} tasks: {stderr}");
+    }
+    let _ = std::fs::remove_file(&image.0);
+}
+
 /// `splitvisor-driver blk --socket SOCKET --disk DISK`, started by hand; returns once it
 /// said it serves (bounded), with its stderr still to read.
 fn serving_driver(socket: &std::path::Path, disk: &std::path::Path) -> support::KillOnDrop {

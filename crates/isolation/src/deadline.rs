@@ -7,8 +7,9 @@
 //! one process-wide thread shuts the socket down, the blocked receive returns, and the
 //! exchange fails like one with a dead peer.
 
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use splitvisor_bus::threads::{self, ThreadKind};
@@ -52,49 +53,47 @@ impl Watcher {
     }
 }
 
-fn watcher() -> Option<&'static Arc<Watcher>> {
-    static WATCHER: OnceLock<Option<Arc<Watcher>>> = OnceLock::new();
-    WATCHER
-        .get_or_init(|| {
-            let watcher = Arc::new(Watcher::default());
-            let running = watcher.clone();
-            match threads::spawn(ThreadKind::Supervisor, "deadlines", move || running.run()) {
-                Ok(_) => Some(watcher),
-                Err(e) => {
-                    log::error!("cannot start the deadline thread: {e}");
-                    None
-                }
-            }
-        })
-        .as_ref()
+/// The process-wide watcher, its thread started first if it is not running. A start the
+/// host refused (its task limit reached) is an error, tried again at the next call.
+fn watcher() -> io::Result<Arc<Watcher>> {
+    static WATCHER: Mutex<Option<Arc<Watcher>>> = Mutex::new(None);
+    let mut watcher = WATCHER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(watcher) = watcher.as_ref() {
+        return Ok(watcher.clone());
+    }
+    let started = Arc::new(Watcher::default());
+    let running = started.clone();
+    threads::spawn(ThreadKind::Supervisor, "deadlines", move || running.run())?;
+    Ok(watcher.insert(started).clone())
 }
 
 /// Shuts `socket` down if it is still armed after `timeout`; disarmed on drop.
 pub struct Deadline {
-    id: Option<u64>,
+    id: u64,
+    watcher: Arc<Watcher>,
 }
 
 impl Deadline {
-    /// Arms a deadline `timeout` from now on `socket`.
-    pub fn arm(socket: BorrowedFd<'_>, timeout: Duration) -> Self {
-        let (Some(watcher), Ok(socket)) = (watcher(), socket.try_clone_to_owned()) else {
-            return Self { id: None };
-        };
+    /// Arms a deadline `timeout` from now on `socket`. An error (the watcher's thread or
+    /// the socket's duplicate refused by the host) means nothing would end the exchange:
+    /// the caller must not start it.
+    pub fn arm(socket: BorrowedFd<'_>, timeout: Duration) -> io::Result<Self> {
+        let socket = socket.try_clone_to_owned()?;
+        let watcher = watcher()?;
         let mut state = watcher.armed.lock().unwrap_or_else(|e| e.into_inner());
         state.0 += 1;
         let id = state.0;
         state.1.push(Armed { id, at: Instant::now() + timeout, socket });
         watcher.changed.notify_all();
-        Self { id: Some(id) }
+        drop(state);
+        Ok(Self { id, watcher })
     }
 }
 
 impl Drop for Deadline {
     fn drop(&mut self) {
-        if let (Some(id), Some(watcher)) = (self.id, watcher()) {
-            let mut state = watcher.armed.lock().unwrap_or_else(|e| e.into_inner());
-            state.1.retain(|armed| armed.id != id);
-        }
+        let mut state = self.watcher.armed.lock().unwrap_or_else(|e| e.into_inner());
+        state.1.retain(|armed| armed.id != self.id);
     }
 }
 
@@ -109,7 +108,7 @@ mod tests {
     #[test]
     fn a_silent_peer_ends_the_exchange_at_the_deadline() {
         let (mut ours, _silent) = UnixStream::pair().unwrap();
-        let _deadline = Deadline::arm(ours.as_fd(), Duration::from_millis(50));
+        let _deadline = Deadline::arm(ours.as_fd(), Duration::from_millis(50)).unwrap();
         let mut byte = [0u8];
         // Blocks until the deadline shuts the socket down, then reads end-of-file.
         assert_eq!(ours.read(&mut byte).unwrap(), 0);
@@ -118,7 +117,7 @@ mod tests {
     #[test]
     fn a_disarmed_deadline_leaves_the_socket_alone() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
-        drop(Deadline::arm(ours.as_fd(), Duration::from_millis(10)));
+        drop(Deadline::arm(ours.as_fd(), Duration::from_millis(10)).unwrap());
         std::thread::sleep(Duration::from_millis(50));
         std::io::Write::write_all(&mut &ours, b"x").unwrap();
         let mut byte = [0u8];

@@ -124,6 +124,10 @@ pub enum FrontendError {
     /// The device is not connected to any backend.
     #[error("no vhost-user backend is connected")]
     NotConnected,
+    /// Nothing could bound the wait for the backend's answers (the host refused the
+    /// deadline's thread or a descriptor): the exchange was not started.
+    #[error("cannot bound the wait for the vhost-user backend: {0}")]
+    Deadline(#[source] std::io::Error),
 }
 
 fn request<T>(what: &'static str, result: vhost::Result<T>) -> Result<T, FrontendError> {
@@ -180,7 +184,7 @@ impl Handshake {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(FrontendError::Connect)?;
         let watch = OwnedFd::from(stream.try_clone().map_err(FrontendError::Connect)?);
-        let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT);
+        let _deadline = Deadline::arm(watch.as_fd(), REPLY_TIMEOUT).map_err(FrontendError::Deadline)?;
         // Queue indices are checked against the device's own queue count (a block device's
         // backend says how many it has only in its configuration space, read below).
         let max_queues = match shape.device_type {
@@ -415,7 +419,8 @@ impl VhostUserVirtio {
     /// answers once it no longer touches them); returns where each resumes.
     pub fn quiesce(&mut self) -> Result<Resume, FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
-        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
+        let _deadline =
+            Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT).map_err(FrontendError::Deadline)?;
         let mut bases = Vec::new();
         if let Some(activation) = &self.activation {
             for queue in &activation.queues {
@@ -449,9 +454,9 @@ impl VhostUserVirtio {
     /// Hands the activation to the current backend.
     fn start(&mut self, resume: &Resume) -> Result<(), FrontendError> {
         let backend = self.backend.as_mut().ok_or(FrontendError::NotConnected)?;
-        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
         let activation = self.activation.as_ref().ok_or(FrontendError::NotConnected)?;
-        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
+        let _deadline =
+            Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT).map_err(FrontendError::Deadline)?;
         let frontend = &mut backend.frontend;
         // The whole set-up goes out without waiting for each acknowledgement (one wake-up of
         // the backend instead of a dozen: this is the time a restart keeps the device from
@@ -556,7 +561,19 @@ impl VhostUserVirtio {
 
     fn stop(&mut self) {
         let Some(backend) = self.backend.as_mut() else { return };
-        let _deadline = Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT);
+        let _deadline = match Deadline::arm(backend.watch.as_fd(), REPLY_TIMEOUT) {
+            Ok(deadline) => deadline,
+            Err(e) => {
+                // Unbounded, the exchange could hold this vCPU for ever. Hanging up stops
+                // the backend's queues as surely: it ends its session.
+                log::warn!("vhost-user: cannot bound stopping the queues ({e}): hanging up on the backend");
+                self.backend = None;
+                if let Some(fault) = &self.fault {
+                    let _ = fault.write(1);
+                }
+                return;
+            }
+        };
         let started: Vec<usize> =
             self.activation.as_ref().map(|a| a.queues.iter().map(|q| q.index).collect()).unwrap_or_default();
         for index in started {

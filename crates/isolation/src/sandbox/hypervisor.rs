@@ -401,7 +401,8 @@ mod kvm {
     /// `_IOR(KVMIO, 0x83, struct kvm_sregs)` (312 bytes).
     pub(super) const GET_SREGS: u64 = ior(0x83, 312);
     /// `_IOWR(KVMIO, 0x05, struct kvm_cpuid2)` (8 bytes), on /dev/kvm: what KVM can show
-    /// a guest, read by vCPU 0's thread while the VM is set up.
+    /// a guest, read by vCPU 0's thread while the VM is set up. A read of the host's KVM,
+    /// allowed for the thread's whole life (the rule cannot tell when it is asked).
     pub(super) const GET_SUPPORTED_CPUID: u64 = iowr(0x05, 8);
     /// What a vCPU thread does to put its own vCPU back to its power-on state when the
     /// VM restarts (`--on-reboot restart`), and vCPU 0's reset of the in-kernel interrupt
@@ -428,9 +429,10 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
     match kind {
         ThreadKind::Vcpu => {
             // KVM_RUN; the registers only to name RIP when a vCPU fails; the resets of a
-            // VM restart (its own vCPU and the interrupt controllers); and, before its
-            // vCPU comes, the CPUID KVM supports (a read of the host's KVM). A vCPU thread
-            // never creates KVM state or maps memory.
+            // VM restart (its own vCPU and the interrupt controllers); and the CPUID KVM
+            // supports, which vCPU 0's thread reads before its vCPU comes (a read-only
+            // query, allowed at any time). A vCPU thread never creates KVM state or maps
+            // memory.
             let mut ioctls = vec![kvm::RUN, kvm::GET_REGS, kvm::GET_SREGS, kvm::GET_SUPPORTED_CPUID];
             ioctls.extend(kvm::RESET);
             arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &ioctls)?;
