@@ -19,7 +19,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// An initrd (initramfs) for --kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH", requires = "kernel", conflicts_with = "guest")]
     pub initrd: Option<PathBuf>,
     /// ACPI tables (RSDP, XSDT, FADT, MADT, a DSDT naming every device) and the ACPI power
     /// device: `on` (default with --kernel) or `off` (default for the embedded guests,
@@ -293,6 +293,7 @@ mod tests {
         assert_eq!(VmArgs::try_parse_from(["m"]).unwrap().on_reboot, OnReboot::End);
         for bad in [
             &["--initrd", "i"][..],
+            &["--guest", "hello", "--initrd", "i"],
             &["--kernel", "k", "--guest", "hello"],
             &["--kernel", "k", "--acpi", "maybe"],
             &["--on-reboot", "sometimes"],
