@@ -389,16 +389,8 @@ fn a_partition_spawner_thread_the_host_refuses_is_one_line_with_the_os_error() {
     }
     // Two tasks: the hypervisor's main thread and vCPU 0's, started first. The partition
     // spawner's thread would be a third.
-    let Some(cgroup) = support::pids_cgroup::PidsCgroup::new("spawner", 2) else { return };
-    let mut command = Command::new(support::example("microkernel"));
-    command.args(["--timeout", "300", "--guest", "marker"]);
-    cgroup.put_in(&mut command);
-    let out = command.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let Some(stderr) = task_limit_error("spawner", 2, &["--guest", "marker"]) else { return };
     assert!(stderr.contains("start the partition spawner thread: "), "{stderr}");
-    assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{stderr}");
 }
 
 #[test]
@@ -407,20 +399,32 @@ fn every_thread_the_host_refuses_while_a_jailed_vm_with_a_disk_starts_is_one_lin
         return;
     }
     let image = support::images::Image::new("cli-task-limits", 1 << 20);
+    let image_path = image.0.to_str().unwrap();
     // Each limit refuses another of the start's threads and processes (vCPU 0's, the
     // partition spawner's, the partitions, the deadline watcher's, the launcher's, ...).
     for max in 1..=8 {
-        let Some(cgroup) = support::pids_cgroup::PidsCgroup::new(&format!("limit{max}"), max) else { return };
-        let mut command = Command::new(support::example("microkernel"));
-        command.args(["--timeout", "300", "--jail", "--guest", "blk-verify", "--disk"]).arg(&image.0);
-        cgroup.put_in(&mut command);
-        let out = command.output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{max} tasks: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{max} tasks: {stderr}");
-        assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{max} tasks: {stderr}");
+        let args = ["--jail", "--guest", "blk-verify", "--disk", image_path];
+        if task_limit_error(&format!("limit{max}"), max, &args).is_none() {
+            return;
+        }
     }
     let _ = std::fs::remove_file(&image.0);
+}
+
+/// Runs the microkernel example with `args` in a pids cgroup of `max` tasks, and checks
+/// that it ends with status 2 and one line naming the OS error (EAGAIN); that line, or
+/// `None` where the host has no pids cgroup for the test.
+fn task_limit_error(name: &str, max: u32, args: &[&str]) -> Option<String> {
+    let cgroup = support::pids_cgroup::PidsCgroup::new(name, max)?;
+    let mut command = Command::new(support::example("microkernel"));
+    command.args(["--timeout", "300"]).args(args);
+    cgroup.put_in(&mut command);
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{max} tasks: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{max} tasks: {stderr}");
+    assert!(stderr.contains(&format!("(os error {})", libc::EAGAIN)), "{max} tasks: {stderr}");
+    Some(stderr)
 }
 
 /// `splitvisor-driver blk --socket SOCKET --disk DISK`, started by hand; returns once it
