@@ -392,6 +392,30 @@ fn blk_bench_ring_0_stays_selectable() {
     assert!(console.contains("clock kvm-clock, ring 0\n"), "{console}");
 }
 
+#[test]
+fn blk_bench_runs_only_the_workloads_named() {
+    if !support::kvm() {
+        return;
+    }
+    let image = Image::new("bench-only", 4 * MIB);
+    let cmdline =
+        "console=ttyS0 blk_bench.mib=1 blk_bench.ops=10 blk_bench.only=rand-read-4K-qd1,seq-write-1M-qd16";
+    let (report, console) = run("blk-bench", cmdline, Some(&image), Layout::monolithic());
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+    let ran: Vec<&str> = console
+        .lines()
+        .filter_map(|line| line.strip_prefix("blk-bench: ")?.split_once(" ops=").map(|(name, _)| name))
+        .collect();
+    assert_eq!(ran, ["rand-read-4K-qd1", "seq-write-1M-qd16"], "{console}");
+
+    // A name it does not know fails the run before any request.
+    let cmdline = "console=ttyS0 blk_bench.only=rand-read-4K-qd1,rand-read-8K-qd1";
+    let (report, console) = run("blk-bench", cmdline, Some(&image), Layout::monolithic());
+    let why = "blk_bench.only names a workload blk-bench does not have";
+    assert_eq!(report.unwrap().guest_result, Some(GuestResult::Fail(why.into())), "{console}");
+    assert!(!console.contains(" ops="), "{console}");
+}
+
 /// A failure found in ring 3 comes back to ring 0 and is reported like any other.
 #[test]
 fn a_failure_in_ring_3_is_reported() {

@@ -10,7 +10,8 @@
 //! figures are the VMM's and the device's; it waits for an interrupt only after polling for
 //! up to `blk_bench.poll_us=N` microseconds (default 5000; the time adapts, see
 //! `BlockDevice::set_poll_ticks`). `blk_bench.ring=0` runs the same loop in ring 0 instead,
-//! waking on every interrupt without polling.
+//! waking on every interrupt without polling. `blk_bench.only=NAME[,NAME...]` runs only the
+//! workloads named (to profile or compare one row).
 
 #![no_std]
 #![no_main]
@@ -103,6 +104,13 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
     let small_ops = info.cmdline_value("blk_bench.ops").and_then(start_info::parse_u64).unwrap_or(2000);
     let ring = info.cmdline_value("blk_bench.ring").map_or(Some(3), start_info::parse_u64);
     let poll_us = info.cmdline_value("blk_bench.poll_us").and_then(start_info::parse_u64).unwrap_or(5000);
+    // `blk_bench.only=NAME[,NAME...]`: just these workloads (to profile or compare one row).
+    let only = info.cmdline_value("blk_bench.only");
+    if let Some(only) = only
+        && !only.split(',').all(|name| WORKLOADS.iter().any(|w| w.name == name))
+    {
+        return Err("blk_bench.only names a workload blk-bench does not have");
+    }
     apic::mask_pic();
     apic::enable_local();
     let device = virtio::block_devices(info.cmdline()).next().ok_or("no virtio-blk disk on the command line")?;
@@ -133,7 +141,8 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
             .str(", ring ")
             .dec(u64::from(cpu::current_ring()))
             .print();
-        for workload in &WORKLOADS {
+        let chosen = |w: &&Workload| only.is_none_or(|only| only.split(',').any(|name| name == w.name));
+        for workload in WORKLOADS.iter().filter(chosen) {
             let ops = if workload.bytes == 1 << 20 { mib } else { small_ops };
             run(&mut disk, workload, ops, buffers, scale)?;
         }
