@@ -13,7 +13,11 @@
 //! before each; the two placements take turns going first. An IOPS cell is the median of
 //! its rounds; a ratio is the median of the rounds' own ratios, so that the load of this
 //! shared machine, which drifts by minutes (host fio has moved 3x within an hour on one
-//! file), weighs on both sides of a ratio alike.
+//! file), weighs on both sides of a ratio alike. The range of the rounds' ratios is printed
+//! beside each. On the machines this project is measured on, the microkernel/monolithic
+//! ratio of one row, taken from pairs of runs back to back, spread from 0.54 to 1.02 over 8
+//! pairs (rand-read-4K-qd1, 40,000 requests a run): a verdict whose range straddles its
+//! target is within the noise, and more rounds (BLK_BENCH_REPEAT) narrow the median's.
 //!
 //! Cache modes: `writeback` is splitvisor's `cache=writeback`, QEMU's and
 //! qemu-storage-daemon's `cache.direct=off`, fio's `--direct=0`; `none` is O_DIRECT
@@ -318,15 +322,34 @@ fn median_cell(rounds: &[Round], row: Row, workload: &str) -> Option<(f64, f64)>
     cells.get(cells.len() / 2).copied()
 }
 
-/// The median over the rounds of `a`'s IOPS over `b`'s on `workload`, each round's ratio
-/// taken within that round.
-fn median_ratio(rounds: &[Round], a: Row, b: Row, workload: &str) -> Option<f64> {
+/// `a`'s IOPS over `b`'s on `workload` in each round (each taken within its round), sorted.
+fn round_ratios(rounds: &[Round], a: Row, b: Row, workload: &str) -> Vec<f64> {
     let mut ratios: Vec<f64> = rounds
         .iter()
         .filter_map(|round| Some(round.row(a)?.get(workload)?.0 / round.row(b)?.get(workload)?.0))
         .collect();
     ratios.sort_by(f64::total_cmp);
+    ratios
+}
+
+/// The median of [`round_ratios`].
+fn median_ratio(rounds: &[Round], a: Row, b: Row, workload: &str) -> Option<f64> {
+    let ratios = round_ratios(rounds, a, b, workload);
     ratios.get(ratios.len() / 2).copied()
+}
+
+/// A ratio cell: the median of the rounds' ratios and, with more than one round, their
+/// range, which shows how far this shared machine moved the ratio between rounds (a verdict
+/// whose range straddles its target is within the noise).
+fn ratio_cell(rounds: &[Round], a: Row, b: Row, workload: &str) -> String {
+    let ratios = round_ratios(rounds, a, b, workload);
+    match (ratios.first(), ratios.get(ratios.len() / 2), ratios.last()) {
+        (Some(low), Some(median), Some(high)) if ratios.len() > 1 => {
+            format!("{median:.3} ({low:.2}–{high:.2})")
+        }
+        (_, Some(median), _) => format!("{median:.3}"),
+        _ => "n/a".to_string(),
+    }
 }
 
 fn verdict(pass: Option<bool>) -> &'static str {
@@ -358,15 +381,15 @@ fn print_rows(rounds: &[Round], cache: CacheMode, vcpus: u32) {
         );
     }
     println!(
-        "\n## cache={cache}, {vcpus} vCPU(s): ratios of IOPS (medians of the rounds' ratios) and the targets\n"
+        "\n## cache={cache}, {vcpus} vCPU(s): ratios of IOPS (medians of the rounds' ratios, their range in brackets) and the targets\n"
     );
     println!(
         "| workload | mono / fio | micro / fio | guest ≥ 0.85x (QD1) / 0.90x (QD16) fio, 4K | micro / mono | ≥ 0.97x | mono / QEMU | micro / QEMU | ahead of QEMU | micro / qsd | ahead of qsd |"
     );
     println!("|---|---:|---:|:---:|---:|:---:|---:|---:|:---:|---:|:---:|");
-    let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.3}"));
     for (name, _, bs, depth) in WORKLOADS {
         let ratio = |a: Row, b: Row| median_ratio(rounds, a, b, name);
+        let show = |a: Row, b: Row| ratio_cell(rounds, a, b, name);
         let mono_fio = ratio(Row::Monolithic, Row::Fio);
         let micro_fio = ratio(Row::Microkernel, Row::Fio);
         let micro_mono = ratio(Row::Microkernel, Row::Monolithic);
@@ -381,14 +404,14 @@ fn print_rows(rounds: &[Round], cache: CacheMode, vcpus: u32) {
         let ahead_of_qsd = micro_qsd.map(|r| r > 1.0);
         println!(
             "| {name} | {} | {} | {fio_cell} | {} | {} | {} | {} | {} | {} | {} |",
-            show(mono_fio),
-            show(micro_fio),
-            show(micro_mono),
+            show(Row::Monolithic, Row::Fio),
+            show(Row::Microkernel, Row::Fio),
+            show(Row::Microkernel, Row::Monolithic),
             verdict(isolation),
-            show(mono_qemu),
-            show(micro_qemu),
+            show(Row::Monolithic, Row::Qemu),
+            show(Row::Microkernel, Row::Qemu),
             verdict(ahead_of_qemu),
-            show(micro_qsd),
+            show(Row::Microkernel, Row::Qsd),
             verdict(ahead_of_qsd),
         );
     }
