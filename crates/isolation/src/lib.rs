@@ -12,6 +12,7 @@
 //!   the monolithic layout runs in-process, journaling every request in the inflight region;
 //! * [`proxy`]: plain bus devices (8250, i8042) in a partition;
 //! * [`partition`]: starting partitions that never outlive the hypervisor;
+//! * [`liveness`]: telling a partition that is only slow from a hung one;
 //! * [`sandbox`]: what a partition does to itself before touching guest data;
 //! * [`driver`]: the partition program (`splitvisor-driver`).
 
@@ -19,6 +20,7 @@ pub mod backend;
 pub mod deadline;
 pub mod driver;
 pub mod frontend;
+pub mod liveness;
 pub mod partition;
 pub mod proxy;
 pub mod sandbox;

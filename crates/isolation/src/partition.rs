@@ -34,6 +34,7 @@ use std::time::Duration;
 use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::liveness::Liveness;
 use crate::proxy::ProxyConnection;
 use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 
@@ -244,6 +245,9 @@ pub struct Partition {
     report: Option<OwnedFd>,
     /// What was read from it.
     cause: Option<String>,
+    /// Its main thread's scheduler state, opened at its start, until a proxy takes it
+    /// ([`take_liveness`](Self::take_liveness)).
+    liveness: Option<Liveness>,
 }
 
 impl Partition {
@@ -323,18 +327,22 @@ impl Partition {
 
     /// Starts a partition serving a plain bus device (`serial` or `i8042`) over the proxy
     /// protocol; `irqfd` is its interrupt, raised straight into KVM. Returns the partition
-    /// and the hypervisor's end of the connection.
+    /// and the hypervisor's end of the connection, which watches the partition's liveness.
     pub fn spawn_proxy(
         driver: &DriverProgram,
         device: &str,
         irqfd: Option<&EventFd>,
     ) -> Result<(Self, ProxyConnection), PartitionError> {
-        let (starting, ours) = Self::start_proxy(driver, device, irqfd)?;
-        Ok((starting.wait()?, ours))
+        let (starting, mut ours) = Self::start_proxy(driver, device, irqfd)?;
+        let mut partition = starting.wait()?;
+        ours.watch(partition.take_liveness());
+        Ok((partition, ours))
     }
 
     /// [`spawn_proxy`](Self::spawn_proxy) without waiting for the partition's sandbox: it
     /// sets itself up while the caller goes on; [`StartingPartition::wait`] waits for it.
+    /// Then hand the connection the partition's liveness
+    /// (`connection.watch(partition.take_liveness())`), as `spawn_proxy` does.
     pub fn start_proxy(
         driver: &DriverProgram,
         device: &str,
@@ -393,6 +401,12 @@ impl Partition {
     /// The partition's process ID.
     pub fn pid(&self) -> u32 {
         self.pid as u32
+    }
+
+    /// Its main thread's [`Liveness`], for the proxy that waits on its answers (once: the
+    /// partition keeps no copy); `None` where /proc could not be read.
+    pub fn take_liveness(&mut self) -> Option<Liveness> {
+        self.liveness.take()
     }
 
     /// The pidfd: readable once the process has ended.
@@ -648,8 +662,21 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
         Err(error) => return Err(spawn_error(error.into())),
     };
     drop((high, dev_null));
-    let partition =
-        Partition { pid, pidfd, status: None, own_pid_namespace, report: Some(report), cause: None };
+    // Opened now, while the process surely is the partition: a thread that reads it later
+    // needs no path lookup, and a pid reused after the partition ended cannot be mistaken
+    // for it (the file then reads nothing).
+    let liveness = Liveness::of_process(pid as u32)
+        .map_err(|e| log::debug!("partition {pid}: no liveness ({e}): taken for hung at its deadline"))
+        .ok();
+    let partition = Partition {
+        pid,
+        pidfd,
+        status: None,
+        own_pid_namespace,
+        report: Some(report),
+        cause: None,
+        liveness,
+    };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
     Ok(Spawned { partition, ready, role, driver: driver.path, command })
 }

@@ -561,8 +561,9 @@ fn proxied_with(
     adapt: impl FnOnce(ProxyDevice) -> ProxyDevice,
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
     let driver = vm.driver(device)?;
-    let (starting, stream) = started;
-    let partition = starting.wait().map_err(Error::partition(device))?;
+    let (starting, mut stream) = started;
+    let mut partition = starting.wait().map_err(Error::partition(device))?;
+    stream.watch(partition.take_liveness());
     let stop = vm.stop.clone();
     let link = ProxyLink::halted_when(move || stop.has_ended()).map_err(Error::EventFd)?;
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::liveness::{Liveness, ThreadState};
 use crate::supervisor::eventfd_fd;
 
 use super::wire::MAX_FRAME;
@@ -219,6 +220,9 @@ pub struct ProxyConnection {
     seq: u32,
     /// The last answer, copied out of the page (kept to save an allocation per access).
     answer: Vec<u8>,
+    /// Whether the partition is still at work when its answer is late; without it, a late
+    /// answer is a hung partition.
+    liveness: Option<Liveness>,
 }
 
 impl std::fmt::Debug for ProxyConnection {
@@ -226,6 +230,28 @@ impl std::fmt::Debug for ProxyConnection {
         f.debug_struct("ProxyConnection").field("stream", &self.stream).field("seq", &self.seq).finish()
     }
 }
+
+/// How long [`ProxyConnection::call`] waits for a partition's answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// When a partition that has not answered is taken for hung...
+    pub answer: Instant,
+    /// ...unless it is still at work (runnable, or in the kernel: only slow, on a host whose
+    /// CPUs are busy), which is waited for until this (no earlier than `answer`).
+    pub at_work: Instant,
+}
+
+impl Deadlines {
+    /// An answer within `answer` from now, or within `at_work` from now while the partition
+    /// is at work.
+    pub fn after(answer: Duration, at_work: Duration) -> Self {
+        let now = Instant::now();
+        Self { answer: now + answer, at_work: now + at_work.max(answer) }
+    }
+}
+
+/// How often a late partition that is at work is looked at again.
+const LIVENESS_LOOK: Duration = Duration::from_millis(20);
 
 impl ProxyConnection {
     /// A connection over `stream` with a new page and doorbells; hand the other end of
@@ -243,7 +269,16 @@ impl ProxyConnection {
             to_hypervisor,
             seq: 0,
             answer: Vec::with_capacity(AREA),
+            liveness: None,
         })
+    }
+
+    /// Tells this connection how to see whether its partition is still at work
+    /// ([`Partition::take_liveness`](crate::partition::Partition::take_liveness)): an answer
+    /// late for its deadline is then waited for, up to the call's patience, while the
+    /// partition is runnable or in the kernel.
+    pub fn watch(&mut self, liveness: Option<Liveness>) {
+        self.liveness = liveness;
     }
 
     /// A connected pair: the hypervisor's end and the partition's (in one process, for
@@ -278,8 +313,9 @@ impl ProxyConnection {
 
     /// Publishes the frame `request` and returns the answer's bytes (at most one frame
     /// area, copied out of the page, not yet decoded), or an error when the partition hung
-    /// up or `deadline` passed.
-    pub fn call(&mut self, request: &[u8], deadline: Instant) -> io::Result<&[u8]> {
+    /// up, or did not answer by `wait.answer` and is not at work (see [`watch`](Self::watch)),
+    /// or not by `wait.at_work`.
+    pub fn call(&mut self, request: &[u8], deadlines: Deadlines) -> io::Result<&[u8]> {
         if request.len() > AREA {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "request larger than the frame area"));
         }
@@ -304,7 +340,7 @@ impl ProxyConnection {
             }
         }
         if !answered() {
-            let result = self.sleep_until(seq, deadline);
+            let result = self.sleep_until(seq, deadlines);
             page.hypervisor_asleep.store(0, Ordering::Relaxed);
             result?;
         }
@@ -312,17 +348,37 @@ impl ProxyConnection {
         Ok(&self.answer)
     }
 
-    fn sleep_until(&self, seq: u32, deadline: Instant) -> io::Result<()> {
+    fn sleep_until(&self, seq: u32, deadlines: Deadlines) -> io::Result<()> {
         let page = self.mapping.page();
         page.hypervisor_asleep.store(1, Ordering::SeqCst);
-        while page.answer_seq.load(Ordering::SeqCst) != seq {
-            let left = deadline.saturating_duration_since(Instant::now());
+        let answered = || page.answer_seq.load(Ordering::SeqCst) == seq;
+        let mut deadline = deadlines.answer;
+        while !answered() {
+            let mut left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the partition did not answer in time"));
+                // Late: a partition still at work is only slow (its host's CPUs are busy);
+                // look again after a while, up to the patience.
+                let at_work =
+                    self.liveness.as_ref().and_then(Liveness::state).is_some_and(ThreadState::at_work);
+                let now = Instant::now();
+                if !at_work || now >= deadlines.at_work {
+                    // It may have answered and gone back to sleep since the last look.
+                    if answered() {
+                        return Ok(());
+                    }
+                    let why = match at_work {
+                        true => "the partition was still at work but did not answer in time",
+                        false => "the partition did not answer in time",
+                    };
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+                }
+                deadline = (now + LIVENESS_LOOK).min(deadlines.at_work);
+                left = deadline - now;
+                log::debug!("the partition's answer is late, but it is at work: waiting on");
             }
             if let Err(e) = wait(&self.to_hypervisor, &self.stream, Some(left)) {
                 // An answer published just before the partition hung up still counts.
-                return if page.answer_seq.load(Ordering::SeqCst) == seq { Ok(()) } else { Err(e) };
+                return if answered() { Ok(()) } else { Err(e) };
             }
         }
         Ok(())
@@ -497,7 +553,9 @@ mod tests {
                 std::thread::sleep(PARTITION_SPIN * 5);
             }
             let request = i.to_le_bytes();
-            let answer = hypervisor.call(&request, Instant::now() + Duration::from_secs(10)).unwrap();
+            let answer = hypervisor
+                .call(&request, Deadlines::after(Duration::from_secs(10), Duration::from_secs(10)))
+                .unwrap();
             let mut expected = request.to_vec();
             expected.reverse();
             assert_eq!(answer, expected);
@@ -510,12 +568,88 @@ mod tests {
     fn a_silent_partition_times_out_and_a_dead_one_is_seen_at_once() {
         let (mut hypervisor, partition) = ProxyConnection::pair().unwrap();
         let started = Instant::now();
-        let error = hypervisor.call(b"x", Instant::now() + Duration::from_millis(50)).unwrap_err();
+        let error = hypervisor
+            .call(b"x", Deadlines::after(Duration::from_millis(50), Duration::from_millis(50)))
+            .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(50));
         drop(partition);
-        let error = hypervisor.call(b"y", Instant::now() + Duration::from_secs(60)).unwrap_err();
+        let error = hypervisor
+            .call(b"y", Deadlines::after(Duration::from_secs(60), Duration::from_secs(60)))
+            .unwrap_err();
         assert_ne!(error.kind(), io::ErrorKind::TimedOut, "the hang-up ends the wait");
+    }
+
+    /// A partition served by a thread of this process that takes `request` and then, before
+    /// it answers, spins (at work) or sleeps (not) for `late`; the connection watches the
+    /// thread's liveness if `watched`.
+    fn late_partition(
+        late: Duration,
+        spins: bool,
+        watched: bool,
+    ) -> (ProxyConnection, std::thread::JoinHandle<()>) {
+        let (mut hypervisor, mut partition) = ProxyConnection::pair().unwrap();
+        let (tid, tid_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid.send(unsafe { libc::gettid() } as u32).unwrap();
+            let Ok(Some(_)) = partition.next_request() else { return };
+            let until = Instant::now() + late;
+            while Instant::now() < until {
+                match spins {
+                    true => std::hint::spin_loop(),
+                    false => std::thread::sleep(until - Instant::now()),
+                }
+            }
+            let _ = partition.answer(b"late");
+            partition.wait_hang_up(Duration::from_secs(10));
+        });
+        let tid = tid_rx.recv().unwrap();
+        if watched {
+            hypervisor.watch(Some(crate::liveness::Liveness::of_thread(std::process::id(), tid).unwrap()));
+        }
+        (hypervisor, server)
+    }
+
+    #[test]
+    fn a_late_partition_still_at_work_is_waited_for_up_to_the_patience() {
+        let short = Duration::from_millis(100);
+        let (mut hypervisor, server) = late_partition(Duration::from_millis(400), true, true);
+        let started = Instant::now();
+        let answer = hypervisor.call(b"q", Deadlines::after(short, Duration::from_secs(20))).unwrap();
+        assert_eq!(answer, b"late");
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        hypervisor.hang_up();
+        server.join().unwrap();
+
+        // At work for longer than the patience: given up at the patience.
+        let (mut hypervisor, server) = late_partition(Duration::from_secs(3), true, true);
+        let started = Instant::now();
+        let error = hypervisor.call(b"q", Deadlines::after(short, Duration::from_millis(500))).unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("still at work"), "{error}");
+        assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(3), "{took:?}");
+        hypervisor.hang_up();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_late_partition_asleep_or_unwatched_is_given_up_at_the_answer_deadline() {
+        let short = Duration::from_millis(100);
+        for (spins, watched) in [(false, true), (true, false)] {
+            let (mut hypervisor, server) = late_partition(Duration::from_millis(1500), spins, watched);
+            let started = Instant::now();
+            let error = hypervisor.call(b"q", Deadlines::after(short, Duration::from_secs(20))).unwrap_err();
+            let took = started.elapsed();
+            assert_eq!(error.kind(), io::ErrorKind::TimedOut, "spins {spins} watched {watched}");
+            assert!(
+                took >= short && took < Duration::from_millis(1500),
+                "spins {spins} watched {watched}: {took:?}"
+            );
+            hypervisor.hang_up();
+            server.join().unwrap();
+        }
     }
 
     #[test]
@@ -526,7 +660,9 @@ mod tests {
             partition.publish(b"abc", u32::MAX).unwrap();
             partition.wait_hang_up(Duration::from_secs(10));
         });
-        let answer = hypervisor.call(b"q", Instant::now() + Duration::from_secs(10)).unwrap();
+        let answer = hypervisor
+            .call(b"q", Deadlines::after(Duration::from_secs(10), Duration::from_secs(10)))
+            .unwrap();
         assert_eq!(answer.len(), AREA);
         assert_eq!(&answer[..3], b"abc");
         hypervisor.hang_up();

@@ -33,11 +33,19 @@ use std::time::{Duration, Instant};
 use splitvisor_bus::{BusDevice, Interrupt};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-pub use mailbox::{PartitionEnd, ProxyConnection};
+pub use mailbox::{Deadlines, PartitionEnd, ProxyConnection};
 use wire::{DecodeError, Frame, MAX_INPUT, MAX_STATE, Request, Response};
 
-/// Longest a register access waits for a partition.
+/// Longest a register access waits for a partition, unless the partition is still at work
+/// (see [`PROXY_PATIENCE`]).
 pub const PROXY_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Longest a register access waits for a partition that is late but still at work
+/// (runnable, or in the kernel; see [`crate::liveness`]): on a host whose CPUs are all busy,
+/// a woken partition may wait for one longer than [`PROXY_TIMEOUT`], and is only slow. A
+/// partition stopped, sleeping on its request, or ended is still taken for hung at
+/// [`PROXY_TIMEOUT`]; one looping forever, at this.
+pub const PROXY_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Longest a vCPU waits for the supervisor to replace a failed partition.
 pub const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -381,7 +389,8 @@ impl ProxyDevice {
     ) -> Result<Response, ProxyError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let answer = connection.call(&request.encode(seq), Instant::now() + PROXY_TIMEOUT)?;
+        let answer =
+            connection.call(&request.encode(seq), Deadlines::after(PROXY_TIMEOUT, PROXY_PATIENCE))?;
         let body = wire::frame_body(answer)?;
         let Frame { seq: got, message } = Response::decode(body)?;
         if got != seq {

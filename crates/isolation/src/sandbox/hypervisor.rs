@@ -350,9 +350,18 @@ fn socket_timeouts(rules: &mut Rules) -> Result<(), SandboxError> {
 /// Talking to partitions over the sockets the hypervisor already holds: the proxy
 /// protocol (send and recv) and vhost-user (messages carrying fds).
 fn partition_messages(rules: &mut Rules) -> Result<(), SandboxError> {
+    // pread: a late proxied partition's state, from its /proc stat file opened at its start
+    // (crate::liveness), which takes no path lookup.
     any(
         rules,
-        &[libc::SYS_sendto, libc::SYS_recvfrom, libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown],
+        &[
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_shutdown,
+            libc::SYS_pread64,
+        ],
     );
     socket_timeouts(rules)
 }
