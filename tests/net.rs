@@ -123,6 +123,35 @@ fn net_ping_reaches_the_host_in_both_placements() {
     }
 }
 
+/// The examples as a user runs them, with the hypervisor's own sandbox (seccomp per thread)
+/// on, as it is by default there: the TAP's set-up at activation (on a vCPU), the device's
+/// worker thread, and the partition's check of its TAP before its sandbox are all allowed.
+#[test]
+fn the_examples_reach_the_host_over_a_tap_with_their_threads_sandboxed() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(ns) = NetNs::new() else { return };
+    ns.tap(TAP);
+    let net = format!("tap={TAP}");
+    let extra = cmdline("net.count=2");
+    let runs: [(&str, &[&str]); 3] =
+        [("monolithic", &[]), ("microkernel", &[]), ("microkernel", &["--place", "net0=hypervisor"])];
+    for (example, place) in runs {
+        let program = support::example(example);
+        let output = ns
+            .command(program.to_str().unwrap())
+            .args(["--guest", "net-ping", "--net", &net, "--cmdline", &extra, "--timeout", "120"])
+            .args(place)
+            .output()
+            .unwrap();
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert_eq!(output.status.code(), Some(0), "{example} {place:?}:\n{stdout}\n{stderr}");
+        assert!(stdout.contains("received=2"), "{example} {place:?}:\n{stdout}");
+    }
+}
+
 #[test]
 fn net_echo_answers_the_hosts_ping_and_tcp_in_both_placements() {
     if !support::kvm() {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+use splitvisor_bus::threads::{self, ThreadKind};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
@@ -775,10 +776,13 @@ impl VirtioDevice for Net {
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let backend_fd = self.backend.as_raw_fd();
         let (rx_kick, tx_kick) = (rx.kick, tx.kick);
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run(&rx_kick, &tx_kick, backend_fd, &stop_worker))
-            .map_err(ActivateError::Worker)?;
+        // Through the thread seam, as the disks' workers: in a sandboxed hypervisor the
+        // worker gets its kind's filter (and a vCPU, which activates the device, may not
+        // create threads itself).
+        let thread = threads::spawn(ThreadKind::DeviceWorker, "virtio-net", move || {
+            worker.run(&rx_kick, &tx_kick, backend_fd, &stop_worker)
+        })
+        .map_err(ActivateError::Worker)?;
         self.worker = Some(WorkerHandle { stop, thread });
         Ok(())
     }

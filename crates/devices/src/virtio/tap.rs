@@ -16,7 +16,7 @@ use super::net::{NetBackend, feature};
 /// `TUNSETIFF`: attach the fd to an interface (`_IOW('T', 202, int)`).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNGETIFF`: the interface the fd is attached to (`_IOR('T', 210, unsigned int)`).
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+pub const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// `TUNSETOFFLOAD`: what the kernel may hand us unfinished (`_IOW('T', 208, unsigned int)`).
 pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `TUNSETVNETHDRSZ`: bytes of virtio-net header on each frame (`_IOW('T', 216, int)`).

@@ -444,6 +444,13 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
             // memory.
             let mut ioctls = vec![kvm::RUN, kvm::GET_REGS, kvm::GET_SREGS, kvm::GET_SUPPORTED_CPUID];
             ioctls.extend(kvm::RESET);
+            // A virtio-net device in the hypervisor sets its TAP's header size and
+            // offloads to what the guest negotiated, when the guest activates it (its
+            // DRIVER_OK write, on a vCPU).
+            ioctls.extend([
+                splitvisor_devices::virtio::tap::TUNSETVNETHDRSZ,
+                splitvisor_devices::virtio::tap::TUNSETOFFLOAD,
+            ]);
             arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &ioctls)?;
             // Exits dispatched to devices: eventfds (a device's stop event, read and
             // created when the guest activates a virtio device), proxies and vhost-user
@@ -668,8 +675,14 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     let private = libc::MS_REC | libc::MS_PRIVATE;
     let empty = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     arg_in(&mut rules, libc::SYS_mount, 3, Len::Qword, &[private, empty])?;
-    // isatty (env_logger) and nothing else.
-    arg_in(&mut rules, libc::SYS_ioctl, 1, Len::Dword, &[libc::TCGETS])?;
+    // isatty (env_logger), and a net driver's check that the fd it was handed is a TAP.
+    arg_in(
+        &mut rules,
+        libc::SYS_ioctl,
+        1,
+        Len::Dword,
+        &[libc::TCGETS, splitvisor_devices::virtio::tap::TUNGETIFF],
+    )?;
     // A clone is a thread or a new partition: a plain child, born as PID 1 of a PID
     // namespace of its own (and, unprivileged, in a user namespace of its own), or in the
     // spawner's namespaces if the kernel refuses those (the driver then refuses to run).
@@ -691,7 +704,7 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     // Whatever a partition does while it serves: its own allowlists, merged. Arguments
     // that name one process (its pid) are checked by the partition's own filters; here
     // they are allowed for any.
-    for profile in [Profile::VhostUserBlk, Profile::BusProxy] {
+    for profile in [Profile::VhostUserBlk, Profile::BusProxy, Profile::VhostUserNet] {
         merge(&mut rules, partition_rules(profile, own_pid)?);
     }
     any(&mut rules, &[libc::SYS_tgkill, libc::SYS_wait4, libc::SYS_kill, libc::SYS_write, libc::SYS_close]);
