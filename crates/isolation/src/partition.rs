@@ -302,6 +302,17 @@ impl Partition {
         tap: &File,
         options: &NetOptions,
     ) -> Result<(Self, UnixStream), PartitionError> {
+        let (starting, ours) = Self::start_net(driver, tap, options)?;
+        Ok((starting.wait()?, ours))
+    }
+
+    /// [`spawn_net`](Self::spawn_net) without waiting for the partition's sandbox;
+    /// [`StartingPartition::wait`] waits for it.
+    pub fn start_net(
+        driver: &DriverProgram,
+        tap: &File,
+        options: &NetOptions,
+    ) -> Result<(StartingPartition, UnixStream), PartitionError> {
         use splitvisor_devices::virtio::net::format_mac;
         let (ours, theirs) = UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
         let mut args: Vec<String> = vec![
@@ -321,8 +332,8 @@ impl Partition {
         if options.guest_ram > 0 {
             args.extend(["--guest-ram".to_string(), options.guest_ram.to_string()]);
         }
-        let partition = Self::spawn(driver, &args, &[theirs.as_fd(), tap.as_fd()])?;
-        Ok((partition, ours))
+        let starting = Self::start(driver, &args, &[theirs.as_fd(), tap.as_fd()])?;
+        Ok((starting, ours))
     }
 
     /// Starts a partition serving a plain bus device (`serial` or `i8042`) over the proxy
@@ -519,6 +530,12 @@ impl StartingPartition {
     /// reach beyond it. A partition that exits first, or takes longer, is killed, and the
     /// error says which.
     pub fn wait(self) -> Result<Partition, PartitionError> {
+        self.wait_within(READY_TIMEOUT)
+    }
+
+    /// [`wait`](Self::wait), with `ready` instead of 30 s for the sandbox once the process
+    /// runs (a supervisor that handles other devices meanwhile cannot wait that long).
+    pub fn wait_within(self, ready_within: Duration) -> Result<Partition, PartitionError> {
         let Spawned { mut partition, ready, role, driver, command } =
             self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| {
                 let kind = match e {
@@ -527,7 +544,7 @@ impl StartingPartition {
                 };
                 setup("hear from the partition spawner")(kind.into())
             })??;
-        if let Err(source) = ready.wait(READY_TIMEOUT) {
+        if let Err(source) = ready.wait(ready_within) {
             let pid = partition.pid();
             // A partition that closed its end before its byte has usually ended: say how.
             if source.kind() == io::ErrorKind::UnexpectedEof {

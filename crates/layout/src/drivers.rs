@@ -42,6 +42,17 @@ fn status(partition: &mut Partition) -> String {
     partition.end().map_or_else(|| "unknown status".into(), |end| end.to_string())
 }
 
+/// Longest the supervisor waits for a partition it starts (a restart without a spare, a
+/// spare) to have its sandbox in place once its process runs: it handles every device's
+/// faults, and none meanwhile. A partition takes milliseconds; this is for a host so busy
+/// that it takes much longer.
+const SUPERVISED_START: Duration = Duration::from_secs(10);
+
+/// The same for a partition of the program an upgrade names, which may never get there (a
+/// program that is not a driver, or hangs): an access waiting on a failed partition waits
+/// at most `REPLACEMENT_TIMEOUT` (5 s) for the supervisor, which must be free by then.
+const UPGRADE_START: Duration = Duration::from_secs(3);
+
 /// What a spawned partition serves, with the resources it is handed.
 pub(crate) enum Served {
     /// A virtio-blk disk: the open (and locked) image.
@@ -62,14 +73,17 @@ pub(crate) enum Served {
 
 impl Served {
     /// Starts a partition serving this; returns it with the hypervisor's end of its socket.
+    /// Its sandbox may take `ready_within` once the process runs.
     pub(crate) fn spawn(
         &self,
         driver: &DriverProgram,
+        ready_within: Duration,
     ) -> Result<(Partition, std::os::unix::net::UnixStream), PartitionError> {
-        match self {
-            Self::Block { image, options } => Partition::spawn_block(driver, image, options),
-            Self::Net { tap, options } => Partition::spawn_net(driver, tap, options),
-        }
+        let (starting, stream) = match self {
+            Self::Block { image, options } => Partition::start_block(driver, image, options)?,
+            Self::Net { tap, options } => Partition::start_net(driver, tap, options)?,
+        };
+        Ok((starting.wait_within(ready_within)?, stream))
     }
 }
 
@@ -148,8 +162,9 @@ impl VhostUserSlot {
         driver: &DriverProgram,
         served: &Served,
         shape: &DeviceShape,
+        ready_within: Duration,
     ) -> Result<(Partition, Handshake), String> {
-        let (partition, stream) = served.spawn(driver).map_err(|e| e.to_string())?;
+        let (partition, stream) = served.spawn(driver, ready_within).map_err(|e| e.to_string())?;
         let handshake = Handshake::for_device(stream, shape)
             .map_err(|e| format!("partition {}: {e}", partition.pid()))?;
         Ok((partition, handshake))
@@ -288,9 +303,8 @@ impl DriverSlot for VhostUserSlot {
                 }
                 let (partition, handshake) = match spare.take() {
                     Some(spare) => spare,
-                    None => {
-                        Self::start_partition(driver, served, &self.shape).map_err(RestartError::Failed)?
-                    }
+                    None => Self::start_partition(driver, served, &self.shape, SUPERVISED_START)
+                        .map_err(RestartError::Failed)?,
                 };
                 *active = Some(partition);
                 let taken = self.take_over(handshake, Resume::AfterCrash);
@@ -313,14 +327,15 @@ impl DriverSlot for VhostUserSlot {
         // of it is up: one that cannot start leaves the device as it was.
         let (partition, handshake) = match program.filter(|program| *program != driver) {
             Some(program) => {
-                let started = Self::start_partition(program, served, &self.shape).map_err(kept_driver)?;
+                let started = Self::start_partition(program, served, &self.shape, UPGRADE_START)
+                    .map_err(kept_driver)?;
                 *driver = program.clone();
                 *spare = None;
                 started
             }
             None => match spare.take() {
                 Some(spare) => spare,
-                None => Self::start_partition(driver, served, &self.shape)?,
+                None => Self::start_partition(driver, served, &self.shape, SUPERVISED_START)?,
             },
         };
         let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
@@ -371,7 +386,7 @@ impl DriverSlot for VhostUserSlot {
         if spare.is_some() || active.is_none() || spare_retry.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        match Self::start_partition(driver, served, &self.shape) {
+        match Self::start_partition(driver, served, &self.shape, SUPERVISED_START) {
             Ok(started) => {
                 log::debug!("spare partition {} ready", started.0.pid());
                 *spare = Some(started);
@@ -423,11 +438,19 @@ impl ProxySlot {
     }
 
     fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
-        self.start_partition_of(&self.driver)
+        self.start_partition_of(&self.driver, SUPERVISED_START)
     }
 
-    fn start_partition_of(&self, driver: &DriverProgram) -> Result<(Partition, ProxyConnection), String> {
-        Partition::spawn_proxy(driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())
+    fn start_partition_of(
+        &self,
+        driver: &DriverProgram,
+        ready_within: Duration,
+    ) -> Result<(Partition, ProxyConnection), String> {
+        let (starting, mut connection) =
+            Partition::start_proxy(driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())?;
+        let mut partition = starting.wait_within(ready_within).map_err(|e| e.to_string())?;
+        connection.watch(partition.take_liveness());
+        Ok((partition, connection))
     }
 }
 
@@ -505,7 +528,7 @@ impl DriverSlot for ProxySlot {
         // once a partition of it is up: one that cannot start leaves the device as it was.
         let (partition, stream) = match program.filter(|program| **program != self.driver) {
             Some(program) => {
-                let started = self.start_partition_of(program).map_err(kept_driver)?;
+                let started = self.start_partition_of(program, UPGRADE_START).map_err(kept_driver)?;
                 self.driver = program.clone();
                 self.spare = None;
                 started
