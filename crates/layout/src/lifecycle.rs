@@ -459,7 +459,7 @@ impl ManagedDriver {
                 inner.health = Health::Restarting;
                 inner.restart_at = Some((now + delay, now));
                 if delay.is_zero() {
-                    self.restart(inner, now);
+                    self.restart(inner, now, false);
                 }
             }
         }
@@ -471,13 +471,17 @@ impl ManagedDriver {
         inner.restart_at = None;
     }
 
-    /// Carries out a pending restart.
-    fn restart(&self, inner: &mut Inner, now: Instant) {
+    /// Carries out a pending restart: one after a fault, which counts against the policy's
+    /// `max` within its window, or one `asked` for (the control socket's), which does not
+    /// (it would leave the next real fault without a restart).
+    fn restart(&self, inner: &mut Inner, now: Instant, asked: bool) {
         let Some((_, since)) = inner.restart_at else { return };
         let started = Instant::now();
         match inner.slot.restart() {
             Ok(()) => {
-                inner.recent.push_back(now);
+                if !asked {
+                    inner.recent.push_back(now);
+                }
                 inner.restarts += 1;
                 inner.health = Health::Running;
                 inner.restart_at = None;
@@ -524,7 +528,7 @@ impl ManagedDriver {
             Command::Restart => {
                 self.log.record(&self.name, "restart asked for".into());
                 inner.restart_at = Some((now, now));
-                self.restart(inner, now);
+                self.restart(inner, now, true);
                 match &inner.health {
                     Health::Running => Ok(CommandOutcome::Restarted(inner.slot.describe())),
                     other => Err(format!("restart did not complete: {other}")),
@@ -589,7 +593,7 @@ impl Supervised for ManagedDriver {
             Health::Failed(_) => return,
             Health::Restarting => {
                 if inner.restart_at.is_some_and(|(at, _)| now >= at) {
-                    self.restart(&mut inner, now);
+                    self.restart(&mut inner, now, false);
                 }
             }
             Health::Running => {
@@ -709,6 +713,40 @@ mod tests {
         driver.tick(Instant::now() + backoff);
         assert_eq!(*restarts.lock().unwrap(), 2);
         assert_eq!(driver.lock().restarts, 2);
+    }
+
+    #[test]
+    fn restarts_asked_for_do_not_use_up_the_fault_budget() {
+        let faults = Arc::new(Mutex::new(VecDeque::new()));
+        let restarts = Arc::new(Mutex::new(0));
+        let driver = ManagedDriver::new(
+            "disk0",
+            "virtio-blk",
+            Placement::Partition,
+            FaultPolicy::Restart { max: 2, window: Duration::from_secs(60), backoff: Duration::ZERO },
+            Duration::from_secs(1),
+            splitvisor_vcpu::VmControl::new().stop_handle(),
+            EventLog::new(),
+            Box::new(FakeSlot { faults: faults.clone(), restarts: restarts.clone() }),
+        );
+        let now = Instant::now();
+        for _ in 0..5 {
+            let mut inner = driver.lock();
+            assert!(matches!(
+                driver.run_command(&mut inner, Command::Restart, now),
+                Ok(CommandOutcome::Restarted(_))
+            ));
+        }
+        assert_eq!(*restarts.lock().unwrap(), 5);
+        // The policy's two restarts are still there for faults; the third fault fails it.
+        for round in 1..=3 {
+            faults.lock().unwrap().push_back(Fault::Exited(format!("crash {round}")));
+            driver.ready(0);
+            driver.tick(Instant::now() + Duration::from_secs(1));
+        }
+        assert_eq!(*restarts.lock().unwrap(), 7);
+        assert_eq!(driver.lock().restarts, 7);
+        assert!(matches!(driver.status().health, Health::Failed(_)), "{:?}", driver.status().health);
     }
 
     /// A driver that watches one eventfd.
