@@ -29,12 +29,15 @@ pub enum SerialError {
 /// An 8250 UART whose transmitted bytes go to `W`.
 pub struct Serial<W: Write + Send> {
     inner: vm_superio::Serial<InterruptTrigger, NoEvents, W>,
+    /// An output error was logged and nothing was written since: a closed output (a pipe
+    /// whose reader left) fails every byte the guest sends, and is logged once.
+    output_failing: bool,
 }
 
 impl<W: Write + Send> Serial<W> {
     /// A UART in its power-on state, interrupting through `interrupt`, writing to `out`.
     pub fn new(interrupt: Arc<dyn Interrupt>, out: W) -> Self {
-        Self { inner: vm_superio::Serial::new(InterruptTrigger(interrupt), out) }
+        Self { inner: vm_superio::Serial::new(InterruptTrigger(interrupt), out), output_failing: false }
     }
 
     /// Rebuilds a UART from saved state.
@@ -44,7 +47,7 @@ impl<W: Write + Send> Serial<W> {
         out: W,
     ) -> Result<Self, SerialError> {
         vm_superio::Serial::from_state(state, InterruptTrigger(interrupt), NoEvents, out)
-            .map(|inner| Self { inner })
+            .map(|inner| Self { inner, output_failing: false })
             .map_err(|_| SerialError::FifoFull)
     }
 
@@ -128,8 +131,16 @@ impl<W: Write + Send> BusDevice for Serial<W> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
-            if let Err(e) = self.inner.write((offset + i as u64) as u8, *byte) {
-                log::warn!("serial: {e}");
+            let register = (offset + i as u64) as u8;
+            match self.inner.write(register, *byte) {
+                // Only the transmitter holding register writes to the output.
+                Ok(()) if register == 0 => self.output_failing = false,
+                Ok(()) => {}
+                Err(e) if !self.output_failing => {
+                    log::warn!("serial: {e} (the guest's output is lost until a write succeeds again)");
+                    self.output_failing = true;
+                }
+                Err(_) => {}
             }
         }
     }
