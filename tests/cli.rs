@@ -53,6 +53,23 @@ fn bad_sizes_and_counts_are_one_line_errors() {
     assert_one_line_error(&["--watchdog", "600001"], "--watchdog");
 }
 
+/// A policy only a partition can carry out, for a plain device emulated in the hypervisor
+/// (on the vCPU threads), is refused rather than dropped; a disk's is refused as before.
+#[test]
+fn a_fault_policy_a_device_in_the_hypervisor_cannot_follow_is_refused() {
+    if !support::kvm() {
+        return;
+    }
+    for (policy, device) in [("com1=fail", "com1"), ("i8042=restart", "i8042"), ("com1=restart", "com1")] {
+        assert_one_line_error(
+            &["--fault-policy", policy],
+            &format!("{device} runs in the hypervisor, where a fault in its emulation ends the VM"),
+        );
+    }
+    let out = run(&["--fault-policy", "com1=halt"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn too_many_vcpus_names_the_limit() {
     if !support::kvm() {

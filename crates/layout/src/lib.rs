@@ -193,6 +193,12 @@ pub enum Error {
         "{0} runs in the hypervisor: its driver cannot be restarted (give it a partition, or the policy halt or fail)"
     )]
     RestartInHypervisor(String),
+    /// A policy other than halt for a plain device (COM1, the i8042) in the hypervisor,
+    /// where its emulation runs on the vCPU threads.
+    #[error(
+        "{0} runs in the hypervisor, where a fault in its emulation ends the VM: only the policy halt applies (give it a partition for restart or fail)"
+    )]
+    PolicyInHypervisor(String),
     /// A fault to inject is not one.
     #[error("fault injection: {0}")]
     Fault(String),

@@ -498,10 +498,12 @@ impl VmBuilder {
                 let placement = this.layout.placement(&name);
                 let placed = recipe.place(placement, &mut assembly)?;
                 let placement = if placed.note.is_some() { Placement::Partition } else { placement };
-                // A device whose driver runs on the vCPU threads fails with the VM.
+                // A device whose driver runs on the vCPU threads fails with the VM: another
+                // policy given for it is refused, not ignored.
                 let policy = match &placed.driver {
                     Some(_) => this.layout.fault_policy(&name),
-                    None => FaultPolicy::HaltVm,
+                    None if this.layout.fault_policy(&name) == FaultPolicy::HaltVm => FaultPolicy::HaltVm,
+                    None => return Err(Error::PolicyInHypervisor(name)),
                 };
                 let partition = placed.note.or_else(|| placed.driver.as_ref().map(|d| d.status().driver));
                 placements.push(DevicePlacement {
