@@ -298,7 +298,7 @@ fn main() -> ExitCode {
             rss(&theirs)
         );
         println!(
-            "| ratio splitvisor / QEMU | {:.3} | {:.3} | {:.3} |",
+            "| ratio splitvisor monolithic / QEMU | {:.3} | {:.3} | {:.3} |",
             first(&ours) / first(&theirs),
             exit(&ours) / exit(&theirs),
             rss(&ours) / rss(&theirs)
@@ -326,8 +326,10 @@ fn main() -> ExitCode {
                 .collect(),
         )
     };
-    println!("\n## driver partitions: peak RSS beyond guest RAM (microkernel layout, median, MiB)\n");
-    println!("| partition | guest | runs | peak RSS | target | |");
+    println!(
+        "\n## driver partitions: peak RSS beyond guest RAM (microkernel layout, median, MiB; targets of issue 11)\n"
+    );
+    println!("| partition | guest | runs | peak RSS | target | pass/FAIL |");
     println!("|---|---|---:|---:|---:|:---:|");
     for (name, kind, guest, runs, target) in [
         ("com1 (8250)", "serial", "hello", &microkernel, 2.0),
@@ -360,7 +362,9 @@ fn main() -> ExitCode {
             theirs_marker.push(measure(qemu(&marker, None)));
         }
     }
-    println!("\n## marker: process start to the guest's first byte (median of {runs} runs, ms)\n");
+    println!(
+        "\n## marker: process start to the guest's first byte (median of {runs} runs, ms; targets of issue 11)\n"
+    );
     println!("| hypervisor | first byte | ≤ 3 ms | peak RSS (MiB) | ≤ 4 MiB |");
     println!("|---|---:|:---:|---:|:---:|");
     for (name, runs) in [("splitvisor monolithic", &ours_marker), ("splitvisor microkernel", &micro_marker)] {
