@@ -533,8 +533,8 @@ impl StartingPartition {
         self.wait_within(READY_TIMEOUT)
     }
 
-    /// [`wait`](Self::wait), with `ready` instead of 30 s for the sandbox once the process
-    /// runs (a supervisor that handles other devices meanwhile cannot wait that long).
+    /// [`wait`](Self::wait), with `ready_within` instead of 30 s for the sandbox once the
+    /// process runs (a supervisor that handles other devices meanwhile cannot wait that long).
     pub fn wait_within(self, ready_within: Duration) -> Result<Partition, PartitionError> {
         let Spawned { mut partition, ready, role, driver, command } =
             self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| {

@@ -313,8 +313,8 @@ impl ProxyConnection {
 
     /// Publishes the frame `request` and returns the answer's bytes (at most one frame
     /// area, copied out of the page, not yet decoded), or an error when the partition hung
-    /// up, or did not answer by `wait.answer` and is not at work (see [`watch`](Self::watch)),
-    /// or not by `wait.at_work`.
+    /// up, or did not answer by `deadlines.answer` and is not at work (see
+    /// [`watch`](Self::watch)), or not by `deadlines.at_work`.
     pub fn call(&mut self, request: &[u8], deadlines: Deadlines) -> io::Result<&[u8]> {
         if request.len() > AREA {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "request larger than the frame area"));
