@@ -57,3 +57,8 @@ fn serial_corpus() {
 fn i8042_corpus() {
     replay("i8042", fuzzing::i8042);
 }
+
+#[test]
+fn virtio_net_corpus() {
+    replay("virtio_net", splitvisor_devices::virtio::net::fuzzing::virtio_net);
+}
