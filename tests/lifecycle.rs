@@ -475,6 +475,54 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
 
+/// Clients are served one at a time: one that trickles its request a byte at a time, or
+/// connects and says nothing, holds the socket for at most its two seconds per request.
+#[test]
+fn a_control_client_that_trickles_or_idles_holds_the_socket_only_briefly() {
+    if !support::kvm() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let socket = std::env::temp_dir().join(format!("splitvisor-{}-api-slow.sock", std::process::id()));
+    let _vm = support::KillOnDrop(
+        std::process::Command::new(support::example("microkernel"))
+            .args(["--guest", "idle", "--timeout", "120", "--api-socket"])
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (status, list) = splitvisor_ctl(&socket, &["--wait", "60", "list"]);
+    assert_eq!(status, Some(0), "{list}");
+    // A trickler, first in line: a byte every 300 ms, never a whole line.
+    let mut trickler = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let trickling = std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            if trickler.write_all(b" ").is_err() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Dropped by the server: the read ends (end of file, or the connection reset).
+        let _ = trickler.read(&mut [0u8; 64]);
+        started.elapsed()
+    });
+    // An idle client behind it, then a real one.
+    let _idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    let (status, list) = splitvisor_ctl(&socket, &["list"]);
+    let took = asked.elapsed();
+    assert_eq!(status, Some(0), "{list}");
+    assert!(list.contains("com1"), "{list}");
+    // About 4 s now; before, the trickler held it as long as it went on and 10 s more, and
+    // the idle client 10 s.
+    assert!(took < Duration::from_secs(8), "served after {took:?}");
+    trickling.join().unwrap();
+}
+
 #[test]
 fn the_control_socket_refuses_to_restart_a_driver_inside_the_hypervisor_and_the_vm_goes_on() {
     if !support::kvm() {

@@ -32,7 +32,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use splitvisor_bus::threads::{self, ThreadKind};
@@ -45,8 +45,12 @@ use crate::placement::DevicePlacement;
 
 /// Longest request line.
 const MAX_LINE: u64 = 4096;
-/// A client that sends nothing for this long is dropped.
-const IDLE: Duration = Duration::from_secs(10);
+/// Longest a client may take to send each request line, from when the last answer went
+/// out (or it connected): clients are served one at a time, so one that idles or trickles
+/// its bytes holds the socket from everyone else for at most this long.
+const REQUEST_TIME: Duration = Duration::from_secs(2);
+/// Longest an answer may take to be taken by the client.
+const ANSWER_TIME: Duration = Duration::from_secs(10);
 /// Longest a command may take (an upgrade starts a partition).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -185,6 +189,24 @@ impl Drop for ApiServer {
     }
 }
 
+/// A stream whose reads fail once `deadline` has passed: each read waits at most until
+/// then, however the bytes trickle in.
+struct ByDeadline {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for ByDeadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the request took too long"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 struct Api {
     control: DriverControl,
     placements: Vec<DevicePlacement>,
@@ -213,13 +235,14 @@ impl Api {
         }
     }
 
-    /// Answers one client's requests, a line each, until it hangs up or idles.
+    /// Answers one client's requests, a line each, until it hangs up or takes longer than
+    /// [`REQUEST_TIME`] to send one.
     fn client(&self, client: UnixStream) -> std::io::Result<()> {
-        client.set_read_timeout(Some(IDLE))?;
-        client.set_write_timeout(Some(IDLE))?;
+        client.set_write_timeout(Some(ANSWER_TIME))?;
         let mut writer = client.try_clone()?;
-        let mut reader = BufReader::new(client);
+        let mut reader = BufReader::new(ByDeadline { stream: client, deadline: Instant::now() });
         loop {
+            reader.get_mut().deadline = Instant::now() + REQUEST_TIME;
             let mut line = String::new();
             if (&mut reader).take(MAX_LINE).read_line(&mut line)? == 0 {
                 return Ok(());
