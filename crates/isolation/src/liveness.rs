@@ -74,11 +74,6 @@ impl Liveness {
         Ok(Self { stat: File::open(format!("/proc/{relative}"))? })
     }
 
-    /// Another handle on the same file (each user reads it on its own).
-    pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self { stat: self.stat.try_clone()? })
-    }
-
     /// The thread's state now; `None` if it cannot be read (the process was reaped).
     pub fn state(&self) -> Option<ThreadState> {
         // The line is at most a few hundred bytes; the state comes right after the command
