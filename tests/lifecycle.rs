@@ -484,7 +484,7 @@ fn a_control_client_that_trickles_or_idles_holds_the_socket_only_briefly() {
     }
     use std::io::{Read, Write};
     let socket = std::env::temp_dir().join(format!("splitvisor-{}-api-slow.sock", std::process::id()));
-    let _vm = support::KillOnDrop(
+    let vm = support::KillOnDrop(
         std::process::Command::new(support::example("microkernel"))
             .args(["--guest", "idle", "--timeout", "120", "--api-socket"])
             .arg(&socket)
@@ -521,6 +521,9 @@ fn a_control_client_that_trickles_or_idles_holds_the_socket_only_briefly() {
     // the idle client 10 s.
     assert!(took < Duration::from_secs(8), "served after {took:?}");
     trickling.join().unwrap();
+    // Killed, the VM leaves its socket file behind (the next start would replace it).
+    drop(vm);
+    let _ = std::fs::remove_file(&socket);
 }
 
 #[test]
