@@ -22,11 +22,15 @@
 //! `"driver":"in hypervisor"` and no pid; there is no partition to restart, upgrade or fail,
 //! so those commands are refused for them (`"disk0 runs in the hypervisor: ..."`) and the
 //! device goes on as it was.
+//!
+//! Up to 16 clients are served side by side, each with 30 s to send each line and 10 s
+//! to take each answer; a client beyond them takes the place of the one idle longest.
+//! Commands are carried out one at a time, by the supervisor.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -46,11 +50,15 @@ use crate::placement::DevicePlacement;
 /// Longest request line.
 const MAX_LINE: u64 = 4096;
 /// Longest a client may take to send each request line, from when the last answer went
-/// out (or it connected): clients are served one at a time, so one that idles or trickles
-/// its bytes holds the socket from everyone else for at most this long.
-const REQUEST_TIME: Duration = Duration::from_secs(2);
+/// out (or it connected). Clients are served side by side, so this bounds only how long
+/// an idle one keeps its place (a person typing at `socat` has time for a line).
+const REQUEST_TIME: Duration = Duration::from_secs(30);
 /// Longest an answer may take to be taken by the client.
 const ANSWER_TIME: Duration = Duration::from_secs(10);
+/// Most clients connected at once; a newcomer beyond them takes the place of the one that
+/// has been idle longest, so each holds a bounded share of the thread and of memory
+/// (a request line and an answer each).
+const MAX_CLIENTS: usize = 16;
 /// Longest a command may take (an upgrade starts a partition).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -145,6 +153,9 @@ impl ApiListener {
             Err(_) => {}
         }
         let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
+        // Clients are accepted only when one is waiting, but one may have hung up since:
+        // the server never blocks on the socket.
+        listener.set_nonblocking(true).map_err(|e| error(e.to_string()))?;
         let identity = match SocketFile::identity(&dir, &name) {
             Ok(identity) => identity,
             Err(e) => {
@@ -189,22 +200,115 @@ impl Drop for ApiServer {
     }
 }
 
-/// A stream whose reads fail once `deadline` has passed: each read waits at most until
-/// then, however the bytes trickle in.
-struct ByDeadline {
+/// One connected client: the bytes of its request line so far, and its answer until the
+/// client has taken all of it.
+struct Client {
     stream: UnixStream,
+    /// The request line being received (at most [`MAX_LINE`] bytes).
+    request: Vec<u8>,
+    /// The answer not yet taken by the client; no further request is read meanwhile, so
+    /// a client that sends and never reads holds at most one answer.
+    answer: Vec<u8>,
+    /// When the client must have sent its next line (or taken its answer) by.
     deadline: Instant,
+    /// Its last activity, to pick the longest idle when a newcomer needs the room.
+    active: Instant,
+    /// It hung up or was refused: dropped once its answer is out.
+    closing: bool,
 }
 
-impl Read for ByDeadline {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the request took too long"));
+impl Client {
+    fn new(stream: UnixStream, now: Instant) -> Self {
+        Self {
+            stream,
+            request: Vec::new(),
+            answer: Vec::new(),
+            deadline: now + REQUEST_TIME,
+            active: now,
+            closing: false,
         }
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
     }
+
+    /// Whether the client should be dropped now: done, or past its deadline.
+    fn done(&self, now: Instant) -> bool {
+        (self.closing && self.answer.is_empty()) || now >= self.deadline
+    }
+
+    /// Sends as much of the answer as the socket takes without waiting.
+    fn send(&mut self) -> std::io::Result<()> {
+        while !self.answer.is_empty() {
+            match self.stream.write(&self.answer) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(sent) => {
+                    self.answer.drain(..sent);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the client sent, without waiting, up to a whole line.
+    fn receive(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 512];
+        loop {
+            let room = (MAX_LINE as usize).saturating_sub(self.request.len()).min(buf.len());
+            if room == 0 || self.request.contains(&b'\n') {
+                return Ok(());
+            }
+            match self.stream.read(&mut buf[..room]) {
+                Ok(0) => {
+                    self.closing = true;
+                    return Ok(());
+                }
+                Ok(read) => self.request.extend_from_slice(&buf[..read]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next whole request line, if one has come: ended by a newline, or by the
+    /// client hanging up after it. A line over [`MAX_LINE`] bytes is refused, and the
+    /// client dropped once it has the refusal.
+    fn next_line(&mut self) -> Option<Result<Vec<u8>, String>> {
+        if let Some(end) = self.request.iter().position(|&byte| byte == b'\n') {
+            let mut line: Vec<u8> = self.request.drain(..=end).collect();
+            line.pop();
+            return Some(Ok(line));
+        }
+        if self.request.len() >= MAX_LINE as usize {
+            self.request.clear();
+            self.closing = true;
+            return Some(Err(format!("request longer than {MAX_LINE} bytes")));
+        }
+        if self.closing && !self.request.is_empty() {
+            return Some(Ok(std::mem::take(&mut self.request)));
+        }
+        None
+    }
+}
+
+/// Accepts a connection waiting on `listener` (non-blocking) as a non-blocking stream.
+fn accept(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    // SAFETY: a valid listening socket; no address is asked for. The flags make the new
+    // socket non-blocking from the start (the control thread may not `ioctl` it so).
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by accept4 and nothing else owns it.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
 struct Api {
@@ -213,47 +317,90 @@ struct Api {
 }
 
 impl Api {
+    /// Serves up to [`MAX_CLIENTS`] clients side by side, until `stop` is signalled.
+    ///
+    /// Requests are answered one at a time in this thread (a command is carried out by the
+    /// supervisor, which does one at a time anyway), but a client is waited for only when
+    /// it has something to say: one that idles or trickles its bytes holds nobody up.
     fn serve(&self, listener: &UnixListener, stop: &EventFd) {
+        let mut clients: Vec<Client> = Vec::new();
         loop {
-            let mut fds = [
-                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            let now = Instant::now();
+            let mut fds = vec![
                 libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
-            // SAFETY: two valid pollfds; no timeout (the stop eventfd ends it).
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if fds[1].revents != 0 {
-                return;
-            }
-            if ready <= 0 || fds[0].revents == 0 {
+            fds.extend(clients.iter().map(|client| libc::pollfd {
+                fd: client.stream.as_raw_fd(),
+                events: if client.answer.is_empty() { libc::POLLIN } else { libc::POLLOUT },
+                revents: 0,
+            }));
+            let timeout = clients
+                .iter()
+                .map(|client| client.deadline.saturating_duration_since(now))
+                .min()
+                // Rounded up, so the wait does not end just short of the deadline.
+                .map_or(-1, |left| left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+            // SAFETY: `fds` holds `fds.len()` valid pollfds and outlives the call.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if ready < 0 {
                 continue;
             }
-            if let Ok((client, _)) = listener.accept() {
-                if let Err(e) = self.client(client) {
-                    log::debug!("api: client dropped: {e}");
+            if fds[0].revents != 0 {
+                return;
+            }
+            for (client, fd) in clients.iter_mut().zip(&fds[2..]) {
+                if fd.revents != 0 {
+                    if let Err(e) = self.serve_client(client) {
+                        log::debug!("api: client dropped: {e}");
+                        client.closing = true;
+                        client.answer.clear();
+                    }
+                }
+            }
+            let now = Instant::now();
+            clients.retain(|client| !client.done(now));
+            if fds[1].revents != 0 {
+                if clients.len() >= MAX_CLIENTS {
+                    // Room for the newcomer: the client that has been idle longest goes
+                    // (its own connection, too, is the socket owner's).
+                    if let Some(idlest) = (0..clients.len()).min_by_key(|&i| clients[i].active) {
+                        log::debug!("api: {MAX_CLIENTS} clients connected; dropping the longest idle");
+                        clients.swap_remove(idlest);
+                    }
+                }
+                match accept(listener) {
+                    Ok(stream) => clients.push(Client::new(stream, now)),
+                    Err(e) => log::debug!("api: accept: {e}"),
                 }
             }
         }
     }
 
-    /// Answers one client's requests, a line each, until it hangs up or takes longer than
-    /// [`REQUEST_TIME`] to send one.
-    fn client(&self, client: UnixStream) -> std::io::Result<()> {
-        client.set_write_timeout(Some(ANSWER_TIME))?;
-        let mut writer = client.try_clone()?;
-        let mut reader = BufReader::new(ByDeadline { stream: client, deadline: Instant::now() });
-        loop {
-            reader.get_mut().deadline = Instant::now() + REQUEST_TIME;
-            let mut line = String::new();
-            if (&mut reader).take(MAX_LINE).read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
-                let answer = json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")});
-                writeln!(writer, "{answer}")?;
-                return Ok(());
-            }
-            writeln!(writer, "{}", self.answer(line.trim()))?;
+    /// Moves one client on: sends what is left of its answer, or reads its request and
+    /// answers each whole line that has come.
+    fn serve_client(&self, client: &mut Client) -> std::io::Result<()> {
+        client.send()?;
+        if !client.answer.is_empty() {
+            return Ok(());
         }
+        client.receive()?;
+        while client.answer.is_empty() {
+            let Some(line) = client.next_line() else { break };
+            let answer = match line {
+                Ok(line) => match std::str::from_utf8(&line) {
+                    Ok(line) => self.answer(line.trim()),
+                    Err(_) => json!({"ok": false, "error": "not UTF-8"}),
+                },
+                Err(error) => json!({"ok": false, "error": error}),
+            };
+            client.answer = format!("{answer}\n").into_bytes();
+            client.send()?;
+            let now = Instant::now();
+            client.active = now;
+            client.deadline = now + if client.answer.is_empty() { REQUEST_TIME } else { ANSWER_TIME };
+        }
+        Ok(())
     }
 
     fn answer(&self, line: &str) -> Value {
@@ -366,6 +513,84 @@ mod tests {
         drop(listener);
         assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A server for a VM with no devices, at a fresh path.
+    fn server(test: &str) -> (ApiServer, PathBuf) {
+        let path = directory(test).join("api.sock");
+        let listener = ApiListener::bind(&path).unwrap();
+        (listener.serve(DriverControl::new(Vec::new(), Vec::new()), Vec::new()).unwrap(), path)
+    }
+
+    /// Sends `request` on `client` and reads one answer line.
+    fn ask(client: &mut UnixStream, request: &[u8]) -> Value {
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8];
+        while client.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            answer.push(byte[0]);
+        }
+        serde_json::from_slice(&answer).unwrap()
+    }
+
+    /// Whether the server has let `client` go (end of file, or a reset when the client's
+    /// last bytes were left unread).
+    fn hung_up(client: &mut UnixStream) -> bool {
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match client.read(&mut [0u8; 16]) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    #[test]
+    fn clients_that_idle_or_trickle_hold_up_nobody() {
+        let (server, path) = server("side-by-side");
+        // More idle clients than there is room for, and one trickling a request.
+        let idle: Vec<_> = (0..MAX_CLIENTS + 4).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        let mut trickler = UnixStream::connect(&path).unwrap();
+        trickler.write_all(b"{\"op\":").unwrap();
+        let asked = Instant::now();
+        let mut client = UnixStream::connect(&path).unwrap();
+        assert_eq!(ask(&mut client, b"{\"op\":\"list\"}\n"), json!({"ok": true, "devices": []}));
+        // One at a time, as before, each idle client ahead would have held it for seconds.
+        assert!(asked.elapsed() < Duration::from_secs(1), "answered after {:?}", asked.elapsed());
+        // The newcomers took the places of the clients idle longest: the first is gone,
+        // the newest is served.
+        let mut first = idle.into_iter().next().unwrap();
+        assert!(hung_up(&mut first));
+        let mut newest = UnixStream::connect(&path).unwrap();
+        assert_eq!(ask(&mut newest, b"{\"op\":\"list\"}\n")["ok"], true);
+        // The client served first goes on being served.
+        assert_eq!(ask(&mut client, b"{\"op\":\"list\"}\n")["ok"], true);
+        drop(server);
+    }
+
+    #[test]
+    fn bad_requests_get_an_answer_and_the_client_goes_on() {
+        let (server, path) = server("bad-requests");
+        let mut client = UnixStream::connect(&path).unwrap();
+        let error = |answer: Value| answer["error"].as_str().unwrap().to_string();
+        assert_eq!(error(ask(&mut client, b"\xff\xfe\n")), "not UTF-8");
+        assert!(error(ask(&mut client, b"{\n")).starts_with("not JSON"));
+        assert_eq!(error(ask(&mut client, b"{\"op\":\"restart\"}\n")), "no \"device\"");
+        assert!(error(ask(&mut client, b"{\"op\":\"fail\",\"device\":\"disk9\"}\n")).contains("disk9"));
+        // Two requests in one write are answered in turn.
+        client.write_all(b"{\"op\":\"list\"}\n").unwrap();
+        assert_eq!(ask(&mut client, b"{\"op\":\"list\"}\n")["ok"], true);
+        assert_eq!(ask(&mut client, b"")["ok"], true);
+        // A line too long is refused, and then the client is let go.
+        let long = vec![b' '; MAX_LINE as usize + 10];
+        assert_eq!(error(ask(&mut client, &long)), format!("request longer than {MAX_LINE} bytes"));
+        assert!(hung_up(&mut client));
+        // A last request ended by hanging up rather than a newline is answered.
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"{\"op\":\"list\"}").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(ask(&mut client, b"")["ok"], true);
+        drop(server);
     }
 
     #[test]

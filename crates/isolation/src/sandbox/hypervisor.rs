@@ -498,8 +498,8 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
             any(&mut rules, &[libc::SYS_connect]);
         }
         ThreadKind::Control => {
-            // One client at a time on the listening socket, with timeouts; commands are
-            // carried out by the supervisor.
+            // Clients on non-blocking sockets, polled side by side (accepted non-blocking,
+            // so no ioctl or fcntl); commands are carried out by the supervisor.
             any(
                 &mut rules,
                 &[
@@ -511,7 +511,6 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
                     libc::SYS_read,
                 ],
             );
-            socket_timeouts(&mut rules)?;
         }
         ThreadKind::ConsoleInput => {
             // Standard input and its stop event; the input goes to the UART, which may
