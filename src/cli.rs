@@ -168,7 +168,13 @@ fn parse_on_off(text: &str) -> Result<bool, String> {
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is not a valid timeout"))
+    match Duration::try_from_secs_f64(seconds) {
+        // A VM stopped before it started is never what was meant (leave the option out
+        // for no timeout).
+        Ok(timeout) if timeout.is_zero() => Err(format!("'{text}' would stop the VM at once")),
+        Ok(timeout) => Ok(timeout),
+        Err(_) => Err(format!("'{text}' is not a valid timeout")),
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +318,8 @@ mod tests {
         assert!(VmArgs::try_parse_from(["m", "--mem", "lots"]).is_err());
         let negative = VmArgs::try_parse_from(["m", "--timeout", "-3"]).unwrap_err().to_string();
         assert!(negative.contains("'-3' is not a valid timeout"), "{negative}");
+        let zero = VmArgs::try_parse_from(["m", "--timeout", "0"]).unwrap_err().to_string();
+        assert!(zero.contains("'0' would stop the VM at once"), "{zero}");
         assert!(VmArgs::try_parse_from(["m", "--bogus"]).is_err());
     }
 }
