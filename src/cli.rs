@@ -83,6 +83,7 @@ pub struct VmArgs {
     /// taken as hung and replaced; a partition of a plain device (COM1, the i8042) that
     /// the guest left alone this long is probed, and replaced if it does not answer.
     /// 10 to 600000 (shorter would take a driver that is merely slow for a hung one).
+    /// A disk driver waiting in the kernel (slow or frozen storage) gets up to 60 s.
     #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub watchdog: u64,

@@ -475,6 +475,55 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
 
+/// A filesystem frozen under the image (as a backup agent does for a snapshot) holds the
+/// disk's requests for seconds: the driver is waiting in the kernel, not hung, so the
+/// watchdog neither replaces the partition nor, in the hypervisor, ends the VM; the guest
+/// goes on once it thaws, every block as it wrote it. Both cache modes, both placements,
+/// with the threads sandboxed as the examples run them.
+#[test]
+fn a_frozen_filesystem_under_the_image_is_waited_for_not_taken_for_a_hang() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(mut fs) = support::frozen_fs::FreezableFs::new("lifecycle-freeze", 64) else { return };
+    for (example, cache) in [("microkernel", "writeback"), ("monolithic", "none")] {
+        let image = fs.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+        let output = fs.path().with_extension(format!("{example}.out"));
+        let mut vm = support::KillOnDrop(
+            std::process::Command::new(support::example(example))
+                .args(["--guest", "blk-stress", "--timeout", "120", "--cmdline", "blk_stress.passes=60"])
+                .arg("--disk")
+                .arg(format!("{},cache={cache}", image.display()))
+                .stdout(std::fs::File::create(&output).unwrap())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        // Frozen once the guest is at work, for three times the watchdog's second.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&output).unwrap().contains("pass 1/") {
+            assert!(Instant::now() < deadline, "blk-stress did not get going");
+            assert!(vm.0.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&output).unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fs.freeze();
+        std::thread::sleep(Duration::from_secs(3));
+        fs.thaw();
+        let (status, stderr) = vm.0.wait_with_output_bounded();
+        let stdout = std::fs::read_to_string(&output).unwrap();
+        let _ = std::fs::remove_file(&output);
+        let what = format!("{example}, cache={cache}:\n{stdout}\n{stderr}");
+        assert_eq!(status, Some(0), "{what}");
+        assert!(stdout.contains("SPLITVISOR-RESULT: PASS"), "{what}");
+        assert!(stderr.contains("disk0: no request completed for"), "the freeze held no request up: {what}");
+        assert!(stderr.contains("waiting in the kernel"), "{what}");
+        assert!(stderr.contains("disk0: requests complete again"), "{what}");
+        assert!(!stderr.contains("driver failed"), "{what}");
+        std::fs::remove_file(&image).unwrap();
+    }
+}
+
 /// Clients are served side by side, under the control thread's sandbox: one that trickles
 /// its request a byte at a time, and more that connect and say nothing, hold nobody up.
 #[test]

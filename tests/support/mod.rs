@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod frozen_fs;
 pub mod images;
 pub mod linux_guest;
 pub mod netns;

@@ -11,10 +11,18 @@
 //! serves a proxied device) from `/proc/PID/stat`, through a file the partition spawner
 //! opens when it starts the partition (the spawner stays outside a jailed hypervisor's
 //! empty root), so that a sandboxed thread reads it with one `pread` and no path lookup.
+//!
+//! [`Threads`] looks at every thread of a process, through its `/proc/PID/task`
+//! directory opened the same way. A disk's driver whose requests make no progress while
+//! one of its threads (or the kernel's io_uring workers, which are its threads too) is in
+//! a kernel wait is held up by its storage (a slow device, a frozen filesystem), not hung:
+//! replacing it would not help, and the watchdog gives it longer.
 
+use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 /// The scheduler state of a thread, as /proc shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +92,109 @@ impl Liveness {
     }
 }
 
+/// The most threads [`Threads`] looks at: a driver has a few, and whatever a partition
+/// does to its own thread count, a look costs a bounded amount of work.
+const MAX_THREADS: usize = 256;
+
+/// Every thread of a process: its `/proc/PID/task` directory, opened when it started.
+#[derive(Debug)]
+pub struct Threads {
+    dir: OwnedFd,
+}
+
+impl Threads {
+    /// The threads of process `pid`, their directory opened now.
+    pub fn of_process(pid: u32) -> io::Result<Self> {
+        let dir =
+            File::options().read(true).custom_flags(libc::O_DIRECTORY).open(format!("/proc/{pid}/task"))?;
+        Ok(Self { dir: dir.into() })
+    }
+
+    /// The state of each thread now (of the first [`MAX_THREADS`]); empty once the process
+    /// was reaped.
+    pub fn states(&self) -> Vec<ThreadState> {
+        let mut states = Vec::new();
+        self.each_thread_id(|tid| {
+            if let Some(state) = self.state_of(tid) {
+                states.push(state);
+            }
+            states.len() < MAX_THREADS
+        });
+        states
+    }
+
+    /// Whether one of the threads is in a kernel wait (`D`) now: on I/O, a frozen
+    /// filesystem, a page fault.
+    pub fn any_in_kernel_wait(&self) -> bool {
+        self.states().contains(&ThreadState::KernelWait)
+    }
+
+    /// Calls `each` with the name of each entry of the directory that is a thread id,
+    /// until it returns false.
+    fn each_thread_id(&self, mut each: impl FnMut(&CStr) -> bool) {
+        // The directory is read from its start at each look.
+        // SAFETY: an lseek on a directory fd this struct owns.
+        if unsafe { libc::lseek(self.dir.as_raw_fd(), 0, libc::SEEK_SET) } < 0 {
+            return;
+        }
+        // Entries are aligned to 8 bytes; so is this buffer.
+        let mut buf = [0u64; 512];
+        let mut entries = 0;
+        loop {
+            // SAFETY: the buffer is writable for its whole length and outlives the call.
+            let len = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    self.dir.as_raw_fd(),
+                    buf.as_mut_ptr(),
+                    std::mem::size_of_val(&buf),
+                )
+            };
+            if len <= 0 {
+                return;
+            }
+            // SAFETY: the kernel wrote `len` bytes of the buffer, which is plain memory.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len as usize) };
+            let mut at = 0;
+            // Each entry: d_ino (8), d_off (8), d_reclen (2), d_type (1), then the name,
+            // NUL-terminated, padded to d_reclen.
+            while at + 19 < bytes.len() {
+                let reclen = u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]) as usize;
+                if reclen < 20 || at + reclen > bytes.len() {
+                    return;
+                }
+                let Ok(name) = CStr::from_bytes_until_nul(&bytes[at + 19..at + reclen]) else { return };
+                at += reclen;
+                entries += 1;
+                if entries > MAX_THREADS + 2 {
+                    return;
+                }
+                if name.to_bytes().first().is_some_and(u8::is_ascii_digit) && !each(name) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The state of thread `tid`, from its `stat` in the directory.
+    fn state_of(&self, tid: &CStr) -> Option<ThreadState> {
+        let mut path = tid.to_bytes().to_vec();
+        path.extend_from_slice(b"/stat\0");
+        let path = CStr::from_bytes_with_nul(&path).ok()?;
+        // SAFETY: a directory fd this struct owns and a NUL-terminated relative path; the
+        // flags the sandbox allows a thread that looks (read-only, close-on-exec).
+        let fd =
+            unsafe { libc::openat(self.dir.as_raw_fd(), path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            // The thread ended since the directory was read.
+            return None;
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let stat = Liveness { stat: unsafe { File::from_raw_fd(fd) } };
+        stat.state()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +252,45 @@ mod tests {
         assert!(!ThreadState::Sleeping.at_work());
         drop(wake);
         sleeper.join().unwrap();
+    }
+
+    #[test]
+    fn every_thread_of_a_process_is_seen_and_none_once_it_is_reaped() {
+        let spin = Arc::new(AtomicBool::new(true));
+        let spinners: Vec<_> = (0..3)
+            .map(|_| {
+                let spin = spin.clone();
+                std::thread::spawn(move || {
+                    while spin.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let threads = Threads::of_process(std::process::id()).unwrap();
+        let states = threads.states();
+        let listed = std::fs::read_dir("/proc/self/task").unwrap().count();
+        // Other tests' threads come and go meanwhile; these three and this one stay.
+        assert!(states.len() >= 4 && states.len() <= listed + 8, "{states:?} of {listed}");
+        assert!(states.iter().filter(|&&state| state == ThreadState::Runnable).count() >= 3, "{states:?}");
+        // Read again from the start.
+        assert!(threads.states().len() >= 4);
+        spin.store(false, Ordering::Relaxed);
+        for spinner in spinners {
+            spinner.join().unwrap();
+        }
+
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let threads = Threads::of_process(child.id()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while threads.states() != [ThreadState::Sleeping] && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(threads.states(), [ThreadState::Sleeping]);
+        assert!(!threads.any_in_kernel_wait());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(threads.states(), []);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::time::Duration;
 use splitvisor_bus::threads::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::liveness::Liveness;
+use crate::liveness::{Liveness, Threads};
 use crate::proxy::ProxyConnection;
 use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 
@@ -248,6 +248,8 @@ pub struct Partition {
     /// Its main thread's scheduler state, opened at its start, until a proxy takes it
     /// ([`take_liveness`](Self::take_liveness)).
     liveness: Option<Liveness>,
+    /// Its threads, opened at its start.
+    threads: Option<Threads>,
 }
 
 impl Partition {
@@ -418,6 +420,12 @@ impl Partition {
     /// partition keeps no copy); `None` where /proc could not be read.
     pub fn take_liveness(&mut self) -> Option<Liveness> {
         self.liveness.take()
+    }
+
+    /// Its [`Threads`], for a watchdog that tells storage holding its requests up from a
+    /// hang; `None` where /proc could not be read.
+    pub fn threads(&self) -> Option<&Threads> {
+        self.threads.as_ref()
     }
 
     /// The pidfd: readable once the process has ended.
@@ -685,6 +693,9 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
     let liveness = Liveness::of_process(pid as u32)
         .map_err(|e| log::debug!("partition {pid}: no liveness ({e}): taken for hung at its deadline"))
         .ok();
+    let threads = Threads::of_process(pid as u32)
+        .map_err(|e| log::debug!("partition {pid}: its threads cannot be looked at ({e})"))
+        .ok();
     let partition = Partition {
         pid,
         pidfd,
@@ -693,6 +704,7 @@ fn start(request: SpawnRequest) -> Result<Spawned, PartitionError> {
         report: Some(report),
         cause: None,
         liveness,
+        threads,
     };
     let command = format!("{} {}", driver.path.display(), args.join(" "));
     Ok(Spawned { partition, ready, role, driver: driver.path, command })

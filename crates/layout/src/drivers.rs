@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
 use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
+use splitvisor_isolation::liveness::Threads;
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
 use splitvisor_isolation::proxy::{Probe, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
@@ -287,6 +288,16 @@ impl DriverSlot for VhostUserSlot {
     fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
         let indices = self.queue_indices();
         self.watchdog.check(indices.into_iter(), now, watchdog).map(Fault::Hung)
+    }
+
+    fn waiting_in_kernel(&self) -> bool {
+        match &self.backend {
+            Backend::Spawned { active: Some(partition), .. } => {
+                partition.threads().is_some_and(Threads::any_in_kernel_wait)
+            }
+            // An external backend's process is not known.
+            _ => false,
+        }
     }
 
     fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {
@@ -585,6 +596,8 @@ pub(crate) struct InHypervisorBlockSlot {
     memory: GuestMemoryMmap,
     panicked: EventFd,
     watchdog: Watchdog,
+    /// The hypervisor's own threads, opened while /proc is in sight (before the jail).
+    threads: Option<Threads>,
 }
 
 impl InHypervisorBlockSlot {
@@ -595,7 +608,10 @@ impl InHypervisorBlockSlot {
         panicked: EventFd,
     ) -> Self {
         let interrupt = transport.lock().unwrap_or_else(|e| e.into_inner()).interrupt();
-        Self { transport, interrupt, memory, panicked, watchdog: Watchdog::default() }
+        let threads = Threads::of_process(std::process::id())
+            .map_err(|e| log::debug!("the hypervisor's threads cannot be looked at ({e})"))
+            .ok();
+        Self { transport, interrupt, memory, panicked, watchdog: Watchdog::default(), threads }
     }
 }
 
@@ -627,6 +643,12 @@ impl DriverSlot for InHypervisorBlockSlot {
     fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
         let indices = self.queue_indices();
         self.watchdog.check(indices.into_iter(), now, watchdog).map(Fault::Hung)
+    }
+
+    /// The worker is a thread of the hypervisor: any of its threads in a kernel wait
+    /// counts (a vCPU's page fault, too, but that passes and the wait is bounded).
+    fn waiting_in_kernel(&self) -> bool {
+        self.threads.as_ref().is_some_and(Threads::any_in_kernel_wait)
     }
 
     fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {

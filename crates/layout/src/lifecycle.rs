@@ -24,6 +24,12 @@ use crate::placement::{FaultPolicy, Placement};
 /// Longest wait between two restarts, whatever the back-off says.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// How long requests may make no progress while their driver waits in the kernel, before
+/// the watchdog takes it for hung all the same. Storage that stalls this long (a stuck
+/// device, a filesystem frozen for a snapshot) would hold up any new driver as well;
+/// Linux warns of a hung task after twice as long.
+pub(crate) const STORAGE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How a driver failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -82,6 +88,13 @@ pub(crate) trait DriverSlot: Send {
     fn check(&mut self, now: Instant, watchdog: Duration) -> Option<Fault> {
         let _ = (now, watchdog);
         None
+    }
+    /// Whether the driver is waiting in the kernel now (a thread of its process in an
+    /// uninterruptible wait): its storage is holding it up (a slow disk, a frozen
+    /// filesystem), and the watchdog gives it [`STORAGE_PATIENCE`] rather than replacing a
+    /// driver that is not at fault.
+    fn waiting_in_kernel(&self) -> bool {
+        false
     }
     /// A new driver takes over the device, state and owed requests included.
     fn restart(&mut self) -> Result<(), RestartError>;
@@ -302,6 +315,9 @@ struct Inner {
     recent: VecDeque<Instant>,
     restarts: u32,
     last_fault: Option<String>,
+    /// Since when requests have been waiting on a driver that waits in the kernel, once
+    /// the watchdog would otherwise have fired.
+    storage_wait: Option<Instant>,
 }
 
 /// What the control socket shows of a device.
@@ -355,6 +371,7 @@ impl ManagedDriver {
                 recent: VecDeque::new(),
                 restarts: 0,
                 last_fault: None,
+                storage_wait: None,
             }),
             commands: Mutex::new(Vec::new()),
         })
@@ -416,6 +433,7 @@ impl ManagedDriver {
 
     /// A fault: what the policy says.
     fn fault(&self, inner: &mut Inner, fault: Fault, now: Instant) {
+        inner.storage_wait = None;
         let description = fault.to_string();
         inner.last_fault = Some(description.clone());
         match self.policy {
@@ -524,6 +542,8 @@ impl ManagedDriver {
         if let Health::Failed(why) = &inner.health {
             return Err(format!("{} has failed ({why})", self.name));
         }
+        // A new driver, or none: a wait on storage starts over.
+        inner.storage_wait = None;
         match command {
             Command::Restart => {
                 self.log.record(&self.name, "restart asked for".into());
@@ -596,11 +616,36 @@ impl Supervised for ManagedDriver {
                     self.restart(&mut inner, now, false);
                 }
             }
-            Health::Running => {
-                if let Some(fault) = inner.slot.check(now, self.watchdog) {
-                    self.fault(&mut inner, fault, now);
+            Health::Running => match inner.slot.check(now, self.watchdog) {
+                Some(Fault::Hung(stuck)) if stuck < STORAGE_PATIENCE && inner.slot.waiting_in_kernel() => {
+                    if inner.storage_wait.is_none() {
+                        self.log.record(
+                            &self.name,
+                            format!(
+                                "no request completed for {} ms, but its driver is waiting in the kernel \
+                                 (slow or frozen storage?): it gets up to {} s",
+                                stuck.as_millis(),
+                                STORAGE_PATIENCE.as_secs()
+                            ),
+                        );
+                        inner.storage_wait = Some(now - stuck);
+                    }
                 }
-            }
+                Some(fault) => self.fault(&mut inner, fault, now),
+                None => {
+                    // Once stuck past the watchdog's time, the check says so until a
+                    // request completes.
+                    if let Some(since) = inner.storage_wait.take() {
+                        self.log.record(
+                            &self.name,
+                            format!(
+                                "requests complete again after {} ms",
+                                now.duration_since(since).as_millis()
+                            ),
+                        );
+                    }
+                }
+            },
         }
         if inner.health == Health::Running {
             inner.slot.maintain();
@@ -855,6 +900,86 @@ mod tests {
             control.command("disk9", Command::Restart, Duration::from_secs(30)),
             Err(CommandError::UnknownDevice { .. })
         ));
+    }
+
+    /// A disk whose requests have been stuck for `stuck` (none if `None`), with its driver
+    /// in a kernel wait or not.
+    struct StalledSlot {
+        stuck: Arc<Mutex<Option<Duration>>>,
+        in_kernel: Arc<Mutex<bool>>,
+        restarts: Arc<Mutex<u32>>,
+    }
+
+    impl DriverSlot for StalledSlot {
+        fn describe(&self) -> String {
+            "stalled".into()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn watches(&self, _watch: &mut dyn FnMut(Watch<'_>)) {}
+        fn event(&mut self, _token: u32) -> Option<SlotEvent> {
+            None
+        }
+        fn check(&mut self, _now: Instant, watchdog: Duration) -> Option<Fault> {
+            self.stuck.lock().unwrap().filter(|stuck| *stuck >= watchdog).map(Fault::Hung)
+        }
+        fn waiting_in_kernel(&self) -> bool {
+            *self.in_kernel.lock().unwrap()
+        }
+        fn restart(&mut self) -> Result<(), RestartError> {
+            *self.restarts.lock().unwrap() += 1;
+            *self.stuck.lock().unwrap() = None;
+            Ok(())
+        }
+        fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn a_driver_held_up_by_its_storage_is_given_time_a_hung_one_is_not() {
+        let stuck = Arc::new(Mutex::new(None));
+        let in_kernel = Arc::new(Mutex::new(true));
+        let restarts = Arc::new(Mutex::new(0));
+        let log = EventLog::new();
+        let driver = ManagedDriver::new(
+            "disk0",
+            "virtio-blk",
+            Placement::Partition,
+            FaultPolicy::Restart { max: 10, window: Duration::from_secs(60), backoff: Duration::ZERO },
+            Duration::from_secs(1),
+            splitvisor_vcpu::VmControl::new().stop_handle(),
+            log.clone(),
+            Box::new(StalledSlot {
+                stuck: stuck.clone(),
+                in_kernel: in_kernel.clone(),
+                restarts: restarts.clone(),
+            }),
+        );
+        let now = Instant::now();
+        let stall = |secs| *stuck.lock().unwrap() = Some(Duration::from_secs(secs));
+        // Past the watchdog, with the driver in a kernel wait: told once, not restarted.
+        for secs in [1, 5, 59] {
+            stall(secs);
+            driver.tick(now);
+        }
+        assert_eq!(*restarts.lock().unwrap(), 0);
+        let told = |what: &str| log.all().iter().filter(|event| event.what.contains(what)).count();
+        assert_eq!(told("waiting in the kernel"), 1, "{:?}", log.all());
+        // The storage came back.
+        *stuck.lock().unwrap() = None;
+        driver.tick(now);
+        assert_eq!(told("requests complete again"), 1, "{:?}", log.all());
+        // Stalled past the patience, it is taken for hung all the same.
+        stall(STORAGE_PATIENCE.as_secs());
+        driver.tick(now);
+        assert_eq!(*restarts.lock().unwrap(), 1);
+        // A driver stalled and not in a kernel wait is hung at the watchdog's time.
+        *in_kernel.lock().unwrap() = false;
+        stall(1);
+        driver.tick(now);
+        assert_eq!(*restarts.lock().unwrap(), 2);
+        assert_eq!(told("waiting in the kernel"), 1, "{:?}", log.all());
+        assert_eq!(told("requests complete again"), 1, "{:?}", log.all());
     }
 
     #[test]

@@ -186,7 +186,8 @@ impl Layout {
 
     /// How long a driver may leave requests waiting without completing any before it is
     /// taken as hung (default 1 s); also how long a plain device's partition may go
-    /// without an access before the supervisor probes it.
+    /// without an access before the supervisor probes it. A disk driver with a thread
+    /// waiting in the kernel (slow or frozen storage) gets up to 60 s instead.
     pub fn with_watchdog(mut self, timeout: Duration) -> Self {
         self.watchdog = timeout;
         self

@@ -496,6 +496,17 @@ fn rules(kind: ThreadKind, own_pid: libc::pid_t) -> Result<Rules, SandboxError> 
             // sockets only; under the jail the path is out of reach).
             arg_in(&mut rules, libc::SYS_socket, 0, Len::Dword, &[libc::AF_UNIX as u64])?;
             any(&mut rules, &[libc::SYS_connect]);
+            // The watchdog's look at a stalled disk driver's threads (crate::liveness::Threads):
+            // its /proc task directory, opened at its start, read from the start, and each
+            // thread's stat opened in it read-only.
+            any(&mut rules, &[libc::SYS_getdents64, libc::SYS_lseek]);
+            arg_in(
+                &mut rules,
+                libc::SYS_openat,
+                2,
+                Len::Dword,
+                &[(libc::O_RDONLY | libc::O_CLOEXEC) as u64],
+            )?;
         }
         ThreadKind::Control => {
             // Clients on non-blocking sockets, polled side by side (accepted non-blocking,

@@ -1,0 +1,95 @@
+//! A filesystem of a test's own that it can freeze, as a backup agent freezes the
+//! filesystem under a VM's image for a snapshot: ext4 on a loop device, mounted under the
+//! temporary directory. Writes to a frozen filesystem wait in the kernel until it thaws.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A mounted loop filesystem; dropping it thaws, unmounts and removes it.
+pub struct FreezableFs {
+    backing: PathBuf,
+    mount: PathBuf,
+    mounted: bool,
+    frozen: bool,
+}
+
+/// Runs `program` with `args`; an error says what failed.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let output = Command::new(program).args(args).output().map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+impl FreezableFs {
+    /// A new `mib` MiB filesystem `name` (made unique per test process); `None` (after
+    /// [`super::require`]: a failure under CI=true) where this host cannot make one
+    /// (root, loop devices, mkfs.ext4 and fsfreeze are needed).
+    pub fn new(name: &str, mib: u64) -> Option<Self> {
+        if !super::root("to mount a filesystem it can freeze") {
+            return None;
+        }
+        let base = std::env::temp_dir().join(format!("splitvisor-{}-{name}", std::process::id()));
+        let mut fs = Self {
+            backing: base.with_extension("ext4"),
+            mount: base.with_extension("mnt"),
+            mounted: false,
+            frozen: false,
+        };
+        let made = (|| {
+            let file = std::fs::File::create(&fs.backing).map_err(|e| e.to_string())?;
+            file.set_len(mib << 20).map_err(|e| e.to_string())?;
+            run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), fs.backing.as_os_str()])?;
+            std::fs::create_dir(&fs.mount).map_err(|e| format!("{}: {e}", fs.mount.display()))?;
+            run("mount", &["-o".as_ref(), "loop".as_ref(), fs.backing.as_os_str(), fs.mount.as_os_str()])?;
+            fs.mounted = true;
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Some(fs),
+            Err(why) => {
+                super::require("a loop-mounted ext4 filesystem", Err(why));
+                None
+            }
+        }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Freezes it: writes wait until [`thaw`](Self::thaw).
+    pub fn freeze(&mut self) {
+        run("fsfreeze", &["-f".as_ref(), self.mount.as_os_str()]).unwrap();
+        self.frozen = true;
+    }
+
+    /// Thaws it.
+    pub fn thaw(&mut self) {
+        run("fsfreeze", &["-u".as_ref(), self.mount.as_os_str()]).unwrap();
+        self.frozen = false;
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        // Thawed first, whatever happened: a frozen filesystem left behind would hold
+        // every writer on it.
+        if self.frozen {
+            let _ = run("fsfreeze", &["-u".as_ref(), self.mount.as_os_str()]);
+        }
+        if self.mounted {
+            // The loop device goes with the mount (mount -o loop sets it to clear itself).
+            let _ = run("umount", &[self.mount.as_os_str()]);
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
