@@ -495,6 +495,18 @@ impl Partition {
         self.reap(0)
     }
 
+    /// Kills the partition with SIGKILL and waits at most `timeout` for it to end; its
+    /// status if it did. A process in an uninterruptible wait in the kernel (a write to
+    /// storage that stalls) dies only once that wait is over, so this bounds what
+    /// [`kill`](Self::kill) does not.
+    pub fn kill_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            // SAFETY: a signal to our own child, not reaped yet (so its pid is still its own).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        self.wait_exit(timeout)
+    }
+
     /// Waits at most `timeout` for the partition to end by itself, then kills it.
     pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.wait_exit(timeout).or_else(|| self.kill())

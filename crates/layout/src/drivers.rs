@@ -33,6 +33,10 @@ const SPARE_EXITED: u32 = 4;
 /// better report).
 const EXIT_GRACE: Duration = Duration::from_millis(200);
 
+/// How long a restart waits for the killed partition to end before it tries again at the
+/// supervisor's next tick.
+const KILL_WAIT: Duration = Duration::from_millis(50);
+
 /// How long to wait before trying again to start a spare partition that failed to start.
 const SPARE_RETRY: Duration = Duration::from_secs(1);
 
@@ -308,9 +312,18 @@ impl DriverSlot for VhostUserSlot {
         match &mut self.backend {
             Backend::Spawned { driver, served, active, spare, .. } => {
                 // A hung partition (stopped, or looping) is killed first: it must not touch
-                // guest memory or the image once another serves them.
+                // guest memory or the image once another serves them. One in a kernel wait
+                // (storage stalled past the watchdog's patience) dies only once that is
+                // over; a write of its landing after a new driver's would undo the newer
+                // one, so the device waits for it, with the supervisor free meanwhile.
                 if let Some(mut old) = active.take() {
-                    old.kill();
+                    if old.kill_within(KILL_WAIT).is_none() {
+                        let pid = old.pid();
+                        *active = Some(old);
+                        return Err(RestartError::NotYet(format!(
+                            "partition {pid} has not ended yet (it is waiting in the kernel)"
+                        )));
+                    }
                 }
                 let (partition, handshake) = match spare.take() {
                     Some(spare) => spare,

@@ -514,6 +514,11 @@ impl ManagedDriver {
                 );
             }
             Err(RestartError::NotYet(why)) => {
+                // Tried again at the next tick (a restart asked for, too).
+                if inner.health != Health::Restarting {
+                    log::info!("{}: the restart waits: {why}", self.name);
+                }
+                inner.health = Health::Restarting;
                 let FaultPolicy::Restart { window, .. } = self.policy else { return };
                 if now.duration_since(since) > window {
                     self.log.record(&self.name, format!("no driver came back within {window:?} ({why})"));
@@ -551,6 +556,7 @@ impl ManagedDriver {
                 self.restart(inner, now, true);
                 match &inner.health {
                     Health::Running => Ok(CommandOutcome::Restarted(inner.slot.describe())),
+                    Health::Restarting => Err("the restart goes on at the next tick".into()),
                     other => Err(format!("restart did not complete: {other}")),
                 }
             }
@@ -980,6 +986,57 @@ mod tests {
         assert_eq!(*restarts.lock().unwrap(), 2);
         assert_eq!(told("waiting in the kernel"), 1, "{:?}", log.all());
         assert_eq!(told("requests complete again"), 1, "{:?}", log.all());
+    }
+
+    /// A driver whose old partition takes `pending` restart attempts to end.
+    struct SlowToEndSlot {
+        pending: Arc<Mutex<u32>>,
+    }
+
+    impl DriverSlot for SlowToEndSlot {
+        fn describe(&self) -> String {
+            "slow to end".into()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+        fn watches(&self, _watch: &mut dyn FnMut(Watch<'_>)) {}
+        fn event(&mut self, _token: u32) -> Option<SlotEvent> {
+            None
+        }
+        fn restart(&mut self) -> Result<(), RestartError> {
+            let mut pending = self.pending.lock().unwrap();
+            if *pending > 0 {
+                *pending -= 1;
+                return Err(RestartError::NotYet("the old partition has not ended yet".into()));
+            }
+            Ok(())
+        }
+        fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn a_restart_asked_for_that_must_wait_goes_on_at_the_next_ticks() {
+        let pending = Arc::new(Mutex::new(2));
+        let driver = ManagedDriver::new(
+            "disk0",
+            "virtio-blk",
+            Placement::Partition,
+            FaultPolicy::Restart { max: 10, window: Duration::from_secs(60), backoff: Duration::ZERO },
+            Duration::from_secs(1),
+            splitvisor_vcpu::VmControl::new().stop_handle(),
+            EventLog::new(),
+            Box::new(SlowToEndSlot { pending: pending.clone() }),
+        );
+        let now = Instant::now();
+        let answer = driver.run_command(&mut driver.lock(), Command::Restart, now);
+        assert_eq!(answer, Err(CommandError::Failed("the restart goes on at the next tick".into())));
+        assert_eq!(driver.status().health, Health::Restarting);
+        driver.tick(now);
+        assert_eq!(driver.status().health, Health::Restarting);
+        driver.tick(now);
+        assert_eq!(driver.status().health, Health::Running);
+        assert_eq!(*pending.lock().unwrap(), 0);
     }
 
     #[test]
