@@ -392,7 +392,11 @@ impl DriverSlot for VhostUserSlot {
         if let Backend::Spawned { active, spare, .. } = &mut self.backend {
             *spare = None;
             if let Some(mut partition) = active.take() {
-                partition.kill();
+                if partition.kill_within(KILL_WAIT).is_none() {
+                    // Still in a kernel wait: it ends once that is over, and is reaped
+                    // with the VM; the supervisor does not wait for it here.
+                    *active = Some(partition);
+                }
             }
         }
         self.hangup = None;
