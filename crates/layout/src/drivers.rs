@@ -372,8 +372,18 @@ impl DriverSlot for VhostUserSlot {
                 Resume::AfterCrash
             });
             if resume == Resume::AfterCrash {
+                // As in a restart, the new driver must not take over while the old one can
+                // still write; the supervisor does not wait for a kernel wait to end. The
+                // old backend's connection is shut down, so the device is restarted once
+                // its partition has ended.
                 if let Some(old) = active.as_mut() {
-                    old.kill();
+                    if old.kill_within(KILL_WAIT).is_none() {
+                        return Err(format!(
+                            "the old driver (partition {}) did not stop, and has not ended yet: it is waiting \
+                             in the kernel; the device restarts once it has",
+                            old.pid()
+                        ));
+                    }
                 }
             }
             device.reconnect(handshake, resume).map_err(|e| e.to_string())?;
