@@ -29,7 +29,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -237,7 +237,19 @@ impl Client {
     /// Sends as much of the answer as the socket takes without waiting.
     fn send(&mut self) -> std::io::Result<()> {
         while !self.answer.is_empty() {
-            match self.stream.write(&self.answer) {
+            // MSG_NOSIGNAL: a client that hung up is an error here, not a SIGPIPE for a
+            // program embedding the VM that left that signal's default (to end it).
+            // SAFETY: a valid socket and the answer's bytes, which outlive the call.
+            let sent = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    self.answer.as_ptr().cast(),
+                    self.answer.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            let sent = if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(sent as usize) };
+            match sent {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(sent) => {
                     self.answer.drain(..sent);
@@ -473,6 +485,7 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// A fresh directory of this test's own under the temporary directory.
     fn directory(test: &str) -> PathBuf {

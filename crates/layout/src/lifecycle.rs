@@ -634,7 +634,7 @@ impl Supervised for ManagedDriver {
                                 STORAGE_PATIENCE.as_secs()
                             ),
                         );
-                        inner.storage_wait = Some(now - stuck);
+                        inner.storage_wait = Some(now.checked_sub(stuck).unwrap_or(now));
                     }
                 }
                 Some(fault) => self.fault(&mut inner, fault, now),
