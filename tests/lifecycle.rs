@@ -594,6 +594,58 @@ fn a_restart_or_upgrade_during_a_storage_freeze_waits_for_the_old_driver_to_end(
     }
 }
 
+/// A VM whose disk partition is stuck on a frozen filesystem still ends at its timeout:
+/// the partition is killed and left to end at the thaw (it keeps the image locked till
+/// then), instead of holding the hypervisor's exit as long as the freeze lasts.
+#[test]
+fn a_vm_ends_at_its_timeout_while_its_disk_partition_is_stuck_on_a_frozen_filesystem() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(mut fs) = support::frozen_fs::FreezableFs::new("lifecycle-freeze-exit", 64) else { return };
+    let image = fs.path().join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+    let output = fs.path().with_extension("exit.out");
+    let timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let mut vm = support::KillOnDrop(
+        std::process::Command::new(support::example("microkernel"))
+            .args(["--guest", "blk-stress", "--cmdline", "blk_stress.passes=100000 blk_stress.timeout_s=600"])
+            .arg("--timeout")
+            .arg(timeout.as_secs().to_string())
+            .arg("--disk")
+            .arg(&image)
+            .stdout(std::fs::File::create(&output).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    while !std::fs::read_to_string(&output).unwrap().contains("pass 1/") {
+        assert!(started.elapsed() < timeout, "blk-stress did not get going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs.freeze();
+    // The timeout, then the partition's last words (2 s) and its kill (2 s) at most.
+    let bound = timeout + Duration::from_secs(8);
+    let mut ended = None;
+    while started.elapsed() < bound {
+        if let Some(status) = vm.0.try_wait().unwrap() {
+            ended = Some((status, started.elapsed()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs.thaw();
+    let (_, stderr) = vm.0.wait_with_output_bounded();
+    let _ = std::fs::remove_file(&output);
+    let (status, after) =
+        ended.unwrap_or_else(|| panic!("still running {bound:?} after its start:\n{stderr}"));
+    // Stopped by its timeout (status 3), while the filesystem was still frozen.
+    assert_eq!(status.code(), Some(3), "after {after:?}:\n{stderr}");
+    assert!(stderr.contains("has not ended after"), "{stderr}");
+    std::fs::remove_file(&image).unwrap();
+}
+
 /// Clients are served side by side, under the control thread's sandbox: one that trickles
 /// its request a byte at a time, and more that connect and say nothing, hold nobody up.
 #[test]

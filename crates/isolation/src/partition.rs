@@ -41,6 +41,11 @@ use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 /// Longest a partition may take from its start to its sandbox being in place.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Partition::kill`] waits for the partition to end: a killed process ends in
+/// milliseconds (seconds on a host under heavy load), unless a thread of it is in an
+/// uninterruptible wait in the kernel.
+pub const KILL_REAP: Duration = Duration::from_secs(2);
+
 /// Errors starting a partition. Those about one partition name what it was to serve (the
 /// driver's sub-command: `blk`, `net`, `serial`, ...), the program and what happened.
 #[derive(Debug, thiserror::Error)]
@@ -486,13 +491,21 @@ impl Partition {
         self.try_wait()
     }
 
-    /// Kills the partition with SIGKILL (a stopped process dies too) and reaps it.
+    /// Kills the partition with SIGKILL (a stopped process dies too) and reaps it, waiting
+    /// at most [`KILL_REAP`]. One that has not ended by then has a thread in a kernel wait
+    /// that no signal ends (storage that stalled): it is left to end by itself, with a
+    /// warning, so that the caller (a VM that ends, a supervisor) is not held until then.
+    /// It still holds its disk image's lock meanwhile, so no other writer can start on it.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            // SAFETY: a signal to our own child, not reaped yet (so its pid is still its own).
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let status = self.kill_within(KILL_REAP);
+        if status.is_none() {
+            log::warn!(
+                "driver partition {} was killed but has not ended after {KILL_REAP:?}: a thread of it waits \
+                 in the kernel (stalled storage?); it ends once that wait does",
+                self.pid
+            );
         }
-        self.reap(0)
+        status
     }
 
     /// Kills the partition with SIGKILL and waits at most `timeout` for it to end; its
