@@ -21,7 +21,7 @@ use splitvisor_isolation::proxy::{Probe, ProxyConnection, ProxyDevice, ProxyLink
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::lifecycle::{DriverSlot, Fault, RestartError, SlotEvent, Watchdog};
+use crate::lifecycle::{DriverSlot, Fault, RestartError, SlotEvent, UpgradeError, Watchdog};
 
 const EXITED: u32 = 0;
 const HUNG_UP: u32 = 1;
@@ -342,7 +342,7 @@ impl DriverSlot for VhostUserSlot {
         }
     }
 
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
         let Backend::Spawned { driver, served, active, spare, .. } = &mut self.backend else {
             return Err("an external backend is upgraded by whoever runs it (splitvisor reconnects)".into());
         };
@@ -378,11 +378,11 @@ impl DriverSlot for VhostUserSlot {
                 // its partition has ended.
                 if let Some(old) = active.as_mut() {
                     if old.kill_within(KILL_WAIT).is_none() {
-                        return Err(format!(
+                        return Err(UpgradeError::Restarting(format!(
                             "the old driver (partition {}) did not stop, and has not ended yet: it is waiting \
-                             in the kernel; the device restarts once it has",
+                             in the kernel; the device restarts with the new driver once it has",
                             old.pid()
-                        ));
+                        )));
                     }
                 }
             }
@@ -561,7 +561,7 @@ impl DriverSlot for ProxySlot {
         Ok(())
     }
 
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
         // Another program is adopted (and the spare, which runs the old one, dropped) only
         // once a partition of it is up: one that cannot start leaves the device as it was.
         let (partition, stream) = match program.filter(|program| **program != self.driver) {

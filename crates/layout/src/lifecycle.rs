@@ -73,6 +73,28 @@ pub(crate) enum RestartError {
     Failed(String),
 }
 
+/// Why an upgrade did not happen.
+#[derive(Debug)]
+pub(crate) enum UpgradeError {
+    /// The device keeps the driver it had.
+    Kept(String),
+    /// The old driver no longer serves the device and the new one cannot take over yet
+    /// (the old one has not ended): the device restarts, as a restart asked for.
+    Restarting(String),
+}
+
+impl From<String> for UpgradeError {
+    fn from(why: String) -> Self {
+        Self::Kept(why)
+    }
+}
+
+impl From<&str> for UpgradeError {
+    fn from(why: &str) -> Self {
+        Self::Kept(why.to_string())
+    }
+}
+
 /// One device kind's driver, as the lifecycle drives it.
 pub(crate) trait DriverSlot: Send {
     /// What serves the device now: `pid 1234`, `external vhost-user /run/x.sock`, ...
@@ -101,7 +123,7 @@ pub(crate) trait DriverSlot: Send {
     /// A new driver (`program`, or the same one) takes over a working device; returns how
     /// long the device did not serve. A `program` that cannot start a partition leaves the
     /// device with the program it had: later restarts and spares still run that one.
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, String> {
+    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
         let _ = program;
         Err("this device's driver cannot be upgraded".into())
     }
@@ -318,6 +340,9 @@ struct Inner {
     /// Since when requests have been waiting on a driver that waits in the kernel, once
     /// the watchdog would otherwise have fired.
     storage_wait: Option<Instant>,
+    /// The pending restart was asked for (an upgrade that has to finish as a restart), so
+    /// it does not count against the fault policy's budget.
+    restart_asked: bool,
 }
 
 /// What the control socket shows of a device.
@@ -372,6 +397,7 @@ impl ManagedDriver {
                 restarts: 0,
                 last_fault: None,
                 storage_wait: None,
+                restart_asked: false,
             }),
             commands: Mutex::new(Vec::new()),
         })
@@ -494,9 +520,12 @@ impl ManagedDriver {
     /// (it would leave the next real fault without a restart).
     fn restart(&self, inner: &mut Inner, now: Instant, asked: bool) {
         let Some((_, since)) = inner.restart_at else { return };
+        let asked = asked || inner.restart_asked;
         let started = Instant::now();
         match inner.slot.restart() {
             Ok(()) => {
+                inner.restart_asked = false;
+                inner.storage_wait = None;
                 if !asked {
                     inner.recent.push_back(now);
                 }
@@ -526,6 +555,7 @@ impl ManagedDriver {
                 }
             }
             Err(RestartError::Failed(why)) => {
+                inner.restart_asked = false;
                 inner.recent.push_back(now);
                 // A new failure, with its own back-off.
                 inner.restart_at = None;
@@ -547,8 +577,6 @@ impl ManagedDriver {
         if let Health::Failed(why) = &inner.health {
             return Err(format!("{} has failed ({why})", self.name));
         }
-        // A new driver, or none: a wait on storage starts over.
-        inner.storage_wait = None;
         match command {
             Command::Restart => {
                 self.log.record(&self.name, "restart asked for".into());
@@ -561,7 +589,18 @@ impl ManagedDriver {
                 }
             }
             Command::Upgrade(program) => {
-                let stall = inner.slot.upgrade(program.as_ref())?;
+                let stall = match inner.slot.upgrade(program.as_ref()) {
+                    Ok(stall) => stall,
+                    Err(UpgradeError::Kept(why)) => return Err(why),
+                    Err(UpgradeError::Restarting(why)) => {
+                        self.log.record(&self.name, format!("upgrade: {why}"));
+                        inner.health = Health::Restarting;
+                        inner.restart_at = Some((now, now));
+                        inner.restart_asked = true;
+                        return Err(why);
+                    }
+                };
+                inner.storage_wait = None;
                 self.log.record(
                     &self.name,
                     format!(
@@ -1012,7 +1051,38 @@ mod tests {
             }
             Ok(())
         }
+        fn upgrade(&mut self, _program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
+            Err(UpgradeError::Restarting("the old driver did not stop".into()))
+        }
         fn fail(&mut self) {}
+    }
+
+    #[test]
+    fn an_upgrade_that_ends_as_a_restart_does_not_use_up_the_fault_budget() {
+        let pending = Arc::new(Mutex::new(1));
+        let driver = ManagedDriver::new(
+            "disk0",
+            "virtio-blk",
+            Placement::Partition,
+            FaultPolicy::Restart { max: 1, window: Duration::from_secs(60), backoff: Duration::ZERO },
+            Duration::from_secs(1),
+            splitvisor_vcpu::VmControl::new().stop_handle(),
+            EventLog::new(),
+            Box::new(SlowToEndSlot { pending: pending.clone() }),
+        );
+        let now = Instant::now();
+        for _ in 0..3 {
+            let answer = driver.run_command(&mut driver.lock(), Command::Upgrade(None), now);
+            assert_eq!(answer, Err(CommandError::Failed("the old driver did not stop".into())));
+            assert_eq!(driver.status().health, Health::Restarting);
+            // The old backend's hang-up, reported meanwhile, is the same failure.
+            driver.fault(&mut driver.lock(), Fault::HungUp, now);
+            for _ in 0..3 {
+                driver.tick(now);
+            }
+            assert_eq!(driver.status().health, Health::Running);
+        }
+        assert_eq!(driver.lock().recent.len(), 0);
     }
 
     #[test]
