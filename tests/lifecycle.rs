@@ -475,6 +475,28 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
 
+/// Starts `example` running blk-stress with `args` (its own options: --timeout, --disk,
+/// --cmdline, ...), its console to `output`; returns once the guest's first pass is done,
+/// so that a freeze then catches it at work.
+fn blk_stress_under_way(example: &str, args: &[&std::ffi::OsStr], output: &Path) -> support::KillOnDrop {
+    let mut vm = support::KillOnDrop(
+        std::process::Command::new(support::example(example))
+            .args(["--guest", "blk-stress"])
+            .args(args)
+            .stdout(std::fs::File::create(output).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(output).unwrap().contains("pass 1/") {
+        assert!(Instant::now() < deadline, "blk-stress did not get going");
+        assert!(vm.0.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(output).unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
+}
+
 /// A filesystem frozen under the image (as a backup agent does for a snapshot) holds the
 /// disk's requests for seconds: the driver is waiting in the kernel, not hung, so the
 /// watchdog neither replaces the partition nor, in the hypervisor, ends the VM; the guest
@@ -490,23 +512,10 @@ fn a_frozen_filesystem_under_the_image_is_waited_for_not_taken_for_a_hang() {
         let image = fs.path().join("disk.img");
         std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
         let output = fs.path().with_extension(format!("{example}.out"));
-        let mut vm = support::KillOnDrop(
-            std::process::Command::new(support::example(example))
-                .args(["--guest", "blk-stress", "--timeout", "120", "--cmdline", "blk_stress.passes=60"])
-                .arg("--disk")
-                .arg(format!("{},cache={cache}", image.display()))
-                .stdout(std::fs::File::create(&output).unwrap())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        // Frozen once the guest is at work, for three times the watchdog's second.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&output).unwrap().contains("pass 1/") {
-            assert!(Instant::now() < deadline, "blk-stress did not get going");
-            assert!(vm.0.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&output).unwrap());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let disk = format!("{},cache={cache}", image.display());
+        let args = ["--timeout", "120", "--cmdline", "blk_stress.passes=60", "--disk", &disk];
+        let mut vm = blk_stress_under_way(example, &args.map(std::ffi::OsStr::new), &output);
+        // Frozen for three times the watchdog's second.
         fs.freeze();
         std::thread::sleep(Duration::from_secs(3));
         fs.thaw();
@@ -546,25 +555,10 @@ fn a_restart_or_upgrade_during_a_storage_freeze_waits_for_the_old_driver_to_end(
         let output = fs.path().with_extension(format!("{command}.out"));
         let socket = fs.path().with_extension(format!("{command}.sock"));
         let passes = 60;
-        let mut vm = support::KillOnDrop(
-            std::process::Command::new(support::example("microkernel"))
-                .args(["--guest", "blk-stress", "--timeout", "120", "--cmdline"])
-                .arg(format!("blk_stress.passes={passes}"))
-                .arg("--disk")
-                .arg(&image)
-                .arg("--api-socket")
-                .arg(&socket)
-                .stdout(std::fs::File::create(&output).unwrap())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&output).unwrap().contains("pass 1/") {
-            assert!(Instant::now() < deadline, "blk-stress did not get going");
-            assert!(vm.0.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&output).unwrap());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let cmdline = format!("blk_stress.passes={passes}");
+        let args = ["--timeout", "120", "--cmdline", &cmdline, "--disk"].map(std::ffi::OsStr::new);
+        let args = [&args[..], &[image.as_os_str(), "--api-socket".as_ref(), socket.as_os_str()]].concat();
+        let mut vm = blk_stress_under_way("microkernel", &args, &output);
         fs.freeze();
         // Let the partition's writes reach the frozen filesystem.
         std::thread::sleep(Duration::from_millis(300));
@@ -610,22 +604,11 @@ fn a_vm_ends_at_its_timeout_while_its_disk_partition_is_stuck_on_a_frozen_filesy
     let output = fs.path().with_extension("exit.out");
     let timeout = Duration::from_secs(5);
     let started = Instant::now();
-    let mut vm = support::KillOnDrop(
-        std::process::Command::new(support::example("microkernel"))
-            .args(["--guest", "blk-stress", "--cmdline", "blk_stress.passes=100000 blk_stress.timeout_s=600"])
-            .arg("--timeout")
-            .arg(timeout.as_secs().to_string())
-            .arg("--disk")
-            .arg(&image)
-            .stdout(std::fs::File::create(&output).unwrap())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    while !std::fs::read_to_string(&output).unwrap().contains("pass 1/") {
-        assert!(started.elapsed() < timeout, "blk-stress did not get going");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let seconds = timeout.as_secs().to_string();
+    let args =
+        ["--cmdline", "blk_stress.passes=100000 blk_stress.timeout_s=600", "--timeout", &seconds, "--disk"]
+            .map(std::ffi::OsStr::new);
+    let mut vm = blk_stress_under_way("microkernel", &[&args[..], &[image.as_os_str()]].concat(), &output);
     fs.freeze();
     // The timeout, then the partition's last words (2 s) and its kill (2 s) at most.
     let bound = timeout + Duration::from_secs(8);
