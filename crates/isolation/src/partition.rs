@@ -510,8 +510,8 @@ impl Partition {
 
     /// Kills the partition with SIGKILL and waits at most `timeout` for it to end; its
     /// status if it did. A process in an uninterruptible wait in the kernel (a write to
-    /// storage that stalls) dies only once that wait is over, so this bounds what
-    /// [`kill`](Self::kill) does not.
+    /// storage that stalls) dies only once that wait is over: a caller that must know it
+    /// ended (before another driver takes over) asks again later.
     pub fn kill_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_none() {
             // SAFETY: a signal to our own child, not reaped yet (so its pid is still its own).
