@@ -170,26 +170,64 @@ pub struct DeviceEvent {
     pub what: String,
 }
 
-/// Every device event of a VM, in order.
+/// Device events a VM keeps from its start ([`EventLog`]).
+const KEPT_FIRST: usize = 32;
+/// Device events a VM keeps from its end.
+const KEPT_LAST: usize = 224;
+
+/// A VM's device events, in order: the first [`KEPT_FIRST`] and the last [`KEPT_LAST`],
+/// so that a VM whose drivers restart again and again (a control client asking for it
+/// in a loop) keeps a bounded log. Every event goes to the `log` crate as well.
 #[derive(Debug)]
 pub(crate) struct EventLog {
     start: Instant,
-    events: Mutex<Vec<DeviceEvent>>,
+    events: Mutex<KeptEvents>,
+}
+
+#[derive(Debug, Default)]
+struct KeptEvents {
+    first: Vec<DeviceEvent>,
+    last: VecDeque<DeviceEvent>,
+    left_out: u64,
 }
 
 impl EventLog {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self { start: Instant::now(), events: Mutex::new(Vec::new()) })
+        Arc::new(Self { start: Instant::now(), events: Mutex::new(KeptEvents::default()) })
     }
 
     pub(crate) fn record(&self, device: &str, what: String) {
         log::warn!("{device}: {what}");
         let event = DeviceEvent { device: device.to_string(), at: self.start.elapsed(), what };
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.first.len() < KEPT_FIRST {
+            events.first.push(event);
+            return;
+        }
+        if events.last.len() == KEPT_LAST {
+            events.last.pop_front();
+            events.left_out += 1;
+        }
+        events.last.push_back(event);
     }
 
+    /// The events kept, with one in the middle (device `"*"`) saying how many were left
+    /// out there, if any were.
     pub(crate) fn all(&self) -> Vec<DeviceEvent> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = events.first.clone();
+        if let Some(next) = events.last.front().filter(|_| events.left_out > 0) {
+            all.push(DeviceEvent {
+                device: "*".into(),
+                at: next.at,
+                what: format!(
+                    "{} events left out of this list (all of them are in the log)",
+                    events.left_out
+                ),
+            });
+        }
+        all.extend(events.last.iter().cloned());
+        all
     }
 }
 
@@ -1107,6 +1145,31 @@ mod tests {
         driver.tick(now);
         assert_eq!(driver.status().health, Health::Running);
         assert_eq!(*pending.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn the_event_log_keeps_its_first_and_last_events_and_says_how_many_it_left_out() {
+        let log = EventLog::new();
+        for i in 0..KEPT_FIRST + KEPT_LAST {
+            log.record("disk0", format!("event {i}"));
+        }
+        assert_eq!(log.all().len(), KEPT_FIRST + KEPT_LAST);
+        for i in KEPT_FIRST + KEPT_LAST..10_000 {
+            log.record("disk0", format!("event {i}"));
+        }
+        let all = log.all();
+        assert_eq!(all.len(), KEPT_FIRST + 1 + KEPT_LAST);
+        assert_eq!(all[0].what, "event 0");
+        assert_eq!(all[KEPT_FIRST - 1].what, format!("event {}", KEPT_FIRST - 1));
+        let left_out = 10_000 - KEPT_FIRST - KEPT_LAST;
+        assert_eq!(all[KEPT_FIRST].device, "*");
+        assert!(
+            all[KEPT_FIRST].what.starts_with(&format!("{left_out} events left out")),
+            "{:?}",
+            all[KEPT_FIRST]
+        );
+        assert_eq!(all[KEPT_FIRST + 1].what, format!("event {}", KEPT_FIRST + left_out));
+        assert_eq!(all.last().unwrap().what, "event 9999");
     }
 
     #[test]

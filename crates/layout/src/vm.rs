@@ -740,7 +740,9 @@ pub struct VmReport {
     /// Where each device ran.
     pub placements: Vec<DevicePlacement>,
     /// What happened to device drivers while the VM ran (faults, restarts, upgrades), in
-    /// order.
+    /// order: the first 32 and the last 224, with an event of device `"*"` between them
+    /// saying how many were left out (a VM whose drivers restart in a loop keeps a bounded
+    /// list; the `log` crate has them all).
     pub device_events: Vec<DeviceEvent>,
     /// Each supervised driver at the end: restarts, health.
     pub drivers: Vec<DriverStatus>,
