@@ -55,6 +55,10 @@ const MAX_LINE: u64 = 4096;
 const REQUEST_TIME: Duration = Duration::from_secs(30);
 /// Longest an answer may take to be taken by the client.
 const ANSWER_TIME: Duration = Duration::from_secs(10);
+/// How long the server stops accepting after the host refused it a new connection's fd
+/// (EMFILE, ENFILE): the connection stays waiting, and polling for it again at once would
+/// spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Most clients connected at once; a newcomer beyond them takes the place of the one that
 /// has been idle longest, so each holds a bounded share of the thread and of memory
 /// (a request line and an answer each).
@@ -283,6 +287,14 @@ impl Client {
         }
     }
 
+    /// Whether a request line (or a line too long) has come and waits for its turn.
+    fn has_line(&self) -> bool {
+        self.answer.is_empty()
+            && (self.request.contains(&b'\n')
+                || self.request.len() >= MAX_LINE as usize
+                || (self.closing && !self.request.is_empty()))
+    }
+
     /// The next whole request line, if one has come: ended by a newline, or by the
     /// client hanging up after it. A line over [`MAX_LINE`] bytes is refused, and the
     /// client dropped once it has the refusal.
@@ -336,20 +348,29 @@ impl Api {
     /// it has something to say: one that idles or trickles its bytes holds nobody up.
     fn serve(&self, listener: &UnixListener, stop: &EventFd) {
         let mut clients: Vec<Client> = Vec::new();
+        let mut accept_paused: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            let accepting = accept_paused.is_none_or(|until| now >= until);
             let mut fds = vec![
                 libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: if accepting { libc::POLLIN } else { 0 },
+                    revents: 0,
+                },
             ];
             fds.extend(clients.iter().map(|client| libc::pollfd {
                 fd: client.stream.as_raw_fd(),
                 events: if client.answer.is_empty() { libc::POLLIN } else { libc::POLLOUT },
                 revents: 0,
             }));
+            // A client with a request line already read is served without waiting.
             let timeout = clients
                 .iter()
-                .map(|client| client.deadline.saturating_duration_since(now))
+                .map(|client| if client.has_line() { now } else { client.deadline })
+                .chain(accept_paused.filter(|_| !accepting))
+                .map(|deadline| deadline.saturating_duration_since(now))
                 .min()
                 // Rounded up, so the wait does not end just short of the deadline.
                 .map_or(-1, |left| left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
@@ -362,7 +383,7 @@ impl Api {
                 return;
             }
             for (client, fd) in clients.iter_mut().zip(&fds[2..]) {
-                if fd.revents != 0 {
+                if fd.revents != 0 || client.has_line() {
                     if let Err(e) = self.serve_client(client) {
                         log::debug!("api: client dropped: {e}");
                         client.closing = true;
@@ -382,8 +403,33 @@ impl Api {
                     }
                 }
                 match accept(listener) {
-                    Ok(stream) => clients.push(Client::new(stream, now)),
-                    Err(e) => log::debug!("api: accept: {e}"),
+                    Ok(stream) => {
+                        clients.push(Client::new(stream, now));
+                        accept_paused = None;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => {
+                        // Out of fds: the longest idle client makes room, as when the
+                        // table is full; with none left, the server waits a little.
+                        match (0..clients.len()).min_by_key(|&i| clients[i].active) {
+                            Some(idlest) => {
+                                log::debug!("api: cannot accept a client ({e}); dropping the longest idle");
+                                clients.swap_remove(idlest);
+                            }
+                            None => {
+                                if accept_paused.is_none() {
+                                    log::warn!(
+                                        "api: cannot accept a client ({e}); trying again every {ACCEPT_PAUSE:?}"
+                                    );
+                                }
+                                accept_paused = Some(now + ACCEPT_PAUSE);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -397,8 +443,10 @@ impl Api {
             return Ok(());
         }
         client.receive()?;
-        while client.answer.is_empty() {
-            let Some(line) = client.next_line() else { break };
+        // One request per client per turn: a client that pipelines many commands
+        // takes its turns with the others (its next line is served at the next turn).
+        if client.answer.is_empty() {
+            let Some(line) = client.next_line() else { return Ok(()) };
             let answer = match line {
                 Ok(line) => match std::str::from_utf8(&line) {
                     Ok(line) => self.answer(line.trim()),
