@@ -87,7 +87,16 @@ impl Drop for FreezableFs {
         }
         if self.mounted {
             // The loop device goes with the mount (mount -o loop sets it to clear itself).
-            let _ = run("umount", &[self.mount.as_os_str()]);
+            // A killed process that was stuck on the frozen filesystem may still hold a
+            // file there for a moment after the thaw: the mount is busy until it ends.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while let Err(why) = run("umount", &[self.mount.as_os_str()]) {
+                if std::time::Instant::now() >= deadline {
+                    eprintln!("cannot unmount {}: {why}", self.mount.display());
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         let _ = std::fs::remove_dir(&self.mount);
         let _ = std::fs::remove_file(&self.backing);
