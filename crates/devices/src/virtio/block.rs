@@ -86,7 +86,7 @@ use super::block_io::{self, Completion, EngineKind, IoEngine, IoOp, MAX_IN_FLIGH
 use super::chain::{self, ChainLimits, Segment};
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, device_type, features,
-    image_lock,
+    image_lock, ram,
 };
 
 /// Bytes per sector: the unit of `sector` and `capacity`, whatever the block size.
@@ -1741,7 +1741,7 @@ impl BlockRequests {
         outcome: Outcome,
         journal: &mut dyn RequestJournal,
     ) -> Result<(), QueueError> {
-        let used_len = if self.mem.write_obj(outcome.status, GuestAddress(status)).is_err() {
+        let used_len = if ram::write(&self.mem, status, &[outcome.status]).is_err() {
             // Checked when the request was parsed; memory does not shrink under a call.
             0
         } else {
@@ -1773,8 +1773,10 @@ impl BlockRequests {
         if !queue.ready() || queue.size() == 0 {
             return Err(QueueError::Broken(virtio_queue::Error::QueueNotReady));
         }
-        let avail = queue.avail_idx(&self.mem, Ordering::Acquire).map_err(QueueError::Broken)?;
-        let waiting = avail.0.wrapping_sub(queue.next_avail());
+        // The index sits after the ring's flags.
+        let avail = ram::load_u16(&self.mem, queue.avail_ring() + 2, Ordering::Acquire)
+            .map_err(|e| QueueError::Broken(virtio_queue::Error::GuestMemory(e)))?;
+        let waiting = avail.wrapping_sub(queue.next_avail());
         if waiting > queue.size() {
             return Err(QueueError::Broken(virtio_queue::Error::InvalidAvailRingIndex));
         }
@@ -1789,11 +1791,10 @@ impl BlockRequests {
         let next = queue.next_avail();
         // The available index was read with Acquire: the ring entry it covers is visible.
         let slot = queue.avail_ring() + 4 + 2 * u64::from(next % queue.size());
-        let head = self
-            .mem
-            .read_obj::<u16>(GuestAddress(slot))
-            .map(u16::from_le)
+        let mut head = [0u8; 2];
+        ram::read(&self.mem, slot, &mut head)
             .map_err(|e| QueueError::Broken(virtio_queue::Error::GuestMemory(e)))?;
+        let head = u16::from_le_bytes(head);
         queue.set_next_avail(next.wrapping_add(1));
         if head >= queue.size() {
             return Err(QueueError::Broken(virtio_queue::Error::InvalidDescriptorIndex));
@@ -1820,7 +1821,7 @@ impl BlockRequests {
             Ok(prepared) => return prepared,
             Err(outcome) => outcome,
         };
-        if self.mem.write_obj(outcome.status, GuestAddress(status)).is_err() {
+        if ram::write(&self.mem, status, &[outcome.status]).is_err() {
             // Checked by status_byte; memory does not shrink under a call.
             return Prepared::Done(0);
         }
@@ -1910,7 +1911,7 @@ impl BlockRequests {
         let mut at = 0usize;
         for (addr, len) in self.pieces(false, 0, HEADER_SIZE) {
             let end = at + len as usize;
-            self.mem.read_slice(&mut header[at..end], GuestAddress(addr)).ok()?;
+            ram::read(&self.mem, addr, &mut header[at..end]).ok()?;
             at = end;
         }
         Some(header)
@@ -1943,7 +1944,11 @@ impl BlockRequests {
                 return Err(MapError::Refused);
             }
             let len = usize::try_from(len).map_err(|_| MapError::Refused)?;
-            for slice in GuestMemoryBackend::get_slices(&self.mem, GuestAddress(addr), len) {
+            // Most buffers lie in one region: one slice, without the general iterator.
+            let whole = ram::slice(&self.mem, addr, len).map(Ok);
+            let slices =
+                whole.is_none().then(|| GuestMemoryBackend::get_slices(&self.mem, GuestAddress(addr), len));
+            for slice in whole.into_iter().chain(slices.into_iter().flatten()) {
                 let slice = slice.map_err(|_| MapError::Refused)?;
                 if end == MAX_IOVECS {
                     return Err(if start == 0 { MapError::Refused } else { MapError::Full });

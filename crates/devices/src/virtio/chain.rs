@@ -17,8 +17,6 @@
 //! The walker never allocates: `segments` keeps its capacity between chains and never
 //! grows beyond the limit.
 
-use vm_memory::{Bytes, GuestAddress};
-
 use super::GuestMemoryMmap;
 
 /// Descriptor flag: the chain continues at `next`.
@@ -107,8 +105,7 @@ pub struct ChainLimits {
 
 fn read_descriptor(mem: &GuestMemoryMmap, at: u64) -> Result<(u64, u32, u16, u16), ChainError> {
     let mut raw = [0u8; 16];
-    mem.read_slice(&mut raw, GuestAddress(at))
-        .map_err(|_| ChainError::DescriptorOutsideMemory { addr: at })?;
+    super::ram::read(mem, at, &mut raw).map_err(|_| ChainError::DescriptorOutsideMemory { addr: at })?;
     let field = |range: std::ops::Range<usize>| -> u64 {
         raw[range].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
     };

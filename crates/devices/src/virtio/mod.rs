@@ -17,6 +17,7 @@ mod image_lock;
 mod interrupt;
 mod mmio;
 pub mod net;
+mod ram;
 pub mod tap;
 pub mod testing;
 
