@@ -15,8 +15,8 @@
 //!   engine runs them at once with `pwritev`; nor does a small transfer that is alone in
 //!   flight (a driver at queue depth 1), which runs with one system call (see [`Uring`]).
 //! * [`ThreadPool`]: where io_uring is missing or refused (an old kernel, a container
-//!   whose seccomp profile blocks it, `io_uring_disabled`), a few threads run `preadv`,
-//!   `pwritev` and `fdatasync`.
+//!   whose seccomp profile blocks it, `io_uring_disabled`), a few threads run `preadv`
+//!   (`pread` for one buffer), `pwritev` (`pwrite`) and `fdatasync`.
 //!
 //! [`open`] probes io_uring and falls back to the thread pool ([`EngineKind::Auto`]).
 //! Neither engine allocates per request: their queues are sized at creation for
@@ -523,6 +523,20 @@ fn run(fd: i32, transfer: &Transfer) -> i64 {
         return -i64::from(libc::EINVAL);
     };
     let count = transfer.count as libc::c_int;
+    if count == 1 && transfer.op != IoOp::Sync {
+        // One buffer (most requests: a guest's page or block): pread/pwrite spare the kernel
+        // copying in and checking an iovec array, a few percent of a 4 KiB request.
+        // SAFETY: `iovecs` holds `count` = 1 valid entry (`IoEngine::push`'s contract).
+        let buffer = unsafe { *transfer.iovecs };
+        let result = match transfer.op {
+            // SAFETY: the pusher keeps the buffer valid until the completion; the kernel
+            // writes only into it.
+            IoOp::Read => unsafe { libc::pread(fd, buffer.iov_base, buffer.iov_len, offset) },
+            // SAFETY: as above; the kernel only reads it.
+            _ => unsafe { libc::pwrite(fd, buffer.iov_base, buffer.iov_len, offset) },
+        };
+        return outcome(result);
+    }
     let result = match transfer.op {
         // SAFETY: the pusher keeps the iovecs and their buffers valid until the completion;
         // the kernel writes only into them.
@@ -532,6 +546,11 @@ fn run(fd: i32, transfer: &Transfer) -> i64 {
         // SAFETY: fdatasync takes only the fd.
         IoOp::Sync => unsafe { libc::fdatasync(fd) as isize },
     };
+    outcome(result)
+}
+
+/// A system call's result as a transfer's: bytes moved, or a negative errno.
+fn outcome(result: isize) -> i64 {
     if result < 0 {
         -i64::from(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
     } else {
