@@ -276,6 +276,16 @@ struct RequestHeader {
     sector: u64,
 }
 
+/// The device-visible memory of one request slot: its header, then its status byte, in
+/// one cache line (as Linux keeps them in one request structure). The device reads the one
+/// and writes the other, so from another CPU a request moves one line there and back, not
+/// two.
+#[repr(C, align(32))]
+struct RequestBlock {
+    header: RequestHeader,
+    status: u8,
+}
+
 /// A virtio-blk device, ready for requests.
 pub struct BlockDevice {
     device: MmioDevice,
@@ -288,8 +298,7 @@ pub struct BlockDevice {
     /// The device takes FLUSH requests (without it, its writes are durable when acknowledged).
     pub flush: bool,
     /// Per request slot: its header and status byte (device-visible memory).
-    headers: *mut RequestHeader,
-    statuses: *mut u8,
+    requests: *mut RequestBlock,
     in_flight: [bool; MAX_IN_FLIGHT],
     /// Notifications (QueueNotify writes) sent.
     pub notifications: u64,
@@ -359,8 +368,8 @@ impl BlockDevice {
         }
         device.write(reg::QUEUE_READY, 1);
 
-        let headers = alloc::alloc((16 * MAX_IN_FLIGHT) as u64, 64).ok_or("out of memory")? as *mut RequestHeader;
-        let statuses = alloc::alloc(MAX_IN_FLIGHT as u64, 64).ok_or("out of memory")?;
+        let requests = alloc::alloc((size_of::<RequestBlock>() * MAX_IN_FLIGHT) as u64, 64)
+            .ok_or("out of memory")? as *mut RequestBlock;
 
         BASES[slot].store(device.base, Ordering::Release);
         let vector = FIRST_VECTOR + slot as u8;
@@ -379,8 +388,7 @@ impl BlockDevice {
             capacity,
             read_only: wanted & F_BLK_RO != 0,
             flush: wanted & F_BLK_FLUSH != 0,
-            headers,
-            statuses,
+            requests,
             in_flight: [false; MAX_IN_FLIGHT],
             notifications: 0,
             slot_index: slot,
@@ -467,11 +475,14 @@ impl BlockDevice {
         let head = (3 * slot) as u16;
         // SAFETY: slot < MAX_IN_FLIGHT; header and status memory belong to this slot.
         unsafe {
-            write_volatile(self.headers.add(slot), RequestHeader { kind, reserved: 0, sector });
-            write_volatile(self.statuses.add(slot), 0xff);
+            let block = self.requests.add(slot);
+            write_volatile(&raw mut (*block).header, RequestHeader { kind, reserved: 0, sector });
+            write_volatile(&raw mut (*block).status, 0xff);
         }
-        let header = self.headers as u64 + 16 * slot as u64;
-        let status = self.statuses as u64 + slot as u64;
+        // SAFETY: slot < MAX_IN_FLIGHT: inside the allocation.
+        let block = unsafe { self.requests.add(slot) };
+        let header = block as u64;
+        let status = header + core::mem::offset_of!(RequestBlock, status) as u64;
         let device_writes = if kind == blk::IN || kind == blk::GET_ID { DESC_F_WRITE } else { 0 };
         if len > 0 {
             self.queue.set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
@@ -501,7 +512,7 @@ impl BlockDevice {
         }
         self.in_flight[slot] = false;
         // SAFETY: the device wrote the status byte of this slot before returning it.
-        let status = unsafe { read_volatile(self.statuses.add(slot)) };
+        let status = unsafe { read_volatile(&raw const (*self.requests.add(slot)).status) };
         Some((slot, status))
     }
 
