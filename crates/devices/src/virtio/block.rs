@@ -1338,7 +1338,11 @@ impl BlockRequests {
                 if self.in_flight() == 0 {
                     break;
                 }
-                completed += self.reap(queue, journal)?;
+                // While it waits, a request the driver offers that has room is taken at
+                // once, not at the next completion: the queue's depth stays what the
+                // driver keeps in flight.
+                let room = self.in_flight() < self.depth && fetched < budget;
+                completed += self.reap(queue, journal, room)?;
             }
             if fetched == budget {
                 // Stop for now, but with notifications on again (with EVENT_IDX: avail_event
@@ -1558,14 +1562,26 @@ impl BlockRequests {
     }
 
     /// Waits for at least one transfer, and puts every request whose transfer is complete
-    /// in the used ring; returns how many.
-    fn reap(&mut self, queue: &mut Queue, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
+    /// in the used ring; returns how many. With `room`, the wait may also end with none
+    /// when the driver offers a request (see [`IoEngine::wait_or`]).
+    fn reap(
+        &mut self,
+        queue: &mut Queue,
+        journal: &mut dyn RequestJournal,
+        room: bool,
+    ) -> Result<usize, QueueError> {
         let Some(engine) = self.engine.as_mut() else {
             return Ok(0);
         };
         let mut done = std::mem::take(&mut self.done);
         done.clear();
-        if let Err(e) = engine.wait(&mut done) {
+        let (mem, ring) = (&self.mem, &*queue);
+        // The available index only (a broken ring is found when the request is taken).
+        let mut offered = || {
+            room && ram::load_u16(mem, ring.avail_ring() + 2, Ordering::Acquire)
+                .is_ok_and(|avail| avail != ring.next_avail())
+        };
+        if let Err(e) = engine.wait_or(&mut done, &mut offered) {
             self.done = done;
             return Err(QueueError::Engine(e));
         }
@@ -1599,7 +1615,7 @@ impl BlockRequests {
     fn drain(&mut self, queue: &mut Queue, journal: &mut dyn RequestJournal) -> Result<usize, QueueError> {
         let mut completed = 0;
         while self.in_flight() > 0 {
-            completed += self.reap(queue, journal)?;
+            completed += self.reap(queue, journal, false)?;
         }
         Ok(completed)
     }

@@ -114,6 +114,16 @@ pub trait IoEngine: Send {
     /// outstanding) and appends every finished one to `done`.
     fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()>;
 
+    /// As [`IoEngine::wait`], but while the engine looks for a completion before it sleeps
+    /// (see [`IoEngine::set_poll_limit`]) it also asks `more_work`, and returns with nothing
+    /// appended once that says yes: the driver offered a request that can start now, which
+    /// would otherwise wait for the next completion. An engine that does not look waits as
+    /// `wait` does.
+    fn wait_or(&mut self, done: &mut Vec<Completion>, more_work: &mut dyn FnMut() -> bool) -> io::Result<()> {
+        let _ = more_work;
+        self.wait(done)
+    }
+
     /// Transfers pushed and not yet returned by `wait`.
     fn outstanding(&self) -> usize;
 
@@ -273,25 +283,38 @@ impl Uring {
         }
     }
 
-    /// Looks at the completion ring for the poll window; true if a completion arrived.
-    fn look_for_completion(&mut self) -> bool {
+    /// Looks at the completion ring for the poll window, and asks `more_work` as it
+    /// looks.
+    fn look_for_completion(&mut self, more_work: &mut dyn FnMut() -> bool) -> Look {
         let window = self.poll.window();
         if window.is_zero() {
-            return false;
+            return Look::Nothing;
         }
         let start = Instant::now();
         loop {
             if !self.ring.completion().is_empty() {
                 self.poll.found();
-                return true;
+                return Look::Completion;
+            }
+            if more_work() {
+                // Not a miss: the window is left as it is.
+                return Look::MoreWork;
             }
             if start.elapsed() >= window {
                 self.poll.missed();
-                return false;
+                return Look::Nothing;
             }
             std::hint::spin_loop();
         }
     }
+}
+
+/// What a look at the completion ring found.
+enum Look {
+    Completion,
+    /// `more_work` said yes first.
+    MoreWork,
+    Nothing,
 }
 
 /// Largest transfer [`Uring`] runs with one system call when it is alone: a request
@@ -357,6 +380,10 @@ impl IoEngine for Uring {
     }
 
     fn wait(&mut self, done: &mut Vec<Completion>) -> io::Result<()> {
+        self.wait_or(done, &mut || false)
+    }
+
+    fn wait_or(&mut self, done: &mut Vec<Completion>, more_work: &mut dyn FnMut() -> bool) -> io::Result<()> {
         if self.outstanding == 0 {
             return Ok(());
         }
@@ -389,8 +416,10 @@ impl IoEngine for Uring {
                 // A transfer that completes within the window is found without sleeping:
                 // no wake-up, which on a busy host can cost more than the transfer.
                 looked = true;
-                if self.look_for_completion() {
-                    continue;
+                match self.look_for_completion(more_work) {
+                    Look::Completion => continue,
+                    Look::MoreWork => return Ok(()),
+                    Look::Nothing => {}
                 }
             }
             self.enter(1)?;
@@ -627,6 +656,92 @@ mod tests {
 
     fn iovec(buf: &mut [u8]) -> libc::iovec {
         libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
+    }
+
+    /// Two O_DIRECT reads of a fresh 64-sector image in the temporary directory (O_DIRECT
+    /// needs a real file system), pushed on a ring engine and submitted.
+    fn two_direct_reads(
+        name: &str,
+        poll: Duration,
+    ) -> (Uring, crate::virtio::GuestMemoryMmap, std::path::PathBuf) {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let path = std::env::temp_dir().join(format!("splitvisor-io-{}-{name}.img", std::process::id()));
+        // Written out, not sparse: an O_DIRECT read of a hole completes in the submission.
+        let file = std::fs::File::create(&path).unwrap();
+        file.write_all_at(&[0x5a; 64 * 512], 0).unwrap();
+        file.sync_all().unwrap();
+        let disk = Arc::new(DiskImage::open_with(&path, false, CacheMode::None).unwrap());
+        let mut engine = Uring::new(&disk).unwrap();
+        engine.set_poll_limit(poll);
+        // Guest memory is page-aligned, as O_DIRECT wants its buffers.
+        let mem = crate::virtio::testing::guest_memory(0x10000);
+        let base = mem.get_host_address(GuestAddress(0)).unwrap();
+        let iovecs = Box::leak(Box::new(
+            // SAFETY: both buffers lie inside the 64 KiB just mapped.
+            [0, 1].map(|i| libc::iovec { iov_base: unsafe { base.add(4096 * i) }.cast(), iov_len: 4096 }),
+        ));
+        for (tag, iov) in iovecs.iter().enumerate() {
+            let transfer = Transfer { tag: tag as u16, op: IoOp::Read, offset: 0, iovecs: iov, count: 1 };
+            // SAFETY: the iovecs are leaked and `mem`, returned, outlives the engine's waits.
+            unsafe { engine.push(transfer) }.unwrap();
+        }
+        engine.submit().unwrap();
+        (engine, mem, path)
+    }
+
+    #[test]
+    fn a_look_for_a_completion_ends_as_soon_as_more_work_is_offered() {
+        // The look ends at its first question with both transfers still in flight: an
+        // O_DIRECT read takes tens of microseconds, and the look begins within one of the
+        // submission. A test thread the host deschedules in between finds them done; that
+        // is why there are a few attempts. A look that ignored the question would wait for
+        // a read every time.
+        let mut seen = Vec::new();
+        for attempt in 0..5 {
+            let (mut engine, _mem, path) =
+                two_direct_reads(&format!("more-work-{attempt}"), Duration::from_secs(1));
+            let mut done = Vec::new();
+            let mut asked = 0;
+            engine
+                .wait_or(&mut done, &mut || {
+                    asked += 1;
+                    true
+                })
+                .unwrap();
+            let outcome = (asked, done.len(), engine.outstanding());
+            while engine.outstanding() > 0 {
+                engine.wait(&mut done).unwrap();
+            }
+            assert!(done.len() == 2 && done.iter().all(|c| c.result == 4096), "{done:?}");
+            drop(engine);
+            let _ = std::fs::remove_file(path);
+            if outcome == (1, 0, 2) {
+                return;
+            }
+            seen.push(outcome);
+        }
+        panic!("the look never ended at the offer of more work: (asked, done, in flight) {seen:?}");
+    }
+
+    #[test]
+    fn without_a_look_more_work_is_never_asked_and_the_wait_returns_a_completion() {
+        let (mut engine, _mem, path) = two_direct_reads("no-look", Duration::ZERO);
+        let mut done = Vec::new();
+        let mut asked = 0;
+        engine
+            .wait_or(&mut done, &mut || {
+                asked += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(asked, 0);
+        assert!(!done.is_empty());
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        assert_eq!(done.len(), 2);
+        drop(engine);
+        let _ = std::fs::remove_file(path);
     }
 
     /// Writes 16 sectors as 16 transfers in one batch, syncs, reads them back in one batch.
