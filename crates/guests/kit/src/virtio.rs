@@ -179,8 +179,13 @@ impl VirtQueue {
         // SAFETY: ring slot and index inside the available ring.
         unsafe {
             write_volatile(self.avail.add(2 + usize::from(old % self.size)), head);
-            cpu::mfence();
+            // The entry before the index: store-to-store order, which x86 keeps anyway (a
+            // compiler barrier, as Linux's virtio_wmb). A full fence here waited for the
+            // entry's cache line to come back from the device's CPU.
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
             write_volatile(self.avail.add(1), new);
+            // The index before the notification check below reads: store-to-load order
+            // needs the full fence.
             cpu::mfence();
         }
         self.avail_idx = new;
@@ -206,7 +211,8 @@ impl VirtQueue {
         if used_idx == self.last_used {
             return None;
         }
-        cpu::mfence();
+        // The entry after the index: load-to-load order (a compiler barrier on x86).
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
         let slot = usize::from(self.last_used % self.size);
         // SAFETY: used->ring[slot] is 8 bytes (id: u32, len: u32) at u16 offset 2 + 4 * slot.
         let (id, len) = unsafe {
