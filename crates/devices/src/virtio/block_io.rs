@@ -689,6 +689,20 @@ mod tests {
         (engine, mem, path)
     }
 
+    /// One `wait_or` whose question always says yes: the completions it returned and how
+    /// many times it asked.
+    fn wait_offering_more_work(engine: &mut Uring) -> (Vec<Completion>, usize) {
+        let mut done = Vec::new();
+        let mut asked = 0;
+        engine
+            .wait_or(&mut done, &mut || {
+                asked += 1;
+                true
+            })
+            .unwrap();
+        (done, asked)
+    }
+
     #[test]
     fn a_look_for_a_completion_ends_as_soon_as_more_work_is_offered() {
         // The look ends at its first question with both transfers still in flight: an
@@ -700,14 +714,7 @@ mod tests {
         for attempt in 0..5 {
             let (mut engine, _mem, path) =
                 two_direct_reads(&format!("more-work-{attempt}"), Duration::from_secs(1));
-            let mut done = Vec::new();
-            let mut asked = 0;
-            engine
-                .wait_or(&mut done, &mut || {
-                    asked += 1;
-                    true
-                })
-                .unwrap();
+            let (mut done, asked) = wait_offering_more_work(&mut engine);
             let outcome = (asked, done.len(), engine.outstanding());
             while engine.outstanding() > 0 {
                 engine.wait(&mut done).unwrap();
@@ -726,14 +733,7 @@ mod tests {
     #[test]
     fn without_a_look_more_work_is_never_asked_and_the_wait_returns_a_completion() {
         let (mut engine, _mem, path) = two_direct_reads("no-look", Duration::ZERO);
-        let mut done = Vec::new();
-        let mut asked = 0;
-        engine
-            .wait_or(&mut done, &mut || {
-                asked += 1;
-                true
-            })
-            .unwrap();
+        let (mut done, asked) = wait_offering_more_work(&mut engine);
         assert_eq!(asked, 0);
         assert!(!done.is_empty());
         while engine.outstanding() > 0 {
