@@ -627,6 +627,7 @@ mod tests {
         // The client served first goes on being served.
         assert_eq!(ask(&mut client, b"{\"op\":\"list\"}\n")["ok"], true);
         drop(server);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
@@ -652,6 +653,7 @@ mod tests {
         client.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(ask(&mut client, b"")["ok"], true);
         drop(server);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -658,19 +658,26 @@ mod tests {
         libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
     }
 
+    /// A scratch file, removed on drop (also when an assertion fails).
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
     /// Two O_DIRECT reads of a fresh 64-sector image in the temporary directory (O_DIRECT
     /// needs a real file system), pushed on a ring engine and submitted.
-    fn two_direct_reads(
-        name: &str,
-        poll: Duration,
-    ) -> (Uring, crate::virtio::GuestMemoryMmap, std::path::PathBuf) {
+    fn two_direct_reads(name: &str, poll: Duration) -> (Uring, crate::virtio::GuestMemoryMmap, Scratch) {
         use vm_memory::{GuestAddress, GuestMemoryBackend};
-        let path = std::env::temp_dir().join(format!("splitvisor-io-{}-{name}.img", std::process::id()));
+        let path =
+            Scratch(std::env::temp_dir().join(format!("splitvisor-io-{}-{name}.img", std::process::id())));
         // Written out, not sparse: an O_DIRECT read of a hole completes in the submission.
-        let file = std::fs::File::create(&path).unwrap();
+        let file = std::fs::File::create(&path.0).unwrap();
         file.write_all_at(&[0x5a; 64 * 512], 0).unwrap();
         file.sync_all().unwrap();
-        let disk = Arc::new(DiskImage::open_with(&path, false, CacheMode::None).unwrap());
+        let disk = Arc::new(DiskImage::open_with(&path.0, false, CacheMode::None).unwrap());
         let mut engine = Uring::new(&disk).unwrap();
         engine.set_poll_limit(poll);
         // Guest memory is page-aligned, as O_DIRECT wants its buffers.
@@ -720,8 +727,7 @@ mod tests {
                 engine.wait(&mut done).unwrap();
             }
             assert!(done.len() == 2 && done.iter().all(|c| c.result == 4096), "{done:?}");
-            drop(engine);
-            let _ = std::fs::remove_file(path);
+            drop((engine, path));
             if outcome == (1, 0, 2) {
                 return;
             }
@@ -732,7 +738,7 @@ mod tests {
 
     #[test]
     fn without_a_look_more_work_is_never_asked_and_the_wait_returns_a_completion() {
-        let (mut engine, _mem, path) = two_direct_reads("no-look", Duration::ZERO);
+        let (mut engine, _mem, _path) = two_direct_reads("no-look", Duration::ZERO);
         let (mut done, asked) = wait_offering_more_work(&mut engine);
         assert_eq!(asked, 0);
         assert!(!done.is_empty());
@@ -740,8 +746,6 @@ mod tests {
             engine.wait(&mut done).unwrap();
         }
         assert_eq!(done.len(), 2);
-        drop(engine);
-        let _ = std::fs::remove_file(path);
     }
 
     /// Writes 16 sectors as 16 transfers in one batch, syncs, reads them back in one batch.
