@@ -167,9 +167,19 @@ impl VirtQueue {
         Some(Self { size, desc, avail, used, avail_idx: 0, last_used: 0 })
     }
 
+    /// Sets descriptor `index`, leaving it alone if it already says that. A slot reused for
+    /// the same buffers (as a benchmark's are) then leaves the line in the device CPU's cache:
+    /// storing even an unchanged value takes the line from there, and the device's next read
+    /// of it waits for its return.
     fn set_descriptor(&mut self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         // SAFETY: index < size, inside the table.
-        unsafe { write_volatile(self.desc.add(usize::from(index)), Descriptor { addr, len, flags, next }) }
+        unsafe {
+            let entry = self.desc.add(usize::from(index));
+            let current = read_volatile(entry);
+            if (current.addr, current.len, current.flags, current.next) != (addr, len, flags, next) {
+                write_volatile(entry, Descriptor { addr, len, flags, next });
+            }
+        }
     }
 
     /// Offers the chain at `head`; returns whether the device wants a notification.
@@ -178,7 +188,12 @@ impl VirtQueue {
         let new = old.wrapping_add(1);
         // SAFETY: ring slot and index inside the available ring.
         unsafe {
-            write_volatile(self.avail.add(2 + usize::from(old % self.size)), head);
+            // Unchanged since the ring last passed (the same slot in the same place, as at
+            // one request in flight): left alone, for the reason `set_descriptor` gives.
+            let entry = self.avail.add(2 + usize::from(old % self.size));
+            if read_volatile(entry) != head {
+                write_volatile(entry, head);
+            }
             // The entry before the index: store-to-store order, which x86 keeps anyway (a
             // compiler barrier, as Linux's virtio_wmb). A full fence here waited for the
             // entry's cache line to come back from the device's CPU.
