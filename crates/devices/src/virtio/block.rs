@@ -1168,8 +1168,9 @@ pub struct BlockRequests {
     engine: Option<Box<dyn IoEngine>>,
     depth: usize,
     notifier: Option<Box<dyn Fn() + Send>>,
-    /// Requests put in the used ring since the driver was last interrupted.
-    unsignalled: bool,
+    /// Requests put in the used ring since the last decision whether to interrupt the
+    /// driver (virtio-queue's `num_added`: this engine keeps the used ring itself).
+    unsignalled: u16,
     stats: EngineStats,
     poll: RingPoll,
 }
@@ -1222,7 +1223,7 @@ impl BlockRequests {
             engine,
             depth: MAX_IN_FLIGHT,
             notifier: None,
-            unsignalled: false,
+            unsignalled: 0,
             stats: EngineStats::default(),
             poll: RingPoll::default(),
         }
@@ -1299,7 +1300,7 @@ impl BlockRequests {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.stats = EngineStats::default();
-        self.unsignalled = false;
+        self.unsignalled = 0;
         let rings = Rings::of(queue)?;
         let limits = self.limits(queue);
         let result = self.pump(queue, &rings, &limits, journal);
@@ -1366,7 +1367,7 @@ impl BlockRequests {
                 break;
             }
         }
-        let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        let notify = self.unsignalled > 0 && self.needs_notification(queue)?;
         Ok(Processed { completed, notify, pending })
     }
 
@@ -1374,15 +1375,12 @@ impl BlockRequests {
     /// poll window ([`RingPoll`]); true if a request arrived.
     fn look_for_more(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
         let window = self.poll.window;
-        let Some(notify) = self.notifier.as_ref().filter(|_| !window.is_zero()) else {
+        if window.is_zero() || self.notifier.is_none() {
             return Ok(false);
-        };
+        }
         // A driver waiting for an interrupt must not wait for the look as well.
-        if self.unsignalled {
-            if queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
-                notify();
-            }
-            self.unsignalled = false;
+        if self.unsignalled > 0 && self.needs_notification(queue)? {
+            self.notify();
         }
         let start = Instant::now();
         loop {
@@ -1409,7 +1407,7 @@ impl BlockRequests {
         journal: &mut dyn RequestJournal,
     ) -> Result<Processed, QueueError> {
         self.stats = EngineStats::default();
-        self.unsignalled = false;
+        self.unsignalled = 0;
         let size = queue.size();
         let mut seen = [0u64; 1024];
         for &head in heads {
@@ -1434,7 +1432,7 @@ impl BlockRequests {
             return Err(e);
         }
         let completed = heads.len();
-        let notify = self.unsignalled && queue.needs_notification(&self.mem).map_err(QueueError::Broken)?;
+        let notify = self.unsignalled > 0 && self.needs_notification(queue)?;
         Ok(Processed { completed, notify, pending: false })
     }
 
@@ -1600,13 +1598,8 @@ impl BlockRequests {
         result?;
         // Short transfers pushed their rest.
         self.submit();
-        if completed > 0 {
-            if let Some(notify) = &self.notifier {
-                if queue.needs_notification(&self.mem).map_err(QueueError::Broken)? {
-                    notify();
-                }
-                self.unsignalled = false;
-            }
+        if completed > 0 && self.notifier.is_some() && self.needs_notification(queue)? {
+            self.notify();
         }
         Ok(completed)
     }
@@ -1778,10 +1771,68 @@ impl BlockRequests {
         // completed before the used ring changes, and as done once it has; a backend that
         // dies in between leaves a record the next one can finish from.
         journal.completing(head);
-        queue.add_used(&self.mem, head, used_len).map_err(QueueError::Broken)?;
+        self.add_used(queue, head, used_len).map_err(QueueError::Broken)?;
         journal.completed(head, queue.next_used());
-        self.unsignalled = true;
         Ok(())
+    }
+
+    /// Puts `head` with `used_len` in the next used element and publishes the used index
+    /// (virtio-queue's `add_used`, on the region's path). An element that already holds
+    /// exactly that (the same request slot returned in the same place one lap of the ring
+    /// ago, as at one request in flight) is not written again: a store, even of the same
+    /// bytes, takes the line from the driver's CPU, whose next read of it then waits.
+    fn add_used(&mut self, queue: &mut Queue, head: u16, used_len: u32) -> Result<(), virtio_queue::Error> {
+        if head >= queue.size() {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let next = queue.next_used();
+        // The ring's flags and index, then 8-byte elements (id: u32, len: u32).
+        let element = queue
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(next % queue.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        bytes[4..].copy_from_slice(&used_len.to_le_bytes());
+        let mut current = [0u8; 8];
+        let unchanged = ram::read(&self.mem, element, &mut current).is_ok() && current == bytes;
+        if !unchanged {
+            ram::write(&self.mem, element, &bytes).map_err(virtio_queue::Error::GuestMemory)?;
+        }
+        let next = next.wrapping_add(1);
+        // Release: the element (and the status byte before it) is visible before the index.
+        ram::store_u16(&self.mem, queue.used_ring().wrapping_add(2), next, Ordering::Release)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        queue.set_next_used(next);
+        self.unsignalled = self.unsignalled.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Interrupts the driver, if this engine was given a way to ([`Self::set_notifier`]).
+    fn notify(&self) {
+        if let Some(notify) = &self.notifier {
+            notify();
+        }
+    }
+
+    /// Whether the driver wants an interrupt for the requests put in the used ring since
+    /// the last time this was asked (virtio-queue's `needs_notification`, counting what
+    /// [`Self::add_used`] added): with EVENT_IDX, if its `used_event` lies among them;
+    /// without, always.
+    fn needs_notification(&mut self, queue: &Queue) -> Result<bool, QueueError> {
+        // The used index's store before the load of `used_event` (the driver orders its
+        // store of `used_event` before its load of the index the same way).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let added = std::mem::take(&mut self.unsignalled);
+        if !queue.event_idx_enabled() {
+            return Ok(true);
+        }
+        // `used_event` follows the available ring's entries.
+        let broken = |e| QueueError::Broken(virtio_queue::Error::GuestMemory(e));
+        let at = queue.avail_ring().wrapping_add(4 + 2 * u64::from(queue.size()));
+        let used_event = ram::load_u16(&self.mem, at, Ordering::Relaxed).map_err(broken)?;
+        let used = queue.next_used();
+        Ok(used.wrapping_sub(used_event).wrapping_sub(1) < added)
     }
 
     /// Requests the driver has made available and we have not taken.

@@ -61,6 +61,17 @@ pub fn load_u16(mem: &GuestMemoryMmap, addr: u64, order: Ordering) -> GuestMemor
     Ok(u16::from_le(value))
 }
 
+/// Stores `value` at `addr` as a little-endian `u16`, atomically with `order` (as
+/// `Bytes::store`): a ring index the device publishes.
+pub fn store_u16(mem: &GuestMemoryMmap, addr: u64, value: u16, order: Ordering) -> GuestMemoryResult<()> {
+    if let Some((region, offset)) = locate(mem, addr) {
+        if region.store(value.to_le(), offset, order).is_ok() {
+            return Ok(());
+        }
+    }
+    mem.store(value.to_le(), GuestAddress(addr), order)
+}
+
 /// The `len` bytes at `addr` as one slice, if they lie inside one region (most buffers
 /// do); `None` sends the caller to vm-memory's `get_slices`, which also reports why an
 /// address is refused.
@@ -89,6 +100,8 @@ mod tests {
         assert_eq!(&four[..2], &[2, 3]);
         mem.write_obj(0xbeefu16.to_le(), GuestAddress(0x10)).unwrap();
         assert_eq!(load_u16(&mem, 0x10, Ordering::Acquire).unwrap(), 0xbeef);
+        store_u16(&mem, 0x3ffe, 0xcafe, Ordering::Release).unwrap();
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3ffe)).unwrap(), 0xcafeu16.to_le());
         assert_eq!(slice(&mem, 0x1000, 0x1000).map(|s| s.len()), Some(0x1000));
     }
 
@@ -108,6 +121,9 @@ mod tests {
         }
         assert!(load_u16(&mem, 0x1fff, Ordering::Acquire).is_err());
         assert!(load_u16(&mem, 0x2000, Ordering::Acquire).is_err());
+        for addr in [0x1fff, 0x2000, 0x3fff, 0x5000] {
+            assert!(store_u16(&mem, addr, 1, Ordering::Release).is_err(), "{addr:#x}");
+        }
     }
 
     #[test]
