@@ -157,6 +157,12 @@ fn assert_sandboxed(name: &str, started: u32, shape: Shape, expected: &Expected)
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
             assert_ne!(theirs, std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(), "{}", what(ns));
         }
+        // Its network namespace (its own, or the one the spawner made for the partitions it
+        // starts) has no interface but the loopback.
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+        let interfaces: Vec<_> =
+            table.lines().skip(2).filter_map(|line| line.split(':').next()).map(str::trim).collect();
+        assert_eq!(interfaces, ["lo"], "{}", what("network interfaces"));
         // The root is empty, and it is the only mount left.
         let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();
         assert!(root.is_empty(), "{}: {root:?}", what("root"));

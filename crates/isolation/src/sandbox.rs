@@ -369,6 +369,25 @@ const NAMESPACES: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
     | libc::CLONE_NEWPID;
 
+/// Set (to `1`) by the partition spawner in the environment of a partition it started in
+/// the network namespace it made for all of them, empty: the driver then does not make
+/// one of its own, if it finds the namespace empty indeed ([`in_empty_network_namespace`]).
+pub const EMPTY_NETNS_ENV: &str = "SPLITVISOR_EMPTY_NETNS";
+
+/// Whether the spawner says this process was born in the partitions' empty network
+/// namespace and the namespace has no interface but the loopback: as good as a new one
+/// for a partition, which can neither create sockets nor raise an interface.
+fn in_empty_network_namespace() -> bool {
+    std::env::var_os(EMPTY_NETNS_ENV).is_some_and(|value| value == "1")
+        && std::fs::read_to_string("/proc/self/net/dev").is_ok_and(|table| only_loopback(&table))
+}
+
+/// Whether `/proc/net/dev`'s `table` (two heading lines, then `NAME: counters` per
+/// interface) lists the loopback and nothing else.
+fn only_loopback(table: &str) -> bool {
+    table.lines().skip(2).map(|line| line.split(':').next().unwrap_or("").trim()).eq(["lo"])
+}
+
 /// Whether this process is PID 1 of its PID namespace: the spawner created the namespace
 /// with it ([`crate::partition`]).
 fn is_init() -> bool {
@@ -648,7 +667,10 @@ pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
         report_aborts()?;
     }
     if config.enabled {
-        let namespaces = if init { NAMESPACES & !libc::CLONE_NEWPID } else { NAMESPACES };
+        let mut namespaces = if init { NAMESPACES & !libc::CLONE_NEWPID } else { NAMESPACES };
+        if in_empty_network_namespace() {
+            namespaces &= !libc::CLONE_NEWNET;
+        }
         let ids = if running_as_root() {
             // Namespaces and the empty root while still root (they belong to the host's
             // user namespace, so a process of the partition's uid gains no power over
@@ -798,6 +820,17 @@ impl ReadySignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_namespace_counts_as_empty_only_with_the_loopback_alone() {
+        let heading = "Inter-|   Receive\n face |bytes    packets\n";
+        let row = |name: &str| format!("{name:>6}: 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n");
+        assert!(only_loopback(&format!("{heading}{}", row("lo"))));
+        assert!(!only_loopback(&format!("{heading}{}{}", row("lo"), row("eth0"))));
+        assert!(!only_loopback(&format!("{heading}{}", row("eth0"))));
+        assert!(!only_loopback(heading));
+        assert!(!only_loopback(""));
+    }
 
     #[test]
     fn address_space_leaves_room_for_two_guest_ram_mappings() {

@@ -200,6 +200,11 @@ impl Layout {
         self
     }
 
+    /// Whether any device may run in a partition.
+    pub(crate) fn has_partitions(&self) -> bool {
+        self.default == Placement::Partition || self.overrides.values().any(|p| *p == Placement::Partition)
+    }
+
     /// Where `device` runs.
     pub fn placement(&self, device: &str) -> Placement {
         self.overrides.get(device).copied().unwrap_or(self.default)

@@ -667,20 +667,16 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     ];
     arg_in(&mut rules, libc::SYS_prctl, 0, Len::Dword, &options.map(|option| option as u64))?;
     // Namespaces: exactly the driver's sets (as root; unprivileged, with a user namespace),
-    // without the PID namespace when it was born in one.
-    let namespaces = (libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP) as u64;
+    // without the PID namespace when it was born in one, and without the network one when
+    // it was born in the partitions' (which the spawner makes for itself first).
+    let net = libc::CLONE_NEWNET as u64;
     let (pid, user) = (libc::CLONE_NEWPID as u64, libc::CLONE_NEWUSER as u64);
-    arg_in(
-        &mut rules,
-        libc::SYS_unshare,
-        0,
-        Len::Dword,
-        &[namespaces, namespaces | pid, user, namespaces | user, namespaces | pid | user],
-    )?;
+    let others = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP) as u64;
+    let mut sets = vec![user, net];
+    for namespaces in [others | net, others] {
+        sets.extend([namespaces, namespaces | pid, namespaces | user, namespaces | pid | user]);
+    }
+    arg_in(&mut rules, libc::SYS_unshare, 0, Len::Dword, &sets)?;
     // Mounts: making the tree private, and the empty read-only tmpfs.
     let private = libc::MS_REC | libc::MS_PRIVATE;
     let empty = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
