@@ -378,14 +378,6 @@ impl VmBuilder {
         if let Some((range, device)) = hypervisor_sandbox::forbidden_call::device() {
             self = self.mmio_device(range, "test-forbidden-call", device);
         }
-        // The partition spawner sets itself up (its filter, the partitions' network
-        // namespace) while the VM is: the first partition starts as soon as it is asked for.
-        // A failure here is reported by that first start, which tries again.
-        if self.layout.has_partitions() {
-            if let Err(e) = splitvisor_isolation::partition::start_spawner() {
-                log::debug!("the partition spawner did not start yet: {e}");
-            }
-        }
         let mut control = VmControl::new();
         // The bootstrap processor's thread starts first (its filter's install alone takes
         // a few hundred microseconds on some hosts) and waits for its vCPU while the VM is
@@ -395,6 +387,14 @@ impl VmBuilder {
         // its jail, which wants no other thread when it enters.
         if !self.sandbox.jail_enabled() {
             control.prepare_threads(1)?;
+        }
+        // Then the partition spawner, which sets itself up (its filter, the partitions'
+        // network namespace) while the VM is: the first partition starts as soon as it is
+        // asked for. A failure here is reported by that first start, which tries again.
+        if self.layout.has_partitions() {
+            if let Err(e) = splitvisor_isolation::partition::start_spawner() {
+                log::debug!("the partition spawner did not start yet: {e}");
+            }
         }
         let cpuid = control.read_supported_cpuid();
         let ram = GuestRam::new(self.memory)?;
