@@ -533,6 +533,42 @@ fn a_frozen_filesystem_under_the_image_is_waited_for_not_taken_for_a_hang() {
     }
 }
 
+/// O_DIRECT requests held by the storage below the image's filesystem (here a loop device
+/// whose own backing file's filesystem is frozen; a slow disk holds them the same way)
+/// wait in flight in the block layer with no thread of the driver waiting for them: the
+/// device's queue says they are there, and the watchdog waits instead of replacing the
+/// partition or, in the hypervisor, ending the VM. The guest goes on once they complete.
+#[test]
+fn o_direct_requests_held_below_the_image_are_waited_for_not_taken_for_a_hang() {
+    if !support::kvm() {
+        return;
+    }
+    let Some(mut fs) = support::frozen_fs::StackedFs::new("lifecycle-stacked", 32) else { return };
+    for example in ["microkernel", "monolithic"] {
+        let image = fs.path().join("disk.img");
+        // Written, not sparse: an overwrite needs no block allocated at the freeze.
+        std::fs::write(&image, vec![0u8; 8 * MIB as usize]).unwrap();
+        let output = fs.path().with_extension(format!("{example}.out"));
+        let disk = format!("{},cache=none", image.display());
+        let args = ["--timeout", "120", "--cmdline", "blk_stress.passes=60", "--disk", &disk];
+        let mut vm = blk_stress_under_way(example, &args.map(std::ffi::OsStr::new), &output);
+        fs.freeze_lower();
+        std::thread::sleep(Duration::from_secs(3));
+        fs.thaw_lower();
+        let (status, stderr) = vm.0.wait_with_output_bounded();
+        let stdout = std::fs::read_to_string(&output).unwrap();
+        let _ = std::fs::remove_file(&output);
+        let what = format!("{example}:\n{stdout}\n{stderr}");
+        assert_eq!(status, Some(0), "{what}");
+        assert!(stdout.contains("SPLITVISOR-RESULT: PASS"), "{what}");
+        assert!(stderr.contains("disk0: no request completed for"), "the freeze held no request up: {what}");
+        assert!(stderr.contains("waiting in the kernel"), "{what}");
+        assert!(stderr.contains("disk0: requests complete again"), "{what}");
+        assert!(!stderr.contains("driver failed"), "{what}");
+        std::fs::remove_file(&image).unwrap();
+    }
+}
+
 /// A restart or an upgrade asked for while the filesystem under the image is frozen: the
 /// old partition, its write waiting in the kernel, cannot die until the thaw, and a write
 /// of its landing after the new driver's would undo a newer one. So the new driver waits

@@ -102,3 +102,76 @@ impl Drop for FreezableFs {
         let _ = std::fs::remove_file(&self.backing);
     }
 }
+
+/// A filesystem on a loop device whose backing file lies on a [`FreezableFs`]. Freezing
+/// that lower filesystem holds the loop device's writes: an O_DIRECT writer's requests
+/// then wait in flight in the block layer with no thread of the writer waiting for them,
+/// as on a slow disk (a frozen filesystem under the image itself holds the writer's own
+/// thread instead).
+pub struct StackedFs {
+    lower: FreezableFs,
+    mount: PathBuf,
+    mounted: bool,
+}
+
+impl StackedFs {
+    /// A new `mib` MiB filesystem `name` on a loop device over a file of a new
+    /// [`FreezableFs`]; `None` where this host cannot make one (as for [`FreezableFs::new`]).
+    pub fn new(name: &str, mib: u64) -> Option<Self> {
+        let lower = FreezableFs::new(name, mib + 32)?;
+        let backing = lower.path().join("upper.ext4");
+        let mut fs = Self { mount: lower.path().with_extension("upper"), lower, mounted: false };
+        let made = (|| {
+            let file = std::fs::File::create(&backing).map_err(|e| e.to_string())?;
+            file.set_len(mib << 20).map_err(|e| e.to_string())?;
+            run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), backing.as_os_str()])?;
+            std::fs::create_dir(&fs.mount).map_err(|e| format!("{}: {e}", fs.mount.display()))?;
+            run("mount", &["-o".as_ref(), "loop".as_ref(), backing.as_os_str(), fs.mount.as_os_str()])?;
+            fs.mounted = true;
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Some(fs),
+            Err(why) => {
+                super::require("ext4 on a loop device over a file of another", Err(why));
+                None
+            }
+        }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Freezes the filesystem under its loop device: its writes wait until
+    /// [`thaw_lower`](Self::thaw_lower).
+    pub fn freeze_lower(&mut self) {
+        self.lower.freeze();
+    }
+
+    /// Thaws the filesystem under its loop device.
+    pub fn thaw_lower(&mut self) {
+        self.lower.thaw();
+    }
+}
+
+impl Drop for StackedFs {
+    fn drop(&mut self) {
+        // Thawed below first: unmounting flushes through the loop device.
+        if self.lower.frozen {
+            self.lower.thaw();
+        }
+        if self.mounted {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while let Err(why) = run("umount", &[self.mount.as_os_str()]) {
+                if std::time::Instant::now() >= deadline {
+                    eprintln!("cannot unmount {}: {why}", self.mount.display());
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}

@@ -17,6 +17,11 @@
 //! one of its threads (or the kernel's io_uring workers, which are its threads too) is in
 //! a kernel wait is held up by its storage (a slow device, a frozen filesystem), not hung:
 //! replacing it would not help, and the watchdog gives it longer.
+//!
+//! A request can also wait in the kernel with no thread waiting for it: an O_DIRECT
+//! transfer on io_uring is in the block layer, and nothing of the driver sleeps in `D`
+//! while a slow device (or one stacked on a frozen filesystem: a loop device) holds it.
+//! [`DeviceQueue`] reads how many requests the block device under the image has in flight.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -195,12 +200,68 @@ impl Threads {
     }
 }
 
+/// The requests in flight on the block device that holds a file, as the kernel counts them
+/// (`/sys/dev/block/MAJOR:MINOR/inflight`: reads, then writes), through that file opened
+/// once (while sysfs is in sight: before a jail). The count is the whole device's, other
+/// processes' requests included: a disk driver whose requests make no progress while its
+/// device has requests in flight is taken as held up by its storage, and given longer.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    inflight: File,
+}
+
+impl DeviceQueue {
+    /// The queue of the block device `file` lies on; `None` where there is none (a
+    /// filesystem without a block device: tmpfs, overlayfs, NFS, ...).
+    pub fn of(file: &File) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let device = file.metadata().ok()?.dev();
+        let path = format!("/sys/dev/block/{}:{}/inflight", libc::major(device), libc::minor(device));
+        let inflight = File::options().read(true).custom_flags(libc::O_CLOEXEC).open(path).ok()?;
+        Some(Self { inflight })
+    }
+
+    /// Whether the device has a request in flight now.
+    pub fn busy(&self) -> bool {
+        let mut text = [0u8; 64];
+        // sysfs renders the attribute anew at each read from its start.
+        let read = self.inflight.read_at(&mut text, 0).unwrap_or(0);
+        in_flight(&text[..read]).is_some_and(|count| count > 0)
+    }
+}
+
+/// The sum of the counts in an `inflight` attribute's `text`.
+fn in_flight(text: &[u8]) -> Option<u64> {
+    std::str::from_utf8(text).ok()?.split_whitespace().map(|count| count.parse::<u64>().ok()).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_device_queue_counts_reads_and_writes_in_flight() {
+        assert_eq!(in_flight(b"       0        0\n"), Some(0));
+        assert_eq!(in_flight(b"       3       14\n"), Some(17));
+        assert_eq!(in_flight(b""), Some(0));
+        assert_eq!(in_flight(b"x 1"), None);
+        // A file on a block device has a queue (its attribute reads as counts); tmpfs has none.
+        if let Some(queue) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| File::open(exe).ok())
+            .as_ref()
+            .and_then(DeviceQueue::of)
+        {
+            let mut text = [0u8; 64];
+            let read = queue.inflight.read_at(&mut text, 0).unwrap();
+            assert!(in_flight(&text[..read]).is_some(), "{:?}", String::from_utf8_lossy(&text[..read]));
+        }
+        // procfs has no block device.
+        assert!(DeviceQueue::of(&File::open("/proc/self/stat").unwrap()).is_none());
+    }
 
     #[test]
     fn the_state_follows_the_command_even_with_spaces_and_parentheses_in_it() {

@@ -21,6 +21,7 @@ use splitvisor_devices::virtio::block::{Block, CacheMode, DiskImage, MAX_QUEUES}
 use splitvisor_devices::virtio::{MMIO_REGION_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioDevice, reg};
 use splitvisor_isolation::driver::default_serial;
 use splitvisor_isolation::frontend::{DeviceShape, FrontendError, Handshake, VhostUserVirtio};
+use splitvisor_isolation::liveness::DeviceQueue;
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, Partition, StartingPartition};
 use splitvisor_isolation::proxy::{InputSink, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_memory::GuestRam;
@@ -740,6 +741,7 @@ impl DeviceRecipe for DiskRecipe {
                             return Err(Error::RestartInHypervisor(device));
                         }
                         let panicked = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+                        let storage = DeviceQueue::of(image.file());
                         let mut block = Block::new(image, &serial)
                             .with_queues(queues)
                             .with_panic_signal(panicked.try_clone().map_err(Error::EventFd)?);
@@ -753,7 +755,7 @@ impl DeviceRecipe for DiskRecipe {
                         let transport = Arc::new(Mutex::new(transport));
                         let name = format!("{device} ({}{ro})", path.display());
                         vm.add_virtio(&slot, transport.clone(), &name)?;
-                        let slot = InHypervisorBlockSlot::new(transport, mem, panicked);
+                        let slot = InHypervisorBlockSlot::new(transport, mem, panicked, storage);
                         let driver =
                             vm.manage(&device, "virtio-blk", Placement::InHypervisor, Box::new(slot));
                         Ok(Placed { note: None, driver: Some(driver), input: None })

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
 use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
-use splitvisor_isolation::liveness::Threads;
+use splitvisor_isolation::liveness::{DeviceQueue, Threads};
 use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
 use splitvisor_isolation::proxy::{Probe, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
@@ -129,6 +129,8 @@ pub(crate) struct VhostUserSlot {
     hangup: Option<OwnedFd>,
     backend: Backend,
     watchdog: Watchdog,
+    /// The queue of the block device under a disk's image, opened while sysfs is in sight.
+    storage: Option<DeviceQueue>,
 }
 
 impl VhostUserSlot {
@@ -149,6 +151,10 @@ impl VhostUserSlot {
                 transport.device().shape().clone(),
             )
         };
+        let storage = match &backend {
+            Backend::Spawned { served: Served::Block { image, .. }, .. } => DeviceQueue::of(image),
+            _ => None,
+        };
         Ok(Self {
             transport,
             shape,
@@ -159,6 +165,7 @@ impl VhostUserSlot {
             hangup: Some(hangup),
             backend,
             watchdog: Watchdog::default(),
+            storage,
         })
     }
 
@@ -294,10 +301,13 @@ impl DriverSlot for VhostUserSlot {
         self.watchdog.check(indices.into_iter(), now, watchdog).map(Fault::Hung)
     }
 
+    /// A thread of the partition in a kernel wait, or requests in flight on the device
+    /// under the image (an O_DIRECT transfer leaves no thread waiting for it).
     fn waiting_in_kernel(&self) -> bool {
         match &self.backend {
             Backend::Spawned { active: Some(partition), .. } => {
                 partition.threads().is_some_and(Threads::any_in_kernel_wait)
+                    || self.storage.as_ref().is_some_and(DeviceQueue::busy)
             }
             // An external backend's process is not known.
             _ => false,
@@ -625,20 +635,24 @@ pub(crate) struct InHypervisorBlockSlot {
     watchdog: Watchdog,
     /// The hypervisor's own threads, opened while /proc is in sight (before the jail).
     threads: Option<Threads>,
+    /// The queue of the block device under the image, opened likewise.
+    storage: Option<DeviceQueue>,
 }
 
 impl InHypervisorBlockSlot {
-    /// `panicked` is the device's worker-panic signal.
+    /// `panicked` is the device's worker-panic signal; `storage`, the queue of the block
+    /// device under the image.
     pub(crate) fn new(
         transport: Arc<Mutex<MmioTransport<Block>>>,
         memory: GuestMemoryMmap,
         panicked: EventFd,
+        storage: Option<DeviceQueue>,
     ) -> Self {
         let interrupt = transport.lock().unwrap_or_else(|e| e.into_inner()).interrupt();
         let threads = Threads::of_process(std::process::id())
             .map_err(|e| log::debug!("the hypervisor's threads cannot be looked at ({e})"))
             .ok();
-        Self { transport, interrupt, memory, panicked, watchdog: Watchdog::default(), threads }
+        Self { transport, interrupt, memory, panicked, watchdog: Watchdog::default(), threads, storage }
     }
 }
 
@@ -673,9 +687,12 @@ impl DriverSlot for InHypervisorBlockSlot {
     }
 
     /// The worker is a thread of the hypervisor: any of its threads in a kernel wait
-    /// counts (a vCPU's page fault, too, but that passes and the wait is bounded).
+    /// counts (a vCPU's page fault, too, but that passes and the wait is bounded), and so
+    /// do requests in flight on the device under the image (an O_DIRECT transfer leaves no
+    /// thread waiting for it).
     fn waiting_in_kernel(&self) -> bool {
         self.threads.as_ref().is_some_and(Threads::any_in_kernel_wait)
+            || self.storage.as_ref().is_some_and(DeviceQueue::busy)
     }
 
     fn queue_indices(&self) -> Vec<Option<(u16, u16)>> {
