@@ -511,25 +511,12 @@ fn a_frozen_filesystem_under_the_image_is_waited_for_not_taken_for_a_hang() {
     for (example, cache) in [("microkernel", "writeback"), ("monolithic", "none")] {
         let image = fs.path().join("disk.img");
         std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+        // The console's file is outside the filesystem that freezes.
         let output = fs.path().with_extension(format!("{example}.out"));
-        let disk = format!("{},cache={cache}", image.display());
-        let args = ["--timeout", "120", "--cmdline", "blk_stress.passes=60", "--disk", &disk];
-        let mut vm = blk_stress_under_way(example, &args.map(std::ffi::OsStr::new), &output);
-        // Frozen for three times the watchdog's second.
-        fs.freeze();
-        std::thread::sleep(Duration::from_secs(3));
-        fs.thaw();
-        let (status, stderr) = vm.0.wait_with_output_bounded();
-        let stdout = std::fs::read_to_string(&output).unwrap();
-        let _ = std::fs::remove_file(&output);
-        let what = format!("{example}, cache={cache}:\n{stdout}\n{stderr}");
-        assert_eq!(status, Some(0), "{what}");
-        assert!(stdout.contains("SPLITVISOR-RESULT: PASS"), "{what}");
-        assert!(stderr.contains("disk0: no request completed for"), "the freeze held no request up: {what}");
-        assert!(stderr.contains("waiting in the kernel"), "{what}");
-        assert!(stderr.contains("disk0: requests complete again"), "{what}");
-        assert!(!stderr.contains("driver failed"), "{what}");
-        std::fs::remove_file(&image).unwrap();
+        storage_held_for_three_seconds(example, &image, cache, &output, &mut |frozen| match frozen {
+            true => fs.freeze(),
+            false => fs.thaw(),
+        });
     }
 }
 
@@ -549,24 +536,41 @@ fn o_direct_requests_held_below_the_image_are_waited_for_not_taken_for_a_hang() 
         // Written, not sparse: an overwrite needs no block allocated at the freeze.
         std::fs::write(&image, vec![0u8; 8 * MIB as usize]).unwrap();
         let output = fs.path().with_extension(format!("{example}.out"));
-        let disk = format!("{},cache=none", image.display());
-        let args = ["--timeout", "120", "--cmdline", "blk_stress.passes=60", "--disk", &disk];
-        let mut vm = blk_stress_under_way(example, &args.map(std::ffi::OsStr::new), &output);
-        fs.freeze_lower();
-        std::thread::sleep(Duration::from_secs(3));
-        fs.thaw_lower();
-        let (status, stderr) = vm.0.wait_with_output_bounded();
-        let stdout = std::fs::read_to_string(&output).unwrap();
-        let _ = std::fs::remove_file(&output);
-        let what = format!("{example}:\n{stdout}\n{stderr}");
-        assert_eq!(status, Some(0), "{what}");
-        assert!(stdout.contains("SPLITVISOR-RESULT: PASS"), "{what}");
-        assert!(stderr.contains("disk0: no request completed for"), "the freeze held no request up: {what}");
-        assert!(stderr.contains("waiting in the kernel"), "{what}");
-        assert!(stderr.contains("disk0: requests complete again"), "{what}");
-        assert!(!stderr.contains("driver failed"), "{what}");
-        std::fs::remove_file(&image).unwrap();
+        storage_held_for_three_seconds(example, &image, "none", &output, &mut |frozen| match frozen {
+            true => fs.freeze_lower(),
+            false => fs.thaw_lower(),
+        });
     }
+}
+
+/// Runs `blk-stress` under `example` on `image` with `cache` (its console to `output`),
+/// has `freeze` hold its storage (`true`) for three times the watchdog's second and let it
+/// go (`false`), and checks that the requests were held up, the driver was waited for and
+/// neither replaced nor failed, and the guest passed; then removes the image.
+fn storage_held_for_three_seconds(
+    example: &str,
+    image: &std::path::Path,
+    cache: &str,
+    output: &std::path::Path,
+    freeze: &mut dyn FnMut(bool),
+) {
+    let disk = format!("{},cache={cache}", image.display());
+    let args = ["--timeout", "120", "--cmdline", "blk_stress.passes=60", "--disk", &disk];
+    let mut vm = blk_stress_under_way(example, &args.map(std::ffi::OsStr::new), output);
+    freeze(true);
+    std::thread::sleep(Duration::from_secs(3));
+    freeze(false);
+    let (status, stderr) = vm.0.wait_with_output_bounded();
+    let stdout = std::fs::read_to_string(output).unwrap();
+    let _ = std::fs::remove_file(output);
+    let what = format!("{example}, cache={cache}:\n{stdout}\n{stderr}");
+    assert_eq!(status, Some(0), "{what}");
+    assert!(stdout.contains("SPLITVISOR-RESULT: PASS"), "{what}");
+    assert!(stderr.contains("disk0: no request completed for"), "the freeze held no request up: {what}");
+    assert!(stderr.contains("waiting in the kernel"), "{what}");
+    assert!(stderr.contains("disk0: requests complete again"), "{what}");
+    assert!(!stderr.contains("driver failed"), "{what}");
+    std::fs::remove_file(image).unwrap();
 }
 
 /// A restart or an upgrade asked for while the filesystem under the image is frozen: the

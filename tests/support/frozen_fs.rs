@@ -27,6 +27,33 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
     }
 }
 
+/// Makes a `mib` MiB ext4 filesystem in the new file `backing` and mounts it (on a loop
+/// device) on the new directory `mount`; `mounted` says whether it got that far.
+fn mount_new_ext4(backing: &Path, mib: u64, mount: &Path, mounted: &mut bool) -> Result<(), String> {
+    let file = std::fs::File::create(backing).map_err(|e| e.to_string())?;
+    file.set_len(mib << 20).map_err(|e| e.to_string())?;
+    run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), backing.as_os_str()])?;
+    std::fs::create_dir(mount).map_err(|e| format!("{}: {e}", mount.display()))?;
+    run("mount", &["-o".as_ref(), "loop".as_ref(), backing.as_os_str(), mount.as_os_str()])?;
+    *mounted = true;
+    Ok(())
+}
+
+/// Unmounts `mount`, trying again for up to 10 s. The loop device goes with the mount
+/// (mount -o loop sets it to clear itself). A killed process that was stuck on a frozen
+/// filesystem may still hold a file there for a moment after the thaw: the mount is busy
+/// until it ends.
+fn unmount(mount: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(why) = run("umount", &[mount.as_os_str()]) {
+        if std::time::Instant::now() >= deadline {
+            eprintln!("cannot unmount {}: {why}", mount.display());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 impl FreezableFs {
     /// A new `mib` MiB filesystem `name` (made unique per test process); `None` (after
     /// [`super::require`]: a failure under CI=true) where this host cannot make one
@@ -42,15 +69,7 @@ impl FreezableFs {
             mounted: false,
             frozen: false,
         };
-        let made = (|| {
-            let file = std::fs::File::create(&fs.backing).map_err(|e| e.to_string())?;
-            file.set_len(mib << 20).map_err(|e| e.to_string())?;
-            run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), fs.backing.as_os_str()])?;
-            std::fs::create_dir(&fs.mount).map_err(|e| format!("{}: {e}", fs.mount.display()))?;
-            run("mount", &["-o".as_ref(), "loop".as_ref(), fs.backing.as_os_str(), fs.mount.as_os_str()])?;
-            fs.mounted = true;
-            Ok(())
-        })();
+        let made = mount_new_ext4(&fs.backing, mib, &fs.mount, &mut fs.mounted);
         match made {
             Ok(()) => Some(fs),
             Err(why) => {
@@ -86,17 +105,7 @@ impl Drop for FreezableFs {
             let _ = run("fsfreeze", &["-u".as_ref(), self.mount.as_os_str()]);
         }
         if self.mounted {
-            // The loop device goes with the mount (mount -o loop sets it to clear itself).
-            // A killed process that was stuck on the frozen filesystem may still hold a
-            // file there for a moment after the thaw: the mount is busy until it ends.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while let Err(why) = run("umount", &[self.mount.as_os_str()]) {
-                if std::time::Instant::now() >= deadline {
-                    eprintln!("cannot unmount {}: {why}", self.mount.display());
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            unmount(&self.mount);
         }
         let _ = std::fs::remove_dir(&self.mount);
         let _ = std::fs::remove_file(&self.backing);
@@ -121,15 +130,7 @@ impl StackedFs {
         let lower = FreezableFs::new(name, mib + 32)?;
         let backing = lower.path().join("upper.ext4");
         let mut fs = Self { mount: lower.path().with_extension("upper"), lower, mounted: false };
-        let made = (|| {
-            let file = std::fs::File::create(&backing).map_err(|e| e.to_string())?;
-            file.set_len(mib << 20).map_err(|e| e.to_string())?;
-            run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), backing.as_os_str()])?;
-            std::fs::create_dir(&fs.mount).map_err(|e| format!("{}: {e}", fs.mount.display()))?;
-            run("mount", &["-o".as_ref(), "loop".as_ref(), backing.as_os_str(), fs.mount.as_os_str()])?;
-            fs.mounted = true;
-            Ok(())
-        })();
+        let made = mount_new_ext4(&backing, mib, &fs.mount, &mut fs.mounted);
         match made {
             Ok(()) => Some(fs),
             Err(why) => {
@@ -163,14 +164,7 @@ impl Drop for StackedFs {
             self.lower.thaw();
         }
         if self.mounted {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while let Err(why) = run("umount", &[self.mount.as_os_str()]) {
-                if std::time::Instant::now() >= deadline {
-                    eprintln!("cannot unmount {}: {why}", self.mount.display());
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            unmount(&self.mount);
         }
         let _ = std::fs::remove_dir(&self.mount);
     }
