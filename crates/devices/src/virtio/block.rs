@@ -1804,7 +1804,7 @@ impl BlockRequests {
         ram::store_u16(&self.mem, queue.used_ring().wrapping_add(2), next, Ordering::Release)
             .map_err(virtio_queue::Error::GuestMemory)?;
         queue.set_next_used(next);
-        self.unsignalled = self.unsignalled.wrapping_add(1);
+        self.unsignalled = self.unsignalled.saturating_add(1);
         Ok(())
     }
 
