@@ -425,7 +425,13 @@ impl ProxyDevice {
     /// False if the VM stopped meanwhile: the access is given up, the device kept.
     fn replace(&mut self, why: Option<ProxyError>) -> bool {
         if let Some(why) = &why {
-            log::warn!("{}: driver partition failed: {why}", self.name);
+            // The supervisor ends a partition it has replaced already (an upgrade, a restart
+            // asked for) without waiting for an access under way: that access moves to the
+            // new one, and nothing failed.
+            match self.link.as_ref().is_some_and(|link| link.generation() > self.generation) {
+                true => log::debug!("{}: the replaced partition ended during an access: {why}", self.name),
+                false => log::warn!("{}: driver partition failed: {why}", self.name),
+            }
         }
         let Some(link) = self.link.clone() else {
             self.drop_partition(why.map_or_else(|| "no partition".to_string(), |e| e.to_string()));
