@@ -488,6 +488,8 @@ pub struct PartitionEnd {
     kept_off: Option<u32>,
     /// Whether the hypervisor offered the inline layout (and this end took it up).
     inline: bool,
+    /// Whether a request was taken yet (before the first, it does not spin).
+    served: bool,
 }
 
 impl PartitionEnd {
@@ -527,17 +529,26 @@ impl PartitionEnd {
             allowed,
             kept_off: None,
             inline,
+            served: false,
         })
     }
 
     /// The next request's frame bytes (copied out of the page): spins for
-    /// [`PARTITION_SPIN`], then sleeps until woken. `None` once the hypervisor hung up.
+    /// [`PARTITION_SPIN`] once it has served one, then sleeps until woken. `None` once the
+    /// hypervisor hung up.
+    ///
+    /// Before its first request it sleeps at once: a partition has just become ready, and
+    /// the VM it serves is still being set up (or runs on without this device for now, a
+    /// spare). Spinning then would only take a CPU from the hypervisor, which a host with
+    /// two had to share with two partitions spinning: 0.25 ms more before the VM's start.
     pub fn next_request(&mut self) -> io::Result<Option<&[u8]>> {
         let page = self.mapping.page();
-        let spin_end = Instant::now() + PARTITION_SPIN;
+        let spin = if self.served { PARTITION_SPIN } else { Duration::ZERO };
+        let spin_end = Instant::now() + spin;
         loop {
             let seq = page.request_seq.load(Ordering::Acquire);
             if seq != self.seq {
+                self.served = true;
                 if page.partition_asleep.load(Ordering::Relaxed) != 0 {
                     page.partition_asleep.store(0, Ordering::Relaxed);
                 }
@@ -701,6 +712,39 @@ mod tests {
             hypervisor.hang_up();
             server.join().unwrap();
         }
+    }
+
+    /// CPU time the calling thread has used.
+    fn thread_cpu_time() -> Duration {
+        // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid clock and a valid, writable timespec.
+        assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) }, 0);
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
+
+    #[test]
+    fn a_partition_sleeps_until_its_first_request_and_spins_only_after_serving_one() {
+        let (mut hypervisor, mut partition) = ProxyConnection::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let before = thread_cpu_time();
+            partition.next_request().unwrap().unwrap();
+            let waiting = thread_cpu_time() - before;
+            partition.answer(b"a").unwrap();
+            while partition.next_request().unwrap().is_some() {
+                partition.answer(b"b").unwrap();
+            }
+            waiting
+        });
+        // Long enough for a spin to have run out many times over.
+        std::thread::sleep(PARTITION_SPIN * 20);
+        let deadlines = || Deadlines::after(Duration::from_secs(10), Duration::from_secs(10));
+        assert_eq!(hypervisor.call(b"first", deadlines()).unwrap(), b"a");
+        assert_eq!(hypervisor.call(b"second", deadlines()).unwrap(), b"b");
+        hypervisor.hang_up();
+        let waiting = server.join().unwrap();
+        // A spin would have used all of PARTITION_SPIN; a sleep uses a few system calls.
+        assert!(waiting < PARTITION_SPIN / 2, "{waiting:?} of CPU time waiting for the first request");
     }
 
     #[test]
