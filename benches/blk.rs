@@ -49,6 +49,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -560,8 +563,8 @@ fn main() -> ExitCode {
         .collect();
     let vcpu_counts: Vec<u32> =
         env_list("BLK_BENCH_VCPUS", "1,2").iter().map(|v| v.parse().expect("BLK_BENCH_VCPUS")).collect();
-    let dir = std::env::temp_dir().join(format!("splitvisor-blk-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = scratch::ScratchDir::new("blk-bench");
+    let dir = scratch.path();
     let image = dir.join("disk.img");
     {
         // Allocated, not sparse: every row reads real blocks.
@@ -616,7 +619,7 @@ fn main() -> ExitCode {
                     }
                 }
                 settle(&image);
-                let daemon_run = StorageDaemon::start(&image, &dir, cache, vcpus).map(|daemon| {
+                let daemon_run = StorageDaemon::start(&image, dir, cache, vcpus).map(|daemon| {
                     let socket = DiskConfig::VhostUser { socket: daemon.socket.clone() };
                     let (_, text, _) = splitvisor_run(Layout::microkernel(), socket, vcpus, &cmdline);
                     parse(&text, tsc_khz)
@@ -669,6 +672,5 @@ fn main() -> ExitCode {
         }
     }
     println!("\nload after: {}", load());
-    let _ = std::fs::remove_dir_all(&dir);
     ExitCode::SUCCESS
 }

@@ -34,6 +34,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -247,8 +250,8 @@ fn main() -> ExitCode {
         eprintln!("boot bench: qemu-system-x86_64 not found: the QEMU columns are empty");
     }
     let runs: usize = std::env::var("BOOT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-    let dir = std::env::temp_dir().join(format!("splitvisor-boot-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = scratch::ScratchDir::new("boot-bench");
+    let dir = scratch.path();
     let elf_path = |name: &str| {
         let path = dir.join(format!("{name}.elf"));
         std::fs::write(&path, splitvisor::guests::find(name).unwrap().elf).unwrap();
@@ -465,6 +468,5 @@ fn main() -> ExitCode {
         verdict(forwarded_ratio, 1.2)
     );
     println!("\nsplitvisor exits during one exit-bench run: {} PIO, {} MMIO", exits.0, exits.1);
-    let _ = std::fs::remove_dir_all(&dir);
     ExitCode::SUCCESS
 }

@@ -13,6 +13,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -283,8 +286,8 @@ fn main() -> ExitCode {
     }
     let kills = env_u64("LIFECYCLE_KILLS", 50);
     let upgrades = env_u64("LIFECYCLE_UPGRADES", 20);
-    let dir = std::env::temp_dir().join(format!("splitvisor-lifecycle-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = scratch::ScratchDir::new("lifecycle-bench");
+    let dir = scratch.path();
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(64 * MIB).unwrap();
     let restart_always = || "restart:max=100000:backoff=0".parse::<FaultPolicy>().unwrap();
@@ -382,6 +385,5 @@ fn main() -> ExitCode {
     println!(
         "| driver upgrade downtime        | the whole VM (restart the hypervisor) | {pause_median:.2} ms device pause (median of 5) |"
     );
-    let _ = std::fs::remove_dir_all(&dir);
     ExitCode::SUCCESS
 }

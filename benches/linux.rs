@@ -23,6 +23,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a panic is the report
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -205,9 +208,8 @@ fn main() -> ExitCode {
         });
     }
 
-    let scratch = std::env::temp_dir().join(format!("splitvisor-linux-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    let image = scratch.join("disk.img");
+    let scratch = scratch::ScratchDir::new("linux-bench");
+    let image = scratch.path().join("disk.img");
     let mut generation = 1000 + std::process::id() % 1000;
     for round in 0..runs {
         for setup in &mut setups {
@@ -224,7 +226,7 @@ fn main() -> ExitCode {
             setup.boots.push(boot);
         }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
 
     println!("\n## Linux: process start to the kernel's first line, /init and exit (median of {runs}, s)\n");
     println!(
