@@ -7,10 +7,10 @@
 //! the [`wire`](super::wire) protocol written into a page both processes map, published
 //! by a sequence number. A small frame (every register access, and its answer) shares the
 //! cache line of its number, so the other side's CPU fetches one line where it would
-//! fetch two, one after the other. Each side spins on the other's number for a bounded time before
-//! it sleeps, so a guest's burst of accesses (a console line: a status read and a data
-//! write per byte) is served without a wake-up, at the cost of a partition spinning for
-//! at most [`PARTITION_SPIN`] after its last request.
+//! fetch two, one after the other. Each side spins on the other's number for a bounded
+//! time before it sleeps, so a guest's burst of accesses (a console line: a status read
+//! and a data write per byte) is served without a wake-up, at the cost of a partition
+//! spinning for at most [`PARTITION_SPIN`] after its last request.
 //!
 //! A side that sleeps says so in the page and waits on its doorbell, an eventfd the other
 //! side writes when it publishes and sees it asleep. The socket carries liveness: a
