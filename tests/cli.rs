@@ -53,6 +53,26 @@ fn bad_sizes_and_counts_are_one_line_errors() {
     assert_one_line_error(&["--watchdog", "600001"], "--watchdog");
 }
 
+/// Two disks on one image file, one of them writable, are refused by name, through another
+/// path too, before the second finds the image locked by the VM itself and blames "another
+/// VM". Two read-only disks on one image share its read lock, as before.
+#[test]
+fn two_disks_on_one_image_are_refused_naming_both() {
+    let image = support::images::Image::new("cli-same-image", 1 << 20);
+    let link = image.0.with_extension("link.img");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&image.0, &link).unwrap();
+    let (path, linked) = (image.0.to_str().unwrap(), link.to_str().unwrap());
+    let read_only = format!("{path},ro=on");
+    for second in [path, linked, &read_only] {
+        assert_one_line_error(
+            &["--guest", "blk-verify", "--disk", path, "--disk", second],
+            "disk1 names the same image as disk0",
+        );
+    }
+    std::fs::remove_file(&link).unwrap();
+}
+
 /// A policy only a partition can carry out, for a plain device emulated in the hypervisor
 /// (on the vCPU threads), is refused rather than dropped; a disk's is refused as before.
 #[test]

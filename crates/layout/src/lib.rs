@@ -180,6 +180,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Two disks of the VM name the same image (one file, whatever the paths).
+    #[error("{second} names the same image as {first} ({path}): a VM can use an image through one disk only")]
+    SameImageTwice {
+        /// The disk given first.
+        first: String,
+        /// The disk given later.
+        second: String,
+        /// The later disk's path.
+        path: std::path::PathBuf,
+    },
     /// A placement, fault policy or fault names a device the VM does not have.
     #[error("unknown device '{name}' (devices: {known})")]
     UnknownDevice {

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -340,6 +341,31 @@ impl VmBuilder {
         recipes
     }
 
+    /// Refuses two disks on one image file (by device and inode, so another path to it,
+    /// a link, counts too) unless both are read-only: the second would find the image
+    /// locked by the VM itself, and be refused as if another VM held it. A path that
+    /// cannot be looked at is left to the disk's own open, which says why.
+    fn check_disks_name_distinct_images(&self) -> Result<(), Error> {
+        let mut seen: Vec<((u64, u64), bool, usize)> = Vec::new();
+        for (index, config) in self.disks.iter().enumerate() {
+            let DiskConfig::Image { path, read_only, .. } = config else { continue };
+            let Ok(meta) = std::fs::metadata(path) else { continue };
+            let file = (meta.dev(), meta.ino());
+            let clash = seen
+                .iter()
+                .find(|(other, other_read_only, _)| *other == file && !(*read_only && *other_read_only));
+            if let Some((_, _, first)) = clash {
+                return Err(Error::SameImageTwice {
+                    first: format!("disk{first}"),
+                    second: format!("disk{index}"),
+                    path: path.clone(),
+                });
+            }
+            seen.push((file, *read_only, index));
+        }
+        Ok(())
+    }
+
     /// The names of this VM's devices.
     pub fn device_names(&self) -> Vec<String> {
         let mut names = vec!["com1".to_string(), "i8042".to_string()];
@@ -365,6 +391,7 @@ impl VmBuilder {
         if let Some(name) = unknown.first() {
             return Err(Error::UnknownDevice { name: name.to_string(), known: known.join(", ") });
         }
+        self.check_disks_name_distinct_images()?;
         let guest = self.kernel.is_none().then_some(&self.elf[..]);
         crate::boot::check_vcpus(self.vcpus, guest, self.acpi_enabled())?;
         // Before this thread starts any: they inherit the mask. Kept blocked here until the
