@@ -34,7 +34,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use splitvisor_bus::{BusDevice, CountingInterrupt};
 use splitvisor_devices::fuzzing::heap;
 
-use super::mailbox::{AREA, INLINE, PartitionEnd, ProxyConnection};
+use super::mailbox::{AREA, PartitionEnd, ProxyConnection};
 use super::wire::{self, MAX_ACCESS, MAX_INPUT, MAX_STATE, Request, Response};
 use super::{PROXY_TIMEOUT, Probe, ProxyDevice, ProxyLink};
 
@@ -187,9 +187,7 @@ fn judge(bytes: &[u8], request: &Request, seq: u32) -> (Verdict, Option<Response
 /// A partition that answers requests on `end` as `script` says, logging each.
 fn fake_partition(partition: usize, mut end: PartitionEnd, script: Vec<Step>, log: Log) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        // What the page's two places for an answer hold (in the partition's line for a
-        // frame that fits, else the answer area): what the proxy reads past a short frame.
-        let mut inline = vec![0u8; INLINE];
+        // What the page's answer area holds: what the proxy reads past a short frame.
         let mut area = vec![0u8; AREA];
         for step in script {
             let request = match end.next_request() {
@@ -250,12 +248,10 @@ fn fake_partition(partition: usize, mut end: PartitionEnd, script: Vec<Step>, lo
                 }
                 Fault::Stall | Fault::HangUp => bytes.clear(),
             }
+            let stored = bytes.len().min(AREA);
+            area[..stored].copy_from_slice(&bytes[..stored]);
             let claimed = claimed.unwrap_or(bytes.len() as u32);
-            // Where the page's reader of a frame that long looks.
-            let place = if claimed as usize <= INLINE { &mut inline } else { &mut area };
-            let stored = bytes.len().min(place.len());
-            place[..stored].copy_from_slice(&bytes[..stored]);
-            let seen = &place[..(claimed as usize).min(place.len())];
+            let seen = &area[..(claimed as usize).min(AREA)];
             let (mut verdict, decoded) = judge(seen, &request, seq);
             if dribble.is_some() && verdict == Verdict::Accept {
                 verdict = Verdict::Either;

@@ -5,12 +5,10 @@
 //! answer and a wake-up of the vCPU: two trips through the scheduler, which on a quiet
 //! machine cost more than the exit itself. Here the request and its answer are frames of
 //! the [`wire`](super::wire) protocol written into a page both processes map, published
-//! by a sequence number. A small frame (every register access, and its answer) shares the
-//! cache line of its number, so the other side's CPU fetches one line where it would
-//! fetch two, one after the other. Each side spins on the other's number for a bounded
-//! time before it sleeps, so a guest's burst of accesses (a console line: a status read
-//! and a data write per byte) is served without a wake-up, at the cost of a partition
-//! spinning for at most [`PARTITION_SPIN`] after its last request.
+//! by a sequence number. Each side spins on the other's number for a bounded time before
+//! it sleeps, so a guest's burst of accesses (a console line: a status read and a data
+//! write per byte) is served without a wake-up, at the cost of a partition spinning for
+//! at most [`PARTITION_SPIN`] after its last request.
 //!
 //! A side that sleeps says so in the page and waits on its doorbell, an eventfd the other
 //! side writes when it publishes and sees it asleep. The socket carries liveness: a
@@ -50,32 +48,16 @@ pub const PARTITION_SPIN: Duration = Duration::from_micros(200);
 /// Bytes of one frame area: a frame with its length word.
 pub(crate) const AREA: usize = (4 + MAX_FRAME).next_multiple_of(64);
 
-/// Bytes of a frame that travels in the cache line of its sequence number instead of its
-/// area: every register access and its answer (a UART's, with its state, is about 30).
-/// The other side then reads the number and the frame with one transfer of one line
-/// between the two CPUs instead of two in a row, in each direction.
-pub(crate) const INLINE: usize = 48;
-
-/// The page's layout with frames inline ([`INLINE`]). Layout 1 kept every frame in its
-/// area and had no layout words: a hypervisor offers this one (`layout_offered`), a
-/// partition that reads it says so (`layout_accepted`), and either side keeps to layout 1
-/// when the other does not know this one. An upgrade may bring a newer driver to a
-/// running hypervisor, and a downgrade an older one.
-const INLINE_LAYOUT: u32 = 2;
-
 /// Bytes of the shared memory (one page).
 const PAGE_SIZE: usize = 4096;
 
-/// The shared page: a cache line written by the hypervisor, one written by the partition,
-/// then the two frame areas. Every field is an atomic: the other process may write any of
-/// them at any time.
+/// The shared page. Every field is an atomic: the other process may write any of them at
+/// any time.
 #[repr(C, align(64))]
 struct Page {
-    /// Written by the hypervisor: the number of the request in `request_inline` or
-    /// `request`.
+    /// Written by the hypervisor: the number of the request in `request`.
     request_seq: AtomicU32,
-    /// Bytes of the request's frame: at most [`INLINE`] in `request_inline`, else in
-    /// `request`.
+    /// Bytes of the frame in `request`.
     request_len: AtomicU32,
     /// Written by the partition, only when it changes (a store takes the line from the
     /// hypervisor even when it writes the same value): it sleeps and needs its doorbell
@@ -83,31 +65,19 @@ struct Page {
     partition_asleep: AtomicU32,
     /// Written by the hypervisor: the CPU the request was published from.
     hypervisor_cpu: AtomicU32,
-    request_inline: [AtomicU8; INLINE],
-    /// Written by the partition: the number of the request the answer answers.
+    _hypervisor_line: [u32; 12],
+    /// Written by the partition: the number of the request `answer` answers.
     answer_seq: AtomicU32,
-    /// Bytes of the answer's frame: at most [`INLINE`] in `answer_inline`, else in
-    /// `answer`.
+    /// Bytes of the frame in `answer`.
     answer_len: AtomicU32,
     /// Written by the hypervisor: it sleeps and needs its doorbell rung to see the answer.
     hypervisor_asleep: AtomicU32,
-    _partition_line: u32,
-    answer_inline: [AtomicU8; INLINE],
+    _partition_line: [u32; 13],
     request: [AtomicU8; AREA],
     answer: [AtomicU8; AREA],
-    /// Written by the hypervisor once, before the partition maps the page: the highest
-    /// layout it reads and writes (0 from a hypervisor of layout 1).
-    layout_offered: AtomicU32,
-    /// Written by the partition once, before it is ready: [`INLINE_LAYOUT`] if it uses
-    /// that layout (0 from a driver of layout 1). Past the areas, away from the lines
-    /// written at every access.
-    layout_accepted: AtomicU32,
 }
 
 const _: () = assert!(size_of::<Page>() <= PAGE_SIZE);
-// One line each for the two sides' numbers and small frames.
-const _: () = assert!(std::mem::offset_of!(Page, answer_seq) == 64);
-const _: () = assert!(std::mem::offset_of!(Page, request) == 128);
 
 /// The page mapped into this process.
 struct Mapping(NonNull<Page>);
@@ -174,31 +144,17 @@ fn create_page() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Where a frame of `len` bytes travels: in `inline` if it fits and both sides use the
-/// inline layout, else in `area`.
-fn frame_cells<'a>(
-    inline: &'a [AtomicU8; INLINE],
-    area: &'a [AtomicU8; AREA],
-    len: u32,
-    inline_layout: bool,
-) -> &'a [AtomicU8] {
-    if inline_layout && len as usize <= INLINE { inline } else { area }
-}
-
-/// Writes `bytes`, a frame whose length field says `len`, where a reader of that length
-/// looks ([`frame_cells`]), as much of it as fits.
-fn store_frame(cells: &[AtomicU8], bytes: &[u8]) {
-    for (cell, &byte) in cells.iter().zip(bytes) {
+fn store_bytes(area: &[AtomicU8; AREA], bytes: &[u8]) {
+    for (cell, &byte) in area.iter().zip(bytes) {
         cell.store(byte, Ordering::Relaxed);
     }
 }
 
-/// Copies a frame of `len` bytes from `cells` ([`frame_cells`]), at most all of them,
-/// into `into`.
-fn load_frame(cells: &[AtomicU8], len: u32, into: &mut Vec<u8>) {
-    let len = (len as usize).min(cells.len());
+/// Copies the first `len` bytes of `area` (at most all of it) into `into`.
+fn load_bytes(area: &[AtomicU8; AREA], len: u32, into: &mut Vec<u8>) {
+    let len = (len as usize).min(AREA);
     into.clear();
-    into.extend(cells[..len].iter().map(|cell| cell.load(Ordering::Relaxed)));
+    into.extend(area[..len].iter().map(|cell| cell.load(Ordering::Relaxed)));
 }
 
 /// Rings a doorbell.
@@ -304,7 +260,6 @@ impl ProxyConnection {
     pub fn new(stream: UnixStream) -> io::Result<Self> {
         let page_fd = create_page()?;
         let mapping = Mapping::new(page_fd.as_fd())?;
-        mapping.page().layout_offered.store(INLINE_LAYOUT, Ordering::Release);
         let to_partition = EventFd::new(EFD_NONBLOCK)?;
         let to_hypervisor = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
@@ -368,10 +323,8 @@ impl ProxyConnection {
         let page = self.mapping.page();
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let len = request.len() as u32;
-        let inline = page.layout_accepted.load(Ordering::Relaxed) == INLINE_LAYOUT;
-        store_frame(frame_cells(&page.request_inline, &page.request, len, inline), request);
-        page.request_len.store(len, Ordering::Relaxed);
+        store_bytes(&page.request, request);
+        page.request_len.store(request.len() as u32, Ordering::Relaxed);
         page.hypervisor_cpu.store(current_cpu(), Ordering::Relaxed);
         page.request_seq.store(seq, Ordering::SeqCst);
         let partition_asleep = page.partition_asleep.load(Ordering::SeqCst) != 0;
@@ -392,8 +345,7 @@ impl ProxyConnection {
             page.hypervisor_asleep.store(0, Ordering::Relaxed);
             result?;
         }
-        let len = page.answer_len.load(Ordering::Relaxed);
-        load_frame(frame_cells(&page.answer_inline, &page.answer, len, inline), len, &mut self.answer);
+        load_bytes(&page.answer, page.answer_len.load(Ordering::Relaxed), &mut self.answer);
         Ok(&self.answer)
     }
 
@@ -486,8 +438,6 @@ pub struct PartitionEnd {
     /// The CPUs the partition was started on, and the one it keeps off (the vCPU's).
     allowed: Option<libc::cpu_set_t>,
     kept_off: Option<u32>,
-    /// Whether the hypervisor offered the inline layout (and this end took it up).
-    inline: bool,
     /// Whether a request was taken yet (before the first, it does not spin).
     served: bool,
 }
@@ -512,10 +462,6 @@ impl PartitionEnd {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "the proxy page is too small"));
         }
         let mapping = Mapping::new(page_fd)?;
-        let inline = mapping.page().layout_offered.load(Ordering::Acquire) >= INLINE_LAYOUT;
-        if inline {
-            mapping.page().layout_accepted.store(INLINE_LAYOUT, Ordering::Release);
-        }
         let seq = mapping.page().request_seq.load(Ordering::Acquire);
         let allowed = allowed_cpus();
         let request = Vec::with_capacity(AREA);
@@ -528,7 +474,6 @@ impl PartitionEnd {
             request,
             allowed,
             kept_off: None,
-            inline,
             served: false,
         })
     }
@@ -560,9 +505,7 @@ impl PartitionEnd {
                 {
                     self.kept_off = Some(theirs);
                 }
-                let len = page.request_len.load(Ordering::Relaxed);
-                let cells = frame_cells(&page.request_inline, &page.request, len, self.inline);
-                load_frame(cells, len, &mut self.request);
+                load_bytes(&page.request, page.request_len.load(Ordering::Relaxed), &mut self.request);
                 return Ok(Some(&self.request));
             }
             if Instant::now() < spin_end {
@@ -590,7 +533,7 @@ impl PartitionEnd {
     /// answer, for fuzzing).
     pub(crate) fn publish(&mut self, bytes: &[u8], claimed_len: u32) -> io::Result<()> {
         let page = self.mapping.page();
-        store_frame(frame_cells(&page.answer_inline, &page.answer, claimed_len, self.inline), bytes);
+        store_bytes(&page.answer, bytes);
         page.answer_len.store(claimed_len, Ordering::Relaxed);
         page.answer_seq.store(self.seq, Ordering::SeqCst);
         if page.hypervisor_asleep.load(Ordering::SeqCst) != 0 {
@@ -642,76 +585,6 @@ mod tests {
         }
         hypervisor.hang_up();
         assert_eq!(server.join().unwrap(), 200);
-    }
-
-    #[test]
-    fn frames_in_the_line_of_their_number_and_in_their_area_cross_intact() {
-        let (mut hypervisor, mut partition) = ProxyConnection::pair().unwrap();
-        let server = std::thread::spawn(move || {
-            while let Some(request) = partition.next_request().unwrap() {
-                // An answer one byte longer than its request: it goes to the area one
-                // step before the request does.
-                let mut answer = request.to_vec();
-                answer.push(0xa5);
-                partition.answer(&answer).unwrap();
-            }
-        });
-        // Each size after a larger one and a smaller one: a place's leftovers never show.
-        for len in [1, INLINE - 1, INLINE, INLINE + 1, AREA - 1, INLINE, 3, AREA - 1, 2] {
-            let request: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            let answer = hypervisor
-                .call(&request, Deadlines::after(Duration::from_secs(10), Duration::from_secs(10)))
-                .unwrap();
-            assert_eq!(answer.len(), len + 1, "a {len}-byte request's answer");
-            assert_eq!(&answer[..len], &request[..]);
-            assert_eq!(answer[len], 0xa5);
-        }
-        hypervisor.hang_up();
-        server.join().unwrap();
-    }
-
-    /// A pair whose sides know the inline layout as told: `hypervisor` false is a
-    /// hypervisor of layout 1 (it offers nothing), `partition` false a driver of layout 1
-    /// (it takes nothing up).
-    fn pair_of_layouts(hypervisor: bool, partition: bool) -> (ProxyConnection, PartitionEnd) {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let connection = ProxyConnection::new(ours).unwrap();
-        if !hypervisor {
-            connection.mapping.page().layout_offered.store(0, Ordering::Release);
-        }
-        let mut end = connection.partition_end(theirs).unwrap();
-        if !partition {
-            end.inline = false;
-            connection.mapping.page().layout_accepted.store(0, Ordering::Release);
-        }
-        (connection, end)
-    }
-
-    #[test]
-    fn either_side_of_the_first_layout_is_served_from_the_areas() {
-        for (hypervisor_knows, partition_knows) in [(true, true), (false, true), (true, false)] {
-            let (mut hypervisor, mut partition) = pair_of_layouts(hypervisor_knows, partition_knows);
-            let server = std::thread::spawn(move || {
-                while let Some(request) = partition.next_request().unwrap() {
-                    let mut answer = request.to_vec();
-                    answer.reverse();
-                    partition.answer(&answer).unwrap();
-                }
-            });
-            let request = b"a register access";
-            let answer = hypervisor
-                .call(request, Deadlines::after(Duration::from_secs(10), Duration::from_secs(10)))
-                .unwrap()
-                .to_vec();
-            assert_eq!(answer, request.iter().rev().copied().collect::<Vec<u8>>());
-            let page = hypervisor.mapping.page();
-            let in_area = page.request[0].load(Ordering::Relaxed) == request[0];
-            let in_line = page.request_inline[0].load(Ordering::Relaxed) == request[0];
-            let inline = hypervisor_knows && partition_knows;
-            assert_eq!((in_line, in_area), (inline, !inline), "{hypervisor_knows} {partition_knows}");
-            hypervisor.hang_up();
-            server.join().unwrap();
-        }
     }
 
     /// CPU time the calling thread has used.
