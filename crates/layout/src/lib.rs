@@ -180,8 +180,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Two disks of the VM name the same image (one file, whatever the paths).
-    #[error("{second} names the same image as {first} ({path}): a VM can use an image through one disk only")]
+    /// Two disks of the VM name the same image (one file, whatever the paths), and one of
+    /// them may write it.
+    #[error(
+        "{second} names the same image as {first} ({path}): a VM can write an image through one disk only"
+    )]
     SameImageTwice {
         /// The disk given first.
         first: String,
