@@ -11,7 +11,8 @@
 //!   the ring, its chain walked into a bounded list of buffers (at most the queue size for
 //!   a direct chain, [`SEG_MAX`] + 2 for an indirect table) and parsed; its transfer goes
 //!   to an I/O engine ([`super::block_io`]: io_uring, or a thread pool where io_uring is
-//!   missing), all of them start with one submission, and each request goes in the used
+//!   missing), all of them start with one submission (with cache=none, each as it is
+//!   pushed: see [`super::block_io::Uring`]), and each request goes in the used
 //!   ring as soon as its own transfer completed, in whatever order. At most
 //!   [`MAX_IN_FLIGHT`] requests are in flight per queue, and their data in at most
 //!   [`MAX_IOVECS`] memory pieces in all (a request that does not fit waits for the others).
@@ -1147,7 +1148,8 @@ impl RingPoll {
 ///
 /// Up to [`BlockRequests::set_depth`] requests (at most [`MAX_IN_FLIGHT`]) are in flight
 /// at once on an [`IoEngine`]: every request available at a kick is parsed and its
-/// transfer pushed, all of them start with one submission, and each is put in the used
+/// transfer pushed, all of them start with one submission (with cache=none, each as it
+/// is pushed), and each is put in the used
 /// ring as soon as its own transfer completed, in whatever order that happens. A call
 /// returns once nothing is in flight, so the queue's state can be handed over between
 /// calls.

@@ -4,8 +4,8 @@
 //! The request engine ([`super::block::BlockRequests`]) parses a request, points iovecs
 //! at the guest's buffers and hands the transfer to an [`IoEngine`] under a *tag* (its
 //! slot). The transfers of one kick are pushed, then started together with one
-//! [`IoEngine::submit`]; [`IoEngine::wait`] returns completions in whatever order the
-//! kernel finishes them.
+//! [`IoEngine::submit`] (with cache=none, [`Uring`] starts each as it is pushed);
+//! [`IoEngine::wait`] returns completions in whatever order the kernel finishes them.
 //!
 //! * [`Uring`]: io_uring. The ring is created disabled, the image is its only registered
 //!   file, and a restriction set allows only READV, WRITEV and FSYNC on registered files
@@ -169,6 +169,18 @@ pub fn open(disk: &Arc<DiskImage>, kind: EngineKind) -> io::Result<Box<dyn IoEng
 /// ring, a wake-up while it sleeps), which on a virtualised host costs more than the
 /// transfer. Only a small transfer is held this way, so that a request arriving behind it
 /// waits at most one small transfer; a sync always goes through the ring.
+///
+/// With cache=none (O_DIRECT) a transfer on the ring starts as it is pushed, with a system
+/// call of its own, rather than with the rest of its kick at [`IoEngine::submit`]. The
+/// kernel plugs the transfers of one `io_uring_enter`: it hands them to the disk together,
+/// and a disk that serves such a batch as one (the virtio disk of the machines this
+/// project is measured on) completes them together, so the driver's next batch comes back
+/// as one too, and the queue moves in waves: there the guest's random 4 KiB reads at queue
+/// depth 16 spent 230 µs each in the disk where fio's, started one by one, spent 150, and
+/// ran at 0.80 of fio's rate. Started as pushed, they run at 0.95 of it, writes at 0.92
+/// instead of 0.79 (4 rounds, fio in each). A buffered transfer, which mostly completes in
+/// the system call that starts it, still starts with the rest of its kick, one system call
+/// for all.
 pub struct Uring {
     ring: IoUring,
     /// The registered file's image (its lock lives as long as the ring).
@@ -184,6 +196,8 @@ pub struct Uring {
     outstanding: usize,
     /// How long `wait` looks at the completion ring before it sleeps.
     poll: RingPoll,
+    /// Transfers reach the disk itself (O_DIRECT): start each as it is pushed.
+    start_at_push: bool,
     /// What each tag on the ring does, to run it here if the kernel cancels it.
     on_ring: [Option<Transfer>; MAX_IN_FLIGHT],
 }
@@ -214,6 +228,7 @@ impl Uring {
             held: None,
             outstanding: 0,
             poll: RingPoll::default(),
+            start_at_push: disk.cache() == CacheMode::None,
             on_ring: [None; MAX_IN_FLIGHT],
         })
     }
@@ -366,6 +381,13 @@ impl IoEngine for Uring {
         // SAFETY: this function's contract.
         unsafe { self.queue(transfer) }?;
         self.outstanding += 1;
+        if self.start_at_push
+            && let Err(e) = self.enter(0)
+        {
+            // The transfer is pushed all the same: it stays on the submission ring, and
+            // `submit` (or `wait`) starts it or reports why it cannot.
+            log::debug!("virtio-blk: io_uring could not start a transfer at once: {e}");
+        }
         Ok(())
     }
 
@@ -670,6 +692,16 @@ mod tests {
     /// Two O_DIRECT reads of a fresh 64-sector image in the temporary directory (O_DIRECT
     /// needs a real file system), pushed on a ring engine and submitted.
     fn two_direct_reads(name: &str, poll: Duration) -> (Uring, crate::virtio::GuestMemoryMmap, Scratch) {
+        let (mut engine, mem, path) = two_direct_reads_pushed(name, poll);
+        engine.submit().unwrap();
+        (engine, mem, path)
+    }
+
+    /// As [`two_direct_reads`], without the submit.
+    fn two_direct_reads_pushed(
+        name: &str,
+        poll: Duration,
+    ) -> (Uring, crate::virtio::GuestMemoryMmap, Scratch) {
         use vm_memory::{GuestAddress, GuestMemoryBackend};
         let path =
             Scratch(std::env::temp_dir().join(format!("splitvisor-io-{}-{name}.img", std::process::id())));
@@ -692,8 +724,43 @@ mod tests {
             // SAFETY: the iovecs are leaked and `mem`, returned, outlives the engine's waits.
             unsafe { engine.push(transfer) }.unwrap();
         }
-        engine.submit().unwrap();
         (engine, mem, path)
+    }
+
+    #[test]
+    fn with_cache_none_a_transfer_on_the_ring_starts_as_it_is_pushed() {
+        let (mut engine, _mem, _path) = two_direct_reads_pushed("at-push", Duration::ZERO);
+        // Both reads were handed to the kernel (none left on the submission ring) before
+        // any submit.
+        assert!(engine.ring.submission().is_empty());
+        let mut done = Vec::new();
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        assert!(done.len() == 2 && done.iter().all(|c| c.result == 4096), "{done:?}");
+    }
+
+    #[test]
+    fn with_cache_writeback_the_transfers_of_a_kick_start_together_at_submit() {
+        let (disk, _inspect) = memory_disk(64, false);
+        let mut engine = Uring::new(&Arc::new(disk)).unwrap();
+        let mut bufs = [[0u8; 512]; 2];
+        let iovecs: Vec<libc::iovec> = bufs.iter_mut().map(|b| iovec(b)).collect();
+        for (tag, iov) in iovecs.iter().enumerate() {
+            let transfer =
+                Transfer { tag: tag as u16, op: IoOp::Read, offset: 512 * tag as u64, iovecs: iov, count: 1 };
+            // SAFETY: `bufs` and `iovecs` outlive the waits below.
+            unsafe { engine.push(transfer) }.unwrap();
+        }
+        // The first read was held (alone in flight); the second put both on the ring, and
+        // there they wait for the submit.
+        assert_eq!(engine.ring.submission().len(), 2);
+        engine.submit().unwrap();
+        let mut done = Vec::new();
+        while engine.outstanding() > 0 {
+            engine.wait(&mut done).unwrap();
+        }
+        assert!(done.len() == 2 && done.iter().all(|c| c.result == 512), "{done:?}");
     }
 
     /// One `wait_or` whose question always says yes: the completions it returned and how
