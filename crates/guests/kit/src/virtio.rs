@@ -142,12 +142,31 @@ struct Descriptor {
     next: u16,
 }
 
+/// Bytes before the available ring in its allocation, in the ring's first cache line: a
+/// request header there travels to the device with the available index.
+const DRIVER_LEAD_IN: u64 = 16;
+/// Bytes before the used ring in its allocation (the ring is 4-byte aligned), in the ring's
+/// first cache line: a status byte there comes back with the used index.
+const DEVICE_LEAD_IN: u64 = 4;
+
 /// A split virtqueue in memory from the bump allocator.
+///
+/// The available and used rings each start a few bytes into a page, and the bytes before
+/// them (the *lead-ins*) are free for the driver's buffers: one request's header and status
+/// byte placed there share a cache line with the available and used index. A request then
+/// moves two lines between the driver's and the device's CPUs (the available ring's there,
+/// the used ring's back) instead of four (blk-bench's rand-read-4K-qd1, which keeps that
+/// one request in flight: 0.74 of host fio's rate before, 0.77 after, medians of 8
+/// alternating rounds).
 struct VirtQueue {
     size: u16,
     desc: *mut Descriptor,
     avail: *mut u16,
     used: *mut u16,
+    /// [`DRIVER_LEAD_IN`] bytes before `avail`, device-readable.
+    driver_lead_in: *mut u8,
+    /// [`DEVICE_LEAD_IN`] bytes before `used`, device-writable.
+    device_lead_in: *mut u8,
     avail_idx: u16,
     last_used: u16,
 }
@@ -156,15 +175,20 @@ impl VirtQueue {
     fn new(size: u16) -> Option<Self> {
         let n = u64::from(size);
         let desc = alloc::alloc(16 * n, 4096)? as *mut Descriptor;
-        let avail = alloc::alloc(6 + 2 * n, 4096)? as *mut u16;
-        let used = alloc::alloc(6 + 8 * n, 4096)? as *mut u16;
-        // SAFETY: fresh allocations of the sizes above.
-        unsafe {
+        let driver_lead_in = alloc::alloc(DRIVER_LEAD_IN + 6 + 2 * n, 4096)?;
+        let device_lead_in = alloc::alloc(DEVICE_LEAD_IN + 6 + 8 * n, 4096)?;
+        // SAFETY: fresh allocations of the sizes above; the rings start after the lead-ins
+        // (2- and 4-byte aligned, as virtio 1.x wants).
+        let (avail, used) = unsafe {
             core::ptr::write_bytes(desc as *mut u8, 0, (16 * n) as usize);
-            core::ptr::write_bytes(avail as *mut u8, 0, (6 + 2 * n) as usize);
-            core::ptr::write_bytes(used as *mut u8, 0, (6 + 8 * n) as usize);
-        }
-        Some(Self { size, desc, avail, used, avail_idx: 0, last_used: 0 })
+            core::ptr::write_bytes(driver_lead_in, 0, (DRIVER_LEAD_IN + 6 + 2 * n) as usize);
+            core::ptr::write_bytes(device_lead_in, 0, (DEVICE_LEAD_IN + 6 + 8 * n) as usize);
+            (
+                driver_lead_in.add(DRIVER_LEAD_IN as usize) as *mut u16,
+                device_lead_in.add(DEVICE_LEAD_IN as usize) as *mut u16,
+            )
+        };
+        Some(Self { size, desc, avail, used, driver_lead_in, device_lead_in, avail_idx: 0, last_used: 0 })
     }
 
     /// Sets descriptor `index`, leaving it alone if it already says that. A slot reused for
@@ -300,7 +324,9 @@ struct RequestHeader {
 /// The device-visible memory of one request slot: its header, then its status byte, in
 /// one cache line (as Linux keeps them in one request structure). The device reads the one
 /// and writes the other, so from another CPU a request moves one line there and back, not
-/// two.
+/// two. Slot 0 has its header and status in the queue's lead-ins instead (see
+/// [`VirtQueue`]): a driver at one request in flight, which always takes slot 0, then moves
+/// no line beyond the rings' own.
 #[repr(C, align(32))]
 struct RequestBlock {
     header: RequestHeader,
@@ -480,7 +506,20 @@ impl BlockDevice {
         INTERRUPTS[self.slot_index].load(Ordering::Acquire)
     }
 
-    /// A free request slot.
+    /// Where request slot `slot` (< MAX_IN_FLIGHT) keeps its header and status byte.
+    fn request_memory(&self, slot: usize) -> (*mut RequestHeader, *mut u8) {
+        if slot == 0 {
+            // RequestHeader is 16 bytes: it fills the driver lead-in; the status takes the
+            // first byte of the device's.
+            return (self.queue.driver_lead_in as *mut RequestHeader, self.queue.device_lead_in);
+        }
+        // SAFETY: slot < MAX_IN_FLIGHT: inside the allocation.
+        let block = unsafe { self.requests.add(slot) };
+        // SAFETY: fields of that block.
+        unsafe { (&raw mut (*block).header, &raw mut (*block).status) }
+    }
+
+    /// A free request slot (the lowest).
     pub fn free_slot(&self) -> Option<usize> {
         self.in_flight.iter().position(|busy| !busy)
     }
@@ -494,16 +533,13 @@ impl BlockDevice {
     /// FLUSH) in slot `slot`.
     pub fn submit(&mut self, slot: usize, kind: u32, sector: u64, buf: *mut u8, len: u32) {
         let head = (3 * slot) as u16;
+        let (header, status) = self.request_memory(slot);
         // SAFETY: slot < MAX_IN_FLIGHT; header and status memory belong to this slot.
         unsafe {
-            let block = self.requests.add(slot);
-            write_volatile(&raw mut (*block).header, RequestHeader { kind, reserved: 0, sector });
-            write_volatile(&raw mut (*block).status, 0xff);
+            write_volatile(header, RequestHeader { kind, reserved: 0, sector });
+            write_volatile(status, 0xff);
         }
-        // SAFETY: slot < MAX_IN_FLIGHT: inside the allocation.
-        let block = unsafe { self.requests.add(slot) };
-        let header = block as u64;
-        let status = header + core::mem::offset_of!(RequestBlock, status) as u64;
+        let (header, status) = (header as u64, status as u64);
         let device_writes = if kind == blk::IN || kind == blk::GET_ID { DESC_F_WRITE } else { 0 };
         if len > 0 {
             self.queue.set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
@@ -533,7 +569,7 @@ impl BlockDevice {
         }
         self.in_flight[slot] = false;
         // SAFETY: the device wrote the status byte of this slot before returning it.
-        let status = unsafe { read_volatile(&raw const (*self.requests.add(slot)).status) };
+        let status = unsafe { read_volatile(self.request_memory(slot).1) };
         Some((slot, status))
     }
 
