@@ -428,9 +428,10 @@ impl ProxyDevice {
             // The supervisor ends a partition it has replaced already (an upgrade, a restart
             // asked for) without waiting for an access under way: that access moves to the
             // new one, and nothing failed.
-            match self.link.as_ref().is_some_and(|link| link.generation() > self.generation) {
-                true => log::debug!("{}: the replaced partition ended during an access: {why}", self.name),
-                false => log::warn!("{}: driver partition failed: {why}", self.name),
+            if self.link.as_ref().is_some_and(|link| link.generation() > self.generation) {
+                log::debug!("{}: the replaced partition ended during an access: {why}", self.name);
+            } else {
+                log::warn!("{}: driver partition failed: {why}", self.name);
             }
         }
         let Some(link) = self.link.clone() else {
