@@ -334,6 +334,11 @@ pub struct StartingThread<T> {
 }
 
 impl<T> StartingThread<T> {
+    /// Whether the thread has ended (its hook failed, or its work is done).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Waits until the hook has run in the thread: its handle, or the hook's error (the
     /// thread then never runs its work).
     pub fn started(self) -> io::Result<JoinHandle<T>> {

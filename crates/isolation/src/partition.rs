@@ -395,10 +395,11 @@ impl Partition {
         Self::start(driver, args, fds)?.wait()
     }
 
-    /// [`spawn`](Self::spawn) without waiting: returns once the spawner thread has the
-    /// request. The process starts and sets itself up while the caller goes on; several
-    /// partitions started one after the other start side by side, and each
-    /// [`StartingPartition::wait`] then waits for its own.
+    /// [`spawn`](Self::spawn) without waiting: returns once the request is in the spawner
+    /// thread's queue, which it serves once it has set itself up. The process starts and
+    /// sets itself up while the caller goes on; several partitions started one after the
+    /// other start side by side, and each [`StartingPartition::wait`] then waits for its
+    /// own (and reports a spawner that could not set itself up).
     pub fn start(
         driver: &DriverProgram,
         args: &[String],
@@ -410,8 +411,12 @@ impl Partition {
             .collect::<Result<Vec<_>, _>>()?;
         let request = SpawnRequest { driver: driver.clone(), args: args.to_vec(), fds };
         let (reply, spawned) = mpsc::channel();
-        spawner(true).map_err(setup("start the partition spawner thread"))?.send((request, reply)).map_err(
-            |_| setup("reach the partition spawner")(io::Error::other("the spawner thread is gone")),
+        spawner().map_err(setup("start the partition spawner thread"))?.send((request, reply)).map_err(
+            |_| {
+                spawner_failure().unwrap_or_else(|| {
+                    setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
+                })
+            },
         )?;
         Ok(StartingPartition { spawned })
     }
@@ -570,12 +575,14 @@ impl StartingPartition {
     /// process runs (a supervisor that handles other devices meanwhile cannot wait that long).
     pub fn wait_within(self, ready_within: Duration) -> Result<Partition, PartitionError> {
         let Spawned { mut partition, ready, role, driver, command } =
-            self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| {
-                let kind = match e {
-                    mpsc::RecvTimeoutError::Timeout => io::ErrorKind::TimedOut,
-                    mpsc::RecvTimeoutError::Disconnected => io::ErrorKind::BrokenPipe,
-                };
-                setup("hear from the partition spawner")(kind.into())
+            self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => {
+                    setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into())
+                }
+                // The spawner dropped the request unanswered: it could not set itself up.
+                mpsc::RecvTimeoutError::Disconnected => spawner_failure().unwrap_or_else(|| {
+                    setup("hear from the partition spawner")(io::ErrorKind::BrokenPipe.into())
+                }),
             })??;
         if let Err(source) = ready.wait(ready_within) {
             let pid = partition.pid();
@@ -614,10 +621,11 @@ type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 /// sandboxes itself starts it before it enters its jail, which the spawner stays out of
 /// (see [`crate::sandbox::hypervisor`]).
 ///
-/// This does not wait for the thread's set-up: the first partition's start does, and
-/// reports its failure. An error if the host refused the thread.
+/// This does not wait for the thread's set-up, and neither does a partition's start: the
+/// first partition's [`StartingPartition::wait`] does, and reports its failure. An error if
+/// the host refused the thread.
 pub fn start_spawner() -> io::Result<()> {
-    spawner(false).map(drop)
+    spawner().map(drop)
 }
 
 /// The spawner thread's queue, and the thread while it may still be setting itself up.
@@ -626,15 +634,24 @@ struct Spawner {
     starting: Option<StartingThread<()>>,
 }
 
-/// The process-wide spawner thread's queue, the thread started first if it is not running;
-/// with `set_up`, once the thread has its filter. A start the host refused (its task limit
-/// reached), or a thread whose filter failed, is an error, and is tried again at the next
-/// call. The thread never ends, so the parent-death signal of the partitions it starts
-/// fires only when the whole process dies.
-fn spawner(set_up: bool) -> io::Result<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
-    static SPAWNER: Mutex<Option<Spawner>> = Mutex::new(None);
+static SPAWNER: Mutex<Option<Spawner>> = Mutex::new(None);
+
+/// The process-wide spawner thread's queue, the thread started first if it is not running
+/// (or if its set-up failed: a thread whose filter failed ends, and the next call tries
+/// again). A start the host refused (its task limit reached) is an error. Requests wait in
+/// the queue while the thread sets itself up: the caller goes on meanwhile (a VM creates
+/// its vCPUs while the first partitions start). The thread never ends once set up, so the
+/// parent-death signal of the partitions it starts fires only when the whole process dies.
+fn spawner() -> io::Result<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
     let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
-    let current = match spawner.take() {
+    let running = spawner.take().filter(|current| {
+        let failed = current.starting.as_ref().is_some_and(|thread| thread.is_finished());
+        if failed {
+            log::debug!("the partition spawner ended while it set itself up: starting another");
+        }
+        !failed
+    });
+    let current = match running {
         Some(current) => current,
         None => {
             let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
@@ -647,14 +664,23 @@ fn spawner(set_up: bool) -> io::Result<mpsc::Sender<(SpawnRequest, SpawnReply)>>
             Spawner { requests, starting: Some(starting) }
         }
     };
-    let Spawner { requests, mut starting } = current;
-    if set_up {
-        if let Some(thread) = starting.take() {
-            // The handle is dropped: the thread is never joined.
-            thread.started()?;
+    Ok(spawner.insert(current).requests.clone())
+}
+
+/// Why the spawner thread dropped a request unanswered: the error of its set-up (its
+/// filter), if that is what ended it. The thread is forgotten, so that the next partition
+/// starts another.
+fn spawner_failure() -> Option<PartitionError> {
+    let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+    let thread = spawner.as_mut()?.starting.take()?;
+    // The thread reported its set-up before it dropped its queue: this does not block.
+    match thread.started() {
+        Ok(_) => None,
+        Err(e) => {
+            *spawner = None;
+            Some(setup("set up the partition spawner thread")(e))
         }
     }
-    Ok(spawner.insert(Spawner { requests, starting }).requests.clone())
 }
 
 /// Moves the spawner thread (only it: a network namespace is a thread's) into a network

@@ -417,7 +417,8 @@ impl VmBuilder {
         }
         // Then the partition spawner, which sets itself up (its filter, the partitions'
         // network namespace) while the VM is: the first partition starts as soon as it is
-        // asked for. A failure here is reported by that first start, which tries again.
+        // set up, and asking for one does not wait for that. A failure here is reported by
+        // the first partition's wait, and the next start tries again.
         if self.layout.has_partitions() {
             if let Err(e) = splitvisor_isolation::partition::start_spawner() {
                 log::debug!("the partition spawner did not start yet: {e}");
