@@ -677,6 +677,9 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
         sets.extend([namespaces, namespaces | pid, namespaces | user, namespaces | pid | user]);
     }
     arg_in(&mut rules, libc::SYS_unshare, 0, Len::Dword, &sets)?;
+    // The spawner enters the partitions' network namespace, made by the thread that
+    // started it (see `crate::partition::start_spawner`).
+    arg_in(&mut rules, libc::SYS_setns, 1, Len::Dword, &[libc::CLONE_NEWNET as u64])?;
     // Mounts: making the tree private, and the empty read-only tmpfs.
     let private = libc::MS_REC | libc::MS_PRIVATE;
     let empty = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
