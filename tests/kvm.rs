@@ -155,14 +155,15 @@ fn the_vcpu_threads_are_known_to_run_even_when_their_set_up_failed() {
 }
 
 #[test]
-fn the_boot_vcpu_is_known_to_have_run_once_its_first_kvm_run_returned() {
+fn the_boot_vcpu_is_known_to_have_run_once_it_served_the_exit_of_its_first_kvm_run() {
     if !support::kvm() {
         return;
     }
-    // `out 0x80, al` then `jmp $`: the first KVM_RUN returns at the port write.
+    // `out 0x80, al` then `jmp $`: the first KVM_RUN returns at the port write, which the
+    // vCPU serves (nothing there) before it enters again.
     let (_ram, _vm, vcpus, buses) = vcpus_running(1, &[0xe6, 0x80, 0xeb, 0xfe]);
     let running = VmControl::new().start(vcpus, buses).unwrap();
-    assert!(running.wait_until_boot_vcpu_returned(TIMEOUT));
+    assert!(running.wait_until_boot_vcpu_served_first_exit(TIMEOUT));
     running.stop_handle().stop();
     running.wait(Some(TIMEOUT)).unwrap();
 
@@ -171,14 +172,17 @@ fn the_boot_vcpu_is_known_to_have_run_once_its_first_kvm_run_returned() {
     let (_ram, _vm, vcpus, buses) = spinning_vcpus();
     let running = VmControl::new().start(vcpus, buses.clone()).unwrap();
     let started = Instant::now();
-    assert!(!running.wait_until_boot_vcpu_returned(Duration::from_millis(100)));
+    assert!(!running.wait_until_boot_vcpu_served_first_exit(Duration::from_millis(100)));
     assert!(started.elapsed() >= Duration::from_millis(100));
     running.stop_handle().guest_reset();
     let stopped = running.wait_until(None);
     // A boot vCPU whose set-up fails never enters KVM_RUN: the wait ends at once.
     let failing: VcpuSetup = Arc::new(|vcpu| Err(VcpuError::SetupTimeout { vcpu: vcpu.index() }));
     let running = stopped.restart(buses, failing).unwrap();
-    assert!(running.wait_until_boot_vcpu_returned(TIMEOUT), "the boot vCPU that gave up was counted");
+    assert!(
+        running.wait_until_boot_vcpu_served_first_exit(TIMEOUT),
+        "the boot vCPU that gave up was counted"
+    );
     let end = running.wait(Some(TIMEOUT));
     assert!(matches!(end, Err(VcpuError::SetupTimeout { .. })), "{end:?}");
 }

@@ -50,9 +50,10 @@ const SUPERVISOR_TICK: Duration = Duration::from_millis(50);
 /// they are late for a reason the rest does not cause.
 const VCPUS_RUNNING_WAIT: Duration = Duration::from_millis(20);
 
-/// Longest [`Vm::run`] then holds it for the boot vCPU's first KVM_RUN to return: a
-/// marker guest's returns in 0.1-1 ms; a guest that runs longer before its first exit
-/// has its services started a little later, which nothing it does early waits for.
+/// Longest [`Vm::run`] then holds it for the boot vCPU to serve its first exit: a marker
+/// guest's (a COM1 byte, through a partition in the microkernel layout) is served 0.1-1 ms
+/// after its start; a guest that runs longer before its first exit has its services started
+/// a little later, which nothing it does early waits for.
 const BOOT_VCPU_HEAD_START: Duration = Duration::from_millis(5);
 
 /// Where the guest console goes.
@@ -878,17 +879,17 @@ impl Vm {
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         // The vCPUs first: nothing else started here is needed before the guest's first
         // instruction. And nothing else is started until their threads run and the boot
-        // vCPU has come back from its first KVM_RUN (bounded): each start installs a
-        // seccomp filter, which holds a CPU for hundreds of microseconds, and on a small
-        // host a vCPU thread, or the task KVM starts at the first KVM_RUN, woken
-        // meanwhile waits for a CPU behind them.
+        // vCPU has served its first exit (bounded): each start installs a seccomp filter,
+        // which holds a CPU for hundreds of microseconds, and on a small host a vCPU
+        // thread, the task KVM starts at the first KVM_RUN, or the partition that serves
+        // the exit, woken meanwhile, waits for a CPU behind them.
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         if !running.wait_until_running(VCPUS_RUNNING_WAIT) {
             log::debug!(
                 "the vCPU threads did not all run within {VCPUS_RUNNING_WAIT:?}: starting the services anyway"
             );
         }
-        running.wait_until_boot_vcpu_returned(BOOT_VCPU_HEAD_START);
+        running.wait_until_boot_vcpu_served_first_exit(BOOT_VCPU_HEAD_START);
         let services = hypervisor_sandbox::start_launcher(launcher)
             .map_err(Error::from)
             .and_then(|()| self.start_services(&stop_handle))

@@ -258,23 +258,28 @@ impl Vcpu {
         self.fd.get_regs().map(|regs| regs.rip).unwrap_or(u64::MAX)
     }
 
-    /// Runs the vCPU until the VM stops or this vCPU fails; `first_return` is called when
-    /// KVM_RUN first returns, whatever it returned.
+    /// Runs the vCPU until the VM stops or this vCPU fails; `first_exit_served` is called
+    /// when KVM_RUN first returned and what it returned was served, as the vCPU is about to
+    /// enter the guest again.
     pub(crate) fn run(
         &mut self,
         buses: &Buses,
         control: &Control,
-        first_return: impl FnOnce(),
+        first_exit_served: impl FnOnce(),
     ) -> Result<(), VcpuError> {
         let index = self.index;
-        let mut first_return = Some(first_return);
+        let mut first_exit_served = Some(first_exit_served);
+        let mut entered = false;
         // Since when KVM_RUN has answered EAGAIN without a break.
         let mut refused_since: Option<std::time::Instant> = None;
         while !control.stopping() {
-            let result = self.fd.run();
-            if let Some(first_return) = first_return.take() {
-                first_return();
+            if entered {
+                if let Some(served) = first_exit_served.take() {
+                    served();
+                }
             }
+            entered = true;
+            let result = self.fd.run();
             let step = match result {
                 Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => Step::Pio,
                 Ok(VcpuExit::MmioRead(addr, data)) => {

@@ -405,9 +405,9 @@ struct Arrivals {
 struct Arrived {
     /// Threads that have come to their run loop (or given up before it).
     threads: u32,
-    /// Whether the boot vCPU (index 0) has come back from its first KVM_RUN, or never
+    /// Whether the boot vCPU (index 0) has served the exit of its first KVM_RUN, or never
     /// will enter one.
-    boot_ran: bool,
+    boot_served_exit: bool,
 }
 
 impl Arrivals {
@@ -656,21 +656,21 @@ impl VmControl {
                 // waiting by one that never will.
                 let ready = prepare(&vcpu, setup, &gate, count, &control);
                 arrived.update(|a| a.threads += 1);
-                let boot_ran = || {
+                let boot_served_exit = || {
                     if index == 0 {
-                        arrived.update(|a| a.boot_ran = true);
+                        arrived.update(|a| a.boot_served_exit = true);
                     }
                 };
                 match ready {
                     Ok(true) => {
-                        if let Err(e) = vcpu.run(&buses, &control, boot_ran) {
+                        if let Err(e) = vcpu.run(&buses, &control, boot_served_exit) {
                             control.finish(Err(e));
                         }
                     }
                     Ok(false) => {}
                     Err(e) => control.finish(Err(e)),
                 }
-                boot_ran();
+                boot_served_exit();
                 vcpu
             });
             let thread = match ready.get_mut(index as usize).and_then(Option::take) {
@@ -714,17 +714,18 @@ impl RunningVm {
         self.wait_for(timeout, |arrived| arrived.threads >= expected)
     }
 
-    /// Waits, at most `timeout`, until the boot vCPU's (index 0) first KVM_RUN has
-    /// returned, or its thread will never enter one; false if `timeout` passed first (a
-    /// guest may well run that long without an exit).
+    /// Waits, at most `timeout`, until the boot vCPU (index 0) has served the exit of its
+    /// first KVM_RUN (a console byte written, a driver partition's answer come back), or
+    /// its thread will never enter one; false if `timeout` passed first (a guest may well
+    /// run that long without an exit).
     ///
     /// For the same reason as [`wait_until_running`](Self::wait_until_running): a thread
     /// at its run loop has yet to enter the guest, and KVM's first KVM_RUN of a VM
     /// starts a task of the VM's (its huge-page recovery worker) and waits for it, which,
     /// too, has to find a CPU.
-    pub fn wait_until_boot_vcpu_returned(&self, timeout: Duration) -> bool {
+    pub fn wait_until_boot_vcpu_served_first_exit(&self, timeout: Duration) -> bool {
         let boot = self.threads.iter().any(|(index, _)| *index == 0);
-        self.wait_for(timeout, |arrived| !boot || arrived.boot_ran)
+        self.wait_for(timeout, |arrived| !boot || arrived.boot_served_exit)
     }
 
     fn wait_for(&self, timeout: Duration, done: impl Fn(&Arrived) -> bool) -> bool {
