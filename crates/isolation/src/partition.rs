@@ -622,14 +622,32 @@ type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 /// (see [`crate::sandbox::hypervisor`]).
 ///
 /// This does not wait for the thread's set-up, and neither does a partition's start: the
-/// first partition's [`StartingPartition::wait`] does, and reports its failure. While the
-/// new thread installs its filter, the calling thread makes the partitions' network
-/// namespace and hands it over (the two take about as long; see
-/// [`make_empty_network_namespace`]). An error if the host refused the thread.
-pub fn start_spawner() -> io::Result<()> {
+/// first partition's [`StartingPartition::wait`] does, and reports its failure. A new thread
+/// leaves the partitions' network namespace to the caller, who makes it with the
+/// [`NamespaceMaker`] returned while the thread installs its filter (the two take about as
+/// long), best once the first partitions are asked for. An error if the host refused the
+/// thread.
+pub fn start_spawner() -> io::Result<NamespaceMaker> {
     let (hand_over, handed) = mpsc::sync_channel(1);
     let (_, started) = spawner_with(Some(handed))?;
-    if started {
+    Ok(NamespaceMaker { hand_over: started.then_some(hand_over) })
+}
+
+/// Makes the network namespace of the partitions a new spawner thread starts, on the
+/// thread that started the spawner ([`start_spawner`]). Dropped unused, it leaves the
+/// spawner to make its own.
+#[derive(Debug)]
+#[must_use = "the spawner waits for its network namespace until this is used or dropped"]
+pub struct NamespaceMaker {
+    /// Where the spawner waits for it; `None` if no thread was started.
+    hand_over: Option<mpsc::SyncSender<OwnedFd>>,
+}
+
+impl NamespaceMaker {
+    /// Makes the namespace from the calling thread, which ends up back in its own, and
+    /// hands it to the spawner (see [`make_empty_network_namespace`]).
+    pub fn make(self) {
+        let Some(hand_over) = self.hand_over else { return };
         match make_empty_network_namespace() {
             Ok(namespace) => {
                 let _ = hand_over.send(namespace);
@@ -638,7 +656,6 @@ pub fn start_spawner() -> io::Result<()> {
             Err(e) => log::debug!("the spawner makes the partitions' network namespace itself: {e}"),
         }
     }
-    Ok(())
 }
 
 /// The spawner thread's queue, and the thread while it may still be setting itself up.
@@ -739,10 +756,11 @@ fn enter_empty_network_namespace(handed: Option<mpsc::Receiver<OwnedFd>>) -> boo
 }
 
 /// Makes a new, empty network namespace from the calling thread, and returns it with the
-/// thread back in its own: the VM's main thread makes the partitions' one while the spawner
-/// thread installs its filter, which takes about as long (0.3-0.5 ms each on the build
-/// machines; made on the spawner, the namespace came after the filter, on the way to every
-/// first partition). Fails as a non-root hypervisor, or where /proc is not mounted.
+/// thread back in its own: the VM's main thread makes the partitions' one, once it asked for
+/// its first partitions, while the spawner thread installs its filter, which takes about as
+/// long (0.3-0.5 ms each on the build machines; made on the spawner, the namespace came
+/// after the filter, on the way to every first partition). Fails as a non-root hypervisor,
+/// or where /proc is not mounted.
 fn make_empty_network_namespace() -> io::Result<OwnedFd> {
     let own = File::open("/proc/thread-self/ns/net")?;
     // SAFETY: unshare takes a plain flag and changes only this thread's namespace.

@@ -30,9 +30,12 @@ pub(crate) fn after_build(
 ) -> Result<(), HypervisorSandboxError> {
     if sandbox.jail_enabled() {
         if partitions {
-            splitvisor_isolation::partition::start_spawner().map_err(|source| {
-                HypervisorSandboxError::Thread { what: "start the partition spawner thread", source }
-            })?;
+            splitvisor_isolation::partition::start_spawner()
+                .map_err(|source| HypervisorSandboxError::Thread {
+                    what: "start the partition spawner thread",
+                    source,
+                })?
+                .make();
         }
         hypervisor::enter_jail()?;
     }

@@ -416,15 +416,17 @@ impl VmBuilder {
         if !self.sandbox.jail_enabled() {
             control.prepare_threads(1)?;
         }
-        // Then the partition spawner, which sets itself up (its filter, the partitions'
-        // network namespace) while the VM is: the first partition starts as soon as it is
-        // set up, and asking for one does not wait for that. A failure here is reported by
-        // the first partition's wait, and the next start tries again.
-        if self.layout.has_partitions() {
-            if let Err(e) = splitvisor_isolation::partition::start_spawner() {
-                log::debug!("the partition spawner did not start yet: {e}");
-            }
-        }
+        // Then the partition spawner, which installs its filter while the VM is set up:
+        // the first partition starts as soon as it has, and the partitions' network
+        // namespace, which this thread makes meanwhile, is there; asking for one does not
+        // wait for either. A failure here is reported by the first partition's wait, and
+        // the next start tries again.
+        let partitions_namespace = match self.layout.has_partitions() {
+            true => splitvisor_isolation::partition::start_spawner()
+                .map_err(|e| log::debug!("the partition spawner did not start yet: {e}"))
+                .ok(),
+            false => None,
+        };
         let cpuid = control.read_supported_cpuid();
         let ram = GuestRam::new(self.memory)?;
         // The images are read and checked (format, size, room in RAM) before the VM is
@@ -478,6 +480,10 @@ impl VmBuilder {
             for recipe in &mut recipes {
                 recipe.start(this.layout.placement(&recipe.name()), &early)?;
             }
+        }
+        // The partitions just asked for are cloned into it.
+        if let Some(maker) = partitions_namespace {
+            maker.make();
         }
         let kvm = KvmVm::with_memory_and_cpuid(&ram, cpuid)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
