@@ -487,6 +487,11 @@ impl VmBuilder {
         }
         let kvm = KvmVm::with_memory_and_cpuid(&ram, cpuid)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
+        // Now, while the partitions set themselves up; the boot state comes once the
+        // devices are placed (placing one waits for its partition).
+        for vcpu in &vcpus {
+            vcpu.set_cpuid(kvm.supported_cpuid())?;
+        }
 
         let pio = Bus::new(BusKind::Pio);
         let mmio = Bus::new(BusKind::Mmio);
@@ -576,7 +581,7 @@ impl VmBuilder {
         let bsp = plan.write_boot_info(&ram, &loaded)?;
         let states = boot_states(&loaded, bsp, this.vcpus)?;
         for (vcpu, state) in vcpus.iter().zip(&states) {
-            vcpu.configure(kvm.supported_cpuid(), state.as_ref())?;
+            vcpu.reset(state.as_ref())?;
         }
         let reboot = Reboot { plan, loaded, irqchip: kvm.irqchip_reset()?, resets, action: this.on_reboot };
 

@@ -145,9 +145,17 @@ impl Vcpu {
         VcpuError::Setup { vcpu: self.index, what, source }
     }
 
-    /// Sets CPUID (with this vCPU's APIC ID), then puts the vCPU in its power-on state
-    /// with `boot` applied ([`reset`](Self::reset)). Without a `boot` state, an application
-    /// processor waits for the guest's INIT/SIPI, as on real hardware.
+    /// Sets CPUID ([`set_cpuid`](Self::set_cpuid)), then puts the vCPU in its power-on
+    /// state with `boot` applied ([`reset`](Self::reset)). Without a `boot` state, an
+    /// application processor waits for the guest's INIT/SIPI, as on real hardware.
+    pub fn configure(&self, supported_cpuid: &CpuId, boot: Option<&BootState>) -> Result<(), VcpuError> {
+        self.set_cpuid(supported_cpuid)?;
+        self.reset(boot)
+    }
+
+    /// Gives the vCPU the CPUID KVM supports, with this vCPU's APIC ID: before its first
+    /// run and before [`reset`](Self::reset), whose MSRs KVM checks against it. A VM sets
+    /// it as soon as its vCPUs exist, while it waits for its driver partitions.
     ///
     /// KVM's paravirtual send-IPI (`KVM_FEATURE_PV_SEND_IPI`) is hidden from every guest:
     /// the build machines' software KVM never completes that hypercall (a Linux bootstrap
@@ -156,7 +164,7 @@ impl Vcpu {
     /// hardware KVM is one exit per IPI instead of one per multicast; splitvisor's own
     /// guests never use the hypercall. One path for every host keeps what CI tests what
     /// users run.
-    pub fn configure(&self, supported_cpuid: &CpuId, boot: Option<&BootState>) -> Result<(), VcpuError> {
+    pub fn set_cpuid(&self, supported_cpuid: &CpuId) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         for entry in cpuid.as_mut_slice() {
             match entry.function {
@@ -168,8 +176,7 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd.set_cpuid2(&cpuid).map_err(|e| self.setup_error("set CPUID", e))?;
-        self.reset(boot)
+        self.fd.set_cpuid2(&cpuid).map_err(|e| self.setup_error("set CPUID", e))
     }
 
     /// Puts the vCPU back in the state KVM created it in (registers, segments, local APIC,
