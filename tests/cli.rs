@@ -526,3 +526,41 @@ fn a_stopped_driver_leaves_a_socket_that_replaced_its_own() {
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&disk.0);
 }
+
+#[test]
+fn root_of_a_user_namespace_on_the_hosts_network_runs_the_microkernel_layout() {
+    if !support::kvm() || !support::root("to map root into a user namespace") {
+        return;
+    }
+    let unshare = Command::new("unshare").arg("--version").output().map(drop).map_err(|e| e.to_string());
+    if !support::require("unshare (util-linux)", unshare) {
+        return;
+    }
+    // Root in a user namespace of its own, on the host's network namespace, as in a
+    // rootless container on the host's network: the main thread may make the partitions'
+    // network namespace but not come back from it, and must not try. The shell waits for
+    // its id maps (root maps root, written from here), then becomes the example.
+    let mut child = Command::new("unshare")
+        .args(["--user", "sh", "-c", "read go && exec \"$0\" --guest hello --timeout 300"])
+        .arg(support::example("microkernel"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns == own) {
+        assert!(std::time::Instant::now() < deadline, "unshare did not enter a user namespace");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for map in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{pid}/{map}"), "0 0 65536").unwrap();
+    }
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SPLITVISOR-RESULT: PASS"), "{stderr}");
+}

@@ -760,16 +760,25 @@ fn enter_empty_network_namespace(handed: Option<mpsc::Receiver<OwnedFd>>) -> boo
 /// its first partitions, while the spawner thread installs its filter, which takes about as
 /// long (0.3-0.5 ms each on the build machines; made on the spawner, the namespace came
 /// after the filter, on the way to every first partition). Fails as a non-root hypervisor,
-/// or where /proc is not mounted.
+/// where /proc is not mounted, or where the thread could make a namespace but not come
+/// back to its own: root in a user namespace of its own that shares the host's network
+/// (a rootless container on the host's network) may leave it but not enter it again.
 fn make_empty_network_namespace() -> io::Result<OwnedFd> {
     let own = File::open("/proc/thread-self/ns/net")?;
+    // Entering the namespace the thread is in changes nothing, and is allowed exactly when
+    // coming back to it later is: asked first, so that the thread never leaves it for good.
+    // SAFETY: setns takes a namespace fd this thread owns and a plain flag.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: unshare takes a plain flag and changes only this thread's namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let made = File::open("/proc/thread-self/ns/net");
-    // SAFETY: setns takes a namespace fd this thread owns and a plain flag. As root (which
-    // unshare needed) and back to where the thread was, it cannot be refused.
+    // SAFETY: as above. The same call just succeeded: only a kernel that changed its mind
+    // could refuse it, and a thread left in an empty namespace would open its TAP devices
+    // there, so that ends the process rather than going on.
     let back = unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(back, 0, "cannot return to its network namespace: {}", io::Error::last_os_error());
     Ok(made?.into())
