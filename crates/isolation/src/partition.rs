@@ -411,14 +411,13 @@ impl Partition {
             .collect::<Result<Vec<_>, _>>()?;
         let request = SpawnRequest { driver: driver.clone(), args: args.to_vec(), fds };
         let (reply, spawned) = mpsc::channel();
-        spawner().map_err(setup("start the partition spawner thread"))?.send((request, reply)).map_err(
-            |_| {
-                spawner_failure().unwrap_or_else(|| {
-                    setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
-                })
-            },
-        )?;
-        Ok(StartingPartition { spawned })
+        let (requests, spawner) = spawner().map_err(setup("start the partition spawner thread"))?;
+        requests.send((request, reply)).map_err(|_| {
+            spawner_failure(spawner).unwrap_or_else(|| {
+                setup("reach the partition spawner")(io::Error::other("the spawner thread is gone"))
+            })
+        })?;
+        Ok(StartingPartition { spawned, spawner })
     }
 
     /// The partition's process ID.
@@ -543,6 +542,8 @@ impl Drop for Partition {
 pub struct StartingPartition {
     /// The spawner's answer: the process running the driver program, or why there is none.
     spawned: mpsc::Receiver<Result<Spawned, PartitionError>>,
+    /// Which spawner thread has the request (see [`spawner_failure`]).
+    spawner: SpawnerId,
 }
 
 /// A partition's process, running the driver program, its sandbox perhaps not in place.
@@ -580,7 +581,7 @@ impl StartingPartition {
                     setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into())
                 }
                 // The spawner dropped the request unanswered: it could not set itself up.
-                mpsc::RecvTimeoutError::Disconnected => spawner_failure().unwrap_or_else(|| {
+                mpsc::RecvTimeoutError::Disconnected => spawner_failure(self.spawner).unwrap_or_else(|| {
                     setup("hear from the partition spawner")(io::ErrorKind::BrokenPipe.into())
                 }),
             })??;
@@ -615,6 +616,9 @@ struct SpawnRequest {
 /// dropped on the spawner's thread, and with it the process (killed and reaped).
 type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 
+/// The spawner thread's queue of requests.
+type SpawnQueue = mpsc::Sender<(SpawnRequest, SpawnReply)>;
+
 /// Starts the process-wide thread that starts partitions, if it is not running yet. It
 /// starts by itself at the first partition; a VM starts it first thing, so that it sets
 /// itself up (its filter, its network namespace) while the VM is; a hypervisor that
@@ -629,7 +633,7 @@ type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
 /// thread.
 pub fn start_spawner() -> io::Result<NamespaceMaker> {
     let (hand_over, handed) = mpsc::sync_channel(1);
-    let (_, started) = spawner_with(Some(handed))?;
+    let (_, _, started) = spawner_with(Some(handed))?;
     Ok(NamespaceMaker { hand_over: started.then_some(hand_over) })
 }
 
@@ -660,11 +664,38 @@ impl NamespaceMaker {
 
 /// The spawner thread's queue, and the thread while it may still be setting itself up.
 struct Spawner {
-    requests: mpsc::Sender<(SpawnRequest, SpawnReply)>,
+    id: SpawnerId,
+    requests: SpawnQueue,
     starting: Option<StartingThread<()>>,
 }
 
-static SPAWNER: Mutex<Option<Spawner>> = Mutex::new(None);
+/// Which of the spawner threads a process started over time (one, unless a set-up failed).
+type SpawnerId = u64;
+
+/// The spawner thread, and why the last one whose set-up failed did (it is replaced at the
+/// next start, maybe before the requests it dropped are waited for).
+struct Spawners {
+    current: Option<Spawner>,
+    started: SpawnerId,
+    failed: Option<(SpawnerId, String)>,
+}
+
+static SPAWNER: Mutex<Spawners> = Mutex::new(Spawners { current: None, started: 0, failed: None });
+
+impl Spawners {
+    /// Whether the thread failed its set-up (only a thread that ended, or dropped its
+    /// queue, has reported it, so this does not block): its error is kept as the reason of
+    /// its id's failure. Otherwise the spawner comes back, its set-up known to be done.
+    fn failed_set_up(&mut self, mut spawner: Spawner) -> Option<Spawner> {
+        match spawner.starting.take().map(StartingThread::started) {
+            Some(Err(e)) => {
+                self.failed = Some((spawner.id, e.to_string()));
+                None
+            }
+            Some(Ok(_)) | None => Some(spawner),
+        }
+    }
+}
 
 /// The process-wide spawner thread's queue, the thread started first if it is not running
 /// (or if its set-up failed: a thread whose filter failed ends, and the next call tries
@@ -672,24 +703,24 @@ static SPAWNER: Mutex<Option<Spawner>> = Mutex::new(None);
 /// the queue while the thread sets itself up: the caller goes on meanwhile (a VM creates
 /// its vCPUs while the first partitions start). The thread never ends once set up, so the
 /// parent-death signal of the partitions it starts fires only when the whole process dies.
-fn spawner() -> io::Result<mpsc::Sender<(SpawnRequest, SpawnReply)>> {
-    spawner_with(None).map(|(requests, _)| requests)
+fn spawner() -> io::Result<(SpawnQueue, SpawnerId)> {
+    spawner_with(None).map(|(requests, id, _)| (requests, id))
 }
 
 /// [`spawner`]; also says whether it started the thread, which then takes the network
 /// namespace `handed` to it, if one is, or else makes its own.
-fn spawner_with(
-    handed: Option<mpsc::Receiver<OwnedFd>>,
-) -> io::Result<(mpsc::Sender<(SpawnRequest, SpawnReply)>, bool)> {
-    let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
-    let running = spawner.take().filter(|current| {
-        let failed = current.starting.as_ref().is_some_and(|thread| thread.is_finished());
-        if failed {
-            log::debug!("the partition spawner ended while it set itself up: starting another");
-        }
-        !failed
-    });
-    let (current, started) = match running {
+fn spawner_with(handed: Option<mpsc::Receiver<OwnedFd>>) -> io::Result<(SpawnQueue, SpawnerId, bool)> {
+    let mut spawners = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+    // A thread still setting itself up has not ended; one that ended did so because its
+    // set-up failed (once set up, it never ends): it is replaced.
+    if let Some(ended) = spawners
+        .current
+        .take_if(|current| current.starting.as_ref().is_some_and(|thread| thread.is_finished()))
+    {
+        log::debug!("the partition spawner ended while it set itself up: starting another");
+        let _ = spawners.failed_set_up(ended);
+    }
+    let (current, started) = match spawners.current.take() {
         Some(current) => (current, false),
         None => {
             let (requests, incoming) = mpsc::channel::<(SpawnRequest, SpawnReply)>();
@@ -699,26 +730,25 @@ fn spawner_with(
                     let _ = reply.send(start(request, empty_netns));
                 }
             })?;
-            (Spawner { requests, starting: Some(starting) }, true)
+            spawners.started += 1;
+            (Spawner { id: spawners.started, requests, starting: Some(starting) }, true)
         }
     };
-    Ok((spawner.insert(current).requests.clone(), started))
+    let (requests, id) = (current.requests.clone(), current.id);
+    spawners.current = Some(current);
+    Ok((requests, id, started))
 }
 
-/// Why the spawner thread dropped a request unanswered: the error of its set-up (its
+/// Why spawner thread `id` dropped a request unanswered: the error of its set-up (its
 /// filter), if that is what ended it. The thread is forgotten, so that the next partition
 /// starts another.
-fn spawner_failure() -> Option<PartitionError> {
-    let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
-    let thread = spawner.as_mut()?.starting.take()?;
-    // The thread reported its set-up before it dropped its queue: this does not block.
-    match thread.started() {
-        Ok(_) => None,
-        Err(e) => {
-            *spawner = None;
-            Some(setup("set up the partition spawner thread")(e))
-        }
+fn spawner_failure(id: SpawnerId) -> Option<PartitionError> {
+    let mut spawners = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(current) = spawners.current.take_if(|current| current.id == id) {
+        spawners.current = spawners.failed_set_up(current);
     }
+    let (_, why) = spawners.failed.as_ref().filter(|(failed, _)| *failed == id)?;
+    Some(setup("set up the partition spawner thread")(io::Error::other(why.clone())))
 }
 
 /// Moves the spawner thread (only it: a network namespace is a thread's) into a network
