@@ -421,11 +421,12 @@ impl VmBuilder {
         // namespace, which this thread makes meanwhile, is there; asking for one does not
         // wait for either. A failure here is reported by the first partition's wait, and
         // the next start tries again.
-        let partitions_namespace = match self.layout.has_partitions() {
-            true => splitvisor_isolation::partition::start_spawner()
+        let partitions_namespace = if self.layout.has_partitions() {
+            splitvisor_isolation::partition::start_spawner()
                 .map_err(|e| log::debug!("the partition spawner did not start yet: {e}"))
-                .ok(),
-            false => None,
+                .ok()
+        } else {
+            None
         };
         let cpuid = control.read_supported_cpuid();
         let ram = GuestRam::new(self.memory)?;
