@@ -252,6 +252,48 @@ fn partitions_are_sandboxed_as_seen_from_outside() {
     assert!(report.device_events.is_empty(), "{:?}", report.device_events);
 }
 
+/// The spawner makes the partitions' empty root in its first pause and hands it to every
+/// root partition it starts from then on: they enter that one mount namespace, whose root
+/// is empty and read-only, instead of making one each, and keep no fd of it.
+#[test]
+fn partitions_started_after_the_spawners_first_pause_share_one_empty_root() {
+    if !support::root("to see inside the partitions") {
+        return;
+    }
+    let driver = DriverProgram::at(driver_path());
+    let start = || {
+        let (starting, connection) = Partition::start_proxy(&driver, "i8042", None).unwrap();
+        (starting.wait().unwrap(), connection)
+    };
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mnt =
+        |partition: &Partition| std::fs::read_link(format!("/proc/{}/ns/mnt", partition.pid())).unwrap();
+    let _first = start();
+    // Other tests of this process may keep the spawner busy for a while: bounded retries.
+    let mut shared = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let (a, b) = (start(), start());
+        if mnt(&a.0) == mnt(&b.0) {
+            shared = Some([a, b]);
+            break;
+        }
+    }
+    let shared = shared.expect("two partitions in one mount namespace within 5 s");
+    for (partition, _) in &shared {
+        let pid = partition.pid();
+        assert_ne!(mnt(partition), ours, "pid {pid}: the host's mount namespace");
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        assert_eq!(mounts.lines().count(), 1, "pid {pid}: {mounts}");
+        assert!(mounts.contains(" / / ro,") && mounts.contains(" - tmpfs "), "pid {pid}: {mounts}");
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();
+        assert!(root.is_empty(), "pid {pid}: {root:?}");
+        let held: Vec<_> =
+            fd_targets(pid).into_iter().filter(|(_, target)| target.starts_with("mnt:")).collect();
+        assert!(held.is_empty(), "pid {pid} holds {held:?}");
+    }
+}
+
 /// Duplicates `fd` to 10 or above, close-on-exec, so that the child can move it to 3, 4, ...
 fn dup_high(fd: RawFd) -> OwnedFd {
     // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd and returns a new one or -1.

@@ -667,8 +667,9 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     ];
     arg_in(&mut rules, libc::SYS_prctl, 0, Len::Dword, &options.map(|option| option as u64))?;
     // Namespaces: exactly the driver's sets (as root; unprivileged, with a user namespace),
-    // without the PID namespace when it was born in one, and without the network one when
-    // it was born in the partitions' (which the spawner makes for itself first).
+    // without the PID namespace when it was born in one, without the network one when it
+    // was born in the partitions' (which the spawner makes for itself first), and as root
+    // without the mount one when it entered the partitions' empty root.
     let net = libc::CLONE_NEWNET as u64;
     let (pid, user) = (libc::CLONE_NEWPID as u64, libc::CLONE_NEWUSER as u64);
     let others = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP) as u64;
@@ -676,10 +677,16 @@ fn spawner_rules(mut rules: Rules, own_pid: libc::pid_t) -> Result<Rules, Sandbo
     for namespaces in [others | net, others] {
         sets.extend([namespaces, namespaces | pid, namespaces | user, namespaces | pid | user]);
     }
+    let rooted = others & !(libc::CLONE_NEWNS as u64);
+    sets.extend([rooted | net, rooted, rooted | net | pid, rooted | pid]);
+    // And the spawner's own thread that makes that root (see `crate::partition`).
+    sets.push(libc::CLONE_NEWNS as u64);
     arg_in(&mut rules, libc::SYS_unshare, 0, Len::Dword, &sets)?;
     // The spawner enters the partitions' network namespace, made by the thread that
-    // started it (see `crate::partition::start_spawner`).
-    arg_in(&mut rules, libc::SYS_setns, 1, Len::Dword, &[libc::CLONE_NEWNET as u64])?;
+    // started it (see `crate::partition::start_spawner`); a root driver, their empty root
+    // (see `crate::sandbox::EMPTY_ROOT_FD_ENV`).
+    let entered = [libc::CLONE_NEWNET as u64, libc::CLONE_NEWNS as u64];
+    arg_in(&mut rules, libc::SYS_setns, 1, Len::Dword, &entered)?;
     // Mounts: making the tree private, and the empty read-only tmpfs.
     let private = libc::MS_REC | libc::MS_PRIVATE;
     let empty = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
