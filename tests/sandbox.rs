@@ -219,8 +219,9 @@ fn partitions_are_sandboxed_as_seen_from_outside() {
         .timeout(Some(Duration::from_millis(200)))
         .build()
         .unwrap();
-    // build() returned: every partition said its sandbox is in place. Nothing below may
-    // change from now on.
+    // Every partition said its sandbox is in place (build() waits for the disk's, the
+    // VM's run or this for the others). Nothing below may change from now on.
+    vm.wait_for_partitions().unwrap();
     // Three partitions run as the same host uid with a task budget of 2 or 16 each: the
     // budget counts each partition's own tasks (per user namespace), or the disk's could
     // not even have started its threads.

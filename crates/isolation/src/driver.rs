@@ -776,6 +776,8 @@ fn run_proxy(device: &str, args: ProxyArgs) -> Result<(), DriverError> {
     if let Some(report) = args.report_fd {
         config = config.report_fd(report);
     }
+    #[cfg(feature = "test-hooks")]
+    sandbox::testing::delay_before_sandbox();
     sandbox::apply(&config)?;
     #[cfg(feature = "test-hooks")]
     if let Some(what) = &args.test_attempt {

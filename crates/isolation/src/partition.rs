@@ -39,7 +39,7 @@ use crate::proxy::ProxyConnection;
 use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 
 /// Longest a partition may take from its start to its sandbox being in place.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long [`Partition::kill`] waits for the partition to end: a killed process ends in
 /// milliseconds (seconds on a host under heavy load), unless a thread of it is in an
@@ -255,6 +255,21 @@ pub struct Partition {
     liveness: Option<Liveness>,
     /// Its threads, opened at its start.
     threads: Option<Threads>,
+    /// Its sandbox's readiness, while not waited for yet
+    /// ([`StartingPartition::wait_spawned`]).
+    unconfirmed: Option<Unconfirmed>,
+}
+
+/// What [`Partition::wait_ready`] needs of a partition whose sandbox was not waited for.
+#[derive(Debug)]
+struct Unconfirmed {
+    ready: ReadySignal,
+    /// What it serves, for errors.
+    role: String,
+    /// The program, for errors.
+    driver: PathBuf,
+    /// The command line, for the log.
+    command: String,
 }
 
 impl Partition {
@@ -530,6 +545,33 @@ impl Partition {
     }
 }
 
+impl Partition {
+    /// Waits (at most `within`) until the sandbox of a partition returned by
+    /// [`StartingPartition::wait_spawned`] is in place in every process of it; then nothing
+    /// it does can reach beyond it. At once for one whose sandbox was waited for already. A
+    /// partition that exits first, or takes longer, is killed, and the error says which.
+    pub fn wait_ready(&mut self, within: Duration) -> Result<(), PartitionError> {
+        let Some(Unconfirmed { ready, role, driver, command }) = self.unconfirmed.take() else {
+            return Ok(());
+        };
+        if let Err(source) = ready.wait(within) {
+            let pid = self.pid();
+            // A partition that closed its end before its byte has usually ended: say how.
+            if source.kind() == io::ErrorKind::UnexpectedEof {
+                if let Some(PartitionEnd { status, cause }) =
+                    self.wait_exit(EXIT_GRACE).and_then(|_| self.end())
+                {
+                    return Err(PartitionError::Ended { role, driver, pid, status, cause });
+                }
+            }
+            self.kill();
+            return Err(PartitionError::NotReady { role, driver, pid, source });
+        }
+        log::debug!("driver partition {} started: {command}", self.pid());
+        Ok(())
+    }
+}
+
 impl Drop for Partition {
     fn drop(&mut self) {
         self.kill();
@@ -541,22 +583,9 @@ impl Drop for Partition {
 #[derive(Debug)]
 pub struct StartingPartition {
     /// The spawner's answer: the process running the driver program, or why there is none.
-    spawned: mpsc::Receiver<Result<Spawned, PartitionError>>,
+    spawned: mpsc::Receiver<Result<Partition, PartitionError>>,
     /// Which spawner thread has the request (see [`spawner_failure`]).
     spawner: SpawnerId,
-}
-
-/// A partition's process, running the driver program, its sandbox perhaps not in place.
-#[derive(Debug)]
-struct Spawned {
-    partition: Partition,
-    ready: ReadySignal,
-    /// What it serves, for errors.
-    role: String,
-    /// The program, for errors.
-    driver: PathBuf,
-    /// The command line, for the log.
-    command: String,
 }
 
 /// How long a partition that closed its readiness pipe before its byte may take to be seen
@@ -575,31 +604,26 @@ impl StartingPartition {
     /// [`wait`](Self::wait), with `ready_within` instead of 30 s for the sandbox once the
     /// process runs (a supervisor that handles other devices meanwhile cannot wait that long).
     pub fn wait_within(self, ready_within: Duration) -> Result<Partition, PartitionError> {
-        let Spawned { mut partition, ready, role, driver, command } =
-            self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => {
-                    setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into())
-                }
-                // The spawner dropped the request unanswered: it could not set itself up.
-                mpsc::RecvTimeoutError::Disconnected => spawner_failure(self.spawner).unwrap_or_else(|| {
-                    setup("hear from the partition spawner")(io::ErrorKind::BrokenPipe.into())
-                }),
-            })??;
-        if let Err(source) = ready.wait(ready_within) {
-            let pid = partition.pid();
-            // A partition that closed its end before its byte has usually ended: say how.
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                if let Some(PartitionEnd { status, cause }) =
-                    partition.wait_exit(EXIT_GRACE).and_then(|_| partition.end())
-                {
-                    return Err(PartitionError::Ended { role, driver, pid, status, cause });
-                }
-            }
-            partition.kill();
-            return Err(PartitionError::NotReady { role, driver, pid, source });
-        }
-        log::debug!("driver partition {} started: {command}", partition.pid());
+        let mut partition = self.wait_spawned()?;
+        partition.wait_ready(ready_within)?;
         Ok(partition)
+    }
+
+    /// Waits (at most 30 s) only until the partition's process runs the driver program: its
+    /// pid, pidfd and liveness are known, its sandbox maybe not in place yet. The driver
+    /// reads no request before it is, so the partition may be handed its device's traffic
+    /// already; [`Partition::wait_ready`] says whether the sandbox came (a VM starts its
+    /// guest meanwhile).
+    pub fn wait_spawned(self) -> Result<Partition, PartitionError> {
+        self.spawned.recv_timeout(SPAWN_TIMEOUT).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                setup("hear from the partition spawner")(io::ErrorKind::TimedOut.into())
+            }
+            // The spawner dropped the request unanswered: it could not set itself up.
+            mpsc::RecvTimeoutError::Disconnected => spawner_failure(self.spawner).unwrap_or_else(|| {
+                setup("hear from the partition spawner")(io::ErrorKind::BrokenPipe.into())
+            }),
+        })?
     }
 }
 
@@ -614,7 +638,7 @@ struct SpawnRequest {
 
 /// Where the spawner answers. If the [`StartingPartition`] is gone by then, the answer is
 /// dropped on the spawner's thread, and with it the process (killed and reaped).
-type SpawnReply = mpsc::Sender<Result<Spawned, PartitionError>>;
+type SpawnReply = mpsc::Sender<Result<Partition, PartitionError>>;
 
 /// The spawner thread's queue of requests.
 type SpawnQueue = mpsc::Sender<(SpawnRequest, SpawnReply)>;
@@ -895,7 +919,7 @@ fn start(
     request: SpawnRequest,
     empty_netns: bool,
     empty_root: Option<&OwnedFd>,
-) -> Result<Spawned, PartitionError> {
+) -> Result<Partition, PartitionError> {
     let SpawnRequest { driver, mut args, mut fds } = request;
     let ready = ReadySignal::new().map_err(setup("create the readiness pipe"))?;
     args.extend(["--ready-fd".to_string(), (3 + fds.len()).to_string()]);
@@ -946,6 +970,10 @@ fn start(
         // In the environment, not the arguments: a driver that does not know it (another
         // binary, for an upgrade) ignores it and makes its own namespace.
         strings.push(c_string(format!("{}=1", crate::sandbox::EMPTY_NETNS_ENV).as_ref())?);
+    }
+    #[cfg(feature = "test-hooks")]
+    if let Ok(delay) = std::env::var(crate::sandbox::testing::READY_DELAY_ENV) {
+        strings.push(c_string(format!("{}={delay}", crate::sandbox::testing::READY_DELAY_ENV).as_ref())?);
     }
     if let Some(fd) = empty_root_fd {
         // Likewise: a driver that does not know it closes the fd with the others it was
@@ -1003,9 +1031,14 @@ fn start(
         cause: None,
         liveness,
         threads,
+        unconfirmed: Some(Unconfirmed {
+            ready,
+            role,
+            command: format!("{} {}", driver.path.display(), args.join(" ")),
+            driver: driver.path,
+        }),
     };
-    let command = format!("{} {}", driver.path.display(), args.join(" "));
-    Ok(Spawned { partition, ready, role, driver: driver.path, command })
+    Ok(partition)
 }
 
 /// `error` from exec'ing `program`, said plainly where the OS's word is vague: EACCES for a

@@ -563,10 +563,13 @@ fn proxied_with(
 ) -> Result<(Arc<Mutex<ProxyDevice>>, Arc<ManagedDriver>), Error> {
     let driver = vm.driver(device)?;
     let (starting, mut stream) = started;
-    let mut partition = starting.wait().map_err(Error::partition(device))?;
+    // Its sandbox is waited for once the guest runs (`Vm::wait_for_partitions`): the
+    // driver reads no request before it is in place, and the vCPU that makes the first
+    // access waits for the answer as for any other.
+    let mut partition = starting.wait_spawned().map_err(Error::partition(device))?;
     stream.watch(partition.take_liveness());
     let stop = vm.stop.clone();
-    let link = ProxyLink::halted_when(move || stop.has_ended()).map_err(Error::EventFd)?;
+    let link = ProxyLink::halted_when(move || stop.has_ended()).map_err(Error::EventFd)?.starting();
     let proxy = adapt(ProxyDevice::new(device, stream, output, reset, None)).with_link(link.clone());
     let proxy = Arc::new(Mutex::new(proxy));
     let slot = ProxySlot::new(link, proxy.clone(), driver, kind, irqfd, partition, vm.layout.standby());

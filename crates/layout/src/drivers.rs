@@ -558,6 +558,14 @@ impl DriverSlot for ProxySlot {
         }
     }
 
+    fn wait_started(&mut self, within: Duration) -> Result<(), PartitionError> {
+        let result = self.active.as_mut().map_or(Ok(()), |partition| partition.wait_ready(within));
+        // The accesses waiting for it go on: to the partition, or, if it failed, to the VM's
+        // stop.
+        self.link.started();
+        result
+    }
+
     fn restart(&mut self) -> Result<(), RestartError> {
         if let Some(mut old) = self.active.take() {
             old.kill();

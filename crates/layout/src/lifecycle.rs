@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use splitvisor_isolation::partition::DriverProgram;
+use splitvisor_isolation::partition::{DriverProgram, PartitionError};
 use splitvisor_isolation::supervisor::{Supervised, SupervisorHandle, Watch};
 use splitvisor_vcpu::StopHandle;
 
@@ -117,6 +117,13 @@ pub(crate) trait DriverSlot: Send {
     /// driver that is not at fault.
     fn waiting_in_kernel(&self) -> bool {
         false
+    }
+    /// Waits (at most `within`) until the sandbox of the partition the VM started the
+    /// device with is in place, if the device was placed before it was (see
+    /// [`Partition::wait_ready`](splitvisor_isolation::partition::Partition::wait_ready)).
+    fn wait_started(&mut self, within: Duration) -> Result<(), PartitionError> {
+        let _ = within;
+        Ok(())
     }
     /// A new driver takes over the device, state and owed requests included.
     fn restart(&mut self) -> Result<(), RestartError>;
@@ -448,6 +455,11 @@ impl ManagedDriver {
     /// The device's name.
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// [`DriverSlot::wait_started`]; before the supervisor runs.
+    pub(crate) fn wait_started(&self, within: Duration) -> Result<(), PartitionError> {
+        self.lock().slot.wait_started(within)
     }
 
     /// The supervisor that runs this driver's commands.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use splitvisor_bus::threads::{self, ThreadKind};
 use splitvisor_bus::{Bus, BusKind, BusRange, DeviceStats, Interrupt, ResourceAllocator, SharedDevice};
 use splitvisor_guests::GuestResult;
+use splitvisor_isolation::partition::READY_TIMEOUT;
 use splitvisor_isolation::proxy::InputSink;
 use splitvisor_isolation::sandbox::hypervisor::HypervisorSandbox;
 use splitvisor_isolation::supervisor::{Supervised, Supervisor};
@@ -379,7 +380,9 @@ impl VmBuilder {
     }
 
     /// Creates the VM: memory, KVM, the guest loaded, every device placed and every vCPU
-    /// configured. Nothing runs until [`Vm::run`].
+    /// configured. Nothing runs until [`Vm::run`]. Every driver partition runs by then;
+    /// those of the plain bus devices may still be setting up their sandboxes (see
+    /// [`Vm::wait_for_partitions`]).
     #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     pub fn build(mut self) -> Result<Vm, Error> {
         // Refused before KVM is even opened, like a bad memory size.
@@ -468,7 +471,8 @@ impl VmBuilder {
             needs_driver.then(|| find_driver.map_or_else(DriverProgram::find, |find| find())).flatten()
         });
         // Every partition is started first, all at once: each sets up its sandbox while
-        // the others do and while the VM is set up; placing a device waits for its own.
+        // the others do and while the VM is set up. Placing a device waits for its own to
+        // run the driver program; for a virtio device, to be sandboxed and to answer.
         {
             let early = Early {
                 driver: driver.as_ref(),
@@ -489,7 +493,7 @@ impl VmBuilder {
         let kvm = KvmVm::with_memory_and_cpuid(&ram, cpuid)?;
         let vcpus = kvm.create_vcpus(this.vcpus)?;
         // Now, while the partitions set themselves up; the boot state comes once the
-        // devices are placed (placing one waits for its partition).
+        // devices are placed (placing one waits for its partition to run).
         for vcpu in &vcpus {
             vcpu.set_cpuid(kvm.supported_cpuid())?;
         }
@@ -814,6 +818,21 @@ impl Vm {
         &self.kvm
     }
 
+    /// Waits until the sandbox of every driver partition the VM was built with is in place
+    /// (at most [`READY_TIMEOUT`] each); a partition that failed is the error, as it would
+    /// have been `build`'s. `build` returns before the partitions of the plain bus devices
+    /// (the serial port, the i8042, the ACPI power registers) are sandboxed: their drivers
+    /// read no request before, so the guest may run already, and the first access to each
+    /// waits for its answer as any other does. [`run`](Self::run) calls this once the
+    /// guest runs, so the guest boots while they set up. Call it to look at the partitions
+    /// before `run`.
+    pub fn wait_for_partitions(&self) -> Result<(), Error> {
+        for driver in &self.drivers {
+            driver.wait_started(READY_TIMEOUT).map_err(Error::partition(driver.name()))?;
+        }
+        Ok(())
+    }
+
     /// Where each device runs (partition PIDs included).
     pub fn placements(&self) -> &[DevicePlacement] {
         &self.placements
@@ -896,6 +915,13 @@ impl Vm {
         // thread, the task KVM starts at the first KVM_RUN, or the partition that serves
         // the exit, woken meanwhile, waits for a CPU behind them.
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
+        // The guest runs while the bus devices' partitions finish their sandboxes (its first
+        // access to each waits for it); one that failed ends the VM before the services start.
+        if let Err(e) = self.wait_for_partitions() {
+            stop_handle.stop();
+            let _ = running.wait(None);
+            return Err(e);
+        }
         if !running.wait_until_running(VCPUS_RUNNING_WAIT) {
             log::debug!(
                 "the vCPU threads did not all run within {VCPUS_RUNNING_WAIT:?}: starting the services anyway"

@@ -93,6 +93,9 @@ pub struct ProxyLink {
     fault: EventFd,
     /// Whether the VM has stopped running (no replacement comes while it has).
     halted: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the first partition may still be setting up (see [`ProxyLink::starting`]);
+    /// read without the lock at every access.
+    starting: AtomicBool,
 }
 
 impl std::fmt::Debug for ProxyLink {
@@ -131,7 +134,47 @@ impl ProxyLink {
             changed: Condvar::new(),
             fault: EventFd::new(EFD_NONBLOCK)?,
             halted: Box::new(halted),
+            starting: AtomicBool::new(false),
         }))
+    }
+
+    /// The proxy's first partition may still be setting up its sandbox (a VM runs its
+    /// guest meanwhile): until [`started`](Self::started), an access waits for that (at most
+    /// [`READY_TIMEOUT`](crate::partition::READY_TIMEOUT), and not past the VM's stop)
+    /// rather than take the partition for hung at [`PROXY_TIMEOUT`]. A partition sleeps
+    /// while it sets up, and does not read its requests before its sandbox is in place.
+    pub fn starting(self: Arc<Self>) -> Arc<Self> {
+        self.starting.store(true, Ordering::Release);
+        self
+    }
+
+    /// The first partition's start is over: whether its sandbox came or it failed (the VM
+    /// then stops), waiting accesses go on.
+    pub fn started(&self) {
+        let _state = self.lock();
+        self.starting.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Proxy side: waits while the first partition may still be setting up.
+    fn wait_started(&self) {
+        if !self.starting.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + crate::partition::READY_TIMEOUT;
+        let mut state = self.lock();
+        while self.starting.load(Ordering::Acquire) && !(self.halted)() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "the partition did not set itself up within {:?}",
+                    crate::partition::READY_TIMEOUT
+                );
+                return;
+            }
+            state =
+                self.changed.wait_timeout(state, left.min(HALT_POLL)).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
@@ -349,6 +392,9 @@ impl ProxyDevice {
     /// Sends `request` and returns the partition's answer, moving to a new partition as
     /// often as needed (and allowed).
     fn call(&mut self, request: Request) -> Option<Response> {
+        if let Some(link) = &self.link {
+            link.wait_started();
+        }
         for _ in 0..MAX_ATTEMPTS {
             if self.dead {
                 return None;

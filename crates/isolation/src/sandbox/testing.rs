@@ -7,6 +7,8 @@
 //! first request arrives, from its worker thread; a proxy partition right after its
 //! sandbox is in place). A partition whose sandbox works dies of SIGSYS there (clone3 is
 //! answered ENOSYS instead); one that survives exits with [`survived_exit_code`].
+//!
+//! And a proxy partition late for its sandbox: [`READY_DELAY_ENV`].
 
 use std::fmt;
 use std::io;
@@ -254,6 +256,18 @@ pub fn attempt_and_exit(what: &Forbidden) -> ! {
     let result = attempt(what);
     log::error!("sandbox test: {what} returned {result:?}");
     std::process::exit(survived_exit_code(&result))
+}
+
+/// In the environment of a hypervisor (which passes it on to the partitions it starts), a
+/// number of milliseconds every proxy partition waits before it sandboxes itself: a
+/// partition still setting up while the guest runs ([`delay_before_sandbox`]).
+pub const READY_DELAY_ENV: &str = "SPLITVISOR_TEST_READY_DELAY_MS";
+
+/// Waits as [`READY_DELAY_ENV`] says, if it is set.
+pub fn delay_before_sandbox() {
+    if let Some(ms) = std::env::var(READY_DELAY_ENV).ok().and_then(|ms| ms.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 #[cfg(test)]
