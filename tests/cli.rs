@@ -417,6 +417,21 @@ fn a_driver_partition_that_cannot_start_is_one_line_naming_the_device_the_progra
     }
     let _ = std::fs::remove_file(&not_executable);
     let _ = std::fs::remove_file(&image.0);
+    // A bus device's partition is waited for while the guest runs: the marker guest's
+    // first instruction is an access to COM1, which waits for a partition that never gets
+    // its sandbox. The VM ends with that partition's error alone.
+    for _ in 0..3 {
+        let out = Command::new(support::example("microkernel"))
+            .args(["--timeout", "300", "--guest", "marker"])
+            .env("SPLITVISOR_DRIVER", "/bin/false")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("com1: the serial driver partition (/bin/false, pid "), "{stderr}");
+        assert!(stderr.contains("ended before its sandbox was in place"), "{stderr}");
+    }
 }
 
 #[test]

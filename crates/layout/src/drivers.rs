@@ -559,11 +559,10 @@ impl DriverSlot for ProxySlot {
     }
 
     fn wait_started(&mut self, within: Duration) -> Result<(), PartitionError> {
-        let result = self.active.as_mut().map_or(Ok(()), |partition| partition.wait_ready(within));
-        // The accesses waiting for it go on: to the partition, or, if it failed, to the VM's
-        // stop.
+        self.active.as_mut().map_or(Ok(()), |partition| partition.wait_ready(within))?;
+        // The accesses waiting for it go on. (If it failed, the VM stops, which ends theirs.)
         self.link.started();
-        result
+        Ok(())
     }
 
     fn restart(&mut self) -> Result<(), RestartError> {

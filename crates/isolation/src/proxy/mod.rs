@@ -148,33 +148,40 @@ impl ProxyLink {
         self
     }
 
-    /// The first partition's start is over: whether its sandbox came or it failed (the VM
-    /// then stops), waiting accesses go on.
+    /// The first partition's sandbox is in place: waiting accesses go on. (If it failed,
+    /// the VM stops instead, which ends their wait.)
     pub fn started(&self) {
         let _state = self.lock();
         self.starting.store(false, Ordering::Release);
         self.changed.notify_all();
     }
 
-    /// Proxy side: waits while the first partition may still be setting up.
-    fn wait_started(&self) {
+    /// Proxy side: waits while the first partition may still be setting up. False if the
+    /// VM stopped meanwhile (its start failed, or the host stopped it): the access is
+    /// dropped, as the VM's end drops it.
+    fn wait_started(&self) -> bool {
         if !self.starting.load(Ordering::Acquire) {
-            return;
+            return true;
         }
         let deadline = Instant::now() + crate::partition::READY_TIMEOUT;
         let mut state = self.lock();
-        while self.starting.load(Ordering::Acquire) && !(self.halted)() {
+        while self.starting.load(Ordering::Acquire) {
+            if (self.halted)() {
+                return false;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // Then taken for hung, as any partition late for an access is.
                 log::warn!(
                     "the partition did not set itself up within {:?}",
                     crate::partition::READY_TIMEOUT
                 );
-                return;
+                return true;
             }
             state =
                 self.changed.wait_timeout(state, left.min(HALT_POLL)).unwrap_or_else(|e| e.into_inner()).0;
         }
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
@@ -392,8 +399,8 @@ impl ProxyDevice {
     /// Sends `request` and returns the partition's answer, moving to a new partition as
     /// often as needed (and allowed).
     fn call(&mut self, request: Request) -> Option<Response> {
-        if let Some(link) = &self.link {
-            link.wait_started();
+        if self.link.as_ref().is_some_and(|link| !link.wait_started()) {
+            return None;
         }
         for _ in 0..MAX_ATTEMPTS {
             if self.dead {
