@@ -543,9 +543,7 @@ impl Partition {
     pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.wait_exit(timeout).or_else(|| self.kill())
     }
-}
 
-impl Partition {
     /// Waits (at most `within`) until the sandbox of a partition returned by
     /// [`StartingPartition::wait_spawned`] is in place in every process of it; then nothing
     /// it does can reach beyond it. At once for one whose sandbox was waited for already. A
