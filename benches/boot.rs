@@ -16,7 +16,11 @@
 //! 3. peak RSS of each hypervisor process with a 128 MiB guest, and of each driver
 //!    partition of the microkernel layout (com1, i8042 with `hello`; a disk with
 //!    `blk-verify` on a 1 MiB image, counted beyond the guest RAM it maps), with the
-//!    issue's targets (≤ 4 MiB, ≤ 2 MiB, ≤ 3 MiB) as pass/fail columns.
+//!    issue's targets (≤ 4 MiB, ≤ 2 MiB, ≤ 3 MiB) as pass/fail columns;
+//! 4. a partition's start, from the request to its sandbox in place (an i8042 partition,
+//!    one at a time), with an empty root of its own against the one the spawner makes for
+//!    the partitions it starts after its first pause: each run a fresh process starts
+//!    BOOT_BENCH_STARTS (default 40) of each, one kind after the other.
 //!
 //! Peak RSS is read from the process itself (`VmHWM` in /proc/PID/status, sampled every
 //! millisecond until it exits), not from wait4's `ru_maxrss`: Linux folds into that the
@@ -194,6 +198,45 @@ fn qemu(elf: &std::path::Path, append: Option<&str>) -> Command {
     splitvisor::guests::qemu_microvm_command(elf, 128, append, &[])
 }
 
+/// In a process of its own: starts `n` i8042 partitions one after another, each waited
+/// for until sandboxed; pauses, so that the spawner makes the partitions' shared empty
+/// root; starts `n` more. Prints the two medians (ms). Each start is checked to have used
+/// the root it is counted for (its mount namespace: one of its own, or the shared one).
+fn partition_starts(n: usize) -> ExitCode {
+    use splitvisor::isolation::partition::{DriverProgram, Partition};
+    let driver = DriverProgram {
+        path: std::env::current_exe().unwrap(),
+        prefix: vec![splitvisor::cli::DRIVER_SUBCOMMAND.to_string()],
+    };
+    // Each is kept until the end: a mount namespace's number is reused once it is gone.
+    let start = || {
+        let begun = Instant::now();
+        let (starting, connection) = Partition::start_proxy(&driver, "i8042", None).unwrap();
+        let partition = starting.wait().unwrap();
+        let took = ms(begun.elapsed());
+        let namespace = std::fs::read_link(format!("/proc/{}/ns/mnt", partition.pid())).unwrap();
+        (took, namespace, partition, connection)
+    };
+    // The first starts pay for the spawner's own set-up.
+    let warm: Vec<_> = (0..3).map(|_| start()).collect();
+    let own: Vec<_> = (0..n).map(|_| start()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let shared: Vec<_> = (0..n).map(|_| start()).collect();
+    let before: std::collections::BTreeSet<_> = warm.iter().chain(&own).map(|started| &started.1).collect();
+    assert_eq!(before.len(), warm.len() + own.len(), "a partition before the pause entered a shared root");
+    assert!(
+        shared.iter().all(|started| started.1 == shared[0].1),
+        "a partition after the pause made its own root"
+    );
+    assert!(!before.contains(&shared[0].1));
+    println!(
+        "{} {}",
+        median(own.iter().map(|started| started.0).collect()),
+        median(shared.iter().map(|started| started.0).collect())
+    );
+    ExitCode::SUCCESS
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -229,6 +272,9 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--write-a-byte") {
         let _ = std::io::Write::write_all(&mut std::io::stdout(), b"M");
         return ExitCode::SUCCESS;
+    }
+    if let Some(starts) = args.iter().skip_while(|a| *a != "--partition-starts").nth(1) {
+        return partition_starts(starts.parse().unwrap());
     }
     if args.iter().any(|a| a == "--hypervisor") {
         let layout = if args.iter().any(|a| a == "--microkernel-layout") {
@@ -378,6 +424,29 @@ fn main() -> ExitCode {
         println!("| QEMU microvm (KVM) | {:.2} | | {:.1} | |", first(&theirs_marker), rss(&theirs_marker));
     }
     println!("| for scale: this binary, started only to write one byte | {:.2} | | | |", first(&baseline));
+
+    // 1c. A partition's start, own root against the shared one, each run in a process of
+    // its own (the spawner is a process's, and makes the shared root once).
+    let starts: usize = std::env::var("BOOT_BENCH_STARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+    let (mut own, mut shared) = (Vec::new(), Vec::new());
+    for _ in 0..runs.min(5) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--partition-starts", &starts.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut medians = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+        own.push(medians.next().unwrap());
+        shared.push(medians.next().unwrap());
+    }
+    let (own, shared) = (median(own), median(shared));
+    println!(
+        "\n## a partition's start: request to sandbox in place (i8042, {starts} one after another, median of the runs' medians, ms)\n"
+    );
+    println!("| empty root of its own | the partitions' shared empty root | ratio shared / own |");
+    println!("|---:|---:|---:|");
+    println!("| {own:.3} | {shared:.3} | {:.3} |", shared / own);
 
     // 2. Exit round trips as the guest sees them: each run reports the median of its 101
     // accesses; the table shows the median over the runs, the three hypervisors taking
