@@ -38,7 +38,8 @@ use crate::liveness::{Liveness, Threads};
 use crate::proxy::ProxyConnection;
 use crate::sandbox::{ABORTED_EXIT_CODE, ReadySignal};
 
-/// Longest a partition may take from its start to its sandbox being in place.
+/// Longest a partition may take to have its sandbox in place, counted from when it is
+/// waited for (it was started before).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long [`Partition::kill`] waits for the partition to end: a killed process ends in
@@ -258,6 +259,8 @@ pub struct Partition {
     /// Its sandbox's readiness, while not waited for yet
     /// ([`StartingPartition::wait_spawned`]).
     unconfirmed: Option<Unconfirmed>,
+    /// What it serves, its program and why, if its sandbox never came.
+    failed_start: Option<(String, PathBuf, String)>,
 }
 
 /// What [`Partition::wait_ready`] needs of a partition whose sandbox was not waited for.
@@ -547,23 +550,39 @@ impl Partition {
     /// Waits (at most `within`) until the sandbox of a partition returned by
     /// [`StartingPartition::wait_spawned`] is in place in every process of it; then nothing
     /// it does can reach beyond it. At once for one whose sandbox was waited for already. A
-    /// partition that exits first, or takes longer, is killed, and the error says which.
+    /// partition that exits first, or takes longer, is killed, and the error says which
+    /// (again at every later call).
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), PartitionError> {
+        if let Some((role, driver, why)) = &self.failed_start {
+            let source = io::Error::other(format!("its start failed: {why}"));
+            return Err(PartitionError::NotReady {
+                role: role.clone(),
+                driver: driver.clone(),
+                pid: self.pid(),
+                source,
+            });
+        }
         let Some(Unconfirmed { ready, role, driver, command }) = self.unconfirmed.take() else {
             return Ok(());
         };
         if let Err(source) = ready.wait(within) {
             let pid = self.pid();
             // A partition that closed its end before its byte has usually ended: say how.
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                if let Some(PartitionEnd { status, cause }) =
-                    self.wait_exit(EXIT_GRACE).and_then(|_| self.end())
-                {
-                    return Err(PartitionError::Ended { role, driver, pid, status, cause });
+            let ended = match source.kind() {
+                io::ErrorKind::UnexpectedEof => self.wait_exit(EXIT_GRACE).and_then(|_| self.end()),
+                _ => None,
+            };
+            let error = match ended {
+                Some(PartitionEnd { status, cause }) => {
+                    PartitionError::Ended { role: role.clone(), driver: driver.clone(), pid, status, cause }
                 }
-            }
-            self.kill();
-            return Err(PartitionError::NotReady { role, driver, pid, source });
+                None => {
+                    self.kill();
+                    PartitionError::NotReady { role: role.clone(), driver: driver.clone(), pid, source }
+                }
+            };
+            self.failed_start = Some((role, driver, error.to_string()));
+            return Err(error);
         }
         log::debug!("driver partition {} started: {command}", self.pid());
         Ok(())
@@ -774,14 +793,17 @@ fn spawner_failure(id: SpawnerId) -> Option<PartitionError> {
     Some(setup("set up the partition spawner thread")(io::Error::other(why.clone())))
 }
 
-/// The partitions' empty root, as the spawner thread has it: made once, in the first pause
-/// after the VM's first partitions, which make their own. Made before them, it took CPU
+/// The partitions' empty root, as the spawner thread of a root hypervisor has it: made
+/// once, in the spawner's first pause after a request, so after the VM's first partitions,
+/// which make their own. Made before them, it took CPU
 /// time from them and from the VM's set-up just when every CPU is busy, and the VM
 /// started later (first guest byte 4.84 against 4.38 ms on two CPUs). Every partition
 /// started after it (a spare, a replacement, an upgrade) enters it instead of making its
 /// own ([`crate::sandbox::EMPTY_ROOT_FD_ENV`]).
 #[derive(Debug, Default)]
 struct EmptyRoot {
+    /// Whether a request was served (the pause counts only after one).
+    served: bool,
     /// Whether it was tried (it is tried once).
     tried: bool,
     made: Option<OwnedFd>,
@@ -795,15 +817,21 @@ impl EmptyRoot {
     /// The next request from `incoming`; in the first pause of [`EMPTY_ROOT_PAUSE`], makes
     /// the root first. `None` once the queue is closed.
     fn next_request<T>(&mut self, incoming: &mpsc::Receiver<T>) -> Option<T> {
+        if !self.served {
+            self.served = true;
+            return incoming.recv().ok();
+        }
         if !self.tried {
             match incoming.recv_timeout(EMPTY_ROOT_PAUSE) {
                 Ok(request) => return Some(request),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.tried = true;
-                    // A thread of its own, which inherits this one's filter.
+                    // A thread of its own, which inherits this one's filter, and is named
+                    // as the spawner is (`comm` keeps 15 bytes): it is one of its kind,
+                    // outside the jail by design (see `crate::sandbox::hypervisor`).
                     self.made = std::thread::Builder::new()
-                        .name("empty-root".into())
+                        .name("partition-spawner-root".into())
                         .spawn(make_empty_root)
                         .and_then(|maker| {
                             maker.join().unwrap_or_else(|_| Err(io::Error::other("it panicked")))
@@ -1035,6 +1063,7 @@ fn start(
             command: format!("{} {}", driver.path.display(), args.join(" ")),
             driver: driver.path,
         }),
+        failed_start: None,
     };
     Ok(partition)
 }

@@ -876,7 +876,9 @@ fn other_threads() -> Result<Vec<String>, SandboxError> {
     Ok(tasks
         .flatten()
         .filter(|task| task.file_name().to_str() != Some(own.as_str()))
-        .map(|task| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string())
+        // A thread that ended while being listed is not running.
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|comm| comm.trim().to_string())
         .collect())
 }
 
