@@ -382,29 +382,36 @@ pub const EMPTY_NETNS_ENV: &str = "SPLITVISOR_EMPTY_NETNS";
 /// as [`pivot_into_empty_root`] leaves a partition's own. The partition enters it
 /// ([`enter_handed_empty_root`]) instead of copying the host's mounts and detaching them
 /// again (a tenth of a partition's start on a quiet host, 0.1 ms, and up to 0.5 ms on a
-/// busy one; the detach waits for an RCU grace period). Nobody can change it: every
-/// process in it is a partition, without a capability from its first request on.
+/// busy one; the detach waits for an RCU grace period). Every process in it is a
+/// partition: root, as the driver program (trusted) until its sandbox is in place, and
+/// without a capability from then on, before its first request.
 pub const EMPTY_ROOT_FD_ENV: &str = "SPLITVISOR_EMPTY_ROOT_FD";
 
-/// The fd [`EMPTY_ROOT_FD_ENV`] names, if the spawner handed one and it is open.
-fn handed_empty_root() -> Option<RawFd> {
-    let fd: RawFd = std::env::var(EMPTY_ROOT_FD_ENV).ok()?.parse().ok().filter(|fd| *fd > 2)?;
+/// The fd [`EMPTY_ROOT_FD_ENV`] names, if the spawner handed one: open, and not one of
+/// `kept` (a driver started by hand with the variable set keeps its own fds).
+fn handed_empty_root(kept: &[RawFd]) -> Option<RawFd> {
+    let fd: RawFd =
+        std::env::var(EMPTY_ROOT_FD_ENV).ok()?.parse().ok().filter(|fd| *fd > 2 && !kept.contains(fd))?;
     // SAFETY: F_GETFD only reads the flags of a descriptor number (or fails).
     (unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).then_some(fd)
 }
 
 /// Moves the process into the mount namespace `fd` (see [`EMPTY_ROOT_FD_ENV`]), which sets
-/// its root and working directory to that namespace's root, and closes `fd`. False, and
-/// nothing changed, if the kernel refuses (the partition then makes its own empty root).
-/// An error if the root it entered is not empty and read-only.
+/// its root and working directory to that namespace's root. False, and nothing changed,
+/// if the kernel refuses (not a mount namespace's fd, or not allowed): the partition then
+/// makes its own empty root. `fd` is closed either way (it is none of the fds the
+/// partition keeps). An error if the root it entered is not read-only or holds a
+/// directory.
 fn enter_handed_empty_root(fd: RawFd) -> Result<bool, SandboxError> {
-    // SAFETY: the spawner handed this fd to this process for this one use; taking
-    // ownership closes it at the end of this function.
-    let namespace = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: setns takes an fd this process owns and a plain flag; the process is
-    // single-threaded here, as a change of mount namespace requires.
-    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
-        log::debug!("cannot enter the partitions' empty root: {}", io::Error::last_os_error());
+    // SAFETY: setns takes an fd number and a plain flag (and fails for anything but a
+    // mount namespace's fd); the process is single-threaded here, as a change of mount
+    // namespace requires.
+    let entered = unsafe { libc::setns(fd, libc::CLONE_NEWNS) } == 0;
+    let refused = io::Error::last_os_error();
+    // SAFETY: the fd was handed to this process for this one use, and no other owns it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    if !entered {
+        log::debug!("cannot enter the partitions' empty root: {refused}");
         return Ok(false);
     }
     // A wrong fd would leave the process in some other mount namespace: checked, not
@@ -417,7 +424,7 @@ fn enter_handed_empty_root(fd: RawFd) -> Result<bool, SandboxError> {
     if writable || !matches!(links, Ok(2)) {
         return Err(SandboxError::Setup {
             what: "enter the partitions' empty root",
-            source: io::Error::other("the root handed over is not empty and read-only"),
+            source: io::Error::other("the root handed over is writable or holds a directory"),
         });
     }
     Ok(true)
@@ -710,7 +717,7 @@ fn watch(config: &SandboxConfig, child: libc::pid_t, gate_read: OwnedFd, gate_wr
 /// place in it (and in its watcher, if it forked), and readiness signalled.
 pub fn apply(config: &SandboxConfig) -> Result<(), SandboxError> {
     // Kept until it is entered, or closed with the rest where it is not used.
-    let empty_root = handed_empty_root().filter(|_| config.enabled && running_as_root());
+    let empty_root = handed_empty_root(&config.kept_fds()).filter(|_| config.enabled && running_as_root());
     close_other_fds(&config.kept_fds().into_iter().chain(empty_root).collect::<Vec<_>>())?;
     // Started as PID 1 of a PID namespace of its own (as the spawner starts partitions),
     // the process serves as that init, sandboxed or not; otherwise it forks into a new one.
