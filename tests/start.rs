@@ -29,17 +29,19 @@ fn the_guest_runs_while_the_partitions_of_its_bus_devices_set_up() {
     }
     // SAFETY: the only test of this binary sets it before it starts any thread that reads
     // the environment.
-    unsafe { std::env::set_var(READY_DELAY_ENV, "1000") };
+    unsafe { std::env::set_var(READY_DELAY_ENV, "3000") };
     let console = Capture::default();
+    // No spares: each would wait as long before its sandbox.
     let vm = VmBuilder::new(guests::find("hello").unwrap().elf)
-        .layout(Layout::microkernel())
+        .layout(Layout::microkernel().with_standby(false))
         .driver(DriverProgram::at(Path::new(env!("CARGO_BIN_EXE_splitvisor-driver"))))
         .console(ConsoleOutput::Writer(Box::new(console.clone())))
         .timeout(Some(Duration::from_secs(120)))
         .build()
         .unwrap();
-    // Every proxy partition waits a second before its sandbox, and build() did not wait for
-    // it: none has set no_new_privs yet (its sandbox's first step that /proc shows).
+    // Every proxy partition waits 3 s before its sandbox, and build() did not wait for it:
+    // none has set no_new_privs yet (a step of its sandbox that /proc shows; the VM's own
+    // threads have no filter, as VmBuilder's default is, so none was inherited).
     let pids: Vec<(String, u32)> = vm
         .placements()
         .iter()

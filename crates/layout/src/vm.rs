@@ -833,7 +833,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Where each device runs (partition PIDs included).
+    /// Where each device runs (partition PIDs included). Before [`run`](Self::run) or
+    /// [`wait_for_partitions`](Self::wait_for_partitions), a bus device's partition listed
+    /// here may still be setting up its sandbox, or fail to.
     pub fn placements(&self) -> &[DevicePlacement] {
         &self.placements
     }
@@ -909,8 +911,10 @@ impl Vm {
         let stop_handle = self.control.stop_handle();
         let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         // The vCPUs first: nothing else started here is needed before the guest's first
-        // instruction. And nothing else is started until their threads run and the boot
-        // vCPU has served its first exit (bounded): each start installs a seccomp filter,
+        // instruction. And nothing else is started until the partitions are sandboxed
+        // (below), their threads run and the boot vCPU has served its first exit (bounded;
+        // a vCPU that asks for a thread meanwhile waits for the launcher): each start
+        // installs a seccomp filter,
         // which holds a CPU for hundreds of microseconds, and on a small host a vCPU
         // thread, the task KVM starts at the first KVM_RUN, or the partition that serves
         // the exit, woken meanwhile, waits for a CPU behind them.
@@ -919,6 +923,8 @@ impl Vm {
         // access to each waits for it); one that failed ends the VM before the services start.
         if let Err(e) = self.wait_for_partitions() {
             stop_handle.stop();
+            // A vCPU waiting for the launcher to start a thread is answered at once.
+            drop(launcher);
             let _ = running.wait(None);
             return Err(e);
         }

@@ -50,6 +50,11 @@ pub const PROXY_PATIENCE: Duration = Duration::from_secs(2);
 /// Longest a vCPU waits for the supervisor to replace a failed partition.
 pub const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest an access waits for its partition's start ([`ProxyLink::starting`]): past the
+/// VM's own waits for its partitions ([`READY_TIMEOUT`](crate::partition::READY_TIMEOUT)
+/// each, one after another), which end it first.
+pub const START_WAIT: Duration = Duration::from_secs(120);
+
 /// How many partitions one access may try before the proxy gives up on the device.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -139,10 +144,11 @@ impl ProxyLink {
     }
 
     /// The proxy's first partition may still be setting up its sandbox (a VM runs its
-    /// guest meanwhile): until [`started`](Self::started), an access waits for that (at most
-    /// [`READY_TIMEOUT`](crate::partition::READY_TIMEOUT), and not past the VM's stop)
-    /// rather than take the partition for hung at [`PROXY_TIMEOUT`]. A partition sleeps
-    /// while it sets up, and does not read its requests before its sandbox is in place.
+    /// guest meanwhile): until [`started`](Self::started), an access waits for that (not
+    /// past the VM's stop, and at most [`START_WAIT`]) rather than take the partition for
+    /// hung at [`PROXY_TIMEOUT`]. A partition sleeps while it sets up, and does not read its
+    /// requests before its sandbox is in place. Whoever marks a link starting must end it:
+    /// with `started`, or by stopping the VM.
     pub fn starting(self: Arc<Self>) -> Arc<Self> {
         self.starting.store(true, Ordering::Release);
         self
@@ -157,13 +163,14 @@ impl ProxyLink {
     }
 
     /// Proxy side: waits while the first partition may still be setting up. False if the
-    /// VM stopped meanwhile (its start failed, or the host stopped it): the access is
-    /// dropped, as the VM's end drops it.
+    /// VM stopped meanwhile (its start failed, or the host stopped it), or the start
+    /// outlasted [`START_WAIT`]: the access is dropped, as the VM's end drops it (the
+    /// partition's error is the VM's to report).
     fn wait_started(&self) -> bool {
         if !self.starting.load(Ordering::Acquire) {
             return true;
         }
-        let deadline = Instant::now() + crate::partition::READY_TIMEOUT;
+        let deadline = Instant::now() + START_WAIT;
         let mut state = self.lock();
         while self.starting.load(Ordering::Acquire) {
             if (self.halted)() {
@@ -171,12 +178,10 @@ impl ProxyLink {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                // Then taken for hung, as any partition late for an access is.
-                log::warn!(
-                    "the partition did not set itself up within {:?}",
-                    crate::partition::READY_TIMEOUT
+                log::debug!(
+                    "the partition did not set itself up within {START_WAIT:?}: the access is dropped"
                 );
-                return true;
+                return false;
             }
             state =
                 self.changed.wait_timeout(state, left.min(HALT_POLL)).unwrap_or_else(|e| e.into_inner()).0;
