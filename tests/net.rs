@@ -305,14 +305,6 @@ fn the_network_partition_upgraded_under_a_tcp_transfer_loses_no_data() {
     assert!(report.device_events.iter().filter(|e| format!("{e:?}").contains("upgraded")).count() == 3);
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix(field).map(|v| v.trim().to_string()))
-        .unwrap_or_default()
-}
-
 #[test]
 fn the_network_partition_is_sandboxed_and_holds_only_what_it_was_handed() {
     if !support::kvm() {
@@ -333,11 +325,11 @@ fn the_network_partition_is_sandboxed_and_holds_only_what_it_was_handed() {
         let pid = vm.driver_control().driver("net0").and_then(|d| d.pid).unwrap();
         let child = serving_process(pid);
         assert_eq!(child, pid, "the partition is one process");
-        let nspid = status_field(child, "NSpid:");
+        let nspid = support::status_field(child, "NSpid:");
         assert_eq!(nspid.split_whitespace().last(), Some("1"), "PID 1 of its own PID namespace");
-        assert_eq!(status_field(child, "Seccomp:"), "2", "seccomp filter mode");
-        assert_eq!(status_field(child, "NoNewPrivs:"), "1");
-        assert_eq!(status_field(child, "CapEff:"), "0000000000000000");
+        assert_eq!(support::status_field(child, "Seccomp:"), "2", "seccomp filter mode");
+        assert_eq!(support::status_field(child, "NoNewPrivs:"), "1");
+        assert_eq!(support::status_field(child, "CapEff:"), "0000000000000000");
         let theirs = std::fs::read_link(format!("/proc/{child}/ns/net")).unwrap();
         assert_ne!(theirs, std::fs::read_link("/proc/thread-self/ns/net").unwrap(), "own network namespace");
         let mut tun = 0;

@@ -14,14 +14,6 @@ use splitvisor::isolation::sandbox::testing::READY_DELAY_ENV;
 use splitvisor::layout::{ConsoleOutput, DriverProgram, Layout, VmBuilder};
 use support::Capture;
 
-fn status_field(pid: u32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix(field).map(|v| v.trim().to_string()))
-        .unwrap_or_default()
-}
-
 #[test]
 fn the_guest_runs_while_the_partitions_of_its_bus_devices_set_up() {
     if !support::kvm() {
@@ -52,7 +44,11 @@ fn the_guest_runs_while_the_partitions_of_its_bus_devices_set_up() {
         .collect();
     assert_eq!(pids.iter().map(|(device, _)| device.as_str()).collect::<Vec<_>>(), ["com1", "i8042"]);
     for (device, pid) in &pids {
-        assert_eq!(status_field(*pid, "NoNewPrivs:"), "0", "{device}: sandboxed before build() returned");
+        assert_eq!(
+            support::status_field(*pid, "NoNewPrivs:"),
+            "0",
+            "{device}: sandboxed before build() returned"
+        );
     }
     // The guest runs, its first console access waits for its partition, and then every
     // partition is sandboxed.

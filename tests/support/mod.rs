@@ -203,6 +203,16 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// The value of `field` (with its colon: `"NoNewPrivs:"`) in /proc/`pid`/status, empty if
+/// it has none.
+pub fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
 /// Whether any thread of `pid` is still running (a killed process's leader can be a zombie
 /// while its other threads are still finishing a system call, files still open).
 pub fn alive(pid: &u32) -> bool {
