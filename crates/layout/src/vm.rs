@@ -914,10 +914,9 @@ impl Vm {
         // instruction. And nothing else is started until the partitions are sandboxed
         // (below), their threads run and the boot vCPU has served its first exit (bounded;
         // a vCPU that asks for a thread meanwhile waits for the launcher): each start
-        // installs a seccomp filter,
-        // which holds a CPU for hundreds of microseconds, and on a small host a vCPU
-        // thread, the task KVM starts at the first KVM_RUN, or the partition that serves
-        // the exit, woken meanwhile, waits for a CPU behind them.
+        // installs a seccomp filter, which holds a CPU for hundreds of microseconds, and on
+        // a small host a vCPU thread, the task KVM starts at the first KVM_RUN, or the
+        // partition that serves the exit, woken meanwhile, waits for a CPU behind them.
         let mut running = std::mem::take(&mut self.control).start(vcpus, self.buses.clone())?;
         // The guest runs while the bus devices' partitions finish their sandboxes (its first
         // access to each waits for it); one that failed ends the VM before the services start.
