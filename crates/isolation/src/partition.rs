@@ -256,22 +256,28 @@ pub struct Partition {
     liveness: Option<Liveness>,
     /// Its threads, opened at its start.
     threads: Option<Threads>,
-    /// Its sandbox's readiness, while not waited for yet
-    /// ([`StartingPartition::wait_spawned`]).
-    unconfirmed: Option<Unconfirmed>,
-    /// What it serves, its program and why, if its sandbox never came.
-    failed_start: Option<(String, PathBuf, String)>,
+    /// Whether its sandbox is known to be in place ([`Partition::wait_ready`]).
+    sandbox: Sandbox,
+    /// What it serves and runs.
+    started: Started,
 }
 
-/// What [`Partition::wait_ready`] needs of a partition whose sandbox was not waited for.
+/// A partition's sandbox, as far as the hypervisor knows.
 #[derive(Debug)]
-struct Unconfirmed {
-    ready: ReadySignal,
-    /// What it serves, for errors.
+enum Sandbox {
+    /// In place.
+    Ready,
+    /// Not waited for yet ([`StartingPartition::wait_spawned`]).
+    Unconfirmed(ReadySignal),
+    /// Never came: why.
+    Failed(String),
+}
+
+/// What a partition serves and runs, for its errors and the log.
+#[derive(Debug)]
+struct Started {
     role: String,
-    /// The program, for errors.
     driver: PathBuf,
-    /// The command line, for the log.
     command: String,
 }
 
@@ -553,39 +559,38 @@ impl Partition {
     /// partition that exits first, or takes longer, is killed, and the error says which
     /// (again at every later call).
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), PartitionError> {
-        if let Some((role, driver, why)) = &self.failed_start {
-            let source = io::Error::other(format!("its start failed: {why}"));
-            return Err(PartitionError::NotReady {
-                role: role.clone(),
-                driver: driver.clone(),
-                pid: self.pid(),
-                source,
-            });
-        }
-        let Some(Unconfirmed { ready, role, driver, command }) = self.unconfirmed.take() else {
+        let pid = self.pid();
+        let Started { role, driver, command } = &self.started;
+        let (role, driver) = (role.clone(), driver.clone());
+        let ready = match std::mem::replace(&mut self.sandbox, Sandbox::Ready) {
+            Sandbox::Ready => return Ok(()),
+            Sandbox::Failed(why) => {
+                let source = io::Error::other(format!("its start failed: {why}"));
+                self.sandbox = Sandbox::Failed(why);
+                return Err(PartitionError::NotReady { role, driver, pid, source });
+            }
+            Sandbox::Unconfirmed(ready) => ready,
+        };
+        let Err(source) = ready.wait(within) else {
+            log::debug!("driver partition {pid} started: {command}");
             return Ok(());
         };
-        if let Err(source) = ready.wait(within) {
-            let pid = self.pid();
-            // A partition that closed its end before its byte has usually ended: say how.
-            let ended = match source.kind() {
-                io::ErrorKind::UnexpectedEof => self.wait_exit(EXIT_GRACE).and_then(|_| self.end()),
-                _ => None,
-            };
-            let error = match ended {
-                Some(PartitionEnd { status, cause }) => {
-                    PartitionError::Ended { role: role.clone(), driver: driver.clone(), pid, status, cause }
-                }
-                None => {
-                    self.kill();
-                    PartitionError::NotReady { role: role.clone(), driver: driver.clone(), pid, source }
-                }
-            };
-            self.failed_start = Some((role, driver, error.to_string()));
-            return Err(error);
-        }
-        log::debug!("driver partition {} started: {command}", self.pid());
-        Ok(())
+        // A partition that closed its end before its byte has usually ended: say how.
+        let ended = match source.kind() {
+            io::ErrorKind::UnexpectedEof => self.wait_exit(EXIT_GRACE).and_then(|_| self.end()),
+            _ => None,
+        };
+        let error = match ended {
+            Some(PartitionEnd { status, cause }) => {
+                PartitionError::Ended { role, driver, pid, status, cause }
+            }
+            None => {
+                self.kill();
+                PartitionError::NotReady { role, driver, pid, source }
+            }
+        };
+        self.sandbox = Sandbox::Failed(error.to_string());
+        Err(error)
     }
 }
 
@@ -1057,13 +1062,12 @@ fn start(
         cause: None,
         liveness,
         threads,
-        unconfirmed: Some(Unconfirmed {
-            ready,
+        sandbox: Sandbox::Unconfirmed(ready),
+        started: Started {
             role,
             command: format!("{} {}", driver.path.display(), args.join(" ")),
             driver: driver.path,
-        }),
-        failed_start: None,
+        },
     };
     Ok(partition)
 }
