@@ -106,10 +106,11 @@ pub struct ChainLimits {
 fn read_descriptor(mem: &GuestMemoryMmap, at: u64) -> Result<(u64, u32, u16, u16), ChainError> {
     let mut raw = [0u8; 16];
     super::ram::read(mem, at, &mut raw).map_err(|_| ChainError::DescriptorOutsideMemory { addr: at })?;
-    let field = |range: std::ops::Range<usize>| -> u64 {
-        raw[range].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-    };
-    Ok((field(0..8), field(8..12) as u32, field(12..14) as u16, field(14..16) as u16))
+    // Fixed offsets: each field is one load (a byte-by-byte fold was a loop of dependent
+    // shifts, three descriptors a request).
+    let addr = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+    let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    Ok((addr, len, u16::from_le_bytes([raw[12], raw[13]]), u16::from_le_bytes([raw[14], raw[15]])))
 }
 
 /// Walks the chain at `head` into `segments` (cleared first). `walked` counts every
