@@ -2278,8 +2278,8 @@ mod tests {
             for k in 1..SIZE {
                 // Wait for the k-th completion and its announcement ... (Offered as soon as
                 // the used index moved, a request could be found before the engine looked
-                // for it, and the announcement rightly left to the end of the call: a
-                // driver thread that ran just then made this test fail under load.) An
+                // for it, and its completion rightly announced together with a later one:
+                // a driver thread that ran just then made this test fail under load.) An
                 // engine that looked without announcing first waits out its poll limit
                 // for a request that never comes, and serves fewer than SIZE.
                 while driver_mem.read_obj::<u16>(GuestAddress(used + 2)).map(u16::from_le).ok() != Some(k)
