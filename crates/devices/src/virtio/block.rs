@@ -1348,6 +1348,10 @@ impl BlockRequests {
                 completed += self.reap(queue, journal, room)?;
             }
             if fetched == budget {
+                // Look for the driver's next request first, as below: stopping without a
+                // look, when the driver keeps one request in flight, would make it kick
+                // (an exit) and this worker wake up once every queue-size requests.
+                self.look_for_more(queue)?;
                 // Stop for now, but with notifications on again (with EVENT_IDX: avail_event
                 // brought up to date), or the driver would not kick for its next request
                 // and wait for ever; whatever is already waiting makes another call.
@@ -2250,7 +2254,9 @@ mod tests {
     /// A driver that keeps one request in flight offers the next only once it saw the last
     /// complete. With a poll limit the engine looks for it before it returns: one call
     /// serves the whole budget (the queue size) of such requests, without a kick between
-    /// them. Without the look the call would end after the first.
+    /// them. Without the look the call would end after the first. At the budget it looks
+    /// too, and returns with the request it found pending: without that look, the driver
+    /// would kick (an exit) once every queue-size requests.
     #[test]
     fn requests_offered_one_after_the_other_are_found_by_looking_at_the_ring() {
         const SIZE: u16 = 8;
@@ -2275,7 +2281,8 @@ mod tests {
         let heard = announced.clone();
         let offering = std::thread::spawn(move || {
             let give_up = Instant::now() + Duration::from_secs(60);
-            for k in 1..SIZE {
+            // One request more than the budget of a call.
+            for k in 1..=SIZE {
                 // Wait for the k-th completion and its announcement ... (Offered as soon as
                 // the used index moved, a request could be found before the engine looked
                 // for it, and its completion rightly announced together with a later one:
@@ -2296,11 +2303,19 @@ mod tests {
             }
         });
         let processed = requests.process_queue(&mut queue).unwrap();
-        offering.join().unwrap();
         assert_eq!(processed.completed, usize::from(SIZE));
         assert_eq!(driver.used_idx(), SIZE);
-        // Each completion was announced before the engine looked for the next request.
-        assert!(announced.load(Ordering::SeqCst) >= usize::from(SIZE) - 1);
+        // Each completion was announced before the engine looked for the next request,
+        // the last one's at the budget too; the request found there waits for the next
+        // call, which the caller makes at once.
+        assert!(announced.load(Ordering::SeqCst) >= usize::from(SIZE));
+        assert!(processed.pending, "the request offered after the budget was not looked for");
+        offering.join().unwrap();
+        // (No look after it: nothing more comes.)
+        requests.set_poll_limit(Duration::ZERO);
+        let processed = requests.process_queue(&mut queue).unwrap();
+        assert_eq!(processed.completed, 1);
+        assert_eq!(driver.used_idx(), SIZE + 1);
     }
 
     #[test]
