@@ -378,6 +378,11 @@ fn blk_bench_runs_its_loop_in_ring_3_by_default() {
     for workload in ["seq-read-1M-qd1", "rand-write-4K-qd16"] {
         assert!(console.contains(&format!("blk-bench: {workload} ops=")), "{workload}: {console}");
     }
+    // The untimed warm-up ran first, and did requests.
+    let warm_up = console.find("blk-bench: warm-up 50 ms, ").expect("no warm-up line");
+    assert!(warm_up < console.find(" ops=").unwrap(), "{console}");
+    let requests: u64 = console[warm_up..].split(' ').nth(4).and_then(|n| n.parse().ok()).unwrap();
+    assert!(requests > 0, "{console}");
 }
 
 #[test]
@@ -398,10 +403,11 @@ fn blk_bench_runs_only_the_workloads_named() {
         return;
     }
     let image = Image::new("bench-only", 4 * MIB);
-    let cmdline =
-        "console=ttyS0 blk_bench.mib=1 blk_bench.ops=10 blk_bench.only=rand-read-4K-qd1,seq-write-1M-qd16";
+    let cmdline = "console=ttyS0 blk_bench.mib=1 blk_bench.ops=10 blk_bench.warmup_ms=0 \
+                   blk_bench.only=rand-read-4K-qd1,seq-write-1M-qd16";
     let (report, console) = run("blk-bench", cmdline, Some(&image), Layout::monolithic());
     assert_eq!(report.unwrap().guest_result, Some(GuestResult::Pass), "{console}");
+    assert!(console.contains("blk-bench: warm-up 0 ms, 0 requests, untimed\n"), "{console}");
     let ran: Vec<&str> = console
         .lines()
         .filter_map(|line| line.strip_prefix("blk-bench: ")?.split_once(" ops=").map(|(name, _)| name))

@@ -12,6 +12,12 @@
 //! `BlockDevice::set_poll_ticks`). `blk_bench.ring=0` runs the same loop in ring 0 instead,
 //! waking on every interrupt without polling. `blk_bench.only=NAME[,NAME...]` runs only the
 //! workloads named (to profile or compare one row).
+//!
+//! Before the first workload, `blk_bench.warmup_ms=N` milliseconds (default 50) of 4 KiB
+//! random reads at queue depth 1 run untimed, as fio's `ramp_time`: the host is still
+//! busy with the VM's start for a few milliseconds after it (the kernel's deferred work
+//! for new processes and their sandboxes, the scheduler placing new threads), and a
+//! short workload timed from the first request would measure that, not the data path.
 
 #![no_std]
 #![no_main]
@@ -98,12 +104,33 @@ fn run(disk: &mut BlockDevice, w: &Workload, ops: u64, buffers: *mut u8, scale: 
     Ok(())
 }
 
+/// Runs 4 KiB random reads at queue depth 1 for `ticks` TSC ticks, untimed; returns how
+/// many completed.
+fn warm_up(disk: &mut BlockDevice, ticks: u64, buffers: *mut u8) -> Result<u64, &'static str> {
+    let slots = disk.capacity / (4096 / SECTOR);
+    if slots == 0 {
+        return Err("disk too small");
+    }
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let (start, mut completed) = (rdtsc(), 0u64);
+    while rdtsc().wrapping_sub(start) < ticks {
+        disk.submit(0, blk::IN, (rng.next() % slots) * (4096 / SECTOR), buffers, 4096);
+        let (_, status) = disk.wait()?;
+        if status != blk::OK {
+            return Err("a request failed");
+        }
+        completed += 1;
+    }
+    Ok(completed)
+}
+
 fn main(boot: &Boot) -> Result<(), &'static str> {
     let info = boot.start_info.as_ref().ok_or("no hvm_start_info")?;
     let mib = info.cmdline_value("blk_bench.mib").and_then(start_info::parse_u64).unwrap_or(32);
     let small_ops = info.cmdline_value("blk_bench.ops").and_then(start_info::parse_u64).unwrap_or(2000);
     let ring = info.cmdline_value("blk_bench.ring").map_or(Some(3), start_info::parse_u64);
     let poll_us = info.cmdline_value("blk_bench.poll_us").and_then(start_info::parse_u64).unwrap_or(5000);
+    let warmup_ms = info.cmdline_value("blk_bench.warmup_ms").and_then(start_info::parse_u64).unwrap_or(50);
     // `blk_bench.only=NAME[,NAME...]`: just these workloads (to profile or compare one row).
     let only = info.cmdline_value("blk_bench.only");
     if let Some(only) = only
@@ -141,6 +168,8 @@ fn main(boot: &Boot) -> Result<(), &'static str> {
             .str(", ring ")
             .dec(u64::from(cpu::current_ring()))
             .print();
+        let warmed = warm_up(&mut disk, clock::ticks_in(scale, warmup_ms.saturating_mul(1_000_000)), buffers)?;
+        Line::new().str("blk-bench: warm-up ").dec(warmup_ms).str(" ms, ").dec(warmed).str(" requests, untimed").print();
         let chosen = |w: &&Workload| only.is_none_or(|only| only.split(',').any(|name| name == w.name));
         for workload in WORKLOADS.iter().filter(chosen) {
             let ops = if workload.bytes == 1 << 20 { mib } else { small_ops };
