@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use splitvisor::guests::{self, GuestResult};
+use splitvisor::isolation::sandbox::testing::READY_DELAY_ENV;
 use splitvisor::layout::{
     Command, ConsoleOutput, DiskConfig, DriverControl, DriverProgram, FaultPolicy, Layout, VmBuilder,
     VmReport,
@@ -475,14 +476,139 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(!socket.exists(), "the control socket is removed when the VM ends");
 }
 
+/// An upgrade to a program whose partition does not come up in time holds up only the
+/// upgrade: meanwhile the supervisor handles the other devices' faults at once, and the
+/// guest's disk goes on.
+#[test]
+fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
+    if !support::kvm() {
+        return;
+    }
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let tmp = std::env::temp_dir();
+    let name = |what: &str| tmp.join(format!("splitvisor-{}-slow-upgrade-{what}", std::process::id()));
+    // The same driver under another name: another program to upgrade to.
+    let other_driver = Removed(name("driver"));
+    std::fs::copy(env!("CARGO_BIN_EXE_splitvisor-driver"), &other_driver.0).unwrap();
+    // Both left behind by the VM, which the test kills.
+    let (socket, output) = (Removed(name("sock")), Removed(name("console")));
+    let disk = Image::new("lifecycle-slow-upgrade", 32 * MIB);
+    let args: Vec<std::ffi::OsString> = vec![
+        "--timeout".into(),
+        "300".into(),
+        "--cmdline".into(),
+        "blk_stress.passes=1000000".into(),
+        "--disk".into(),
+        disk.0.clone().into(),
+        "--api-socket".into(),
+        socket.0.clone().into(),
+        // Nothing else for the supervisor to start: a fault of the i8042 is handled at once.
+        "--no-spare".into(),
+        "--fault-policy".into(),
+        "i8042=fail".into(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    // Every partition of this VM takes 3.5 s to put its sandbox in place: longer than an
+    // upgrade waits for one (3 s).
+    let env = [(READY_DELAY_ENV, "3500")];
+    let mut vm = blk_stress_under_way_with("microkernel", &args, &env, &output.0);
+    // The VM's log, each line with when it came.
+    let log: Arc<std::sync::Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let reader = {
+        let (log, stderr) = (log.clone(), vm.0.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                log.lock().unwrap().push((Instant::now(), line));
+            }
+        })
+    };
+    let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "--json", "list"]);
+    assert_eq!(status, Some(0), "{list}");
+    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let i8042 =
+        answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "i8042").unwrap().clone();
+    let i8042_pid = u32::try_from(i8042["pid"].as_u64().unwrap()).unwrap();
+
+    let upgrade = {
+        let (socket, program) = (socket.0.clone(), other_driver.0.to_str().unwrap().to_string());
+        std::thread::spawn(move || {
+            let answer = splitvisor_ctl(&socket, &["upgrade", "com1", "--driver", &program]);
+            (answer, Instant::now())
+        })
+    };
+    // Well inside the upgrade's wait for its partition ...
+    std::thread::sleep(Duration::from_millis(500));
+    signal(i8042_pid, libc::SIGKILL);
+    let killed = Instant::now();
+    // ... the i8042's fault is handled.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let handled = loop {
+        let found = log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, line)| {
+                line.contains("i8042: driver failed") && line.contains("the device fails (policy fail)")
+            })
+            .map(|(at, _)| *at);
+        if let Some(at) = found {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "the i8042's fault was not handled: {:?}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ((status, out), answered) = upgrade.join().unwrap();
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("was not sandboxed within 3s (the device keeps its driver)"), "{out}");
+    // A supervisor that waited for the upgrade's partition would have handled the fault
+    // only after the upgrade's answer.
+    assert!(
+        handled + Duration::from_secs(1) < answered,
+        "the fault was handled {:?} after the kill, and the upgrade answered {:?} after it: {out}",
+        handled.saturating_duration_since(killed),
+        answered.saturating_duration_since(killed),
+    );
+    // The guest's disk went on through both: more passes, each verified.
+    let passes = || std::fs::read_to_string(&output.0).unwrap().matches("pass ").count();
+    let before = passes();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while passes() < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "blk-stress stopped: {}",
+            std::fs::read_to_string(&output.0).unwrap()
+        );
+        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(vm);
+    reader.join().unwrap();
+}
+
 /// Starts `example` running blk-stress with `args` (its own options: --timeout, --disk,
 /// --cmdline, ...), its console to `output`; returns once the guest's first pass is done,
 /// so that a freeze then catches it at work.
 fn blk_stress_under_way(example: &str, args: &[&std::ffi::OsStr], output: &Path) -> support::KillOnDrop {
+    blk_stress_under_way_with(example, args, &[], output)
+}
+
+/// [`blk_stress_under_way`], with `env` added to the VM's environment.
+fn blk_stress_under_way_with(
+    example: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    output: &Path,
+) -> support::KillOnDrop {
     let mut vm = support::KillOnDrop(
         std::process::Command::new(support::example(example))
             .args(["--guest", "blk-stress"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(output).unwrap())
             .stderr(std::process::Stdio::piped())
             .spawn()

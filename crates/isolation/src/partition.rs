@@ -466,6 +466,17 @@ impl Partition {
         self.pidfd.as_fd()
     }
 
+    /// While its sandbox has not been waited for ([`Self::wait_ready`]), an fd that turns
+    /// readable when the partition says it is in place: a supervisor that must not wait
+    /// watches it (with [`Self::pidfd`], for a partition that ends first), then calls
+    /// `wait_ready`, which no longer waits. `None` once waited for.
+    pub fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.sandbox {
+            Sandbox::Unconfirmed(ready) => Some(ready.watch_fd()),
+            Sandbox::Ready | Sandbox::Failed(_) => None,
+        }
+    }
+
     /// The exit status, if the process has ended (reaps it). A partition that aborted is
     /// reported as killed by SIGABRT, as it would be if it were not an init.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {

@@ -72,7 +72,7 @@ pub mod testing;
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Errors setting up the sandbox.
@@ -826,6 +826,13 @@ impl ReadySignal {
     /// listens (see [`crate::partition`]).
     pub(crate) fn read_fd(&self) -> RawFd {
         self.read.as_raw_fd()
+    }
+
+    /// This process's end, to watch: it turns readable when the partition's byte comes.
+    /// (While this signal is not waited for, this process holds the partition's end too,
+    /// so a partition that ends without its byte does not make it readable.)
+    pub fn watch_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
     /// Waits at most `timeout` for the partition to say it is sandboxed: its byte, then

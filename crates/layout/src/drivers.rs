@@ -7,7 +7,7 @@
 //! * [`ProxySlot`]: a plain bus device (8250, i8042) served by a partition behind the proxy.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
@@ -16,7 +16,9 @@ use splitvisor_devices::virtio::block::Block;
 use splitvisor_devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioInterrupt};
 use splitvisor_isolation::frontend::{DeviceShape, Handshake, Probes, QueueProbe, Resume, VhostUserVirtio};
 use splitvisor_isolation::liveness::{DeviceQueue, Threads};
-use splitvisor_isolation::partition::{BlockOptions, DriverProgram, NetOptions, Partition, PartitionError};
+use splitvisor_isolation::partition::{
+    BlockOptions, DriverProgram, NetOptions, Partition, PartitionError, StartingPartition,
+};
 use splitvisor_isolation::proxy::{Probe, ProxyConnection, ProxyDevice, ProxyLink};
 use splitvisor_isolation::supervisor::{Interest, Watch, eventfd_fd};
 use vmm_sys_util::eventfd::EventFd;
@@ -54,9 +56,9 @@ fn status(partition: &mut Partition) -> String {
 const SUPERVISED_START: Duration = Duration::from_secs(10);
 
 /// The same for a partition of the program an upgrade names, which may never get there (a
-/// program that is not a driver, or hangs): an access waiting on a failed partition waits
-/// at most `REPLACEMENT_TIMEOUT` (5 s) for the supervisor, which must be free by then.
-const UPGRADE_START: Duration = Duration::from_secs(3);
+/// program that is not a driver, or hangs). The supervisor watches it come up
+/// ([`PendingUpgrade`]) rather than wait; this bounds the upgrade.
+pub(crate) const UPGRADE_START: Duration = Duration::from_secs(3);
 
 /// What a spawned partition serves, with the resources it is handed.
 pub(crate) enum Served {
@@ -84,12 +86,105 @@ impl Served {
         driver: &DriverProgram,
         ready_within: Duration,
     ) -> Result<(Partition, std::os::unix::net::UnixStream), PartitionError> {
-        let (starting, stream) = match self {
-            Self::Block { image, options } => Partition::start_block(driver, image, options)?,
-            Self::Net { tap, options } => Partition::start_net(driver, tap, options)?,
-        };
+        let (starting, stream) = self.start(driver)?;
         Ok((starting.wait_within(ready_within)?, stream))
     }
+
+    /// Asks for a partition serving this, without waiting for it.
+    fn start(
+        &self,
+        driver: &DriverProgram,
+    ) -> Result<(StartingPartition, std::os::unix::net::UnixStream), PartitionError> {
+        match self {
+            Self::Block { image, options } => Partition::start_block(driver, image, options),
+            Self::Net { tap, options } => Partition::start_net(driver, tap, options),
+        }
+    }
+}
+
+/// A partition of the program an upgrade names, asked for ([`DriverSlot::start_upgrade`])
+/// but not waited for: the supervisor, which handles every device's faults, watches it
+/// come up ([`PendingUpgrade`]) instead of waiting for it, and switches the device over
+/// only once it is ([`DriverSlot::upgrade`]). A program that starts slowly, or never,
+/// then holds up only the upgrade.
+pub(crate) struct UpgradeStart {
+    program: DriverProgram,
+    starting: StartingPartition,
+    link: StartingLink,
+}
+
+/// The hypervisor's end of a starting partition.
+enum StartingLink {
+    /// A vhost-user backend's socket, and what the device is, for the handshake.
+    VhostUser { stream: std::os::unix::net::UnixStream, shape: DeviceShape },
+    /// A proxied bus device's connection.
+    Proxy(ProxyConnection),
+}
+
+impl UpgradeStart {
+    /// Waits until the partition's process runs the program (the spawner's answer, which
+    /// takes about a millisecond); its sandbox is then watched for.
+    pub(crate) fn spawned(self) -> Result<PendingUpgrade, String> {
+        let partition = self.starting.wait_spawned().map_err(|e| kept_driver(e.to_string()))?;
+        Ok(PendingUpgrade { program: self.program, partition, link: self.link })
+    }
+}
+
+/// A partition of an upgrade's program whose sandbox is not in place yet.
+pub(crate) struct PendingUpgrade {
+    program: DriverProgram,
+    partition: Partition,
+    link: StartingLink,
+}
+
+/// How long [`PendingUpgrade::finish`] waits for the end of the partition's readiness
+/// pipe once its byte came (the partition closes it right after).
+const READINESS_END: Duration = Duration::from_millis(200);
+
+impl PendingUpgrade {
+    /// What to watch: the partition's readiness (its byte), and its pidfd (it ended first).
+    pub(crate) fn watched(&self) -> [Option<BorrowedFd<'_>>; 2] {
+        [self.partition.readiness_fd(), Some(self.partition.pidfd())]
+    }
+
+    /// The program whose partition this is.
+    pub(crate) fn program(&self) -> &DriverProgram {
+        &self.program
+    }
+
+    /// Once a watched fd turned readable: the partition's sandbox is in place (or it
+    /// ended, the error), then its vhost-user handshake. A partition that does not get
+    /// there is killed.
+    pub(crate) fn finish(mut self) -> Result<NewDriver, String> {
+        let fail = |e: String| kept_driver(e);
+        self.partition.wait_ready(READINESS_END).map_err(|e| fail(e.to_string()))?;
+        let mut partition = self.partition;
+        let link = match self.link {
+            StartingLink::VhostUser { stream, shape } => {
+                let handshake = Handshake::for_device(stream, &shape)
+                    .map_err(|e| fail(format!("partition {}: {e}", partition.pid())))?;
+                ReadyLink::VhostUser(handshake)
+            }
+            StartingLink::Proxy(mut connection) => {
+                connection.watch(partition.take_liveness());
+                ReadyLink::Proxy(connection)
+            }
+        };
+        Ok(NewDriver { program: self.program, partition, link })
+    }
+}
+
+/// A partition of an upgrade's program, up and ready to take the device over.
+pub(crate) struct NewDriver {
+    program: DriverProgram,
+    partition: Partition,
+    link: ReadyLink,
+}
+
+/// The hypervisor's end of a partition that is up.
+enum ReadyLink {
+    VhostUser(Handshake),
+    Proxy(ProxyConnection),
 }
 
 /// Where a vhost-user device's backend comes from.
@@ -207,8 +302,11 @@ impl VhostUserSlot {
     }
 }
 
+/// Why an external backend is not upgraded here.
+const EXTERNAL_UPGRADE: &str = "an external backend is upgraded by whoever runs it (splitvisor reconnects)";
+
 /// An upgrade's error when the new program's partition did not start.
-fn kept_driver(error: String) -> String {
+pub(crate) fn kept_driver(error: String) -> String {
     format!("{error} (the device keeps its driver)")
 }
 
@@ -352,20 +450,33 @@ impl DriverSlot for VhostUserSlot {
         }
     }
 
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
+    fn start_upgrade(&self, program: &DriverProgram) -> Result<Option<UpgradeStart>, String> {
+        let Backend::Spawned { driver, served, .. } = &self.backend else {
+            return Err(EXTERNAL_UPGRADE.into());
+        };
+        if program == driver {
+            return Ok(None);
+        }
+        let (starting, stream) = served.start(program).map_err(|e| kept_driver(e.to_string()))?;
+        let link = StartingLink::VhostUser { stream, shape: self.shape.clone() };
+        Ok(Some(UpgradeStart { program: program.clone(), starting, link }))
+    }
+
+    fn upgrade(&mut self, new: Option<NewDriver>) -> Result<Duration, UpgradeError> {
         let Backend::Spawned { driver, served, active, spare, .. } = &mut self.backend else {
-            return Err("an external backend is upgraded by whoever runs it (splitvisor reconnects)".into());
+            return Err(EXTERNAL_UPGRADE.into());
         };
         // The new partition is ready before the old one stops serving. Another program is
         // adopted (and the spare, which runs the old one, dropped) only once a partition
         // of it is up: one that cannot start leaves the device as it was.
-        let (partition, handshake) = match program.filter(|program| *program != driver) {
-            Some(program) => {
-                let started = Self::start_partition(program, served, &self.shape, UPGRADE_START)
-                    .map_err(kept_driver)?;
-                *driver = program.clone();
+        let (partition, handshake) = match new {
+            Some(NewDriver { program, partition, link: ReadyLink::VhostUser(handshake) }) => {
+                *driver = program;
                 *spare = None;
-                started
+                (partition, handshake)
+            }
+            Some(NewDriver { link: ReadyLink::Proxy(_), .. }) => {
+                return Err("a bus device's partition cannot serve a virtio device".into());
             }
             None => match spare.take() {
                 Some(spare) => spare,
@@ -486,17 +597,9 @@ impl ProxySlot {
     }
 
     fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
-        self.start_partition_of(&self.driver, SUPERVISED_START)
-    }
-
-    fn start_partition_of(
-        &self,
-        driver: &DriverProgram,
-        ready_within: Duration,
-    ) -> Result<(Partition, ProxyConnection), String> {
-        let (starting, mut connection) =
-            Partition::start_proxy(driver, self.kind, self.irqfd.as_ref()).map_err(|e| e.to_string())?;
-        let mut partition = starting.wait_within(ready_within).map_err(|e| e.to_string())?;
+        let (starting, mut connection) = Partition::start_proxy(&self.driver, self.kind, self.irqfd.as_ref())
+            .map_err(|e| e.to_string())?;
+        let mut partition = starting.wait_within(SUPERVISED_START).map_err(|e| e.to_string())?;
         connection.watch(partition.take_liveness());
         Ok((partition, connection))
     }
@@ -578,15 +681,26 @@ impl DriverSlot for ProxySlot {
         Ok(())
     }
 
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
+    fn start_upgrade(&self, program: &DriverProgram) -> Result<Option<UpgradeStart>, String> {
+        if *program == self.driver {
+            return Ok(None);
+        }
+        let (starting, connection) = Partition::start_proxy(program, self.kind, self.irqfd.as_ref())
+            .map_err(|e| kept_driver(e.to_string()))?;
+        Ok(Some(UpgradeStart { program: program.clone(), starting, link: StartingLink::Proxy(connection) }))
+    }
+
+    fn upgrade(&mut self, new: Option<NewDriver>) -> Result<Duration, UpgradeError> {
         // Another program is adopted (and the spare, which runs the old one, dropped) only
         // once a partition of it is up: one that cannot start leaves the device as it was.
-        let (partition, stream) = match program.filter(|program| **program != self.driver) {
-            Some(program) => {
-                let started = self.start_partition_of(program, UPGRADE_START).map_err(kept_driver)?;
-                self.driver = program.clone();
+        let (partition, stream) = match new {
+            Some(NewDriver { program, partition, link: ReadyLink::Proxy(connection) }) => {
+                self.driver = program;
                 self.spare = None;
-                started
+                (partition, connection)
+            }
+            Some(NewDriver { link: ReadyLink::VhostUser(_), .. }) => {
+                return Err("a virtio device's partition cannot serve a bus device".into());
             }
             None => match self.spare.take() {
                 Some(spare) => spare,

@@ -16,10 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use splitvisor_isolation::partition::{DriverProgram, PartitionError};
-use splitvisor_isolation::supervisor::{Supervised, SupervisorHandle, Watch};
+use splitvisor_isolation::supervisor::{Interest, Supervised, SupervisorHandle, Watch};
 use splitvisor_vcpu::StopHandle;
 
+use crate::drivers::{NewDriver, PendingUpgrade, UPGRADE_START, UpgradeStart, kept_driver};
 use crate::placement::{FaultPolicy, Placement};
+
+/// Why a device's driver is not upgraded.
+const NOT_UPGRADABLE: &str = "this device's driver cannot be upgraded";
 
 /// Longest wait between two restarts, whatever the back-off says.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -127,12 +131,20 @@ pub(crate) trait DriverSlot: Send {
     }
     /// A new driver takes over the device, state and owed requests included.
     fn restart(&mut self) -> Result<(), RestartError>;
-    /// A new driver (`program`, or the same one) takes over a working device; returns how
-    /// long the device did not serve. A `program` that cannot start a partition leaves the
-    /// device with the program it had: later restarts and spares still run that one.
-    fn upgrade(&mut self, program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
+    /// Asks for a partition of `program` to upgrade the device to, which the supervisor
+    /// then watches come up ([`UpgradeStart::spawned`]) rather than wait for; `None` if
+    /// `program` is the one the device runs (the upgrade then takes a partition of it as a
+    /// restart does).
+    fn start_upgrade(&self, program: &DriverProgram) -> Result<Option<UpgradeStart>, String> {
         let _ = program;
-        Err("this device's driver cannot be upgraded".into())
+        Err(NOT_UPGRADABLE.into())
+    }
+    /// A new driver (`new`, or one of the program the device runs) takes over a working
+    /// device; returns how long the device did not serve. Until an upgrade to another
+    /// program succeeds, later restarts and spares still run the program the device had.
+    fn upgrade(&mut self, new: Option<NewDriver>) -> Result<Duration, UpgradeError> {
+        let _ = new;
+        Err(NOT_UPGRADABLE.into())
     }
     /// The device fails for good (DEVICE_NEEDS_RESET, or an empty bus).
     fn fail(&mut self);
@@ -359,6 +371,19 @@ pub enum CommandOutcome {
 
 type Reply = mpsc::Sender<Result<CommandOutcome, CommandError>>;
 
+/// An upgrade to another program whose partition is coming up: the supervisor watches
+/// it rather than wait for it, and answers once the device is switched over (or the
+/// partition failed, or `deadline` passed).
+struct Upgrading {
+    pending: PendingUpgrade,
+    reply: Reply,
+    deadline: Instant,
+}
+
+/// The tokens of a pending upgrade's fds (apart from every slot's own).
+const UPGRADE_READY: u32 = u32::MAX - 1;
+const UPGRADE_EXITED: u32 = u32::MAX;
+
 /// One device's driver under supervision.
 pub(crate) struct ManagedDriver {
     name: String,
@@ -388,6 +413,8 @@ struct Inner {
     /// The pending restart was asked for (an upgrade that has to finish as a restart), so
     /// it does not count against the fault policy's budget.
     restart_asked: bool,
+    /// An upgrade whose partition is coming up.
+    upgrading: Option<Upgrading>,
 }
 
 /// What the control socket shows of a device.
@@ -443,6 +470,7 @@ impl ManagedDriver {
                 last_fault: None,
                 storage_wait: None,
                 restart_asked: false,
+                upgrading: None,
             }),
             commands: Mutex::new(Vec::new()),
         })
@@ -614,13 +642,61 @@ impl ManagedDriver {
         }
     }
 
-    fn run_command(
+    /// Carries out `command` and answers `reply`, or, for an upgrade to another program,
+    /// starts its partition and answers once it is up and has taken over (see
+    /// [`Self::upgrade_progress`]).
+    fn run_command(&self, inner: &mut Inner, command: Command, reply: Reply, now: Instant) {
+        let answer = match command {
+            Command::Upgrade(Some(program)) => match self.start_upgrade(inner, &program) {
+                Ok(Some(pending)) => {
+                    inner.upgrading = Some(Upgrading { pending, reply, deadline: now + UPGRADE_START });
+                    return;
+                }
+                Ok(None) => self.carry_out(inner, Command::Upgrade(None), now),
+                Err(why) => Err(why),
+            },
+            command => self.carry_out(inner, command, now),
+        };
+        let _ = reply.send(answer.map_err(CommandError::Failed));
+    }
+
+    /// Asks for a partition of `program` to upgrade to; `None` if the device runs it.
+    fn start_upgrade(
         &self,
-        inner: &mut Inner,
-        command: Command,
-        now: Instant,
-    ) -> Result<CommandOutcome, CommandError> {
-        self.carry_out(inner, command, now).map_err(CommandError::Failed)
+        inner: &Inner,
+        program: &DriverProgram,
+    ) -> Result<Option<PendingUpgrade>, String> {
+        if let Health::Failed(why) = &inner.health {
+            return Err(format!("{} has failed ({why})", self.name));
+        }
+        if let Some(upgrading) = &inner.upgrading {
+            return Err(format!(
+                "an upgrade to {} is under way; ask again once it is answered",
+                upgrading.pending.program().path.display()
+            ));
+        }
+        inner.slot.start_upgrade(program)?.map(UpgradeStart::spawned).transpose()
+    }
+
+    /// A pending upgrade's partition is up, or ended (`ready`), or its time ran out:
+    /// switches the device over, or drops the partition, and answers. Nothing happens
+    /// otherwise.
+    fn upgrade_progress(&self, inner: &mut Inner, ready: bool, now: Instant) {
+        let Some(upgrading) = inner.upgrading.take() else { return };
+        let answer = if let Health::Failed(why) = &inner.health {
+            Err(format!("{} has failed ({why})", self.name))
+        } else if ready {
+            upgrading.pending.finish().and_then(|new| self.switch(inner, Some(new), now))
+        } else if now >= upgrading.deadline || self.stop.has_ended() {
+            Err(kept_driver(format!(
+                "the partition of {} was not sandboxed within {UPGRADE_START:?}",
+                upgrading.pending.program().path.display()
+            )))
+        } else {
+            inner.upgrading = Some(upgrading);
+            return;
+        };
+        let _ = upgrading.reply.send(answer.map_err(CommandError::Failed));
     }
 
     fn carry_out(&self, inner: &mut Inner, command: Command, now: Instant) -> Result<CommandOutcome, String> {
@@ -638,28 +714,10 @@ impl ManagedDriver {
                     other => Err(format!("restart did not complete: {other}")),
                 }
             }
-            Command::Upgrade(program) => {
-                let stall = match inner.slot.upgrade(program.as_ref()) {
-                    Ok(stall) => stall,
-                    Err(UpgradeError::Kept(why)) => return Err(why),
-                    Err(UpgradeError::Restarting(why)) => {
-                        self.log.record(&self.name, format!("upgrade: {why}"));
-                        inner.health = Health::Restarting;
-                        inner.restart_at = Some((now, now));
-                        inner.restart_asked = true;
-                        return Err(why);
-                    }
-                };
-                inner.storage_wait = None;
-                self.log.record(
-                    &self.name,
-                    format!(
-                        "upgraded to {} (device paused {:.2} ms)",
-                        inner.slot.describe(),
-                        stall.as_secs_f64() * 1e3
-                    ),
-                );
-                Ok(CommandOutcome::Upgraded { driver: inner.slot.describe(), paused: stall })
+            Command::Upgrade(None) => self.switch(inner, None, now),
+            // `run_command` starts the partition first, and switches once it is up.
+            Command::Upgrade(Some(_)) => {
+                Err("an upgrade to another program starts its partition first".into())
             }
             Command::Fail => {
                 self.log.record(&self.name, "failed on request".into());
@@ -667,6 +725,37 @@ impl ManagedDriver {
                 Ok(CommandOutcome::Failed)
             }
         }
+    }
+
+    /// A new driver (`new`, or one of the program the device runs) takes over the device,
+    /// which has not failed.
+    fn switch(
+        &self,
+        inner: &mut Inner,
+        new: Option<NewDriver>,
+        now: Instant,
+    ) -> Result<CommandOutcome, String> {
+        let stall = match inner.slot.upgrade(new) {
+            Ok(stall) => stall,
+            Err(UpgradeError::Kept(why)) => return Err(why),
+            Err(UpgradeError::Restarting(why)) => {
+                self.log.record(&self.name, format!("upgrade: {why}"));
+                inner.health = Health::Restarting;
+                inner.restart_at = Some((now, now));
+                inner.restart_asked = true;
+                return Err(why);
+            }
+        };
+        inner.storage_wait = None;
+        self.log.record(
+            &self.name,
+            format!(
+                "upgraded to {} (device paused {:.2} ms)",
+                inner.slot.describe(),
+                stall.as_secs_f64() * 1e3
+            ),
+        );
+        Ok(CommandOutcome::Upgraded { driver: inner.slot.describe(), paused: stall })
     }
 }
 
@@ -678,12 +767,24 @@ impl Supervised for ManagedDriver {
         // runs again (a guest reset restarts it), they are watched again.
         if !matches!(inner.health, Health::Failed(_)) && !self.stop.has_ended() {
             inner.slot.watches(watch);
+            if let Some(upgrading) = &inner.upgrading {
+                let [readiness, pidfd] = upgrading.pending.watched();
+                for (fd, token) in [(readiness, UPGRADE_READY), (pidfd, UPGRADE_EXITED)] {
+                    if let Some(fd) = fd {
+                        watch(Watch { fd, interest: Interest::Readable, token });
+                    }
+                }
+            }
         }
     }
 
     fn ready(&self, token: u32) {
         let mut inner = self.lock();
         if matches!(inner.health, Health::Failed(_)) || self.stop.has_ended() {
+            return;
+        }
+        if token == UPGRADE_READY || token == UPGRADE_EXITED {
+            self.upgrade_progress(&mut inner, true, Instant::now());
             return;
         }
         match inner.slot.event(token) {
@@ -699,8 +800,10 @@ impl Supervised for ManagedDriver {
         let commands = std::mem::take(&mut *self.commands.lock().unwrap_or_else(|e| e.into_inner()));
         let mut inner = self.lock();
         for (command, reply) in commands {
-            let _ = reply.send(self.run_command(&mut inner, command, now));
+            self.run_command(&mut inner, command, reply, now);
         }
+        // A pending upgrade's time runs out (or the device failed, or the VM ended).
+        self.upgrade_progress(&mut inner, false, now);
         if self.stop.has_ended() {
             return;
         }
@@ -798,6 +901,17 @@ impl Watchdog {
 mod tests {
     use super::*;
 
+    /// Carries out `command` on `driver` now; its answer, which these commands give at once.
+    fn answer(
+        driver: &ManagedDriver,
+        command: Command,
+        now: Instant,
+    ) -> Result<CommandOutcome, CommandError> {
+        let (reply, answer) = mpsc::channel();
+        driver.run_command(&mut driver.lock(), command, reply, now);
+        answer.try_recv().expect("answered at once")
+    }
+
     /// A driver that reports the faults it is given and counts its restarts.
     struct FakeSlot {
         faults: Arc<Mutex<VecDeque<Fault>>>,
@@ -871,11 +985,7 @@ mod tests {
         );
         let now = Instant::now();
         for _ in 0..5 {
-            let mut inner = driver.lock();
-            assert!(matches!(
-                driver.run_command(&mut inner, Command::Restart, now),
-                Ok(CommandOutcome::Restarted(_))
-            ));
+            assert!(matches!(answer(&driver, Command::Restart, now), Ok(CommandOutcome::Restarted(_))));
         }
         assert_eq!(*restarts.lock().unwrap(), 5);
         // The policy's two restarts are still there for faults; the third fault fails it.
@@ -1101,7 +1211,7 @@ mod tests {
             }
             Ok(())
         }
-        fn upgrade(&mut self, _program: Option<&DriverProgram>) -> Result<Duration, UpgradeError> {
+        fn upgrade(&mut self, _new: Option<NewDriver>) -> Result<Duration, UpgradeError> {
             Err(UpgradeError::Restarting("the old driver did not stop".into()))
         }
         fn fail(&mut self) {}
@@ -1122,7 +1232,7 @@ mod tests {
         );
         let now = Instant::now();
         for _ in 0..3 {
-            let answer = driver.run_command(&mut driver.lock(), Command::Upgrade(None), now);
+            let answer = answer(&driver, Command::Upgrade(None), now);
             assert_eq!(answer, Err(CommandError::Failed("the old driver did not stop".into())));
             assert_eq!(driver.status().health, Health::Restarting);
             // The old backend's hang-up, reported meanwhile, is the same failure.
@@ -1149,7 +1259,7 @@ mod tests {
             Box::new(SlowToEndSlot { pending: pending.clone() }),
         );
         let now = Instant::now();
-        let answer = driver.run_command(&mut driver.lock(), Command::Restart, now);
+        let answer = answer(&driver, Command::Restart, now);
         assert_eq!(answer, Err(CommandError::Failed("the restart goes on at the next tick".into())));
         assert_eq!(driver.status().health, Health::Restarting);
         driver.tick(now);
