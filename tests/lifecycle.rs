@@ -118,6 +118,15 @@ fn splitvisor_ctl(socket: &std::path::Path, args: &[&str]) -> (Option<i32>, Stri
     )
 }
 
+/// A file the test made, removed when dropped.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn twenty_kills_and_stops_of_the_disk_partition_go_unnoticed() {
     if !support::kvm() {
@@ -451,6 +460,17 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
     assert!(out.contains("paused"), "{out}");
     let (status, out) = ctl(&["upgrade", "com1"]);
     assert_eq!(status, Some(0), "{out}");
+    // Another program (the same driver under another name): its partition is started,
+    // watched until it is up, and takes over, for a virtio device and a bus device.
+    // Later restarts run it too: it stays until the VM has ended.
+    let other_driver =
+        Removed(std::env::temp_dir().join(format!("splitvisor-{}-api-driver", std::process::id())));
+    std::fs::copy(env!("CARGO_BIN_EXE_splitvisor-driver"), &other_driver.0).unwrap();
+    for device in ["disk0", "com1"] {
+        let (status, out) = ctl(&["upgrade", device, "--driver", other_driver.0.to_str().unwrap()]);
+        assert_eq!(status, Some(0), "{device}: {out}");
+        assert!(out.contains(&format!("{device}: now served by pid ")), "{device}: {out}");
+    }
     // An upgrade to a driver that cannot start leaves the device as it was: the program
     // its partitions run is still the old one, so a restart works.
     for device in ["disk0", "com1"] {
@@ -483,12 +503,6 @@ fn the_control_socket_lists_restarts_and_upgrades_drivers_of_a_running_vm() {
 fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
     if !support::kvm() {
         return;
-    }
-    struct Removed(std::path::PathBuf);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
     }
     let tmp = std::env::temp_dir();
     let name = |what: &str| tmp.join(format!("splitvisor-{}-slow-upgrade-{what}", std::process::id()));
