@@ -127,6 +127,38 @@ impl Drop for Removed {
     }
 }
 
+/// A VM's log, each line with when it came, read from its standard error by a thread
+/// (which ends with the VM).
+struct TimedLog(Arc<std::sync::Mutex<Vec<(Instant, String)>>>);
+
+/// Starts reading `vm`'s standard error.
+fn stderr_lines(vm: &mut support::KillOnDrop) -> TimedLog {
+    let lines: Arc<std::sync::Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let (kept, stderr) = (lines.clone(), vm.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            kept.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    TimedLog(lines)
+}
+
+impl TimedLog {
+    /// When the first line holding `needle` came (waiting for it at most `within`).
+    fn wait_for(&self, needle: &str, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            let lines = self.0.lock().unwrap();
+            if let Some((at, _)) = lines.iter().find(|(_, line)| line.contains(needle)) {
+                return *at;
+            }
+            assert!(Instant::now() < deadline, "no line with '{needle}' in the VM's log: {:?}", *lines);
+            drop(lines);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 #[test]
 fn twenty_kills_and_stops_of_the_disk_partition_go_unnoticed() {
     if !support::kvm() {
@@ -531,16 +563,7 @@ fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
     // upgrade waits for one (3 s).
     let env = [(READY_DELAY_ENV, "3500")];
     let mut vm = blk_stress_under_way_with("microkernel", &args, &env, &output.0);
-    // The VM's log, each line with when it came.
-    let log: Arc<std::sync::Mutex<Vec<(Instant, String)>>> = Arc::default();
-    let reader = {
-        let (log, stderr) = (log.clone(), vm.0.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-                log.lock().unwrap().push((Instant::now(), line));
-            }
-        })
-    };
+    let log = stderr_lines(&mut vm);
     let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "--json", "list"]);
     assert_eq!(status, Some(0), "{list}");
     let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -560,22 +583,7 @@ fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
     signal(i8042_pid, libc::SIGKILL);
     let killed = Instant::now();
     // ... the i8042's fault is handled.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let handled = loop {
-        let found = log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, line)| {
-                line.contains("i8042: driver failed") && line.contains("the device fails (policy fail)")
-            })
-            .map(|(at, _)| *at);
-        if let Some(at) = found {
-            break at;
-        }
-        assert!(Instant::now() < deadline, "the i8042's fault was not handled: {:?}", log.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let handled = log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
     let ((status, out), answered) = upgrade.join().unwrap();
     assert_eq!(status, Some(1), "{out}");
     assert!(out.contains("was not sandboxed within 3s (the device keeps its driver)"), "{out}");
@@ -597,11 +605,75 @@ fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
             "blk-stress stopped: {}",
             std::fs::read_to_string(&output.0).unwrap()
         );
-        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.lock().unwrap());
+        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.0.lock().unwrap());
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(vm);
-    reader.join().unwrap();
+}
+
+/// Spares that take their time to come up hold up nothing: the supervisor watches them
+/// rather than wait, and handles a fault meanwhile at once.
+#[test]
+fn spares_coming_up_slowly_hold_up_no_fault() {
+    if !support::kvm() {
+        return;
+    }
+    let tmp = std::env::temp_dir();
+    let name = |what: &str| tmp.join(format!("splitvisor-{}-slow-spares-{what}", std::process::id()));
+    // Both left behind by the VM, which the test kills.
+    let (socket, output) = (Removed(name("sock")), Removed(name("console")));
+    let disk = Image::new("lifecycle-slow-spares", 32 * MIB);
+    let args: Vec<std::ffi::OsString> = vec![
+        "--timeout".into(),
+        "300".into(),
+        "--cmdline".into(),
+        "blk_stress.passes=1000000".into(),
+        "--disk".into(),
+        disk.0.clone().into(),
+        "--api-socket".into(),
+        socket.0.clone().into(),
+        "--fault-policy".into(),
+        "i8042=fail".into(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    // Every partition of a bus device takes 3.5 s to put its sandbox in place, the spares
+    // the supervisor starts once the VM runs included: a supervisor that waited for them
+    // would be busy for 7 s.
+    let mut vm = support::KillOnDrop(
+        std::process::Command::new(support::example("microkernel"))
+            .args(["--guest", "blk-stress"])
+            .args(args)
+            .env(READY_DELAY_ENV, "3500")
+            .stdout(std::fs::File::create(&output.0).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = stderr_lines(&mut vm);
+    // The control socket answers once the supervisor runs; it starts the spares at its
+    // first tick.
+    let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "--json", "list"]);
+    assert_eq!(status, Some(0), "{list}");
+    std::thread::sleep(Duration::from_millis(500));
+    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let i8042 =
+        answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "i8042").unwrap().clone();
+    signal(u32::try_from(i8042["pid"].as_u64().unwrap()).unwrap(), libc::SIGKILL);
+    let killed = Instant::now();
+    let handled = log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
+    assert!(
+        handled.saturating_duration_since(killed) < Duration::from_secs(1),
+        "the fault was handled {:?} after the kill",
+        handled.saturating_duration_since(killed)
+    );
+    // The guest goes on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&output.0).unwrap().contains("pass 2/") {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&output.0).unwrap());
+        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.0.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(vm);
 }
 
 /// Starts `example` running blk-stress with `args` (its own options: --timeout, --disk,

@@ -30,7 +30,7 @@ use splitvisor_vcpu::{KvmVm, StopHandle};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::Error;
-use crate::drivers::{Backend, InHypervisorBlockSlot, ProxySlot, Served, VhostUserSlot};
+use crate::drivers::{Backend, InHypervisorBlockSlot, ProxySlot, Served, Spare, VhostUserSlot};
 use crate::lifecycle::{DriverSlot, EventLog, ManagedDriver};
 use crate::placement::{FaultPolicy, Layout, Placement};
 
@@ -772,9 +772,7 @@ impl DeviceRecipe for DiskRecipe {
                             driver,
                             served: Served::Block { image, options },
                             active: Some(partition),
-                            spare: None,
-                            keep_spare: vm.layout.standby(),
-                            spare_retry: None,
+                            spare: Spare::new(vm.layout.standby()),
                         };
                         let frontend = frontend(&device, handshake, DeviceShape::block())?;
                         virtio_vhost_user(vm, &slot, &device, "virtio-blk", &name, frontend, backend, mem)

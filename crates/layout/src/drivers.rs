@@ -30,6 +30,7 @@ const HUNG_UP: u32 = 1;
 const QUEUE_ERROR: u32 = 2;
 const REQUEST_FAILED: u32 = 3;
 const SPARE_EXITED: u32 = 4;
+const SPARE_STARTING: u32 = 5;
 
 /// How long a partition that hung up may take to be seen dead (its exit status is the
 /// better report).
@@ -49,10 +50,11 @@ fn status(partition: &mut Partition) -> String {
     partition.end().map_or_else(|| "unknown status".into(), |end| end.to_string())
 }
 
-/// Longest the supervisor waits for a partition it starts (a restart without a spare, a
-/// spare) to have its sandbox in place once its process runs: it handles every device's
-/// faults, and none meanwhile. A partition takes milliseconds; this is for a host so busy
-/// that it takes much longer.
+/// Longest the supervisor waits for a partition a restart needs (when no spare is up) to
+/// have its sandbox in place once its process runs: it handles every device's faults, and
+/// none meanwhile. Also how long a spare, which the supervisor watches rather than waits
+/// for ([`Spare`]), may take to come up. A partition takes milliseconds; this is for a host
+/// so busy that it takes much longer.
 const SUPERVISED_START: Duration = Duration::from_secs(10);
 
 /// The same for a partition of the program an upgrade names, which may never get there (a
@@ -125,26 +127,66 @@ impl UpgradeStart {
     /// Waits until the partition's process runs the program (the spawner's answer, which
     /// takes about a millisecond); its sandbox is then watched for.
     pub(crate) fn spawned(self) -> Result<PendingUpgrade, String> {
-        let partition = self.starting.wait_spawned().map_err(|e| kept_driver(e.to_string()))?;
-        Ok(PendingUpgrade { program: self.program, partition, link: self.link })
+        let pending = PendingPartition::spawned(self.starting, self.link).map_err(kept_driver)?;
+        Ok(PendingUpgrade { program: self.program, pending })
+    }
+}
+
+/// A partition whose process runs its program but whose sandbox is not in place yet:
+/// watched ([`Self::watched`]) rather than waited for, then finished
+/// ([`Self::finish`]) once a watched fd turned readable.
+pub(crate) struct PendingPartition {
+    partition: Partition,
+    link: StartingLink,
+    /// When it was asked for.
+    since: Instant,
+}
+
+/// How long [`PendingPartition::finish`] waits, once a watched fd turned readable, for
+/// the end of the partition's readiness pipe (the partition closes it right after its
+/// byte).
+const READINESS_END: Duration = Duration::from_millis(200);
+
+impl PendingPartition {
+    fn spawned(starting: StartingPartition, link: StartingLink) -> Result<Self, String> {
+        let partition = starting.wait_spawned().map_err(|e| e.to_string())?;
+        Ok(Self { partition, link, since: Instant::now() })
+    }
+
+    /// What to watch: the partition's readiness (its byte), and its pidfd (it ended first).
+    pub(crate) fn watched(&self) -> [Option<BorrowedFd<'_>>; 2] {
+        [self.partition.readiness_fd(), Some(self.partition.pidfd())]
+    }
+
+    /// Waits (at most `within`) for the partition's sandbox (or its end, the error), then
+    /// its vhost-user handshake. A partition that does not get there is killed.
+    fn finish(mut self, within: Duration) -> Result<(Partition, ReadyLink), String> {
+        self.partition.wait_ready(within).map_err(|e| e.to_string())?;
+        let mut partition = self.partition;
+        let link = match self.link {
+            StartingLink::VhostUser { stream, shape } => ReadyLink::VhostUser(
+                Handshake::for_device(stream, &shape)
+                    .map_err(|e| format!("partition {}: {e}", partition.pid()))?,
+            ),
+            StartingLink::Proxy(mut connection) => {
+                connection.watch(partition.take_liveness());
+                ReadyLink::Proxy(connection)
+            }
+        };
+        Ok((partition, link))
     }
 }
 
 /// A partition of an upgrade's program whose sandbox is not in place yet.
 pub(crate) struct PendingUpgrade {
     program: DriverProgram,
-    partition: Partition,
-    link: StartingLink,
+    pending: PendingPartition,
 }
 
-/// How long [`PendingUpgrade::finish`] waits for the end of the partition's readiness
-/// pipe once its byte came (the partition closes it right after).
-const READINESS_END: Duration = Duration::from_millis(200);
-
 impl PendingUpgrade {
-    /// What to watch: the partition's readiness (its byte), and its pidfd (it ended first).
+    /// What to watch (see [`PendingPartition::watched`]).
     pub(crate) fn watched(&self) -> [Option<BorrowedFd<'_>>; 2] {
-        [self.partition.readiness_fd(), Some(self.partition.pidfd())]
+        self.pending.watched()
     }
 
     /// The program whose partition this is.
@@ -152,24 +194,9 @@ impl PendingUpgrade {
         &self.program
     }
 
-    /// Once a watched fd turned readable: the partition's sandbox is in place (or it
-    /// ended, the error), then its vhost-user handshake. A partition that does not get
-    /// there is killed.
-    pub(crate) fn finish(mut self) -> Result<NewDriver, String> {
-        let fail = |e: String| kept_driver(e);
-        self.partition.wait_ready(READINESS_END).map_err(|e| fail(e.to_string()))?;
-        let mut partition = self.partition;
-        let link = match self.link {
-            StartingLink::VhostUser { stream, shape } => {
-                let handshake = Handshake::for_device(stream, &shape)
-                    .map_err(|e| fail(format!("partition {}: {e}", partition.pid())))?;
-                ReadyLink::VhostUser(handshake)
-            }
-            StartingLink::Proxy(mut connection) => {
-                connection.watch(partition.take_liveness());
-                ReadyLink::Proxy(connection)
-            }
-        };
+    /// Once a watched fd turned readable: the partition, up, or why not.
+    pub(crate) fn finish(self) -> Result<NewDriver, String> {
+        let (partition, link) = self.pending.finish(READINESS_END).map_err(kept_driver)?;
         Ok(NewDriver { program: self.program, partition, link })
     }
 }
@@ -182,9 +209,150 @@ pub(crate) struct NewDriver {
 }
 
 /// The hypervisor's end of a partition that is up.
-enum ReadyLink {
+pub(crate) enum ReadyLink {
+    /// A vhost-user backend past its handshake.
     VhostUser(Handshake),
+    /// A proxied bus device's connection.
     Proxy(ProxyConnection),
+}
+
+/// What links a slot to its partitions once they are up.
+pub(crate) trait PartitionLink: Sized {
+    /// `link`, if it is of this kind.
+    fn from_ready(link: ReadyLink) -> Option<Self>;
+}
+
+impl PartitionLink for Handshake {
+    fn from_ready(link: ReadyLink) -> Option<Self> {
+        match link {
+            ReadyLink::VhostUser(handshake) => Some(handshake),
+            ReadyLink::Proxy(_) => None,
+        }
+    }
+}
+
+impl PartitionLink for ProxyConnection {
+    fn from_ready(link: ReadyLink) -> Option<Self> {
+        match link {
+            ReadyLink::Proxy(connection) => Some(connection),
+            ReadyLink::VhostUser(_) => None,
+        }
+    }
+}
+
+/// A slot's spare partition, started ahead of need so that a restart only switches to it.
+/// The supervisor watches it come up rather than wait for it: it handles every device's
+/// faults meanwhile. A restart that finds it still coming up waits for it then.
+pub(crate) struct Spare<L> {
+    keep: bool,
+    ready: Option<(Partition, L)>,
+    starting: Option<PendingPartition>,
+    /// When to try again after a spare failed to start.
+    retry_at: Option<Instant>,
+}
+
+impl<L: PartitionLink> Spare<L> {
+    /// No spare yet; one is kept from the first [`Self::maintain`] if `keep`.
+    pub(crate) fn new(keep: bool) -> Self {
+        Self { keep, ready: None, starting: None, retry_at: None }
+    }
+
+    /// The spare's fds: its pidfd once up, its readiness and pidfd while it comes up.
+    fn watches(&self, watch: &mut dyn FnMut(Watch<'_>)) {
+        if let Some((partition, _)) = &self.ready {
+            watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: SPARE_EXITED });
+        }
+        if let Some(pending) = &self.starting {
+            for fd in pending.watched().into_iter().flatten() {
+                watch(Watch { fd, interest: Interest::Readable, token: SPARE_STARTING });
+            }
+        }
+    }
+
+    /// Handles the event of `token` if it is the spare's; says whether it was.
+    fn event(&mut self, token: u32) -> bool {
+        match token {
+            SPARE_EXITED => {
+                if let Some((mut partition, _)) = self.ready.take() {
+                    log::warn!("the spare partition {} ended ({})", partition.pid(), status(&mut partition));
+                }
+                true
+            }
+            SPARE_STARTING => {
+                if let Some(pending) = self.starting.take() {
+                    match pending.finish(READINESS_END).map(|(p, link)| (p, L::from_ready(link))) {
+                        Ok((partition, Some(link))) => {
+                            log::debug!("spare partition {} ready", partition.pid());
+                            self.ready = Some((partition, link));
+                        }
+                        Ok((partition, None)) => {
+                            self.failed(format!("partition {}: not this device's kind", partition.pid()))
+                        }
+                        Err(e) => self.failed(e),
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn failed(&mut self, why: String) {
+        log::warn!("cannot start a spare partition: {why}");
+        self.retry_at = Some(Instant::now() + SPARE_RETRY);
+    }
+
+    /// A partition for a restart or an upgrade of the same program: the spare if one is up,
+    /// else the one coming up, waited for (at most [`SUPERVISED_START`] since it was asked
+    /// for), else (or if that one failed) a new one from `start`.
+    fn take_or(
+        &mut self,
+        start: impl FnOnce() -> Result<(Partition, L), String>,
+    ) -> Result<(Partition, L), String> {
+        if let Some(ready) = self.ready.take() {
+            return Ok(ready);
+        }
+        if let Some(pending) = self.starting.take() {
+            let left = SUPERVISED_START.saturating_sub(pending.since.elapsed());
+            match pending.finish(left).map(|(partition, link)| (partition, L::from_ready(link))) {
+                Ok((partition, Some(link))) => return Ok((partition, link)),
+                Ok((partition, None)) => {
+                    log::warn!("spare partition {}: not this device's kind", partition.pid())
+                }
+                Err(e) => log::warn!("the spare partition did not come up ({e}): starting another"),
+            }
+        }
+        start()
+    }
+
+    /// Drops the spare (it runs a program the device no longer does, or the device failed).
+    fn clear(&mut self) {
+        self.ready = None;
+        self.starting = None;
+    }
+
+    /// Starts a spare if one is kept and none is up or coming up (`start` asks for it); gives
+    /// up on one that did not come up within [`SUPERVISED_START`].
+    fn maintain(&mut self, start: impl FnOnce() -> Result<PendingPartition, String>) {
+        if self.starting.as_ref().is_some_and(|pending| pending.since.elapsed() > SUPERVISED_START) {
+            self.starting = None;
+            self.failed(format!("it was not sandboxed within {SUPERVISED_START:?}"));
+        }
+        if !self.keep
+            || self.ready.is_some()
+            || self.starting.is_some()
+            || self.retry_at.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        match start() {
+            Ok(pending) => {
+                self.starting = Some(pending);
+                self.retry_at = None;
+            }
+            Err(e) => self.failed(e),
+        }
+    }
 }
 
 /// Where a vhost-user device's backend comes from.
@@ -198,12 +366,8 @@ pub(crate) enum Backend {
         served: Served,
         /// The partition serving now.
         active: Option<Partition>,
-        /// A partition started, sandboxed and past the handshake, waiting to take over.
-        spare: Option<(Partition, Handshake)>,
-        /// Whether to keep a spare.
-        keep_spare: bool,
-        /// When to try starting a spare again after a failure.
-        spare_retry: Option<Instant>,
+        /// A partition started ahead of need, to take over.
+        spare: Spare<Handshake>,
     },
     /// An external backend listening on a socket.
     External {
@@ -340,13 +504,16 @@ impl DriverSlot for VhostUserSlot {
             if let Some(partition) = active {
                 watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: EXITED });
             }
-            if let Some((partition, _)) = spare {
-                watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: SPARE_EXITED });
-            }
+            spare.watches(watch);
         }
     }
 
     fn event(&mut self, token: u32) -> Option<SlotEvent> {
+        if let Backend::Spawned { spare, .. } = &mut self.backend
+            && spare.event(token)
+        {
+            return None;
+        }
         match token {
             EXITED => {
                 let Backend::Spawned { active, .. } = &mut self.backend else { return None };
@@ -377,18 +544,6 @@ impl DriverSlot for VhostUserSlot {
             REQUEST_FAILED => {
                 self.request_failed.read().ok()?;
                 Some(SlotEvent::Fault(Fault::Failed("a request to the backend failed".into())))
-            }
-            SPARE_EXITED => {
-                if let Backend::Spawned { spare, .. } = &mut self.backend {
-                    if let Some((mut partition, _)) = spare.take() {
-                        log::warn!(
-                            "the spare partition {} ended ({})",
-                            partition.pid(),
-                            status(&mut partition)
-                        );
-                    }
-                }
-                None
             }
             _ => None,
         }
@@ -433,11 +588,9 @@ impl DriverSlot for VhostUserSlot {
                         )));
                     }
                 }
-                let (partition, handshake) = match spare.take() {
-                    Some(spare) => spare,
-                    None => Self::start_partition(driver, served, &self.shape, SUPERVISED_START)
-                        .map_err(RestartError::Failed)?,
-                };
+                let (partition, handshake) = spare
+                    .take_or(|| Self::start_partition(driver, served, &self.shape, SUPERVISED_START))
+                    .map_err(RestartError::Failed)?;
                 *active = Some(partition);
                 let taken = self.take_over(handshake, Resume::AfterCrash);
                 taken.map_err(|why| RestartError::Failed(self.with_how_it_ended(why)))
@@ -472,16 +625,13 @@ impl DriverSlot for VhostUserSlot {
         let (partition, handshake) = match new {
             Some(NewDriver { program, partition, link: ReadyLink::VhostUser(handshake) }) => {
                 *driver = program;
-                *spare = None;
+                spare.clear();
                 (partition, handshake)
             }
             Some(NewDriver { link: ReadyLink::Proxy(_), .. }) => {
                 return Err("a bus device's partition cannot serve a virtio device".into());
             }
-            None => match spare.take() {
-                Some(spare) => spare,
-                None => Self::start_partition(driver, served, &self.shape, SUPERVISED_START)?,
-            },
+            None => spare.take_or(|| Self::start_partition(driver, served, &self.shape, SUPERVISED_START))?,
         };
         let hangup = handshake.hangup_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
         let paused = Instant::now();
@@ -521,7 +671,7 @@ impl DriverSlot for VhostUserSlot {
 
     fn fail(&mut self) {
         if let Backend::Spawned { active, spare, .. } = &mut self.backend {
-            *spare = None;
+            spare.clear();
             if let Some(mut partition) = active.take() {
                 if partition.kill_within(KILL_WAIT).is_none() {
                     // Still in a kernel wait: it ends once that is over, and is reaped
@@ -537,25 +687,13 @@ impl DriverSlot for VhostUserSlot {
     }
 
     fn maintain(&mut self) {
-        let Backend::Spawned { driver, served, active, spare, keep_spare: true, spare_retry } =
-            &mut self.backend
-        else {
+        let Backend::Spawned { driver, served, active: Some(_), spare, .. } = &mut self.backend else {
             return;
         };
-        if spare.is_some() || active.is_none() || spare_retry.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        match Self::start_partition(driver, served, &self.shape, SUPERVISED_START) {
-            Ok(started) => {
-                log::debug!("spare partition {} ready", started.0.pid());
-                *spare = Some(started);
-                *spare_retry = None;
-            }
-            Err(e) => {
-                log::warn!("cannot start a spare partition: {e}");
-                *spare_retry = Some(Instant::now() + SPARE_RETRY);
-            }
-        }
+        spare.maintain(|| {
+            let (starting, stream) = served.start(driver).map_err(|e| e.to_string())?;
+            PendingPartition::spawned(starting, StartingLink::VhostUser { stream, shape: self.shape.clone() })
+        });
     }
 }
 
@@ -568,9 +706,7 @@ pub(crate) struct ProxySlot {
     kind: &'static str,
     irqfd: Option<EventFd>,
     active: Option<Partition>,
-    spare: Option<(Partition, ProxyConnection)>,
-    keep_spare: bool,
-    spare_retry: Option<Instant>,
+    spare: Spare<ProxyConnection>,
 }
 
 impl ProxySlot {
@@ -583,22 +719,16 @@ impl ProxySlot {
         active: Partition,
         keep_spare: bool,
     ) -> Self {
-        Self {
-            link,
-            device,
-            driver,
-            kind,
-            irqfd,
-            active: Some(active),
-            spare: None,
-            keep_spare,
-            spare_retry: None,
-        }
+        Self { link, device, driver, kind, irqfd, active: Some(active), spare: Spare::new(keep_spare) }
     }
 
-    fn start_partition(&self) -> Result<(Partition, ProxyConnection), String> {
-        let (starting, mut connection) = Partition::start_proxy(&self.driver, self.kind, self.irqfd.as_ref())
-            .map_err(|e| e.to_string())?;
+    fn start_partition(
+        driver: &DriverProgram,
+        kind: &'static str,
+        irqfd: Option<&EventFd>,
+    ) -> Result<(Partition, ProxyConnection), String> {
+        let (starting, mut connection) =
+            Partition::start_proxy(driver, kind, irqfd).map_err(|e| e.to_string())?;
         let mut partition = starting.wait_within(SUPERVISED_START).map_err(|e| e.to_string())?;
         connection.watch(partition.take_liveness());
         Ok((partition, connection))
@@ -619,12 +749,13 @@ impl DriverSlot for ProxySlot {
         if let Some(partition) = &self.active {
             watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: EXITED });
         }
-        if let Some((partition, _)) = &self.spare {
-            watch(Watch { fd: partition.pidfd(), interest: Interest::Readable, token: SPARE_EXITED });
-        }
+        self.spare.watches(watch);
     }
 
     fn event(&mut self, token: u32) -> Option<SlotEvent> {
+        if self.spare.event(token) {
+            return None;
+        }
         match token {
             EXITED => {
                 let mut partition = self.active.take()?;
@@ -633,12 +764,6 @@ impl DriverSlot for ProxySlot {
             REQUEST_FAILED => {
                 let generation = self.link.reported_fault()?;
                 Some(SlotEvent::Fault(Fault::Failed(format!("partition {generation} stopped answering"))))
-            }
-            SPARE_EXITED => {
-                if let Some((mut partition, _)) = self.spare.take() {
-                    log::warn!("the spare partition {} ended ({})", partition.pid(), status(&mut partition));
-                }
-                None
             }
             _ => None,
         }
@@ -672,10 +797,11 @@ impl DriverSlot for ProxySlot {
         if let Some(mut old) = self.active.take() {
             old.kill();
         }
-        let (partition, stream) = match self.spare.take() {
-            Some(spare) => spare,
-            None => self.start_partition().map_err(RestartError::Failed)?,
-        };
+        let driver = &self.driver;
+        let (partition, stream) = self
+            .spare
+            .take_or(|| Self::start_partition(driver, self.kind, self.irqfd.as_ref()))
+            .map_err(RestartError::Failed)?;
         self.link.offer(stream);
         self.active = Some(partition);
         Ok(())
@@ -696,16 +822,16 @@ impl DriverSlot for ProxySlot {
         let (partition, stream) = match new {
             Some(NewDriver { program, partition, link: ReadyLink::Proxy(connection) }) => {
                 self.driver = program;
-                self.spare = None;
+                self.spare.clear();
                 (partition, connection)
             }
             Some(NewDriver { link: ReadyLink::VhostUser(_), .. }) => {
                 return Err("a virtio device's partition cannot serve a bus device".into());
             }
-            None => match self.spare.take() {
-                Some(spare) => spare,
-                None => self.start_partition()?,
-            },
+            None => {
+                let driver = &self.driver;
+                self.spare.take_or(|| Self::start_partition(driver, self.kind, self.irqfd.as_ref()))?
+            }
         };
         // The proxy moves to the new partition at its next access, handing it the state;
         // the old one ends when its connection closes.
@@ -718,30 +844,22 @@ impl DriverSlot for ProxySlot {
 
     fn fail(&mut self) {
         self.link.give_up();
-        self.spare = None;
+        self.spare.clear();
         if let Some(mut partition) = self.active.take() {
             partition.kill();
         }
     }
 
     fn maintain(&mut self) {
-        if !self.keep_spare
-            || self.spare.is_some()
-            || self.active.is_none()
-            || self.spare_retry.is_some_and(|at| Instant::now() < at)
-        {
+        if self.active.is_none() {
             return;
         }
-        match self.start_partition() {
-            Ok(spare) => {
-                self.spare = Some(spare);
-                self.spare_retry = None;
-            }
-            Err(e) => {
-                log::warn!("cannot start a spare partition: {e}");
-                self.spare_retry = Some(Instant::now() + SPARE_RETRY);
-            }
-        }
+        let (driver, kind, irqfd) = (&self.driver, self.kind, self.irqfd.as_ref());
+        self.spare.maintain(|| {
+            let (starting, connection) =
+                Partition::start_proxy(driver, kind, irqfd).map_err(|e| e.to_string())?;
+            PendingPartition::spawned(starting, StartingLink::Proxy(connection))
+        });
     }
 }
 

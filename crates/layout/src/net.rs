@@ -20,7 +20,7 @@ use splitvisor_isolation::partition::{NetOptions, Partition};
 
 use crate::Error;
 use crate::device::{Assembly, DeviceRecipe, Placed, frontend, virtio_vhost_user};
-use crate::drivers::{Backend, Served};
+use crate::drivers::{Backend, Served, Spare};
 use crate::placement::Placement;
 
 /// A virtio-net NIC.
@@ -167,9 +167,7 @@ impl DeviceRecipe for NetRecipe {
                             driver,
                             served: Served::Net { tap, options },
                             active: Some(partition),
-                            spare: None,
-                            keep_spare: vm.layout.standby(),
-                            spare_retry: None,
+                            spare: Spare::new(vm.layout.standby()),
                         };
                         let label = format!("{device} (TAP {name}, {mac}, partition)");
                         virtio_vhost_user(vm, &slot, &device, "virtio-net", &label, frontend, backend, mem)
