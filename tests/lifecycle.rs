@@ -159,6 +159,77 @@ impl TimedLog {
     }
 }
 
+/// A microkernel VM running blk-stress (its console in a file), whose bus devices'
+/// partitions each take 3.5 s to put their sandbox in place (spares and upgrades
+/// included), with a control socket; the i8042 fails on a fault (handled without starting
+/// anything). Killed when dropped.
+struct SlowSandboxVm {
+    vm: support::KillOnDrop,
+    log: TimedLog,
+    socket: Removed,
+    console: Removed,
+    _disk: Image,
+}
+
+impl SlowSandboxVm {
+    /// Starts it, with `extra` options, and waits (at most 60 s) for its control socket.
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let path = |what: &str| {
+            std::env::temp_dir().join(format!("splitvisor-{}-{name}-{what}", std::process::id()))
+        };
+        // Both left behind by the VM, which is killed.
+        let (socket, console) = (Removed(path("sock")), Removed(path("console")));
+        let disk = Image::new(name, 32 * MIB);
+        let mut vm = support::KillOnDrop(
+            std::process::Command::new(support::example("microkernel"))
+                .args(["--guest", "blk-stress", "--timeout", "300", "--cmdline", "blk_stress.passes=1000000"])
+                .arg("--disk")
+                .arg(&disk.0)
+                .arg("--api-socket")
+                .arg(&socket.0)
+                .args(["--fault-policy", "i8042=fail"])
+                .args(extra)
+                .env(READY_DELAY_ENV, "3500")
+                .stdout(std::fs::File::create(&console.0).unwrap())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let log = stderr_lines(&mut vm);
+        let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "list"]);
+        assert_eq!(status, Some(0), "{list}");
+        Self { vm, log, socket, console, _disk: disk }
+    }
+
+    /// The process serving `device` now.
+    fn pid(&self, device: &str) -> u32 {
+        let (status, list) = splitvisor_ctl(&self.socket.0, &["--json", "list"]);
+        assert_eq!(status, Some(0), "{list}");
+        let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let row =
+            answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == device).unwrap().clone();
+        u32::try_from(row["pid"].as_u64().unwrap()).unwrap()
+    }
+
+    /// Waits (at most 60 s) until the guest has verified two more passes.
+    fn goes_on(&mut self) {
+        let passes =
+            |console: &Removed| std::fs::read_to_string(&console.0).unwrap().matches("pass ").count();
+        let before = passes(&self.console);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while passes(&self.console) < before + 2 {
+            let console = std::fs::read_to_string(&self.console.0).unwrap();
+            assert!(Instant::now() < deadline, "blk-stress stopped: {console}");
+            assert!(
+                self.vm.0.try_wait().unwrap().is_none(),
+                "the VM ended: {console} {:?}",
+                self.log.0.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 #[test]
 fn twenty_kills_and_stops_of_the_disk_partition_go_unnoticed() {
     if !support::kvm() {
@@ -536,54 +607,26 @@ fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
     if !support::kvm() {
         return;
     }
-    let tmp = std::env::temp_dir();
-    let name = |what: &str| tmp.join(format!("splitvisor-{}-slow-upgrade-{what}", std::process::id()));
     // The same driver under another name: another program to upgrade to.
-    let other_driver = Removed(name("driver"));
+    let path = std::env::temp_dir().join(format!("splitvisor-{}-slow-upgrade-driver", std::process::id()));
+    let other_driver = Removed(path);
     std::fs::copy(env!("CARGO_BIN_EXE_splitvisor-driver"), &other_driver.0).unwrap();
-    // Both left behind by the VM, which the test kills.
-    let (socket, output) = (Removed(name("sock")), Removed(name("console")));
-    let disk = Image::new("lifecycle-slow-upgrade", 32 * MIB);
-    let args: Vec<std::ffi::OsString> = vec![
-        "--timeout".into(),
-        "300".into(),
-        "--cmdline".into(),
-        "blk_stress.passes=1000000".into(),
-        "--disk".into(),
-        disk.0.clone().into(),
-        "--api-socket".into(),
-        socket.0.clone().into(),
-        // Nothing else for the supervisor to start: a fault of the i8042 is handled at once.
-        "--no-spare".into(),
-        "--fault-policy".into(),
-        "i8042=fail".into(),
-    ];
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    // Every partition of this VM takes 3.5 s to put its sandbox in place: longer than an
-    // upgrade waits for one (3 s).
-    let env = [(READY_DELAY_ENV, "3500")];
-    let mut vm = blk_stress_under_way_with("microkernel", &args, &env, &output.0);
-    let log = stderr_lines(&mut vm);
-    let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "--json", "list"]);
-    assert_eq!(status, Some(0), "{list}");
-    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let i8042 =
-        answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "i8042").unwrap().clone();
-    let i8042_pid = u32::try_from(i8042["pid"].as_u64().unwrap()).unwrap();
-
+    // No spares: nothing else for the supervisor to start.
+    let mut vm = SlowSandboxVm::start("slow-upgrade", &["--no-spare"]);
+    let i8042 = vm.pid("i8042");
     let upgrade = {
-        let (socket, program) = (socket.0.clone(), other_driver.0.to_str().unwrap().to_string());
+        let (socket, program) = (vm.socket.0.clone(), other_driver.0.to_str().unwrap().to_string());
         std::thread::spawn(move || {
             let answer = splitvisor_ctl(&socket, &["upgrade", "com1", "--driver", &program]);
             (answer, Instant::now())
         })
     };
-    // Well inside the upgrade's wait for its partition ...
+    // Well inside the upgrade's wait for its partition (3 s) ...
     std::thread::sleep(Duration::from_millis(500));
-    signal(i8042_pid, libc::SIGKILL);
+    signal(i8042, libc::SIGKILL);
     let killed = Instant::now();
     // ... the i8042's fault is handled.
-    let handled = log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
+    let handled = vm.log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
     let ((status, out), answered) = upgrade.join().unwrap();
     assert_eq!(status, Some(1), "{out}");
     assert!(out.contains("was not sandboxed within 3s (the device keeps its driver)"), "{out}");
@@ -595,20 +638,7 @@ fn an_upgrade_waiting_for_its_partition_holds_up_no_other_device() {
         handled.saturating_duration_since(killed),
         answered.saturating_duration_since(killed),
     );
-    // The guest's disk went on through both: more passes, each verified.
-    let passes = || std::fs::read_to_string(&output.0).unwrap().matches("pass ").count();
-    let before = passes();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while passes() < before + 2 {
-        assert!(
-            Instant::now() < deadline,
-            "blk-stress stopped: {}",
-            std::fs::read_to_string(&output.0).unwrap()
-        );
-        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.0.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(vm);
+    vm.goes_on();
 }
 
 /// Spares that take their time to come up hold up nothing: the supervisor watches them
@@ -618,83 +648,30 @@ fn spares_coming_up_slowly_hold_up_no_fault() {
     if !support::kvm() {
         return;
     }
-    let tmp = std::env::temp_dir();
-    let name = |what: &str| tmp.join(format!("splitvisor-{}-slow-spares-{what}", std::process::id()));
-    // Both left behind by the VM, which the test kills.
-    let (socket, output) = (Removed(name("sock")), Removed(name("console")));
-    let disk = Image::new("lifecycle-slow-spares", 32 * MIB);
-    let args: Vec<std::ffi::OsString> = vec![
-        "--timeout".into(),
-        "300".into(),
-        "--cmdline".into(),
-        "blk_stress.passes=1000000".into(),
-        "--disk".into(),
-        disk.0.clone().into(),
-        "--api-socket".into(),
-        socket.0.clone().into(),
-        "--fault-policy".into(),
-        "i8042=fail".into(),
-    ];
-    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    // Every partition of a bus device takes 3.5 s to put its sandbox in place, the spares
-    // the supervisor starts once the VM runs included: a supervisor that waited for them
-    // would be busy for 7 s.
-    let mut vm = support::KillOnDrop(
-        std::process::Command::new(support::example("microkernel"))
-            .args(["--guest", "blk-stress"])
-            .args(args)
-            .env(READY_DELAY_ENV, "3500")
-            .stdout(std::fs::File::create(&output.0).unwrap())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let log = stderr_lines(&mut vm);
-    // The control socket answers once the supervisor runs; it starts the spares at its
-    // first tick.
-    let (status, list) = splitvisor_ctl(&socket.0, &["--wait", "60", "--json", "list"]);
-    assert_eq!(status, Some(0), "{list}");
+    // The supervisor starts a spare for each device at its first tick, once the control
+    // socket answers: a supervisor that waited for the bus devices' would be busy for 7 s.
+    let mut vm = SlowSandboxVm::start("slow-spares", &[]);
+    let i8042 = vm.pid("i8042");
     std::thread::sleep(Duration::from_millis(500));
-    let answer: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let i8042 =
-        answer["devices"].as_array().unwrap().iter().find(|d| d["device"] == "i8042").unwrap().clone();
-    signal(u32::try_from(i8042["pid"].as_u64().unwrap()).unwrap(), libc::SIGKILL);
+    signal(i8042, libc::SIGKILL);
     let killed = Instant::now();
-    let handled = log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
+    let handled = vm.log.wait_for("the device fails (policy fail)", Duration::from_secs(30));
     assert!(
         handled.saturating_duration_since(killed) < Duration::from_secs(1),
         "the fault was handled {:?} after the kill",
         handled.saturating_duration_since(killed)
     );
-    // The guest goes on.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&output.0).unwrap().contains("pass 2/") {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&output.0).unwrap());
-        assert!(vm.0.try_wait().unwrap().is_none(), "the VM ended: {:?}", log.0.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(vm);
+    vm.goes_on();
 }
 
 /// Starts `example` running blk-stress with `args` (its own options: --timeout, --disk,
 /// --cmdline, ...), its console to `output`; returns once the guest's first pass is done,
 /// so that a freeze then catches it at work.
 fn blk_stress_under_way(example: &str, args: &[&std::ffi::OsStr], output: &Path) -> support::KillOnDrop {
-    blk_stress_under_way_with(example, args, &[], output)
-}
-
-/// [`blk_stress_under_way`], with `env` added to the VM's environment.
-fn blk_stress_under_way_with(
-    example: &str,
-    args: &[&std::ffi::OsStr],
-    env: &[(&str, &str)],
-    output: &Path,
-) -> support::KillOnDrop {
     let mut vm = support::KillOnDrop(
         std::process::Command::new(support::example(example))
             .args(["--guest", "blk-stress"])
             .args(args)
-            .envs(env.iter().copied())
             .stdout(std::fs::File::create(output).unwrap())
             .stderr(std::process::Stdio::piped())
             .spawn()
