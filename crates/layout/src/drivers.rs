@@ -138,7 +138,7 @@ impl UpgradeStart {
 pub(crate) struct PendingPartition {
     partition: Partition,
     link: StartingLink,
-    /// When it was asked for.
+    /// When its process was found running its program.
     since: Instant,
 }
 
@@ -303,8 +303,8 @@ impl<L: PartitionLink> Spare<L> {
     }
 
     /// A partition for a restart or an upgrade of the same program: the spare if one is up,
-    /// else the one coming up, waited for (at most [`SUPERVISED_START`] since it was asked
-    /// for), else (or if that one failed) a new one from `start`.
+    /// else the one coming up, waited for (at most [`SUPERVISED_START`] since its process
+    /// ran), else (or if that one failed) a new one from `start`.
     fn take_or(
         &mut self,
         start: impl FnOnce() -> Result<(Partition, L), String>,
