@@ -115,7 +115,7 @@ impl Threads {
         Ok(Self { dir: dir.into() })
     }
 
-    /// The state of each thread now (of the first [`MAX_THREADS`]); empty once the process
+    /// The state of each thread now (of the first `MAX_THREADS`); empty once the process
     /// was reaped.
     pub fn states(&self) -> Vec<ThreadState> {
         let mut states = Vec::new();

@@ -706,7 +706,7 @@ pub struct NamespaceMaker {
 
 impl NamespaceMaker {
     /// Makes the namespace from the calling thread, which ends up back in its own, and
-    /// hands it to the spawner (see [`make_empty_network_namespace`]).
+    /// hands it to the spawner (see `make_empty_network_namespace`).
     pub fn make(self) {
         let Some(hand_over) = self.hand_over else { return };
         match make_empty_network_namespace() {

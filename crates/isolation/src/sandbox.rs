@@ -373,14 +373,14 @@ const NAMESPACES: libc::c_int = libc::CLONE_NEWNS
 
 /// Set (to `1`) by the partition spawner in the environment of a partition it started in
 /// the network namespace it made for all of them, empty: the driver then does not make
-/// one of its own, if it finds the namespace empty indeed ([`in_empty_network_namespace`]).
+/// one of its own, if it finds the namespace empty indeed (`in_empty_network_namespace`).
 pub const EMPTY_NETNS_ENV: &str = "SPLITVISOR_EMPTY_NETNS";
 
 /// Set by the partition spawner, in the environment of a root partition it started, to
 /// the number of an fd it handed over: a mount namespace it made for all of its
 /// partitions, whose root is an empty read-only tmpfs with the host's mount tree detached,
-/// as [`pivot_into_empty_root`] leaves a partition's own. The partition enters it
-/// ([`enter_handed_empty_root`]) instead of copying the host's mounts and detaching them
+/// as `pivot_into_empty_root` leaves a partition's own. The partition enters it
+/// (`enter_handed_empty_root`) instead of copying the host's mounts and detaching them
 /// again (a tenth of a partition's start on a quiet host, 0.1 ms, and up to 0.5 ms on a
 /// busy one; the detach waits for an RCU grace period). Every process in it is a
 /// partition: root, as the driver program (trusted) until its sandbox is in place, and
